@@ -990,3 +990,38 @@ proptest! {
         prop_assert_eq!(fuzzing::check_parse(&f), Ok(()));
     }
 }
+
+/// Writes the committed fuzz seeds (run with `--ignored` to refresh them).
+#[test]
+#[ignore]
+fn write_fuzz_seeds() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/corpus/hrl_parse");
+    std::fs::write(
+        format!("{dir}/seed-synthetic-a.hrl"),
+        synthetic_by_hand(true),
+    )
+    .unwrap();
+    std::fs::write(
+        format!("{dir}/seed-synthetic-b.hrl"),
+        synthetic_by_hand(false),
+    )
+    .unwrap();
+    let config = WriterConfig {
+        metadata_size: 128,
+        ..WriterConfig::default()
+    };
+    let mut w = LogWriter::new(Cursor::new(Vec::new()), config).unwrap();
+    for i in 0..7u64 {
+        w.write(i * 1000, &vec![i as u8; (i * 37) as usize], i as u32)
+            .unwrap();
+    }
+    std::fs::write(
+        format!("{dir}/seed-small-blocks.hrl"),
+        w.finish(9).unwrap().0.into_inner(),
+    )
+    .unwrap();
+    let mut torn = synthetic_by_hand(true);
+    torn[44..52].fill(0);
+    reseal_header(&mut torn);
+    std::fs::write(format!("{dir}/seed-torn.hrl"), torn).unwrap();
+}
