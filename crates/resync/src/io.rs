@@ -1,0 +1,168 @@
+//! The two seams to storage: something to read blocks from, something to write a delta to.
+
+use std::fs::File;
+use std::io;
+
+/// Something with a length that can be read at an offset: a disk image, a device, a
+/// replica. Reads are positional, so one source can be shared by several workers.
+///
+/// Implemented for in-memory buffers (`[u8]`, `Vec<u8>`) and for [`File`].
+pub trait BlockSource: Sync {
+    /// The length in bytes.
+    fn size(&self) -> io::Result<u64>;
+
+    /// Fills `buf` from `offset`; reading past the end is an error.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+}
+
+/// Where a delta is applied: positional writes, zeroing, and a length.
+///
+/// The page-blob crate implements this for replica blobs; here it is implemented for
+/// `Vec<u8>` and [`File`].
+pub trait BlockWriter {
+    /// Writes `data` at `offset`.
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
+
+    /// Makes `len` bytes at `offset` read as zeros.
+    fn zero(&mut self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Truncates or extends (with zeros) to `len` bytes.
+    fn set_len(&mut self, len: u64) -> io::Result<()>;
+}
+
+fn range_of(len: usize, offset: u64, n: usize) -> io::Result<std::ops::Range<usize>> {
+    usize::try_from(offset)
+        .ok()
+        .and_then(|s| Some(s..s.checked_add(n)?))
+        .filter(|r| r.end <= len)
+        .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))
+}
+
+impl BlockSource for [u8] {
+    fn size(&self) -> io::Result<u64> {
+        Ok(<[u8]>::len(self) as u64)
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let r = range_of(<[u8]>::len(self), offset, buf.len())?;
+        buf.copy_from_slice(&self[r]);
+        Ok(())
+    }
+}
+
+impl BlockSource for Vec<u8> {
+    fn size(&self) -> io::Result<u64> {
+        self.as_slice().size()
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.as_slice().read_exact_at(buf, offset)
+    }
+}
+
+impl BlockSource for File {
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
+        }
+        #[cfg(windows)]
+        {
+            let (mut buf, mut offset) = (buf, offset);
+            while !buf.is_empty() {
+                match std::os::windows::fs::FileExt::seek_read(self, buf, offset) {
+                    Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                    Ok(n) => {
+                        buf = &mut buf[n..];
+                        offset += n as u64;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+impl<T: BlockSource + ?Sized> BlockSource for &T {
+    fn size(&self) -> io::Result<u64> {
+        (**self).size()
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_exact_at(buf, offset)
+    }
+}
+
+impl BlockWriter for Vec<u8> {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let end = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(data.len()))
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        if end > self.len() {
+            self.resize(end, 0);
+        }
+        self[end - data.len()..end].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        let n = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let start =
+            usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let end = start.saturating_add(n).min(self.len());
+        if start < end {
+            self[start..end].fill(0);
+        }
+        Ok(())
+    }
+
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        let n = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        self.resize(n, 0);
+        Ok(())
+    }
+}
+
+impl BlockWriter for File {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::FileExt::write_all_at(self, data, offset)
+        }
+        #[cfg(windows)]
+        {
+            let (mut data, mut offset) = (data, offset);
+            while !data.is_empty() {
+                let n = std::os::windows::fs::FileExt::seek_write(self, data, offset)?;
+                data = &data[n..];
+                offset += n as u64;
+            }
+            Ok(())
+        }
+    }
+
+    fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        // Portable: write zeros in bounded pieces (a sparse-aware backend can punch holes).
+        const PIECE: u64 = 1 << 20;
+        let zeros = vec![0u8; PIECE.min(len) as usize];
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            let n = PIECE.min(end - at) as usize;
+            self.write_at(at, &zeros[..n])?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        File::set_len(self, len)
+    }
+}
