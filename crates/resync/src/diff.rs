@@ -6,7 +6,9 @@ use std::ops::ControlFlow;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
-use crate::block::{BlockSize, Progress, chunk_len, digest_block, is_zero};
+use crate::block::{
+    AlignedBuf, BlockSize, Progress, Scratch, digest_block, is_zero, read_into, run_chunks,
+};
 use crate::io::{BlockSource, BlockWriter};
 use crate::signature::{Digest, Signature};
 
@@ -252,39 +254,38 @@ pub fn diff_with<'a>(
         first_block: start,
         next_block: start,
     };
-    let bsz = u64::from(bs.get());
-    let per_chunk = chunk_len(bs) / bsz;
-    let (mut sbuf, mut tbuf) = (Vec::new(), Vec::new());
     let mut differing = 0u64;
-    let mut first = start;
-    while first < total {
-        let last = (first + per_chunk).min(total);
-        let s = view(&src, &mut sbuf, bs, src_len, first..last)?;
-        let t = view(&tgt, &mut tbuf, bs, tgt_len, first..last)?;
-        let classes = crate::block::map_range(last - first, |j| {
-            classify(first + j, j, &s, &t, bs, src_len, tgt_len)
-        });
-        for (j, class) in classes.into_iter().enumerate() {
-            if let Some(kind) = class {
-                let r = bs.range(first + j as u64, src_len);
-                differing += r.end - r.start;
-                push_extent(
-                    &mut delta.extents,
-                    Extent {
-                        offset: r.start,
-                        len: r.end - r.start,
-                        kind,
-                    },
-                );
+    run_chunks(
+        bs,
+        start..total,
+        |scratch, blocks| {
+            let Scratch { a, b } = scratch;
+            let s = view(&src, a, bs, src_len, blocks.clone())?;
+            let t = view(&tgt, b, bs, tgt_len, blocks.clone())?;
+            Ok((blocks.start..blocks.end)
+                .map(|i| classify(i, i - blocks.start, &s, &t, bs, src_len, tgt_len))
+                .collect::<Vec<_>>())
+        },
+        |blocks, classes| {
+            for (i, class) in (blocks.start..).zip(classes) {
+                if let Some(kind) = class {
+                    let r = bs.range(i, src_len);
+                    differing += r.end - r.start;
+                    push_extent(
+                        &mut delta.extents,
+                        Extent {
+                            offset: r.start,
+                            len: r.end - r.start,
+                            kind,
+                        },
+                    );
+                }
             }
-        }
-        delta.blocks_compared += last - first;
-        delta.next_block = last;
-        first = last;
-        if progress(Progress::new(last, total, differing)).is_break() {
-            break;
-        }
-    }
+            delta.blocks_compared += blocks.end - blocks.start;
+            delta.next_block = blocks.end;
+            Ok(progress(Progress::new(blocks.end, total, differing)))
+        },
+    )?;
     Ok(delta)
 }
 
@@ -296,7 +297,7 @@ enum View<'a> {
 
 fn view<'b>(
     side: &'b Side<'_>,
-    buf: &'b mut Vec<u8>,
+    buf: &'b mut AlignedBuf,
     bs: BlockSize,
     len: u64,
     blocks: std::ops::Range<u64>,
@@ -305,12 +306,7 @@ fn view<'b>(
     let end = bs.range(blocks.end.saturating_sub(1), len).end.max(start);
     Ok(match side {
         Side::Bytes(b) => View::Bytes(&b[start as usize..end as usize]),
-        Side::Local(s) => {
-            buf.resize((end - start) as usize, 0);
-            s.read_exact_at(buf, start)
-                .map_err(|e| Error::io(start, e))?;
-            View::Bytes(buf)
-        }
+        Side::Local(s) => View::Bytes(read_into(*s, buf, start, end - start)?),
         Side::Signature(sig) => {
             let d = sig.digests();
             let lo = (blocks.start as usize).min(d.len());
@@ -409,7 +405,7 @@ pub fn apply<S: BlockSource + ?Sized, W: BlockWriter + ?Sized>(
             .map_err(|e| Error::io(delta.source_len, e))?;
         stats.resized = true;
     }
-    let mut buf = Vec::new();
+    let mut buf = AlignedBuf::default();
     for e in &delta.extents {
         match e.kind {
             ExtentKind::Zero => {
@@ -422,12 +418,9 @@ pub fn apply<S: BlockSource + ?Sized, W: BlockWriter + ?Sized>(
                 let mut at = e.offset;
                 while at < e.offset + e.len {
                     let n = PIECE.min(e.offset + e.len - at);
-                    buf.resize(n as usize, 0);
-                    source
-                        .read_exact_at(&mut buf, at)
-                        .map_err(|err| Error::io(at, err))?;
+                    let data = read_into(source, &mut buf, at, n)?;
                     target
-                        .write_at(at, &buf)
+                        .write_at(at, data)
                         .map_err(|err| Error::io(at, err))?;
                     at += n;
                 }

@@ -6,7 +6,7 @@ use std::ops::ControlFlow;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
-use crate::block::{BlockSize, Progress, digest_block, for_each_chunk};
+use crate::block::{BlockSize, Progress, Scratch, digest_block, read_into, run_chunks};
 use crate::io::BlockSource;
 
 /// The digest of one block.
@@ -86,14 +86,20 @@ impl Signature {
         let len = source.size().map_err(|e| Error::io(0, e))?;
         let total = block_size.blocks(len);
         let mut digests = Vec::new();
-        for_each_chunk(source, block_size, len, 0..total, |first, chunk| {
-            digests.extend(crate::block::map_blocks(chunk, block_size, digest_block));
-            let done = first + block_size.blocks(chunk.len() as u64);
-            match progress(Progress::new(done, total, 0)) {
-                ControlFlow::Continue(()) => Ok(()),
-                ControlFlow::Break(()) => Err(Error::Interrupted { next_block: done }),
-            }
-        })?;
+        run_chunks(
+            block_size,
+            0..total,
+            |scratch, blocks| chunk_digests(source, scratch, block_size, len, blocks),
+            |blocks, chunk| {
+                digests.extend(chunk);
+                match progress(Progress::new(blocks.end, total, 0)) {
+                    ControlFlow::Continue(()) => Ok(ControlFlow::Continue(())),
+                    ControlFlow::Break(()) => Err(Error::Interrupted {
+                        next_block: blocks.end,
+                    }),
+                }
+            },
+        )?;
         Ok(Signature {
             block_size,
             len,
@@ -274,20 +280,36 @@ pub fn write_signature<S: BlockSource + ?Sized, W: Write>(
 ) -> Result<W, Error> {
     let len = source.size().map_err(|e| Error::io(0, e))?;
     let mut w = SignatureWriter::new(out, block_size, len).map_err(|e| Error::io(0, e))?;
-    for_each_chunk(
-        source,
+    run_chunks(
         block_size,
-        len,
         0..block_size.blocks(len),
-        |first, chunk| {
-            for d in crate::block::map_blocks(chunk, block_size, digest_block) {
+        |scratch, blocks| chunk_digests(source, scratch, block_size, len, blocks),
+        |blocks, chunk| {
+            for d in chunk {
                 w.push(&d)
-                    .map_err(|e| Error::io(first * block_size.get() as u64, e))?;
+                    .map_err(|e| Error::io(blocks.start * u64::from(block_size.get()), e))?;
             }
-            Ok(())
+            Ok(ControlFlow::Continue(()))
         },
     )?;
     w.finish().map_err(|e| Error::io(len, e))
+}
+
+/// Reads blocks `blocks` of `source` and digests each.
+fn chunk_digests<S: BlockSource + ?Sized>(
+    source: &S,
+    scratch: &mut Scratch,
+    block_size: BlockSize,
+    len: u64,
+    blocks: std::ops::Range<u64>,
+) -> Result<Vec<Digest>, Error> {
+    let start = block_size.range(blocks.start, len).start;
+    let end = block_size.range(blocks.end - 1, len).end;
+    let data = read_into(source, &mut scratch.a, start, end - start)?;
+    Ok(data
+        .chunks(block_size.get() as usize)
+        .map(digest_block)
+        .collect())
 }
 
 /// Reads an encoded signature one digest at a time, checking the trailer at the end.

@@ -176,9 +176,13 @@ fn progress_reports_and_cursor_resumes() {
     })
     .unwrap();
     assert!(!partial.is_complete());
-    assert_eq!(partial.next_block, 256); // two 8 MiB chunks of 64 KiB blocks
-    assert_eq!(seen.len(), 2);
-    assert_eq!(seen[1].blocks_total, 640);
+    assert_eq!(partial.next_block, 256); // 16 chunks of 1 MiB (16 blocks of 64 KiB)
+    assert_eq!(seen.len(), 16);
+    assert!(
+        seen.windows(2)
+            .all(|w| w[1].blocks_done == w[0].blocks_done + 16)
+    );
+    assert_eq!(seen[15].blocks_total, 640);
     assert_eq!(partial.bytes_differing(), 0);
     let rest = diff_with(
         &a,
@@ -429,4 +433,26 @@ proptest! {
         framed.extend_from_slice(&data);
         prop_assert_eq!(check_decode(&framed), Ok(()));
     }
+}
+
+/// Writes the committed fuzz seeds (run with `--ignored` to refresh them).
+#[test]
+#[ignore]
+fn write_fuzz_seeds() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/corpus");
+    let mut a = random(20_000, 1);
+    a[2000..9000].fill(0);
+    let sig = Signature::compute(&a, BlockSize::new(1024).unwrap()).unwrap();
+    std::fs::write(format!("{dir}/resync_decode/seed-signature"), sig.encode()).unwrap();
+    let empty = Signature::compute(&[][..], BlockSize::new(512).unwrap()).unwrap();
+    std::fs::write(format!("{dir}/resync_decode/seed-empty"), empty.encode()).unwrap();
+    std::fs::write(
+        format!("{dir}/resync_diff_apply/seed-mixed"),
+        random(120, 2),
+    )
+    .unwrap();
+    let mut zeros = vec![1u8, 128, 3];
+    zeros.extend_from_slice(&[0; 40]);
+    zeros.extend_from_slice(&random(40, 3));
+    std::fs::write(format!("{dir}/resync_diff_apply/seed-zeros"), zeros).unwrap();
 }
