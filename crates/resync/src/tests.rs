@@ -322,6 +322,7 @@ fn tree_exchange_sends_a_fraction_of_the_flat_signature_for_small_changes() {
     assert_eq!(sync.differing_blocks().len(), 33);
     let flat = sb.encode().len() as u64;
     let exchanged = sync.bytes_exchanged();
+    eprintln!("tree exchange: {exchanged} bytes vs a flat signature of {flat}");
     assert!(
         exchanged * 10 <= flat,
         "{exchanged} bytes exchanged vs a flat signature of {flat}"
