@@ -1,0 +1,302 @@
+//! The conformance suite every [`PageStore`] backend must pass: the rules Azure Storage
+//! enforces, checked the same way against each backend.
+
+use bytes::Bytes;
+
+use crate::StoreError;
+use crate::store::{Condition, MAX_PUT, Metadata, PAGE, PageStore, crc64};
+
+/// What a backend is known not to do (Azurite returns the full page list for a diff).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Skips {
+    /// Skip the page-range diff assertions.
+    pub diff_ranges: bool,
+}
+
+fn fail(what: &str, detail: impl std::fmt::Debug) -> String {
+    format!("{what}: {detail:?}")
+}
+
+async fn put<S: PageStore>(s: &S, blob: &str, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+    s.write_pages(
+        blob,
+        offset,
+        Bytes::copy_from_slice(data),
+        crc64(data),
+        Condition::NONE,
+    )
+    .await
+}
+
+macro_rules! expect_err {
+    ($e:expr, $pat:pat, $what:expr) => {
+        match $e {
+            Err($pat) => {}
+            other => return Err(fail($what, other)),
+        }
+    };
+}
+
+/// Runs every check against `store`, on blobs whose names start with `prefix`; returns
+/// the first failure. The blobs are deleted at the end.
+pub async fn run<S: PageStore>(store: &S, prefix: &str, skips: Skips) -> Result<(), String> {
+    let blob = format!("{prefix}-conf");
+    let copy = format!("{prefix}-conf-copy");
+    let mib = 1u64 << 20;
+    let md: Metadata = [("vm".to_string(), "alpha".to_string())].into();
+    let s = store;
+
+    // Create, properties, duplicates, alignment of the size.
+    s.create(&blob, 16 * mib, 7, &md)
+        .await
+        .map_err(|e| fail("create", e))?;
+    let p = s
+        .properties(&blob)
+        .await
+        .map_err(|e| fail("properties", e))?;
+    if (p.size, p.sequence_number, &p.metadata) != (16 * mib, 7, &md) {
+        return Err(fail("properties after create", p));
+    }
+    expect_err!(
+        s.create(&blob, mib, 0, &md).await,
+        StoreError::AlreadyExists { .. } | StoreError::Http { status: 409, .. },
+        "second create"
+    );
+    expect_err!(
+        s.create(&format!("{prefix}-odd"), 1000, 0, &md).await,
+        StoreError::Misaligned { .. } | StoreError::Http { status: 400, .. },
+        "create of an unaligned size"
+    );
+    expect_err!(
+        s.properties(&format!("{prefix}-missing")).await,
+        StoreError::NotFound { .. } | StoreError::Http { status: 404, .. },
+        "properties of a missing blob"
+    );
+
+    // Writes: alignment, the 4 MiB cap, the CRC, the end of the blob.
+    let a = vec![0xA5u8; 64 * 1024];
+    put(s, &blob, mib, &a)
+        .await
+        .map_err(|e| fail("aligned write", e))?;
+    expect_err!(
+        put(s, &blob, 100, &a).await,
+        StoreError::Misaligned { .. } | StoreError::Http { status: 400, .. },
+        "write at an unaligned offset"
+    );
+    expect_err!(
+        put(s, &blob, 0, &a[..400]).await,
+        StoreError::Misaligned { .. } | StoreError::Http { status: 400, .. },
+        "write of an unaligned length"
+    );
+    let big = vec![1u8; (MAX_PUT + PAGE) as usize];
+    expect_err!(
+        put(s, &blob, 0, &big).await,
+        StoreError::TooLarge { .. } | StoreError::Http { status: 413, .. },
+        "write over 4 MiB"
+    );
+    put(s, &blob, 8 * mib, &big[..MAX_PUT as usize])
+        .await
+        .map_err(|e| fail("write of exactly 4 MiB", e))?;
+    expect_err!(
+        s.write_pages(
+            &blob,
+            0,
+            Bytes::copy_from_slice(&a),
+            crc64(&a) ^ 1,
+            Condition::NONE
+        )
+        .await,
+        StoreError::ChecksumMismatch { .. } | StoreError::Http { status: 400, .. },
+        "write with a wrong CRC-64"
+    );
+    expect_err!(
+        put(s, &blob, 16 * mib - 512, &a[..1024]).await,
+        StoreError::OutOfRange { .. } | StoreError::Http { status: 416, .. },
+        "write past the end"
+    );
+
+    // Reads, clears, page ranges (merged).
+    let got = s
+        .read(&blob, None, mib, a.len() as u64)
+        .await
+        .map_err(|e| fail("read", e))?;
+    if got[..] != a[..] {
+        return Err("read back differs from what was written".into());
+    }
+    s.clear_pages(&blob, mib, 4096, Condition::NONE)
+        .await
+        .map_err(|e| fail("clear", e))?;
+    let got = s
+        .read(&blob, None, mib, 8192)
+        .await
+        .map_err(|e| fail("read after clear", e))?;
+    if got[..4096].iter().any(|&b| b != 0) || got[4096..] != a[4096..8192] {
+        return Err("clear did not zero exactly its range".into());
+    }
+    let ranges = crate::store::merge_ranges(
+        s.page_ranges(&blob, None)
+            .await
+            .map_err(|e| fail("page ranges", e))?,
+    );
+    if ranges != [mib + 4096..mib + 65536, 8 * mib..8 * mib + MAX_PUT] {
+        return Err(fail("page ranges", ranges));
+    }
+
+    // Sequence numbers fence writers.
+    expect_err!(
+        s.write_pages(
+            &blob,
+            0,
+            Bytes::copy_from_slice(&a[..512]),
+            crc64(&a[..512]),
+            Condition::sequence_number(6)
+        )
+        .await,
+        StoreError::ConditionFailed { .. } | StoreError::Http { status: 412, .. },
+        "write with a stale sequence number"
+    );
+    s.write_pages(
+        &blob,
+        0,
+        Bytes::copy_from_slice(&a[..512]),
+        crc64(&a[..512]),
+        Condition::sequence_number(7),
+    )
+    .await
+    .map_err(|e| fail("write with the right sequence number", e))?;
+    s.set_sequence_number(&blob, 8, Condition::sequence_number(7))
+        .await
+        .map_err(|e| fail("set sequence number", e))?;
+    expect_err!(
+        s.set_sequence_number(&blob, 9, Condition::sequence_number(7))
+            .await,
+        StoreError::ConditionFailed { .. } | StoreError::Http { status: 412, .. },
+        "set sequence number twice from 7"
+    );
+    expect_err!(
+        s.clear_pages(&blob, 0, 512, Condition::sequence_number(7))
+            .await,
+        StoreError::ConditionFailed { .. } | StoreError::Http { status: 412, .. },
+        "clear with a stale sequence number"
+    );
+
+    // Snapshots are isolated from later writes, copy out, diff, delete.
+    let before = s
+        .read(&blob, None, 0, 2 * mib)
+        .await
+        .map_err(|e| fail("read", e))?;
+    let s1 = s.snapshot(&blob).await.map_err(|e| fail("snapshot", e))?;
+    put(s, &blob, 0, &[0x11; 4096])
+        .await
+        .map_err(|e| fail("write after snapshot", e))?;
+    put(s, &blob, 3 * mib, &[0x22; 512])
+        .await
+        .map_err(|e| fail("write after snapshot", e))?;
+    let s2 = s
+        .snapshot(&blob)
+        .await
+        .map_err(|e| fail("second snapshot", e))?;
+    put(s, &blob, 0, &[0x33; 512])
+        .await
+        .map_err(|e| fail("write after second snapshot", e))?;
+    // A page unchanged between the two snapshots and changed after the second: only the
+    // second holds its old bytes, which the first still needs once the second is deleted.
+    put(s, &blob, mib + 8192, &[0x44; 512])
+        .await
+        .map_err(|e| fail("write after second snapshot", e))?;
+    let snap = s
+        .read(&blob, Some(&s1), 0, 2 * mib)
+        .await
+        .map_err(|e| fail("read snapshot", e))?;
+    if snap != before {
+        return Err("snapshot changed after writes to the blob".into());
+    }
+    let snap2 = s
+        .read(&blob, Some(&s2), 0, 4096)
+        .await
+        .map_err(|e| fail("read second snapshot", e))?;
+    if snap2.iter().any(|&b| b != 0x11) {
+        return Err("second snapshot does not hold the bytes it was taken with".into());
+    }
+    let list = s
+        .snapshots(&blob)
+        .await
+        .map_err(|e| fail("list snapshots", e))?;
+    if list != [s1.clone(), s2.clone()] {
+        return Err(fail("snapshot list", list));
+    }
+    if !skips.diff_ranges {
+        let d = crate::store::merge_ranges(
+            s.diff_ranges(&blob, Some(&s2), &s1)
+                .await
+                .map_err(|e| fail("diff", e))?,
+        );
+        if d != [0..4096, 3 * mib..3 * mib + 512] {
+            return Err(fail("diff ranges between snapshots", d));
+        }
+    }
+    s.copy_snapshot(&blob, &s1, &copy)
+        .await
+        .map_err(|e| fail("copy snapshot", e))?;
+    let copied = s
+        .read(&copy, None, 0, 2 * mib)
+        .await
+        .map_err(|e| fail("read copy", e))?;
+    if copied != before {
+        return Err("copy of a snapshot differs from the snapshot".into());
+    }
+    // Deleting the older snapshot keeps the newer one intact, and vice versa.
+    s.delete_snapshot(&blob, &s2)
+        .await
+        .map_err(|e| fail("delete snapshot", e))?;
+    let snap = s
+        .read(&blob, Some(&s1), 0, 2 * mib)
+        .await
+        .map_err(|e| fail("read snapshot after delete", e))?;
+    if snap != before {
+        return Err("deleting a newer snapshot changed an older one".into());
+    }
+    expect_err!(
+        s.read(&blob, Some(&s2), 0, 512).await,
+        StoreError::NotFound { .. } | StoreError::Http { status: 404, .. },
+        "read of a deleted snapshot"
+    );
+
+    // Metadata and resize.
+    let md2: Metadata = [("lastseq".to_string(), "8".to_string())].into();
+    s.set_metadata(&blob, &md2)
+        .await
+        .map_err(|e| fail("set metadata", e))?;
+    s.resize(&blob, 32 * mib)
+        .await
+        .map_err(|e| fail("resize", e))?;
+    let p = s
+        .properties(&blob)
+        .await
+        .map_err(|e| fail("properties", e))?;
+    if (p.size, p.sequence_number, &p.metadata) != (32 * mib, 8, &md2) {
+        return Err(fail("properties after resize and metadata", p));
+    }
+    expect_err!(
+        s.resize(&blob, 32 * mib + 100).await,
+        StoreError::Misaligned { .. } | StoreError::Http { status: 400, .. },
+        "resize to an unaligned size"
+    );
+    let tail = s
+        .read(&blob, None, 30 * mib, 4096)
+        .await
+        .map_err(|e| fail("read grown tail", e))?;
+    if tail.iter().any(|&b| b != 0) {
+        return Err("grown tail does not read as zeros".into());
+    }
+
+    for b in [&copy, &blob] {
+        s.delete(b).await.map_err(|e| fail("delete", e))?;
+    }
+    expect_err!(
+        s.properties(&blob).await,
+        StoreError::NotFound { .. } | StoreError::Http { status: 404, .. },
+        "properties after delete"
+    );
+    Ok(())
+}

@@ -1,0 +1,134 @@
+//! The store error, and how retries classify it.
+
+use std::io;
+use std::time::Duration;
+
+use lifeboat_retry::{Class, Classify, classify_io_kind, classify_status};
+
+/// Why a page-store operation failed. Variants mirror Azure Storage's answers so that a
+/// local store and Azure fail the same way.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The blob (or snapshot) does not exist (404).
+    #[error("not found: {what}")]
+    NotFound {
+        /// The blob or snapshot.
+        what: String,
+    },
+    /// The blob already exists (409).
+    #[error("already exists: {blob}")]
+    AlreadyExists {
+        /// The blob.
+        blob: String,
+    },
+    /// An offset or length that is not a multiple of 512, or a zero length (400).
+    #[error("offset {offset} / length {len} not aligned to 512-byte pages")]
+    Misaligned {
+        /// The offset given.
+        offset: u64,
+        /// The length given.
+        len: u64,
+    },
+    /// A body larger than 4 MiB (413 on Azure).
+    #[error("request body of {len} bytes exceeds 4 MiB")]
+    TooLarge {
+        /// The length given.
+        len: u64,
+    },
+    /// A range past the end of the blob (416).
+    #[error("range {offset}+{len} is past the blob's size {size}")]
+    OutOfRange {
+        /// The offset given.
+        offset: u64,
+        /// The length given.
+        len: u64,
+        /// The blob's size.
+        size: u64,
+    },
+    /// A sequence-number condition failed (412): another writer holds the blob, or this
+    /// batch was already applied.
+    #[error("sequence number condition failed: expected {expected}, blob has {found}")]
+    ConditionFailed {
+        /// The sequence number required.
+        expected: u64,
+        /// The blob's sequence number.
+        found: u64,
+    },
+    /// The transactional CRC-64 does not match the body (400 Crc64Mismatch).
+    #[error("CRC-64 mismatch: sent {sent:#018x}, body has {actual:#018x}")]
+    ChecksumMismatch {
+        /// The CRC sent.
+        sent: u64,
+        /// The body's CRC.
+        actual: u64,
+    },
+    /// The service answered with another HTTP status.
+    #[error("HTTP {status}: {message}")]
+    Http {
+        /// The status code.
+        status: u16,
+        /// The service's error code or message.
+        message: String,
+        /// The `Retry-After` it sent.
+        retry_after: Option<Duration>,
+    },
+    /// A local I/O error.
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A local store's state file is unreadable.
+    #[error("corrupt store state {path}: {reason}")]
+    Corrupt {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An argument the caller should not have passed (a bad blob name, a bad size).
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+}
+
+impl StoreError {
+    /// The HTTP status Azure would have answered with.
+    pub fn status(&self) -> Option<u16> {
+        Some(match self {
+            StoreError::NotFound { .. } => 404,
+            StoreError::AlreadyExists { .. } => 409,
+            StoreError::Misaligned { .. } | StoreError::ChecksumMismatch { .. } => 400,
+            StoreError::Invalid(_) => 400,
+            StoreError::TooLarge { .. } => 413,
+            StoreError::OutOfRange { .. } => 416,
+            StoreError::ConditionFailed { .. } => 412,
+            StoreError::Http { status, .. } => *status,
+            StoreError::Io { .. } | StoreError::Corrupt { .. } => return None,
+        })
+    }
+}
+
+impl Classify for StoreError {
+    fn class(&self) -> Class {
+        match self {
+            StoreError::Io { source, .. } => classify_io_kind(source.kind()),
+            StoreError::Corrupt { .. } => Class::NonRecoverable,
+            // A checksum mismatch means the body was damaged on the way: send it again.
+            StoreError::ChecksumMismatch { .. } => Class::Recoverable,
+            other => other
+                .status()
+                .map_or(Class::NonRecoverable, classify_status),
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            StoreError::Http { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}

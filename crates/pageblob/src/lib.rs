@@ -1,0 +1,65 @@
+/*!
+Replica disks as page blobs: the [`PageStore`] trait (what replication needs from Azure
+page blobs), [`LocalStore`] (the embedded default: sparse files with copy-on-write
+snapshots, crash-safe state), [`PageWriter`] (aligned, coalesced, fenced, retried page
+requests), the fixed-VHD [`vhd`] footer that makes a blob an attachable disk, a
+fault-injecting [`FaultyStore`] decorator and the [`conformance`] suite every backend passes.
+
+This is the async edge of Lifeboat: it uses tokio (blocking file work runs on
+`spawn_blocking`) and, for retries, `lifeboat-retry`.
+
+# Example
+
+```
+use std::sync::Arc;
+use bytes::Bytes;
+use lifeboat_pageblob::{Change, LocalStore, PageStore, PageWriter, WriterConfig, vhd};
+
+# #[tokio::main(flavor = "current_thread")]
+# async fn main() -> Result<(), Box<dyn std::error::Error>> {
+let dir = tempfile::tempdir()?;
+let store = Arc::new(LocalStore::open(dir.path())?);
+let disk_len = 8 << 20;
+store.create("disk0", vhd::blob_size(disk_len), 0, &Default::default()).await?;
+
+// Batch 0: data (unaligned edges need an edge source; these are aligned) and a zero range.
+let writer = PageWriter::new(store.clone(), "disk0", WriterConfig::default());
+let changes = vec![
+    Change::Data { offset: 4096, data: Bytes::from(vec![7u8; 8192]) },
+    Change::Zero { offset: 1 << 20, len: 1 << 20 },
+];
+let report = writer.apply_batch(0, changes.clone(), None).await?;
+assert_eq!((report.put_requests, report.clear_requests), (1, 1));
+
+// Replaying the same batch is refused: the blob moved on to sequence number 1.
+assert!(writer.apply_batch(0, changes, None).await.is_err());
+assert_eq!(store.properties("disk0").await?.sequence_number, 1);
+
+// A recovery point costs no copy.
+let point = store.snapshot("disk0").await?;
+assert_eq!(store.read("disk0", Some(&point), 4096, 4).await?[..], [7, 7, 7, 7]);
+# Ok(()) }
+```
+
+# Crate features
+
+None yet. The Azure backend (`AzureStore`, on `azure_storage_blob` 1.x, tested against
+Azurite) is the next increment of this crate.
+*/
+#![doc(test(attr(deny(warnings))))]
+
+pub use crate::{
+    error::StoreError,
+    faults::{Fault, FaultyStore, Seen},
+    local::LocalStore,
+    store::{Condition, MAX_PUT, Metadata, PAGE, PageStore, Properties, crc64, merge_ranges},
+    writer::{BatchReport, Change, PageWriter, WriteError, WriterConfig, WriterProgress},
+};
+
+pub mod conformance;
+mod error;
+mod faults;
+mod local;
+mod store;
+pub mod vhd;
+mod writer;

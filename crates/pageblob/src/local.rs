@@ -1,0 +1,737 @@
+//! `LocalStore`: page blobs as sparse files in a directory, with copy-on-write snapshots.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::StoreError;
+use crate::store::{
+    Condition, MAX_PUT, Metadata, PageStore, Properties, check_pages, check_size, crc64,
+    merge_ranges,
+};
+
+/// The embedded default store: one directory per blob under a root, holding
+///
+/// - `data`: the blob's bytes, a sparse file;
+/// - `snap-<id>`: a snapshot's copy-on-write pages: before the first change to a page after
+///   a snapshot, the page's old bytes are copied here, so taking a snapshot copies nothing;
+/// - `state.json`: size, sequence number, metadata, allocated ranges and snapshots, replaced
+///   atomically (write, fsync, rename, fsync the directory).
+///
+/// Durability: a snapshot's preserved pages are on disk before the page is overwritten.
+/// Writes become durable (data fsynced, then the state that lists them) at the next *sync
+/// point*: `snapshot`, `set_sequence_number`, `set_metadata`, `resize`, or
+/// [`LocalStore::sync`]. The [`PageWriter`](crate::PageWriter) ends every batch with a
+/// sequence-number update, so a crash loses at most the batch in flight, which is
+/// replayed.
+///
+/// It checks what Azure checks: 512-byte alignment, the 4 MiB body cap, the CRC-64,
+/// sequence-number conditions, snapshot isolation.
+#[derive(Clone, Debug)]
+pub struct LocalStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    root: PathBuf,
+    /// One writer at a time per store: state changes and copy-on-write are serialised.
+    lock: Mutex<()>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct State {
+    size: u64,
+    sequence_number: u64,
+    metadata: Metadata,
+    ranges: Vec<Range<u64>>,
+    snapshots: Vec<Snap>,
+    next_snapshot: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Snap {
+    id: String,
+    size: u64,
+    /// Allocated ranges when the snapshot was taken.
+    ranges: Vec<Range<u64>>,
+    /// Pages whose pre-change bytes this snapshot's file holds.
+    preserved: Vec<Range<u64>>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+impl LocalStore {
+    /// A store rooted at `root` (created if missing).
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let root = root.into();
+        fs::create_dir_all(&root).map_err(io_err(&root))?;
+        Ok(LocalStore {
+            inner: Arc::new(Inner {
+                root,
+                lock: Mutex::new(()),
+            }),
+        })
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// The file holding `blob`'s current bytes (for tools such as `qemu-img`).
+    pub fn data_path(&self, blob: &str) -> Result<PathBuf, StoreError> {
+        Ok(self.inner.dir(blob)?.join("data"))
+    }
+
+    /// Makes every write so far durable (a sync point).
+    pub async fn sync(&self, blob: &str) -> Result<(), StoreError> {
+        self.run(blob, |inner, blob| {
+            let _g = inner.guard();
+            let st = inner.load(blob)?;
+            inner.save(blob, &st)
+        })
+        .await
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        blob: &str,
+        f: impl FnOnce(&Inner, &str) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = self.inner.clone();
+        let blob = blob.to_owned();
+        tokio::task::spawn_blocking(move || f(&inner, &blob))
+            .await
+            .map_err(|e| StoreError::Invalid(format!("store task failed: {e}")))?
+    }
+}
+
+impl Inner {
+    fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn dir(&self, blob: &str) -> Result<PathBuf, StoreError> {
+        let ok = !blob.is_empty()
+            && blob.len() <= 255
+            && blob != "."
+            && blob != ".."
+            && blob
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !ok {
+            return Err(StoreError::Invalid(format!(
+                "blob name {blob:?} (use letters, digits, '-', '_', '.')"
+            )));
+        }
+        Ok(self.root.join(blob))
+    }
+
+    fn load(&self, blob: &str) -> Result<State, StoreError> {
+        let path = self.dir(blob)?.join("state.json");
+        let text = match fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::NotFound {
+                    what: blob.to_owned(),
+                });
+            }
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        serde_json::from_slice(&text).map_err(|e| StoreError::Corrupt {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Fsyncs the data file, then replaces the state atomically.
+    fn save(&self, blob: &str, st: &State) -> Result<(), StoreError> {
+        let dir = self.dir(blob)?;
+        let data = dir.join("data");
+        if let Ok(f) = File::open(&data) {
+            f.sync_all().map_err(io_err(&data))?;
+        }
+        write_atomic(
+            &dir,
+            "state.json",
+            &serde_json::to_vec(st)
+                .map_err(|e| StoreError::Invalid(format!("state does not serialise: {e}")))?,
+        )
+    }
+
+    fn data(&self, blob: &str) -> Result<(File, PathBuf), StoreError> {
+        let path = self.dir(blob)?.join("data");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        Ok((f, path))
+    }
+
+    fn create(&self, blob: &str, size: u64, seq: u64, md: &Metadata) -> Result<(), StoreError> {
+        check_size(size)?;
+        let _g = self.guard();
+        let dir = self.dir(blob)?;
+        if dir.join("state.json").exists() {
+            return Err(StoreError::AlreadyExists {
+                blob: blob.to_owned(),
+            });
+        }
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let data = dir.join("data");
+        let f = File::create(&data).map_err(io_err(&data))?;
+        f.set_len(size).map_err(io_err(&data))?;
+        let st = State {
+            size,
+            sequence_number: seq,
+            metadata: md.clone(),
+            ..State::default()
+        };
+        self.save(blob, &st)
+    }
+
+    /// Copies the current bytes of `range` into the newest snapshot's file, for the pages
+    /// it has not preserved yet, and records them durably. Returns whether state changed.
+    fn preserve(&self, blob: &str, st: &mut State, range: Range<u64>) -> Result<bool, StoreError> {
+        let Some(snap) = st.snapshots.last_mut() else {
+            return Ok(false);
+        };
+        let range = range.start..range.end.min(snap.size);
+        let missing = subtract(&range, &snap.preserved);
+        if missing.is_empty() {
+            return Ok(false);
+        }
+        let dir = self.dir(blob)?;
+        let (data, data_path) = self.data(blob)?;
+        let snap_path = dir.join(format!("snap-{}", snap.id));
+        let out = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&snap_path)
+            .map_err(io_err(&snap_path))?;
+        let mut buf = vec![0u8; MAX_PUT as usize];
+        for r in &missing {
+            let mut at = r.start;
+            while at < r.end {
+                let n = (r.end - at).min(MAX_PUT) as usize;
+                read_zero_past_end(&data, &mut buf[..n], at, &data_path)?;
+                out.write_all_at(&buf[..n], at)
+                    .map_err(io_err(&snap_path))?;
+                at += n as u64;
+            }
+        }
+        out.sync_all().map_err(io_err(&snap_path))?;
+        snap.preserved.extend(missing);
+        snap.preserved = merge_ranges(std::mem::take(&mut snap.preserved));
+        self.save(blob, st)?;
+        Ok(true)
+    }
+
+    fn check_condition(st: &State, c: Condition) -> Result<(), StoreError> {
+        match c.sequence_number_eq {
+            Some(expected) if expected != st.sequence_number => Err(StoreError::ConditionFailed {
+                expected,
+                found: st.sequence_number,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn write_pages(
+        &self,
+        blob: &str,
+        offset: u64,
+        data: &[u8],
+        crc: u64,
+        c: Condition,
+    ) -> Result<(), StoreError> {
+        let len = data.len() as u64;
+        let _g = self.guard();
+        let mut st = self.load(blob)?;
+        check_pages(offset, len, st.size, MAX_PUT)?;
+        Self::check_condition(&st, c)?;
+        let actual = crc64(data);
+        if actual != crc {
+            return Err(StoreError::ChecksumMismatch { sent: crc, actual });
+        }
+        self.preserve(blob, &mut st, offset..offset + len)?;
+        let (f, path) = self.data(blob)?;
+        f.write_all_at(data, offset).map_err(io_err(&path))?;
+        st.ranges.push(offset..offset + len);
+        st.ranges = merge_ranges(std::mem::take(&mut st.ranges));
+        self.save_ranges_lazily(blob, st)
+    }
+
+    fn clear_pages(
+        &self,
+        blob: &str,
+        offset: u64,
+        len: u64,
+        c: Condition,
+    ) -> Result<(), StoreError> {
+        let _g = self.guard();
+        let mut st = self.load(blob)?;
+        check_pages(offset, len, st.size, u64::MAX)?;
+        Self::check_condition(&st, c)?;
+        self.preserve(blob, &mut st, offset..offset + len)?;
+        let (f, path) = self.data(blob)?;
+        zero_range(&f, offset, len, &path)?;
+        st.ranges = subtract_all(&st.ranges, &(offset..offset + len));
+        self.save_ranges_lazily(blob, st)
+    }
+
+    /// Range bookkeeping after a write: kept in the state file without an fsync of the
+    /// data (the next sync point makes both durable).
+    fn save_ranges_lazily(&self, blob: &str, st: State) -> Result<(), StoreError> {
+        let dir = self.dir(blob)?;
+        let bytes = serde_json::to_vec(&st)
+            .map_err(|e| StoreError::Invalid(format!("state does not serialise: {e}")))?;
+        let tmp = dir.join("state.json.tmp");
+        fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+        let path = dir.join("state.json");
+        fs::rename(&tmp, &path).map_err(io_err(&path))
+    }
+
+    fn snapshot_index(st: &State, blob: &str, id: &str) -> Result<usize, StoreError> {
+        st.snapshots
+            .iter()
+            .position(|s| s.id == id)
+            .ok_or_else(|| StoreError::NotFound {
+                what: format!("{blob}@{id}"),
+            })
+    }
+
+    fn read(
+        &self,
+        blob: &str,
+        snapshot: Option<&str>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, StoreError> {
+        let _g = self.guard();
+        let st = self.load(blob)?;
+        let (from, size) = match snapshot {
+            Some(id) => {
+                let k = Self::snapshot_index(&st, blob, id)?;
+                (k, st.snapshots[k].size)
+            }
+            None => (st.snapshots.len(), st.size),
+        };
+        if offset.checked_add(len).is_none_or(|e| e > size) {
+            return Err(StoreError::OutOfRange { offset, len, size });
+        }
+        let mut buf = vec![0u8; len as usize];
+        let (data, path) = self.data(blob)?;
+        read_zero_past_end(&data, &mut buf, offset, &path)?;
+        // Overlay preserved pages, newest snapshot first, so the nearest one wins.
+        let dir = self.dir(blob)?;
+        let want = offset..offset + len;
+        for snap in st.snapshots[from..].iter().rev() {
+            let spath = dir.join(format!("snap-{}", snap.id));
+            for r in intersect(&snap.preserved, &want) {
+                let f = File::open(&spath).map_err(io_err(&spath))?;
+                let at = (r.start - offset) as usize;
+                f.read_exact_at(&mut buf[at..at + (r.end - r.start) as usize], r.start)
+                    .map_err(io_err(&spath))?;
+            }
+        }
+        Ok(buf)
+    }
+
+    fn snapshot(&self, blob: &str) -> Result<String, StoreError> {
+        let _g = self.guard();
+        let mut st = self.load(blob)?;
+        let id = format!("{:08}", st.next_snapshot);
+        st.next_snapshot += 1;
+        st.snapshots.push(Snap {
+            id: id.clone(),
+            size: st.size,
+            ranges: st.ranges.clone(),
+            preserved: Vec::new(),
+        });
+        self.save(blob, &st)?;
+        Ok(id)
+    }
+
+    fn delete_snapshot(&self, blob: &str, id: &str) -> Result<(), StoreError> {
+        let _g = self.guard();
+        let mut st = self.load(blob)?;
+        let k = Self::snapshot_index(&st, blob, id)?;
+        let dir = self.dir(blob)?;
+        let path = dir.join(format!("snap-{id}"));
+        if k > 0 {
+            // The older snapshot still needs pages only this one preserved.
+            let (older, this) = st.snapshots.split_at_mut(k);
+            let prev = &mut older[k - 1];
+            let prev_path = dir.join(format!("snap-{}", prev.id));
+            let mut moved = Vec::new();
+            for r in &this[0].preserved {
+                for m in subtract(&(r.start..r.end.min(prev.size)), &prev.preserved) {
+                    let mut buf = vec![0u8; (m.end - m.start) as usize];
+                    File::open(&path)
+                        .and_then(|f| f.read_exact_at(&mut buf, m.start))
+                        .map_err(io_err(&path))?;
+                    OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(false)
+                        .open(&prev_path)
+                        .and_then(|f| {
+                            f.write_all_at(&buf, m.start)?;
+                            f.sync_all()
+                        })
+                        .map_err(io_err(&prev_path))?;
+                    moved.push(m);
+                }
+            }
+            prev.preserved.extend(moved);
+            prev.preserved = merge_ranges(std::mem::take(&mut prev.preserved));
+        }
+        st.snapshots.remove(k);
+        self.save(blob, &st)?;
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&path)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    fn diff_ranges(
+        &self,
+        blob: &str,
+        snapshot: Option<&str>,
+        prev: &str,
+    ) -> Result<Vec<Range<u64>>, StoreError> {
+        let _g = self.guard();
+        let st = self.load(blob)?;
+        let p = Self::snapshot_index(&st, blob, prev)?;
+        let s = match snapshot {
+            Some(id) => Self::snapshot_index(&st, blob, id)?,
+            None => st.snapshots.len(),
+        };
+        if s < p {
+            return Err(StoreError::Invalid(
+                "prev snapshot is newer than snapshot".into(),
+            ));
+        }
+        let mut out: Vec<Range<u64>> = st.snapshots[p..s]
+            .iter()
+            .flat_map(|x| x.preserved.clone())
+            .collect();
+        // A size change is a change of everything past the smaller size.
+        let (a, b) = (
+            st.snapshots[p].size,
+            if s < st.snapshots.len() {
+                st.snapshots[s].size
+            } else {
+                st.size
+            },
+        );
+        if a != b {
+            out.push(a.min(b)..a.max(b));
+        }
+        Ok(merge_ranges(out))
+    }
+
+    fn set_sequence_number(&self, blob: &str, seq: u64, c: Condition) -> Result<(), StoreError> {
+        let _g = self.guard();
+        let mut st = self.load(blob)?;
+        Self::check_condition(&st, c)?;
+        st.sequence_number = seq;
+        self.save(blob, &st)
+    }
+
+    fn set_metadata(&self, blob: &str, md: &Metadata) -> Result<(), StoreError> {
+        let _g = self.guard();
+        let mut st = self.load(blob)?;
+        st.metadata = md.clone();
+        self.save(blob, &st)
+    }
+
+    fn resize(&self, blob: &str, size: u64) -> Result<(), StoreError> {
+        check_size(size)?;
+        let _g = self.guard();
+        let mut st = self.load(blob)?;
+        let old = st.size;
+        if size < old {
+            self.preserve(blob, &mut st, size..old)?;
+            st.ranges = subtract_all(&st.ranges, &(size..old));
+        }
+        let (f, path) = self.data(blob)?;
+        f.set_len(size).map_err(io_err(&path))?;
+        st.size = size;
+        self.save(blob, &st)
+    }
+
+    fn copy_snapshot(&self, blob: &str, id: &str, dest: &str) -> Result<(), StoreError> {
+        let (size, ranges) = {
+            let _g = self.guard();
+            let st = self.load(blob)?;
+            let k = Self::snapshot_index(&st, blob, id)?;
+            (st.snapshots[k].size, st.snapshots[k].ranges.clone())
+        };
+        self.create(dest, size, 0, &Metadata::new())?;
+        let (out, out_path) = self.data(dest)?;
+        for r in &ranges {
+            let mut at = r.start;
+            while at < r.end {
+                let n = (r.end - at).min(MAX_PUT);
+                let buf = self.read(blob, Some(id), at, n)?;
+                out.write_all_at(&buf, at).map_err(io_err(&out_path))?;
+                at += n;
+            }
+        }
+        let _g = self.guard();
+        let mut st = self.load(dest)?;
+        st.ranges = ranges;
+        self.save(dest, &st)
+    }
+
+    fn delete(&self, blob: &str) -> Result<(), StoreError> {
+        let _g = self.guard();
+        self.load(blob)?;
+        let dir = self.dir(blob)?;
+        // Remove the state first: a crash part-way leaves no half-visible blob.
+        let state = dir.join("state.json");
+        fs::remove_file(&state).map_err(io_err(&state))?;
+        fs::remove_dir_all(&dir).map_err(io_err(&dir))
+    }
+}
+
+fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(bytes).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    let path = dir.join(name);
+    fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// Reads at `offset`; bytes past the file's end read as zeros.
+fn read_zero_past_end(
+    f: &File,
+    buf: &mut [u8],
+    offset: u64,
+    path: &Path,
+) -> Result<(), StoreError> {
+    let len = f.metadata().map_err(io_err(path))?.len();
+    buf.fill(0);
+    if offset < len {
+        let n = ((len - offset) as usize).min(buf.len());
+        f.read_exact_at(&mut buf[..n], offset)
+            .map_err(io_err(path))?;
+    }
+    Ok(())
+}
+
+fn zero_range(f: &File, offset: u64, len: u64, path: &Path) -> Result<(), StoreError> {
+    let zeros = vec![0u8; len.min(MAX_PUT) as usize];
+    let mut at = offset;
+    while at < offset + len {
+        let n = (offset + len - at).min(MAX_PUT) as usize;
+        f.write_all_at(&zeros[..n], at).map_err(io_err(path))?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// `range` minus every range of `have` (which is merged and sorted).
+fn subtract(range: &Range<u64>, have: &[Range<u64>]) -> Vec<Range<u64>> {
+    let mut out = Vec::new();
+    let mut at = range.start;
+    for h in have {
+        if h.end <= at || h.start >= range.end {
+            continue;
+        }
+        if h.start > at {
+            out.push(at..h.start);
+        }
+        at = at.max(h.end);
+    }
+    if at < range.end {
+        out.push(at..range.end);
+    }
+    out
+}
+
+/// Every range of `ranges` minus `cut`.
+fn subtract_all(ranges: &[Range<u64>], cut: &Range<u64>) -> Vec<Range<u64>> {
+    ranges
+        .iter()
+        .flat_map(|r| subtract(r, std::slice::from_ref(cut)))
+        .collect()
+}
+
+/// The parts of `ranges` inside `want`.
+fn intersect(ranges: &[Range<u64>], want: &Range<u64>) -> Vec<Range<u64>> {
+    ranges
+        .iter()
+        .map(|r| r.start.max(want.start)..r.end.min(want.end))
+        .filter(|r| r.start < r.end)
+        .collect()
+}
+
+impl PageStore for LocalStore {
+    async fn create(
+        &self,
+        blob: &str,
+        size: u64,
+        sequence_number: u64,
+        metadata: &Metadata,
+    ) -> Result<(), StoreError> {
+        let md = metadata.clone();
+        self.run(blob, move |i, b| i.create(b, size, sequence_number, &md))
+            .await
+    }
+
+    async fn properties(&self, blob: &str) -> Result<Properties, StoreError> {
+        self.run(blob, |i, b| {
+            let _g = i.guard();
+            let st = i.load(b)?;
+            Ok(Properties {
+                size: st.size,
+                sequence_number: st.sequence_number,
+                metadata: st.metadata,
+            })
+        })
+        .await
+    }
+
+    async fn write_pages(
+        &self,
+        blob: &str,
+        offset: u64,
+        data: Bytes,
+        crc64: u64,
+        condition: Condition,
+    ) -> Result<(), StoreError> {
+        self.run(blob, move |i, b| {
+            i.write_pages(b, offset, &data, crc64, condition)
+        })
+        .await
+    }
+
+    async fn clear_pages(
+        &self,
+        blob: &str,
+        offset: u64,
+        len: u64,
+        condition: Condition,
+    ) -> Result<(), StoreError> {
+        self.run(blob, move |i, b| i.clear_pages(b, offset, len, condition))
+            .await
+    }
+
+    async fn read(
+        &self,
+        blob: &str,
+        snapshot: Option<&str>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, StoreError> {
+        let snap = snapshot.map(str::to_owned);
+        self.run(blob, move |i, b| {
+            i.read(b, snap.as_deref(), offset, len).map(Bytes::from)
+        })
+        .await
+    }
+
+    async fn page_ranges(
+        &self,
+        blob: &str,
+        snapshot: Option<&str>,
+    ) -> Result<Vec<Range<u64>>, StoreError> {
+        let snap = snapshot.map(str::to_owned);
+        self.run(blob, move |i, b| {
+            let _g = i.guard();
+            let st = i.load(b)?;
+            match snap {
+                Some(id) => Ok(st.snapshots[Inner::snapshot_index(&st, b, &id)?]
+                    .ranges
+                    .clone()),
+                None => Ok(st.ranges),
+            }
+        })
+        .await
+    }
+
+    async fn diff_ranges(
+        &self,
+        blob: &str,
+        snapshot: Option<&str>,
+        prev: &str,
+    ) -> Result<Vec<Range<u64>>, StoreError> {
+        let (snap, prev) = (snapshot.map(str::to_owned), prev.to_owned());
+        self.run(blob, move |i, b| i.diff_ranges(b, snap.as_deref(), &prev))
+            .await
+    }
+
+    async fn snapshot(&self, blob: &str) -> Result<String, StoreError> {
+        self.run(blob, |i, b| i.snapshot(b)).await
+    }
+
+    async fn snapshots(&self, blob: &str) -> Result<Vec<String>, StoreError> {
+        self.run(blob, |i, b| {
+            let _g = i.guard();
+            Ok(i.load(b)?.snapshots.into_iter().map(|s| s.id).collect())
+        })
+        .await
+    }
+
+    async fn delete_snapshot(&self, blob: &str, snapshot: &str) -> Result<(), StoreError> {
+        let id = snapshot.to_owned();
+        self.run(blob, move |i, b| i.delete_snapshot(b, &id)).await
+    }
+
+    async fn copy_snapshot(
+        &self,
+        blob: &str,
+        snapshot: &str,
+        dest: &str,
+    ) -> Result<(), StoreError> {
+        let (id, dest) = (snapshot.to_owned(), dest.to_owned());
+        self.run(blob, move |i, b| i.copy_snapshot(b, &id, &dest))
+            .await
+    }
+
+    async fn set_sequence_number(
+        &self,
+        blob: &str,
+        sequence_number: u64,
+        condition: Condition,
+    ) -> Result<(), StoreError> {
+        self.run(blob, move |i, b| {
+            i.set_sequence_number(b, sequence_number, condition)
+        })
+        .await
+    }
+
+    async fn set_metadata(&self, blob: &str, metadata: &Metadata) -> Result<(), StoreError> {
+        let md = metadata.clone();
+        self.run(blob, move |i, b| i.set_metadata(b, &md)).await
+    }
+
+    async fn resize(&self, blob: &str, size: u64) -> Result<(), StoreError> {
+        self.run(blob, move |i, b| i.resize(b, size)).await
+    }
+
+    async fn delete(&self, blob: &str) -> Result<(), StoreError> {
+        self.run(blob, |i, b| i.delete(b)).await
+    }
+}

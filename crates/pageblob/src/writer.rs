@@ -1,0 +1,482 @@
+//! `PageWriter`: changes in, aligned, coalesced, fenced, retried page requests out.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use lifeboat_resync::BlockSource;
+use lifeboat_retry::{Budget, Policy, RetryError, retry};
+use tokio::sync::Mutex;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::StoreError;
+use crate::store::{Condition, MAX_PUT, PAGE, PageStore, crc64};
+
+/// One change to the replica: new bytes, or a range that now reads as zeros.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Write `data` at `offset`.
+    Data {
+        /// Disk offset (need not be aligned).
+        offset: u64,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// Make `len` bytes at `offset` read as zeros.
+    Zero {
+        /// Disk offset (need not be aligned).
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+}
+
+impl Change {
+    fn range(&self) -> Range<u64> {
+        match self {
+            Change::Data { offset, data } => *offset..offset + data.len() as u64,
+            Change::Zero { offset, len } => *offset..offset + len,
+        }
+    }
+}
+
+/// How a [`PageWriter`] sends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriterConfig {
+    /// Requests in flight at once (bounded memory: at most this many bodies of at most
+    /// `max_request` bytes are being sent).
+    pub in_flight: usize,
+    /// The largest Put Page body; at most [`MAX_PUT`] (4 MiB).
+    pub max_request: u64,
+    /// Retries per request. The default is quick (0.1 s doubling to 1.6 s, then every
+    /// 5 s, at most 8 retries): the replication layer owns the long Hyper-V schedule.
+    pub retry: Policy,
+    /// Send at most this many bytes per second; `None` for no limit.
+    pub throttle: Option<u64>,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        WriterConfig {
+            in_flight: 4,
+            max_request: MAX_PUT,
+            retry: Policy {
+                steps: [100, 200, 400, 800, 1600]
+                    .map(Duration::from_millis)
+                    .to_vec(),
+                then_every: Duration::from_secs(5),
+                jitter: None,
+                budget: Budget {
+                    max_retries: Some(8),
+                    max_elapsed: None,
+                },
+            },
+            throttle: None,
+        }
+    }
+}
+
+/// Why a batch was not applied.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WriteError {
+    /// The blob's sequence number is not the batch's: the batch was applied already, or
+    /// another writer holds the blob. Nothing of this batch was written.
+    #[error("fenced: batch {expected} but the blob is at sequence number {found}")]
+    Fenced {
+        /// The batch's sequence number.
+        expected: u64,
+        /// The blob's.
+        found: u64,
+    },
+    /// A request failed for good (non-recoverable, or retries exhausted).
+    #[error("{what} failed after {attempts} attempt(s): {source}")]
+    Store {
+        /// The request.
+        what: String,
+        /// Attempts made.
+        attempts: u32,
+        /// The last error.
+        #[source]
+        source: StoreError,
+    },
+    /// A change has unaligned edges and no edge source was given to complete them.
+    #[error("change at {offset} (+{len}) is not 512-byte aligned and no edge source was given")]
+    NeedEdges {
+        /// The change's offset.
+        offset: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// Two changes overlap.
+    #[error("changes overlap at offset {offset}")]
+    Overlap {
+        /// Where.
+        offset: u64,
+    },
+    /// Reading edge bytes failed.
+    #[error("reading edge bytes at {offset}: {source}")]
+    Edge {
+        /// Where.
+        offset: u64,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What a batch did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BatchReport {
+    /// Bytes sent in Put Page requests.
+    pub bytes_sent: u64,
+    /// Put Page requests.
+    pub put_requests: u64,
+    /// Clear Pages requests.
+    pub clear_requests: u64,
+    /// Retries made.
+    pub retries: u64,
+    /// Time the batch took.
+    pub elapsed: Duration,
+}
+
+/// Running totals of a writer, readable while it works.
+#[derive(Debug, Default)]
+struct Counters {
+    bytes: AtomicU64,
+    puts: AtomicU64,
+    clears: AtomicU64,
+    retries: AtomicU64,
+}
+
+/// A totals snapshot: bytes, requests, retries since the writer was made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WriterProgress {
+    /// Bytes sent.
+    pub bytes_sent: u64,
+    /// Put Page requests.
+    pub put_requests: u64,
+    /// Clear Pages requests.
+    pub clear_requests: u64,
+    /// Retries.
+    pub retries: u64,
+}
+
+/// Applies batches of [`Change`]s to one page blob, exactly once each.
+///
+/// A batch is identified by the blob sequence number it expects: every request of the
+/// batch is conditional on it, and a successful batch advances it by one. Replaying an
+/// applied batch, or a second writer, is refused with [`WriteError::Fenced`]; a batch cut
+/// short by a crash is simply applied again (page writes are idempotent).
+///
+/// Changes are aligned to 512-byte pages (unaligned edges are completed from a
+/// caller-supplied [`BlockSource`], never guessed), coalesced into requests of at most
+/// 4 MiB, zero ranges sent as Clear Pages, each body checksummed with CRC-64, up to
+/// `in_flight` requests at a time, each retried through `lifeboat-retry`.
+#[derive(Debug)]
+pub struct PageWriter<S> {
+    store: Arc<S>,
+    blob: String,
+    config: WriterConfig,
+    counters: Arc<Counters>,
+    throttle: Arc<Mutex<Instant>>,
+}
+
+enum Op {
+    Put { offset: u64, data: Bytes },
+    Clear { offset: u64, len: u64 },
+}
+
+impl<S: PageStore + 'static> PageWriter<S> {
+    /// A writer for `blob` in `store`.
+    pub fn new(store: Arc<S>, blob: impl Into<String>, config: WriterConfig) -> Self {
+        let config = WriterConfig {
+            in_flight: config.in_flight.max(1),
+            max_request: (config.max_request / PAGE * PAGE).clamp(PAGE, MAX_PUT),
+            ..config
+        };
+        PageWriter {
+            store,
+            blob: blob.into(),
+            config,
+            counters: Arc::default(),
+            throttle: Arc::new(Mutex::new(Instant::now())),
+        }
+    }
+
+    /// Totals so far.
+    pub fn progress(&self) -> WriterProgress {
+        let c = &self.counters;
+        WriterProgress {
+            bytes_sent: c.bytes.load(Ordering::Relaxed),
+            put_requests: c.puts.load(Ordering::Relaxed),
+            clear_requests: c.clears.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Applies `changes` as batch `seq` (the blob's current sequence number), then
+    /// advances the blob to `seq + 1`. `edges` supplies the bytes around unaligned
+    /// changes (for example the replica's current content, or the source disk).
+    pub async fn apply_batch(
+        &self,
+        seq: u64,
+        changes: Vec<Change>,
+        edges: Option<&dyn BlockSource>,
+    ) -> Result<BatchReport, WriteError> {
+        let start = Instant::now();
+        let before = self.progress();
+        let ops = plan(changes, edges, self.config.max_request)?;
+        let mut tasks = JoinSet::new();
+        for op in ops {
+            while tasks.len() >= self.config.in_flight {
+                join_one(&mut tasks, seq).await?;
+            }
+            let (store, blob, policy) = (
+                self.store.clone(),
+                self.blob.clone(),
+                self.config.retry.clone(),
+            );
+            let (counters, throttle, rate) = (
+                self.counters.clone(),
+                self.throttle.clone(),
+                self.config.throttle,
+            );
+            tasks.spawn(async move {
+                send(&*store, &blob, &policy, &counters, &throttle, rate, op, seq).await
+            });
+        }
+        while !tasks.is_empty() {
+            join_one(&mut tasks, seq).await?;
+        }
+        let (store, blob) = (&*self.store, self.blob.as_str());
+        let counters = &self.counters;
+        retry(&self.config.retry, |attempt| {
+            if attempt > 1 {
+                counters.retries.fetch_add(1, Ordering::Relaxed);
+            }
+            store.set_sequence_number(blob, seq + 1, Condition::sequence_number(seq))
+        })
+        .await
+        .map_err(|e| store_error(format!("set sequence number {}", seq + 1), e, seq))?;
+        let after = self.progress();
+        Ok(BatchReport {
+            bytes_sent: after.bytes_sent - before.bytes_sent,
+            put_requests: after.put_requests - before.put_requests,
+            clear_requests: after.clear_requests - before.clear_requests,
+            retries: after.retries - before.retries,
+            elapsed: start.elapsed(),
+        })
+    }
+}
+
+async fn join_one(tasks: &mut JoinSet<Result<(), WriteError>>, seq: u64) -> Result<(), WriteError> {
+    match tasks.join_next().await {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => Err(WriteError::Store {
+            what: format!("request task of batch {seq}"),
+            attempts: 0,
+            source: StoreError::Invalid(e.to_string()),
+        }),
+        None => Ok(()),
+    }
+}
+
+fn store_error(what: String, e: RetryError<StoreError>, seq: u64) -> WriteError {
+    match e.error {
+        StoreError::ConditionFailed { found, .. } => WriteError::Fenced {
+            expected: seq,
+            found,
+        },
+        source => WriteError::Store {
+            what,
+            attempts: e.attempts,
+            source,
+        },
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send<S: PageStore>(
+    store: &S,
+    blob: &str,
+    policy: &Policy,
+    counters: &Counters,
+    throttle: &Mutex<Instant>,
+    rate: Option<u64>,
+    op: Op,
+    seq: u64,
+) -> Result<(), WriteError> {
+    let cond = Condition::sequence_number(seq);
+    match op {
+        Op::Put { offset, data } => {
+            if let Some(rate) = rate.filter(|r| *r > 0) {
+                let at = {
+                    let mut next = throttle.lock().await;
+                    let at = (*next).max(Instant::now());
+                    *next = at + Duration::from_secs_f64(data.len() as f64 / rate as f64);
+                    at
+                };
+                tokio::time::sleep_until(at).await;
+            }
+            let crc = crc64(&data);
+            let len = data.len() as u64;
+            retry(policy, |attempt| {
+                if attempt > 1 {
+                    counters.retries.fetch_add(1, Ordering::Relaxed);
+                }
+                store.write_pages(blob, offset, data.clone(), crc, cond)
+            })
+            .await
+            .map_err(|e| store_error(format!("Put Page {offset}+{len}"), e, seq))?;
+            counters.bytes.fetch_add(len, Ordering::Relaxed);
+            counters.puts.fetch_add(1, Ordering::Relaxed);
+        }
+        Op::Clear { offset, len } => {
+            retry(policy, |attempt| {
+                if attempt > 1 {
+                    counters.retries.fetch_add(1, Ordering::Relaxed);
+                }
+                store.clear_pages(blob, offset, len, cond)
+            })
+            .await
+            .map_err(|e| store_error(format!("Clear Pages {offset}+{len}"), e, seq))?;
+            counters.clears.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Ok(())
+}
+
+fn floor(x: u64) -> u64 {
+    x / PAGE * PAGE
+}
+
+fn ceil(x: u64) -> u64 {
+    x.div_ceil(PAGE) * PAGE
+}
+
+/// Turns changes into aligned requests: aligned zero ranges become Clear Pages; data (and
+/// the unaligned edge pages of zero ranges) is grouped into runs of touching pages,
+/// completed from `edges` where a page is only partly covered, and cut into bodies of at
+/// most `max` bytes.
+fn plan(
+    mut changes: Vec<Change>,
+    edges: Option<&dyn BlockSource>,
+    max: u64,
+) -> Result<Vec<Op>, WriteError> {
+    changes.retain(|c| {
+        let r = c.range();
+        r.start < r.end
+    });
+    changes.sort_by_key(|c| c.range().start);
+    for w in changes.windows(2) {
+        if w[0].range().end > w[1].range().start {
+            return Err(WriteError::Overlap {
+                offset: w[1].range().start,
+            });
+        }
+    }
+    let mut ops = Vec::new();
+    let mut data: Vec<(u64, Bytes)> = Vec::new();
+    for c in changes {
+        match c {
+            Change::Data { offset, data: d } => data.push((offset, d)),
+            Change::Zero { offset, len } => {
+                let (inner_start, inner_end) = (ceil(offset), floor(offset + len));
+                if inner_start < inner_end {
+                    let mut at = inner_start;
+                    while at < inner_end {
+                        // Clear Pages has no size cap; keep requests modest anyway.
+                        let n = (inner_end - at).min(1 << 30);
+                        ops.push(Op::Clear { offset: at, len: n });
+                        at += n;
+                    }
+                    if offset < inner_start {
+                        data.push((
+                            offset,
+                            Bytes::from(vec![0; (inner_start - offset) as usize]),
+                        ));
+                    }
+                    if inner_end < offset + len {
+                        data.push((
+                            inner_end,
+                            Bytes::from(vec![0; (offset + len - inner_end) as usize]),
+                        ));
+                    }
+                } else {
+                    data.push((offset, Bytes::from(vec![0; len as usize])));
+                }
+            }
+        }
+    }
+    data.sort_by_key(|(o, _)| *o);
+    let mut i = 0;
+    while i < data.len() {
+        // A run: changes whose page-aligned ranges touch or overlap.
+        let run_start = floor(data[i].0);
+        let mut run_end = ceil(data[i].0 + data[i].1.len() as u64);
+        let mut j = i + 1;
+        while j < data.len() && floor(data[j].0) <= run_end {
+            run_end = run_end.max(ceil(data[j].0 + data[j].1.len() as u64));
+            j += 1;
+        }
+        let run = &data[i..j];
+        let body = if run.len() == 1
+            && run[0].0 == run_start
+            && run[0].1.len() as u64 == run_end - run_start
+        {
+            run[0].1.clone() // aligned already: no copy
+        } else {
+            assemble(run, run_start, run_end, edges)?
+        };
+        let mut at = 0;
+        while at < body.len() as u64 {
+            let n = (body.len() as u64 - at).min(max);
+            ops.push(Op::Put {
+                offset: run_start + at,
+                data: body.slice(at as usize..(at + n) as usize),
+            });
+            at += n;
+        }
+        i = j;
+    }
+    Ok(ops)
+}
+
+/// Builds the body of a run: edge bytes where no change covers, change bytes elsewhere.
+fn assemble(
+    run: &[(u64, Bytes)],
+    start: u64,
+    end: u64,
+    edges: Option<&dyn BlockSource>,
+) -> Result<Bytes, WriteError> {
+    let mut buf = BytesMut::zeroed((end - start) as usize);
+    let mut at = start;
+    let fill = |from: u64, to: u64, buf: &mut BytesMut| -> Result<(), WriteError> {
+        if from >= to {
+            return Ok(());
+        }
+        let src = edges.ok_or(WriteError::NeedEdges {
+            offset: from,
+            len: to - from,
+        })?;
+        let out = &mut buf[(from - start) as usize..(to - start) as usize];
+        src.read_exact_at(out, from)
+            .map_err(|source| WriteError::Edge {
+                offset: from,
+                source,
+            })
+    };
+    for (offset, d) in run {
+        fill(at, *offset, &mut buf)?;
+        buf[(offset - start) as usize..(offset - start) as usize + d.len()].copy_from_slice(d);
+        at = offset + d.len() as u64;
+    }
+    fill(at, end, &mut buf)?;
+    Ok(buf.freeze())
+}

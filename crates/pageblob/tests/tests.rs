@@ -1,0 +1,516 @@
+//! Integration tests, one binary:
+//! - conformance of LocalStore, and its durability across reopen;
+//! - PageWriter: alignment, coalescing, the 4 MiB cap, fencing, faults (via FaultyStore);
+//! - the fixed-VHD footer, checked with qemu-img.
+
+use std::process::Command;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use lifeboat_pageblob::conformance::{self, Skips};
+use lifeboat_pageblob::{
+    Change, Condition, Fault, FaultyStore, LocalStore, MAX_PUT, PAGE, PageStore, PageWriter,
+    WriteError, WriterConfig, vhd,
+};
+
+const MIB: u64 = 1 << 20;
+
+fn random(len: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed;
+    (0..len)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 56) as u8
+        })
+        .collect()
+}
+
+fn store() -> (tempfile::TempDir, Arc<LocalStore>) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = LocalStore::open(dir.path().join("site")).unwrap();
+    (dir, Arc::new(s))
+}
+
+async fn read_all<S: PageStore>(s: &S, blob: &str, len: u64) -> Vec<u8> {
+    s.read(blob, None, 0, len).await.unwrap().to_vec()
+}
+
+#[tokio::test]
+async fn local_store_passes_the_conformance_suite() {
+    let (_d, s) = store();
+    conformance::run(&*s, "local", Skips::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn faulty_decorator_over_local_store_passes_conformance_when_no_fault_is_planned() {
+    let (_d, s) = store();
+    let f = FaultyStore::new(LocalStore::clone(&s));
+    conformance::run(&f, "decorated", Skips::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn local_store_state_survives_reopen_and_snapshots_copy_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("site");
+    {
+        let s = LocalStore::open(&root).unwrap();
+        s.create("d", 64 * MIB, 3, &[("k".into(), "v".into())].into())
+            .await
+            .unwrap();
+        let data = random(MIB as usize, 1);
+        s.write_pages(
+            "d",
+            0,
+            Bytes::from(data.clone()),
+            lifeboat_pageblob::crc64(&data),
+            Condition::NONE,
+        )
+        .await
+        .unwrap();
+        s.set_sequence_number("d", 4, Condition::sequence_number(3))
+            .await
+            .unwrap();
+        let snap = s.snapshot("d").await.unwrap();
+        // A snapshot of a 64 MiB blob allocates nothing until a page changes.
+        assert!(!root.join("d").join(format!("snap-{snap}")).exists());
+        s.write_pages(
+            "d",
+            0,
+            Bytes::from(vec![9u8; 512]),
+            lifeboat_pageblob::crc64(&[9u8; 512]),
+            Condition::NONE,
+        )
+        .await
+        .unwrap();
+        let preserved = std::fs::metadata(root.join("d").join(format!("snap-{snap}"))).unwrap();
+        assert!(
+            preserved.len() <= 512,
+            "only the changed page was preserved: {}",
+            preserved.len()
+        );
+    }
+    let s = LocalStore::open(&root).unwrap();
+    let p = s.properties("d").await.unwrap();
+    assert_eq!(
+        (p.size, p.sequence_number, p.metadata["k"].as_str()),
+        (64 * MIB, 4, "v")
+    );
+    let snaps = s.snapshots("d").await.unwrap();
+    assert_eq!(snaps.len(), 1);
+    let old = s.read("d", Some(&snaps[0]), 0, 512).await.unwrap();
+    assert_eq!(old[..], random(MIB as usize, 1)[..512]);
+    assert_eq!(s.read("d", None, 0, 512).await.unwrap()[..], [9u8; 512]);
+    assert!(matches!(
+        s.create("../escape", 512, 0, &Default::default()).await,
+        Err(lifeboat_pageblob::StoreError::Invalid(_))
+    ));
+}
+
+#[tokio::test]
+async fn writer_aligns_coalesces_caps_and_applies_exactly() {
+    let (_d, s) = store();
+    let f = Arc::new(FaultyStore::new(LocalStore::clone(&s)));
+    let size = 32 * MIB;
+    f.create("d", size, 0, &Default::default()).await.unwrap();
+    let mut expected = vec![0u8; size as usize];
+    // The replica's current bytes serve as the edge source for unaligned changes.
+    let base = random(size as usize, 2);
+    f.write_pages(
+        "d",
+        0,
+        Bytes::from(base[..(4 * MIB) as usize].to_vec()),
+        lifeboat_pageblob::crc64(&base[..(4 * MIB) as usize]),
+        Condition::NONE,
+    )
+    .await
+    .unwrap();
+    expected[..(4 * MIB) as usize].copy_from_slice(&base[..(4 * MIB) as usize]);
+    let edges = expected.clone();
+
+    let big = random((10 * MIB) as usize, 3);
+    let changes = vec![
+        Change::Data {
+            offset: 100,
+            data: Bytes::from(vec![1u8; 50]),
+        }, // inside one page
+        Change::Data {
+            offset: 700,
+            data: Bytes::from(vec![2u8; 1000]),
+        }, // shares a page with the next
+        Change::Data {
+            offset: 1700,
+            data: Bytes::from(vec![3u8; 300]),
+        },
+        Change::Zero {
+            offset: 5000,
+            len: 3 * MIB,
+        }, // unaligned zero range
+        Change::Data {
+            offset: 8 * MIB,
+            data: Bytes::from(big.clone()),
+        }, // 10 MiB: three requests
+    ];
+    for c in &changes {
+        match c {
+            Change::Data { offset, data } => {
+                expected[*offset as usize..*offset as usize + data.len()].copy_from_slice(data)
+            }
+            Change::Zero { offset, len } => {
+                expected[*offset as usize..(*offset + *len) as usize].fill(0)
+            }
+        }
+    }
+    let writer = PageWriter::new(f.clone(), "d", WriterConfig::default());
+    assert!(matches!(
+        writer.apply_batch(0, changes.clone(), None).await,
+        Err(WriteError::NeedEdges { .. })
+    ));
+    let seen_before = f.seen().len();
+    let report = writer.apply_batch(0, changes, Some(&edges)).await.unwrap();
+    assert_eq!(read_all(&*f, "d", size).await, expected);
+    let sent = &f.seen()[seen_before..];
+    for r in sent {
+        assert_eq!(r.offset % PAGE, 0, "{r:?}");
+        assert_eq!(r.len % PAGE, 0, "{r:?}");
+        if r.kind == "put" {
+            assert!(r.len <= MAX_PUT, "{r:?}");
+        }
+    }
+    // Pages 0..2 (three changes) coalesce into one Put; the zero range is one Clear plus
+    // its two edge pages; 10 MiB is three Puts.
+    assert_eq!(report.clear_requests, 1);
+    assert_eq!(report.put_requests, 1 + 2 + 3, "{sent:?}");
+    assert_eq!(s.properties("d").await.unwrap().sequence_number, 1);
+}
+
+#[tokio::test]
+async fn writer_refuses_replays_and_second_writers() {
+    let (_d, s) = store();
+    s.create("d", 4 * MIB, 0, &Default::default())
+        .await
+        .unwrap();
+    let w = PageWriter::new(s.clone(), "d", WriterConfig::default());
+    let batch = vec![Change::Data {
+        offset: 0,
+        data: Bytes::from(vec![5u8; 4096]),
+    }];
+    w.apply_batch(0, batch.clone(), None).await.unwrap();
+    match w.apply_batch(0, batch.clone(), None).await {
+        Err(WriteError::Fenced {
+            expected: 0,
+            found: 1,
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    // A second writer that thinks it is at 5.
+    let other = PageWriter::new(s.clone(), "d", WriterConfig::default());
+    assert!(matches!(
+        other.apply_batch(5, batch, None).await,
+        Err(WriteError::Fenced {
+            expected: 5,
+            found: 1
+        })
+    ));
+    assert_eq!(s.properties("d").await.unwrap().sequence_number, 1);
+}
+
+fn fast_retries() -> WriterConfig {
+    let mut c = WriterConfig::default();
+    c.retry = c.retry.scaled(1, 1000);
+    c
+}
+
+#[tokio::test]
+async fn recoverable_faults_are_retried_and_the_blob_ends_exact() {
+    for fault in [
+        Fault::Status(500),
+        Fault::Status(503),
+        Fault::Timeout,
+        Fault::ResetAfterApply,
+    ] {
+        let (_d, s) = store();
+        let f = Arc::new(FaultyStore::new(LocalStore::clone(&s)));
+        f.create("d", 16 * MIB, 0, &Default::default())
+            .await
+            .unwrap();
+        let data = random((9 * MIB) as usize, 4);
+        f.fail_nth(2, fault);
+        f.fail_nth(3, fault);
+        let w = PageWriter::new(f.clone(), "d", fast_retries());
+        let report = w
+            .apply_batch(
+                0,
+                vec![Change::Data {
+                    offset: MIB,
+                    data: Bytes::from(data.clone()),
+                }],
+                None,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{fault:?}: {e}"));
+        assert_eq!(report.retries, 2, "{fault:?}");
+        let got = f.read("d", None, MIB, data.len() as u64).await.unwrap();
+        assert_eq!(got[..], data[..], "{fault:?}");
+        assert!(
+            f.seen()
+                .iter()
+                .all(|r| r.len <= MAX_PUT && r.offset % PAGE == 0)
+        );
+    }
+}
+
+#[tokio::test]
+async fn non_recoverable_faults_surface_as_errors() {
+    for (fault, status) in [
+        (Fault::Status(403), 403),
+        (Fault::Status(404), 404),
+        (Fault::Status(400), 400),
+    ] {
+        let (_d, s) = store();
+        let f = Arc::new(FaultyStore::new(LocalStore::clone(&s)));
+        f.create("d", 4 * MIB, 0, &Default::default())
+            .await
+            .unwrap();
+        f.fail_nth(1, fault);
+        let w = PageWriter::new(f.clone(), "d", fast_retries());
+        match w
+            .apply_batch(
+                0,
+                vec![Change::Data {
+                    offset: 0,
+                    data: Bytes::from(vec![1u8; 512]),
+                }],
+                None,
+            )
+            .await
+        {
+            Err(WriteError::Store {
+                attempts: 1,
+                source,
+                ..
+            }) => assert_eq!(source.status(), Some(status)),
+            other => panic!("{fault:?}: {other:?}"),
+        }
+        // The batch did not complete: the sequence number did not move.
+        assert_eq!(f.properties("d").await.unwrap().sequence_number, 0);
+    }
+    // An injected 412 is a fencing failure.
+    let (_d, s) = store();
+    let f = Arc::new(FaultyStore::new(LocalStore::clone(&s)));
+    f.create("d", 4 * MIB, 0, &Default::default())
+        .await
+        .unwrap();
+    f.fail_nth(1, Fault::Status(412));
+    let w = PageWriter::new(f.clone(), "d", fast_retries());
+    let r = w
+        .apply_batch(
+            0,
+            vec![Change::Data {
+                offset: 0,
+                data: Bytes::from(vec![1u8; 512]),
+            }],
+            None,
+        )
+        .await;
+    assert!(
+        matches!(
+            r,
+            Err(WriteError::Store { .. }) | Err(WriteError::Fenced { .. })
+        ),
+        "{r:?}"
+    );
+}
+
+#[tokio::test]
+async fn scattered_one_percent_change_needs_the_minimum_number_of_requests() {
+    let (_d, s) = store();
+    let size = 256 * MIB;
+    s.create("d", size, 0, &Default::default()).await.unwrap();
+    // 1 % of 64 KiB blocks, scattered (no two adjacent): 40 runs of one block.
+    let blocks = size / 65536;
+    let changes: Vec<Change> = (0..blocks / 100)
+        .map(|k| Change::Data {
+            offset: k * 100 * 65536 + (k % 7) * 4096,
+            data: Bytes::from(vec![k as u8 + 1; 65536]),
+        })
+        .collect();
+    let n = changes.len() as u64;
+    let w = PageWriter::new(s.clone(), "d", WriterConfig::default());
+    let report = w.apply_batch(0, changes, None).await.unwrap();
+    assert_eq!(
+        report.put_requests, n,
+        "one request per scattered block is the minimum"
+    );
+    // The same blocks made contiguous coalesce into ceil(bytes / 4 MiB) requests.
+    let contiguous: Vec<Change> = (0..n)
+        .map(|k| Change::Data {
+            offset: k * 65536,
+            data: Bytes::from(vec![1u8; 65536]),
+        })
+        .collect();
+    let report = w.apply_batch(1, contiguous, None).await.unwrap();
+    assert_eq!(report.put_requests, (n * 65536).div_ceil(MAX_PUT));
+}
+
+#[tokio::test(start_paused = true)]
+async fn throttle_spaces_requests_in_virtual_time() {
+    let (_d, s) = store();
+    s.create("d", 16 * MIB, 0, &Default::default())
+        .await
+        .unwrap();
+    let config = WriterConfig {
+        throttle: Some(4 * MIB),
+        in_flight: 1,
+        ..WriterConfig::default()
+    };
+    let w = PageWriter::new(s.clone(), "d", config);
+    let start = tokio::time::Instant::now();
+    w.apply_batch(
+        0,
+        vec![Change::Data {
+            offset: 0,
+            data: Bytes::from(vec![1u8; (12 * MIB) as usize]),
+        }],
+        None,
+    )
+    .await
+    .unwrap();
+    // Three 4 MiB requests at 4 MiB/s: the third may start after 2 s.
+    assert!(
+        start.elapsed() >= std::time::Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+fn qemu_img(args: &[&str]) -> Option<(bool, String)> {
+    let out = Command::new("qemu-img").args(args).output().ok()?;
+    Some((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    ))
+}
+
+#[tokio::test]
+async fn replica_blob_with_footer_is_a_fixed_vhd_qemu_accepts() {
+    let ci = std::env::var_os("CI").is_some();
+    if qemu_img(&["--version"]).is_none() {
+        assert!(!ci, "qemu-img is required in CI");
+        eprintln!("skipping: qemu-img not installed");
+        return;
+    }
+    let (dir, s) = store();
+    let disk_len = 5 * MIB + 3 * 512; // not a whole MiB: the virtual size rounds up
+    let disk = random(disk_len as usize, 5);
+    let raw = dir.path().join("disk.raw");
+    std::fs::write(&raw, &disk).unwrap();
+    let size = vhd::blob_size(disk_len);
+    s.create("vm0", size, 0, &Default::default()).await.unwrap();
+    let w = PageWriter::new(s.clone(), "vm0", WriterConfig::default());
+    let footer = vhd::Footer::fixed(vhd::virtual_size(disk_len), [3; 16], 0).encode();
+    w.apply_batch(
+        0,
+        vec![
+            Change::Data {
+                offset: 0,
+                data: Bytes::from(disk.clone()),
+            },
+            Change::Data {
+                offset: vhd::virtual_size(disk_len),
+                data: Bytes::copy_from_slice(&footer),
+            },
+        ],
+        None,
+    )
+    .await
+    .unwrap();
+    let path = s.data_path("vm0").unwrap();
+    let path = path.to_str().unwrap();
+    let (ok, info) = qemu_img(&["info", "-f", "vpc", "--output=json", path]).unwrap();
+    assert!(ok, "{info}");
+    assert!(
+        info.contains(&format!(
+            "\"virtual-size\": {}",
+            vhd::virtual_size(disk_len)
+        )),
+        "{info}"
+    );
+    let (ok, cmp) = qemu_img(&[
+        "compare",
+        "-f",
+        "vpc",
+        "-F",
+        "raw",
+        path,
+        raw.to_str().unwrap(),
+    ])
+    .unwrap();
+    assert!(ok, "qemu-img compare: {cmp}");
+    // And the footer parses back.
+    let tail = s.read("vm0", None, size - 512, 512).await.unwrap();
+    let f = vhd::Footer::decode(&tail).unwrap();
+    assert_eq!(f.current_size, vhd::virtual_size(disk_len));
+    // A corrupted footer is refused.
+    let mut bad = footer;
+    bad[100] ^= 1;
+    assert!(vhd::Footer::decode(&bad).is_err());
+}
+
+#[test]
+fn geometry_and_footer_match_what_qemu_img_writes() {
+    if qemu_img(&["--version"]).is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "qemu-img is required in CI"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for mib in [10u64, 127, 300, 2048, 70_000] {
+        let path = dir.path().join(format!("q{mib}.vhd"));
+        let p = path.to_str().unwrap();
+        // Without force_size, qemu rounds the size to what its CHS geometry covers.
+        let (ok, out) = qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "vpc",
+            "-o",
+            "subformat=fixed",
+            p,
+            &format!("{mib}M"),
+        ])
+        .unwrap();
+        assert!(ok, "{out}");
+        let bytes = std::fs::read(&path).map(|b| b[b.len() - 512..].to_vec());
+        let tail = match bytes {
+            Ok(t) => t,
+            Err(_) => {
+                // Large sparse images: read only the footer.
+                use std::io::{Read, Seek, SeekFrom};
+                let mut f = std::fs::File::open(&path).unwrap();
+                f.seek(SeekFrom::End(-512)).unwrap();
+                let mut t = vec![0u8; 512];
+                f.read_exact(&mut t).unwrap();
+                t
+            }
+        };
+        let theirs = vhd::Footer::decode(&tail).unwrap();
+        let (c, h, sct) = theirs.geometry;
+        assert_eq!(
+            theirs.current_size,
+            u64::from(c) * u64::from(h) * u64::from(sct) * 512
+        );
+        assert_eq!(
+            vhd::geometry(theirs.current_size),
+            theirs.geometry,
+            "{mib} MiB"
+        );
+    }
+}
