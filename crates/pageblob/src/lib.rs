@@ -1,7 +1,7 @@
 /*!
 Replica disks as page blobs: the [`PageStore`] trait (what replication needs from Azure
-page blobs), [`LocalStore`] (the embedded default: sparse files with copy-on-write
-snapshots, crash-safe state), [`PageWriter`] (aligned, coalesced, fenced, retried page
+page blobs), [`AzureStore`] (Azure Storage through the official SDK), [`LocalStore`] (the
+embedded default: sparse files with copy-on-write snapshots, crash-safe state), [`PageWriter`] (aligned, coalesced, fenced, retried page
 requests), the fixed-VHD [`vhd`] footer that makes a blob an attachable disk, a
 fault-injecting [`FaultyStore`] decorator and the [`conformance`] suite every backend passes.
 
@@ -43,12 +43,12 @@ assert_eq!(store.read("disk0", Some(&point), 4096, 4).await?[..], [7, 7, 7, 7]);
 
 # Crate features
 
-None yet. The Azure backend (`AzureStore`, on `azure_storage_blob` 1.x, tested against
-Azurite) is the next increment of this crate.
+None.
 */
 #![doc(test(attr(deny(warnings))))]
 
 pub use crate::{
+    azure::{AZURITE_ACCOUNT, AZURITE_KEY, AzureStore, Credential},
     error::StoreError,
     faults::{Fault, FaultyStore, Seen},
     local::LocalStore,
@@ -56,6 +56,7 @@ pub use crate::{
     writer::{BatchReport, Change, PageWriter, WriteError, WriterConfig, WriterProgress},
 };
 
+mod azure;
 pub mod conformance;
 mod error;
 mod faults;

@@ -514,3 +514,130 @@ fn geometry_and_footer_match_what_qemu_img_writes() {
         );
     }
 }
+
+/// The Azurite endpoint the test script started (`AZURITE_BLOB_PORT`), if it answers;
+/// with `CI=true` an unanswering Azurite fails the test instead of skipping it.
+fn azurite() -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let ci = std::env::var_os("CI").is_some();
+    let Some(port) = std::env::var("AZURITE_BLOB_PORT")
+        .ok()
+        .and_then(|p| p.parse::<u16>().ok())
+    else {
+        assert!(
+            !ci,
+            "CI=true but AZURITE_BLOB_PORT is not set: scripts/test starts Azurite"
+        );
+        eprintln!("skipping: AZURITE_BLOB_PORT not set");
+        return None;
+    };
+    let mut answer = String::new();
+    let ok = std::net::TcpStream::connect(("127.0.0.1", port))
+        .and_then(|mut s| {
+            write!(s, "GET /devstoreaccount1?comp=list HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+            s.read_to_string(&mut answer)
+        })
+        .is_ok();
+    assert!(ok || !ci, "Azurite on port {port} does not answer");
+    ok.then_some((port, answer))
+}
+
+fn azure_store(port: u16, container: &str) -> lifeboat_pageblob::AzureStore {
+    lifeboat_pageblob::AzureStore::new(
+        &format!(
+            "http://127.0.0.1:{port}/{}/{container}",
+            lifeboat_pageblob::AZURITE_ACCOUNT
+        ),
+        lifeboat_pageblob::Credential::SharedKey {
+            account: lifeboat_pageblob::AZURITE_ACCOUNT.into(),
+            key: lifeboat_pageblob::AZURITE_KEY.into(),
+        },
+    )
+    .unwrap()
+}
+
+fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{name}-{}-{nanos}", std::process::id())
+}
+
+#[tokio::test]
+async fn azure_store_passes_the_conformance_suite_on_azurite() {
+    let Some((port, answer)) = azurite() else {
+        return;
+    };
+    let store = azure_store(port, &unique("conf"));
+    store.ensure_container().await.unwrap();
+    // Azurite answers a page-range diff with the full list: skip only that assertion there.
+    let skips = Skips {
+        diff_ranges: answer.contains("Azurite"),
+    };
+    conformance::run(&store, "azure", skips).await.unwrap();
+}
+
+#[tokio::test]
+async fn azure_writer_retries_faults_and_fences_on_azurite() {
+    let Some((port, _)) = azurite() else { return };
+    let store = azure_store(port, &unique("writer"));
+    store.ensure_container().await.unwrap();
+    let f = Arc::new(FaultyStore::new(store));
+    f.create("d", 16 * MIB, 0, &Default::default())
+        .await
+        .unwrap();
+    let data = random((9 * MIB + 4096) as usize, 6);
+    f.fail_nth(1, Fault::Status(503));
+    f.fail_nth(3, Fault::ResetAfterApply);
+    let w = PageWriter::new(f.clone(), "d", fast_retries());
+    let report = w
+        .apply_batch(
+            0,
+            vec![Change::Data {
+                offset: 512,
+                data: Bytes::from(data.clone()),
+            }],
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.retries, 2);
+    assert_eq!(
+        f.read("d", None, 512, data.len() as u64).await.unwrap()[..],
+        data[..]
+    );
+    assert!(
+        f.seen()
+            .iter()
+            .all(|r| r.len <= MAX_PUT && r.offset % PAGE == 0 && r.len % PAGE == 0)
+    );
+    assert!(matches!(
+        w.apply_batch(
+            0,
+            vec![Change::Zero {
+                offset: 0,
+                len: 512
+            }],
+            None
+        )
+        .await,
+        Err(WriteError::Fenced {
+            expected: 0,
+            found: 1
+        })
+    ));
+    f.fail_nth(f.seen().len() as u64 + 1, Fault::Status(403));
+    assert!(matches!(
+        w.apply_batch(
+            1,
+            vec![Change::Zero {
+                offset: 0,
+                len: 512
+            }],
+            None
+        )
+        .await,
+        Err(WriteError::Store { attempts: 1, .. })
+    ));
+}
