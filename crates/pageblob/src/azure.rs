@@ -69,6 +69,37 @@ pub const AZURITE_ACCOUNT: &str = "devstoreaccount1";
 pub const AZURITE_KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
+/// An account SAS query string (service `b`, all blob permissions, http and https,
+/// version 2022-11-02) signed with `key_b64`, valid until `expiry` (ISO 8601, e.g.
+/// `2099-01-01T00:00:00Z`). Append it to a container URL and use [`Credential::Sas`].
+pub fn account_sas(account: &str, key_b64: &str, expiry: &str) -> Result<String, StoreError> {
+    let (sp, ss, srt, spr, sv) = ("racwdlup", "b", "sco", "https,http", "2022-11-02");
+    let sts = format!("{account}\n{sp}\n{ss}\n{srt}\n\n{expiry}\n\n{spr}\n{sv}\n\n");
+    let key = B64
+        .decode(key_b64.trim())
+        .map_err(|e| StoreError::Invalid(format!("account key is not base64: {e}")))?;
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(&key).map_err(|e| StoreError::Invalid(e.to_string()))?;
+    mac.update(sts.as_bytes());
+    let sig = B64.encode(mac.finalize().into_bytes());
+    let enc = |s: &str| -> String {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    };
+    Ok(format!(
+        "sv={sv}&ss={ss}&srt={srt}&sp={sp}&se={}&spr={}&sig={}",
+        enc(expiry),
+        enc(spr),
+        enc(&sig)
+    ))
+}
+
 /// Page blobs in one Azure Storage container.
 ///
 /// The SDK's own retries are off: retrying belongs to the caller's policy

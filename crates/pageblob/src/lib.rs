@@ -48,7 +48,8 @@ None.
 #![doc(test(attr(deny(warnings))))]
 
 pub use crate::{
-    azure::{AZURITE_ACCOUNT, AZURITE_KEY, AzureStore, Credential},
+    azure::{AZURITE_ACCOUNT, AZURITE_KEY, AzureStore, Credential, account_sas},
+    digests::{ReplicaDigests, digests_blob},
     error::StoreError,
     faults::{Fault, FaultyStore, Seen},
     local::LocalStore,
@@ -58,6 +59,7 @@ pub use crate::{
 
 mod azure;
 pub mod conformance;
+mod digests;
 mod error;
 mod faults;
 mod local;

@@ -35,7 +35,8 @@ pub enum Change {
 }
 
 impl Change {
-    fn range(&self) -> Range<u64> {
+    /// The disk range the change covers.
+    pub fn range(&self) -> Range<u64> {
         match self {
             Change::Data { offset, data } => *offset..offset + data.len() as u64,
             Change::Zero { offset, len } => *offset..offset + len,

@@ -641,3 +641,125 @@ async fn azure_writer_retries_faults_and_fences_on_azurite() {
         Err(WriteError::Store { attempts: 1, .. })
     ));
 }
+
+#[tokio::test]
+async fn replica_digests_follow_batches_persist_and_drive_a_resync() {
+    use lifeboat_pageblob::ReplicaDigests;
+    use lifeboat_resync::{BlockSize, ExtentKind, Signature, diff};
+    let (_d, s) = store();
+    let len = 8 * MIB;
+    let bs = BlockSize::DEFAULT;
+    s.create("d", len, 0, &Default::default()).await.unwrap();
+    let mut digests = ReplicaDigests::zeroed(len, bs, 0);
+    let w = PageWriter::new(s.clone(), "d", WriterConfig::default());
+    let changes = vec![
+        Change::Data {
+            offset: 0,
+            data: Bytes::from(random(200_192, 7)),
+        },
+        Change::Data {
+            offset: 5 * MIB + 512,
+            data: Bytes::from(vec![3u8; 4096]),
+        },
+        Change::Zero {
+            offset: 4 * 65536,
+            len: 65536,
+        },
+    ];
+    let touched: Vec<_> = changes.iter().map(Change::range).collect();
+    w.apply_batch(0, changes, None).await.unwrap();
+    digests.update(&*s, "d", &touched, 1).await.unwrap();
+    let replica = read_all(&*s, "d", len).await;
+    assert_eq!(
+        digests.signature(),
+        &Signature::compute(&replica, bs).unwrap()
+    );
+    digests.save(&*s, "d").await.unwrap();
+    assert_eq!(
+        ReplicaDigests::load(&*s, "d").await.unwrap().as_ref(),
+        Some(&digests)
+    );
+
+    // A batch without a digest update leaves the stored digests stale: load says so.
+    w.apply_batch(
+        1,
+        vec![Change::Data {
+            offset: 7 * MIB,
+            data: Bytes::from(vec![9u8; 512]),
+        }],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(ReplicaDigests::load(&*s, "d").await.unwrap(), None);
+    assert_eq!(digests.verify(&*s, "d").await.unwrap(), [7 * MIB / 65536]);
+    let rebuilt = ReplicaDigests::rebuild(&*s, "d", len, bs).await.unwrap();
+    assert!(rebuilt.verify(&*s, "d").await.unwrap().is_empty());
+    assert_eq!(rebuilt.sequence_number(), 2);
+
+    // Resync a source disk against the stored digests without reading the replica.
+    let mut source = read_all(&*s, "d", len).await;
+    source[3 * MIB as usize..3 * MIB as usize + 10].fill(0xEE);
+    source[6 * MIB as usize..7 * MIB as usize].fill(0);
+    let delta = diff(&source, rebuilt.signature()).unwrap();
+    let changes: Vec<Change> = delta
+        .extents
+        .iter()
+        .map(|e| match e.kind {
+            ExtentKind::Data => Change::Data {
+                offset: e.offset,
+                data: Bytes::copy_from_slice(
+                    &source[e.offset as usize..(e.offset + e.len) as usize],
+                ),
+            },
+            ExtentKind::Zero => Change::Zero {
+                offset: e.offset,
+                len: e.len,
+            },
+        })
+        .collect();
+    assert_eq!(delta.data_bytes(), 65536);
+    w.apply_batch(2, changes, None).await.unwrap();
+    assert_eq!(read_all(&*s, "d", len).await, source);
+}
+
+#[tokio::test]
+async fn azure_store_with_an_account_sas_on_azurite() {
+    let Some((port, _)) = azurite() else { return };
+    let sas = lifeboat_pageblob::account_sas(
+        lifeboat_pageblob::AZURITE_ACCOUNT,
+        lifeboat_pageblob::AZURITE_KEY,
+        "2099-01-01T00:00:00Z",
+    )
+    .unwrap();
+    let url = format!(
+        "http://127.0.0.1:{port}/{}/{}?{sas}",
+        lifeboat_pageblob::AZURITE_ACCOUNT,
+        unique("sas")
+    );
+    let s = lifeboat_pageblob::AzureStore::new(&url, lifeboat_pageblob::Credential::Sas).unwrap();
+    s.ensure_container().await.unwrap();
+    s.create("d", 4 * MIB, 0, &Default::default())
+        .await
+        .unwrap();
+    let w = PageWriter::new(Arc::new(s), "d", WriterConfig::default());
+    w.apply_batch(
+        0,
+        vec![Change::Data {
+            offset: 4096,
+            data: Bytes::from(vec![6u8; 8192]),
+        }],
+        None,
+    )
+    .await
+    .unwrap();
+    // A wrong signature is refused, non-recoverably.
+    let bad = url.replace("sig=", "sig=x");
+    let s = lifeboat_pageblob::AzureStore::new(&bad, lifeboat_pageblob::Credential::Sas).unwrap();
+    let e = s.properties("d").await.unwrap_err();
+    assert_eq!(
+        lifeboat_retry::Classify::class(&e),
+        lifeboat_retry::Class::NonRecoverable,
+        "{e}"
+    );
+}
