@@ -1,0 +1,1145 @@
+//! The coordinator: commands, outcomes and time in; actions and deadlines out.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use lifeboat_retry::{Class, Decision, Retrier};
+use serde::{Deserialize, Serialize};
+
+use crate::model::*;
+
+/// Why a command or an outcome was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpError {
+    /// The operation is not allowed in the item's current state.
+    #[error("{op} is not allowed while {item} is {state:?}{}", test.map(|t| format!(" (test failover: {t:?})")).unwrap_or_default())]
+    NotAllowed {
+        /// The operation.
+        op: &'static str,
+        /// The item.
+        item: ItemId,
+        /// Its protection state.
+        state: ProtectionState,
+        /// Its test-failover state, when that is what forbids the operation.
+        test: Option<TestFailoverState>,
+    },
+    /// No such item.
+    #[error("no protected item {0}")]
+    UnknownItem(ItemId),
+    /// The item is already protected.
+    #[error("{0} is already protected")]
+    AlreadyProtected(ItemId),
+    /// No recovery point fits the choice.
+    #[error("{item} has no recovery point for {choice:?}")]
+    NoRecoveryPoint {
+        /// The item.
+        item: ItemId,
+        /// The choice.
+        choice: PointChoice,
+    },
+    /// The policy or disks are invalid.
+    #[error("invalid protection request: {0}")]
+    Invalid(String),
+    /// An outcome for an action that is not in flight (stale, or already reported).
+    #[error("action {0:?} is not in flight")]
+    UnknownAction(ActionId),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Step {
+    kind: ActionKind,
+    job: Option<JobId>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Item {
+    disks: Vec<u64>,
+    copied: Vec<u64>,
+    policy: ReplicationPolicy,
+    state: ProtectionState,
+    test: TestFailoverState,
+    points: Vec<RecoveryPoint>,
+    resync_reason: Option<ResyncReason>,
+    critical: Option<String>,
+    retrying: Option<String>,
+    retrier: Retrier,
+    retry_at: Option<Duration>,
+    queue: VecDeque<Step>,
+    in_flight: Option<(ActionId, Step)>,
+    next_cycle: u64,
+    cycle_due: Option<Duration>,
+    last_success: Option<Duration>,
+    last_app_consistent: Option<Duration>,
+    failover_point: Option<PointId>,
+    final_delta_applied: bool,
+}
+
+/// The replication brain for any number of protected items. It never performs I/O and
+/// never reads a clock: feed it [`Command`]s, action [`Outcome`]s and the time; take
+/// [`Action`]s from [`Coordinator::poll_action`] and wake it at
+/// [`Coordinator::poll_timeout`]. Its whole state is serialisable, so a restarted driver
+/// deserialises it, calls [`Coordinator::resume`] and carries on.
+///
+/// Per item, one action is in flight at a time; every action is idempotent, so one
+/// re-issued after a crash is safe.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Coordinator {
+    items: BTreeMap<ItemId, Item>,
+    jobs: BTreeMap<JobId, Job>,
+    ready: VecDeque<Action>,
+    next_action: u64,
+    next_job: u64,
+    next_point: u64,
+}
+
+/// A read-only view of a protected item.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemStatus {
+    /// Its protection state.
+    pub state: ProtectionState,
+    /// Its test-failover state.
+    pub test_failover: TestFailoverState,
+    /// Its health.
+    pub health: Health,
+    /// Why.
+    pub causes: Vec<HealthCause>,
+    /// Its recovery points, oldest first.
+    pub points: Vec<RecoveryPoint>,
+    /// Per disk: bytes copied by initial replication, and the disk size.
+    pub initial_copy: Vec<(u64, u64)>,
+    /// The point the current failover uses.
+    pub failover_point: Option<PointId>,
+    /// Delta cycles applied.
+    pub cycles_applied: u64,
+}
+
+fn op_name(c: &Command) -> &'static str {
+    match c {
+        Command::EnableProtection { .. } => "EnableProtection",
+        Command::Resync { .. } => "Resync",
+        Command::TestFailover { .. } => "TestFailover",
+        Command::TestFailoverCleanup { .. } => "TestFailoverCleanup",
+        Command::PlannedFailover { .. } => "PlannedFailover",
+        Command::UnplannedFailover { .. } => "UnplannedFailover",
+        Command::Commit { .. } => "Commit",
+        Command::CancelFailover { .. } => "CancelFailover",
+        Command::RepairReplication { .. } => "RepairReplication",
+    }
+}
+
+fn task_name(kind: &ActionKind) -> String {
+    match kind {
+        ActionKind::StartTracking => "Prerequisites check and change tracking".into(),
+        ActionKind::CopyDiskRange { disk, .. } => format!("Initial replication of disk {disk}"),
+        ActionKind::CloseLogs { .. } => "Close change logs".into(),
+        ActionKind::ApplyLogs { .. } => "Ship and apply change logs".into(),
+        ActionKind::DiscardLogs { .. } => "Discard change logs".into(),
+        ActionKind::ProcessPendingLogs => "Process pending data".into(),
+        ActionKind::ResyncDisk { disk } => format!("Resynchronize disk {disk}"),
+        ActionKind::CreateRecoveryPoint { .. } => "Create recovery point".into(),
+        ActionKind::DeleteRecoveryPoint { .. } => "Delete recovery point".into(),
+        ActionKind::MaterializeDisks {
+            purpose: Purpose::Test,
+            ..
+        } => "Create test disks".into(),
+        ActionKind::MaterializeDisks { .. } => "Create failover disks".into(),
+        ActionKind::DeleteTestDisks => "Delete test disks".into(),
+        ActionKind::ShutDownSource => "Shut down source machine".into(),
+        ActionKind::StartSource => "Start source machine".into(),
+        ActionKind::StartTarget { .. } => "Start recovered machine".into(),
+        ActionKind::StopTarget => "Stop recovered machine".into(),
+    }
+}
+
+impl Coordinator {
+    /// An empty coordinator.
+    pub fn new() -> Self {
+        Coordinator::default()
+    }
+
+    /// Starts an operation at `now`; returns its job.
+    pub fn handle_command(&mut self, now: Duration, cmd: Command) -> Result<JobId, OpError> {
+        let name = cmd.item().to_owned();
+        let op = op_name(&cmd);
+        if let Command::EnableProtection { disks, policy, .. } = &cmd {
+            if self.items.contains_key(&name) {
+                return Err(OpError::AlreadyProtected(name));
+            }
+            if disks.is_empty()
+                || policy.retention.is_zero()
+                || policy.retention > Duration::from_secs(24 * 3600)
+                || policy.copy_chunk == 0
+            {
+                return Err(OpError::Invalid(
+                    "at least one disk, retention in (0, 24 h], copy chunk > 0".into(),
+                ));
+            }
+            self.items.insert(
+                name.clone(),
+                Item {
+                    copied: vec![0; disks.len()],
+                    disks: disks.clone(),
+                    retrier: Retrier::new(policy.retry.clone()),
+                    policy: policy.clone(),
+                    state: ProtectionState::EnablingProtection,
+                    test: TestFailoverState::None,
+                    points: Vec::new(),
+                    resync_reason: None,
+                    critical: None,
+                    retrying: None,
+                    retry_at: None,
+                    queue: VecDeque::new(),
+                    in_flight: None,
+                    next_cycle: 0,
+                    cycle_due: None,
+                    last_success: None,
+                    last_app_consistent: None,
+                    failover_point: None,
+                    final_delta_applied: false,
+                },
+            );
+            let job = self.new_job(now, JobKind::EnableProtection, &name);
+            self.enqueue(&name, job, ActionKind::StartTracking);
+            self.pump(&name, now);
+            return Ok(job);
+        }
+        let item = self
+            .items
+            .get(&name)
+            .ok_or_else(|| OpError::UnknownItem(name.clone()))?;
+        let state = item.state;
+        let deny = |test: Option<TestFailoverState>| OpError::NotAllowed {
+            op,
+            item: name.clone(),
+            state,
+            test,
+        };
+        use ProtectionState as S;
+        let job = match cmd {
+            Command::EnableProtection { .. } => unreachable!("handled above"),
+            Command::Resync { .. } => {
+                if !matches!(state, S::ResyncRequired | S::Protected) {
+                    return Err(deny(None));
+                }
+                if state == S::Protected {
+                    self.item_mut(&name).resync_reason = Some(ResyncReason::Manual);
+                }
+                self.start_resync(now, &name)
+            }
+            Command::TestFailover { point, .. } => {
+                if !matches!(state, S::Protected) {
+                    return Err(deny(None));
+                }
+                if item.test != TestFailoverState::None {
+                    return Err(deny(Some(item.test)));
+                }
+                let p = self.choose(&name, point, false)?;
+                let job = self.new_job(now, JobKind::TestFailover, &name);
+                self.item_mut(&name).test = TestFailoverState::TestFailoverInitiated;
+                self.enqueue(
+                    &name,
+                    job,
+                    ActionKind::MaterializeDisks {
+                        point: p,
+                        purpose: Purpose::Test,
+                    },
+                );
+                job
+            }
+            Command::TestFailoverCleanup { .. } => {
+                if item.test != TestFailoverState::TestFailoverCompleted {
+                    return Err(deny(Some(item.test)));
+                }
+                let job = self.new_job(now, JobKind::TestFailoverCleanup, &name);
+                self.item_mut(&name).test = TestFailoverState::TestFailoverCleanupInitiated;
+                self.enqueue(&name, job, ActionKind::DeleteTestDisks);
+                job
+            }
+            Command::PlannedFailover { .. } => {
+                // Not during resync: the final delta could not make the replica complete.
+                if state != S::Protected {
+                    return Err(deny(None));
+                }
+                let job = self.new_job(now, JobKind::PlannedFailover, &name);
+                let it = self.item_mut(&name);
+                it.state = S::PlannedFailoverInitiated;
+                it.final_delta_applied = false;
+                let cycle = it.next_cycle;
+                self.drop_cycle_steps(&name);
+                self.enqueue(&name, job, ActionKind::ShutDownSource);
+                self.enqueue(&name, job, ActionKind::CloseLogs { cycle });
+                job
+            }
+            Command::UnplannedFailover { point, .. } => {
+                if !matches!(state, S::Protected | S::ResyncRequired | S::Resynchronizing) {
+                    return Err(deny(None));
+                }
+                let chosen = match point {
+                    PointChoice::Latest => None,
+                    other => Some(self.choose(&name, other, true)?),
+                };
+                if chosen.is_none() && self.item(&name).points.is_empty() {
+                    return Err(OpError::NoRecoveryPoint {
+                        item: name,
+                        choice: point,
+                    });
+                }
+                // Unplanned failover cancels a resync and stops delta cycles.
+                self.cancel_jobs(
+                    now,
+                    &name,
+                    &[JobKind::Resynchronize],
+                    "cancelled by unplanned failover",
+                );
+                let job = self.new_job(now, JobKind::UnplannedFailover, &name);
+                let it = self.item_mut(&name);
+                it.state = S::UnplannedFailoverInitiated;
+                it.resync_reason = None;
+                self.drop_cycle_steps(&name);
+                match chosen {
+                    Some(p) => {
+                        self.enqueue(
+                            &name,
+                            job,
+                            ActionKind::MaterializeDisks {
+                                point: p,
+                                purpose: Purpose::Failover,
+                            },
+                        );
+                        self.enqueue(&name, job, ActionKind::StartTarget { point: p });
+                        self.item_mut(&name).failover_point = Some(p);
+                    }
+                    None => {
+                        self.enqueue(&name, job, ActionKind::ProcessPendingLogs);
+                        let point = self.new_point();
+                        self.enqueue(
+                            &name,
+                            job,
+                            ActionKind::CreateRecoveryPoint {
+                                point,
+                                app_consistent: false,
+                            },
+                        );
+                    }
+                }
+                job
+            }
+            Command::Commit { .. } => {
+                if !matches!(
+                    state,
+                    S::PlannedFailoverCompleted | S::UnplannedFailoverCompleted
+                ) {
+                    return Err(deny(None));
+                }
+                let job = self.new_job(now, JobKind::Commit, &name);
+                let it = self.item_mut(&name);
+                it.state = S::CommitFailoverInProgress;
+                let keep = it.failover_point;
+                let others: Vec<PointId> = it
+                    .points
+                    .iter()
+                    .map(|p| p.id)
+                    .filter(|id| Some(*id) != keep)
+                    .collect();
+                for point in others {
+                    self.enqueue(&name, job, ActionKind::DeleteRecoveryPoint { point });
+                }
+                job
+            }
+            Command::CancelFailover { .. } => {
+                if !matches!(
+                    state,
+                    S::PlannedFailoverCompleted | S::UnplannedFailoverCompleted
+                ) {
+                    return Err(deny(None));
+                }
+                let job = self.new_job(now, JobKind::CancelFailover, &name);
+                self.item_mut(&name).state = S::CancelFailoverInProgress;
+                self.enqueue(&name, job, ActionKind::StopTarget);
+                if state == S::PlannedFailoverCompleted {
+                    self.enqueue(&name, job, ActionKind::StartSource);
+                }
+                job
+            }
+            Command::RepairReplication { .. } => {
+                if item.critical.is_none() {
+                    return Err(deny(None));
+                }
+                let job = self.new_job(now, JobKind::RepairReplication, &name);
+                let it = self.item_mut(&name);
+                it.critical = None;
+                it.retrier.succeeded();
+                it.retry_at = None;
+                let suspended: Vec<JobId> = it.queue.iter().filter_map(|s| s.job).collect();
+                for j in suspended {
+                    if let Some(jb) = self.jobs.get_mut(&j)
+                        && jb.state == JobState::Suspended
+                    {
+                        jb.state = JobState::InProgress;
+                    }
+                }
+                self.finish_job(now, job, JobState::Succeeded);
+                job
+            }
+        };
+        self.pump(&name, now);
+        self.complete_empty_job(now, &name, job);
+        Ok(job)
+    }
+
+    /// Reports how action `id` ended, at `now`.
+    pub fn handle_outcome(
+        &mut self,
+        now: Duration,
+        id: ActionId,
+        outcome: Outcome,
+    ) -> Result<(), OpError> {
+        let name = self
+            .items
+            .iter()
+            .find(|(_, it)| it.in_flight.as_ref().is_some_and(|(a, _)| *a == id))
+            .map(|(n, _)| n.clone())
+            .ok_or(OpError::UnknownAction(id))?;
+        let (_, step) = self
+            .item_mut(&name)
+            .in_flight
+            .take()
+            .ok_or(OpError::UnknownAction(id))?;
+        match outcome {
+            Outcome::Failed { class, message } => self.on_failed(now, &name, step, class, message),
+            Outcome::Done => self.on_done(now, &name, step, Vec::new()),
+            Outcome::Logs(logs) => self.on_done(now, &name, step, logs),
+        }
+        self.pump(&name, now);
+        Ok(())
+    }
+
+    /// Wakes the coordinator at `now` (a retry or a delta cycle may be due).
+    pub fn handle_timeout(&mut self, now: Duration) {
+        let names: Vec<ItemId> = self.items.keys().cloned().collect();
+        for n in names {
+            self.pump(&n, now);
+        }
+    }
+
+    /// After restoring a serialised coordinator: re-issues every action that was in
+    /// flight (actions are idempotent) and drops actions the old driver never took.
+    pub fn resume(&mut self, now: Duration) {
+        self.ready.clear();
+        let names: Vec<ItemId> = self.items.keys().cloned().collect();
+        for n in names {
+            if let Some((_, step)) = self.item_mut(&n).in_flight.take() {
+                self.item_mut(&n).queue.push_front(step);
+            }
+            self.pump(&n, now);
+        }
+    }
+
+    /// The next action to perform.
+    #[must_use]
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.ready.pop_front()
+    }
+
+    /// When to call [`Coordinator::handle_timeout`] next.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        self.items
+            .values()
+            .filter(|it| it.in_flight.is_none() && it.critical.is_none())
+            .filter_map(|it| {
+                it.retry_at.or_else(|| {
+                    (it.state == ProtectionState::Protected && it.queue.is_empty())
+                        .then_some(it.cycle_due)
+                        .flatten()
+                })
+            })
+            .min()
+    }
+
+    /// An item's state, health and points at `now`.
+    pub fn status(&self, item: &str, now: Duration) -> Option<ItemStatus> {
+        let it = self.items.get(item)?;
+        let (health, causes) = health(it, now);
+        Some(ItemStatus {
+            state: it.state,
+            test_failover: it.test,
+            health,
+            causes,
+            points: it.points.clone(),
+            initial_copy: it
+                .copied
+                .iter()
+                .copied()
+                .zip(it.disks.iter().copied())
+                .collect(),
+            failover_point: it.failover_point,
+            cycles_applied: it.next_cycle,
+        })
+    }
+
+    /// The protected items.
+    pub fn items(&self) -> impl Iterator<Item = &str> + '_ {
+        self.items.keys().map(String::as_str)
+    }
+
+    /// Every job, oldest first.
+    pub fn jobs(&self) -> impl Iterator<Item = &Job> + '_ {
+        self.jobs.values()
+    }
+
+    /// One job.
+    pub fn job(&self, id: JobId) -> Option<&Job> {
+        self.jobs.get(&id)
+    }
+
+    // ------------------------------------------------------------------ internals
+
+    fn item(&self, name: &str) -> &Item {
+        &self.items[name]
+    }
+
+    fn item_mut(&mut self, name: &str) -> &mut Item {
+        self.items
+            .get_mut(name)
+            .expect("item exists: callers check")
+    }
+
+    fn new_job(&mut self, now: Duration, kind: JobKind, item: &str) -> JobId {
+        self.next_job += 1;
+        let id = JobId(self.next_job);
+        self.jobs.insert(
+            id,
+            Job {
+                id,
+                kind,
+                item: item.to_owned(),
+                state: JobState::InProgress,
+                tasks: Vec::new(),
+                progress_permille: 0,
+                started: now,
+                ended: None,
+                errors: Vec::new(),
+            },
+        );
+        id
+    }
+
+    fn new_point(&mut self) -> PointId {
+        self.next_point += 1;
+        PointId(self.next_point)
+    }
+
+    fn enqueue(&mut self, name: &str, job: JobId, kind: ActionKind) {
+        if let Some(j) = self.jobs.get_mut(&job) {
+            j.tasks.push(Task {
+                name: task_name(&kind),
+                state: JobState::NotStarted,
+            });
+        }
+        self.item_mut(name).queue.push_back(Step {
+            kind,
+            job: Some(job),
+        });
+    }
+
+    fn enqueue_free(&mut self, name: &str, kind: ActionKind) {
+        self.item_mut(name)
+            .queue
+            .push_back(Step { kind, job: None });
+    }
+
+    fn job_has_work(&self, name: &str, job: JobId) -> bool {
+        let it = self.item(name);
+        it.queue.iter().any(|s| s.job == Some(job))
+            || it
+                .in_flight
+                .as_ref()
+                .is_some_and(|(_, s)| s.job == Some(job))
+    }
+
+    fn complete_empty_job(&mut self, now: Duration, name: &str, job: JobId) {
+        if self
+            .jobs
+            .get(&job)
+            .is_some_and(|j| j.state == JobState::InProgress)
+            && !self.job_has_work(name, job)
+        {
+            self.finish_job(now, job, JobState::Succeeded);
+            self.on_job_succeeded(now, name, job);
+        }
+    }
+
+    fn finish_job(&mut self, now: Duration, job: JobId, state: JobState) {
+        if let Some(j) = self.jobs.get_mut(&job) {
+            j.state = state;
+            j.ended = Some(now);
+            if state == JobState::Succeeded {
+                j.progress_permille = 1000;
+            }
+            for t in &mut j.tasks {
+                if !t.state.is_terminal() {
+                    t.state = if state == JobState::Succeeded {
+                        JobState::Succeeded
+                    } else {
+                        JobState::Cancelled
+                    };
+                }
+            }
+        }
+    }
+
+    fn cancel_jobs(&mut self, now: Duration, name: &str, kinds: &[JobKind], why: &str) {
+        let ids: Vec<JobId> = self
+            .jobs
+            .values()
+            .filter(|j| j.item == name && !j.state.is_terminal() && kinds.contains(&j.kind))
+            .map(|j| j.id)
+            .collect();
+        for id in ids {
+            if let Some(j) = self.jobs.get_mut(&id) {
+                j.errors.push(why.to_owned());
+            }
+            self.finish_job(now, id, JobState::Cancelled);
+            let it = self.item_mut(name);
+            let front = it.queue.front().cloned();
+            it.queue.retain(|s| s.job != Some(id));
+            if front.is_some_and(|f| f.job == Some(id)) {
+                // The step waiting for a retry is gone: so is its retry.
+                it.retry_at = None;
+                it.retrying = None;
+                it.retrier.succeeded();
+            }
+        }
+    }
+
+    /// Drops queued delta-cycle steps (a resync or failover supersedes them); keeps
+    /// clean-up steps (discarding logs, deleting points, restarting the source).
+    fn drop_cycle_steps(&mut self, name: &str) {
+        self.item_mut(name).queue.retain(|s| {
+            s.job.is_some()
+                || !matches!(
+                    s.kind,
+                    ActionKind::CloseLogs { .. }
+                        | ActionKind::ApplyLogs { .. }
+                        | ActionKind::CreateRecoveryPoint { .. }
+                )
+        });
+    }
+
+    fn start_resync(&mut self, now: Duration, name: &str) -> JobId {
+        let job = self.new_job(now, JobKind::Resynchronize, name);
+        self.item_mut(name).state = ProtectionState::Resynchronizing;
+        self.drop_cycle_steps(name);
+        let disks = self.item(name).disks.len();
+        // Tracking restarts first, so writes during the compare are caught by new logs.
+        self.enqueue(name, job, ActionKind::StartTracking);
+        for disk in 0..disks {
+            self.enqueue(name, job, ActionKind::ResyncDisk { disk });
+        }
+        let cycle = self.item(name).next_cycle;
+        self.enqueue(name, job, ActionKind::CloseLogs { cycle });
+        job
+    }
+
+    fn require_resync(&mut self, now: Duration, name: &str, reason: ResyncReason) {
+        let it = self.item_mut(name);
+        it.state = ProtectionState::ResyncRequired;
+        it.resync_reason = Some(reason);
+        it.cycle_due = None;
+        if it.policy.auto_resync {
+            self.start_resync(now, name);
+        }
+    }
+
+    /// Emits the next step of `name` if nothing is in flight and nothing waits.
+    fn pump(&mut self, name: &str, now: Duration) {
+        let it = self.item_mut(name);
+        if it.in_flight.is_some() || it.critical.is_some() {
+            return;
+        }
+        if let Some(at) = it.retry_at {
+            if now < at {
+                return;
+            }
+            it.retry_at = None;
+        }
+        if it.queue.is_empty()
+            && it.state == ProtectionState::Protected
+            && it.cycle_due.is_some_and(|due| due <= now)
+        {
+            let cycle = it.next_cycle;
+            it.cycle_due = None;
+            self.enqueue_free(name, ActionKind::CloseLogs { cycle });
+        }
+        let it = self.item_mut(name);
+        let Some(step) = it.queue.pop_front() else {
+            return;
+        };
+        self.next_action += 1;
+        let id = ActionId(self.next_action);
+        if let Some(j) = step.job.and_then(|j| self.jobs.get_mut(&j)) {
+            let task_name = task_name(&step.kind);
+            if let Some(t) = j
+                .tasks
+                .iter_mut()
+                .find(|t| t.name == task_name && !t.state.is_terminal())
+            {
+                t.state = JobState::InProgress;
+            }
+        }
+        self.ready.push_back(Action {
+            id,
+            item: name.to_owned(),
+            job: step.job,
+            kind: step.kind.clone(),
+        });
+        self.item_mut(name).in_flight = Some((id, step));
+    }
+
+    fn on_failed(&mut self, now: Duration, name: &str, step: Step, class: Class, message: String) {
+        let what = format!("{}: {message}", task_name(&step.kind));
+        if step
+            .job
+            .and_then(|j| self.jobs.get(&j))
+            .is_some_and(|j| j.state.is_terminal())
+        {
+            // The last action of a cancelled job: nothing to retry, nobody to alarm.
+            return;
+        }
+        if let Some(j) = step.job.and_then(|j| self.jobs.get_mut(&j)) {
+            j.errors.push(what.clone());
+        }
+        let it = self.item_mut(name);
+        it.queue.push_front(step.clone());
+        match it.retrier.next_delay(now, &class) {
+            Decision::Retry { at, .. } => {
+                it.retry_at = Some(at);
+                it.retrying = Some(what);
+            }
+            Decision::Stop(_) => {
+                // Non-recoverable (or out of budget): Critical until an administrator acts.
+                it.critical = Some(what);
+                it.retrying = None;
+                if let Some(j) = step.job.and_then(|j| self.jobs.get_mut(&j)) {
+                    j.state = JobState::Suspended;
+                }
+            }
+        }
+    }
+
+    fn on_done(&mut self, now: Duration, name: &str, step: Step, logs: Vec<LogReport>) {
+        let it = self.item_mut(name);
+        it.retrier.succeeded();
+        it.retrying = None;
+        let job_kind = step
+            .job
+            .and_then(|j| self.jobs.get(&j))
+            .map(|j| (j.kind, j.state));
+        if let Some((_, state)) = job_kind
+            && state.is_terminal()
+        {
+            return; // a cancelled job's last action: nothing follows from it
+        }
+        if let Some(j) = step.job.and_then(|j| self.jobs.get_mut(&j)) {
+            let task_name = task_name(&step.kind);
+            if let Some(t) = j
+                .tasks
+                .iter_mut()
+                .find(|t| t.name == task_name && t.state == JobState::InProgress)
+            {
+                t.state = JobState::Succeeded;
+            }
+        }
+        let free = step.job.is_none();
+        match step.kind {
+            ActionKind::StartTracking => {
+                let it = self.item_mut(name);
+                if it.state == ProtectionState::EnablingProtection {
+                    it.state = ProtectionState::InitialReplicationInProgress;
+                    self.next_copy(name, step.job);
+                }
+            }
+            ActionKind::CopyDiskRange { disk, offset, len } => {
+                let it = self.item_mut(name);
+                it.copied[disk] = it.copied[disk].max(offset + len);
+                let (done, total): (u64, u64) = (it.copied.iter().sum(), it.disks.iter().sum());
+                if let Some(j) = step.job.and_then(|j| self.jobs.get_mut(&j)) {
+                    j.progress_permille = (done.saturating_mul(900) / total.max(1)) as u32;
+                }
+                self.next_copy(name, step.job);
+            }
+            ActionKind::CloseLogs { cycle } => {
+                if free && self.item(name).state != ProtectionState::Protected {
+                    return;
+                }
+                // Reports for disks the item does not have are the driver's mistake: ignored.
+                let trigger = logs.iter().find_map(|l| {
+                    let size = *self.item(name).disks.get(l.disk)?;
+                    if !l.closed_cleanly {
+                        Some(ResyncReason::LogNotClosedCleanly { disk: l.disk })
+                    } else if !l.write_guid_matches {
+                        Some(ResyncReason::OfflineChange { disk: l.disk })
+                    } else if l.log_bytes.saturating_mul(2) >= size && l.log_bytes > 0 {
+                        Some(ResyncReason::LogOverHalfDisk {
+                            disk: l.disk,
+                            log_bytes: l.log_bytes,
+                            disk_bytes: size,
+                        })
+                    } else {
+                        None
+                    }
+                });
+                match trigger {
+                    None => match step.job {
+                        Some(j) => self.enqueue(name, j, ActionKind::ApplyLogs { cycle }),
+                        None => self.enqueue_free(name, ActionKind::ApplyLogs { cycle }),
+                    },
+                    Some(reason) if job_kind.is_some_and(|(k, _)| k == JobKind::Resynchronize) => {
+                        // The resync's own logs need another pass: run it again after a
+                        // back-off on the retry schedule, within the same job.
+                        let j = step.job.expect("a job kind implies a job");
+                        if let Some(jb) = self.jobs.get_mut(&j) {
+                            jb.errors.push(format!("resync required again: {reason:?}"));
+                        }
+                        self.enqueue_free(name, ActionKind::DiscardLogs { cycle });
+                        let disks = self.item(name).disks.len();
+                        self.item_mut(name).next_cycle = cycle + 1;
+                        self.enqueue(name, j, ActionKind::StartTracking);
+                        for disk in 0..disks {
+                            self.enqueue(name, j, ActionKind::ResyncDisk { disk });
+                        }
+                        self.enqueue(name, j, ActionKind::CloseLogs { cycle: cycle + 1 });
+                        let it = self.item_mut(name);
+                        if let Decision::Retry { at, .. } =
+                            it.retrier.next_delay(now, &Class::Recoverable)
+                        {
+                            it.retry_at = Some(at);
+                            it.retrying = Some(format!("resync required again: {reason:?}"));
+                        }
+                        it.resync_reason = Some(reason);
+                        return;
+                    }
+                    Some(reason) => {
+                        self.enqueue_free(name, ActionKind::DiscardLogs { cycle });
+                        if let Some(j) = step.job {
+                            if let Some(jb) = self.jobs.get_mut(&j) {
+                                jb.errors.push(format!("resync required: {reason:?}"));
+                                if jb.kind == JobKind::PlannedFailover {
+                                    // Zero loss is impossible now: restart the source, then resync.
+                                    self.enqueue_free(name, ActionKind::StartSource);
+                                }
+                            }
+                            self.finish_job(now, j, JobState::Failed);
+                            self.item_mut(name).queue.retain(|s| s.job != Some(j));
+                        }
+                        self.item_mut(name).next_cycle = cycle + 1;
+                        self.require_resync(now, name, reason);
+                        return;
+                    }
+                }
+            }
+            ActionKind::ApplyLogs { cycle } => {
+                let it = self.item_mut(name);
+                it.next_cycle = it.next_cycle.max(cycle + 1);
+                if it.state == ProtectionState::PlannedFailoverInitiated {
+                    it.final_delta_applied = true;
+                }
+                if free && it.state != ProtectionState::Protected {
+                    return;
+                }
+                let app = it.policy.app_consistent_every.is_some_and(|every| {
+                    it.last_app_consistent
+                        .is_none_or(|last| now.saturating_sub(last) >= every)
+                });
+                let point = self.new_point();
+                match step.job {
+                    Some(j) => self.enqueue(
+                        name,
+                        j,
+                        ActionKind::CreateRecoveryPoint {
+                            point,
+                            app_consistent: app,
+                        },
+                    ),
+                    None => self.enqueue_free(
+                        name,
+                        ActionKind::CreateRecoveryPoint {
+                            point,
+                            app_consistent: app,
+                        },
+                    ),
+                }
+            }
+            ActionKind::DiscardLogs { .. }
+            | ActionKind::ResyncDisk { .. }
+            | ActionKind::ProcessPendingLogs => {}
+            ActionKind::CreateRecoveryPoint {
+                point,
+                app_consistent,
+            } => {
+                let it = self.item_mut(name);
+                it.points.push(RecoveryPoint {
+                    id: point,
+                    time: now,
+                    app_consistent,
+                });
+                if app_consistent {
+                    it.last_app_consistent = Some(now);
+                }
+                it.last_success = Some(now);
+                if it.state == ProtectionState::Protected {
+                    it.cycle_due = Some(now + it.policy.copy_frequency.interval());
+                    self.prune(now, name);
+                }
+                if let Some((kind, _)) = job_kind
+                    && matches!(kind, JobKind::PlannedFailover | JobKind::UnplannedFailover)
+                    && let Some(j) = step.job
+                {
+                    self.item_mut(name).failover_point = Some(point);
+                    self.enqueue(
+                        name,
+                        j,
+                        ActionKind::MaterializeDisks {
+                            point,
+                            purpose: Purpose::Failover,
+                        },
+                    );
+                    self.enqueue(name, j, ActionKind::StartTarget { point });
+                }
+            }
+            ActionKind::DeleteRecoveryPoint { point } => {
+                self.item_mut(name).points.retain(|p| p.id != point);
+            }
+            ActionKind::MaterializeDisks { .. }
+            | ActionKind::DeleteTestDisks
+            | ActionKind::ShutDownSource
+            | ActionKind::StartSource
+            | ActionKind::StartTarget { .. }
+            | ActionKind::StopTarget => {}
+        }
+        if let Some(j) = step.job {
+            self.complete_empty_job(now, name, j);
+        }
+    }
+
+    fn next_copy(&mut self, name: &str, job: Option<JobId>) {
+        let it = self.item(name);
+        let next = (0..it.disks.len()).find(|&d| it.copied[d] < it.disks[d]);
+        let kind = match next {
+            Some(disk) => ActionKind::CopyDiskRange {
+                disk,
+                offset: it.copied[disk],
+                len: it.policy.copy_chunk.min(it.disks[disk] - it.copied[disk]),
+            },
+            None => ActionKind::CloseLogs {
+                cycle: it.next_cycle,
+            },
+        };
+        match job {
+            Some(j) => self.enqueue(name, j, kind),
+            None => self.enqueue_free(name, kind),
+        }
+    }
+
+    /// Deletes points past retention, always keeping the newest and the failover point.
+    fn prune(&mut self, now: Duration, name: &str) {
+        let it = self.item(name);
+        let cutoff = now.saturating_sub(it.policy.retention);
+        let newest = it.points.last().map(|p| p.id);
+        let queued: Vec<PointId> = it
+            .queue
+            .iter()
+            .filter_map(|s| match s.kind {
+                ActionKind::DeleteRecoveryPoint { point } => Some(point),
+                _ => None,
+            })
+            .collect();
+        let old: Vec<PointId> = it
+            .points
+            .iter()
+            .filter(|p| {
+                p.time < cutoff
+                    && Some(p.id) != newest
+                    && Some(p.id) != it.failover_point
+                    && !queued.contains(&p.id)
+            })
+            .map(|p| p.id)
+            .collect();
+        for point in old {
+            self.enqueue_free(name, ActionKind::DeleteRecoveryPoint { point });
+        }
+    }
+
+    fn on_job_succeeded(&mut self, now: Duration, name: &str, job: JobId) {
+        use ProtectionState as S;
+        let kind = self.jobs[&job].kind;
+        let it = self.item_mut(name);
+        match kind {
+            JobKind::EnableProtection | JobKind::Resynchronize => {
+                it.state = S::Protected;
+                it.resync_reason = None;
+                it.cycle_due = Some(now + it.policy.copy_frequency.interval());
+                self.prune(now, name);
+            }
+            JobKind::TestFailover => it.test = TestFailoverState::TestFailoverCompleted,
+            JobKind::TestFailoverCleanup => it.test = TestFailoverState::None,
+            JobKind::PlannedFailover => it.state = S::PlannedFailoverCompleted,
+            JobKind::UnplannedFailover => it.state = S::UnplannedFailoverCompleted,
+            JobKind::Commit => it.state = S::FailoverCommitted,
+            JobKind::CancelFailover => {
+                it.state = S::Protected;
+                it.failover_point = None;
+                it.cycle_due = Some(now);
+            }
+            JobKind::RepairReplication => {}
+        }
+    }
+
+    /// Points with a delete queued or in flight: no longer choosable.
+    fn deleting(&self, name: &str) -> Vec<PointId> {
+        let it = self.item(name);
+        it.queue
+            .iter()
+            .chain(it.in_flight.as_ref().map(|(_, s)| s))
+            .filter_map(|s| match s.kind {
+                ActionKind::DeleteRecoveryPoint { point } => Some(point),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn choose(&self, name: &str, choice: PointChoice, _failover: bool) -> Result<PointId, OpError> {
+        let deleting = self.deleting(name);
+        let live: Vec<&RecoveryPoint> = self
+            .item(name)
+            .points
+            .iter()
+            .filter(|p| !deleting.contains(&p.id))
+            .collect();
+        let found = match choice {
+            PointChoice::Latest | PointChoice::LatestProcessed => live.last().copied(),
+            PointChoice::LatestAppConsistent => {
+                live.iter().rev().find(|p| p.app_consistent).copied()
+            }
+            PointChoice::Id(id) => live.iter().find(|p| p.id == id).copied(),
+        };
+        found.map(|p| p.id).ok_or_else(|| OpError::NoRecoveryPoint {
+            item: name.to_owned(),
+            choice,
+        })
+    }
+}
+
+fn health(it: &Item, now: Duration) -> (Health, Vec<HealthCause>) {
+    use ProtectionState as S;
+    let mut causes = Vec::new();
+    let mut h = Health::Normal;
+    if let Some(m) = &it.critical {
+        causes.push(HealthCause::NonRecoverableError { message: m.clone() });
+        h = Health::Critical;
+    }
+    if let Some(r) = &it.resync_reason
+        && matches!(it.state, S::ResyncRequired | S::Resynchronizing)
+    {
+        causes.push(HealthCause::ResyncRequired(r.clone()));
+        h = h.max(if it.state == S::ResyncRequired {
+            Health::Critical
+        } else {
+            Health::Warning
+        });
+    }
+    if let Some(m) = &it.retrying {
+        causes.push(HealthCause::Retrying {
+            message: m.clone(),
+            retries: it.retrier.retries(),
+        });
+        h = h.max(Health::Warning);
+    }
+    if matches!(
+        it.state,
+        S::EnablingProtection | S::InitialReplicationInProgress
+    ) {
+        causes.push(HealthCause::InitialReplicationIncomplete);
+        h = h.max(Health::Warning);
+    }
+    if it.state == S::Protected
+        && let Some(last) = it.last_success
+        && now.saturating_sub(last) > it.policy.rpo_warning
+    {
+        causes.push(HealthCause::RpoExceeded { since: now - last });
+        h = h.max(Health::Warning);
+    }
+    if matches!(
+        it.state,
+        S::PlannedFailoverCompleted | S::UnplannedFailoverCompleted
+    ) {
+        causes.push(HealthCause::FailoverNotCommitted);
+        h = h.max(Health::Warning);
+    }
+    (h, causes)
+}
+
+#[doc(hidden)]
+impl Coordinator {
+    /// Checks the invariants the crate documents; returns the first broken one.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        use ProtectionState as S;
+        for (name, it) in &self.items {
+            let failovers = self
+                .jobs
+                .values()
+                .filter(|j| &j.item == name && !j.state.is_terminal())
+                .filter(|j| {
+                    matches!(
+                        j.kind,
+                        JobKind::PlannedFailover | JobKind::UnplannedFailover
+                    )
+                })
+                .count();
+            if failovers > 1 {
+                return Err(format!("{name}: {failovers} failovers in progress"));
+            }
+            if it.state == S::FailoverCommitted
+                && (it.points.len() != 1 || Some(it.points[0].id) != it.failover_point)
+            {
+                return Err(format!("{name}: committed with points {:?}", it.points));
+            }
+            if it.state == S::PlannedFailoverCompleted && !it.final_delta_applied {
+                return Err(format!(
+                    "{name}: planned failover completed without the final delta"
+                ));
+            }
+            if it
+                .points
+                .windows(2)
+                .any(|w| w[0].id >= w[1].id || w[0].time > w[1].time)
+            {
+                return Err(format!("{name}: points out of order {:?}", it.points));
+            }
+            if it.copied.iter().zip(&it.disks).any(|(c, d)| c > d) {
+                return Err(format!("{name}: copied past a disk's end"));
+            }
+        }
+        for j in self.jobs.values() {
+            if j.state.is_terminal() {
+                continue;
+            }
+            let it = &self.items[&j.item];
+            let has_work = it.queue.iter().any(|s| s.job == Some(j.id))
+                || it
+                    .in_flight
+                    .as_ref()
+                    .is_some_and(|(_, s)| s.job == Some(j.id));
+            let resumable = j.state == JobState::Suspended && it.critical.is_some();
+            if !(has_work || resumable) {
+                return Err(format!(
+                    "job {:?} ({:?}) is stuck: neither terminal, working nor resumable",
+                    j.id, j.kind
+                ));
+            }
+        }
+        Ok(())
+    }
+}

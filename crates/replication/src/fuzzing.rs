@@ -1,0 +1,140 @@
+//! The model-based checks shared by the property tests and the fuzz target. Not a stable API.
+
+use std::time::Duration;
+
+use lifeboat_retry::Class;
+
+use crate::*;
+
+const MIB: u64 = 1 << 20;
+
+/// One step of a model-based run.
+#[derive(Clone, Debug)]
+pub enum Op {
+    /// Issue command `.0` with parameter `.1`.
+    Command(u8, u8),
+    /// Answer one outstanding action (chosen and shaped by the byte).
+    Answer(u8),
+    /// Let minutes pass.
+    Advance(u16),
+    /// Crash: persist, restore, resume.
+    Crash,
+}
+
+/// A command built from two bytes.
+pub fn command(c: u8, p: u8, points: &[RecoveryPoint]) -> Command {
+    let item = if p.is_multiple_of(5) { "vm2" } else { "vm" }.to_string();
+    let point = match p % 4 {
+        0 => PointChoice::Latest,
+        1 => PointChoice::LatestProcessed,
+        2 => PointChoice::LatestAppConsistent,
+        _ => PointChoice::Id(
+            points
+                .get(p as usize % points.len().max(1))
+                .map_or(PointId(999), |x| x.id),
+        ),
+    };
+    match c {
+        0 => Command::EnableProtection {
+            item,
+            disks: vec![MIB + u64::from(p) * 512, MIB],
+            policy: ReplicationPolicy {
+                copy_chunk: MIB / 2,
+                ..ReplicationPolicy::default()
+            },
+        },
+        1 => Command::Resync { item },
+        2 => Command::TestFailover { item, point },
+        3 => Command::TestFailoverCleanup { item },
+        4 => Command::PlannedFailover { item },
+        5 => Command::UnplannedFailover { item, point },
+        6 => Command::Commit { item },
+        7 => Command::CancelFailover { item },
+        _ => Command::RepairReplication { item },
+    }
+}
+
+/// Applies one step; `persist` stands for saving and restoring the state across a crash.
+pub fn apply_op(
+    c: &mut Coordinator,
+    now: &mut Duration,
+    pending: &mut Vec<Action>,
+    op: Op,
+    persist: &dyn Fn(&Coordinator) -> Result<Coordinator, String>,
+) -> Result<(), String> {
+    match op {
+        Op::Command(k, p) => {
+            let points = c.status("vm", *now).map(|s| s.points).unwrap_or_default();
+            let cmd = command(k, p, &points);
+            if let Err(e) = c.handle_command(*now, cmd)
+                && let OpError::NotAllowed { state, .. } = &e
+                && !e.to_string().contains(&format!("{state:?}"))
+            {
+                return Err(format!("refusal does not name the state: {e}"));
+            }
+        }
+        Op::Answer(x) => {
+            while let Some(a) = c.poll_action() {
+                pending.push(a);
+            }
+            if !pending.is_empty() {
+                let a = pending.remove(x as usize % pending.len());
+                let outcome = match x % 7 {
+                    0 => Outcome::Failed {
+                        class: Class::Recoverable,
+                        message: "flaky".into(),
+                    },
+                    1 if x % 3 == 0 => Outcome::Failed {
+                        class: Class::NonRecoverable,
+                        message: "denied".into(),
+                    },
+                    _ => match a.kind {
+                        ActionKind::CloseLogs { .. } => Outcome::Logs(vec![LogReport {
+                            disk: 0,
+                            log_bytes: if x % 11 == 0 { MIB } else { 4096 },
+                            closed_cleanly: x % 13 != 0,
+                            write_guid_matches: x % 17 != 0,
+                        }]),
+                        _ => Outcome::Done,
+                    },
+                };
+                // Stale ids (after a crash) are refused, never applied.
+                let _ = c.handle_outcome(*now, a.id, outcome);
+            }
+        }
+        Op::Advance(mins) => {
+            *now += Duration::from_secs(u64::from(mins) * 60);
+            c.handle_timeout(*now);
+        }
+        Op::Crash => {
+            *c = persist(c)?;
+            pending.clear();
+            c.resume(*now);
+        }
+    }
+    Ok(())
+}
+
+/// Runs byte-encoded steps from a fresh coordinator with one protected item, checking
+/// the invariants after every step.
+pub fn run_ops(
+    ops: &[(u8, u8, u8)],
+    persist: &dyn Fn(&Coordinator) -> Result<Coordinator, String>,
+) -> Result<(), String> {
+    let mut c = Coordinator::new();
+    let mut now = Duration::ZERO;
+    let mut pending: Vec<Action> = Vec::new();
+    c.handle_command(now, command(0, 1, &[]))
+        .map_err(|e| e.to_string())?;
+    for &(kind, a, b) in ops {
+        let op = match kind % 12 {
+            0..=2 => Op::Command(a % 9, b),
+            3..=8 => Op::Answer(a),
+            9..=10 => Op::Advance(u16::from(a) * 7 + 1),
+            _ => Op::Crash,
+        };
+        apply_op(&mut c, &mut now, &mut pending, op, persist)?;
+        c.check_invariants()?;
+    }
+    Ok(())
+}

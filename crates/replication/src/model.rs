@@ -1,0 +1,494 @@
+//! The vocabulary: items, policies, states, health, recovery points, jobs, actions.
+
+use std::time::Duration;
+
+use lifeboat_retry::Class;
+use serde::{Deserialize, Serialize};
+
+/// A protected item's name (a machine).
+pub type ItemId = String;
+
+/// A recovery point's id, unique per coordinator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PointId(pub u64);
+
+/// A job's id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct JobId(pub u64);
+
+/// An action's id: report its outcome with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ActionId(pub u64);
+
+/// How often a delta cycle ships the change log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CopyFrequency {
+    /// Every 30 seconds.
+    Seconds30,
+    /// Every 5 minutes (the default).
+    Minutes5,
+    /// Every 15 minutes.
+    Minutes15,
+}
+
+impl CopyFrequency {
+    /// The interval.
+    pub fn interval(self) -> Duration {
+        Duration::from_secs(match self {
+            CopyFrequency::Seconds30 => 30,
+            CopyFrequency::Minutes5 => 300,
+            CopyFrequency::Minutes15 => 900,
+        })
+    }
+}
+
+/// A replication policy. [`Default`]: 5-minute copies, 24 h of recovery points, an
+/// app-consistent point every hour, automatic resync, the Hyper-V retry schedule.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicationPolicy {
+    /// Delta cycle interval.
+    pub copy_frequency: CopyFrequency,
+    /// How long recovery points are kept (at most 24 h).
+    pub retention: Duration,
+    /// Tag a cycle's point app-consistent at most this often; `None` for never.
+    pub app_consistent_every: Option<Duration>,
+    /// Start a resync by itself when one is required (otherwise wait for the command).
+    pub auto_resync: bool,
+    /// Retries of recoverable failures.
+    pub retry: lifeboat_retry::Policy,
+    /// Bytes per initial-replication copy action.
+    pub copy_chunk: u64,
+    /// Health turns Warning when no cycle succeeded for this long.
+    pub rpo_warning: Duration,
+}
+
+impl Default for ReplicationPolicy {
+    fn default() -> Self {
+        ReplicationPolicy {
+            copy_frequency: CopyFrequency::Minutes5,
+            retention: Duration::from_secs(24 * 3600),
+            app_consistent_every: Some(Duration::from_secs(3600)),
+            auto_resync: true,
+            retry: lifeboat_retry::Policy::default(),
+            copy_chunk: 64 << 20,
+            rpo_warning: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Where a protected item is in its lifecycle (names after Azure Site Recovery's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ProtectionState {
+    /// Prerequisite checks and change tracking being set up.
+    EnablingProtection,
+    /// Disks being copied, one at a time, while writes are tracked.
+    InitialReplicationInProgress,
+    /// Replicating by delta cycles.
+    Protected,
+    /// Deltas cannot continue (see the item's resync reason).
+    ResyncRequired,
+    /// A resync is running.
+    Resynchronizing,
+    /// Planned failover running (source shut down, final delta, target started).
+    PlannedFailoverInitiated,
+    /// Planned failover done, not committed.
+    PlannedFailoverCompleted,
+    /// Unplanned failover running.
+    UnplannedFailoverInitiated,
+    /// Unplanned failover done, not committed.
+    UnplannedFailoverCompleted,
+    /// Commit running (other recovery points being deleted).
+    CommitFailoverInProgress,
+    /// Failover committed: the item runs at the recovery site on one recovery point.
+    FailoverCommitted,
+    /// Cancel running (target stopped, source restarted).
+    CancelFailoverInProgress,
+}
+
+/// Test failover state, beside the protection state (test failover does not disturb
+/// replication).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TestFailoverState {
+    /// No test failover.
+    None,
+    /// Test disks being materialised.
+    TestFailoverInitiated,
+    /// Test disks exist.
+    TestFailoverCompleted,
+    /// Test disks being deleted.
+    TestFailoverCleanupInitiated,
+}
+
+/// Why a resync is required.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ResyncReason {
+    /// A disk's pending log reached half of the disk's size.
+    LogOverHalfDisk {
+        /// The disk.
+        disk: usize,
+        /// The log's size.
+        log_bytes: u64,
+        /// The disk's size.
+        disk_bytes: u64,
+    },
+    /// A log was not closed cleanly.
+    LogNotClosedCleanly {
+        /// The disk.
+        disk: usize,
+    },
+    /// The disk changed while tracking was off (its data-write GUID changed).
+    OfflineChange {
+        /// The disk.
+        disk: usize,
+    },
+    /// An administrator asked for it.
+    Manual,
+}
+
+/// What a closed log says, reported by the driver for each disk of a cycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogReport {
+    /// The disk.
+    pub disk: usize,
+    /// Bytes of change the log holds.
+    pub log_bytes: u64,
+    /// Whether the log was closed cleanly (HRL EOLLocation set).
+    pub closed_cleanly: bool,
+    /// Whether the disk's data-write GUID matches the one tracking started with.
+    pub write_guid_matches: bool,
+}
+
+/// Normal, Warning or Critical.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Health {
+    /// All well.
+    Normal,
+    /// Needs attention soon.
+    Warning,
+    /// Replication is not protecting the item.
+    Critical,
+}
+
+/// Why health is what it is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum HealthCause {
+    /// A non-recoverable error stopped replication; an administrator must act.
+    NonRecoverableError {
+        /// What failed.
+        message: String,
+    },
+    /// A recoverable error is being retried.
+    Retrying {
+        /// What failed.
+        message: String,
+        /// Retries so far.
+        retries: u32,
+    },
+    /// A resync is required.
+    ResyncRequired(ResyncReason),
+    /// Initial replication has not completed.
+    InitialReplicationIncomplete,
+    /// No delta cycle succeeded for longer than the policy's RPO warning.
+    RpoExceeded {
+        /// Time since the last successful cycle.
+        since: Duration,
+    },
+    /// A failover is done but not committed.
+    FailoverNotCommitted,
+}
+
+/// A recovery point: the state of every disk of the item at one time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryPoint {
+    /// Its id.
+    pub id: PointId,
+    /// When it was made.
+    pub time: Duration,
+    /// Whether it is application-consistent.
+    pub app_consistent: bool,
+}
+
+/// Which point a failover uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PointChoice {
+    /// Process what has been shipped but not applied, then use the newest point (lowest RPO).
+    Latest,
+    /// The newest point already processed (lowest RTO).
+    LatestProcessed,
+    /// The newest app-consistent point.
+    LatestAppConsistent,
+    /// A chosen point.
+    Id(PointId),
+}
+
+/// Why disks are materialised from a point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Purpose {
+    /// Test failover: disposable disks, replication untouched.
+    Test,
+    /// Failover: the disks the recovered machine runs on.
+    Failover,
+}
+
+/// Something the driver must do, then report with [`Outcome`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ActionKind {
+    /// Check prerequisites and start change tracking on every disk.
+    StartTracking,
+    /// Copy a range of a disk from the point-in-time source to the replica.
+    CopyDiskRange {
+        /// The disk.
+        disk: usize,
+        /// Start.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+    /// Close the current logs and report them ([`Outcome::Logs`]); start new ones.
+    CloseLogs {
+        /// The cycle.
+        cycle: u64,
+    },
+    /// Ship and apply the logs closed for `cycle`, exactly once.
+    ApplyLogs {
+        /// The cycle.
+        cycle: u64,
+    },
+    /// Discard the logs closed for `cycle` (a resync will cover them).
+    DiscardLogs {
+        /// The cycle.
+        cycle: u64,
+    },
+    /// Apply whatever was shipped and not yet applied (failover to the latest point).
+    ProcessPendingLogs,
+    /// Fixed-block resync of one disk (only differing blocks sent).
+    ResyncDisk {
+        /// The disk.
+        disk: usize,
+    },
+    /// Snapshot every disk of the replica as a recovery point.
+    CreateRecoveryPoint {
+        /// Its id.
+        point: PointId,
+        /// Whether the guest was quiesced for it.
+        app_consistent: bool,
+    },
+    /// Delete a recovery point.
+    DeleteRecoveryPoint {
+        /// Its id.
+        point: PointId,
+    },
+    /// Create disks from a point without touching the replica.
+    MaterializeDisks {
+        /// The point.
+        point: PointId,
+        /// Test or real.
+        purpose: Purpose,
+    },
+    /// Delete test-failover disks.
+    DeleteTestDisks,
+    /// Shut the source machine down.
+    ShutDownSource,
+    /// Start the source machine.
+    StartSource,
+    /// Start the machine at the recovery site on the failover disks.
+    StartTarget {
+        /// The point its disks came from.
+        point: PointId,
+    },
+    /// Stop the machine at the recovery site.
+    StopTarget,
+}
+
+/// An action with its id, item and job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Action {
+    /// Report the outcome with this id.
+    pub id: ActionId,
+    /// The item.
+    pub item: ItemId,
+    /// The job it belongs to, if any (delta cycles belong to none).
+    pub job: Option<JobId>,
+    /// What to do.
+    pub kind: ActionKind,
+}
+
+/// How an action ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// It succeeded.
+    Done,
+    /// [`ActionKind::CloseLogs`] succeeded with these logs.
+    Logs(Vec<LogReport>),
+    /// It failed.
+    Failed {
+        /// Recoverable or not.
+        class: Class,
+        /// What happened.
+        message: String,
+    },
+}
+
+/// An operation an administrator (or a recovery plan) asks for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Command {
+    /// Protect a machine with disks of these sizes.
+    EnableProtection {
+        /// The item.
+        item: ItemId,
+        /// Disk sizes in bytes.
+        disks: Vec<u64>,
+        /// The policy.
+        policy: ReplicationPolicy,
+    },
+    /// Start a resync now.
+    Resync {
+        /// The item.
+        item: ItemId,
+    },
+    /// Materialise test disks from a point.
+    TestFailover {
+        /// The item.
+        item: ItemId,
+        /// Which point.
+        point: PointChoice,
+    },
+    /// Delete the test disks.
+    TestFailoverCleanup {
+        /// The item.
+        item: ItemId,
+    },
+    /// Shut the source down, apply the final delta, fail over with zero loss.
+    PlannedFailover {
+        /// The item.
+        item: ItemId,
+    },
+    /// Fail over to a point without the source.
+    UnplannedFailover {
+        /// The item.
+        item: ItemId,
+        /// Which point.
+        point: PointChoice,
+    },
+    /// Keep the failover: delete every other point.
+    Commit {
+        /// The item.
+        item: ItemId,
+    },
+    /// Undo an uncommitted failover: stop the target, restart the source, resume.
+    CancelFailover {
+        /// The item.
+        item: ItemId,
+    },
+    /// An administrator fixed the cause of a non-recoverable error: try again.
+    RepairReplication {
+        /// The item.
+        item: ItemId,
+    },
+}
+
+impl Command {
+    /// The item the command is for.
+    pub fn item(&self) -> &str {
+        match self {
+            Command::EnableProtection { item, .. }
+            | Command::Resync { item }
+            | Command::TestFailover { item, .. }
+            | Command::TestFailoverCleanup { item }
+            | Command::PlannedFailover { item }
+            | Command::UnplannedFailover { item, .. }
+            | Command::Commit { item }
+            | Command::CancelFailover { item }
+            | Command::RepairReplication { item } => item,
+        }
+    }
+}
+
+/// The kind of a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum JobKind {
+    /// Enable protection (initial replication and finalize included).
+    EnableProtection,
+    /// Resynchronize.
+    Resynchronize,
+    /// Test failover.
+    TestFailover,
+    /// Cleanup test failover.
+    TestFailoverCleanup,
+    /// Planned failover.
+    PlannedFailover,
+    /// Unplanned failover.
+    UnplannedFailover,
+    /// Commit.
+    Commit,
+    /// Cancel failover.
+    CancelFailover,
+    /// Repair replication.
+    RepairReplication,
+}
+
+/// A job's or task's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobState {
+    /// Not started.
+    NotStarted,
+    /// Running.
+    InProgress,
+    /// Done.
+    Succeeded,
+    /// Ended with an error (see the job's errors).
+    Failed,
+    /// Cancelled (superseded, e.g. a resync an unplanned failover cancelled).
+    Cancelled,
+    /// Waiting for an administrator (a non-recoverable error; `RepairReplication` resumes).
+    Suspended,
+}
+
+impl JobState {
+    /// Whether the job is over.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+/// One step of a job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    /// What it does.
+    pub name: String,
+    /// Its state.
+    pub state: JobState,
+}
+
+/// Every operation is a job with ordered tasks, a state and progress.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    /// Its id.
+    pub id: JobId,
+    /// What it is.
+    pub kind: JobKind,
+    /// The item.
+    pub item: ItemId,
+    /// Its state.
+    pub state: JobState,
+    /// Its tasks, in order.
+    pub tasks: Vec<Task>,
+    /// Progress in per mille (0..=1000).
+    pub progress_permille: u32,
+    /// When it started.
+    pub started: Duration,
+    /// When it ended.
+    pub ended: Option<Duration>,
+    /// Errors met (retried or final).
+    pub errors: Vec<String>,
+}
