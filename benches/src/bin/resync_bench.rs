@@ -3,16 +3,21 @@
 //!
 //! ```text
 //! resync-bench local  SOURCE TARGET [--apply]   byte-compare two local images
-//! resync-bench remote SOURCE TARGET [--apply]   hash TARGET into a signature (its side),
-//!                                               then diff SOURCE against it (our side)
+//! resync-bench remote SOURCE TARGET [--apply]   stream TARGET's signature through a file
+//!                                               (its side), diff SOURCE against it (ours)
 //! resync-bench tree   SOURCE TARGET             hash both, run the hash-tree exchange
 //! ```
 //! Prints one line of `key=value` counters.
 
 use std::fs::{File, OpenOptions};
+use std::io::{BufReader, BufWriter};
+use std::ops::ControlFlow;
 use std::process::ExitCode;
 
-use lifeboat_resync::{BlockSize, HashTree, Signature, TreeSync, apply, diff};
+use lifeboat_resync::{
+    BlockSize, DiffOptions, HashTree, Signature, SignatureReader, TreeSync, apply, diff,
+    diff_streamed, write_signature,
+};
 
 fn main() -> ExitCode {
     match run() {
@@ -36,9 +41,18 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let (delta, sent_digests) = match mode {
         "local" => (diff(&source, &File::open(tgt)?)?, 0),
         "remote" => {
-            let sig = Signature::compute(&File::open(tgt)?, bs)?;
-            let wire = sig.encode().len() as u64;
-            (diff(&source, &sig)?, wire)
+            // The target's side streams its signature out; ours streams it back in, so
+            // memory stays bounded whatever the disk size.
+            let path =
+                std::env::temp_dir().join(format!("resync-bench-{}.sig", std::process::id()));
+            write_signature(&File::open(tgt)?, bs, BufWriter::new(File::create(&path)?))?;
+            let wire = std::fs::metadata(&path)?.len();
+            let mut reader = SignatureReader::new(BufReader::new(File::open(&path)?))?;
+            let delta = diff_streamed(&source, &mut reader, DiffOptions::default(), |_| {
+                ControlFlow::Continue(())
+            })?;
+            std::fs::remove_file(&path)?;
+            (delta, wire)
         }
         "tree" => {
             let s = Signature::compute(&source, bs)?;

@@ -10,7 +10,7 @@ use crate::block::{
     AlignedBuf, BlockSize, Progress, Scratch, digest_block, is_zero, read_into, run_chunks,
 };
 use crate::io::{BlockSource, BlockWriter};
-use crate::signature::{Digest, Signature};
+use crate::signature::{Digest, Signature, SignatureReader};
 
 /// One side of a comparison: bytes that can be read here, or the signature of bytes that
 /// live elsewhere.
@@ -255,13 +255,131 @@ pub fn diff_with<'a>(
         next_block: start,
     };
     let mut differing = 0u64;
+    let (src, tgt) = (Input::Side(src), Input::Side(tgt));
+    // An early stop is recorded in `delta.next_block`.
+    let _stopped = diff_blocks(
+        &src,
+        &tgt,
+        start..total,
+        &mut delta,
+        &mut differing,
+        &mut progress,
+    )?;
+    Ok(delta)
+}
+
+/// Blocks in memory at once when diffing against a streamed signature (≈ 2 MiB of digests).
+const STREAM_WINDOW: u64 = 1 << 16;
+
+/// [`diff_with`] against a signature streamed from `target` (a [`SignatureReader`]): the
+/// target's digests are read window by window, so memory stays bounded whatever the disk
+/// size. The reader is read to its end, so a corrupted trailer is still an error.
+pub fn diff_streamed<'a, R: std::io::Read>(
+    source: impl Into<Side<'a>>,
+    target: &mut SignatureReader<R>,
+    options: DiffOptions,
+    progress: impl FnMut(Progress) -> ControlFlow<()>,
+) -> Result<Delta, Error> {
+    diff_streamed_windowed(source.into(), target, options, progress, STREAM_WINDOW)
+}
+
+pub(crate) fn diff_streamed_windowed<R: std::io::Read>(
+    src: Side<'_>,
+    target: &mut SignatureReader<R>,
+    options: DiffOptions,
+    mut progress: impl FnMut(Progress) -> ControlFlow<()>,
+    window: u64,
+) -> Result<Delta, Error> {
+    let bs = target.block_size();
+    if let Some(a) = src.block_size()
+        && a != bs
+    {
+        return Err(Error::BlockSizeMismatch {
+            source_block_size: a.get(),
+            target_block_size: bs.get(),
+        });
+    }
+    let (src_len, tgt_len) = (src.len()?, target.len());
+    let (total, tgt_blocks) = (bs.blocks(src_len), bs.blocks(tgt_len));
+    let start = options.start_block.min(total);
+    let mut delta = Delta {
+        block_size: bs,
+        source_len: src_len,
+        target_len: tgt_len,
+        extents: Vec::new(),
+        blocks_compared: 0,
+        first_block: start,
+        next_block: start,
+    };
+    let mut read = 0u64;
+    let next = |target: &mut SignatureReader<R>, read: &mut u64| -> Result<Digest, Error> {
+        *read += 1;
+        target.next_digest()?.ok_or(Error::BadSignature {
+            offset: *read,
+            reason: "fewer digests than blocks",
+        })
+    };
+    while read < start.min(tgt_blocks) {
+        next(target, &mut read)?;
+    }
+    let mut differing = 0u64;
+    let src = Input::Side(src);
+    let mut digests = Vec::new();
+    let mut first = start;
+    while first < total {
+        let last = (first + window).min(total);
+        digests.clear();
+        while read < last.min(tgt_blocks) {
+            digests.push(next(target, &mut read)?);
+        }
+        let tgt = Input::Window {
+            digests: &digests,
+            first,
+        };
+        if diff_blocks(
+            &src,
+            &tgt,
+            first..last,
+            &mut delta,
+            &mut differing,
+            &mut progress,
+        )?
+        .is_break()
+        {
+            return Ok(delta);
+        }
+        first = last;
+    }
+    // Drain the rest (a target longer than the source) so the trailer is checked.
+    while target.next_digest()?.is_some() {}
+    Ok(delta)
+}
+
+/// One side as the chunk loop sees it: a [`Side`], or a window of streamed digests.
+enum Input<'a> {
+    Side(Side<'a>),
+    Window { digests: &'a [Digest], first: u64 },
+}
+
+/// Compares `blocks`, appending to `delta`; stops early if `progress` says so.
+fn diff_blocks(
+    src: &Input<'_>,
+    tgt: &Input<'_>,
+    blocks: std::ops::Range<u64>,
+    delta: &mut Delta,
+    differing: &mut u64,
+    progress: &mut impl FnMut(Progress) -> ControlFlow<()>,
+) -> Result<ControlFlow<()>, Error> {
+    let (bs, src_len, tgt_len) = (delta.block_size, delta.source_len, delta.target_len);
+    let total = bs.blocks(src_len);
+    let mut flow = ControlFlow::Continue(());
     run_chunks(
         bs,
-        start..total,
+        blocks,
         |scratch, blocks| {
             let Scratch { a, b } = scratch;
-            let s = view(&src, a, bs, src_len, blocks.clone())?;
-            let t = view(&tgt, b, bs, tgt_len, blocks.clone())?;
+            let s = view_input(src, a, bs, src_len, blocks.clone())?;
+            let t = view_input(tgt, b, bs, tgt_len, blocks.clone())?;
             Ok((blocks.start..blocks.end)
                 .map(|i| classify(i, i - blocks.start, &s, &t, bs, src_len, tgt_len))
                 .collect::<Vec<_>>())
@@ -270,7 +388,7 @@ pub fn diff_with<'a>(
             for (i, class) in (blocks.start..).zip(classes) {
                 if let Some(kind) = class {
                     let r = bs.range(i, src_len);
-                    differing += r.end - r.start;
+                    *differing += r.end - r.start;
                     push_extent(
                         &mut delta.extents,
                         Extent {
@@ -283,10 +401,28 @@ pub fn diff_with<'a>(
             }
             delta.blocks_compared += blocks.end - blocks.start;
             delta.next_block = blocks.end;
-            Ok(progress(Progress::new(blocks.end, total, differing)))
+            flow = progress(Progress::new(blocks.end, total, *differing));
+            Ok(flow)
         },
     )?;
-    Ok(delta)
+    Ok(flow)
+}
+
+fn view_input<'b>(
+    input: &'b Input<'_>,
+    buf: &'b mut AlignedBuf,
+    bs: BlockSize,
+    len: u64,
+    blocks: std::ops::Range<u64>,
+) -> Result<View<'b>, Error> {
+    match input {
+        Input::Side(s) => view(s, buf, bs, len, blocks),
+        Input::Window { digests, first } => {
+            let hi = ((blocks.end - first) as usize).min(digests.len());
+            let lo = ((blocks.start - first) as usize).min(hi);
+            Ok(View::Digests(&digests[lo..hi]))
+        }
+    }
 }
 
 /// What one side holds for a chunk of blocks.

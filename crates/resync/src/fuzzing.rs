@@ -79,6 +79,24 @@ pub fn check_diff_apply(a: &[u8], b: &[u8], bs: BlockSize) -> Result<(), String>
             return Err(format!("{what} diff {d:?} != local {flat:?}"));
         }
     }
+    // Streamed signature, in windows small enough to cross several.
+    for window in [1, 3, 1 << 16] {
+        let bytes = sb.encode();
+        let mut reader = crate::SignatureReader::new(bytes.as_slice()).map_err(e)?;
+        let d = crate::diff::diff_streamed_windowed(
+            Side::Bytes(a),
+            &mut reader,
+            opts,
+            |_| ControlFlow::Continue(()),
+            window,
+        )
+        .map_err(e)?;
+        if d != flat {
+            return Err(format!(
+                "streamed diff (window {window}) {d:?} != local {flat:?}"
+            ));
+        }
+    }
     let tree = tree_delta(&sa, &sb)?;
     if tree != flat {
         return Err(format!("tree exchange {tree:?} != flat {flat:?}"));

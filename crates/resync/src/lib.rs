@@ -49,7 +49,10 @@ assert_eq!(replica, source);
 
 pub use crate::{
     block::{BlockSize, Progress},
-    diff::{ApplyStats, Delta, DiffOptions, Extent, ExtentKind, Side, apply, diff, diff_with},
+    diff::{
+        ApplyStats, Delta, DiffOptions, Extent, ExtentKind, Side, apply, diff, diff_streamed,
+        diff_with,
+    },
     error::Error,
     io::{BlockSource, BlockWriter},
     signature::{

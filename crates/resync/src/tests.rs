@@ -161,6 +161,44 @@ fn files_stream_through_with_the_same_result() {
 }
 
 #[test]
+fn streamed_signature_diff_matches_and_checks_the_trailer() {
+    let bs = BlockSize::new(512).unwrap();
+    let a = random(40_000, 21);
+    let mut b = a.clone();
+    b[10_000] ^= 1;
+    b.truncate(30_000);
+    let sig = Signature::compute(&b, bs).unwrap();
+    let bytes = sig.encode();
+    let mut r = SignatureReader::new(bytes.as_slice()).unwrap();
+    let d = diff_streamed(&a, &mut r, DiffOptions::default(), |_| {
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert_eq!(d, diff(&a, &sig).unwrap());
+    // A target longer than the source is drained, so its trailer is still checked.
+    let longer = Signature::compute(&random(60_000, 22), bs).unwrap();
+    let mut bad = longer.encode();
+    let n = bad.len();
+    bad[n - 1] ^= 1;
+    let mut r = SignatureReader::new(bad.as_slice()).unwrap();
+    assert!(matches!(
+        diff_streamed(&a, &mut r, DiffOptions::default(), |_| {
+            ControlFlow::Continue(())
+        }),
+        Err(Error::BadSignature { .. })
+    ));
+    // A source of another block size is refused.
+    let s4k = Signature::compute(&a, BlockSize::new(4096).unwrap()).unwrap();
+    let mut r = SignatureReader::new(bytes.as_slice()).unwrap();
+    assert!(matches!(
+        diff_streamed(&s4k, &mut r, DiffOptions::default(), |_| {
+            ControlFlow::Continue(())
+        }),
+        Err(Error::BlockSizeMismatch { .. })
+    ));
+}
+
+#[test]
 fn progress_reports_and_cursor_resumes() {
     let a = random(40 << 20, 8);
     let mut b = a.clone();
