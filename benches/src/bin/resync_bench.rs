@@ -5,6 +5,7 @@
 //! resync-bench local  SOURCE TARGET [--apply]   byte-compare two local images
 //! resync-bench remote SOURCE TARGET [--apply]   stream TARGET's signature through a file
 //!                                               (its side), diff SOURCE against it (ours)
+//! resync-bench remote-memory SOURCE TARGET       the same with the signature held in memory
 //! resync-bench tree   SOURCE TARGET             hash both, run the hash-tree exchange
 //! ```
 //! Prints one line of `key=value` counters.
@@ -33,7 +34,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (mode, src, tgt) = match args.as_slice() {
         [m, s, t, ..] => (m.as_str(), s, t),
-        _ => return Err("usage: resync-bench local|remote|tree SOURCE TARGET [--apply]".into()),
+        _ => {
+            return Err(
+                "usage: resync-bench local|remote|remote-memory|tree SOURCE TARGET [--apply]"
+                    .into(),
+            );
+        }
     };
     let do_apply = args.iter().any(|a| a == "--apply");
     let source = File::open(src)?;
@@ -53,6 +59,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             })?;
             std::fs::remove_file(&path)?;
             (delta, wire)
+        }
+        "remote-memory" => {
+            // The same, holding the target's signature in memory (for comparison).
+            let sig = Signature::compute(&File::open(tgt)?, bs)?;
+            let wire = sig.encode().len() as u64;
+            (diff(&source, &sig)?, wire)
         }
         "tree" => {
             let s = Signature::compute(&source, bs)?;
