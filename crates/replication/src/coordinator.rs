@@ -73,6 +73,8 @@ struct Item {
     last_app_consistent: Option<Duration>,
     failover_point: Option<PointId>,
     final_delta_applied: bool,
+    /// A protective snapshot of the on-premises disks exists (failback in progress).
+    protective_snapshot: bool,
 }
 
 /// The replication brain for any number of protected items. It never performs I/O and
@@ -125,6 +127,10 @@ fn op_name(c: &Command) -> &'static str {
         Command::Commit { .. } => "Commit",
         Command::CancelFailover { .. } => "CancelFailover",
         Command::RepairReplication { .. } => "RepairReplication",
+        Command::Failback { .. } => "Failback",
+        Command::CompleteFailback { .. } => "CompleteFailback",
+        Command::CancelFailback { .. } => "CancelFailback",
+        Command::Reprotect { .. } => "Reprotect",
     }
 }
 
@@ -149,6 +155,13 @@ fn task_name(kind: &ActionKind) -> String {
         ActionKind::StartSource => "Start source machine".into(),
         ActionKind::StartTarget { .. } => "Start recovered machine".into(),
         ActionKind::StopTarget => "Stop recovered machine".into(),
+        ActionKind::ProtectSourceDisks { .. } => "Protective snapshot of on-premises disks".into(),
+        ActionKind::SyncBack {
+            final_pass: false, ..
+        } => "Sync recovered disks back".into(),
+        ActionKind::SyncBack { .. } => "Final sync back".into(),
+        ActionKind::RestoreSourceDisks => "Restore on-premises disks".into(),
+        ActionKind::DeleteProtectiveSnapshot => "Delete protective snapshot".into(),
     }
 }
 
@@ -197,6 +210,7 @@ impl Coordinator {
                     last_app_consistent: None,
                     failover_point: None,
                     final_delta_applied: false,
+                    protective_snapshot: false,
                 },
             );
             let job = self.new_job(now, JobKind::EnableProtection, &name);
@@ -360,6 +374,82 @@ impl Coordinator {
                 if state == S::PlannedFailoverCompleted {
                     self.enqueue(&name, job, ActionKind::StartSource);
                 }
+                job
+            }
+            Command::Failback {
+                full, alternate, ..
+            } => {
+                if state != S::FailoverCommitted {
+                    return Err(deny(None));
+                }
+                let job = self.new_job(now, JobKind::Failback, &name);
+                self.item_mut(&name).state = S::FailbackInProgress;
+                self.enqueue(&name, job, ActionKind::ProtectSourceDisks { alternate });
+                self.enqueue(
+                    &name,
+                    job,
+                    ActionKind::SyncBack {
+                        full,
+                        final_pass: false,
+                    },
+                );
+                self.enqueue(&name, job, ActionKind::StopTarget);
+                self.enqueue(
+                    &name,
+                    job,
+                    ActionKind::SyncBack {
+                        full: false,
+                        final_pass: true,
+                    },
+                );
+                self.enqueue(&name, job, ActionKind::StartSource);
+                job
+            }
+            Command::CompleteFailback { .. } => {
+                if state != S::FailbackCompleted {
+                    return Err(deny(None));
+                }
+                let job = self.new_job(now, JobKind::CompleteFailback, &name);
+                self.enqueue(&name, job, ActionKind::DeleteProtectiveSnapshot);
+                job
+            }
+            Command::CancelFailback { .. } => {
+                if !matches!(state, S::FailbackInProgress | S::FailbackCompleted) {
+                    return Err(deny(None));
+                }
+                self.cancel_jobs(
+                    now,
+                    &name,
+                    &[JobKind::Failback],
+                    "cancelled by CancelFailback",
+                );
+                let job = self.new_job(now, JobKind::CancelFailback, &name);
+                self.item_mut(&name).state = S::FailbackInProgress;
+                // The source may be running on half-synced disks: stop it, restore, and
+                // bring the recovered machine back.
+                self.enqueue(&name, job, ActionKind::ShutDownSource);
+                if self.item(&name).protective_snapshot {
+                    self.enqueue(&name, job, ActionKind::RestoreSourceDisks);
+                }
+                let point = self.item(&name).failover_point.unwrap_or(PointId(0));
+                self.enqueue(&name, job, ActionKind::StartTarget { point });
+                job
+            }
+            Command::Reprotect { .. } => {
+                if state != S::FailbackCommitted {
+                    return Err(deny(None));
+                }
+                let job = self.new_job(now, JobKind::Reprotect, &name);
+                let it = self.item_mut(&name);
+                it.state = S::ReprotectInitiated;
+                it.resync_reason = Some(ResyncReason::Manual);
+                let disks = it.disks.len();
+                self.enqueue(&name, job, ActionKind::StartTracking);
+                for disk in 0..disks {
+                    self.enqueue(&name, job, ActionKind::ResyncDisk { disk });
+                }
+                let cycle = self.item(&name).next_cycle;
+                self.enqueue(&name, job, ActionKind::CloseLogs { cycle });
                 job
             }
             Command::RepairReplication { .. } => {
@@ -912,7 +1002,12 @@ impl Coordinator {
             ActionKind::DeleteRecoveryPoint { point } => {
                 self.item_mut(name).points.retain(|p| p.id != point);
             }
-            ActionKind::MaterializeDisks { .. }
+            ActionKind::ProtectSourceDisks { .. } => self.item_mut(name).protective_snapshot = true,
+            ActionKind::RestoreSourceDisks | ActionKind::DeleteProtectiveSnapshot => {
+                self.item_mut(name).protective_snapshot = false;
+            }
+            ActionKind::SyncBack { .. }
+            | ActionKind::MaterializeDisks { .. }
             | ActionKind::DeleteTestDisks
             | ActionKind::ShutDownSource
             | ActionKind::StartSource
@@ -994,6 +1089,18 @@ impl Coordinator {
                 it.cycle_due = Some(now);
             }
             JobKind::RepairReplication => {}
+            JobKind::Failback => it.state = S::FailbackCompleted,
+            JobKind::CompleteFailback => it.state = S::FailbackCommitted,
+            JobKind::CancelFailback => it.state = S::FailoverCommitted,
+            JobKind::Reprotect => {
+                // Replicating again: the old recovery-site points describe the machine
+                // before it failed back; new cycles make new ones.
+                it.state = S::Protected;
+                it.resync_reason = None;
+                it.failover_point = None;
+                it.cycle_due = Some(now + it.policy.copy_frequency.interval());
+                self.prune(now, name);
+            }
         }
     }
 
@@ -1117,6 +1224,20 @@ impl Coordinator {
                 .any(|w| w[0].id >= w[1].id || w[0].time > w[1].time)
             {
                 return Err(format!("{name}: points out of order {:?}", it.points));
+            }
+            let syncing = it
+                .in_flight
+                .as_ref()
+                .is_some_and(|(_, s)| matches!(s.kind, ActionKind::SyncBack { .. }));
+            if syncing && !it.protective_snapshot {
+                return Err(format!(
+                    "{name}: syncing back without a protective snapshot"
+                ));
+            }
+            if it.state == S::FailbackCompleted && !it.protective_snapshot {
+                return Err(format!(
+                    "{name}: failback awaiting completion without its protective snapshot"
+                ));
             }
             if it.copied.iter().zip(&it.disks).any(|(c, d)| c > d) {
                 return Err(format!("{name}: copied past a disk's end"));

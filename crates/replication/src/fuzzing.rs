@@ -50,7 +50,15 @@ pub fn command(c: u8, p: u8, points: &[RecoveryPoint]) -> Command {
         5 => Command::UnplannedFailover { item, point },
         6 => Command::Commit { item },
         7 => Command::CancelFailover { item },
-        _ => Command::RepairReplication { item },
+        8 => Command::RepairReplication { item },
+        9 => Command::Failback {
+            item,
+            full: p % 2 == 0,
+            alternate: p % 3 == 0,
+        },
+        10 => Command::CompleteFailback { item },
+        11 => Command::CancelFailback { item },
+        _ => Command::Reprotect { item },
     }
 }
 
@@ -128,7 +136,7 @@ pub fn run_ops(
         .map_err(|e| e.to_string())?;
     for &(kind, a, b) in ops {
         let op = match kind % 12 {
-            0..=2 => Op::Command(a % 9, b),
+            0..=2 => Op::Command(a % 13, b),
             3..=8 => Op::Answer(a),
             9..=10 => Op::Advance(u16::from(a) * 7 + 1),
             _ => Op::Crash,

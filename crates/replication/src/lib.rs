@@ -14,7 +14,8 @@ restarted agent resumes exactly where it stopped.
   make the item Critical until [`Command::RepairReplication`]) and its [`Job`]s.
 - [`Command`]s: enable protection, resync, test failover and cleanup, planned and
   unplanned failover (latest, latest processed, latest app-consistent, or a chosen point),
-  commit, cancel, repair.
+  commit, cancel, failback (protective snapshot first; complete or cancel), reprotect,
+  repair.
 - [`Action`]s the driver performs and answers with an [`Outcome`]: copy a disk range, close /
   apply / discard logs, resync a disk, create / delete recovery points, materialise disks,
   shut down or start machines. Each is idempotent.
@@ -38,7 +39,9 @@ Checked after every step by the property tests and the fuzz target
 3. a planned failover completes only after its final delta was applied;
 4. recovery points are in creation order; initial copies never pass a disk's end;
 5. every job is terminal, has work queued or in flight, or is suspended on a Critical
-   item that [`Command::RepairReplication`] resumes.
+   item that [`Command::RepairReplication`] resumes;
+6. a failback never syncs onto the on-premises disks, nor waits for completion, without
+   its protective snapshot.
 
 An operation not allowed in the item's state is refused with [`OpError::NotAllowed`],
 which names the state.
@@ -90,7 +93,7 @@ c.check_invariants().unwrap();
 
 # Crate features
 
-None. Failback, reprotect and recovery plans are the next increment.
+None. Recovery plans are the next increment.
 */
 #![doc(test(attr(deny(warnings))))]
 

@@ -104,6 +104,15 @@ pub enum ProtectionState {
     FailoverCommitted,
     /// Cancel running (target stopped, source restarted).
     CancelFailoverInProgress,
+    /// Failback running: on-premises disks protected, synced back from the recovered
+    /// disks, recovered machine stopped, final sync, source started.
+    FailbackInProgress,
+    /// Failback synced and the source runs again; `CompleteFailback` makes it final.
+    FailbackCompleted,
+    /// Failback made final; `Reprotect` resumes replication towards the recovery site.
+    FailbackCommitted,
+    /// Reprotect running (a resync of the replica from the source).
+    ReprotectInitiated,
 }
 
 /// Test failover state, beside the protection state (test failover does not disturb
@@ -302,6 +311,22 @@ pub enum ActionKind {
     },
     /// Stop the machine at the recovery site.
     StopTarget,
+    /// Failback: snapshot the on-premises disks first, so a cancelled failback loses nothing.
+    ProtectSourceDisks {
+        /// Write to other disks than the original ones.
+        alternate: bool,
+    },
+    /// Failback: bring the on-premises disks up to the recovered disks' current content.
+    SyncBack {
+        /// Copy everything instead of only differing blocks.
+        full: bool,
+        /// The last pass, after the recovered machine stopped.
+        final_pass: bool,
+    },
+    /// Cancelled failback: restore the on-premises disks from the protective snapshot.
+    RestoreSourceDisks,
+    /// Completed failback: drop the protective snapshot.
+    DeleteProtectiveSnapshot,
 }
 
 /// An action with its id, item and job.
@@ -391,6 +416,30 @@ pub enum Command {
         /// The item.
         item: ItemId,
     },
+    /// Fail back to the on-premises disks (after a committed failover).
+    Failback {
+        /// The item.
+        item: ItemId,
+        /// Sync everything instead of only differing blocks.
+        full: bool,
+        /// Fail back to alternate disks instead of the original ones.
+        alternate: bool,
+    },
+    /// Make a synced failback final.
+    CompleteFailback {
+        /// The item.
+        item: ItemId,
+    },
+    /// Cancel a failback: restore the on-premises disks, restart the recovered machine.
+    CancelFailback {
+        /// The item.
+        item: ItemId,
+    },
+    /// After failback: replicate towards the recovery site again.
+    Reprotect {
+        /// The item.
+        item: ItemId,
+    },
 }
 
 impl Command {
@@ -405,7 +454,11 @@ impl Command {
             | Command::UnplannedFailover { item, .. }
             | Command::Commit { item }
             | Command::CancelFailover { item }
-            | Command::RepairReplication { item } => item,
+            | Command::RepairReplication { item }
+            | Command::Failback { item, .. }
+            | Command::CompleteFailback { item }
+            | Command::CancelFailback { item }
+            | Command::Reprotect { item } => item,
         }
     }
 }
@@ -432,6 +485,14 @@ pub enum JobKind {
     CancelFailover,
     /// Repair replication.
     RepairReplication,
+    /// Failback (planned failover back to on-premises).
+    Failback,
+    /// Complete failback.
+    CompleteFailback,
+    /// Cancel failback.
+    CancelFailback,
+    /// Reprotect (reverse replicate).
+    Reprotect,
 }
 
 /// A job's or task's state.
