@@ -53,8 +53,8 @@ pub fn command(c: u8, p: u8, points: &[RecoveryPoint]) -> Command {
         8 => Command::RepairReplication { item },
         9 => Command::Failback {
             item,
-            full: p % 2 == 0,
-            alternate: p % 3 == 0,
+            full: p.is_multiple_of(2),
+            alternate: p.is_multiple_of(3),
         },
         10 => Command::CompleteFailback { item },
         11 => Command::CancelFailback { item },
