@@ -64,7 +64,8 @@ impl Sim {
         }
     }
 
-    fn protect(&mut self, item: &str, disks: Vec<u64>) -> JobId {
+    /// Protects `item` with `policy` and runs until nothing is ready.
+    fn protect_with(&mut self, item: &str, disks: Vec<u64>, policy: ReplicationPolicy) -> JobId {
         let job = self
             .c
             .handle_command(
@@ -72,12 +73,16 @@ impl Sim {
                 Command::EnableProtection {
                     item: item.into(),
                     disks,
-                    policy: Self::policy(),
+                    policy,
                 },
             )
             .unwrap();
         self.run();
         job
+    }
+
+    fn protect(&mut self, item: &str, disks: Vec<u64>) -> JobId {
+        self.protect_with(item, disks, Self::policy())
     }
 
     fn cmd(&mut self, cmd: Command) -> Result<JobId, OpError> {
@@ -216,19 +221,14 @@ fn delta_cycles_run_every_copy_interval_and_prune_by_retention() {
 
     // A 1-hour retention prunes older points, keeping the newest.
     let mut s = Sim::new();
-    s.c.handle_command(
-        s.now,
-        Command::EnableProtection {
-            item: "vm".into(),
-            disks: vec![MIB],
-            policy: ReplicationPolicy {
-                retention: MIN * 60,
-                ..Sim::policy()
-            },
+    s.protect_with(
+        "vm",
+        vec![MIB],
+        ReplicationPolicy {
+            retention: MIN * 60,
+            ..Sim::policy()
         },
-    )
-    .unwrap();
-    s.run();
+    );
     for _ in 0..40 {
         s.tick();
     }
@@ -386,19 +386,14 @@ fn half_disk_log_unclean_log_and_offline_change_require_resync() {
 #[test]
 fn manual_resync_policy_waits_for_the_command() {
     let mut s = Sim::new();
-    s.c.handle_command(
-        s.now,
-        Command::EnableProtection {
-            item: "vm".into(),
-            disks: vec![MIB],
-            policy: ReplicationPolicy {
-                auto_resync: false,
-                ..Sim::policy()
-            },
+    s.protect_with(
+        "vm",
+        vec![MIB],
+        ReplicationPolicy {
+            auto_resync: false,
+            ..Sim::policy()
         },
-    )
-    .unwrap();
-    s.run();
+    );
     s.world.clean = false;
     s.tick();
     assert_eq!(s.status().state, ProtectionState::ResyncRequired);
@@ -855,19 +850,14 @@ fn regression_cancelled_job_failing_late_is_not_revived() {
 #[test]
 fn regression_a_point_being_deleted_cannot_be_chosen() {
     let mut s = Sim::new();
-    s.c.handle_command(
-        s.now,
-        Command::EnableProtection {
-            item: "vm".into(),
-            disks: vec![MIB],
-            policy: ReplicationPolicy {
-                retention: MIN * 30,
-                ..Sim::policy()
-            },
+    s.protect_with(
+        "vm",
+        vec![MIB],
+        ReplicationPolicy {
+            retention: MIN * 30,
+            ..Sim::policy()
         },
-    )
-    .unwrap();
-    s.run();
+    );
     for _ in 0..6 {
         s.tick();
     }
