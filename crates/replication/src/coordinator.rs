@@ -248,7 +248,7 @@ impl Coordinator {
                 if item.test != TestFailoverState::None {
                     return Err(deny(Some(item.test)));
                 }
-                let p = self.choose(&name, point, false)?;
+                let p = self.choose(&name, point)?;
                 let job = self.new_job(now, JobKind::TestFailover, &name);
                 self.item_mut(&name).test = TestFailoverState::TestFailoverInitiated;
                 self.enqueue(
@@ -291,7 +291,7 @@ impl Coordinator {
                 }
                 let chosen = match point {
                     PointChoice::Latest => None,
-                    other => Some(self.choose(&name, other, true)?),
+                    other => Some(self.choose(&name, other)?),
                 };
                 if chosen.is_none() && self.item(&name).points.is_empty() {
                     return Err(OpError::NoRecoveryPoint {
@@ -1117,7 +1117,7 @@ impl Coordinator {
             .collect()
     }
 
-    fn choose(&self, name: &str, choice: PointChoice, _failover: bool) -> Result<PointId, OpError> {
+    fn choose(&self, name: &str, choice: PointChoice) -> Result<PointId, OpError> {
         let deleting = self.deleting(name);
         let live: Vec<&RecoveryPoint> = self
             .item(name)

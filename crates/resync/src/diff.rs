@@ -123,6 +123,24 @@ pub struct Delta {
 }
 
 impl Delta {
+    /// An empty delta whose pass starts at block `start`.
+    pub(crate) fn starting(
+        block_size: BlockSize,
+        source_len: u64,
+        target_len: u64,
+        start: u64,
+    ) -> Self {
+        Delta {
+            block_size,
+            source_len,
+            target_len,
+            extents: Vec::new(),
+            blocks_compared: 0,
+            first_block: start,
+            next_block: start,
+        }
+    }
+
     /// Whether every block was compared (not interrupted).
     pub fn is_complete(&self) -> bool {
         self.next_block >= self.block_size.blocks(self.source_len)
@@ -232,28 +250,11 @@ pub fn diff_with<'a>(
     mut progress: impl FnMut(Progress) -> ControlFlow<()>,
 ) -> Result<Delta, Error> {
     let (src, tgt) = (source.into(), target.into());
-    let bs = match (src.block_size(), tgt.block_size()) {
-        (Some(a), Some(b)) if a != b => {
-            return Err(Error::BlockSizeMismatch {
-                source_block_size: a.get(),
-                target_block_size: b.get(),
-            });
-        }
-        (Some(a), _) | (None, Some(a)) => a,
-        (None, None) => options.block_size,
-    };
+    let bs = agreed_block_size(src.block_size(), tgt.block_size(), options.block_size)?;
     let (src_len, tgt_len) = (src.len()?, tgt.len()?);
     let total = bs.blocks(src_len);
     let start = options.start_block.min(total);
-    let mut delta = Delta {
-        block_size: bs,
-        source_len: src_len,
-        target_len: tgt_len,
-        extents: Vec::new(),
-        blocks_compared: 0,
-        first_block: start,
-        next_block: start,
-    };
+    let mut delta = Delta::starting(bs, src_len, tgt_len, start);
     let mut differing = 0u64;
     let (src, tgt) = (Input::Side(src), Input::Side(tgt));
     // An early stop is recorded in `delta.next_block`.
@@ -266,6 +267,22 @@ pub fn diff_with<'a>(
         &mut progress,
     )?;
     Ok(delta)
+}
+
+/// The block size both sides agree on: a signature's own, or `default` for local sides.
+fn agreed_block_size(
+    source: Option<BlockSize>,
+    target: Option<BlockSize>,
+    default: BlockSize,
+) -> Result<BlockSize, Error> {
+    match (source, target) {
+        (Some(a), Some(b)) if a != b => Err(Error::BlockSizeMismatch {
+            source_block_size: a.get(),
+            target_block_size: b.get(),
+        }),
+        (Some(a), _) | (None, Some(a)) => Ok(a),
+        (None, None) => Ok(default),
+    }
 }
 
 /// Blocks in memory at once when diffing against a streamed signature (≈ 2 MiB of digests).
@@ -290,27 +307,15 @@ pub(crate) fn diff_streamed_windowed<R: std::io::Read>(
     mut progress: impl FnMut(Progress) -> ControlFlow<()>,
     window: u64,
 ) -> Result<Delta, Error> {
-    let bs = target.block_size();
-    if let Some(a) = src.block_size()
-        && a != bs
-    {
-        return Err(Error::BlockSizeMismatch {
-            source_block_size: a.get(),
-            target_block_size: bs.get(),
-        });
-    }
+    let bs = agreed_block_size(
+        src.block_size(),
+        Some(target.block_size()),
+        options.block_size,
+    )?;
     let (src_len, tgt_len) = (src.len()?, target.len());
     let (total, tgt_blocks) = (bs.blocks(src_len), bs.blocks(tgt_len));
     let start = options.start_block.min(total);
-    let mut delta = Delta {
-        block_size: bs,
-        source_len: src_len,
-        target_len: tgt_len,
-        extents: Vec::new(),
-        blocks_compared: 0,
-        first_block: start,
-        next_block: start,
-    };
+    let mut delta = Delta::starting(bs, src_len, tgt_len, start);
     let mut read = 0u64;
     let next = |target: &mut SignatureReader<R>, read: &mut u64| -> Result<Digest, Error> {
         *read += 1;

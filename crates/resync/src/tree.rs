@@ -261,15 +261,9 @@ impl TreeSync {
         }
         let bs = source.block_size();
         let blocks = source.digests().len() as u64;
-        let mut delta = Delta {
-            block_size: bs,
-            source_len: source.len(),
-            target_len,
-            extents: Vec::new(),
-            blocks_compared: blocks,
-            first_block: 0,
-            next_block: blocks,
-        };
+        let mut delta = Delta::starting(bs, source.len(), target_len, 0);
+        delta.blocks_compared = blocks;
+        delta.next_block = blocks;
         for &i in self.differing.iter().filter(|&&i| i < blocks) {
             let zero = source.digests()[i as usize] == Digest::Zero;
             if zero && bs.range(i, target_len).is_empty() {
