@@ -1,0 +1,410 @@
+//! `lifeboat`, the reference agent: protects raw disk images, replicates HRL logs into
+//! page blobs (a local embedded site, or Azure Storage), and runs every failover and
+//! failback workflow by driving `lifeboat-replication`'s actions.
+//!
+//! Every command runs in a new process: the state lives in the site directory and is
+//! saved after every step, so an interrupted command is completed by running it again.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use lifeboat_pageblob::{AzureStore, Credential, LocalStore};
+
+mod agent;
+mod commands;
+mod demo;
+mod disk;
+mod state;
+mod tools;
+
+/// Lifeboat reference agent: Hyper-V-style replication to a local site or Azure page blobs.
+#[derive(Debug, Parser)]
+#[command(name = "lifeboat", version, about)]
+pub(crate) struct Cli {
+    #[command(flatten)]
+    pub(crate) target: Target,
+    /// Machine-readable JSON output for read commands.
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+    #[command(subcommand)]
+    pub(crate) command: Cmd,
+}
+
+/// Where the agent keeps its state and replicas.
+#[derive(Clone, Debug, Args)]
+pub(crate) struct Target {
+    /// The site directory: agent state, staged logs, protective copies and (without
+    /// --azure) the embedded replica store.
+    #[arg(long, global = true, env = "LIFEBOAT_SITE", default_value = "lifeboat-site")]
+    pub(crate) site: PathBuf,
+    /// Replicate into this Azure container URL (with a SAS query string, or with
+    /// --account and --key) instead of the embedded store.
+    #[arg(long, global = true, env = "LIFEBOAT_AZURE_URL")]
+    pub(crate) azure: Option<String>,
+    /// Storage account name (Shared Key).
+    #[arg(long, global = true, env = "LIFEBOAT_ACCOUNT")]
+    pub(crate) account: Option<String>,
+    /// Storage account key, base64 (Shared Key).
+    #[arg(long, global = true, env = "LIFEBOAT_KEY", hide_env_values = true)]
+    pub(crate) key: Option<String>,
+}
+
+/// How often delta cycles run.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub(crate) enum Frequency {
+    /// 30 seconds.
+    #[value(name = "30s")]
+    S30,
+    /// 5 minutes.
+    #[value(name = "5m")]
+    M5,
+    /// 15 minutes.
+    #[value(name = "15m")]
+    M15,
+}
+
+/// Output disk format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Format {
+    /// Raw image, exactly the disk's size.
+    #[default]
+    Raw,
+    /// Fixed VHD (rounded up to 1 MiB, 512-byte footer).
+    Vhd,
+}
+
+/// The agent's commands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Cmd {
+    /// The main job: a small VM through every workflow, verified by BLAKE3 at each step.
+    Demo {
+        /// Working directory for the demo's VM and site (recreated).
+        #[arg(long, default_value = "lifeboat-demo")]
+        dir: PathBuf,
+    },
+    /// Enable protection: initial replication of every disk, then finalize.
+    Protect {
+        /// The item (machine) name.
+        item: String,
+        /// Its disks (raw images), in order.
+        #[arg(long = "disk", required = true)]
+        disks: Vec<PathBuf>,
+        /// Delta cycle interval.
+        #[arg(long, value_enum, default_value = "5m")]
+        copy_frequency: Frequency,
+        /// Recovery-point retention in hours (1..=24).
+        #[arg(long, default_value_t = 24)]
+        retention: u64,
+        /// Resync block size (e.g. 64K, 1M).
+        #[arg(long, default_value = "64K", value_parser = parse_size)]
+        block_size: u64,
+    },
+    /// Apply closed HRL logs in chain order, exactly once, as a new recovery point.
+    Replicate {
+        /// The item.
+        item: String,
+        /// DISK_INDEX=FILE.hrl, in chain order.
+        #[arg(long = "log", value_parser = parse_log, required = true)]
+        logs: Vec<(usize, PathBuf)>,
+    },
+    /// Fixed-block compare of the source disks against the replica's digests; send only
+    /// differing blocks.
+    Resync {
+        /// The item.
+        item: String,
+    },
+    /// Protected items: state, health, points.
+    Status {
+        /// One item.
+        item: Option<String>,
+    },
+    /// The jobs view.
+    Jobs {
+        /// One item's jobs.
+        item: Option<String>,
+    },
+    /// An item's recovery points.
+    Points {
+        /// The item.
+        item: String,
+    },
+    /// Write a recovery point's disks into DIR without disturbing replication.
+    TestFailover {
+        /// The item.
+        item: String,
+        /// latest, latest-processed, latest-app-consistent or a point id.
+        #[arg(long, default_value = "latest")]
+        point: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "raw")]
+        format: Format,
+    },
+    /// Delete the test-failover disks.
+    TestFailoverCleanup {
+        /// The item.
+        item: String,
+    },
+    /// Fail over: planned (source shut down, final delta, zero loss) or unplanned.
+    Failover {
+        /// The item.
+        item: String,
+        /// Planned failover.
+        #[arg(long, conflicts_with = "unplanned", required_unless_present = "unplanned")]
+        planned: bool,
+        /// Unplanned failover.
+        #[arg(long)]
+        unplanned: bool,
+        /// Unplanned: latest, latest-processed, latest-app-consistent or a point id.
+        #[arg(long, default_value = "latest")]
+        point: String,
+        /// Planned: the final logs (DISK_INDEX=FILE.hrl).
+        #[arg(long = "log", value_parser = parse_log)]
+        logs: Vec<(usize, PathBuf)>,
+        /// Where the recovered disks are written (required on the local site; on Azure a
+        /// download of the new blobs).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "raw")]
+        format: Format,
+    },
+    /// Keep the failover: delete every other recovery point.
+    Commit {
+        /// The item.
+        item: String,
+    },
+    /// Cancel an uncommitted failover, or a failback.
+    Cancel {
+        /// The item.
+        item: String,
+    },
+    /// Bring on-premises disks up to the recovered disks' current content.
+    Failback {
+        /// The item.
+        item: String,
+        /// The on-premises disks, in disk order (the original ones or alternates).
+        #[arg(long = "to", required = true)]
+        to: Vec<PathBuf>,
+        /// Copy everything instead of only differing blocks.
+        #[arg(long)]
+        full: bool,
+    },
+    /// After failback: replicate towards the recovery site again.
+    Reprotect {
+        /// The item.
+        item: String,
+    },
+    /// After fixing a non-recoverable error: try again.
+    Repair {
+        /// The item.
+        item: String,
+    },
+    /// Carry on with interrupted or retrying work.
+    Resume {
+        /// Do not wait for scheduled retries or cycles: run them now.
+        #[arg(long)]
+        now: bool,
+    },
+    /// Simulated guest writes on a source disk, recorded in an HRL log (as Hyper-V's
+    /// change tracking would).
+    GuestWrite {
+        /// The item.
+        item: String,
+        /// The disk index.
+        #[arg(long)]
+        disk: usize,
+        /// The log to write.
+        #[arg(long)]
+        log: PathBuf,
+        /// Number of writes.
+        #[arg(long, default_value_t = 64)]
+        writes: u32,
+        /// Bytes per write (a multiple of 512).
+        #[arg(long, default_value = "64K", value_parser = parse_size)]
+        size: u64,
+        /// Random seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Recovery plans.
+    Plan {
+        #[command(subcommand)]
+        command: PlanCmd,
+    },
+    /// HRL log tools.
+    Hrl {
+        #[command(subcommand)]
+        command: HrlCmd,
+    },
+    /// `resync::diff` on two local files.
+    Diff {
+        /// The source.
+        source: PathBuf,
+        /// The target.
+        target: PathBuf,
+        /// Block size.
+        #[arg(long, default_value = "64K", value_parser = parse_size)]
+        block_size: u64,
+        /// Make TARGET equal to SOURCE by writing only the differing blocks.
+        #[arg(long)]
+        apply: bool,
+    },
+}
+
+/// Recovery plan commands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum PlanCmd {
+    /// Create (or replace) a plan: ordered groups of items.
+    Create {
+        /// The plan.
+        plan: String,
+        /// A group: ITEM[,ITEM...]; groups fail over in the order given.
+        #[arg(long = "group", required = true)]
+        groups: Vec<String>,
+    },
+    /// Fail over every item of a plan, group by group.
+    Failover {
+        /// The plan.
+        plan: String,
+        /// Test failover.
+        #[arg(long, group = "kind")]
+        test: bool,
+        /// Planned failover.
+        #[arg(long, group = "kind")]
+        planned: bool,
+        /// Unplanned failover.
+        #[arg(long, group = "kind")]
+        unplanned: bool,
+        /// Output directory (one subdirectory per item).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// HRL commands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum HrlCmd {
+    /// Header and every write: offset, length, BLAKE3 of the payload.
+    Inspect {
+        /// The log.
+        file: PathBuf,
+    },
+    /// Replay logs onto a raw disk, chain order checked.
+    Apply {
+        /// The logs, in chain order.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The disk image.
+        #[arg(long)]
+        disk: PathBuf,
+    },
+}
+
+/// Parses sizes like `4096`, `64K`, `1M`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mul) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 1 << 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("not a size: {s}"))
+}
+
+/// Parses `DISK_INDEX=FILE`.
+fn parse_log(s: &str) -> Result<(usize, PathBuf), String> {
+    let (d, f) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected DISK_INDEX=FILE, got {s}"))?;
+    let d = d
+        .parse::<usize>()
+        .map_err(|_| format!("not a disk index: {d}"))?;
+    Ok((d, PathBuf::from(f)))
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LIFEBOAT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lifeboat: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lifeboat: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Cmd::Hrl { command } => return tools::hrl(command, cli.json),
+        Cmd::Diff {
+            source,
+            target,
+            block_size,
+            apply,
+        } => return tools::diff(source, target, *block_size, *apply, cli.json),
+        Cmd::Demo { dir } => return demo::run(dir, &cli.target).await,
+        _ => {}
+    }
+    match open_store(&cli.target).await? {
+        StoreKind::Local(s) => commands::run(s, false, &cli).await,
+        StoreKind::Azure(s) => commands::run(s, true, &cli).await,
+    }
+}
+
+/// The store a target names.
+pub(crate) enum StoreKind {
+    /// The embedded store in the site directory.
+    Local(Arc<LocalStore>),
+    /// An Azure container.
+    Azure(Arc<AzureStore>),
+}
+
+/// Opens the store a target names (creating the container on Azure).
+pub(crate) async fn open_store(target: &Target) -> Result<StoreKind> {
+    match &target.azure {
+        None => Ok(StoreKind::Local(Arc::new(
+            LocalStore::open(target.site.join("store"))
+                .with_context(|| format!("opening the site {}", target.site.display()))?,
+        ))),
+        Some(url) => {
+            let credential = match (&target.account, &target.key) {
+                (Some(account), Some(key)) => Credential::SharedKey {
+                    account: account.clone(),
+                    key: key.clone(),
+                },
+                _ if url.contains('?') => Credential::Sas,
+                _ => bail!("--azure needs --account and --key, or a SAS URL"),
+            };
+            let store = AzureStore::new(url, credential)?;
+            store
+                .ensure_container()
+                .await
+                .with_context(|| format!("reaching {url}"))?;
+            Ok(StoreKind::Azure(Arc::new(store)))
+        }
+    }
+}
