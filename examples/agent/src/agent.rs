@@ -271,7 +271,8 @@ impl<S: PageStore + 'static> Agent<S> {
         let it = self.item_mut(name)?;
         for (d, t) in it.tracking.iter_mut().enumerate() {
             if t.write_guid == [0; 16] {
-                let h = blake3::hash(format!("{name}/{d}/{nanos}/{}", std::process::id()).as_bytes());
+                let h =
+                    blake3::hash(format!("{name}/{d}/{nanos}/{}", std::process::id()).as_bytes());
                 t.write_guid.copy_from_slice(&h.as_bytes()[..16]);
             }
         }
@@ -288,7 +289,10 @@ impl<S: PageStore + 'static> Agent<S> {
         let size = vhd::blob_size(len);
         match self.store.properties(blob).await {
             Ok(p) if p.size == size => {}
-            Ok(p) => bail!("replica {blob} exists with {} bytes, expected {size}", p.size),
+            Ok(p) => bail!(
+                "replica {blob} exists with {} bytes, expected {size}",
+                p.size
+            ),
             Err(StoreError::NotFound { .. }) => {
                 let md: Metadata = [("disklength".to_string(), len.to_string())].into();
                 match self.store.create(blob, size, 0, &md).await {
@@ -349,7 +353,11 @@ impl<S: PageStore + 'static> Agent<S> {
         }
         let touched: Vec<Range<u64>> = changes.iter().map(Change::range).collect();
         if let Some(r) = touched.iter().find(|r| r.end > len) {
-            bail!("a change at {}..{} passes the disk's end ({len})", r.start, r.end);
+            bail!(
+                "a change at {}..{} passes the disk's end ({len})",
+                r.start,
+                r.end
+            );
         }
         let writer = PageWriter::new(self.store.clone(), blob.clone(), WriterConfig::default());
         let report = writer.apply_batch(seq, changes, edges).await?;
@@ -358,7 +366,9 @@ impl<S: PageStore + 'static> Agent<S> {
             _ => ReplicaDigests::rebuild(&*self.store, &blob, len, bs).await?,
         };
         if digests.sequence_number() != seq + 1 {
-            digests.update(&*self.store, &blob, &touched, seq + 1).await?;
+            digests
+                .update(&*self.store, &blob, &touched, seq + 1)
+                .await?;
         }
         digests.save(&*self.store, &blob).await?;
         Ok(Some(report))
@@ -533,11 +543,7 @@ impl<S: PageStore + 'static> Agent<S> {
     async fn create_point(&mut self, name: &str, point: PointId) -> Result<()> {
         let n = self.item(name)?.disks.len();
         loop {
-            let have = self
-                .item(name)?
-                .points
-                .get(&point.0)
-                .map_or(0, Vec::len);
+            let have = self.item(name)?.points.get(&point.0).map_or(0, Vec::len);
             if have >= n {
                 return Ok(());
             }
@@ -702,7 +708,8 @@ impl<S: PageStore + 'static> Agent<S> {
         }
         // Passes add up: the report covers the whole failback.
         let it = self.item_mut(name)?;
-        it.last_sync_back.resize(reports.len(), SyncReport::default());
+        it.last_sync_back
+            .resize(reports.len(), SyncReport::default());
         for (acc, r) in it.last_sync_back.iter_mut().zip(reports) {
             acc.blocks_compared += r.blocks_compared;
             acc.bytes_sent += r.bytes_sent;
@@ -721,7 +728,10 @@ impl<S: PageStore + 'static> Agent<S> {
         for (d, path) in logs {
             let d = *d;
             let t = planned.get_mut(d).ok_or_else(|| {
-                anyhow!("{name} has {} disk(s); there is no disk {d}", it.disks.len())
+                anyhow!(
+                    "{name} has {} disk(s); there is no disk {d}",
+                    it.disks.len()
+                )
             })?;
             let log = disk::read_log(path)?;
             let id = state::hex(&log.unique_id);

@@ -23,6 +23,13 @@ pub(crate) async fn run<S: PageStore + 'static>(
 ) -> Result<()> {
     let mut a = Agent::open(store, &cli.target.site, azure, cli.json)?;
     // Finish whatever an interrupted process left in flight first.
+    let resumed: Vec<JobId> = a
+        .state
+        .coordinator
+        .jobs()
+        .filter(|j| !j.state.is_terminal())
+        .map(|j| j.id)
+        .collect();
     a.drive().await?;
     match &cli.command {
         Cmd::Protect {
@@ -36,7 +43,7 @@ pub(crate) async fn run<S: PageStore + 'static>(
             protect(&mut a, item, disks, policy, *block_size).await
         }
         Cmd::Replicate { item, logs } => replicate(&mut a, item, logs).await,
-        Cmd::Resync { item } => resync(&mut a, item).await,
+        Cmd::Resync { item } => resync(&mut a, item, &resumed).await,
         Cmd::Status { item } => status(&mut a, item.as_deref(), cli.json),
         Cmd::Jobs { item } => jobs(&a, item.as_deref(), cli.json),
         Cmd::Points { item } => points(&mut a, item, cli.json),
@@ -75,11 +82,12 @@ pub(crate) async fn run<S: PageStore + 'static>(
                 bail!("on the local site, failover needs --out DIR for the recovered disks");
             }
             a.item(item)?;
-            let ex = out
-                .as_ref()
-                .map(|o| export(o, *format))
-                .unwrap_or_default();
-            a.state.items.get_mut(item).expect("checked").failover_export = ex;
+            let ex = out.as_ref().map(|o| export(o, *format)).unwrap_or_default();
+            a.state
+                .items
+                .get_mut(item)
+                .expect("checked")
+                .failover_export = ex;
             if *planned {
                 if !logs.is_empty() {
                     a.stage_logs(item, logs)?;
@@ -301,7 +309,11 @@ pub(crate) async fn replicate<S: PageStore + 'static>(
             break;
         }
         let now = a.now();
-        let at = a.state.coordinator.poll_timeout().map_or(now, |t| t.max(now));
+        let at = a
+            .state
+            .coordinator
+            .poll_timeout()
+            .map_or(now, |t| t.max(now));
         a.state.clock = at;
         a.state.coordinator.handle_timeout(at);
         a.drive().await?;
@@ -336,12 +348,26 @@ pub(crate) async fn replicate<S: PageStore + 'static>(
     Ok(())
 }
 
-async fn resync<S: PageStore + 'static>(a: &mut Agent<S>, item: &str) -> Result<()> {
+async fn resync<S: PageStore + 'static>(
+    a: &mut Agent<S>,
+    item: &str,
+    resumed: &[JobId],
+) -> Result<()> {
     a.item(item)?;
-    a.command(Command::Resync {
-        item: item.to_owned(),
-    })
-    .await?;
+    // A resync an interrupted run of this command left behind was just completed.
+    let finished = resumed.iter().any(|id| {
+        a.state.coordinator.job(*id).is_some_and(|j| {
+            j.item == item
+                && j.kind == lifeboat_replication::JobKind::Resynchronize
+                && j.state == lifeboat_replication::JobState::Succeeded
+        })
+    });
+    if !finished {
+        a.command(Command::Resync {
+            item: item.to_owned(),
+        })
+        .await?;
+    }
     for (d, r) in a.item(item)?.last_resync.iter().enumerate() {
         println!(
             "{item} disk {d}: {} blocks compared, {} bytes sent, {} bytes cleared",
@@ -459,8 +485,16 @@ fn status<S: PageStore + 'static>(a: &mut Agent<S>, item: Option<&str>, json: bo
                 s.health,
                 s.points.len(),
                 s.cycles_applied,
-                if it.source_running { "running" } else { "stopped" },
-                if it.target_running { "running" } else { "stopped" },
+                if it.source_running {
+                    "running"
+                } else {
+                    "stopped"
+                },
+                if it.target_running {
+                    "running"
+                } else {
+                    "stopped"
+                },
             );
             if s.test_failover != lifeboat_replication::TestFailoverState::None {
                 println!("  test failover: {:?}", s.test_failover);

@@ -41,8 +41,14 @@ impl Rng {
         match self.below(3) {
             0 => {
                 let words: [&[u8]; 8] = [
-                    b"replica ", b"lifeboat ", b"disk ", b"block ", b"journal ", b"write ",
-                    b"sector ", b"\n",
+                    b"replica ",
+                    b"lifeboat ",
+                    b"disk ",
+                    b"block ",
+                    b"journal ",
+                    b"write ",
+                    b"sector ",
+                    b"\n",
                 ];
                 let mut i = 0;
                 while i < buf.len() {
@@ -99,7 +105,10 @@ pub(crate) fn guest_write<S: PageStore + 'static>(
     }
     let (path, len) = match (it.disks.get(d), it.sizes.get(d)) {
         (Some(p), Some(l)) => (p.clone(), *l),
-        _ => bail!("{item} has {} disk(s); there is no disk {d}", it.disks.len()),
+        _ => bail!(
+            "{item} has {} disk(s); there is no disk {d}",
+            it.disks.len()
+        ),
     };
     if size == 0 || !size.is_multiple_of(512) || size > len {
         bail!("--size must be a multiple of 512 and at most the disk's size");
@@ -131,9 +140,7 @@ pub(crate) fn guest_write<S: PageStore + 'static>(
     }
     disk.sync_all()?;
     let (out, _) = w.finish(writes)?;
-    out.into_inner()
-        .map_err(|e| e.into_error())?
-        .sync_all()?;
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     a.state.items.get_mut(item).expect("checked").tracking[d].generated = unique_id;
     a.save()?;
     if !a.quiet {
@@ -229,7 +236,10 @@ async fn verify_replica<S: PageStore + 'static>(a: &Agent<S>, item: &str) -> Res
     for (d, h) in want.iter().enumerate() {
         let got = disk::hash_blob(&*a.store, &ItemState::blob(item, d), None, it.sizes[d]).await?;
         ensure!(got == *h, "replica of disk {d} differs from the source");
-        println!("   verified: replica disk {d} = source (BLAKE3 {})", &h.to_hex()[..16]);
+        println!(
+            "   verified: replica disk {d} = source (BLAKE3 {})",
+            &h.to_hex()[..16]
+        );
     }
     Ok(())
 }
@@ -242,11 +252,22 @@ async fn verify_locations<S: PageStore + 'static>(
     what: &str,
 ) -> Result<()> {
     let it = a.item(item)?;
-    ensure!(ls.len() == want.len(), "{what}: {} disk(s), expected {}", ls.len(), want.len());
+    ensure!(
+        ls.len() == want.len(),
+        "{what}: {} disk(s), expected {}",
+        ls.len(),
+        want.len()
+    );
     for (d, (l, h)) in ls.iter().zip(want).enumerate() {
         let got = hash_location(a, l, it.sizes[d]).await?;
-        ensure!(got == *h, "{what} disk {d} differs from the expected content");
-        println!("   verified: {what} disk {d} (BLAKE3 {})", &h.to_hex()[..16]);
+        ensure!(
+            got == *h,
+            "{what} disk {d} differs from the expected content"
+        );
+        println!(
+            "   verified: {what} disk {d} (BLAKE3 {})",
+            &h.to_hex()[..16]
+        );
     }
     Ok(())
 }
@@ -276,7 +297,9 @@ async fn demo<S: PageStore + 'static>(
     make_disk(&disks[0], 48 << 20, 1)?;
     make_disk(&disks[1], 16 << 20, 2)?;
 
-    s.step(&format!("Protect {item}: initial replication, one disk at a time"));
+    s.step(&format!(
+        "Protect {item}: initial replication, one disk at a time"
+    ));
     let policy = commands::policy(crate::Frequency::S30, 24)?;
     commands::protect(&mut a, &item, &disks, policy, 64 << 10).await?;
     verify_replica(&a, &item).await?;
@@ -290,7 +313,9 @@ async fn demo<S: PageStore + 'static>(
     };
 
     for round in 1..=2 {
-        s.step(&format!("Delta cycle {round}: guest writes recorded in HRL logs, replicated"));
+        s.step(&format!(
+            "Delta cycle {round}: guest writes recorded in HRL logs, replicated"
+        ));
         let l0 = record(&mut a, 0, 48, 64 << 10)?;
         let l1 = record(&mut a, 1, 16, 16 << 10)?;
         commands::replicate(&mut a, &item, &[(0, l0.clone()), (1, l1.clone())]).await?;
@@ -306,7 +331,10 @@ async fn demo<S: PageStore + 'static>(
     let big = record(&mut a, 1, 160, 64 << 10)?;
     commands::replicate(&mut a, &item, &[(1, big)]).await?;
     let st = a.protection(&item)?;
-    ensure!(st == ProtectionState::ResyncRequired, "expected ResyncRequired, got {st:?}");
+    ensure!(
+        st == ProtectionState::ResyncRequired,
+        "expected ResyncRequired, got {st:?}"
+    );
     let job = a
         .command(lifeboat_replication::Command::Resync { item: item.clone() })
         .await?;
@@ -369,12 +397,19 @@ async fn demo<S: PageStore + 'static>(
             let at = rng.below(len / buf.len() as u64) * buf.len() as u64;
             rng.fill(&mut buf);
             match l {
-                Location::File { path, .. } => {
-                    OpenOptions::new().write(true).open(path)?.write_all_at(&buf, at)?
-                }
+                Location::File { path, .. } => OpenOptions::new()
+                    .write(true)
+                    .open(path)?
+                    .write_all_at(&buf, at)?,
                 Location::Blob { name, .. } => {
                     a.store
-                        .write_pages(name, at, Bytes::copy_from_slice(&buf), crc64(&buf), Condition::NONE)
+                        .write_pages(
+                            name,
+                            at,
+                            Bytes::copy_from_slice(&buf),
+                            crc64(&buf),
+                            Condition::NONE,
+                        )
                         .await?
                 }
             }
@@ -398,7 +433,10 @@ async fn demo<S: PageStore + 'static>(
         );
     }
     let got = source_hashes(&a, &item)?;
-    ensure!(got == want, "on-premises disks differ from the recovered disks after failback");
+    ensure!(
+        got == want,
+        "on-premises disks differ from the recovered disks after failback"
+    );
     println!("   verified: on-premises disks = recovered disks");
 
     s.step("Reprotect: replication towards the recovery site resumes");
@@ -407,7 +445,10 @@ async fn demo<S: PageStore + 'static>(
     a.command(lifeboat_replication::Command::Reprotect { item: item.clone() })
         .await?;
     let st = a.protection(&item)?;
-    ensure!(st == ProtectionState::Protected, "expected Protected, got {st:?}");
+    ensure!(
+        st == ProtectionState::Protected,
+        "expected Protected, got {st:?}"
+    );
     verify_replica(&a, &item).await?;
 
     s.step("Jobs");

@@ -184,9 +184,10 @@ impl BlockSource for EdgePages {
         while at < buf.len() {
             let pos = offset + at as u64;
             let page = pos / PAGE * PAGE;
-            let data = self.pages.get(&page).ok_or_else(|| {
-                io::Error::other(format!("edge page {page} was not read ahead"))
-            })?;
+            let data = self
+                .pages
+                .get(&page)
+                .ok_or_else(|| io::Error::other(format!("edge page {page} was not read ahead")))?;
             let from = (pos - page) as usize;
             let n = (PAGE as usize - from).min(buf.len() - at);
             buf[at..at + n].copy_from_slice(&data[from..from + n]);

@@ -37,7 +37,12 @@ pub(crate) struct Cli {
 pub(crate) struct Target {
     /// The site directory: agent state, staged logs, protective copies and (without
     /// --azure) the embedded replica store.
-    #[arg(long, global = true, env = "LIFEBOAT_SITE", default_value = "lifeboat-site")]
+    #[arg(
+        long,
+        global = true,
+        env = "LIFEBOAT_SITE",
+        default_value = "lifeboat-site"
+    )]
     pub(crate) site: PathBuf,
     /// Replicate into this Azure container URL (with a SAS query string, or with
     /// --account and --key) instead of the embedded store.
@@ -154,7 +159,11 @@ pub(crate) enum Cmd {
         /// The item.
         item: String,
         /// Planned failover.
-        #[arg(long, conflicts_with = "unplanned", required_unless_present = "unplanned")]
+        #[arg(
+            long,
+            conflicts_with = "unplanned",
+            required_unless_present = "unplanned"
+        )]
         planned: bool,
         /// Unplanned failover.
         #[arg(long)]
@@ -341,7 +350,10 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("lifeboat: cannot start the runtime: {e}");

@@ -23,9 +23,8 @@ pub(crate) fn hrl(cmd: &HrlCmd, json: bool) -> Result<()> {
 }
 
 fn load(path: &Path) -> Result<Reader<Bytes>> {
-    let bytes = Bytes::from(
-        std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
-    );
+    let bytes =
+        Bytes::from(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?);
     Reader::new(bytes).with_context(|| format!("{} is not a valid HRL log", path.display()))
 }
 
