@@ -121,7 +121,7 @@ fn make_disk(path: &Path, len: u64, seed: u64) {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        if x % 3 != 0 {
+        if !x.is_multiple_of(3) {
             for (i, b) in buf.iter_mut().enumerate() {
                 *b = (x >> (i % 8 * 8)) as u8 ^ i as u8;
             }

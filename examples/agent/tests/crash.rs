@@ -1,0 +1,294 @@
+//! Crash safety: the agent is killed (SIGKILL) at seeded random points during `protect`,
+//! `replicate`, `resync` and `failback`; running the command again completes it, and the
+//! replica (or the failed-back disks) equal the expected content byte for byte.
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+const SEEDS: u64 = 4;
+
+struct Site {
+    dir: PathBuf,
+}
+
+impl Site {
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_lifeboat"));
+        c.arg("--site").arg(self.dir.join("site")).args(args);
+        c
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cmd(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "lifeboat {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Starts the command, kills it with SIGKILL after `delay`; whether it was still
+    /// running then.
+    fn kill_after(&self, args: &[&str], delay: Duration) -> bool {
+        let mut child = self.cmd(args).spawn().unwrap();
+        let start = Instant::now();
+        while start.elapsed() < delay {
+            if child.try_wait().unwrap().is_some() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let running = child.try_wait().unwrap().is_none();
+        child.kill().unwrap(); // SIGKILL on unix
+        child.wait().unwrap();
+        running
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn make_disk(path: &Path, len: u64, seed: u64) {
+    let f = fs::File::create(path).unwrap();
+    f.set_len(len).unwrap();
+    let mut x = seed | 1;
+    let mut buf = vec![0u8; 256 << 10];
+    let mut at = 0;
+    while at < len {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        if x >> 62 != 0 {
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = (x >> (i % 7 * 8)) as u8 ^ (i >> 9) as u8;
+            }
+            f.write_all_at(&buf, at).unwrap();
+        }
+        at += buf.len() as u64;
+    }
+}
+
+/// The replica's latest point equals the item's source disks.
+fn assert_replica_is_source(site: &Site, item: &str, disks: &[PathBuf]) {
+    let out = site.path("check");
+    let _ = fs::remove_dir_all(&out);
+    site.ok(&["test-failover", item, "--out", s(&out)]);
+    for (d, src) in disks.iter().enumerate() {
+        let got = fs::read(out.join(format!("disk{d}.raw"))).unwrap();
+        assert!(
+            got == fs::read(src).unwrap(),
+            "replica disk {d} differs from {}",
+            src.display()
+        );
+    }
+    site.ok(&["test-failover-cleanup", item]);
+}
+
+/// A fraction in [0.05, 0.95) from a seed.
+fn frac(seed: u64) -> f64 {
+    let x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11;
+    0.05 + 0.9 * (x as f64 / (1u64 << 53) as f64)
+}
+
+/// Prepares a site with `setup`, then runs `op` killed at a seeded point and again to
+/// completion, then `check`s. The first pass (no kill) measures how long `op` takes.
+fn crash_test(name: &str, setup: impl Fn(&Site) -> Vec<String>, check: impl Fn(&Site)) {
+    let root = tempfile::tempdir().unwrap();
+    let base = Site {
+        dir: root.path().join("baseline"),
+    };
+    fs::create_dir_all(&base.dir).unwrap();
+    let args = setup(&base);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let t0 = Instant::now();
+    base.ok(&args);
+    let took = t0.elapsed();
+    check(&base);
+    let mut landed = 0;
+    for seed in 1..=SEEDS {
+        let site = Site {
+            dir: root.path().join(format!("seed{seed}")),
+        };
+        fs::create_dir_all(&site.dir).unwrap();
+        let args = setup(&site);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let delay = took.mul_f64(frac(seed * 7919 + name.len() as u64));
+        if site.kill_after(&args, delay) {
+            landed += 1;
+        }
+        site.ok(&args);
+        check(&site);
+    }
+    // Most kills must land while the command runs, or the test tests nothing.
+    assert!(
+        landed >= SEEDS / 2,
+        "{name}: only {landed} of {SEEDS} kills landed mid-run"
+    );
+}
+
+fn disks(site: &Site) -> Vec<PathBuf> {
+    vec![site.path("d0.raw"), site.path("d1.raw")]
+}
+
+fn make_vm(site: &Site) -> Vec<PathBuf> {
+    let d = disks(site);
+    make_disk(&d[0], 24 * MIB, 1);
+    make_disk(&d[1], 16 * MIB, 2);
+    d
+}
+
+fn protect_args(d: &[PathBuf]) -> Vec<String> {
+    let mut a = vec!["protect".to_string(), "vm".to_string()];
+    for p in d {
+        a.push("--disk".into());
+        a.push(s(p).into());
+    }
+    a
+}
+
+#[test]
+fn protect_survives_sigkill() {
+    crash_test(
+        "protect",
+        |site| protect_args(&make_vm(site)),
+        |site| assert_replica_is_source(site, "vm", &disks(site)),
+    );
+}
+
+#[test]
+fn replicate_survives_sigkill() {
+    crash_test(
+        "replicate",
+        |site| {
+            let d = make_vm(site);
+            site.ok(&protect_args(&d)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>());
+            let (l0, l1) = (site.path("l0.hrl"), site.path("l1.hrl"));
+            site.ok(&[
+                "guest-write",
+                "vm",
+                "--disk",
+                "0",
+                "--log",
+                s(&l0),
+                "--writes",
+                "150",
+                "--size",
+                "64K",
+            ]);
+            site.ok(&[
+                "guest-write",
+                "vm",
+                "--disk",
+                "1",
+                "--log",
+                s(&l1),
+                "--writes",
+                "100",
+                "--size",
+                "64K",
+            ]);
+            vec![
+                "replicate".into(),
+                "vm".into(),
+                "--log".into(),
+                format!("0={}", s(&l0)),
+                "--log".into(),
+                format!("1={}", s(&l1)),
+            ]
+        },
+        |site| {
+            assert_replica_is_source(site, "vm", &disks(site));
+            // Exactly once: the cycle made one recovery point beyond protection's.
+            let out = site.ok(&["points", "vm"]);
+            assert_eq!(out.lines().count(), 2, "{out}");
+        },
+    );
+}
+
+#[test]
+fn resync_survives_sigkill() {
+    crash_test(
+        "resync",
+        |site| {
+            let d = make_vm(site);
+            site.ok(&protect_args(&d)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>());
+            let l = site.path("big.hrl");
+            site.ok(&[
+                "guest-write",
+                "vm",
+                "--disk",
+                "0",
+                "--log",
+                s(&l),
+                "--writes",
+                "250",
+                "--size",
+                "64K",
+            ]);
+            let out = site.ok(&["replicate", "vm", "--log", &format!("0={}", s(&l))]);
+            assert!(out.contains("resync required"), "{out}");
+            vec!["resync".into(), "vm".into()]
+        },
+        |site| assert_replica_is_source(site, "vm", &disks(site)),
+    );
+}
+
+#[test]
+fn failback_survives_sigkill() {
+    crash_test(
+        "failback",
+        |site| {
+            let d = make_vm(site);
+            site.ok(&protect_args(&d)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>());
+            let rec = site.path("rec");
+            site.ok(&["failover", "vm", "--planned", "--out", s(&rec)]);
+            site.ok(&["commit", "vm"]);
+            // The recovered machine rewrites a third of each disk.
+            for (i, len) in [(0, 24 * MIB), (1, 16 * MIB)] {
+                let f = fs::OpenOptions::new()
+                    .write(true)
+                    .open(rec.join(format!("disk{i}.raw")))
+                    .unwrap();
+                f.write_all_at(&vec![0xA5; (len / 3) as usize], len / 2)
+                    .unwrap();
+            }
+            let mut a = vec!["failback".to_string(), "vm".to_string()];
+            for p in &d {
+                a.push("--to".into());
+                a.push(s(p).into());
+            }
+            a
+        },
+        |site| {
+            let rec = site.path("rec");
+            for (i, p) in disks(site).iter().enumerate() {
+                let want = fs::read(rec.join(format!("disk{i}.raw"))).unwrap();
+                assert!(
+                    fs::read(p).unwrap() == want,
+                    "disk {i} differs after failback"
+                );
+            }
+            site.ok(&["reprotect", "vm"]);
+            assert_replica_is_source(site, "vm", &disks(site));
+        },
+    );
+}
