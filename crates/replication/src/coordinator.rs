@@ -53,7 +53,7 @@ struct Step {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
-struct Item {
+pub(crate) struct Item {
     disks: Vec<u64>,
     copied: Vec<u64>,
     policy: ReplicationPolicy,
@@ -87,12 +87,18 @@ struct Item {
 /// re-issued after a crash is safe.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Coordinator {
-    items: BTreeMap<ItemId, Item>,
-    jobs: BTreeMap<JobId, Job>,
-    ready: VecDeque<Action>,
-    next_action: u64,
+    pub(crate) items: BTreeMap<ItemId, Item>,
+    pub(crate) jobs: BTreeMap<JobId, Job>,
+    pub(crate) ready: VecDeque<Action>,
+    pub(crate) next_action: u64,
     next_job: u64,
     next_point: u64,
+    /// Recovery plans by name.
+    #[serde(default)]
+    pub(crate) plans: BTreeMap<String, RecoveryPlan>,
+    /// Running plan failovers by plan name.
+    #[serde(default)]
+    pub(crate) plan_runs: BTreeMap<String, crate::plan::PlanRun>,
 }
 
 /// A read-only view of a protected item.
@@ -162,6 +168,7 @@ fn task_name(kind: &ActionKind) -> String {
         ActionKind::SyncBack { .. } => "Final sync back".into(),
         ActionKind::RestoreSourceDisks => "Restore on-premises disks".into(),
         ActionKind::DeleteProtectiveSnapshot => "Delete protective snapshot".into(),
+        ActionKind::RunHook { group, pre, hook } => crate::plan::hook_task(*group, *pre, hook),
     }
 }
 
@@ -173,6 +180,12 @@ impl Coordinator {
 
     /// Starts an operation at `now`; returns its job.
     pub fn handle_command(&mut self, now: Duration, cmd: Command) -> Result<JobId, OpError> {
+        let r = self.command(now, cmd);
+        self.pump_plans(now);
+        r
+    }
+
+    pub(crate) fn command(&mut self, now: Duration, cmd: Command) -> Result<JobId, OpError> {
         let name = cmd.item().to_owned();
         let op = op_name(&cmd);
         if let Command::EnableProtection { disks, policy, .. } = &cmd {
@@ -485,6 +498,10 @@ impl Coordinator {
         id: ActionId,
         outcome: Outcome,
     ) -> Result<(), OpError> {
+        if self.plan_outcome(now, id, &outcome) {
+            self.pump_plans(now);
+            return Ok(());
+        }
         let name = self
             .items
             .iter()
@@ -502,6 +519,7 @@ impl Coordinator {
             Outcome::Logs(logs) => self.on_done(now, &name, step, logs),
         }
         self.pump(&name, now);
+        self.pump_plans(now);
         Ok(())
     }
 
@@ -511,6 +529,7 @@ impl Coordinator {
         for n in names {
             self.pump(&n, now);
         }
+        self.pump_plans(now);
     }
 
     /// After restoring a serialised coordinator: re-issues every action that was in
@@ -524,6 +543,8 @@ impl Coordinator {
             }
             self.pump(&n, now);
         }
+        self.resume_plans();
+        self.pump_plans(now);
     }
 
     /// The next action to perform.
@@ -596,7 +617,7 @@ impl Coordinator {
             .expect("item exists: callers check")
     }
 
-    fn new_job(&mut self, now: Duration, kind: JobKind, item: &str) -> JobId {
+    pub(crate) fn new_job(&mut self, now: Duration, kind: JobKind, item: &str) -> JobId {
         self.next_job += 1;
         let id = JobId(self.next_job);
         self.jobs.insert(
@@ -661,7 +682,7 @@ impl Coordinator {
         }
     }
 
-    fn finish_job(&mut self, now: Duration, job: JobId, state: JobState) {
+    pub(crate) fn finish_job(&mut self, now: Duration, job: JobId, state: JobState) {
         if let Some(j) = self.jobs.get_mut(&job) {
             j.state = state;
             j.ended = Some(now);
@@ -1012,7 +1033,8 @@ impl Coordinator {
             | ActionKind::ShutDownSource
             | ActionKind::StartSource
             | ActionKind::StartTarget { .. }
-            | ActionKind::StopTarget => {}
+            | ActionKind::StopTarget
+            | ActionKind::RunHook { .. } => {}
         }
         if let Some(j) = step.job {
             self.complete_empty_job(now, name, j);
@@ -1088,7 +1110,7 @@ impl Coordinator {
                 it.failover_point = None;
                 it.cycle_due = Some(now);
             }
-            JobKind::RepairReplication => {}
+            JobKind::RepairReplication | JobKind::RecoveryPlan => {}
             JobKind::Failback => it.state = S::FailbackCompleted,
             JobKind::CompleteFailback => it.state = S::FailbackCommitted,
             JobKind::CancelFailback => it.state = S::FailoverCommitted,
@@ -1245,6 +1267,12 @@ impl Coordinator {
         }
         for j in self.jobs.values() {
             if j.state.is_terminal() {
+                continue;
+            }
+            if j.kind == JobKind::RecoveryPlan {
+                if !self.plan_job_alive(j) {
+                    return Err(format!("plan job {:?} of {} is stuck", j.id, j.item));
+                }
                 continue;
             }
             let it = &self.items[&j.item];

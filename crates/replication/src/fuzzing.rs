@@ -11,7 +11,7 @@ const MIB: u64 = 1 << 20;
 /// One step of a model-based run.
 #[derive(Clone, Debug)]
 pub enum Op {
-    /// Issue command `.0` with parameter `.1`.
+    /// Issue command `.0` with parameter `.1` (13: start the recovery plan, 14: resume it).
     Command(u8, u8),
     /// Answer one outstanding action (chosen and shaped by the byte).
     Answer(u8),
@@ -71,6 +71,17 @@ pub fn apply_op(
     persist: &dyn Fn(&Coordinator) -> Result<Coordinator, String>,
 ) -> Result<(), String> {
     match op {
+        Op::Command(13, p) => {
+            let failover = match p % 3 {
+                0 => PlanFailover::Test(PointChoice::Latest),
+                1 => PlanFailover::Planned,
+                _ => PlanFailover::Unplanned(PointChoice::LatestProcessed),
+            };
+            let _ = c.start_plan(*now, "plan", failover);
+        }
+        Op::Command(14, _) => {
+            let _ = c.resume_plan(*now, "plan");
+        }
         Op::Command(k, p) => {
             let points = c.status("vm", *now).map(|s| s.points).unwrap_or_default();
             let cmd = command(k, p, &points);
@@ -134,9 +145,26 @@ pub fn run_ops(
     let mut pending: Vec<Action> = Vec::new();
     c.handle_command(now, command(0, 1, &[]))
         .map_err(|e| e.to_string())?;
+    c.create_plan(RecoveryPlan {
+        name: "plan".into(),
+        groups: vec![PlanGroup {
+            items: vec!["vm".into()],
+            pre: vec![PlanAction {
+                name: "pre".into(),
+                kind: PlanActionKind::Script { hook: "pre".into() },
+                scopes: vec![],
+            }],
+            post: vec![PlanAction {
+                name: "check".into(),
+                kind: PlanActionKind::Manual,
+                scopes: vec![PlanScope::Planned],
+            }],
+        }],
+    })
+    .map_err(|e| e.to_string())?;
     for &(kind, a, b) in ops {
         let op = match kind % 12 {
-            0..=2 => Op::Command(a % 13, b),
+            0..=2 => Op::Command(a % 15, b),
             3..=8 => Op::Answer(a),
             9..=10 => Op::Advance(u16::from(a) * 7 + 1),
             _ => Op::Crash,

@@ -106,6 +106,7 @@ mod coordinator;
 #[doc(hidden)]
 pub mod fuzzing;
 mod model;
+mod plan;
 
 #[cfg(test)]
 mod tests;

@@ -327,6 +327,16 @@ pub enum ActionKind {
     RestoreSourceDisks,
     /// Completed failback: drop the protective snapshot.
     DeleteProtectiveSnapshot,
+    /// A recovery plan's script hook (the action's `item` is the plan's name). Hooks may
+    /// be re-issued after a crash, so they should be idempotent.
+    RunHook {
+        /// The group (from 0).
+        group: usize,
+        /// Before (`true`) or after the group's failover.
+        pre: bool,
+        /// The hook's name, as the plan gives it.
+        hook: String,
+    },
 }
 
 /// An action with its id, item and job.
@@ -334,7 +344,7 @@ pub enum ActionKind {
 pub struct Action {
     /// Report the outcome with this id.
     pub id: ActionId,
-    /// The item.
+    /// The item (the plan, for [`ActionKind::RunHook`]).
     pub item: ItemId,
     /// The job it belongs to, if any (delta cycles belong to none).
     pub job: Option<JobId>,
@@ -493,6 +503,8 @@ pub enum JobKind {
     CancelFailback,
     /// Reprotect (reverse replicate).
     Reprotect,
+    /// A recovery plan's failover (the job's `item` is the plan's name).
+    RecoveryPlan,
 }
 
 /// A job's or task's state.
@@ -552,4 +564,97 @@ pub struct Job {
     pub ended: Option<Duration>,
     /// Errors met (retried or final).
     pub errors: Vec<String>,
+}
+
+/// Which failover a recovery plan runs, for every item of every group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PlanFailover {
+    /// Test failover to the chosen point.
+    Test(PointChoice),
+    /// Planned failover.
+    Planned,
+    /// Unplanned failover to the chosen point.
+    Unplanned(PointChoice),
+}
+
+impl PlanFailover {
+    /// The scope plan actions are matched against.
+    pub fn scope(self) -> PlanScope {
+        match self {
+            PlanFailover::Test(_) => PlanScope::Test,
+            PlanFailover::Planned => PlanScope::Planned,
+            PlanFailover::Unplanned(_) => PlanScope::Unplanned,
+        }
+    }
+
+    /// The command it means for one item.
+    pub fn command(self, item: ItemId) -> Command {
+        match self {
+            PlanFailover::Test(point) => Command::TestFailover { item, point },
+            PlanFailover::Planned => Command::PlannedFailover { item },
+            PlanFailover::Unplanned(point) => Command::UnplannedFailover { item, point },
+        }
+    }
+}
+
+/// The failovers a plan action takes part in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PlanScope {
+    /// Test failover.
+    Test,
+    /// Planned failover.
+    Planned,
+    /// Unplanned failover.
+    Unplanned,
+}
+
+/// What a plan's pre or post action is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PlanActionKind {
+    /// An administrator does something by hand: the plan suspends until
+    /// [`Coordinator::resume_plan`](crate::Coordinator::resume_plan).
+    Manual,
+    /// A script the driver runs ([`ActionKind::RunHook`]).
+    Script {
+        /// The hook's name (for example a command line).
+        hook: String,
+    },
+}
+
+/// A pre or post action of a plan group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanAction {
+    /// What it is called in the job's tasks.
+    pub name: String,
+    /// Manual or scripted.
+    pub kind: PlanActionKind,
+    /// The failovers it runs in; empty for all.
+    pub scopes: Vec<PlanScope>,
+}
+
+impl PlanAction {
+    /// Whether it runs in a failover of `scope`.
+    pub fn applies(&self, scope: PlanScope) -> bool {
+        self.scopes.is_empty() || self.scopes.contains(&scope)
+    }
+}
+
+/// One group of a recovery plan: its items fail over in parallel.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanGroup {
+    /// The items.
+    pub items: Vec<ItemId>,
+    /// Actions before the group's failover, in order.
+    pub pre: Vec<PlanAction>,
+    /// Actions after it, in order.
+    pub post: Vec<PlanAction>,
+}
+
+/// A recovery plan: ordered groups; group N+1 starts when group N is done.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryPlan {
+    /// Its name.
+    pub name: String,
+    /// The groups, in order.
+    pub groups: Vec<PlanGroup>,
 }

@@ -889,3 +889,236 @@ fn regression_a_point_being_deleted_cannot_be_chosen() {
         Err(OpError::NoRecoveryPoint { .. })
     ));
 }
+
+// ---------------------------------------------------------------------- recovery plans
+
+fn three_tier(sim: &mut Sim) -> RecoveryPlan {
+    for i in ["db", "app", "web"] {
+        sim.protect(i, vec![4 * MIB]);
+    }
+    let script = |name: &str, scopes: Vec<PlanScope>| PlanAction {
+        name: name.into(),
+        kind: PlanActionKind::Script { hook: name.into() },
+        scopes,
+    };
+    RecoveryPlan {
+        name: "three-tier".into(),
+        groups: vec![
+            PlanGroup {
+                items: vec!["db".into()],
+                pre: vec![script("stop-app-writes", vec![PlanScope::Planned])],
+                post: vec![PlanAction {
+                    name: "check the database".into(),
+                    kind: PlanActionKind::Manual,
+                    scopes: vec![],
+                }],
+            },
+            PlanGroup {
+                items: vec!["app".into(), "web".into()],
+                pre: vec![],
+                post: vec![script(
+                    "switch-dns",
+                    vec![PlanScope::Planned, PlanScope::Unplanned],
+                )],
+            },
+        ],
+    }
+}
+
+/// The order of the plan's actions: item failover steps and hooks.
+fn plan_trace(done: &[Action]) -> Vec<String> {
+    done.iter()
+        .filter_map(|a| match &a.kind {
+            ActionKind::RunHook { hook, .. } => Some(format!("hook {hook}")),
+            ActionKind::ShutDownSource | ActionKind::StartTarget { .. } => {
+                Some(format!("{} {:?}", a.item, std::mem::discriminant(&a.kind)))
+            }
+            ActionKind::MaterializeDisks { .. } => Some(format!("{} materialize", a.item)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn plan_runs_groups_in_order_with_hooks_and_a_manual_step() {
+    let mut sim = Sim::new();
+    let plan = three_tier(&mut sim);
+    sim.c.create_plan(plan).unwrap();
+    sim.done.clear();
+    let job = sim
+        .c
+        .start_plan(sim.now, "three-tier", PlanFailover::Planned)
+        .unwrap();
+    sim.run();
+    // Group 1 ran (pre hook, db's failover), then the manual post action suspended the plan.
+    let j = sim.c.job(job).unwrap();
+    assert_eq!(j.state, JobState::Suspended);
+    assert_eq!(
+        sim.c.status("db", sim.now).unwrap().state,
+        ProtectionState::PlannedFailoverCompleted
+    );
+    assert_eq!(
+        sim.c.status("app", sim.now).unwrap().state,
+        ProtectionState::Protected
+    );
+    let trace = plan_trace(&sim.done);
+    assert_eq!(trace[0], "hook stop-app-writes");
+    assert!(trace[1].starts_with("db "), "{trace:?}");
+    assert!(
+        !trace
+            .iter()
+            .any(|t| t.starts_with("app") || t.starts_with("web"))
+    );
+    sim.c.check_invariants().unwrap();
+
+    // Resumed: group 2 fails over (app and web interleaved), then its post hook.
+    sim.crash();
+    sim.c.resume_plan(sim.now, "three-tier").unwrap();
+    sim.run();
+    let j = sim.c.job(job).unwrap();
+    assert_eq!(j.state, JobState::Succeeded, "{j:?}");
+    assert_eq!(j.progress_permille, 1000);
+    assert!(j.tasks.iter().all(|t| t.state == JobState::Succeeded));
+    assert_eq!(j.tasks.len(), 5, "{:?}", j.tasks);
+    for i in ["app", "web"] {
+        assert_eq!(
+            sim.c.status(i, sim.now).unwrap().state,
+            ProtectionState::PlannedFailoverCompleted
+        );
+    }
+    let trace = plan_trace(&sim.done);
+    assert_eq!(trace.last().unwrap(), "hook switch-dns");
+    // Parallel inside a group: web's first step comes before app's last.
+    let first_web = trace.iter().position(|t| t.starts_with("web")).unwrap();
+    let last_app = trace.iter().rposition(|t| t.starts_with("app")).unwrap();
+    assert!(first_web < last_app, "{trace:?}");
+    assert!(sim.c.resume_plan(sim.now, "three-tier").is_err());
+}
+
+#[test]
+fn plan_actions_are_scoped_and_test_failover_leaves_replication_alone() {
+    let mut sim = Sim::new();
+    let plan = three_tier(&mut sim);
+    sim.c.create_plan(plan).unwrap();
+    sim.done.clear();
+    let job = sim
+        .c
+        .start_plan(
+            sim.now,
+            "three-tier",
+            PlanFailover::Test(PointChoice::Latest),
+        )
+        .unwrap();
+    sim.run();
+    // No planned-only hook; the manual step (all scopes) waits.
+    assert!(
+        !plan_trace(&sim.done)
+            .iter()
+            .any(|t| t == "hook stop-app-writes")
+    );
+    assert_eq!(sim.c.job(job).unwrap().state, JobState::Suspended);
+    sim.c.resume_plan(sim.now, "three-tier").unwrap();
+    sim.run();
+    assert_eq!(sim.c.job(job).unwrap().state, JobState::Succeeded);
+    // switch-dns is scoped to planned and unplanned: not run.
+    assert!(!plan_trace(&sim.done).iter().any(|t| t.starts_with("hook")));
+    for i in ["db", "app", "web"] {
+        let s = sim.c.status(i, sim.now).unwrap();
+        assert_eq!(s.state, ProtectionState::Protected);
+        assert_eq!(s.test_failover, TestFailoverState::TestFailoverCompleted);
+    }
+}
+
+#[test]
+fn plan_fails_when_a_hook_or_an_item_fails_and_refuses_bad_plans() {
+    let mut sim = Sim::new();
+    let plan = three_tier(&mut sim);
+    assert!(matches!(
+        sim.c.create_plan(RecoveryPlan {
+            name: "x".into(),
+            groups: vec![PlanGroup {
+                items: vec!["ghost".into()],
+                ..PlanGroup::default()
+            }],
+        }),
+        Err(OpError::UnknownItem(_))
+    ));
+    let mut twice = plan.clone();
+    twice.groups[1].items.push("db".into());
+    assert!(sim.c.create_plan(twice).is_err());
+    sim.c.create_plan(plan).unwrap();
+
+    // A failing pre hook fails the plan before any item moves.
+    sim.world.fail = Some((
+        |k| matches!(k, ActionKind::RunHook { .. }),
+        Class::NonRecoverable,
+        1,
+    ));
+    let job = sim
+        .c
+        .start_plan(sim.now, "three-tier", PlanFailover::Planned)
+        .unwrap();
+    sim.run();
+    let j = sim.c.job(job).unwrap();
+    assert_eq!(j.state, JobState::Failed);
+    assert!(j.errors[0].contains("hook failed"), "{:?}", j.errors);
+    assert_eq!(
+        sim.c.status("db", sim.now).unwrap().state,
+        ProtectionState::Protected
+    );
+
+    // An item whose failover is not allowed fails the plan and names the state.
+    sim.cmd(Command::Resync { item: "db".into() }).unwrap();
+    sim.world.fail = Some((
+        |k| matches!(k, ActionKind::ResyncDisk { .. }),
+        Class::NonRecoverable,
+        1,
+    ));
+    sim.cmd(Command::Resync { item: "app".into() }).unwrap();
+    assert_eq!(
+        sim.c.status("app", sim.now).unwrap().state,
+        ProtectionState::Resynchronizing
+    );
+    sim.c.resume_plan(sim.now, "three-tier").unwrap_err();
+    let job = sim
+        .c
+        .start_plan(
+            sim.now,
+            "three-tier",
+            PlanFailover::Test(PointChoice::Latest),
+        )
+        .unwrap();
+    sim.run();
+    sim.c.resume_plan(sim.now, "three-tier").unwrap();
+    sim.run();
+    let j = sim.c.job(job).unwrap();
+    assert_eq!(j.state, JobState::Failed, "{j:?}");
+    assert!(j.errors[0].contains("Resynchronizing"), "{:?}", j.errors);
+    sim.c.check_invariants().unwrap();
+}
+
+#[test]
+fn plan_survives_a_crash_at_every_step() {
+    let mut sim = Sim::new();
+    let plan = three_tier(&mut sim);
+    sim.c.create_plan(plan).unwrap();
+    sim.crashy = true;
+    let job = sim
+        .c
+        .start_plan(
+            sim.now,
+            "three-tier",
+            PlanFailover::Unplanned(PointChoice::Latest),
+        )
+        .unwrap();
+    sim.run();
+    sim.c.resume_plan(sim.now, "three-tier").unwrap();
+    sim.run();
+    assert_eq!(sim.c.job(job).unwrap().state, JobState::Succeeded);
+    for i in ["db", "app", "web"] {
+        assert_eq!(
+            sim.c.status(i, sim.now).unwrap().state,
+            ProtectionState::UnplannedFailoverCompleted
+        );
+    }
+}
