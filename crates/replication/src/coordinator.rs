@@ -75,6 +75,14 @@ pub(crate) struct Item {
     final_delta_applied: bool,
     /// A protective snapshot of the on-premises disks exists (failback in progress).
     protective_snapshot: bool,
+    /// A resync is paused: nothing is emitted until it resumes.
+    #[serde(default)]
+    paused: bool,
+    /// Delta cycles that were due (run or missed), and missed.
+    #[serde(default)]
+    cycles_due: u64,
+    #[serde(default)]
+    cycles_missed: u64,
 }
 
 /// The replication brain for any number of protected items. It never performs I/O and
@@ -137,6 +145,10 @@ fn op_name(c: &Command) -> &'static str {
         Command::CompleteFailback { .. } => "CompleteFailback",
         Command::CancelFailback { .. } => "CancelFailback",
         Command::Reprotect { .. } => "Reprotect",
+        Command::ChangeRecoveryPoint { .. } => "ChangeRecoveryPoint",
+        Command::PauseResync { .. } => "PauseResync",
+        Command::ResumeResync { .. } => "ResumeResync",
+        Command::CancelResync { .. } => "CancelResync",
     }
 }
 
@@ -186,6 +198,17 @@ impl Coordinator {
     }
 
     pub(crate) fn command(&mut self, now: Duration, cmd: Command) -> Result<JobId, OpError> {
+        let original = cmd.clone();
+        let job = self.command_inner(now, cmd)?;
+        if let Some(j) = self.jobs.get_mut(&job)
+            && j.command.is_none()
+        {
+            j.command = Some(original);
+        }
+        Ok(job)
+    }
+
+    fn command_inner(&mut self, now: Duration, cmd: Command) -> Result<JobId, OpError> {
         let name = cmd.item().to_owned();
         let op = op_name(&cmd);
         if let Command::EnableProtection { disks, policy, .. } = &cmd {
@@ -224,6 +247,9 @@ impl Coordinator {
                     failover_point: None,
                     final_delta_applied: false,
                     protective_snapshot: false,
+                    paused: false,
+                    cycles_due: 0,
+                    cycles_missed: 0,
                 },
             );
             let job = self.new_job(now, JobKind::EnableProtection, &name);
@@ -299,7 +325,10 @@ impl Coordinator {
                 job
             }
             Command::UnplannedFailover { point, .. } => {
-                if !matches!(state, S::Protected | S::ResyncRequired | S::Resynchronizing) {
+                if !matches!(
+                    state,
+                    S::Protected | S::ResyncRequired | S::Resynchronizing | S::ResyncPaused
+                ) {
                     return Err(deny(None));
                 }
                 let chosen = match point {
@@ -322,6 +351,7 @@ impl Coordinator {
                 let job = self.new_job(now, JobKind::UnplannedFailover, &name);
                 let it = self.item_mut(&name);
                 it.state = S::UnplannedFailoverInitiated;
+                it.paused = false;
                 it.resync_reason = None;
                 self.drop_cycle_steps(&name);
                 match chosen {
@@ -465,6 +495,57 @@ impl Coordinator {
                 self.enqueue(&name, job, ActionKind::CloseLogs { cycle });
                 job
             }
+            Command::ChangeRecoveryPoint { point, .. } => {
+                if !matches!(
+                    state,
+                    S::PlannedFailoverCompleted | S::UnplannedFailoverCompleted
+                ) {
+                    return Err(deny(None));
+                }
+                let p = self.choose(&name, point)?;
+                let job = self.new_job(now, JobKind::ChangeRecoveryPoint, &name);
+                self.item_mut(&name).failover_point = Some(p);
+                self.enqueue(&name, job, ActionKind::StopTarget);
+                self.enqueue(
+                    &name,
+                    job,
+                    ActionKind::MaterializeDisks {
+                        point: p,
+                        purpose: Purpose::Failover,
+                    },
+                );
+                self.enqueue(&name, job, ActionKind::StartTarget { point: p });
+                job
+            }
+            Command::PauseResync { .. } => {
+                if state != S::Resynchronizing {
+                    return Err(deny(None));
+                }
+                let it = self.item_mut(&name);
+                it.paused = true;
+                it.state = S::ResyncPaused;
+                // The resync job is suspended; its queued steps wait for ResumeResync.
+                let job = self.resync_job(&name);
+                if let Some(j) = job.and_then(|j| self.jobs.get_mut(&j)) {
+                    j.state = JobState::Suspended;
+                }
+                match job {
+                    Some(j) => j,
+                    None => return Err(deny(None)),
+                }
+            }
+            Command::ResumeResync { .. } => {
+                if state != S::ResyncPaused {
+                    return Err(deny(None));
+                }
+                self.resume_resync(&name)
+            }
+            Command::CancelResync { .. } => {
+                if !matches!(state, S::Resynchronizing | S::ResyncPaused) {
+                    return Err(deny(None));
+                }
+                self.cancel_resync(now, &name)
+            }
             Command::RepairReplication { .. } => {
                 if item.critical.is_none() {
                     return Err(deny(None));
@@ -474,10 +555,12 @@ impl Coordinator {
                 it.critical = None;
                 it.retrier.succeeded();
                 it.retry_at = None;
+                let paused = it.paused;
                 let suspended: Vec<JobId> = it.queue.iter().filter_map(|s| s.job).collect();
                 for j in suspended {
                     if let Some(jb) = self.jobs.get_mut(&j)
                         && jb.state == JobState::Suspended
+                        && !(paused && jb.kind == JobKind::Resynchronize)
                     {
                         jb.state = JobState::InProgress;
                     }
@@ -558,7 +641,7 @@ impl Coordinator {
     pub fn poll_timeout(&self) -> Option<Duration> {
         self.items
             .values()
-            .filter(|it| it.in_flight.is_none() && it.critical.is_none())
+            .filter(|it| it.in_flight.is_none() && it.critical.is_none() && !it.paused)
             .filter_map(|it| {
                 it.retry_at.or_else(|| {
                     (it.state == ProtectionState::Protected && it.queue.is_empty())
@@ -632,6 +715,7 @@ impl Coordinator {
                 started: now,
                 ended: None,
                 errors: Vec::new(),
+                command: None,
             },
         );
         id
@@ -739,6 +823,43 @@ impl Coordinator {
         });
     }
 
+    /// The item's unfinished resync job.
+    fn resync_job(&self, name: &str) -> Option<JobId> {
+        self.jobs
+            .values()
+            .find(|j| j.item == name && j.kind == JobKind::Resynchronize && !j.state.is_terminal())
+            .map(|j| j.id)
+    }
+
+    fn resume_resync(&mut self, name: &str) -> JobId {
+        let it = self.item_mut(name);
+        it.paused = false;
+        it.state = ProtectionState::Resynchronizing;
+        let critical = it.critical.is_some();
+        let job = self.resync_job(name);
+        if let Some(j) = job.and_then(|j| self.jobs.get_mut(&j))
+            && !critical
+        {
+            j.state = JobState::InProgress;
+        }
+        job.unwrap_or(JobId(0))
+    }
+
+    fn cancel_resync(&mut self, now: Duration, name: &str) -> JobId {
+        let job = self.resync_job(name);
+        self.cancel_jobs(
+            now,
+            name,
+            &[JobKind::Resynchronize],
+            "cancelled by CancelResync",
+        );
+        let it = self.item_mut(name);
+        it.paused = false;
+        it.state = ProtectionState::ResyncRequired;
+        it.resync_reason.get_or_insert(ResyncReason::Manual);
+        job.unwrap_or(JobId(0))
+    }
+
     fn start_resync(&mut self, now: Duration, name: &str) -> JobId {
         let job = self.new_job(now, JobKind::Resynchronize, name);
         self.item_mut(name).state = ProtectionState::Resynchronizing;
@@ -767,7 +888,7 @@ impl Coordinator {
     /// Emits the next step of `name` if nothing is in flight and nothing waits.
     fn pump(&mut self, name: &str, now: Duration) {
         let it = self.item_mut(name);
-        if it.in_flight.is_some() || it.critical.is_some() {
+        if it.in_flight.is_some() || it.critical.is_some() || it.paused {
             return;
         }
         if let Some(at) = it.retry_at {
@@ -781,6 +902,13 @@ impl Coordinator {
             && it.cycle_due.is_some_and(|due| due <= now)
         {
             let cycle = it.next_cycle;
+            // A cycle that starts a whole interval (or more) late missed those in between.
+            let interval = it.policy.copy_frequency.interval().as_secs().max(1);
+            let late = it
+                .cycle_due
+                .map_or(0, |due| now.saturating_sub(due).as_secs() / interval);
+            it.cycles_missed += late;
+            it.cycles_due += 1 + late;
             it.cycle_due = None;
             self.enqueue_free(name, ActionKind::CloseLogs { cycle });
         }
@@ -1111,6 +1239,7 @@ impl Coordinator {
                 it.cycle_due = Some(now);
             }
             JobKind::RepairReplication | JobKind::RecoveryPlan => {}
+            JobKind::ChangeRecoveryPoint => {}
             JobKind::Failback => it.state = S::FailbackCompleted,
             JobKind::CompleteFailback => it.state = S::FailbackCommitted,
             JobKind::CancelFailback => it.state = S::FailoverCommitted,
@@ -1169,8 +1298,14 @@ fn health(it: &Item, now: Duration) -> (Health, Vec<HealthCause>) {
         causes.push(HealthCause::NonRecoverableError { message: m.clone() });
         h = Health::Critical;
     }
+    if it.state == S::ResyncPaused {
+        causes.push(HealthCause::ResyncPaused);
+    }
     if let Some(r) = &it.resync_reason
-        && matches!(it.state, S::ResyncRequired | S::Resynchronizing)
+        && matches!(
+            it.state,
+            S::ResyncRequired | S::Resynchronizing | S::ResyncPaused
+        )
     {
         causes.push(HealthCause::ResyncRequired(r.clone()));
         h = h.max(if it.state == S::ResyncRequired {
@@ -1206,6 +1341,18 @@ fn health(it: &Item, now: Duration) -> (Health, Vec<HealthCause>) {
     ) {
         causes.push(HealthCause::FailoverNotCommitted);
         h = h.max(Health::Warning);
+    }
+    if it.state == S::Protected {
+        // Cycles overdue right now count as missed too.
+        let interval = it.policy.copy_frequency.interval().as_secs().max(1);
+        let overdue = it
+            .cycle_due
+            .map_or(0, |due| now.saturating_sub(due).as_secs() / interval);
+        let (missed, due) = (it.cycles_missed + overdue, it.cycles_due + overdue);
+        if due > 0 && missed * 100 > due * u64::from(it.policy.missed_cycles_warning_percent) {
+            causes.push(HealthCause::MissedCycles { missed, due });
+            h = h.max(Health::Warning);
+        }
     }
     (h, causes)
 }
@@ -1281,7 +1428,8 @@ impl Coordinator {
                     .in_flight
                     .as_ref()
                     .is_some_and(|(_, s)| s.job == Some(j.id));
-            let resumable = j.state == JobState::Suspended && it.critical.is_some();
+            let resumable = j.state == JobState::Suspended
+                && (it.critical.is_some() || (it.paused && j.kind == JobKind::Resynchronize));
             if !(has_work || resumable) {
                 return Err(format!(
                     "job {:?} ({:?}) is stuck: neither terminal, working nor resumable",

@@ -105,6 +105,7 @@ pub use crate::{
 mod coordinator;
 #[doc(hidden)]
 pub mod fuzzing;
+mod jobs;
 mod model;
 mod plan;
 

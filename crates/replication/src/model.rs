@@ -60,6 +60,14 @@ pub struct ReplicationPolicy {
     pub copy_chunk: u64,
     /// Health turns Warning when no cycle succeeded for this long.
     pub rpo_warning: Duration,
+    /// Health turns Warning when more than this percentage of the delta cycles due were
+    /// missed (Hyper-V Replica's rule: 20).
+    #[serde(default = "default_missed_percent")]
+    pub missed_cycles_warning_percent: u8,
+}
+
+fn default_missed_percent() -> u8 {
+    20
 }
 
 impl Default for ReplicationPolicy {
@@ -72,6 +80,7 @@ impl Default for ReplicationPolicy {
             retry: lifeboat_retry::Policy::default(),
             copy_chunk: 64 << 20,
             rpo_warning: Duration::from_secs(3600),
+            missed_cycles_warning_percent: default_missed_percent(),
         }
     }
 }
@@ -90,6 +99,8 @@ pub enum ProtectionState {
     ResyncRequired,
     /// A resync is running.
     Resynchronizing,
+    /// A resync is paused (`ResumeResync` continues where it stopped).
+    ResyncPaused,
     /// Planned failover running (source shut down, final delta, target started).
     PlannedFailoverInitiated,
     /// Planned failover done, not committed.
@@ -207,6 +218,16 @@ pub enum HealthCause {
     },
     /// A failover is done but not committed.
     FailoverNotCommitted,
+    /// More delta cycles were missed (started late, a whole interval or more) than the
+    /// policy tolerates.
+    MissedCycles {
+        /// Cycles missed.
+        missed: u64,
+        /// Cycles due (run or missed).
+        due: u64,
+    },
+    /// A resync is paused.
+    ResyncPaused,
 }
 
 /// A recovery point: the state of every disk of the item at one time.
@@ -450,6 +471,28 @@ pub enum Command {
         /// The item.
         item: ItemId,
     },
+    /// Before commit: move the failed-over machine to another recovery point.
+    ChangeRecoveryPoint {
+        /// The item.
+        item: ItemId,
+        /// Which point.
+        point: PointChoice,
+    },
+    /// Pause a running resync.
+    PauseResync {
+        /// The item.
+        item: ItemId,
+    },
+    /// Continue a paused resync where it stopped.
+    ResumeResync {
+        /// The item.
+        item: ItemId,
+    },
+    /// Cancel a resync: the item stays resync-required; the next resync starts over.
+    CancelResync {
+        /// The item.
+        item: ItemId,
+    },
 }
 
 impl Command {
@@ -468,7 +511,11 @@ impl Command {
             | Command::Failback { item, .. }
             | Command::CompleteFailback { item }
             | Command::CancelFailback { item }
-            | Command::Reprotect { item } => item,
+            | Command::Reprotect { item }
+            | Command::ChangeRecoveryPoint { item, .. }
+            | Command::PauseResync { item }
+            | Command::ResumeResync { item }
+            | Command::CancelResync { item } => item,
         }
     }
 }
@@ -505,6 +552,19 @@ pub enum JobKind {
     Reprotect,
     /// A recovery plan's failover (the job's `item` is the plan's name).
     RecoveryPlan,
+    /// Change recovery point.
+    ChangeRecoveryPoint,
+}
+
+/// What an administrator may do with a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobAction {
+    /// Stop it ([`Coordinator::cancel_job`](crate::Coordinator::cancel_job)).
+    Cancel,
+    /// Run its operation again ([`Coordinator::restart_job`](crate::Coordinator::restart_job)).
+    Restart,
+    /// Let a suspended job continue ([`Coordinator::resume_job`](crate::Coordinator::resume_job)).
+    Resume,
 }
 
 /// A job's or task's state.
@@ -564,6 +624,9 @@ pub struct Job {
     pub ended: Option<Duration>,
     /// Errors met (retried or final).
     pub errors: Vec<String>,
+    /// The command that started it (for restart); `None` for plan jobs.
+    #[serde(default)]
+    pub command: Option<Command>,
 }
 
 /// Which failover a recovery plan runs, for every item of every group.

@@ -144,6 +144,18 @@ impl Sim {
         }
     }
 
+    /// Performs one ready action; `false` if none was ready.
+    fn step(&mut self) -> bool {
+        let Some(a) = self.c.poll_action() else {
+            return false;
+        };
+        let outcome = self.answer(&a);
+        self.c.handle_outcome(self.now, a.id, outcome).unwrap();
+        self.done.push(a);
+        self.c.check_invariants().unwrap();
+        true
+    }
+
     /// Jumps to the next deadline and runs what it releases.
     fn tick(&mut self) {
         let t = self.c.poll_timeout().expect("something is scheduled");
@@ -783,7 +795,7 @@ fn via_json(c: &Coordinator) -> Result<Coordinator, String> {
 
 fn arb_op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        3 => (0u8..13, any::<u8>()).prop_map(|(c, p)| Op::Command(c, p)),
+        3 => (0u8..22, any::<u8>()).prop_map(|(c, p)| Op::Command(c, p)),
         6 => any::<u8>().prop_map(Op::Answer),
         2 => (1u16..1200).prop_map(Op::Advance),
         1 => Just(Op::Crash),
@@ -1121,4 +1133,192 @@ fn plan_survives_a_crash_at_every_step() {
             ProtectionState::UnplannedFailoverCompleted
         );
     }
+}
+
+// ------------------------------------------- resync control, change point, health, jobs
+
+fn resync_disks(done: &[Action]) -> Vec<usize> {
+    done.iter()
+        .filter_map(|a| match a.kind {
+            ActionKind::ResyncDisk { disk } => Some(disk),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn resync_pauses_resumes_where_it_stopped_and_cancels_to_resync_required() {
+    let mut s = Sim::new();
+    s.protect("vm", vec![8 * MIB, 8 * MIB]);
+    s.done.clear();
+    let job =
+        s.c.handle_command(s.now, Command::Resync { item: "vm".into() })
+            .unwrap();
+    assert!(s.step() && s.step()); // tracking restarted, disk 0 compared
+    let paused =
+        s.c.handle_command(s.now, Command::PauseResync { item: "vm".into() })
+            .unwrap();
+    assert_eq!(paused, job);
+    s.run();
+    assert!(
+        s.c.poll_timeout().is_none(),
+        "nothing scheduled while paused"
+    );
+    let st = s.status();
+    assert_eq!(st.state, ProtectionState::ResyncPaused);
+    assert!(st.causes.contains(&HealthCause::ResyncPaused));
+    assert_eq!(s.c.job(job).unwrap().state, JobState::Suspended);
+    assert_eq!(
+        s.c.allowed_actions(job),
+        [JobAction::Cancel, JobAction::Resume]
+    );
+    let e = s.cmd(Command::TestFailover {
+        item: "vm".into(),
+        point: PointChoice::Latest,
+    });
+    assert!(e.unwrap_err().to_string().contains("ResyncPaused"));
+    s.c.check_invariants().unwrap();
+
+    // Resume (through the job's allowed action): disk 1 only, then Protected.
+    s.crash();
+    s.c.resume_job(s.now, job).unwrap();
+    s.run();
+    assert_eq!(resync_disks(&s.done), [0, 1]);
+    assert_eq!(s.status().state, ProtectionState::Protected);
+    assert_eq!(s.c.job(job).unwrap().state, JobState::Succeeded);
+
+    // Cancel: resync required again; a restart starts over from disk 0.
+    s.done.clear();
+    let job =
+        s.c.handle_command(s.now, Command::Resync { item: "vm".into() })
+            .unwrap();
+    assert!(s.step() && s.step());
+    s.c.cancel_job(s.now, job).unwrap();
+    s.run();
+    assert_eq!(s.status().state, ProtectionState::ResyncRequired);
+    assert_eq!(s.c.job(job).unwrap().state, JobState::Cancelled);
+    assert_eq!(s.c.allowed_actions(job), [JobAction::Restart]);
+    let again = s.c.restart_job(s.now, job).unwrap();
+    s.run();
+    assert_ne!(again, job);
+    // The disk-1 compare already issued when the cancel came is performed (and ignored);
+    // the restarted resync compares from disk 0 again.
+    assert_eq!(resync_disks(&s.done), [0, 1, 0, 1]);
+    assert_eq!(s.status().state, ProtectionState::Protected);
+    // An unplanned failover is allowed from a paused resync and cancels it.
+    let job =
+        s.c.handle_command(s.now, Command::Resync { item: "vm".into() })
+            .unwrap();
+    s.step();
+    s.c.handle_command(s.now, Command::PauseResync { item: "vm".into() })
+        .unwrap();
+    s.cmd(Command::UnplannedFailover {
+        item: "vm".into(),
+        point: PointChoice::LatestProcessed,
+    })
+    .unwrap();
+    assert_eq!(s.c.job(job).unwrap().state, JobState::Cancelled);
+    assert_eq!(
+        s.status().state,
+        ProtectionState::UnplannedFailoverCompleted
+    );
+}
+
+#[test]
+fn change_recovery_point_before_commit() {
+    let mut s = Sim::new();
+    s.protect("vm", vec![4 * MIB]);
+    s.tick();
+    s.tick();
+    let points: Vec<PointId> = s.status().points.iter().map(|p| p.id).collect();
+    assert_eq!(points.len(), 3);
+    let e = s.cmd(Command::ChangeRecoveryPoint {
+        item: "vm".into(),
+        point: PointChoice::Id(points[1]),
+    });
+    assert!(e.unwrap_err().to_string().contains("Protected"));
+    s.cmd(Command::UnplannedFailover {
+        item: "vm".into(),
+        point: PointChoice::Id(points[0]),
+    })
+    .unwrap();
+    assert_eq!(s.status().failover_point, Some(points[0]));
+    s.done.clear();
+    let job = s
+        .cmd(Command::ChangeRecoveryPoint {
+            item: "vm".into(),
+            point: PointChoice::Id(points[1]),
+        })
+        .unwrap();
+    assert_eq!(
+        s.kinds(),
+        [
+            &ActionKind::StopTarget,
+            &ActionKind::MaterializeDisks {
+                point: points[1],
+                purpose: Purpose::Failover
+            },
+            &ActionKind::StartTarget { point: points[1] },
+        ]
+    );
+    assert_eq!(s.c.job(job).unwrap().kind, JobKind::ChangeRecoveryPoint);
+    assert_eq!(s.c.job(job).unwrap().state, JobState::Succeeded);
+    s.cmd(Command::Commit { item: "vm".into() }).unwrap();
+    let st = s.status();
+    assert_eq!(
+        st.points.iter().map(|p| p.id).collect::<Vec<_>>(),
+        [points[1]]
+    );
+}
+
+#[test]
+fn missed_cycles_turn_health_to_warning_until_cycles_catch_up() {
+    let mut s = Sim::new();
+    s.protect("vm", vec![4 * MIB]);
+    assert_eq!(s.status().health, Health::Normal);
+    // The driver slept through ten intervals.
+    s.now += 11 * 5 * MIN;
+    let st = s.status();
+    assert!(
+        st.causes.contains(&HealthCause::MissedCycles {
+            missed: 10,
+            due: 10
+        }),
+        "{:?}",
+        st.causes
+    );
+    assert_eq!(st.health, Health::Warning);
+    s.c.handle_timeout(s.now);
+    s.run();
+    assert!(s.status().causes.contains(&HealthCause::MissedCycles {
+        missed: 10,
+        due: 11
+    }));
+    for _ in 0..40 {
+        s.tick();
+    }
+    // 10 of 51 missed: under 20 %.
+    let st = s.status();
+    assert_eq!(st.health, Health::Normal, "{:?}", st.causes);
+}
+
+#[test]
+fn job_actions_follow_the_job_state() {
+    let mut s = Sim::new();
+    s.world.fail = Some((
+        |k| matches!(k, ActionKind::CopyDiskRange { .. }),
+        Class::NonRecoverable,
+        1,
+    ));
+    let job = s.protect("vm", vec![4 * MIB]);
+    assert_eq!(s.c.job(job).unwrap().state, JobState::Suspended);
+    assert_eq!(s.c.allowed_actions(job), [JobAction::Resume]);
+    assert!(s.c.cancel_job(s.now, job).is_err());
+    assert!(s.c.restart_job(s.now, job).is_err());
+    s.c.resume_job(s.now, job).unwrap();
+    s.run();
+    assert_eq!(s.c.job(job).unwrap().state, JobState::Succeeded);
+    assert!(s.c.allowed_actions(job).is_empty());
+    assert!(s.c.resume_job(s.now, job).is_err());
+    assert!(s.c.restart_job(s.now, job).is_err());
 }
