@@ -12,10 +12,18 @@ restarted agent resumes exactly where it stopped.
 - [`Coordinator`]: every protected item, its [`ProtectionState`], test-failover state,
   recovery points, health, retries (the `lifeboat-retry` schedule; non-recoverable errors
   make the item Critical until [`Command::RepairReplication`]) and its [`Job`]s.
-- [`Command`]s: enable protection, resync, test failover and cleanup, planned and
-  unplanned failover (latest, latest processed, latest app-consistent, or a chosen point),
-  commit, cancel, failback (protective snapshot first; complete or cancel), reprotect,
-  repair.
+- [`Command`]s: enable protection, resync (pause, resume, cancel), test failover and
+  cleanup, planned and unplanned failover (latest, latest processed, latest app-consistent,
+  or a chosen point), change recovery point, commit, cancel, failback (protective snapshot
+  first; complete or cancel), reprotect, repair.
+- Recovery plans ([`RecoveryPlan`], [`Coordinator::start_plan`]): ordered groups, the
+  items of a group failing over in parallel, group N+1 after group N; pre/post actions per
+  group, manual (the plan's job is suspended until [`Coordinator::resume_plan`]) or
+  scripted ([`ActionKind::RunHook`]), scoped to test, planned or unplanned failover.
+- Jobs: every operation (and every plan run) is a [`Job`] with ordered tasks, state,
+  progress and errors; [`Coordinator::allowed_actions`] says whether it can be cancelled,
+  restarted or resumed ([`Coordinator::cancel_job`], [`Coordinator::restart_job`],
+  [`Coordinator::resume_job`]).
 - [`Action`]s the driver performs and answers with an [`Outcome`]: copy a disk range, close /
   apply / discard logs, resync a disk, create / delete recovery points, materialise disks,
   shut down or start machines. Each is idempotent.
@@ -27,7 +35,11 @@ restarted agent resumes exactly where it stopped.
   starts at once. Recovery points are not pruned during a resync, so the last good point
   survives until the resynced replica has produced a new one.
 - Planned and test failover are refused during resync; unplanned failover is allowed and
-  cancels it. Planned failover applies a final delta after shutting the source down (zero
+  cancels it.
+- Health is Warning when more than the policy's share of delta cycles (20 %) was missed,
+  when no cycle succeeded within the RPO warning, while a resync runs or is paused, while
+  initial replication or an uncommitted failover is pending; Critical on a non-recoverable
+  error or a required resync. Planned failover applies a final delta after shutting the source down (zero
   loss) or fails (and restarts the source) if that delta requires a resync.
 
 # Invariants
@@ -39,7 +51,8 @@ Checked after every step by the property tests and the fuzz target
 3. a planned failover completes only after its final delta was applied;
 4. recovery points are in creation order; initial copies never pass a disk's end;
 5. every job is terminal, has work queued or in flight, or is suspended on a Critical
-   item that [`Command::RepairReplication`] resumes;
+   item that [`Command::RepairReplication`] resumes or on a paused resync; a plan's job is
+   terminal, waits for a manual action, has a hook in flight or item failovers running;
 6. a failback never syncs onto the on-premises disks, nor waits for completion, without
    its protective snapshot.
 
@@ -93,7 +106,7 @@ c.check_invariants().unwrap();
 
 # Crate features
 
-None. Recovery plans are the next increment.
+None.
 */
 #![doc(test(attr(deny(warnings))))]
 
