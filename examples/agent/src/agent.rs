@@ -255,6 +255,7 @@ impl<S: PageStore + 'static> Agent<S> {
                 // The failback target is now the machine's disk.
                 it.disks = it.failback_to.clone();
             }
+            ActionKind::RunHook { group, pre, hook } => run_hook(name, *group, *pre, hook).await?,
             other => bail!("the agent does not know how to perform {other:?}"),
         }
         Ok(Outcome::Done)
@@ -780,6 +781,23 @@ impl<S: PageStore + 'static> Agent<S> {
         it.pending.extend(staged);
         Ok(fresh)
     }
+}
+
+/// Runs a recovery plan's script hook with `sh -c`; a non-zero exit fails the plan.
+async fn run_hook(plan: &str, group: usize, pre: bool, hook: &str) -> Result<()> {
+    let status = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(hook)
+        .env("LIFEBOAT_PLAN", plan)
+        .env("LIFEBOAT_GROUP", (group + 1).to_string())
+        .env("LIFEBOAT_PHASE", if pre { "pre" } else { "post" })
+        .status()
+        .await
+        .with_context(|| format!("running hook {hook:?}"))?;
+    if !status.success() {
+        bail!("hook {hook:?} exited with {status}");
+    }
+    Ok(())
 }
 
 /// A source limited to its first `len` bytes (a VHD file's footer is not disk data).

@@ -7,13 +7,14 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use lifeboat_pageblob::PageStore;
 use lifeboat_replication::{
-    Command, CopyFrequency, JobId, PointChoice, PointId, ProtectionState, ReplicationPolicy,
+    Command, CopyFrequency, JobId, PlanAction, PlanActionKind, PlanFailover, PlanGroup, PlanScope,
+    PointChoice, PointId, ProtectionState, RecoveryPlan, ReplicationPolicy,
 };
 use serde_json::json;
 
 use crate::agent::Agent;
 use crate::state::{self, Export, ItemState, Location, Tracking};
-use crate::{Cli, Cmd, Format, Frequency, PlanCmd};
+use crate::{Cli, Cmd, Format, Frequency, JobCmd, PlanCmd};
 
 /// Runs an item command against `store`.
 pub(crate) async fn run<S: PageStore + 'static>(
@@ -43,7 +44,36 @@ pub(crate) async fn run<S: PageStore + 'static>(
             protect(&mut a, item, disks, policy, *block_size).await
         }
         Cmd::Replicate { item, logs } => replicate(&mut a, item, logs).await,
-        Cmd::Resync { item } => resync(&mut a, item, &resumed).await,
+        Cmd::Resync {
+            item,
+            pause,
+            resume,
+            cancel,
+        } => {
+            let cmd = if *pause {
+                Command::PauseResync { item: item.clone() }
+            } else if *resume {
+                Command::ResumeResync { item: item.clone() }
+            } else if *cancel {
+                Command::CancelResync { item: item.clone() }
+            } else {
+                return resync(&mut a, item, &resumed).await;
+            };
+            a.command(cmd).await?;
+            println!("{item}: {:?}", a.protection(item)?);
+            Ok(())
+        }
+        Cmd::ChangePoint { item, point } => {
+            let point = parse_point(point)?;
+            a.command(Command::ChangeRecoveryPoint {
+                item: item.clone(),
+                point,
+            })
+            .await?;
+            print_locations(&a.item(item)?.recovered);
+            Ok(())
+        }
+        Cmd::Job { command } => job(&mut a, command).await,
         Cmd::Status { item } => status(&mut a, item.as_deref(), cli.json),
         Cmd::Jobs { item } => jobs(&a, item.as_deref(), cli.json),
         Cmd::Points { item } => points(&mut a, item, cli.json),
@@ -539,6 +569,7 @@ fn jobs<S: PageStore + 'static>(a: &Agent<S>, item: Option<&str>, json: bool) ->
                     "ended": j.ended.map(|e| e.as_secs()),
                     "tasks": j.tasks.iter().map(|t| json!({"name": t.name, "state": format!("{:?}", t.state)})).collect::<Vec<_>>(),
                     "errors": j.errors,
+                    "allowed_actions": a.state.coordinator.allowed_actions(j.id).iter().map(|x| format!("{x:?}")).collect::<Vec<_>>(),
                 })
             })
             .collect();
@@ -610,29 +641,111 @@ fn points<S: PageStore + 'static>(a: &mut Agent<S>, item: &str, json: bool) -> R
     Ok(())
 }
 
+async fn job<S: PageStore + 'static>(a: &mut Agent<S>, cmd: &JobCmd) -> Result<()> {
+    let now = a.now();
+    let c = &mut a.state.coordinator;
+    let id = match cmd {
+        JobCmd::Cancel { id } => {
+            c.cancel_job(now, JobId(*id))?;
+            JobId(*id)
+        }
+        JobCmd::Restart { id } => c.restart_job(now, JobId(*id))?,
+        JobCmd::Resume { id } => {
+            c.resume_job(now, JobId(*id))?;
+            JobId(*id)
+        }
+    };
+    a.save()?;
+    a.drive().await?;
+    if let Some(j) = a.state.coordinator.job(id) {
+        println!("job {}: {:?} {:?}", j.id.0, j.kind, j.state);
+    }
+    Ok(())
+}
+
+/// Parses `GROUP[/SCOPE,...]:manual:NAME` or `GROUP[/SCOPE,...]:script:COMMAND`.
+fn parse_plan_action(s: &str, groups: usize) -> Result<(usize, PlanAction)> {
+    let mut parts = s.splitn(3, ':');
+    let (Some(head), Some(kind), Some(text)) = (parts.next(), parts.next(), parts.next()) else {
+        bail!(
+            "plan action {s:?}: expected GROUP[/SCOPES]:manual:NAME or GROUP[/SCOPES]:script:COMMAND"
+        );
+    };
+    let (group, scopes) = head.split_once('/').unwrap_or((head, ""));
+    let group: usize = group
+        .parse()
+        .ok()
+        .filter(|g| (1..=groups).contains(g))
+        .with_context(|| format!("plan action {s:?}: group must be 1..={groups}"))?;
+    let scopes = scopes
+        .split(',')
+        .filter(|x| !x.is_empty())
+        .map(|x| match x {
+            "test" => Ok(PlanScope::Test),
+            "planned" => Ok(PlanScope::Planned),
+            "unplanned" => Ok(PlanScope::Unplanned),
+            other => bail!("plan action {s:?}: unknown scope {other}"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let kind = match kind {
+        "manual" => PlanActionKind::Manual,
+        "script" => PlanActionKind::Script {
+            hook: text.to_owned(),
+        },
+        other => bail!("plan action {s:?}: {other} is neither manual nor script"),
+    };
+    Ok((
+        group - 1,
+        PlanAction {
+            name: text.to_owned(),
+            kind,
+            scopes,
+        },
+    ))
+}
+
 async fn plan<S: PageStore + 'static>(a: &mut Agent<S>, cmd: &PlanCmd) -> Result<()> {
     match cmd {
-        PlanCmd::Create { plan, groups } => {
-            let mut gs = Vec::new();
-            for g in groups {
-                let items: Vec<String> = g
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(String::from)
-                    .collect();
-                if items.is_empty() {
-                    bail!("an empty group in plan {plan}");
-                }
-                for i in &items {
-                    a.item(i)?;
-                }
-                gs.push(items);
+        PlanCmd::Create {
+            plan,
+            groups,
+            pre,
+            post,
+        } => {
+            let mut gs: Vec<PlanGroup> = groups
+                .iter()
+                .map(|g| PlanGroup {
+                    items: g
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(String::from)
+                        .collect(),
+                    ..PlanGroup::default()
+                })
+                .collect();
+            for p in pre {
+                let (g, action) = parse_plan_action(p, gs.len())?;
+                gs[g].pre.push(action);
             }
-            a.state.plans.insert(plan.clone(), gs);
+            for p in post {
+                let (g, action) = parse_plan_action(p, gs.len())?;
+                gs[g].post.push(action);
+            }
+            a.state.coordinator.create_plan(RecoveryPlan {
+                name: plan.clone(),
+                groups: gs,
+            })?;
             a.save()?;
             println!("plan {plan}: {} group(s)", groups.len());
             Ok(())
+        }
+        PlanCmd::Resume { plan } => {
+            let now = a.now();
+            a.state.coordinator.resume_plan(now, plan)?;
+            a.save()?;
+            a.drive().await?;
+            report_plan(a, plan)
         }
         PlanCmd::Failover {
             plan,
@@ -641,54 +754,63 @@ async fn plan<S: PageStore + 'static>(a: &mut Agent<S>, cmd: &PlanCmd) -> Result
             unplanned,
             out,
         } => {
-            if !(*test || *planned || *unplanned) {
+            let failover = if *test {
+                PlanFailover::Test(PointChoice::Latest)
+            } else if *planned {
+                PlanFailover::Planned
+            } else if *unplanned {
+                PlanFailover::Unplanned(PointChoice::Latest)
+            } else {
                 bail!("plan failover needs --test, --planned or --unplanned");
-            }
-            let groups = a
+            };
+            let items: Vec<String> = a
                 .state
-                .plans
-                .get(plan)
-                .cloned()
-                .with_context(|| format!("no recovery plan {plan}"))?;
-            for (g, items) in groups.iter().enumerate() {
-                // Every item of the group starts; the driver interleaves their actions.
-                let mut started: Vec<(String, JobId)> = Vec::new();
-                for i in items {
-                    let ex = export(&out.join(i), Format::Raw);
-                    let it = a.state.items.get_mut(i).context("item of the plan")?;
-                    let cmd = if *test {
-                        it.test_export = ex;
-                        Command::TestFailover {
-                            item: i.clone(),
-                            point: PointChoice::Latest,
-                        }
-                    } else if *planned {
-                        it.failover_export = ex;
-                        Command::PlannedFailover { item: i.clone() }
-                    } else {
-                        it.failover_export = ex;
-                        Command::UnplannedFailover {
-                            item: i.clone(),
-                            point: PointChoice::Latest,
-                        }
-                    };
-                    let now = a.now();
-                    let job = a
-                        .state
-                        .coordinator
-                        .handle_command(now, cmd)
-                        .with_context(|| format!("plan {plan}, group {}", g + 1))?;
-                    started.push((i.clone(), job));
+                .coordinator
+                .plan(plan)
+                .with_context(|| format!("no recovery plan {plan}"))?
+                .groups
+                .iter()
+                .flat_map(|g| g.items.clone())
+                .collect();
+            for i in &items {
+                let ex = export(&out.join(i), Format::Raw);
+                let it = a.state.items.get_mut(i).context("item of the plan")?;
+                if *test {
+                    it.test_export = ex;
+                } else {
+                    it.failover_export = ex;
                 }
-                a.save()?;
-                a.drive().await?;
-                for (i, job) in &started {
-                    a.check_job(i, *job)
-                        .with_context(|| format!("plan {plan}, group {}", g + 1))?;
-                }
-                println!("plan {plan}: group {} done ({})", g + 1, items.join(", "));
             }
+            let now = a.now();
+            a.state.coordinator.start_plan(now, plan, failover)?;
+            a.save()?;
+            a.drive().await?;
+            report_plan(a, plan)
+        }
+    }
+}
+
+/// Prints where the plan's latest job is; fails if it failed.
+fn report_plan<S: PageStore + 'static>(a: &Agent<S>, plan: &str) -> Result<()> {
+    let job = a
+        .state
+        .coordinator
+        .jobs()
+        .filter(|j| j.kind == lifeboat_replication::JobKind::RecoveryPlan && j.item == plan)
+        .last()
+        .with_context(|| format!("plan {plan} has no job"))?;
+    for t in &job.tasks {
+        println!("plan {plan}: {:<50} {:?}", t.name, t.state);
+    }
+    match job.state {
+        lifeboat_replication::JobState::Succeeded => {
+            println!("plan {plan}: done");
             Ok(())
         }
+        lifeboat_replication::JobState::Suspended => {
+            println!("plan {plan}: waiting for a manual action; run `lifeboat plan resume {plan}`");
+            Ok(())
+        }
+        s => bail!("plan {plan}: {s:?}: {}", job.errors.join("; ")),
     }
 }

@@ -119,6 +119,15 @@ pub(crate) enum Cmd {
     Resync {
         /// The item.
         item: String,
+        /// Pause the running resync.
+        #[arg(long, group = "control")]
+        pause: bool,
+        /// Resume a paused resync where it stopped.
+        #[arg(long, group = "control")]
+        resume: bool,
+        /// Cancel the resync (the item stays resync-required).
+        #[arg(long, group = "control")]
+        cancel: bool,
     },
     /// Protected items: state, health, points.
     Status {
@@ -182,6 +191,14 @@ pub(crate) enum Cmd {
         #[arg(long, value_enum, default_value = "raw")]
         format: Format,
     },
+    /// Before commit: move the failed-over machine to another recovery point.
+    ChangePoint {
+        /// The item.
+        item: String,
+        /// latest-processed, latest-app-consistent or a point id.
+        #[arg(long)]
+        point: String,
+    },
     /// Keep the failover: delete every other recovery point.
     Commit {
         /// The item.
@@ -240,6 +257,11 @@ pub(crate) enum Cmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Cancel, restart or resume a job.
+    Job {
+        #[command(subcommand)]
+        command: JobCmd,
+    },
     /// Recovery plans.
     Plan {
         #[command(subcommand)]
@@ -265,16 +287,48 @@ pub(crate) enum Cmd {
     },
 }
 
+/// Job commands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum JobCmd {
+    /// Cancel a running resync or recovery plan.
+    Cancel {
+        /// The job id.
+        id: u64,
+    },
+    /// Run a failed or cancelled job's operation again.
+    Restart {
+        /// The job id.
+        id: u64,
+    },
+    /// Let a suspended job continue.
+    Resume {
+        /// The job id.
+        id: u64,
+    },
+}
+
 /// Recovery plan commands.
 #[derive(Debug, Subcommand)]
 pub(crate) enum PlanCmd {
-    /// Create (or replace) a plan: ordered groups of items.
+    /// Create (or replace) a plan: ordered groups of items, with pre and post actions.
     Create {
         /// The plan.
         plan: String,
         /// A group: ITEM[,ITEM...]; groups fail over in the order given.
         #[arg(long = "group", required = true)]
         groups: Vec<String>,
+        /// A pre action: GROUP[/SCOPE,...]:manual:NAME or GROUP[/SCOPE,...]:script:COMMAND
+        /// (GROUP from 1; SCOPE test, planned or unplanned; none for all).
+        #[arg(long = "pre")]
+        pre: Vec<String>,
+        /// A post action, as --pre.
+        #[arg(long = "post")]
+        post: Vec<String>,
+    },
+    /// Continue a plan waiting for a manual action.
+    Resume {
+        /// The plan.
+        plan: String,
     },
     /// Fail over every item of a plan, group by group.
     Failover {

@@ -206,6 +206,8 @@ fn workflow(t: &Target, dir: &Path, item: &str) {
     let l0 = logs.join("a0.hrl");
     let l1 = logs.join("a1.hrl");
     let d0_before = bytes(&d0);
+    let d1_before = bytes(&d1);
+    let first_point = t.json(&["points", item])[0]["id"].as_u64().unwrap();
     t.ok(&[
         "guest-write",
         item,
@@ -393,6 +395,17 @@ fn workflow(t: &Target, dir: &Path, item: &str) {
     assert_eq!(t.state(item), "UnplannedFailoverCompleted");
     assert_same(&uf.join("disk0.raw"), &d0);
     assert_same(&uf.join("disk1.raw"), &d1);
+    // Change recovery point: the recovered disks become the first point's.
+    let out = t.ok(&["change-point", item, "--point", &first_point.to_string()]);
+    assert!(out.contains("disk0.raw"), "{out}");
+    assert!(bytes(&uf.join("disk0.raw")) == d0_before);
+    assert!(bytes(&uf.join("disk1.raw")) == d1_before);
+    assert_eq!(t.json(&["status", item])[0]["failover_point"], first_point);
+    let r = t.fails(&["resync", item, "--pause"]);
+    assert!(
+        r.contains("PauseResync is not allowed") && r.contains("UnplannedFailoverCompleted"),
+        "{r}"
+    );
     t.ok(&["cancel", item]);
     assert_eq!(t.state(item), "Protected");
 
@@ -544,28 +557,95 @@ fn recovery_plan_fails_over_group_by_group() {
         t.ok(&["protect", name, "--disk", s(&d)]);
         disks.push(d);
     }
+    let hooks = dir.path().join("hooks.log");
+    let h = s(&hooks);
     assert!(
         t.fails(&["plan", "create", "p", "--group", "db", "--group", "ghost"])
             .contains("ghost")
     );
-    t.ok(&["plan", "create", "p", "--group", "db", "--group", "app,web"]);
+    assert!(
+        t.fails(&[
+            "plan",
+            "create",
+            "p",
+            "--group",
+            "db",
+            "--pre",
+            "3:manual:x"
+        ])
+        .contains("group")
+    );
+    t.ok(&[
+        "plan",
+        "create",
+        "p",
+        "--group",
+        "db",
+        "--group",
+        "app,web",
+        "--pre",
+        &format!("1/planned:script:echo pre-$LIFEBOAT_GROUP >> {h}"),
+        "--post",
+        "1:manual:check the database",
+        "--post",
+        &format!("2:script:echo post-$LIFEBOAT_GROUP-$LIFEBOAT_PHASE >> {h}"),
+    ]);
+
+    // Test failover: group 1, then the manual step suspends the plan.
     let out_dir = dir.path().join("plan-test");
     let out = t.ok(&["plan", "failover", "p", "--test", "--out", s(&out_dir)]);
-    let (g1, g2) = (
-        out.find("group 1 done (db)").unwrap(),
-        out.find("group 2 done (app, web)").unwrap(),
-    );
-    assert!(g1 < g2, "{out}");
+    assert!(out.contains("waiting for a manual action"), "{out}");
+    assert_same(&out_dir.join("db").join("disk0.raw"), &disks[2]);
+    assert!(!out_dir.join("app").exists());
+    let jobs = t.json(&["jobs", "p"]);
+    let plan_job = jobs.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(plan_job["state"], "Suspended");
+    assert_eq!(plan_job["allowed_actions"][1], "Resume", "{plan_job}");
+    let out = t.ok(&["plan", "resume", "p"]);
+    assert!(out.contains("plan p: done"), "{out}");
     for (name, d) in ["web", "app", "db"].iter().zip(&disks) {
         assert_same(&out_dir.join(name).join("disk0.raw"), d);
+        assert_eq!(t.state(name), "Protected");
         t.ok(&["test-failover-cleanup", name]);
     }
+    // The planned-only pre hook did not run; the post hook ran once, after group 2.
+    assert_eq!(fs::read_to_string(&hooks).unwrap(), "post-2-post\n");
+
+    // A failing hook fails the plan and moves nothing.
+    t.ok(&[
+        "plan",
+        "create",
+        "bad",
+        "--group",
+        "web",
+        "--pre",
+        "1:script:exit 3",
+    ]);
+    let r = t.fails(&[
+        "plan",
+        "failover",
+        "bad",
+        "--unplanned",
+        "--out",
+        s(&dir.path().join("x")),
+    ]);
+    assert!(r.contains("exit") && r.contains("Failed"), "{r}");
+    assert_eq!(t.state("web"), "Protected");
+
+    // Planned: the pre hook, group 1, manual wait, group 2, post hook.
     let out_dir = dir.path().join("plan-planned");
     t.ok(&["plan", "failover", "p", "--planned", "--out", s(&out_dir)]);
+    assert_eq!(t.state("db"), "PlannedFailoverCompleted");
+    assert_eq!(t.state("web"), "Protected");
+    t.ok(&["plan", "resume", "p"]);
     for (name, d) in ["web", "app", "db"].iter().zip(&disks) {
         assert_eq!(t.state(name), "PlannedFailoverCompleted");
         assert_same(&out_dir.join(name).join("disk0.raw"), d);
     }
+    assert_eq!(
+        fs::read_to_string(&hooks).unwrap(),
+        "post-2-post\npre-1\npost-2-post\n"
+    );
 }
 
 #[test]
