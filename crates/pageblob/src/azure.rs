@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use azure_core::credentials::TokenCredential;
 use azure_core::http::policies::{Policy, PolicyResult};
 use azure_core::http::{
-    ClientOptions, Context, Request, RequestContent, RetryOptions, StatusCode, Url,
+    ClientOptions, Context, Request, RequestContent, RetryOptions, StatusCode, Transport, Url,
 };
 use azure_storage_blob::models::{
     BlobClientCreateSnapshotResultHeaders, BlobClientDeleteOptions, BlobClientDownloadOptions,
@@ -60,6 +60,26 @@ impl std::fmt::Debug for Credential {
             Credential::Sas => f.write_str("Sas"),
             Credential::Token(_) => f.write_str("Token"),
         }
+    }
+}
+
+#[cfg(feature = "azure_identity")]
+impl Credential {
+    /// The machine's managed identity (an Azure VM, App Service, AKS pod with workload
+    /// identity set up as managed identity): the production credential for an agent that
+    /// runs in Azure. Tokens are fetched and refreshed by `azure_identity`.
+    pub fn managed_identity() -> Result<Self, StoreError> {
+        let c = azure_identity::ManagedIdentityCredential::new(None)
+            .map_err(|e| StoreError::Invalid(format!("managed identity: {e}")))?;
+        Ok(Credential::Token(c))
+    }
+
+    /// The Azure CLI or Azure Developer CLI sign-in of the current user (`az login`), for
+    /// tools run from a workstation.
+    pub fn developer_tools() -> Result<Self, StoreError> {
+        let c = azure_identity::DeveloperToolsCredential::new(None)
+            .map_err(|e| StoreError::Invalid(format!("developer tools credential: {e}")))?;
+        Ok(Credential::Token(c))
     }
 }
 
@@ -121,10 +141,22 @@ impl AzureStore {
     /// A store for the container at `container_url` (for Azurite:
     /// `http://127.0.0.1:10000/devstoreaccount1/<container>`, no trailing slash).
     pub fn new(container_url: &str, credential: Credential) -> Result<Self, StoreError> {
+        AzureStore::with_transport(container_url, credential, None)
+    }
+
+    /// [`AzureStore::new`] with the SDK's HTTP transport replaced, for example by a
+    /// `reqwest::Client` that trusts a private CA (an Azure Stack endpoint, or Azurite
+    /// over https with `--oauth`, where a token credential may be used).
+    pub fn with_transport(
+        container_url: &str,
+        credential: Credential,
+        transport: Option<Transport>,
+    ) -> Result<Self, StoreError> {
         let url = Url::parse(container_url.trim_end_matches('/'))
             .map_err(|e| StoreError::Invalid(format!("container URL: {e}")))?;
         let mut options = ClientOptions {
             retry: RetryOptions::none(),
+            transport,
             ..ClientOptions::default()
         };
         let token = match credential {

@@ -41,9 +41,17 @@ assert_eq!(store.read("disk0", Some(&point), 4096, 4).await?[..], [7, 7, 7, 7]);
 # Ok(()) }
 ```
 
+# Credentials
+
+[`Credential::SharedKey`] (our signing policy; also Azurite's dev account),
+[`Credential::Sas`] (a SAS token in the container URL) and [`Credential::Token`] (any Entra
+ID `TokenCredential`, https only; tested against Azurite's OAuth mode with a test CA through
+[`AzureStore::with_transport`]).
+
 # Crate features
 
-None.
+- `azure_identity`: `Credential::managed_identity()` and `Credential::developer_tools()`
+  (Azure CLI / Azure Developer CLI sign-in) from the official `azure_identity` crate.
 */
 #![doc(test(attr(deny(warnings))))]
 
