@@ -355,18 +355,7 @@ impl Coordinator {
                 it.resync_reason = None;
                 self.drop_cycle_steps(&name);
                 match chosen {
-                    Some(p) => {
-                        self.enqueue(
-                            &name,
-                            job,
-                            ActionKind::MaterializeDisks {
-                                point: p,
-                                purpose: Purpose::Failover,
-                            },
-                        );
-                        self.enqueue(&name, job, ActionKind::StartTarget { point: p });
-                        self.item_mut(&name).failover_point = Some(p);
-                    }
+                    Some(p) => self.fail_over_to(&name, job, p),
                     None => {
                         self.enqueue(&name, job, ActionKind::ProcessPendingLogs);
                         let point = self.new_point();
@@ -504,17 +493,8 @@ impl Coordinator {
                 }
                 let p = self.choose(&name, point)?;
                 let job = self.new_job(now, JobKind::ChangeRecoveryPoint, &name);
-                self.item_mut(&name).failover_point = Some(p);
                 self.enqueue(&name, job, ActionKind::StopTarget);
-                self.enqueue(
-                    &name,
-                    job,
-                    ActionKind::MaterializeDisks {
-                        point: p,
-                        purpose: Purpose::Failover,
-                    },
-                );
-                self.enqueue(&name, job, ActionKind::StartTarget { point: p });
+                self.fail_over_to(&name, job, p);
                 job
             }
             Command::PauseResync { .. } => {
@@ -821,6 +801,20 @@ impl Coordinator {
                         | ActionKind::CreateRecoveryPoint { .. }
                 )
         });
+    }
+
+    /// Queues the disks of `point` as the failover disks and the machine's start on them.
+    fn fail_over_to(&mut self, name: &str, job: JobId, point: PointId) {
+        self.item_mut(name).failover_point = Some(point);
+        self.enqueue(
+            name,
+            job,
+            ActionKind::MaterializeDisks {
+                point,
+                purpose: Purpose::Failover,
+            },
+        );
+        self.enqueue(name, job, ActionKind::StartTarget { point });
     }
 
     /// The item's unfinished resync job.
@@ -1136,16 +1130,7 @@ impl Coordinator {
                     && matches!(kind, JobKind::PlannedFailover | JobKind::UnplannedFailover)
                     && let Some(j) = step.job
                 {
-                    self.item_mut(name).failover_point = Some(point);
-                    self.enqueue(
-                        name,
-                        j,
-                        ActionKind::MaterializeDisks {
-                            point,
-                            purpose: Purpose::Failover,
-                        },
-                    );
-                    self.enqueue(name, j, ActionKind::StartTarget { point });
+                    self.fail_over_to(name, j, point);
                 }
             }
             ActionKind::DeleteRecoveryPoint { point } => {

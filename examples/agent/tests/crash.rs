@@ -147,6 +147,14 @@ fn make_vm(site: &Site) -> Vec<PathBuf> {
     d
 }
 
+/// A VM protected as `vm`; its disks.
+fn protected_vm(site: &Site) -> Vec<PathBuf> {
+    let d = make_vm(site);
+    let args = protect_args(&d);
+    site.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    d
+}
+
 fn protect_args(d: &[PathBuf]) -> Vec<String> {
     let mut a = vec!["protect".to_string(), "vm".to_string()];
     for p in d {
@@ -170,11 +178,7 @@ fn replicate_survives_sigkill() {
     crash_test(
         "replicate",
         |site| {
-            let d = make_vm(site);
-            site.ok(&protect_args(&d)
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>());
+            protected_vm(site);
             let (l0, l1) = (site.path("l0.hrl"), site.path("l1.hrl"));
             site.ok(&[
                 "guest-write",
@@ -223,11 +227,7 @@ fn resync_survives_sigkill() {
     crash_test(
         "resync",
         |site| {
-            let d = make_vm(site);
-            site.ok(&protect_args(&d)
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>());
+            protected_vm(site);
             let l = site.path("big.hrl");
             site.ok(&[
                 "guest-write",
@@ -254,11 +254,7 @@ fn failback_survives_sigkill() {
     crash_test(
         "failback",
         |site| {
-            let d = make_vm(site);
-            site.ok(&protect_args(&d)
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>());
+            let d = protected_vm(site);
             let rec = site.path("rec");
             site.ok(&["failover", "vm", "--planned", "--out", s(&rec)]);
             site.ok(&["commit", "vm"]);
