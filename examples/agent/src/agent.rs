@@ -36,6 +36,8 @@ pub(crate) struct Agent<S> {
     pub(crate) azure: bool,
     pub(crate) quiet: bool,
     bars: HashMap<(String, usize), ProgressBar>,
+    /// The site's lock, held while the agent runs (released by the OS on any exit).
+    _lock: File,
 }
 
 /// The class of an error: recoverable storage and I/O faults are retried on the
@@ -61,6 +63,17 @@ fn classify(e: &anyhow::Error) -> Class {
 impl<S: PageStore + 'static> Agent<S> {
     /// Opens the site: loads the state and re-issues whatever was in flight.
     pub(crate) fn open(store: Arc<S>, site: &Path, azure: bool, quiet: bool) -> Result<Self> {
+        fs::create_dir_all(site).with_context(|| format!("creating {}", site.display()))?;
+        let lock_path = site.join("lock");
+        let lock =
+            File::create(&lock_path).with_context(|| format!("opening {}", lock_path.display()))?;
+        if lock.try_lock().is_err() {
+            if !quiet {
+                eprintln!("waiting for another lifeboat process on {}", site.display());
+            }
+            lock.lock()
+                .with_context(|| format!("locking {}", lock_path.display()))?;
+        }
         let state = state::load(site)?;
         let mut a = Agent {
             store,
@@ -69,6 +82,7 @@ impl<S: PageStore + 'static> Agent<S> {
             azure,
             quiet,
             bars: HashMap::new(),
+            _lock: lock,
         };
         let now = a.now();
         a.state.coordinator.resume(now);

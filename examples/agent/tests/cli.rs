@@ -669,3 +669,31 @@ fn diff_and_apply_on_files() {
     assert_same(&a, &b);
     assert!(t.fails(&["diff", s(&a), "/missing"]).contains("/missing"));
 }
+
+/// Two commands on one site at once: the second waits for the first (the site's lock), so
+/// neither's state is lost.
+#[test]
+fn concurrent_commands_on_one_site_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Target::local(dir.path());
+    let mut children = Vec::new();
+    for name in ["a", "b", "c"] {
+        let d = dir.path().join(format!("{name}.raw"));
+        make_disk(&d, 8 * MIB, 3);
+        children.push(t.cmd(&["protect", name, "--disk", s(&d)]).spawn().unwrap());
+    }
+    for mut c in children {
+        assert!(c.wait().unwrap().success());
+    }
+    let st = t.json(&["status"]);
+    let names: Vec<&str> = st
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["item"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a", "b", "c"]);
+    for name in ["a", "b", "c"] {
+        assert_eq!(t.state(name), "Protected");
+    }
+}
