@@ -430,6 +430,18 @@ async fn failback<S: PageStore + 'static>(
         };
         targets.push(abs.canonicalize().unwrap_or(abs));
     }
+    for (d, (p, &len)) in targets.iter().zip(&it.sizes).enumerate() {
+        // An alternate disk may not exist yet (it is created); one that exists must fit.
+        if let Ok(m) = std::fs::metadata(p)
+            && m.len() != len
+        {
+            bail!(
+                "--to {} is {} bytes but disk {d} is {len} bytes",
+                p.display(),
+                m.len()
+            );
+        }
+    }
     let alternate = targets != it.disks;
     let st = a.protection(item)?;
     if st == ProtectionState::FailoverCommitted {

@@ -307,6 +307,14 @@ fn workflow(t: &Target, dir: &Path, item: &str) {
         t.fails(&["replicate", item, "--log", "7=/x.hrl"])
             .contains("no disk 7")
     );
+    let replay = dir.join("replay2.raw");
+    fs::write(&replay, bytes(&d0)).unwrap();
+    let r = t.fails(&["hrl", "apply", s(&l3), s(&l2), "--disk", s(&replay)]);
+    assert!(r.contains("does not follow"), "{r}");
+    assert!(
+        bytes(&replay) == bytes(&d0),
+        "a refused chain leaves the disk alone"
+    );
     t.ok(&[
         "replicate",
         item,
@@ -465,6 +473,9 @@ fn workflow(t: &Target, dir: &Path, item: &str) {
             .unwrap();
         rf.write_all_at(&[0xEE; 8192], 65536).unwrap();
     }
+    let r = t.fails(&["failback", item, "--to", s(&d1), "--to", s(&d1)]);
+    assert!(r.contains("bytes but disk 0 is"), "{r}");
+    assert_eq!(t.state(item), "FailoverCommitted");
     let (a0, a1) = (vm.join("alt0.raw"), vm.join("alt1.raw"));
     fs::copy(&d0, &a0).unwrap();
     fs::copy(&d1, &a1).unwrap();
