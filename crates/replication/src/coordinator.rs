@@ -83,6 +83,12 @@ pub(crate) struct Item {
     cycles_due: u64,
     #[serde(default)]
     cycles_missed: u64,
+    /// Nothing is emitted before this (scheduled initial replication).
+    #[serde(default)]
+    wait_until: Option<Duration>,
+    /// An automatic resync waits for its window to open at this time.
+    #[serde(default)]
+    resync_at: Option<Duration>,
 }
 
 /// The replication brain for any number of protected items. It never performs I/O and
@@ -250,6 +256,8 @@ impl Coordinator {
                     paused: false,
                     cycles_due: 0,
                     cycles_missed: 0,
+                    wait_until: None,
+                    resync_at: None,
                 },
             );
             let job = self.new_job(now, JobKind::EnableProtection, &name);
@@ -623,10 +631,14 @@ impl Coordinator {
             .values()
             .filter(|it| it.in_flight.is_none() && it.critical.is_none() && !it.paused)
             .filter_map(|it| {
-                it.retry_at.or_else(|| {
-                    (it.state == ProtectionState::Protected && it.queue.is_empty())
+                it.retry_at.or(it.wait_until).or_else(|| {
+                    let cycle = (it.state == ProtectionState::Protected && it.queue.is_empty())
                         .then_some(it.cycle_due)
-                        .flatten()
+                        .flatten();
+                    let resync = (it.state == ProtectionState::ResyncRequired)
+                        .then_some(it.resync_at)
+                        .flatten();
+                    cycle.or(resync)
                 })
             })
             .min()
@@ -855,6 +867,7 @@ impl Coordinator {
     }
 
     fn start_resync(&mut self, now: Duration, name: &str) -> JobId {
+        self.item_mut(name).resync_at = None;
         let job = self.new_job(now, JobKind::Resynchronize, name);
         self.item_mut(name).state = ProtectionState::Resynchronizing;
         self.drop_cycle_steps(name);
@@ -875,7 +888,12 @@ impl Coordinator {
         it.resync_reason = Some(reason);
         it.cycle_due = None;
         if it.policy.auto_resync {
-            self.start_resync(now, name);
+            match it.policy.resync_window {
+                Some(w) if !w.contains(now) => it.resync_at = Some(w.next_open(now)),
+                _ => {
+                    self.start_resync(now, name);
+                }
+            }
         }
     }
 
@@ -891,6 +909,21 @@ impl Coordinator {
             }
             it.retry_at = None;
         }
+        if let Some(at) = it.wait_until {
+            if now < at {
+                return;
+            }
+            it.wait_until = None;
+        }
+        if let Some(at) = it.resync_at
+            && now >= at
+        {
+            it.resync_at = None;
+            if it.state == ProtectionState::ResyncRequired {
+                self.start_resync(now, name);
+            }
+        }
+        let it = self.item_mut(name);
         if it.queue.is_empty()
             && it.state == ProtectionState::Protected
             && it.cycle_due.is_some_and(|due| due <= now)
@@ -991,6 +1024,8 @@ impl Coordinator {
                 let it = self.item_mut(name);
                 if it.state == ProtectionState::EnablingProtection {
                     it.state = ProtectionState::InitialReplicationInProgress;
+                    // Scheduled initial replication: tracking runs, copying waits.
+                    it.wait_until = it.policy.initial_replication_at.filter(|at| *at > now);
                     self.next_copy(name, step.job);
                 }
             }

@@ -41,6 +41,13 @@ pub fn command(c: u8, p: u8, points: &[RecoveryPoint]) -> Command {
             disks: vec![MIB + u64::from(p) * 512, MIB],
             policy: ReplicationPolicy {
                 copy_chunk: MIB / 2,
+                initial_replication_at: p
+                    .is_multiple_of(7)
+                    .then(|| Duration::from_secs(u64::from(p) * 60)),
+                resync_window: p.is_multiple_of(3).then_some(ResyncWindow {
+                    start: Duration::from_secs(u64::from(p) * 600),
+                    end: Duration::from_secs(u64::from(p) * 600 + 7200),
+                }),
                 ..ReplicationPolicy::default()
             },
         },

@@ -54,6 +54,14 @@ pub struct ReplicationPolicy {
     pub app_consistent_every: Option<Duration>,
     /// Start a resync by itself when one is required (otherwise wait for the command).
     pub auto_resync: bool,
+    /// With `auto_resync`: start automatic resyncs only inside this daily window (Hyper-V's
+    /// AutoResynchronizeIntervalStart/End); `None` for at once.
+    #[serde(default)]
+    pub resync_window: Option<ResyncWindow>,
+    /// Start initial replication at this time instead of at once (the disks are tracked
+    /// from enable protection on).
+    #[serde(default)]
+    pub initial_replication_at: Option<Duration>,
     /// Retries of recoverable failures.
     pub retry: lifeboat_retry::Policy,
     /// Bytes per initial-replication copy action.
@@ -77,11 +85,49 @@ impl Default for ReplicationPolicy {
             retention: Duration::from_secs(24 * 3600),
             app_consistent_every: Some(Duration::from_secs(3600)),
             auto_resync: true,
+            resync_window: None,
+            initial_replication_at: None,
             retry: lifeboat_retry::Policy::default(),
             copy_chunk: 64 << 20,
             rpo_warning: Duration::from_secs(3600),
             missed_cycles_warning_percent: default_missed_percent(),
         }
+    }
+}
+
+/// A daily window, as offsets from midnight of the coordinator's clock (which counts from a
+/// midnight, e.g. the Unix epoch); `end` before `start` wraps past midnight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncWindow {
+    /// Opens at.
+    pub start: Duration,
+    /// Closes at.
+    pub end: Duration,
+}
+
+const DAY: u64 = 24 * 3600;
+
+impl ResyncWindow {
+    /// Whether `now` is inside the window.
+    pub fn contains(&self, now: Duration) -> bool {
+        let t = now.as_secs() % DAY;
+        let (s, e) = (self.start.as_secs() % DAY, self.end.as_secs() % DAY);
+        if s <= e {
+            s <= t && t < e
+        } else {
+            t >= s || t < e
+        }
+    }
+
+    /// `now` if inside the window, else when it next opens.
+    pub fn next_open(&self, now: Duration) -> Duration {
+        if self.contains(now) {
+            return now;
+        }
+        let t = now.as_secs() % DAY;
+        let s = self.start.as_secs() % DAY;
+        let wait = if s > t { s - t } else { DAY - t + s };
+        Duration::from_secs(now.as_secs() + wait)
     }
 }
 

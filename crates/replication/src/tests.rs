@@ -1322,3 +1322,75 @@ fn job_actions_follow_the_job_state() {
     assert!(s.c.resume_job(s.now, job).is_err());
     assert!(s.c.restart_job(s.now, job).is_err());
 }
+
+#[test]
+fn scheduled_initial_replication_tracks_now_and_copies_later() {
+    let mut s = Sim::new();
+    let at = Duration::from_secs(2 * 3600);
+    s.protect_with(
+        "vm",
+        vec![8 * MIB],
+        ReplicationPolicy {
+            initial_replication_at: Some(at),
+            ..Sim::policy()
+        },
+    );
+    assert_eq!(s.kinds(), [&ActionKind::StartTracking]);
+    let st = s.status();
+    assert_eq!(st.state, ProtectionState::InitialReplicationInProgress);
+    assert_eq!(st.initial_copy, [(0, 8 * MIB)]);
+    assert_eq!(s.c.poll_timeout(), Some(at));
+    s.crash();
+    s.tick();
+    assert_eq!(s.now, at);
+    assert_eq!(s.status().state, ProtectionState::Protected);
+    assert!(matches!(s.kinds()[1], ActionKind::CopyDiskRange { .. }));
+}
+
+#[test]
+fn automatic_resync_waits_for_its_daily_window() {
+    let window = ResyncWindow {
+        start: Duration::from_secs(3600),
+        end: Duration::from_secs(3 * 3600),
+    };
+    assert!(window.contains(Duration::from_secs(86_400 + 7200)));
+    assert!(!window.contains(Duration::from_secs(3 * 3600)));
+    let wraps = ResyncWindow {
+        start: Duration::from_secs(23 * 3600),
+        end: Duration::from_secs(3600),
+    };
+    assert!(
+        wraps.contains(Duration::from_secs(1800)) && wraps.contains(Duration::from_secs(23 * 3600))
+    );
+    assert!(!wraps.contains(Duration::from_secs(12 * 3600)));
+    assert_eq!(
+        wraps.next_open(Duration::from_secs(12 * 3600)),
+        Duration::from_secs(23 * 3600)
+    );
+
+    let mut s = Sim::new();
+    s.now = Duration::from_secs(10 * 3600);
+    s.protect_with(
+        "vm",
+        vec![4 * MIB],
+        ReplicationPolicy {
+            resync_window: Some(window),
+            ..Sim::policy()
+        },
+    );
+    s.world.log_bytes = 3 * MIB; // over half the disk
+    s.tick();
+    assert_eq!(s.status().state, ProtectionState::ResyncRequired);
+    // The next day at 01:00.
+    assert_eq!(s.c.poll_timeout(), Some(Duration::from_secs(86_400 + 3600)));
+    s.world.log_bytes = 4096;
+    s.crash();
+    s.tick();
+    assert_eq!(s.now, Duration::from_secs(86_400 + 3600));
+    assert_eq!(s.status().state, ProtectionState::Protected);
+    assert!(
+        s.kinds()
+            .iter()
+            .any(|k| matches!(k, ActionKind::ResyncDisk { .. }))
+    );
+}
