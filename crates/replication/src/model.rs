@@ -438,6 +438,8 @@ pub enum Outcome {
 
 /// An operation an administrator (or a recovery plan) asks for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+// Commands are built a few times an hour; boxing the policy would burden every caller.
+#[allow(clippy::large_enum_variant)]
 #[non_exhaustive]
 pub enum Command {
     /// Protect a machine with disks of these sizes.
