@@ -12,8 +12,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use indicatif::{ProgressBar, ProgressStyle};
 use lifeboat_pageblob::{
-    BatchReport, Change, Metadata, PageStore, PageWriter, ReplicaDigests, StoreError, WriteError,
-    WriterConfig, vhd,
+    BatchReport, Change, MAX_PUT, Metadata, PageStore, PageWriter, ReplicaDigests, StoreError,
+    WriteError, WriterConfig, vhd,
 };
 use lifeboat_replication::{
     Action, ActionKind, Command, HealthCause, JobId, JobState, Outcome, PointId, ProtectionState,
@@ -532,18 +532,24 @@ impl<S: PageStore + 'static> Agent<S> {
                     report.bytes_cleared += e.len;
                 }
                 ExtentKind::Data => {
-                    batch.push(Change::Data {
-                        offset: e.offset,
-                        data: disk::read_at(&file, e.offset, e.len)?,
-                    });
-                    batch_bytes += e.len;
-                    report.bytes_sent += e.len;
+                    // Read in request-sized pieces: an extent may span the whole disk.
+                    let mut at = e.offset;
+                    while at < e.offset + e.len {
+                        let n = (e.offset + e.len - at).min(MAX_PUT);
+                        batch.push(Change::Data {
+                            offset: at,
+                            data: disk::read_at(&file, at, n)?,
+                        });
+                        batch_bytes += n;
+                        report.bytes_sent += n;
+                        at += n;
+                        if batch_bytes >= BATCH_BYTES {
+                            self.write_batch(name, d, std::mem::take(&mut batch), None, None)
+                                .await?;
+                            batch_bytes = 0;
+                        }
+                    }
                 }
-            }
-            if batch_bytes >= BATCH_BYTES {
-                self.write_batch(name, d, std::mem::take(&mut batch), None, None)
-                    .await?;
-                batch_bytes = 0;
             }
         }
         if !batch.is_empty() {
