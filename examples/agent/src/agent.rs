@@ -27,6 +27,8 @@ use crate::state::{self, Cycle, ItemState, Location, State, SyncReport};
 
 /// Data bytes per page-writer batch when resyncing (bounded memory).
 const BATCH_BYTES: u64 = 32 << 20;
+/// Data bytes per batch when applying logs (each batch one sequence number).
+const LOG_BATCH_BYTES: u64 = 8 << 20;
 
 /// The agent: a store, a site directory and the state.
 pub(crate) struct Agent<S> {
@@ -455,33 +457,44 @@ impl<S: PageStore + 'static> Agent<S> {
             return Ok(()); // applied and removed before a crash
         };
         for (d, &expect) in c.expect_seq.iter().enumerate() {
-            let logs = c
+            let paths: Vec<&Path> = c
                 .logs
                 .iter()
                 .filter(|l| l.disk == d)
-                .map(|l| {
-                    fs::read(&l.path)
-                        .map(Bytes::from)
-                        .with_context(|| format!("staged log {}", l.path.display()))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            if logs.is_empty() {
+                .map(|l| l.path.as_path())
+                .collect();
+            if paths.is_empty() {
                 continue;
             }
-            let changes = disk::log_changes(&logs)?;
+            // Batch i of the cycle is fenced on sequence number expect + i: a crash resumes
+            // at the first batch the blob has not taken.
+            let chain = disk::LogChain::open(&paths, LOG_BATCH_BYTES)?;
             let blob = ItemState::blob(name, d);
             let size = self.item(name)?.sizes[d];
-            let edges =
-                EdgePages::fetch(&*self.store, &blob, &disk::edge_pages(&changes), size).await?;
-            let report = self
-                .write_batch(name, d, changes, Some(&edges), Some(expect))
-                .await?;
-            if let Some(r) = report
-                && !self.quiet
-            {
+            let seq = self.store.properties(&blob).await?.sequence_number;
+            if seq < expect {
+                bail!(
+                    "replica {blob} is at sequence number {seq}, before cycle {cycle} ({expect})"
+                );
+            }
+            let (mut sent, mut requests, mut batches) = (0, 0, 0);
+            for i in (seq - expect) as usize..chain.len() {
+                let changes = chain.changes(i)?;
+                let edges =
+                    EdgePages::fetch(&*self.store, &blob, &disk::edge_pages(&changes), size)
+                        .await?;
+                if let Some(r) = self
+                    .write_batch(name, d, changes, Some(&edges), Some(expect + i as u64))
+                    .await?
+                {
+                    sent += r.bytes_sent;
+                    requests += r.put_requests;
+                    batches += 1;
+                }
+            }
+            if !self.quiet && requests > 0 {
                 eprintln!(
-                    "{name} disk {d}: cycle {cycle} applied, {} bytes in {} requests",
-                    r.bytes_sent, r.put_requests
+                    "{name} disk {d}: cycle {cycle} applied, {sent} bytes in {requests} requests, {batches} batch(es)"
                 );
             }
         }
@@ -784,7 +797,7 @@ impl<S: PageStore + 'static> Agent<S> {
                 .join("logs")
                 .join(name)
                 .join(format!("disk{d}-{id}.hrl"));
-            disk::write_new(&dest, &log.bytes)?;
+            disk::copy_file_to(path, &dest)?;
             t.seen.insert(id);
             t.last_log = log.unique_id;
             staged.push(state::StagedLog {

@@ -3,14 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use lifeboat_hrl::{ChangeMap, ReadOptions, Reader};
+use lifeboat_hrl::{ChangeMap, Piece, ReadOptions, Reader};
 use lifeboat_pageblob::{Change, MAX_PUT, PAGE, PageStore};
 use lifeboat_resync::BlockSource;
 
@@ -58,10 +58,9 @@ pub(crate) fn read_at(file: &File, offset: u64, len: u64) -> io::Result<Bytes> {
     Ok(Bytes::from(buf))
 }
 
-/// An HRL log read fully into memory (zero-copy payloads), with what the agent checks.
+/// What the agent checks of an HRL log (read through the file: memory is bounded by the
+/// log's metadata, not its payload).
 pub(crate) struct Log {
-    /// The file's bytes.
-    pub(crate) bytes: Bytes,
     /// Its header ids.
     pub(crate) unique_id: [u8; 16],
     /// The previous log's id.
@@ -76,20 +75,28 @@ pub(crate) struct Log {
     pub(crate) disk_end: u64,
 }
 
+fn open_log(path: &Path) -> Result<File> {
+    File::open(path).with_context(|| format!("reading log {}", path.display()))
+}
+
 /// Reads and validates a log: strictly when it was closed cleanly, otherwise by salvage
 /// (so the agent can still say what it held and ask for a resync).
 pub(crate) fn read_log(path: &Path) -> Result<Log> {
-    let bytes =
-        Bytes::from(fs::read(path).with_context(|| format!("reading log {}", path.display()))?);
-    let (reader, clean) = match Reader::with_options(bytes.clone(), ReadOptions::strict()) {
+    let (reader, clean) = match Reader::with_options(open_log(path)?, ReadOptions::strict()) {
         Ok(r) => (r, true),
         Err(strict) => {
-            match Reader::with_options(bytes.clone(), ReadOptions::strict().salvage(true)) {
+            match Reader::with_options(open_log(path)?, ReadOptions::strict().salvage(true)) {
                 Ok(r) if r.salvage().is_some() => (r, false),
                 _ => return Err(strict).with_context(|| format!("log {}", path.display())),
             }
         }
     };
+    if clean {
+        // Every payload against its DataChecksum, streamed (bounded memory).
+        reader
+            .verify_data()
+            .with_context(|| format!("log {}", path.display()))?;
+    }
     let h = reader.header();
     let disk_end = reader
         .writes()
@@ -103,31 +110,70 @@ pub(crate) fn read_log(path: &Path) -> Result<Log> {
         logged_bytes: reader.logged_bytes(),
         clean,
         disk_end,
-        bytes,
     })
 }
 
-/// Folds a chain of logs into non-overlapping changes (later writes win), payloads
-/// sliced from the logs without copying.
-pub(crate) fn log_changes(logs: &[Bytes]) -> Result<Vec<Change>> {
-    let readers = logs
-        .iter()
-        .map(|b| Reader::new(b.clone()))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut map = ChangeMap::new();
-    for r in &readers {
-        map.add_log(r)?;
-    }
-    Ok(map
-        .pieces()
-        .map(|p| {
-            let start = p.file_offset as usize;
-            Change::Data {
-                offset: p.disk_offset,
-                data: logs[p.log].slice(start..start + p.len as usize),
+/// A chain of logs folded into final, non-overlapping pieces (later writes win), cut into
+/// batches of at most `batch` bytes; the same logs always give the same batches.
+pub(crate) struct LogChain {
+    readers: Vec<Reader<File>>,
+    batches: Vec<Vec<Piece>>,
+}
+
+impl LogChain {
+    /// Opens and folds the logs (chain order checked).
+    pub(crate) fn open(paths: &[&Path], batch: u64) -> Result<Self> {
+        let readers = paths
+            .iter()
+            .map(|p| Reader::new(open_log(p)?).with_context(|| format!("log {}", p.display())))
+            .collect::<Result<Vec<_>>>()?;
+        let mut map = ChangeMap::new();
+        for r in &readers {
+            map.add_log(r)?;
+        }
+        let mut batches: Vec<Vec<Piece>> = Vec::new();
+        let mut size = 0;
+        for p in map.pieces() {
+            // A piece may be large (one write of up to 4 GiB): cut it to request size.
+            let mut at = 0;
+            while at < p.len {
+                let n = (p.len - at).min(MAX_PUT);
+                if batches.is_empty() || size + n > batch {
+                    batches.push(Vec::new());
+                    size = 0;
+                }
+                batches.last_mut().expect("pushed").push(Piece {
+                    disk_offset: p.disk_offset + at,
+                    len: n,
+                    log: p.log,
+                    file_offset: p.file_offset + at,
+                });
+                size += n;
+                at += n;
             }
-        })
-        .collect())
+        }
+        Ok(LogChain { readers, batches })
+    }
+
+    /// How many batches.
+    pub(crate) fn len(&self) -> usize {
+        self.batches.len()
+    }
+
+    /// Batch `i` as page-writer changes (payloads read from the logs).
+    pub(crate) fn changes(&self, i: usize) -> Result<Vec<Change>> {
+        self.batches[i]
+            .iter()
+            .map(|p| {
+                let mut buf = vec![0u8; p.len as usize];
+                FileExt::read_exact_at(self.readers[p.log].source(), &mut buf, p.file_offset)?;
+                Ok(Change::Data {
+                    offset: p.disk_offset,
+                    data: Bytes::from(buf),
+                })
+            })
+            .collect()
+    }
 }
 
 /// The pages a set of changes only partly covers: the bytes the page writer needs
@@ -329,15 +375,10 @@ pub(crate) fn open_disk(path: &Path, len: u64) -> Result<File> {
     Ok(f)
 }
 
-/// Makes sure a new file's directory exists and writes bytes durably.
-pub(crate) fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
-    if let Some(dir) = path.parent() {
+/// Copies a file durably into a directory that may not exist yet.
+pub(crate) fn copy_file_to(from: &Path, to: &Path) -> Result<()> {
+    if let Some(dir) = to.parent() {
         fs::create_dir_all(dir)?;
     }
-    let tmp = tmp_path(path);
-    let mut f = File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)?;
-    Ok(())
+    copy_file(from, to)
 }

@@ -303,6 +303,12 @@ fn workflow(t: &Target, dir: &Path, item: &str) {
     fs::write(&corrupt, c).unwrap();
     let r = t.fails(&["replicate", item, "--log", &format!("0={}", s(&corrupt))]);
     assert!(r.contains("corrupt.hrl"), "{r}");
+    let mut c = bytes(&l2);
+    let mid = c.len() / 2;
+    c[mid] ^= 1; // a payload byte
+    fs::write(&corrupt, c).unwrap();
+    let r = t.fails(&["replicate", item, "--log", &format!("0={}", s(&corrupt))]);
+    assert!(r.contains("corrupt.hrl"), "{r}");
     assert!(
         t.fails(&["replicate", item, "--log", "7=/x.hrl"])
             .contains("no disk 7")

@@ -195,7 +195,7 @@ fn replicate_survives_sigkill() {
                 "--log",
                 s(&l0),
                 "--writes",
-                "150",
+                "180",
                 "--size",
                 "64K",
             ]);
