@@ -1,6 +1,7 @@
 //! `ReplicaDigests`: the replica's block signature, kept current as batches land and stored
 //! beside the blob, so a resync or failback never reads the whole replica back.
 
+use std::collections::BTreeSet;
 use std::ops::Range;
 
 use bytes::Bytes;
@@ -14,23 +15,39 @@ pub fn digests_blob(blob: &str) -> String {
     format!("{blob}.digests")
 }
 
-const LEN_KEY: &str = "encodedlength";
+const LEN_KEY: &str = "disklength";
+const BS_KEY: &str = "blocksize";
 const SEQ_KEY: &str = "sequencenumber";
+const FORMAT_KEY: &str = "digestformat";
+/// Fixed 32-byte slots, one per block, at `block * 32`; all zeros for a zero block.
+const FORMAT: &str = "slots32";
+const SLOT: u64 = 32;
 
-/// The BLAKE3 block signature (lifeboat-resync format) of the first `len` bytes of a
-/// replica blob, with the blob sequence number it describes.
+/// The BLAKE3 block signature (as `lifeboat-resync` computes it) of the first `len` bytes
+/// of a replica blob, with the blob sequence number it describes.
 ///
 /// After each batch, [`ReplicaDigests::update`] re-hashes only the blocks the batch
-/// touched (read back from the store), and [`ReplicaDigests::save`] stores the encoding
-/// in a page blob named [`digests_blob`] whose metadata records its length and sequence
-/// number. A signature whose sequence number is not the blob's (a crash between the batch
-/// and the save) is stale: [`ReplicaDigests::load`] reports it so the caller can
-/// [`rebuild`](ReplicaDigests::rebuild).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// touched (read back from the store), and [`ReplicaDigests::save`] writes only the pages
+/// of the [`digests_blob`] that hold those blocks' slots (32 bytes per block, all zeros for
+/// a zero block), then records the sequence number in its metadata: the cost of a save
+/// follows the batch, not the disk. Digests whose sequence number is not the blob's (a
+/// crash between the batch and the save) are stale: [`ReplicaDigests::load`] reports it so
+/// the caller can [`rebuild`](ReplicaDigests::rebuild).
+#[derive(Clone, Debug)]
 pub struct ReplicaDigests {
     signature: Signature,
     sequence_number: u64,
+    /// Blocks changed since the last save or load; `None`: every slot must be written.
+    dirty: Option<BTreeSet<u64>>,
 }
+
+impl PartialEq for ReplicaDigests {
+    fn eq(&self, other: &Self) -> bool {
+        self.signature == other.signature && self.sequence_number == other.sequence_number
+    }
+}
+
+impl Eq for ReplicaDigests {}
 
 impl ReplicaDigests {
     /// The digests of a new, all-zero replica of `len` bytes at sequence number `seq`.
@@ -41,6 +58,7 @@ impl ReplicaDigests {
         ReplicaDigests {
             signature,
             sequence_number: seq,
+            dirty: None,
         }
     }
 
@@ -94,6 +112,9 @@ impl ReplicaDigests {
                 self.signature
                     .set_digest(blocks[i] + k as u64, d)
                     .map_err(|e| StoreError::Invalid(e.to_string()))?;
+                if let Some(dirty) = &mut self.dirty {
+                    dirty.insert(blocks[i] + k as u64);
+                }
             }
             i = j;
         }
@@ -140,39 +161,82 @@ impl ReplicaDigests {
             .collect())
     }
 
-    /// Stores the encoding in the [`digests_blob`], replacing what was there.
-    pub async fn save<S: PageStore>(&self, store: &S, blob: &str) -> Result<(), StoreError> {
+    /// Writes the slots changed since the last save (all of them for new or rebuilt
+    /// digests) into the [`digests_blob`], then its metadata.
+    pub async fn save<S: PageStore>(&mut self, store: &S, blob: &str) -> Result<(), StoreError> {
         let name = digests_blob(blob);
-        let bytes = self.signature.encode();
-        let size = (bytes.len() as u64).div_ceil(PAGE) * PAGE;
+        let n = self.signature.digests().len() as u64;
+        let size = (n * SLOT).div_ceil(PAGE).max(1) * PAGE;
         match store.properties(&name).await {
-            Ok(p) if p.size != size => store.resize(&name, size).await?,
-            Ok(_) => {}
+            Ok(p) if p.size == size => {}
+            Ok(_) => {
+                store.resize(&name, size).await?;
+                self.dirty = None;
+            }
             Err(StoreError::NotFound { .. }) => {
-                store.create(&name, size, 0, &Metadata::new()).await?
+                // A new blob reads as zeros: only non-zero slots need writing.
+                store.create(&name, size, 0, &Metadata::new()).await?;
+                if self.dirty.is_none() {
+                    self.dirty = Some(
+                        (0..n)
+                            .filter(|&i| self.signature.digests()[i as usize] != Digest::Zero)
+                            .collect(),
+                    );
+                }
             }
             Err(e) => return Err(e),
         }
-        let mut padded = bytes.clone();
-        padded.resize(size as usize, 0);
-        for (k, piece) in padded.chunks(MAX_PUT as usize).enumerate() {
-            let at = k as u64 * MAX_PUT;
+        // Pages to write: those holding dirty slots, in runs of at most 4 MiB.
+        let per_page = PAGE / SLOT;
+        let pages: Vec<u64> = match &self.dirty {
+            None => (0..size / PAGE).collect(),
+            Some(d) => {
+                let mut p: Vec<u64> = d.iter().map(|b| b / per_page).collect();
+                p.dedup();
+                p
+            }
+        };
+        let mut i = 0;
+        while i < pages.len() {
+            let mut j = i + 1;
+            while j < pages.len()
+                && pages[j] == pages[j - 1] + 1
+                && (j - i + 1) as u64 * PAGE <= MAX_PUT
+            {
+                j += 1;
+            }
+            let (first, count) = (pages[i], (j - i) as u64);
+            let mut body = vec![0u8; (count * PAGE) as usize];
+            for (k, slot) in body.chunks_mut(SLOT as usize).enumerate() {
+                let block = first * per_page + k as u64;
+                if let Some(Digest::Hash(h)) = self.signature.digests().get(block as usize) {
+                    slot.copy_from_slice(h);
+                }
+            }
             store
                 .write_pages(
                     &name,
-                    at,
-                    Bytes::copy_from_slice(piece),
-                    crc64(piece),
+                    first * PAGE,
+                    Bytes::from(body.clone()),
+                    crc64(&body),
                     Condition::NONE,
                 )
                 .await?;
+            i = j;
         }
         let md: Metadata = [
-            (LEN_KEY.to_string(), bytes.len().to_string()),
+            (FORMAT_KEY.to_string(), FORMAT.to_string()),
+            (LEN_KEY.to_string(), self.signature.len().to_string()),
+            (
+                BS_KEY.to_string(),
+                self.signature.block_size().get().to_string(),
+            ),
             (SEQ_KEY.to_string(), self.sequence_number.to_string()),
         ]
         .into();
-        store.set_metadata(&name, &md).await
+        store.set_metadata(&name, &md).await?;
+        self.dirty = Some(BTreeSet::new());
+        Ok(())
     }
 
     /// Loads the stored digests of `blob`: `Ok(None)` if there are none, or if they
@@ -185,20 +249,52 @@ impl ReplicaDigests {
             Err(e) => return Err(e),
         };
         let field = |k: &str| p.metadata.get(k).and_then(|v| v.parse::<u64>().ok());
-        let (Some(len), Some(seq)) = (field(LEN_KEY), field(SEQ_KEY)) else {
+        let (Some(len), Some(bs), Some(seq)) = (field(LEN_KEY), field(BS_KEY), field(SEQ_KEY))
+        else {
             return Ok(None);
         };
-        if seq != store.properties(blob).await?.sequence_number || len > p.size {
+        if p.metadata.get(FORMAT_KEY).map(String::as_str) != Some(FORMAT)
+            || seq != store.properties(blob).await?.sequence_number
+        {
             return Ok(None);
         }
-        let bytes = store.read(&name, None, 0, len).await?;
-        let signature = Signature::decode(&bytes).map_err(|e| StoreError::Corrupt {
+        let corrupt = |reason: String| StoreError::Corrupt {
             path: name.clone(),
-            reason: e.to_string(),
-        })?;
+            reason,
+        };
+        let bs = u32::try_from(bs)
+            .ok()
+            .and_then(|b| BlockSize::new(b).ok())
+            .ok_or_else(|| corrupt(format!("block size {bs}")))?;
+        let n = bs.blocks(len);
+        if n.checked_mul(SLOT).is_none_or(|b| b > p.size) {
+            return Err(corrupt(format!(
+                "{n} blocks do not fit in {} bytes",
+                p.size
+            )));
+        }
+        let mut digests = Vec::with_capacity(n as usize);
+        let mut at = 0;
+        while at < n * SLOT {
+            let chunk = (n * SLOT - at).min(MAX_PUT);
+            let bytes = store.read(&name, None, at, chunk).await?;
+            for slot in bytes.chunks(SLOT as usize) {
+                let mut h = [0u8; 32];
+                h.copy_from_slice(slot);
+                digests.push(if h == [0; 32] {
+                    Digest::Zero
+                } else {
+                    Digest::Hash(h)
+                });
+            }
+            at += chunk;
+        }
+        let signature =
+            Signature::from_parts(bs, len, digests).map_err(|e| corrupt(e.to_string()))?;
         Ok(Some(ReplicaDigests {
             signature,
             sequence_number: seq,
+            dirty: Some(BTreeSet::new()),
         }))
     }
 }

@@ -872,3 +872,66 @@ fn azure_identity_credentials_are_token_credentials() {
         );
     }
 }
+
+/// Saving digests after a small batch writes only the slot pages of the touched blocks
+/// (the cost follows the batch, not the disk), and what loads back is what was saved.
+#[tokio::test]
+async fn replica_digests_save_writes_only_the_touched_slots() {
+    use lifeboat_pageblob::{FaultyStore, ReplicaDigests, digests_blob};
+    use lifeboat_resync::{BlockSize, Signature};
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(FaultyStore::new(LocalStore::open(dir.path()).unwrap()));
+    let len = 256 * MIB; // 4096 blocks of 64 KiB: 128 KiB of slots
+    let bs = BlockSize::DEFAULT;
+    s.create("d", len, 0, &Default::default()).await.unwrap();
+    let w = PageWriter::new(s.clone(), "d", WriterConfig::default());
+    w.apply_batch(
+        0,
+        vec![Change::Data {
+            offset: 0,
+            data: Bytes::from(random(MIB as usize, 3)),
+        }],
+        None,
+    )
+    .await
+    .unwrap();
+    let mut digests = ReplicaDigests::rebuild(&*s, "d", len, bs).await.unwrap();
+    digests.save(&*s, "d").await.unwrap();
+    let before = s.seen().len();
+    // One block far into the disk changes.
+    let at = 200 * MIB + 4096;
+    w.apply_batch(
+        1,
+        vec![Change::Data {
+            offset: at,
+            data: Bytes::from(vec![1u8; 4096]),
+        }],
+        None,
+    )
+    .await
+    .unwrap();
+    let touched = vec![at..at + 4096];
+    digests.update(&*s, "d", &touched, 2).await.unwrap();
+    digests.save(&*s, "d").await.unwrap();
+    let writes: Vec<_> = s.seen()[before..]
+        .iter()
+        .filter(|x| x.kind == "put")
+        .cloned()
+        .collect();
+    // The data write and one 512-byte slot page: block 3200's slot is at byte 3200 * 32,
+    // in page 200 of the digests blob.
+    let slot_page = (at / 65536) * 32 / 512 * 512;
+    assert!(
+        writes.iter().any(|x| x.offset == slot_page && x.len == 512),
+        "{writes:?}"
+    );
+    assert_eq!(writes.len(), 2, "{writes:?}");
+    let loaded = ReplicaDigests::load(&*s, "d").await.unwrap().unwrap();
+    assert_eq!(loaded, digests);
+    let replica = read_all(&*s, "d", len).await;
+    assert_eq!(
+        loaded.signature(),
+        &Signature::compute(&replica, bs).unwrap()
+    );
+    assert!(s.inner().properties(&digests_blob("d")).await.is_ok());
+}

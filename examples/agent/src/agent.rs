@@ -336,7 +336,7 @@ impl<S: PageStore + 'static> Agent<S> {
             .await?;
         if ReplicaDigests::load(&*self.store, blob).await?.is_none() {
             let bs = BlockSize::new(block_size)?;
-            let d = if seq == 0 {
+            let mut d = if seq == 0 {
                 ReplicaDigests::zeroed(len, bs, seq)
             } else {
                 ReplicaDigests::rebuild(&*self.store, blob, len, bs).await?
