@@ -3,6 +3,7 @@
 //! - PageWriter: alignment, coalescing, the 4 MiB cap, fencing, faults (via FaultyStore);
 //! - the fixed-VHD footer, checked with qemu-img.
 
+use std::ops::Range;
 use std::process::Command;
 use std::sync::Arc;
 
@@ -910,7 +911,10 @@ async fn replica_digests_save_writes_only_the_touched_slots() {
     )
     .await
     .unwrap();
-    let touched = vec![at..at + 4096];
+    let touched = [Range {
+        start: at,
+        end: at + 4096,
+    }];
     digests.update(&*s, "d", &touched, 2).await.unwrap();
     digests.save(&*s, "d").await.unwrap();
     let writes: Vec<_> = s.seen()[before..]
