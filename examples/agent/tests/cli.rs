@@ -564,17 +564,30 @@ fn demo_on_azurite() {
 }
 
 #[test]
-fn recovery_plan_fails_over_group_by_group() {
+fn recovery_plan_on_the_local_site() {
     let dir = tempfile::tempdir().unwrap();
-    let t = Target::local(dir.path());
+    recovery_plan(&Target::local(dir.path()), dir.path());
+}
+
+#[test]
+fn recovery_plan_on_azurite() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(t) = Target::azurite(dir.path(), "agent-plan") else {
+        return;
+    };
+    recovery_plan(&t, dir.path());
+}
+
+/// Groups in order, a manual step, scoped script hooks, a failing hook.
+fn recovery_plan(t: &Target, dir: &Path) {
     let mut disks = Vec::new();
     for (i, name) in ["web", "app", "db"].iter().enumerate() {
-        let d = dir.path().join(format!("{name}.raw"));
+        let d = dir.join(format!("{name}.raw"));
         make_disk(&d, 2 * MIB, i as u64 + 10);
         t.ok(&["protect", name, "--disk", s(&d)]);
         disks.push(d);
     }
-    let hooks = dir.path().join("hooks.log");
+    let hooks = dir.join("hooks.log");
     let h = s(&hooks);
     assert!(
         t.fails(&["plan", "create", "p", "--group", "db", "--group", "ghost"])
@@ -609,7 +622,7 @@ fn recovery_plan_fails_over_group_by_group() {
     ]);
 
     // Test failover: group 1, then the manual step suspends the plan.
-    let out_dir = dir.path().join("plan-test");
+    let out_dir = dir.join("plan-test");
     let out = t.ok(&["plan", "failover", "p", "--test", "--out", s(&out_dir)]);
     assert!(out.contains("waiting for a manual action"), "{out}");
     assert_same(&out_dir.join("db").join("disk0.raw"), &disks[2]);
@@ -644,13 +657,13 @@ fn recovery_plan_fails_over_group_by_group() {
         "bad",
         "--unplanned",
         "--out",
-        s(&dir.path().join("x")),
+        s(&dir.join("x")),
     ]);
     assert!(r.contains("exit") && r.contains("Failed"), "{r}");
     assert_eq!(t.state("web"), "Protected");
 
     // Planned: the pre hook, group 1, manual wait, group 2, post hook.
-    let out_dir = dir.path().join("plan-planned");
+    let out_dir = dir.join("plan-planned");
     t.ok(&["plan", "failover", "p", "--planned", "--out", s(&out_dir)]);
     assert_eq!(t.state("db"), "PlannedFailoverCompleted");
     assert_eq!(t.state("web"), "Protected");
