@@ -40,6 +40,8 @@ pub(crate) struct Agent<S> {
     bars: HashMap<(String, usize), ProgressBar>,
     /// The site's lock, held while the agent runs (released by the OS on any exit).
     _lock: File,
+    /// Actions performed by this process.
+    performed: u64,
 }
 
 /// The class of an error: recoverable storage and I/O faults are retried on the
@@ -85,6 +87,7 @@ impl<S: PageStore + 'static> Agent<S> {
             quiet,
             bars: HashMap::new(),
             _lock: lock,
+            performed: 0,
         };
         let now = a.now();
         a.state.coordinator.resume(now);
@@ -143,8 +146,15 @@ impl<S: PageStore + 'static> Agent<S> {
     }
 
     /// Performs actions until none is ready, saving after each.
+    ///
+    /// Crash tests set `LIFEBOAT_CRASH_BEFORE_SAVE=N`: the process aborts after performing
+    /// its Nth action and before saving the outcome, the widest window a crash can hit.
     pub(crate) async fn drive(&mut self) -> Result<()> {
+        let crash_at: Option<u64> = std::env::var("LIFEBOAT_CRASH_BEFORE_SAVE")
+            .ok()
+            .and_then(|v| v.parse().ok());
         while let Some(action) = self.state.coordinator.poll_action() {
+            self.performed += 1;
             tracing::debug!(?action, "performing");
             let outcome = match self.perform(&action).await {
                 Ok(o) => o,
@@ -160,13 +170,26 @@ impl<S: PageStore + 'static> Agent<S> {
             self.state
                 .coordinator
                 .handle_outcome(now, action.id, outcome)?;
+            if crash_at == Some(self.performed) {
+                std::process::abort();
+            }
             self.save()?;
+            self.empty_trash();
         }
         for bar in self.bars.values() {
             bar.finish_and_clear();
         }
         self.bars.clear();
         Ok(())
+    }
+
+    /// Deletes the files the saved state no longer needs.
+    fn empty_trash(&mut self) {
+        for it in self.state.items.values_mut() {
+            for p in std::mem::take(&mut it.trash) {
+                let _ = fs::remove_file(p);
+            }
+        }
     }
 
     /// Fails with the reason when the item is Critical, retrying, or the job failed.
@@ -212,10 +235,9 @@ impl<S: PageStore + 'static> Agent<S> {
             ActionKind::CloseLogs { cycle } => return self.close_logs(name, *cycle).await,
             ActionKind::ApplyLogs { cycle } => self.apply_cycle(name, *cycle).await?,
             ActionKind::DiscardLogs { cycle } => {
-                if let Some(c) = self.item_mut(name)?.cycles.remove(cycle) {
-                    for l in c.logs {
-                        let _ = fs::remove_file(&l.path);
-                    }
+                let it = self.item_mut(name)?;
+                if let Some(c) = it.cycles.remove(cycle) {
+                    it.trash.extend(c.logs.into_iter().map(|l| l.path));
                 }
             }
             ActionKind::ProcessPendingLogs => {
@@ -262,12 +284,15 @@ impl<S: PageStore + 'static> Agent<S> {
                 for (p, to) in it.protective.iter().zip(&it.failback_to) {
                     disk::copy_file(p, to)?;
                 }
+                // Used up: a later failback takes fresh protective copies.
+                let it = self.item_mut(name)?;
+                let copies = std::mem::take(&mut it.protective);
+                it.trash.extend(copies);
             }
             ActionKind::DeleteProtectiveSnapshot => {
                 let it = self.item_mut(name)?;
-                for p in std::mem::take(&mut it.protective) {
-                    let _ = fs::remove_file(p);
-                }
+                let copies = std::mem::take(&mut it.protective);
+                it.trash.extend(copies);
                 // The failback target is now the machine's disk.
                 it.disks = it.failback_to.clone();
             }
@@ -294,9 +319,8 @@ impl<S: PageStore + 'static> Agent<S> {
             }
         }
         // Logs staged before a resync are covered by it.
-        for l in std::mem::take(&mut it.pending) {
-            let _ = fs::remove_file(&l.path);
-        }
+        let stale: Vec<PathBuf> = it.pending.drain(..).map(|l| l.path).collect();
+        it.trash.extend(stale);
         Ok(())
     }
 
@@ -498,10 +522,9 @@ impl<S: PageStore + 'static> Agent<S> {
                 );
             }
         }
-        if let Some(c) = self.item_mut(name)?.cycles.remove(&cycle) {
-            for l in c.logs {
-                let _ = fs::remove_file(&l.path);
-            }
+        let it = self.item_mut(name)?;
+        if let Some(c) = it.cycles.remove(&cycle) {
+            it.trash.extend(c.logs.into_iter().map(|l| l.path));
         }
         Ok(())
     }

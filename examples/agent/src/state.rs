@@ -147,6 +147,10 @@ pub(crate) struct ItemState {
     pub(crate) last_resync: Vec<SyncReport>,
     /// The last sync back, per disk.
     pub(crate) last_sync_back: Vec<SyncReport>,
+    /// Files no longer referenced, deleted once the state that forgets them is saved (an
+    /// action re-issued after a crash may still need them until then).
+    #[serde(default)]
+    pub(crate) trash: Vec<PathBuf>,
 }
 
 impl ItemState {

@@ -143,6 +143,34 @@ fn crash_test(name: &str, setup: impl Fn(&Site) -> Vec<String>, check: impl Fn(&
     );
 }
 
+/// Prepares a site with `setup`, then for N = 1, 2, …: runs `op` with the agent told to
+/// abort after its Nth action and before saving the outcome, runs it again to completion,
+/// and `check`s; until a run needs fewer than N actions. Every action boundary is hit.
+fn crash_at_every_action(name: &str, setup: impl Fn(&Site) -> Vec<String>, check: impl Fn(&Site)) {
+    let root = tempfile::tempdir().unwrap();
+    for n in 1..100 {
+        let site = Site {
+            dir: root.path().join(format!("at{n}")),
+        };
+        fs::create_dir_all(&site.dir).unwrap();
+        let args = setup(&site);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let status = site
+            .cmd(&args)
+            .env("LIFEBOAT_CRASH_BEFORE_SAVE", n.to_string())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        if status.success() {
+            assert!(n > 1, "{name}: no action was performed");
+            return; // fewer than n actions: every boundary was covered
+        }
+        site.ok(&args);
+        check(&site);
+    }
+    panic!("{name}: more than 100 actions");
+}
+
 fn disks(site: &Site) -> Vec<PathBuf> {
     vec![site.path("d0.raw"), site.path("d1.raw")]
 }
@@ -171,127 +199,143 @@ fn protect_args(d: &[PathBuf]) -> Vec<String> {
     a
 }
 
+fn check_replica(site: &Site) {
+    assert_replica_is_source(site, "vm", &disks(site));
+}
+
 #[test]
 fn protect_survives_sigkill() {
     crash_test(
         "protect",
         |site| protect_args(&make_vm(site)),
-        |site| assert_replica_is_source(site, "vm", &disks(site)),
+        check_replica,
     );
+}
+
+#[test]
+fn protect_survives_a_crash_after_every_action() {
+    crash_at_every_action(
+        "protect",
+        |site| protect_args(&make_vm(site)),
+        check_replica,
+    );
+}
+
+fn replicate_setup(site: &Site) -> Vec<String> {
+    protected_vm(site);
+    let (l0, l1) = (site.path("l0.hrl"), site.path("l1.hrl"));
+    for (d, l, writes) in [("0", &l0, "180"), ("1", &l1, "100")] {
+        site.ok(&[
+            "guest-write",
+            "vm",
+            "--disk",
+            d,
+            "--log",
+            s(l),
+            "--writes",
+            writes,
+            "--size",
+            "64K",
+        ]);
+    }
+    vec![
+        "replicate".into(),
+        "vm".into(),
+        "--log".into(),
+        format!("0={}", s(&l0)),
+        "--log".into(),
+        format!("1={}", s(&l1)),
+    ]
+}
+
+fn replicate_check(site: &Site) {
+    check_replica(site);
+    // Exactly once: the cycle made one recovery point beyond protection's.
+    let out = site.ok(&["points", "vm"]);
+    assert_eq!(out.lines().count(), 2, "{out}");
+}
+
+fn resync_setup(site: &Site) -> Vec<String> {
+    protected_vm(site);
+    let l = site.path("big.hrl");
+    site.ok(&[
+        "guest-write",
+        "vm",
+        "--disk",
+        "0",
+        "--log",
+        s(&l),
+        "--writes",
+        "250",
+        "--size",
+        "64K",
+    ]);
+    let out = site.ok(&["replicate", "vm", "--log", &format!("0={}", s(&l))]);
+    assert!(out.contains("resync required"), "{out}");
+    vec!["resync".into(), "vm".into()]
+}
+
+fn failback_setup(site: &Site) -> Vec<String> {
+    let d = protected_vm(site);
+    let rec = site.path("rec");
+    site.ok(&["failover", "vm", "--planned", "--out", s(&rec)]);
+    site.ok(&["commit", "vm"]);
+    // The recovered machine rewrites a third of each disk.
+    for (i, len) in [(0, 24 * MIB), (1, 16 * MIB)] {
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(rec.join(format!("disk{i}.raw")))
+            .unwrap();
+        f.write_all_at(&vec![0xA5; (len / 3) as usize], len / 2)
+            .unwrap();
+    }
+    let mut a = vec!["failback".to_string(), "vm".to_string()];
+    for p in &d {
+        a.push("--to".into());
+        a.push(s(p).into());
+    }
+    a
+}
+
+fn failback_check(site: &Site) {
+    let rec = site.path("rec");
+    for (i, p) in disks(site).iter().enumerate() {
+        let want = fs::read(rec.join(format!("disk{i}.raw"))).unwrap();
+        assert!(
+            fs::read(p).unwrap() == want,
+            "disk {i} differs after failback"
+        );
+    }
+    site.ok(&["reprotect", "vm"]);
+    check_replica(site);
 }
 
 #[test]
 fn replicate_survives_sigkill() {
-    crash_test(
-        "replicate",
-        |site| {
-            protected_vm(site);
-            let (l0, l1) = (site.path("l0.hrl"), site.path("l1.hrl"));
-            site.ok(&[
-                "guest-write",
-                "vm",
-                "--disk",
-                "0",
-                "--log",
-                s(&l0),
-                "--writes",
-                "180",
-                "--size",
-                "64K",
-            ]);
-            site.ok(&[
-                "guest-write",
-                "vm",
-                "--disk",
-                "1",
-                "--log",
-                s(&l1),
-                "--writes",
-                "100",
-                "--size",
-                "64K",
-            ]);
-            vec![
-                "replicate".into(),
-                "vm".into(),
-                "--log".into(),
-                format!("0={}", s(&l0)),
-                "--log".into(),
-                format!("1={}", s(&l1)),
-            ]
-        },
-        |site| {
-            assert_replica_is_source(site, "vm", &disks(site));
-            // Exactly once: the cycle made one recovery point beyond protection's.
-            let out = site.ok(&["points", "vm"]);
-            assert_eq!(out.lines().count(), 2, "{out}");
-        },
-    );
+    crash_test("replicate", replicate_setup, replicate_check);
+}
+
+#[test]
+fn replicate_survives_a_crash_after_every_action() {
+    crash_at_every_action("replicate", replicate_setup, replicate_check);
 }
 
 #[test]
 fn resync_survives_sigkill() {
-    crash_test(
-        "resync",
-        |site| {
-            protected_vm(site);
-            let l = site.path("big.hrl");
-            site.ok(&[
-                "guest-write",
-                "vm",
-                "--disk",
-                "0",
-                "--log",
-                s(&l),
-                "--writes",
-                "250",
-                "--size",
-                "64K",
-            ]);
-            let out = site.ok(&["replicate", "vm", "--log", &format!("0={}", s(&l))]);
-            assert!(out.contains("resync required"), "{out}");
-            vec!["resync".into(), "vm".into()]
-        },
-        |site| assert_replica_is_source(site, "vm", &disks(site)),
-    );
+    crash_test("resync", resync_setup, check_replica);
+}
+
+#[test]
+fn resync_survives_a_crash_after_every_action() {
+    crash_at_every_action("resync", resync_setup, check_replica);
 }
 
 #[test]
 fn failback_survives_sigkill() {
-    crash_test(
-        "failback",
-        |site| {
-            let d = protected_vm(site);
-            let rec = site.path("rec");
-            site.ok(&["failover", "vm", "--planned", "--out", s(&rec)]);
-            site.ok(&["commit", "vm"]);
-            // The recovered machine rewrites a third of each disk.
-            for (i, len) in [(0, 24 * MIB), (1, 16 * MIB)] {
-                let f = fs::OpenOptions::new()
-                    .write(true)
-                    .open(rec.join(format!("disk{i}.raw")))
-                    .unwrap();
-                f.write_all_at(&vec![0xA5; (len / 3) as usize], len / 2)
-                    .unwrap();
-            }
-            let mut a = vec!["failback".to_string(), "vm".to_string()];
-            for p in &d {
-                a.push("--to".into());
-                a.push(s(p).into());
-            }
-            a
-        },
-        |site| {
-            let rec = site.path("rec");
-            for (i, p) in disks(site).iter().enumerate() {
-                let want = fs::read(rec.join(format!("disk{i}.raw"))).unwrap();
-                assert!(
-                    fs::read(p).unwrap() == want,
-                    "disk {i} differs after failback"
-                );
-            }
-            site.ok(&["reprotect", "vm"]);
-            assert_replica_is_source(site, "vm", &disks(site));
-        },
-    );
+    crash_test("failback", failback_setup, failback_check);
+}
+
+#[test]
+fn failback_survives_a_crash_after_every_action() {
+    crash_at_every_action("failback", failback_setup, failback_check);
 }
