@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The reference agent side by side with the peer tools, in one run, on the local site:
 #   initial replication:  `lifeboat protect`  vs  `cp --sparse=always` of the disk
-#   resync after 1 %:     `lifeboat resync`   vs  `rsync --inplace --no-whole-file`
+#   resync after 1 %:     `lifeboat resync`   vs  `rsync --inplace --no-whole-file --ignore-times`
 # The disk (default 1 GiB) is half random data, half zero regions. For the resync, 1 % of
 # the 64 KiB blocks are rewritten, then rewritten back, alternately: every timed run of
 # either tool has 1 % to send. Results are checked (the replica's test-failover export and
@@ -81,7 +81,7 @@ t_protect=$(best "rm -rf site" "$LB" --site site protect vm --disk disk.raw)
 
 echo "== resync after 1 % of blocks changed" >&2
 cp disk.raw peer.raw
-t_rsync=$(best "flip" rsync --inplace --no-whole-file disk.raw peer.raw)
+t_rsync=$(best "flip" rsync --inplace --no-whole-file --ignore-times disk.raw peer.raw)
 cmp disk.raw peer.raw
 toggle old; STATE=new   # the disk as protected: every resync run below has 1 % to send
 t_resync=$(best "flip" "$LB" --site site resync vm)

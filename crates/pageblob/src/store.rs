@@ -160,7 +160,10 @@ pub trait PageStore: Send + Sync {
     fn delete(&self, blob: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
-const CRC64_NVME: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_NVME);
+// Slice-by-16 tables (32 KiB): several times faster than the byte-at-a-time default; the
+// agent's 1 GiB initial copy spent ~40 % of its CPU in this checksum (sender + LocalStore).
+const CRC64_NVME: crc::Crc<u64, crc::Table<16>> =
+    crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_NVME);
 
 /// The CRC-64/NVME of `data`: Azure Storage's transactional `x-ms-content-crc64`.
 ///

@@ -42,6 +42,8 @@ pub(crate) struct Agent<S> {
     _lock: File,
     /// Actions performed by this process.
     performed: u64,
+    /// Replica digests as last saved, by blob.
+    digests: std::sync::Mutex<HashMap<String, ReplicaDigests>>,
 }
 
 /// The class of an error: recoverable storage and I/O faults are retried on the
@@ -88,6 +90,7 @@ impl<S: PageStore + 'static> Agent<S> {
             bars: HashMap::new(),
             _lock: lock,
             performed: 0,
+            digests: Default::default(),
         };
         let now = a.now();
         a.state.coordinator.resume(now);
@@ -400,18 +403,26 @@ impl<S: PageStore + 'static> Agent<S> {
                 r.end
             );
         }
+        // The digests as of `seq`: kept in memory between batches (loading them reads the
+        // whole digests blob), reloaded or rebuilt when they do not describe `seq`.
+        let cached = self.digests.lock().expect("not poisoned").remove(&blob);
+        let mut digests = match cached {
+            Some(d) if d.sequence_number() == seq => d,
+            _ => match ReplicaDigests::load(&*self.store, &blob).await? {
+                Some(d) => d,
+                None => ReplicaDigests::rebuild(&*self.store, &blob, len, bs).await?,
+            },
+        };
         let writer = PageWriter::new(self.store.clone(), blob.clone(), WriterConfig::default());
         let report = writer.apply_batch(seq, changes, edges).await?;
-        let mut digests = match ReplicaDigests::load(&*self.store, &blob).await? {
-            Some(d) if d.sequence_number() == seq => d,
-            _ => ReplicaDigests::rebuild(&*self.store, &blob, len, bs).await?,
-        };
-        if digests.sequence_number() != seq + 1 {
-            digests
-                .update(&*self.store, &blob, &touched, seq + 1)
-                .await?;
-        }
+        digests
+            .update(&*self.store, &blob, &touched, seq + 1)
+            .await?;
         digests.save(&*self.store, &blob).await?;
+        self.digests
+            .lock()
+            .expect("not poisoned")
+            .insert(blob, digests);
         Ok(Some(report))
     }
 
