@@ -937,6 +937,15 @@ fn three_tier(sim: &mut Sim) -> RecoveryPlan {
     }
 }
 
+/// Starts the three-tier plan, runs to its manual step, resumes and runs on; its job.
+fn through_the_manual_step(sim: &mut Sim, failover: PlanFailover) -> JobId {
+    let job = sim.c.start_plan(sim.now, "three-tier", failover).unwrap();
+    sim.run();
+    sim.c.resume_plan(sim.now, "three-tier").unwrap();
+    sim.run();
+    job
+}
+
 /// The order of the plan's actions: item failover steps and hooks.
 fn plan_trace(done: &[Action]) -> Vec<String> {
     done.iter()
@@ -1092,17 +1101,7 @@ fn plan_fails_when_a_hook_or_an_item_fails_and_refuses_bad_plans() {
         ProtectionState::Resynchronizing
     );
     sim.c.resume_plan(sim.now, "three-tier").unwrap_err();
-    let job = sim
-        .c
-        .start_plan(
-            sim.now,
-            "three-tier",
-            PlanFailover::Test(PointChoice::Latest),
-        )
-        .unwrap();
-    sim.run();
-    sim.c.resume_plan(sim.now, "three-tier").unwrap();
-    sim.run();
+    let job = through_the_manual_step(&mut sim, PlanFailover::Test(PointChoice::Latest));
     let j = sim.c.job(job).unwrap();
     assert_eq!(j.state, JobState::Failed, "{j:?}");
     assert!(j.errors[0].contains("Resynchronizing"), "{:?}", j.errors);
@@ -1115,17 +1114,7 @@ fn plan_survives_a_crash_at_every_step() {
     let plan = three_tier(&mut sim);
     sim.c.create_plan(plan).unwrap();
     sim.crashy = true;
-    let job = sim
-        .c
-        .start_plan(
-            sim.now,
-            "three-tier",
-            PlanFailover::Unplanned(PointChoice::Latest),
-        )
-        .unwrap();
-    sim.run();
-    sim.c.resume_plan(sim.now, "three-tier").unwrap();
-    sim.run();
+    let job = through_the_manual_step(&mut sim, PlanFailover::Unplanned(PointChoice::Latest));
     assert_eq!(sim.c.job(job).unwrap().state, JobState::Succeeded);
     for i in ["db", "app", "web"] {
         assert_eq!(
