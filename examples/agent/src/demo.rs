@@ -179,10 +179,20 @@ fn make_disk(path: &Path, len: u64, seed: u64) -> Result<()> {
 
 /// Runs the demo in `dir` against the target's store.
 pub(crate) async fn run(dir: &Path, target: &Target) -> Result<()> {
+    // Only a directory an earlier demo made (or an empty one) is cleared.
+    let marker = dir.join(".lifeboat-demo");
     if dir.exists() {
+        let empty = fs::read_dir(dir)?.next().is_none();
+        if !empty && !marker.exists() {
+            bail!(
+                "refusing to clear {}: it is not empty and no earlier demo made it",
+                dir.display()
+            );
+        }
         fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
     fs::create_dir_all(dir.join("vm"))?;
+    fs::write(&marker, b"made by lifeboat demo; cleared by the next one\n")?;
     let target = Target {
         site: dir.join("site"),
         ..target.clone()

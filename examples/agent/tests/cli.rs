@@ -551,6 +551,14 @@ fn demo_on_the_local_site() {
     let t = Target::local(dir.path());
     let out = t.ok(&["demo", "--dir", s(&dir.path().join("demo"))]);
     assert!(out.contains("every step verified"), "{out}");
+    // Run again: the demo clears its own directory, and only its own.
+    t.ok(&["demo", "--dir", s(&dir.path().join("demo"))]);
+    let precious = dir.path().join("precious");
+    fs::create_dir_all(&precious).unwrap();
+    fs::write(precious.join("keep.txt"), b"mine").unwrap();
+    let r = t.fails(&["demo", "--dir", s(&precious)]);
+    assert!(r.contains("refusing to clear"), "{r}");
+    assert_eq!(fs::read(precious.join("keep.txt")).unwrap(), b"mine");
 }
 
 #[test]
