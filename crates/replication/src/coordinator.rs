@@ -75,9 +75,6 @@ pub(crate) struct Item {
     final_delta_applied: bool,
     /// A protective snapshot of the on-premises disks exists (failback in progress).
     protective_snapshot: bool,
-    /// A resync is paused: nothing is emitted until it resumes.
-    #[serde(default)]
-    paused: bool,
     /// Delta cycles that were due (run or missed), and missed.
     #[serde(default)]
     cycles_due: u64,
@@ -89,6 +86,20 @@ pub(crate) struct Item {
     /// An automatic resync waits for its window to open at this time.
     #[serde(default)]
     resync_at: Option<Duration>,
+}
+
+impl Item {
+    /// A paused resync holds the item's queue (derived from the state, never stored).
+    fn paused(&self) -> bool {
+        self.state == ProtectionState::ResyncPaused
+    }
+
+    /// Whole copy intervals the pending delta cycle is late by at `now`.
+    fn cycles_overdue(&self, now: Duration) -> u64 {
+        let interval = self.policy.copy_frequency.interval().as_secs().max(1);
+        self.cycle_due
+            .map_or(0, |due| now.saturating_sub(due).as_secs() / interval)
+    }
 }
 
 /// The replication brain for any number of protected items. It never performs I/O and
@@ -253,7 +264,6 @@ impl Coordinator {
                     failover_point: None,
                     final_delta_applied: false,
                     protective_snapshot: false,
-                    paused: false,
                     cycles_due: 0,
                     cycles_missed: 0,
                     wait_until: None,
@@ -359,7 +369,6 @@ impl Coordinator {
                 let job = self.new_job(now, JobKind::UnplannedFailover, &name);
                 let it = self.item_mut(&name);
                 it.state = S::UnplannedFailoverInitiated;
-                it.paused = false;
                 it.resync_reason = None;
                 self.drop_cycle_steps(&name);
                 match chosen {
@@ -506,21 +515,18 @@ impl Coordinator {
                 job
             }
             Command::PauseResync { .. } => {
-                if state != S::Resynchronizing {
+                let Some(job) = self
+                    .resync_job(&name)
+                    .filter(|_| state == S::Resynchronizing)
+                else {
                     return Err(deny(None));
-                }
-                let it = self.item_mut(&name);
-                it.paused = true;
-                it.state = S::ResyncPaused;
+                };
                 // The resync job is suspended; its queued steps wait for ResumeResync.
-                let job = self.resync_job(&name);
-                if let Some(j) = job.and_then(|j| self.jobs.get_mut(&j)) {
+                self.item_mut(&name).state = S::ResyncPaused;
+                if let Some(j) = self.jobs.get_mut(&job) {
                     j.state = JobState::Suspended;
                 }
-                match job {
-                    Some(j) => j,
-                    None => return Err(deny(None)),
-                }
+                job
             }
             Command::ResumeResync { .. } => {
                 if state != S::ResyncPaused {
@@ -543,7 +549,7 @@ impl Coordinator {
                 it.critical = None;
                 it.retrier.succeeded();
                 it.retry_at = None;
-                let paused = it.paused;
+                let paused = it.paused();
                 let suspended: Vec<JobId> = it.queue.iter().filter_map(|s| s.job).collect();
                 for j in suspended {
                     if let Some(jb) = self.jobs.get_mut(&j)
@@ -629,7 +635,7 @@ impl Coordinator {
     pub fn poll_timeout(&self) -> Option<Duration> {
         self.items
             .values()
-            .filter(|it| it.in_flight.is_none() && it.critical.is_none() && !it.paused)
+            .filter(|it| it.in_flight.is_none() && it.critical.is_none() && !it.paused())
             .filter_map(|it| {
                 it.retry_at.or(it.wait_until).or_else(|| {
                     let cycle = (it.state == ProtectionState::Protected && it.queue.is_empty())
@@ -839,7 +845,6 @@ impl Coordinator {
 
     fn resume_resync(&mut self, name: &str) -> JobId {
         let it = self.item_mut(name);
-        it.paused = false;
         it.state = ProtectionState::Resynchronizing;
         let critical = it.critical.is_some();
         let job = self.resync_job(name);
@@ -860,7 +865,6 @@ impl Coordinator {
             "cancelled by CancelResync",
         );
         let it = self.item_mut(name);
-        it.paused = false;
         it.state = ProtectionState::ResyncRequired;
         it.resync_reason.get_or_insert(ResyncReason::Manual);
         job.unwrap_or(JobId(0))
@@ -900,7 +904,7 @@ impl Coordinator {
     /// Emits the next step of `name` if nothing is in flight and nothing waits.
     fn pump(&mut self, name: &str, now: Duration) {
         let it = self.item_mut(name);
-        if it.in_flight.is_some() || it.critical.is_some() || it.paused {
+        if it.in_flight.is_some() || it.critical.is_some() || it.paused() {
             return;
         }
         if let Some(at) = it.retry_at {
@@ -930,10 +934,7 @@ impl Coordinator {
         {
             let cycle = it.next_cycle;
             // A cycle that starts a whole interval (or more) late missed those in between.
-            let interval = it.policy.copy_frequency.interval().as_secs().max(1);
-            let late = it
-                .cycle_due
-                .map_or(0, |due| now.saturating_sub(due).as_secs() / interval);
+            let late = it.cycles_overdue(now);
             it.cycles_missed += late;
             it.cycles_due += 1 + late;
             it.cycle_due = None;
@@ -1258,8 +1259,7 @@ impl Coordinator {
                 it.failover_point = None;
                 it.cycle_due = Some(now);
             }
-            JobKind::RepairReplication | JobKind::RecoveryPlan => {}
-            JobKind::ChangeRecoveryPoint => {}
+            JobKind::RepairReplication | JobKind::RecoveryPlan | JobKind::ChangeRecoveryPoint => {}
             JobKind::Failback => it.state = S::FailbackCompleted,
             JobKind::CompleteFailback => it.state = S::FailbackCommitted,
             JobKind::CancelFailback => it.state = S::FailoverCommitted,
@@ -1364,10 +1364,7 @@ fn health(it: &Item, now: Duration) -> (Health, Vec<HealthCause>) {
     }
     if it.state == S::Protected {
         // Cycles overdue right now count as missed too.
-        let interval = it.policy.copy_frequency.interval().as_secs().max(1);
-        let overdue = it
-            .cycle_due
-            .map_or(0, |due| now.saturating_sub(due).as_secs() / interval);
+        let overdue = it.cycles_overdue(now);
         let (missed, due) = (it.cycles_missed + overdue, it.cycles_due + overdue);
         if due > 0 && missed * 100 > due * u64::from(it.policy.missed_cycles_warning_percent) {
             causes.push(HealthCause::MissedCycles { missed, due });
@@ -1449,7 +1446,7 @@ impl Coordinator {
                     .as_ref()
                     .is_some_and(|(_, s)| s.job == Some(j.id));
             let resumable = j.state == JobState::Suspended
-                && (it.critical.is_some() || (it.paused && j.kind == JobKind::Resynchronize));
+                && (it.critical.is_some() || (it.paused() && j.kind == JobKind::Resynchronize));
             if !(has_work || resumable) {
                 return Err(format!(
                     "job {:?} ({:?}) is stuck: neither terminal, working nor resumable",

@@ -20,6 +20,17 @@ pub(crate) enum Phase {
     Post(usize),
 }
 
+impl Phase {
+    /// The phase after its current pre or post action is done.
+    fn next_action(&self) -> Phase {
+        match self {
+            Phase::Pre(i) => Phase::Pre(i + 1),
+            Phase::Post(i) => Phase::Post(i + 1),
+            Phase::Items => Phase::Items,
+        }
+    }
+}
+
 /// A plan failover in progress.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct PlanRun {
@@ -167,12 +178,8 @@ impl Coordinator {
                 OpError::Invalid(format!("plan {name} is not waiting for a manual action"))
             })?;
         run.manual = false;
-        let (job, phase) = (run.job, run.phase.clone());
-        run.phase = match phase {
-            Phase::Pre(i) => Phase::Pre(i + 1),
-            Phase::Post(i) => Phase::Post(i + 1),
-            Phase::Items => Phase::Items,
-        };
+        let job = run.job;
+        run.phase = run.phase.next_action();
         self.task_done(job);
         if let Some(j) = self.jobs.get_mut(&job) {
             j.state = JobState::InProgress;
@@ -199,11 +206,7 @@ impl Coordinator {
             }
             Outcome::Done | Outcome::Logs(_) => {
                 if let Some(r) = self.plan_runs.get_mut(&name) {
-                    r.phase = match r.phase {
-                        Phase::Pre(i) => Phase::Pre(i + 1),
-                        Phase::Post(i) => Phase::Post(i + 1),
-                        Phase::Items => Phase::Items,
-                    };
+                    r.phase = r.phase.next_action();
                 }
                 self.task_done(job);
             }
