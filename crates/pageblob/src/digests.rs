@@ -213,14 +213,9 @@ impl ReplicaDigests {
                     slot.copy_from_slice(h);
                 }
             }
+            let crc = crc64(&body);
             store
-                .write_pages(
-                    &name,
-                    first * PAGE,
-                    Bytes::from(body.clone()),
-                    crc64(&body),
-                    Condition::NONE,
-                )
+                .write_pages(&name, first * PAGE, Bytes::from(body), crc, Condition::NONE)
                 .await?;
             i = j;
         }

@@ -119,7 +119,8 @@ impl<S: PageStore + 'static> Agent<S> {
             .ok_or_else(|| anyhow!("no protected item {name}"))
     }
 
-    fn item_mut(&mut self, name: &str) -> Result<&mut ItemState> {
+    /// The item's agent-side state, to change.
+    pub(crate) fn item_mut(&mut self, name: &str) -> Result<&mut ItemState> {
         self.state
             .items
             .get_mut(name)
@@ -403,16 +404,7 @@ impl<S: PageStore + 'static> Agent<S> {
                 r.end
             );
         }
-        // The digests as of `seq`: kept in memory between batches (loading them reads the
-        // whole digests blob), reloaded or rebuilt when they do not describe `seq`.
-        let cached = self.digests.lock().expect("not poisoned").remove(&blob);
-        let mut digests = match cached {
-            Some(d) if d.sequence_number() == seq => d,
-            _ => match ReplicaDigests::load(&*self.store, &blob).await? {
-                Some(d) => d,
-                None => ReplicaDigests::rebuild(&*self.store, &blob, len, bs).await?,
-            },
-        };
+        let mut digests = self.take_digests(&blob, len, bs, seq).await?;
         let writer = PageWriter::new(self.store.clone(), blob.clone(), WriterConfig::default());
         let report = writer.apply_batch(seq, changes, edges).await?;
         digests
@@ -540,14 +532,34 @@ impl<S: PageStore + 'static> Agent<S> {
         Ok(())
     }
 
+    /// The digests of `blob` as of sequence number `seq`: kept in memory between batches
+    /// (loading them reads the whole digests blob), reloaded or rebuilt when they do not
+    /// describe `seq`. Taken out of the cache; `write_batch` puts them back.
+    async fn take_digests(
+        &self,
+        blob: &str,
+        len: u64,
+        bs: BlockSize,
+        seq: u64,
+    ) -> Result<ReplicaDigests> {
+        let cached = self.digests.lock().expect("not poisoned").remove(blob);
+        Ok(match cached {
+            Some(d) if d.sequence_number() == seq => d,
+            _ => match ReplicaDigests::load(&*self.store, blob).await? {
+                Some(d) => d,
+                None => ReplicaDigests::rebuild(&*self.store, blob, len, bs).await?,
+            },
+        })
+    }
+
     async fn resync_disk(&mut self, name: &str, d: usize) -> Result<()> {
         let it = self.item(name)?;
         let (path, size, bs) = (it.disks[d].clone(), it.sizes[d], it.block_size);
         let blob = ItemState::blob(name, d);
-        let digests = match ReplicaDigests::load(&*self.store, &blob).await? {
-            Some(dg) => dg,
-            None => ReplicaDigests::rebuild(&*self.store, &blob, size, BlockSize::new(bs)?).await?,
-        };
+        let seq = self.store.properties(&blob).await?.sequence_number;
+        let digests = self
+            .take_digests(&blob, size, BlockSize::new(bs)?, seq)
+            .await?;
         let file = disk::open_disk(&path, size)?;
         let bar = self.bar(name, d, size, "resync compare");
         let delta = {
@@ -563,6 +575,11 @@ impl<S: PageStore + 'static> Agent<S> {
                 },
             )?
         };
+        // The batches below start from these digests (no second load).
+        self.digests
+            .lock()
+            .expect("not poisoned")
+            .insert(blob, digests);
         let mut report = SyncReport {
             blocks_compared: delta.blocks_compared,
             ..SyncReport::default()
@@ -671,10 +688,7 @@ impl<S: PageStore + 'static> Agent<S> {
             } else {
                 let f = file.ok_or_else(|| anyhow!("the local site needs an output directory"))?;
                 disk::export(&*self.store, &blob, Some(snap), len, &f).await?;
-                out.push(Location::File {
-                    path: f,
-                    vhd: export.vhd,
-                });
+                out.push(Location::File { path: f });
             }
         }
         let it = self.item_mut(name)?;
@@ -751,15 +765,10 @@ impl<S: PageStore + 'static> Agent<S> {
                 };
                 let src = TakeSource { inner: &*src, len };
                 let mut target = disk::open_disk(&to, len)?;
+                // Full: compared with nothing, every block is sent (zero blocks cleared),
+                // without hashing the source or reading the target.
                 let delta = if full {
-                    // Everything, as one data extent per 64 MiB.
-                    let bs = BlockSize::new(64 << 10)?;
-                    let sig = lifeboat_resync::Signature::from_parts(
-                        bs,
-                        len,
-                        vec![lifeboat_resync::Digest::Hash([0; 32]); bs.blocks(len) as usize],
-                    )?;
-                    lifeboat_resync::diff(Side::Local(&src), Side::Signature(&sig))?
+                    lifeboat_resync::diff(Side::Local(&src), Side::Bytes(&[]))?
                 } else {
                     lifeboat_resync::diff(Side::Local(&src), Side::Local(&target))?
                 };

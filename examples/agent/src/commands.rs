@@ -82,18 +82,7 @@ pub(crate) async fn run<S: PageStore + 'static>(
             point,
             out,
             format,
-        } => {
-            let point = parse_point(point)?;
-            a.item(item)?;
-            a.state.items.get_mut(item).expect("checked").test_export = export(out, *format);
-            a.command(Command::TestFailover {
-                item: item.clone(),
-                point,
-            })
-            .await?;
-            print_locations(&a.item(item)?.test_disks);
-            Ok(())
-        }
+        } => test_failover(&mut a, item, parse_point(point)?, export(out, *format)).await,
         Cmd::TestFailoverCleanup { item } => {
             a.command(Command::TestFailoverCleanup { item: item.clone() })
                 .await?;
@@ -111,30 +100,13 @@ pub(crate) async fn run<S: PageStore + 'static>(
             if !azure && out.is_none() {
                 bail!("on the local site, failover needs --out DIR for the recovered disks");
             }
-            a.item(item)?;
             let ex = out.as_ref().map(|o| export(o, *format)).unwrap_or_default();
-            a.state
-                .items
-                .get_mut(item)
-                .expect("checked")
-                .failover_export = ex;
-            if *planned {
-                if !logs.is_empty() {
-                    a.stage_logs(item, logs)?;
-                    a.save()?;
-                }
-                a.command(Command::PlannedFailover { item: item.clone() })
-                    .await?;
+            let how = if *planned {
+                Failover::Planned(logs)
             } else {
-                let point = parse_point(point)?;
-                a.command(Command::UnplannedFailover {
-                    item: item.clone(),
-                    point,
-                })
-                .await?;
-            }
-            print_locations(&a.item(item)?.recovered);
-            Ok(())
+                Failover::Unplanned(parse_point(point)?)
+            };
+            failover(&mut a, item, how, ex).await
         }
         Cmd::Commit { item } => {
             a.command(Command::Commit { item: item.clone() }).await?;
@@ -151,19 +123,7 @@ pub(crate) async fn run<S: PageStore + 'static>(
             Ok(())
         }
         Cmd::Failback { item, to, full } => failback(&mut a, item, to, *full).await,
-        Cmd::Reprotect { item } => {
-            if a.protection(item)? == ProtectionState::FailbackCompleted {
-                a.command(Command::CompleteFailback { item: item.clone() })
-                    .await?;
-            }
-            if a.protection(item)? == ProtectionState::FailbackCommitted {
-                a.command(Command::Reprotect { item: item.clone() }).await?;
-            } else if a.protection(item)? != ProtectionState::Protected {
-                // Let the coordinator name the state that forbids it.
-                a.command(Command::Reprotect { item: item.clone() }).await?;
-            }
-            Ok(())
-        }
+        Cmd::Reprotect { item } => reprotect(&mut a, item).await,
         Cmd::Repair { item } => {
             a.command(Command::RepairReplication { item: item.clone() })
                 .await?;
@@ -229,6 +189,78 @@ fn parse_point(s: &str) -> Result<PointChoice> {
             format!("--point: expected latest, latest-processed, latest-app-consistent or a point id, got {id}")
         })?)),
     })
+}
+
+/// How a failover goes.
+pub(crate) enum Failover<'a> {
+    /// Planned, with the final logs.
+    Planned(&'a [(usize, PathBuf)]),
+    /// Unplanned, to a point.
+    Unplanned(PointChoice),
+}
+
+/// Test failover of an item into `ex`.
+pub(crate) async fn test_failover<S: PageStore + 'static>(
+    a: &mut Agent<S>,
+    item: &str,
+    point: PointChoice,
+    ex: Export,
+) -> Result<()> {
+    a.item_mut(item)?.test_export = ex;
+    a.command(Command::TestFailover {
+        item: item.to_owned(),
+        point,
+    })
+    .await?;
+    print_locations(&a.item(item)?.test_disks);
+    Ok(())
+}
+
+/// Planned or unplanned failover of an item into `ex`.
+pub(crate) async fn failover<S: PageStore + 'static>(
+    a: &mut Agent<S>,
+    item: &str,
+    how: Failover<'_>,
+    ex: Export,
+) -> Result<()> {
+    a.item_mut(item)?.failover_export = ex;
+    let cmd = match how {
+        Failover::Planned(logs) => {
+            if !logs.is_empty() {
+                a.stage_logs(item, logs)?;
+                a.save()?;
+            }
+            Command::PlannedFailover {
+                item: item.to_owned(),
+            }
+        }
+        Failover::Unplanned(point) => Command::UnplannedFailover {
+            item: item.to_owned(),
+            point,
+        },
+    };
+    a.command(cmd).await?;
+    print_locations(&a.item(item)?.recovered);
+    Ok(())
+}
+
+/// After failback: completes it if needed, then resumes replication (a no-op when the item
+/// is protected again already).
+pub(crate) async fn reprotect<S: PageStore + 'static>(a: &mut Agent<S>, item: &str) -> Result<()> {
+    if a.protection(item)? == ProtectionState::FailbackCompleted {
+        a.command(Command::CompleteFailback {
+            item: item.to_owned(),
+        })
+        .await?;
+    }
+    // In any other state than Protected the coordinator names the state that forbids it.
+    if a.protection(item)? != ProtectionState::Protected {
+        a.command(Command::Reprotect {
+            item: item.to_owned(),
+        })
+        .await?;
+    }
+    Ok(())
 }
 
 fn print_locations(ls: &[Location]) {
@@ -378,7 +410,7 @@ pub(crate) async fn replicate<S: PageStore + 'static>(
     Ok(())
 }
 
-async fn resync<S: PageStore + 'static>(
+pub(crate) async fn resync<S: PageStore + 'static>(
     a: &mut Agent<S>,
     item: &str,
     resumed: &[JobId],
@@ -407,7 +439,7 @@ async fn resync<S: PageStore + 'static>(
     Ok(())
 }
 
-async fn failback<S: PageStore + 'static>(
+pub(crate) async fn failback<S: PageStore + 'static>(
     a: &mut Agent<S>,
     item: &str,
     to: &[PathBuf],
@@ -445,14 +477,10 @@ async fn failback<S: PageStore + 'static>(
     let alternate = targets != it.disks;
     let st = a.protection(item)?;
     if st == ProtectionState::FailoverCommitted {
-        a.state.items.get_mut(item).expect("checked").failback_to = targets;
-        a.command(Command::Failback {
-            item: item.to_owned(),
-            full,
-            alternate,
-        })
-        .await?;
-    } else if st != ProtectionState::FailbackCompleted {
+        a.item_mut(item)?.failback_to = targets;
+    }
+    // A failback an interrupted run left completed needs nothing more.
+    if st != ProtectionState::FailbackCompleted {
         a.command(Command::Failback {
             item: item.to_owned(),
             full,
@@ -786,7 +814,7 @@ async fn plan<S: PageStore + 'static>(a: &mut Agent<S>, cmd: &PlanCmd) -> Result
                 .collect();
             for i in &items {
                 let ex = export(&out.join(i), Format::Raw);
-                let it = a.state.items.get_mut(i).context("item of the plan")?;
+                let it = a.item_mut(i)?;
                 if *test {
                     it.test_export = ex;
                 } else {

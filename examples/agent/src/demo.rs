@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
 use lifeboat_hrl::{LogWriter, WriterConfig};
 use lifeboat_pageblob::{Condition, PageStore, crc64};
-use lifeboat_replication::ProtectionState;
+use lifeboat_replication::{Command, PointChoice, ProtectionState};
 
 use crate::agent::Agent;
 use crate::commands;
@@ -141,7 +141,7 @@ pub(crate) fn guest_write<S: PageStore + 'static>(
     disk.sync_all()?;
     let (out, _) = w.finish(writes)?;
     out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    a.state.items.get_mut(item).expect("checked").tracking[d].generated = unique_id;
+    a.item_mut(item)?.tracking[d].generated = unique_id;
     a.save()?;
     if !a.quiet {
         println!(
@@ -345,50 +345,37 @@ async fn demo<S: PageStore + 'static>(
         st == ProtectionState::ResyncRequired,
         "expected ResyncRequired, got {st:?}"
     );
-    let job = a
-        .command(lifeboat_replication::Command::Resync { item: item.clone() })
-        .await?;
-    let _ = job;
-    for (d, r) in a.item(&item)?.last_resync.iter().enumerate() {
-        println!(
-            "   disk {d}: {} blocks compared, {} bytes sent, {} bytes cleared",
-            r.blocks_compared, r.bytes_sent, r.bytes_cleared
-        );
-    }
+    commands::resync(&mut a, &item, &[]).await?;
     verify_replica(&a, &item).await?;
 
     s.step("Test failover to the latest point, verify, clean up (replication untouched)");
     let want = source_hashes(&a, &item)?;
-    a.state.items.get_mut(&item).expect("item").test_export = crate::state::Export {
-        dir: Some(dir.join("test-failover")),
+    let ex = |sub: &str| crate::state::Export {
+        dir: Some(dir.join(sub)),
         vhd: false,
     };
-    a.command(lifeboat_replication::Command::TestFailover {
-        item: item.clone(),
-        point: lifeboat_replication::PointChoice::Latest,
-    })
-    .await?;
+    commands::test_failover(&mut a, &item, PointChoice::Latest, ex("test-failover")).await?;
     let test_disks = a.item(&item)?.test_disks.clone();
     verify_locations(&a, &item, &test_disks, &want, "test failover").await?;
-    a.command(lifeboat_replication::Command::TestFailoverCleanup { item: item.clone() })
+    a.command(Command::TestFailoverCleanup { item: item.clone() })
         .await?;
 
     s.step("Planned failover: last guest writes, source shut down, final delta, zero loss");
     let last = record(&mut a, 0, 8, 4096)?;
-    a.stage_logs(&item, &[(0, last)])?;
     let want = source_hashes(&a, &item)?;
-    a.state.items.get_mut(&item).expect("item").failover_export = crate::state::Export {
-        dir: Some(dir.join("recovered")),
-        vhd: false,
-    };
-    a.command(lifeboat_replication::Command::PlannedFailover { item: item.clone() })
-        .await?;
+    let logs = [(0, last)];
+    commands::failover(
+        &mut a,
+        &item,
+        commands::Failover::Planned(&logs),
+        ex("recovered"),
+    )
+    .await?;
     let recovered = a.item(&item)?.recovered.clone();
     verify_locations(&a, &item, &recovered, &want, "recovered").await?;
 
     s.step("Commit: one recovery point remains");
-    a.command(lifeboat_replication::Command::Commit { item: item.clone() })
-        .await?;
+    a.command(Command::Commit { item: item.clone() }).await?;
     let now = a.now();
     let points = a
         .state
@@ -429,19 +416,8 @@ async fn demo<S: PageStore + 'static>(
     for (d, l) in recovered.iter().enumerate() {
         want.push(hash_location(&a, l, a.item(&item)?.sizes[d]).await?);
     }
-    a.state.items.get_mut(&item).expect("item").failback_to = a.item(&item)?.disks.clone();
-    a.command(lifeboat_replication::Command::Failback {
-        item: item.clone(),
-        full: false,
-        alternate: false,
-    })
-    .await?;
-    for (d, r) in a.item(&item)?.last_sync_back.iter().enumerate() {
-        println!(
-            "   disk {d}: {} blocks compared, {} bytes written back",
-            r.blocks_compared, r.bytes_sent
-        );
-    }
+    let originals = a.item(&item)?.disks.clone();
+    commands::failback(&mut a, &item, &originals, false).await?;
     let got = source_hashes(&a, &item)?;
     ensure!(
         got == want,
@@ -450,10 +426,7 @@ async fn demo<S: PageStore + 'static>(
     println!("   verified: on-premises disks = recovered disks");
 
     s.step("Reprotect: replication towards the recovery site resumes");
-    a.command(lifeboat_replication::Command::CompleteFailback { item: item.clone() })
-        .await?;
-    a.command(lifeboat_replication::Command::Reprotect { item: item.clone() })
-        .await?;
+    commands::reprotect(&mut a, &item).await?;
     let st = a.protection(&item)?;
     ensure!(
         st == ProtectionState::Protected,

@@ -74,12 +74,10 @@ pub(crate) struct Cycle {
 /// Where a disk materialised from a recovery point lives.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum Location {
-    /// A local file (raw, or fixed VHD when `vhd`).
+    /// A local file (raw, or a fixed VHD whose footer follows the disk's bytes).
     File {
         /// The path.
         path: PathBuf,
-        /// Whether it ends in a VHD footer.
-        vhd: bool,
     },
     /// A page blob in the target store (Azure), with an optional local download.
     Blob {
