@@ -46,10 +46,11 @@ pub enum OpError {
     UnknownAction(ActionId),
 }
 
+/// A queued action; `job` is the number of the item's job it belongs to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Step {
     kind: ActionKind,
-    job: Option<JobId>,
+    job: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -86,9 +87,79 @@ pub(crate) struct Item {
     /// An automatic resync waits for its window to open at this time.
     #[serde(default)]
     resync_at: Option<Duration>,
+    /// The item's jobs, by number.
+    jobs: BTreeMap<u64, Job>,
+    /// The last job number given out.
+    next_job: u64,
+    /// The last recovery-point id given out.
+    next_point: u64,
+    /// A cycle's logs are being applied: until that ends, the replica may hold part of
+    /// the cycle.
+    #[serde(default)]
+    applying: bool,
+    /// The replica holds part of a cycle whose logs are lost (a take-over): no point and
+    /// no moment of the source describes it until a resync or reprotect completes.
+    #[serde(default)]
+    replica_broken: bool,
 }
 
 impl Item {
+    fn new(disks: Vec<u64>, policy: ReplicationPolicy) -> Item {
+        Item {
+            copied: vec![0; disks.len()],
+            disks,
+            retrier: Retrier::new(policy.retry.clone()),
+            policy,
+            state: ProtectionState::EnablingProtection,
+            test: TestFailoverState::None,
+            points: Vec::new(),
+            resync_reason: None,
+            critical: None,
+            retrying: None,
+            retry_at: None,
+            queue: VecDeque::new(),
+            in_flight: None,
+            next_cycle: 0,
+            cycle_due: None,
+            last_success: None,
+            last_app_consistent: None,
+            failover_point: None,
+            final_delta_applied: false,
+            protective_snapshot: false,
+            cycles_due: 0,
+            cycles_missed: 0,
+            wait_until: None,
+            resync_at: None,
+            jobs: BTreeMap::new(),
+            next_job: 0,
+            next_point: 0,
+            applying: false,
+            replica_broken: false,
+        }
+    }
+
+    /// The item's job number `n`, if `n` is given and known.
+    fn job_mut(&mut self, n: Option<u64>) -> Option<&mut Job> {
+        n.and_then(|n| self.jobs.get_mut(&n))
+    }
+
+    /// Whether job `n` has steps queued or in flight.
+    fn job_has_work(&self, n: u64) -> bool {
+        self.queue.iter().any(|s| s.job == Some(n))
+            || self
+                .in_flight
+                .as_ref()
+                .is_some_and(|(_, s)| s.job == Some(n))
+    }
+
+    /// The item's unfinished resync job.
+    fn resync_job(&self) -> Option<u64> {
+        self.jobs
+            .values()
+            .find(|j| j.kind == JobKind::Resynchronize && !j.state.is_terminal())
+            .map(|j| j.id.n)
+    }
+
     /// A paused resync holds the item's queue (derived from the state, never stored).
     fn paused(&self) -> bool {
         self.state == ProtectionState::ResyncPaused
@@ -110,20 +181,42 @@ impl Item {
 ///
 /// Per item, one action is in flight at a time; every action is idempotent, so one
 /// re-issued after a crash is safe.
+///
+/// Each item's state, its jobs included, stands on its own ([`ItemRecord`]): a driver may
+/// persist items one by one, and load only those it acts for
+/// ([`Coordinator::insert_item`], [`Coordinator::item_record`]). Recovery plans likewise
+/// ([`PlanRecord`](crate::PlanRecord)).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Coordinator {
     pub(crate) items: BTreeMap<ItemId, Item>,
-    pub(crate) jobs: BTreeMap<JobId, Job>,
     pub(crate) ready: VecDeque<Action>,
     pub(crate) next_action: u64,
-    next_job: u64,
-    next_point: u64,
-    /// Recovery plans by name.
+    /// Recovery plans by name, with their jobs and the failover in progress.
     #[serde(default)]
-    pub(crate) plans: BTreeMap<String, RecoveryPlan>,
-    /// Running plan failovers by plan name.
-    #[serde(default)]
-    pub(crate) plan_runs: BTreeMap<String, crate::plan::PlanRun>,
+    pub(crate) plans: BTreeMap<String, crate::plan::PlanState>,
+}
+
+/// One item's whole replication state (its jobs and recovery points included): what a
+/// driver persists for the item, and loads back with [`Coordinator::insert_item`]. It
+/// answers read-only questions without a coordinator.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ItemRecord(Item);
+
+impl ItemRecord {
+    /// The item's state, health and points at `now`.
+    pub fn status(&self, now: Duration) -> ItemStatus {
+        status_of(&self.0, now)
+    }
+
+    /// The item's jobs, oldest first.
+    pub fn jobs(&self) -> impl Iterator<Item = &Job> + '_ {
+        self.0.jobs.values()
+    }
+
+    /// The item's protection state.
+    pub fn state(&self) -> ProtectionState {
+        self.0.state
+    }
 }
 
 /// A read-only view of a protected item.
@@ -166,6 +259,7 @@ fn op_name(c: &Command) -> &'static str {
         Command::PauseResync { .. } => "PauseResync",
         Command::ResumeResync { .. } => "ResumeResync",
         Command::CancelResync { .. } => "CancelResync",
+        Command::TakeOver { .. } => "TakeOver",
     }
 }
 
@@ -216,20 +310,21 @@ impl Coordinator {
 
     pub(crate) fn command(&mut self, now: Duration, cmd: Command) -> Result<JobId, OpError> {
         let original = cmd.clone();
+        let name = cmd.item().to_owned();
         let job = self.command_inner(now, cmd)?;
-        if let Some(j) = self.jobs.get_mut(&job)
+        if let Some(j) = self.item_mut(&name).jobs.get_mut(&job)
             && j.command.is_none()
         {
             j.command = Some(original);
         }
-        Ok(job)
+        Ok(JobId::new(name, job))
     }
 
-    fn command_inner(&mut self, now: Duration, cmd: Command) -> Result<JobId, OpError> {
+    fn command_inner(&mut self, now: Duration, cmd: Command) -> Result<u64, OpError> {
         let name = cmd.item().to_owned();
         let op = op_name(&cmd);
         if let Command::EnableProtection { disks, policy, .. } = &cmd {
-            if self.items.contains_key(&name) {
+            if self.items.contains_key(&name) || self.plans.contains_key(&name) {
                 return Err(OpError::AlreadyProtected(name));
             }
             if disks.is_empty()
@@ -241,35 +336,8 @@ impl Coordinator {
                     "at least one disk, retention in (0, 24 h], copy chunk > 0".into(),
                 ));
             }
-            self.items.insert(
-                name.clone(),
-                Item {
-                    copied: vec![0; disks.len()],
-                    disks: disks.clone(),
-                    retrier: Retrier::new(policy.retry.clone()),
-                    policy: policy.clone(),
-                    state: ProtectionState::EnablingProtection,
-                    test: TestFailoverState::None,
-                    points: Vec::new(),
-                    resync_reason: None,
-                    critical: None,
-                    retrying: None,
-                    retry_at: None,
-                    queue: VecDeque::new(),
-                    in_flight: None,
-                    next_cycle: 0,
-                    cycle_due: None,
-                    last_success: None,
-                    last_app_consistent: None,
-                    failover_point: None,
-                    final_delta_applied: false,
-                    protective_snapshot: false,
-                    cycles_due: 0,
-                    cycles_missed: 0,
-                    wait_until: None,
-                    resync_at: None,
-                },
-            );
+            self.items
+                .insert(name.clone(), Item::new(disks.clone(), policy.clone()));
             let job = self.new_job(now, JobKind::EnableProtection, &name);
             self.enqueue(&name, job, ActionKind::StartTracking);
             self.pump(&name, now);
@@ -349,8 +417,12 @@ impl Coordinator {
                 ) {
                     return Err(deny(None));
                 }
+                // The replica is only worth a new point when it holds whole cycles: not
+                // part-way through a resync, nor with part of a cycle whose logs are lost.
+                let replica_usable = state == S::Protected && !item.replica_broken;
                 let chosen = match point {
-                    PointChoice::Latest => None,
+                    PointChoice::Latest if replica_usable => None,
+                    PointChoice::Latest => Some(self.choose(&name, PointChoice::LatestProcessed)?),
                     other => Some(self.choose(&name, other)?),
                 };
                 if chosen.is_none() && self.item(&name).points.is_empty() {
@@ -375,7 +447,7 @@ impl Coordinator {
                     Some(p) => self.fail_over_to(&name, job, p),
                     None => {
                         self.enqueue(&name, job, ActionKind::ProcessPendingLogs);
-                        let point = self.new_point();
+                        let point = self.new_point(&name);
                         self.enqueue(
                             &name,
                             job,
@@ -515,30 +587,33 @@ impl Coordinator {
                 job
             }
             Command::PauseResync { .. } => {
-                let Some(job) = self
-                    .resync_job(&name)
-                    .filter(|_| state == S::Resynchronizing)
-                else {
+                let Some(job) = item.resync_job().filter(|_| state == S::Resynchronizing) else {
                     return Err(deny(None));
                 };
                 // The resync job is suspended; its queued steps wait for ResumeResync.
-                self.item_mut(&name).state = S::ResyncPaused;
-                if let Some(j) = self.jobs.get_mut(&job) {
+                let it = self.item_mut(&name);
+                it.state = S::ResyncPaused;
+                if let Some(j) = it.jobs.get_mut(&job) {
                     j.state = JobState::Suspended;
                 }
                 job
             }
             Command::ResumeResync { .. } => {
-                if state != S::ResyncPaused {
+                let Some(job) = item.resync_job().filter(|_| state == S::ResyncPaused) else {
                     return Err(deny(None));
-                }
-                self.resume_resync(&name)
+                };
+                self.resume_resync(&name, job);
+                job
             }
             Command::CancelResync { .. } => {
-                if !matches!(state, S::Resynchronizing | S::ResyncPaused) {
+                let Some(job) = item
+                    .resync_job()
+                    .filter(|_| matches!(state, S::Resynchronizing | S::ResyncPaused))
+                else {
                     return Err(deny(None));
-                }
-                self.cancel_resync(now, &name)
+                };
+                self.cancel_resync(now, &name);
+                job
             }
             Command::RepairReplication { .. } => {
                 if item.critical.is_none() {
@@ -550,16 +625,21 @@ impl Coordinator {
                 it.retrier.succeeded();
                 it.retry_at = None;
                 let paused = it.paused();
-                let suspended: Vec<JobId> = it.queue.iter().filter_map(|s| s.job).collect();
+                let suspended: Vec<u64> = it.queue.iter().filter_map(|s| s.job).collect();
                 for j in suspended {
-                    if let Some(jb) = self.jobs.get_mut(&j)
+                    if let Some(jb) = it.jobs.get_mut(&j)
                         && jb.state == JobState::Suspended
                         && !(paused && jb.kind == JobKind::Resynchronize)
                     {
                         jb.state = JobState::InProgress;
                     }
                 }
-                self.finish_job(now, job, JobState::Succeeded);
+                self.finish_job(now, &name, job, JobState::Succeeded);
+                job
+            }
+            Command::TakeOver { .. } => {
+                let job = self.new_job(now, JobKind::TakeOver, &name);
+                self.take_over(now, &name);
                 job
             }
         };
@@ -615,13 +695,32 @@ impl Coordinator {
         self.ready.clear();
         let names: Vec<ItemId> = self.items.keys().cloned().collect();
         for n in names {
-            if let Some((_, step)) = self.item_mut(&n).in_flight.take() {
-                self.item_mut(&n).queue.push_front(step);
-            }
+            self.requeue_in_flight(&n);
             self.pump(&n, now);
         }
         self.resume_plans();
         self.pump_plans(now);
+    }
+
+    /// A copy of one item's state, to persist it on its own.
+    pub fn item_record(&self, name: &str) -> Option<ItemRecord> {
+        self.items.get(name).cloned().map(ItemRecord)
+    }
+
+    /// Adds (or replaces) an item from its persisted record and resumes it at `now`: the
+    /// action it had in flight is issued again (actions are idempotent).
+    pub fn insert_item(&mut self, now: Duration, name: &str, record: ItemRecord) {
+        self.ready.retain(|a| a.item != name);
+        self.items.insert(name.to_owned(), record.0);
+        self.requeue_in_flight(name);
+        self.pump(name, now);
+        self.pump_plans(now);
+    }
+
+    /// Takes an item out (another driver acts for it now); its ready actions are dropped.
+    pub fn remove_item(&mut self, name: &str) -> Option<ItemRecord> {
+        self.ready.retain(|a| a.item != name);
+        self.items.remove(name).map(ItemRecord)
     }
 
     /// The next action to perform.
@@ -652,23 +751,7 @@ impl Coordinator {
 
     /// An item's state, health and points at `now`.
     pub fn status(&self, item: &str, now: Duration) -> Option<ItemStatus> {
-        let it = self.items.get(item)?;
-        let (health, causes) = health(it, now);
-        Some(ItemStatus {
-            state: it.state,
-            test_failover: it.test,
-            health,
-            causes,
-            points: it.points.clone(),
-            initial_copy: it
-                .copied
-                .iter()
-                .copied()
-                .zip(it.disks.iter().copied())
-                .collect(),
-            failover_point: it.failover_point,
-            cycles_applied: it.next_cycle,
-        })
+        self.items.get(item).map(|it| status_of(it, now))
     }
 
     /// The protected items.
@@ -676,14 +759,20 @@ impl Coordinator {
         self.items.keys().map(String::as_str)
     }
 
-    /// Every job, oldest first.
+    /// Every job: each item's, oldest first, then each plan's.
     pub fn jobs(&self) -> impl Iterator<Item = &Job> + '_ {
-        self.jobs.values()
+        self.items
+            .values()
+            .flat_map(|it| it.jobs.values())
+            .chain(self.plans.values().flat_map(|p| p.jobs.values()))
     }
 
     /// One job.
-    pub fn job(&self, id: JobId) -> Option<&Job> {
-        self.jobs.get(&id)
+    pub fn job(&self, id: &JobId) -> Option<&Job> {
+        match self.items.get(&id.item) {
+            Some(it) => it.jobs.get(&id.n),
+            None => self.plans.get(&id.item)?.jobs.get(&id.n),
+        }
     }
 
     // ------------------------------------------------------------------ internals
@@ -698,40 +787,37 @@ impl Coordinator {
             .expect("item exists: callers check")
     }
 
-    pub(crate) fn new_job(&mut self, now: Duration, kind: JobKind, item: &str) -> JobId {
-        self.next_job += 1;
-        let id = JobId(self.next_job);
-        self.jobs.insert(
-            id,
-            Job {
-                id,
-                kind,
-                item: item.to_owned(),
-                state: JobState::InProgress,
-                tasks: Vec::new(),
-                progress_permille: 0,
-                started: now,
-                ended: None,
-                errors: Vec::new(),
-                command: None,
-            },
-        );
-        id
+    /// Moves the action in flight back to the front of the item's queue.
+    fn requeue_in_flight(&mut self, name: &str) {
+        let it = self.item_mut(name);
+        if let Some((_, step)) = it.in_flight.take() {
+            it.queue.push_front(step);
+        }
     }
 
-    fn new_point(&mut self) -> PointId {
-        self.next_point += 1;
-        PointId(self.next_point)
+    fn new_job(&mut self, now: Duration, kind: JobKind, name: &str) -> u64 {
+        let it = self.item_mut(name);
+        it.next_job += 1;
+        let n = it.next_job;
+        it.jobs.insert(n, Job::new(JobId::new(name, n), kind, now));
+        n
     }
 
-    fn enqueue(&mut self, name: &str, job: JobId, kind: ActionKind) {
-        if let Some(j) = self.jobs.get_mut(&job) {
+    fn new_point(&mut self, name: &str) -> PointId {
+        let it = self.item_mut(name);
+        it.next_point += 1;
+        PointId(it.next_point)
+    }
+
+    fn enqueue(&mut self, name: &str, job: u64, kind: ActionKind) {
+        let it = self.item_mut(name);
+        if let Some(j) = it.jobs.get_mut(&job) {
             j.tasks.push(Task {
                 name: task_name(&kind),
                 state: JobState::NotStarted,
             });
         }
-        self.item_mut(name).queue.push_back(Step {
+        it.queue.push_back(Step {
             kind,
             job: Some(job),
         });
@@ -743,66 +829,52 @@ impl Coordinator {
             .push_back(Step { kind, job: None });
     }
 
-    fn job_has_work(&self, name: &str, job: JobId) -> bool {
-        let it = self.item(name);
-        it.queue.iter().any(|s| s.job == Some(job))
-            || it
-                .in_flight
-                .as_ref()
-                .is_some_and(|(_, s)| s.job == Some(job))
+    /// Queues `kind` for job `job`, or as free work (a delta cycle) when `None`.
+    fn enqueue_for(&mut self, name: &str, job: Option<u64>, kind: ActionKind) {
+        match job {
+            Some(j) => self.enqueue(name, j, kind),
+            None => self.enqueue_free(name, kind),
+        }
     }
 
-    fn complete_empty_job(&mut self, now: Duration, name: &str, job: JobId) {
-        if self
+    fn complete_empty_job(&mut self, now: Duration, name: &str, job: u64) {
+        let it = self.item(name);
+        if it
             .jobs
             .get(&job)
             .is_some_and(|j| j.state == JobState::InProgress)
-            && !self.job_has_work(name, job)
+            && !it.job_has_work(job)
         {
-            self.finish_job(now, job, JobState::Succeeded);
+            self.finish_job(now, name, job, JobState::Succeeded);
             self.on_job_succeeded(now, name, job);
         }
     }
 
-    pub(crate) fn finish_job(&mut self, now: Duration, job: JobId, state: JobState) {
-        if let Some(j) = self.jobs.get_mut(&job) {
-            j.state = state;
-            j.ended = Some(now);
-            if state == JobState::Succeeded {
-                j.progress_permille = 1000;
-            }
-            for t in &mut j.tasks {
-                if !t.state.is_terminal() {
-                    t.state = if state == JobState::Succeeded {
-                        JobState::Succeeded
-                    } else {
-                        JobState::Cancelled
-                    };
-                }
-            }
+    fn finish_job(&mut self, now: Duration, name: &str, job: u64, state: JobState) {
+        if let Some(j) = self.item_mut(name).jobs.get_mut(&job) {
+            j.finish(now, state);
         }
     }
 
     fn cancel_jobs(&mut self, now: Duration, name: &str, kinds: &[JobKind], why: &str) {
-        let ids: Vec<JobId> = self
+        let ids: Vec<u64> = self
+            .item(name)
             .jobs
             .values()
-            .filter(|j| j.item == name && !j.state.is_terminal() && kinds.contains(&j.kind))
-            .map(|j| j.id)
+            .filter(|j| !j.state.is_terminal() && kinds.contains(&j.kind))
+            .map(|j| j.id.n)
             .collect();
         for id in ids {
-            if let Some(j) = self.jobs.get_mut(&id) {
-                j.errors.push(why.to_owned());
-            }
-            self.finish_job(now, id, JobState::Cancelled);
             let it = self.item_mut(name);
+            if let Some(j) = it.jobs.get_mut(&id) {
+                j.errors.push(why.to_owned());
+                j.finish(now, JobState::Cancelled);
+            }
             let front = it.queue.front().cloned();
             it.queue.retain(|s| s.job != Some(id));
             if front.is_some_and(|f| f.job == Some(id)) {
                 // The step waiting for a retry is gone: so is its retry.
-                it.retry_at = None;
-                it.retrying = None;
-                it.retrier.succeeded();
+                it.clear_failure();
             }
         }
     }
@@ -810,19 +882,37 @@ impl Coordinator {
     /// Drops queued delta-cycle steps (a resync or failover supersedes them); keeps
     /// clean-up steps (discarding logs, deleting points, restarting the source).
     fn drop_cycle_steps(&mut self, name: &str) {
-        self.item_mut(name).queue.retain(|s| {
-            s.job.is_some()
-                || !matches!(
-                    s.kind,
-                    ActionKind::CloseLogs { .. }
-                        | ActionKind::ApplyLogs { .. }
-                        | ActionKind::CreateRecoveryPoint { .. }
-                )
-        });
+        let it = self.item_mut(name);
+        let front = it.queue.front().cloned();
+        it.queue.retain(|s| !s.is_cycle_step());
+        if front.is_some_and(|f| f.is_cycle_step()) {
+            // The step a retry (or an administrator) waited for is gone.
+            it.clear_failure();
+        }
+    }
+
+    /// Another driver acts for the item: the logs its old driver shipped and did not apply
+    /// are gone, with the cycles that would have applied them.
+    fn take_over(&mut self, now: Duration, name: &str) {
+        self.requeue_in_flight(name);
+        self.drop_cycle_steps(name);
+        let it = self.item_mut(name);
+        if it.state == ProtectionState::Protected && it.cycle_due.is_none() {
+            // The dropped cycle would have scheduled the next one.
+            it.cycle_due = Some(now + it.policy.copy_frequency.interval());
+        }
+        if std::mem::take(&mut it.applying) {
+            // Part of a cycle may have landed and the rest of its logs are lost: no later
+            // log can make the replica whole again.
+            it.replica_broken = true;
+            if it.state == ProtectionState::Protected {
+                self.require_resync(now, name, ResyncReason::LogsLost);
+            }
+        }
     }
 
     /// Queues the disks of `point` as the failover disks and the machine's start on them.
-    fn fail_over_to(&mut self, name: &str, job: JobId, point: PointId) {
+    fn fail_over_to(&mut self, name: &str, job: u64, point: PointId) {
         self.item_mut(name).failover_point = Some(point);
         self.enqueue(
             name,
@@ -835,29 +925,18 @@ impl Coordinator {
         self.enqueue(name, job, ActionKind::StartTarget { point });
     }
 
-    /// The item's unfinished resync job.
-    fn resync_job(&self, name: &str) -> Option<JobId> {
-        self.jobs
-            .values()
-            .find(|j| j.item == name && j.kind == JobKind::Resynchronize && !j.state.is_terminal())
-            .map(|j| j.id)
-    }
-
-    fn resume_resync(&mut self, name: &str) -> JobId {
+    fn resume_resync(&mut self, name: &str, job: u64) {
         let it = self.item_mut(name);
         it.state = ProtectionState::Resynchronizing;
         let critical = it.critical.is_some();
-        let job = self.resync_job(name);
-        if let Some(j) = job.and_then(|j| self.jobs.get_mut(&j))
+        if let Some(j) = it.jobs.get_mut(&job)
             && !critical
         {
             j.state = JobState::InProgress;
         }
-        job.unwrap_or(JobId(0))
     }
 
-    fn cancel_resync(&mut self, now: Duration, name: &str) -> JobId {
-        let job = self.resync_job(name);
+    fn cancel_resync(&mut self, now: Duration, name: &str) {
         self.cancel_jobs(
             now,
             name,
@@ -867,23 +946,26 @@ impl Coordinator {
         let it = self.item_mut(name);
         it.state = ProtectionState::ResyncRequired;
         it.resync_reason.get_or_insert(ResyncReason::Manual);
-        job.unwrap_or(JobId(0))
     }
 
-    fn start_resync(&mut self, now: Duration, name: &str) -> JobId {
+    fn start_resync(&mut self, now: Duration, name: &str) -> u64 {
         self.item_mut(name).resync_at = None;
         let job = self.new_job(now, JobKind::Resynchronize, name);
         self.item_mut(name).state = ProtectionState::Resynchronizing;
         self.drop_cycle_steps(name);
+        self.enqueue_resync_pass(name, job, self.item(name).next_cycle);
+        job
+    }
+
+    /// One resync pass: tracking restarts first (so writes during the compare are caught
+    /// by new logs), every disk is compared, then the pass's own logs close as `cycle`.
+    fn enqueue_resync_pass(&mut self, name: &str, job: u64, cycle: u64) {
         let disks = self.item(name).disks.len();
-        // Tracking restarts first, so writes during the compare are caught by new logs.
         self.enqueue(name, job, ActionKind::StartTracking);
         for disk in 0..disks {
             self.enqueue(name, job, ActionKind::ResyncDisk { disk });
         }
-        let cycle = self.item(name).next_cycle;
         self.enqueue(name, job, ActionKind::CloseLogs { cycle });
-        job
     }
 
     fn require_resync(&mut self, now: Duration, name: &str, reason: ResyncReason) {
@@ -944,9 +1026,10 @@ impl Coordinator {
         let Some(step) = it.queue.pop_front() else {
             return;
         };
-        self.next_action += 1;
-        let id = ActionId(self.next_action);
-        if let Some(j) = step.job.and_then(|j| self.jobs.get_mut(&j)) {
+        if matches!(step.kind, ActionKind::ApplyLogs { .. }) {
+            it.applying = true;
+        }
+        if let Some(j) = it.job_mut(step.job) {
             let task_name = task_name(&step.kind);
             if let Some(t) = j
                 .tasks
@@ -956,10 +1039,12 @@ impl Coordinator {
                 t.state = JobState::InProgress;
             }
         }
+        self.next_action += 1;
+        let id = ActionId(self.next_action);
         self.ready.push_back(Action {
             id,
             item: name.to_owned(),
-            job: step.job,
+            job: step.job.map(|n| JobId::new(name, n)),
             kind: step.kind.clone(),
         });
         self.item_mut(name).in_flight = Some((id, step));
@@ -967,18 +1052,14 @@ impl Coordinator {
 
     fn on_failed(&mut self, now: Duration, name: &str, step: Step, class: Class, message: String) {
         let what = format!("{}: {message}", task_name(&step.kind));
-        if step
-            .job
-            .and_then(|j| self.jobs.get(&j))
-            .is_some_and(|j| j.state.is_terminal())
-        {
+        let it = self.item_mut(name);
+        if it.job_mut(step.job).is_some_and(|j| j.state.is_terminal()) {
             // The last action of a cancelled job: nothing to retry, nobody to alarm.
             return;
         }
-        if let Some(j) = step.job.and_then(|j| self.jobs.get_mut(&j)) {
+        if let Some(j) = it.job_mut(step.job) {
             j.errors.push(what.clone());
         }
-        let it = self.item_mut(name);
         it.queue.push_front(step.clone());
         match it.retrier.next_delay(now, &class) {
             Decision::Retry { at, .. } => {
@@ -989,7 +1070,7 @@ impl Coordinator {
                 // Non-recoverable (or out of budget): Critical until an administrator acts.
                 it.critical = Some(what);
                 it.retrying = None;
-                if let Some(j) = step.job.and_then(|j| self.jobs.get_mut(&j)) {
+                if let Some(j) = it.job_mut(step.job) {
                     j.state = JobState::Suspended;
                 }
             }
@@ -1000,16 +1081,13 @@ impl Coordinator {
         let it = self.item_mut(name);
         it.retrier.succeeded();
         it.retrying = None;
-        let job_kind = step
-            .job
-            .and_then(|j| self.jobs.get(&j))
-            .map(|j| (j.kind, j.state));
+        let job_kind = it.job_mut(step.job).map(|j| (j.kind, j.state));
         if let Some((_, state)) = job_kind
             && state.is_terminal()
         {
             return; // a cancelled job's last action: nothing follows from it
         }
-        if let Some(j) = step.job.and_then(|j| self.jobs.get_mut(&j)) {
+        if let Some(j) = it.job_mut(step.job) {
             let task_name = task_name(&step.kind);
             if let Some(t) = j
                 .tasks
@@ -1034,7 +1112,7 @@ impl Coordinator {
                 let it = self.item_mut(name);
                 it.copied[disk] = it.copied[disk].max(offset + len);
                 let (done, total): (u64, u64) = (it.copied.iter().sum(), it.disks.iter().sum());
-                if let Some(j) = step.job.and_then(|j| self.jobs.get_mut(&j)) {
+                if let Some(j) = it.job_mut(step.job) {
                     j.progress_permille = (done.saturating_mul(900) / total.max(1)) as u32;
                 }
                 self.next_copy(name, step.job);
@@ -1061,25 +1139,18 @@ impl Coordinator {
                     }
                 });
                 match trigger {
-                    None => match step.job {
-                        Some(j) => self.enqueue(name, j, ActionKind::ApplyLogs { cycle }),
-                        None => self.enqueue_free(name, ActionKind::ApplyLogs { cycle }),
-                    },
+                    None => self.enqueue_for(name, step.job, ActionKind::ApplyLogs { cycle }),
                     Some(reason) if job_kind.is_some_and(|(k, _)| k == JobKind::Resynchronize) => {
                         // The resync's own logs need another pass: run it again after a
                         // back-off on the retry schedule, within the same job.
                         let j = step.job.expect("a job kind implies a job");
-                        if let Some(jb) = self.jobs.get_mut(&j) {
+                        let it = self.item_mut(name);
+                        if let Some(jb) = it.jobs.get_mut(&j) {
                             jb.errors.push(format!("resync required again: {reason:?}"));
                         }
+                        it.next_cycle = cycle + 1;
                         self.enqueue_free(name, ActionKind::DiscardLogs { cycle });
-                        let disks = self.item(name).disks.len();
-                        self.item_mut(name).next_cycle = cycle + 1;
-                        self.enqueue(name, j, ActionKind::StartTracking);
-                        for disk in 0..disks {
-                            self.enqueue(name, j, ActionKind::ResyncDisk { disk });
-                        }
-                        self.enqueue(name, j, ActionKind::CloseLogs { cycle: cycle + 1 });
+                        self.enqueue_resync_pass(name, j, cycle + 1);
                         let it = self.item_mut(name);
                         if let Decision::Retry { at, .. } =
                             it.retrier.next_delay(now, &Class::Recoverable)
@@ -1093,14 +1164,15 @@ impl Coordinator {
                     Some(reason) => {
                         self.enqueue_free(name, ActionKind::DiscardLogs { cycle });
                         if let Some(j) = step.job {
-                            if let Some(jb) = self.jobs.get_mut(&j) {
+                            let it = self.item_mut(name);
+                            if let Some(jb) = it.jobs.get_mut(&j) {
                                 jb.errors.push(format!("resync required: {reason:?}"));
                                 if jb.kind == JobKind::PlannedFailover {
                                     // Zero loss is impossible now: restart the source, then resync.
                                     self.enqueue_free(name, ActionKind::StartSource);
                                 }
                             }
-                            self.finish_job(now, j, JobState::Failed);
+                            self.finish_job(now, name, j, JobState::Failed);
                             self.item_mut(name).queue.retain(|s| s.job != Some(j));
                         }
                         self.item_mut(name).next_cycle = cycle + 1;
@@ -1111,6 +1183,7 @@ impl Coordinator {
             }
             ActionKind::ApplyLogs { cycle } => {
                 let it = self.item_mut(name);
+                it.applying = false;
                 it.next_cycle = it.next_cycle.max(cycle + 1);
                 if it.state == ProtectionState::PlannedFailoverInitiated {
                     it.final_delta_applied = true;
@@ -1122,24 +1195,15 @@ impl Coordinator {
                     it.last_app_consistent
                         .is_none_or(|last| now.saturating_sub(last) >= every)
                 });
-                let point = self.new_point();
-                match step.job {
-                    Some(j) => self.enqueue(
-                        name,
-                        j,
-                        ActionKind::CreateRecoveryPoint {
-                            point,
-                            app_consistent: app,
-                        },
-                    ),
-                    None => self.enqueue_free(
-                        name,
-                        ActionKind::CreateRecoveryPoint {
-                            point,
-                            app_consistent: app,
-                        },
-                    ),
-                }
+                let point = self.new_point(name);
+                self.enqueue_for(
+                    name,
+                    step.job,
+                    ActionKind::CreateRecoveryPoint {
+                        point,
+                        app_consistent: app,
+                    },
+                );
             }
             ActionKind::DiscardLogs { .. }
             | ActionKind::ResyncDisk { .. }
@@ -1190,7 +1254,7 @@ impl Coordinator {
         }
     }
 
-    fn next_copy(&mut self, name: &str, job: Option<JobId>) {
+    fn next_copy(&mut self, name: &str, job: Option<u64>) {
         let it = self.item(name);
         let next = (0..it.disks.len()).find(|&d| it.copied[d] < it.disks[d]);
         let kind = match next {
@@ -1203,10 +1267,7 @@ impl Coordinator {
                 cycle: it.next_cycle,
             },
         };
-        match job {
-            Some(j) => self.enqueue(name, j, kind),
-            None => self.enqueue_free(name, kind),
-        }
+        self.enqueue_for(name, job, kind);
     }
 
     /// Deletes points past retention, always keeping the newest and the failover point.
@@ -1238,14 +1299,17 @@ impl Coordinator {
         }
     }
 
-    fn on_job_succeeded(&mut self, now: Duration, name: &str, job: JobId) {
+    fn on_job_succeeded(&mut self, now: Duration, name: &str, job: u64) {
         use ProtectionState as S;
-        let kind = self.jobs[&job].kind;
         let it = self.item_mut(name);
+        let Some(kind) = it.jobs.get(&job).map(|j| j.kind) else {
+            return;
+        };
         match kind {
             JobKind::EnableProtection | JobKind::Resynchronize => {
                 it.state = S::Protected;
                 it.resync_reason = None;
+                it.replica_broken = false;
                 it.cycle_due = Some(now + it.policy.copy_frequency.interval());
                 self.prune(now, name);
             }
@@ -1259,7 +1323,10 @@ impl Coordinator {
                 it.failover_point = None;
                 it.cycle_due = Some(now);
             }
-            JobKind::RepairReplication | JobKind::RecoveryPlan | JobKind::ChangeRecoveryPoint => {}
+            JobKind::RepairReplication
+            | JobKind::RecoveryPlan
+            | JobKind::ChangeRecoveryPoint
+            | JobKind::TakeOver => {}
             JobKind::Failback => it.state = S::FailbackCompleted,
             JobKind::CompleteFailback => it.state = S::FailbackCommitted,
             JobKind::CancelFailback => it.state = S::FailoverCommitted,
@@ -1268,6 +1335,7 @@ impl Coordinator {
                 // before it failed back; new cycles make new ones.
                 it.state = S::Protected;
                 it.resync_reason = None;
+                it.replica_broken = false;
                 it.failover_point = None;
                 it.cycle_due = Some(now + it.policy.copy_frequency.interval());
                 self.prune(now, name);
@@ -1307,6 +1375,82 @@ impl Coordinator {
             item: name.to_owned(),
             choice,
         })
+    }
+}
+
+impl Step {
+    /// A delta cycle's own step (a resync or failover supersedes it).
+    fn is_cycle_step(&self) -> bool {
+        self.job.is_none()
+            && matches!(
+                self.kind,
+                ActionKind::CloseLogs { .. }
+                    | ActionKind::ApplyLogs { .. }
+                    | ActionKind::CreateRecoveryPoint { .. }
+            )
+    }
+}
+
+impl Item {
+    /// Forgets the failure of the step at the queue's front (that step is gone).
+    fn clear_failure(&mut self) {
+        self.retry_at = None;
+        self.retrying = None;
+        self.critical = None;
+        self.retrier.succeeded();
+    }
+}
+
+impl Job {
+    pub(crate) fn new(id: JobId, kind: JobKind, now: Duration) -> Job {
+        Job {
+            id,
+            kind,
+            state: JobState::InProgress,
+            tasks: Vec::new(),
+            progress_permille: 0,
+            started: now,
+            ended: None,
+            errors: Vec::new(),
+            command: None,
+        }
+    }
+
+    /// Ends the job in `state` at `now`; its unfinished tasks end with it.
+    pub(crate) fn finish(&mut self, now: Duration, state: JobState) {
+        self.state = state;
+        self.ended = Some(now);
+        if state == JobState::Succeeded {
+            self.progress_permille = 1000;
+        }
+        for t in &mut self.tasks {
+            if !t.state.is_terminal() {
+                t.state = if state == JobState::Succeeded {
+                    JobState::Succeeded
+                } else {
+                    JobState::Cancelled
+                };
+            }
+        }
+    }
+}
+
+fn status_of(it: &Item, now: Duration) -> ItemStatus {
+    let (health, causes) = health(it, now);
+    ItemStatus {
+        state: it.state,
+        test_failover: it.test,
+        health,
+        causes,
+        points: it.points.clone(),
+        initial_copy: it
+            .copied
+            .iter()
+            .copied()
+            .zip(it.disks.iter().copied())
+            .collect(),
+        failover_point: it.failover_point,
+        cycles_applied: it.next_cycle,
     }
 }
 
@@ -1380,10 +1524,10 @@ impl Coordinator {
     pub fn check_invariants(&self) -> Result<(), String> {
         use ProtectionState as S;
         for (name, it) in &self.items {
-            let failovers = self
+            let failovers = it
                 .jobs
                 .values()
-                .filter(|j| &j.item == name && !j.state.is_terminal())
+                .filter(|j| !j.state.is_terminal())
                 .filter(|j| {
                     matches!(
                         j.kind,
@@ -1429,29 +1573,23 @@ impl Coordinator {
                 return Err(format!("{name}: copied past a disk's end"));
             }
         }
-        for j in self.jobs.values() {
-            if j.state.is_terminal() {
-                continue;
-            }
-            if j.kind == JobKind::RecoveryPlan {
+        for p in self.plans.values() {
+            for j in p.jobs.values().filter(|j| !j.state.is_terminal()) {
                 if !self.plan_job_alive(j) {
-                    return Err(format!("plan job {:?} of {} is stuck", j.id, j.item));
+                    return Err(format!("plan job {} is stuck", j.id));
                 }
-                continue;
             }
-            let it = &self.items[&j.item];
-            let has_work = it.queue.iter().any(|s| s.job == Some(j.id))
-                || it
-                    .in_flight
-                    .as_ref()
-                    .is_some_and(|(_, s)| s.job == Some(j.id));
-            let resumable = j.state == JobState::Suspended
-                && (it.critical.is_some() || (it.paused() && j.kind == JobKind::Resynchronize));
-            if !(has_work || resumable) {
-                return Err(format!(
-                    "job {:?} ({:?}) is stuck: neither terminal, working nor resumable",
-                    j.id, j.kind
-                ));
+        }
+        for it in self.items.values() {
+            for j in it.jobs.values().filter(|j| !j.state.is_terminal()) {
+                let resumable = j.state == JobState::Suspended
+                    && (it.critical.is_some() || (it.paused() && j.kind == JobKind::Resynchronize));
+                if !(it.job_has_work(j.id.n) || resumable) {
+                    return Err(format!(
+                        "job {} ({:?}) is stuck: neither terminal, working nor resumable",
+                        j.id, j.kind
+                    ));
+                }
             }
         }
         Ok(())

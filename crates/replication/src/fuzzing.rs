@@ -12,7 +12,7 @@ const MIB: u64 = 1 << 20;
 #[derive(Clone, Debug)]
 pub enum Op {
     /// Issue command `.0` with parameter `.1` (13: start the recovery plan, 14: resume it,
-    /// 19-21: cancel, restart, resume a job).
+    /// 19-21: cancel, restart, resume a job, 22: take over).
     Command(u8, u8),
     /// Answer one outstanding action (chosen and shaped by the byte).
     Answer(u8),
@@ -70,6 +70,7 @@ pub fn command(c: u8, p: u8, points: &[RecoveryPoint]) -> Command {
         16 => Command::PauseResync { item },
         17 => Command::ResumeResync { item },
         18 => Command::CancelResync { item },
+        22 => Command::TakeOver { item },
         _ => Command::Reprotect { item },
     }
 }
@@ -95,8 +96,8 @@ pub fn apply_op(
             let _ = c.resume_plan(*now, "plan");
         }
         Op::Command(k @ 19..=21, p) => {
-            let ids: Vec<JobId> = c.jobs().map(|j| j.id).collect();
-            if let Some(&job) = ids.get(p as usize % ids.len().max(1)) {
+            let ids: Vec<JobId> = c.jobs().map(|j| j.id.clone()).collect();
+            if let Some(job) = ids.get(p as usize % ids.len().max(1)) {
                 let _ = match k {
                     19 => c.cancel_job(*now, job),
                     20 => c.restart_job(*now, job).map(|_| ()),
@@ -186,7 +187,7 @@ pub fn run_ops(
     .map_err(|e| e.to_string())?;
     for &(kind, a, b) in ops {
         let op = match kind % 12 {
-            0..=2 => Op::Command(a % 22, b),
+            0..=2 => Op::Command(a % 23, b),
             3..=8 => Op::Answer(a),
             9..=10 => Op::Advance(u16::from(a) * 7 + 1),
             _ => Op::Crash,

@@ -7,8 +7,8 @@ use crate::model::*;
 
 impl Coordinator {
     /// The actions `job` allows now (the jobs view's "allowed actions").
-    pub fn allowed_actions(&self, job: JobId) -> Vec<JobAction> {
-        let Some(j) = self.jobs.get(&job) else {
+    pub fn allowed_actions(&self, job: &JobId) -> Vec<JobAction> {
+        let Some(j) = self.job(job) else {
             return Vec::new();
         };
         let mut out = Vec::new();
@@ -29,24 +29,19 @@ impl Coordinator {
 
     /// Cancels a running resync (the item stays resync-required) or a recovery plan (no
     /// further group starts; failovers already started run to their end).
-    pub fn cancel_job(&mut self, now: Duration, job: JobId) -> Result<(), OpError> {
+    pub fn cancel_job(&mut self, now: Duration, job: &JobId) -> Result<(), OpError> {
         let j = self.job_or_err(job)?;
         if j.state.is_terminal() {
-            return Err(OpError::Invalid(format!("job {} is over", job.0)));
+            return Err(OpError::Invalid(format!("job {job} is over")));
         }
         match j.kind {
             JobKind::Resynchronize => {
-                let item = j.item.clone();
+                let item = job.item.clone();
                 self.handle_command(now, Command::CancelResync { item })
                     .map(|_| ())
             }
             JobKind::RecoveryPlan => {
-                let plan = j.item.clone();
-                self.plan_runs.remove(&plan);
-                if let Some(j) = self.jobs.get_mut(&job) {
-                    j.errors.push("cancelled by an administrator".into());
-                }
-                self.finish_job(now, job, JobState::Cancelled);
+                self.cancel_plan(now, &job.item);
                 Ok(())
             }
             kind => Err(OpError::Invalid(format!(
@@ -56,51 +51,51 @@ impl Coordinator {
     }
 
     /// Runs a failed or cancelled job's operation again, as a new job.
-    pub fn restart_job(&mut self, now: Duration, job: JobId) -> Result<JobId, OpError> {
+    pub fn restart_job(&mut self, now: Duration, job: &JobId) -> Result<JobId, OpError> {
         let j = self.job_or_err(job)?;
         if !matches!(j.state, JobState::Failed | JobState::Cancelled) {
             return Err(OpError::Invalid(format!(
-                "job {} is {:?}: only a failed or cancelled job restarts",
-                job.0, j.state
+                "job {job} is {:?}: only a failed or cancelled job restarts",
+                j.state
             )));
         }
-        let cmd = j.command.clone().ok_or_else(|| {
-            OpError::Invalid(format!("job {} has no command to run again", job.0))
-        })?;
+        let cmd = j
+            .command
+            .clone()
+            .ok_or_else(|| OpError::Invalid(format!("job {job} has no command to run again")))?;
         self.handle_command(now, cmd)
     }
 
     /// Lets a suspended job continue: repairs a Critical item, resumes a paused resync, or
     /// resumes a plan waiting for a manual action.
-    pub fn resume_job(&mut self, now: Duration, job: JobId) -> Result<(), OpError> {
+    pub fn resume_job(&mut self, now: Duration, job: &JobId) -> Result<(), OpError> {
         let j = self.job_or_err(job)?;
         if j.state != JobState::Suspended {
             return Err(OpError::Invalid(format!(
-                "job {} is {:?}, not suspended",
-                job.0, j.state
+                "job {job} is {:?}, not suspended",
+                j.state
             )));
         }
         if j.kind == JobKind::RecoveryPlan {
-            let plan = j.item.clone();
+            let plan = job.item.clone();
             return self.resume_plan(now, &plan);
         }
         let cmd = self
             .resume_command(j)
-            .ok_or_else(|| OpError::Invalid(format!("job {} cannot be resumed", job.0)))?;
+            .ok_or_else(|| OpError::Invalid(format!("job {job} cannot be resumed")))?;
         self.handle_command(now, cmd).map(|_| ())
     }
 
-    fn job_or_err(&self, job: JobId) -> Result<&Job, OpError> {
-        self.jobs
-            .get(&job)
-            .ok_or_else(|| OpError::Invalid(format!("no job {}", job.0)))
+    fn job_or_err(&self, job: &JobId) -> Result<&Job, OpError> {
+        self.job(job)
+            .ok_or_else(|| OpError::Invalid(format!("no job {job}")))
     }
 
     /// The command that lets a suspended item job go on (plans resume through
     /// [`Coordinator::resume_plan`]).
     fn resume_command(&self, j: &Job) -> Option<Command> {
-        let st = self.status(&j.item, Duration::ZERO)?;
-        let item = j.item.clone();
+        let st = self.status(j.item(), Duration::ZERO)?;
+        let item = j.item().to_owned();
         if st
             .causes
             .iter()

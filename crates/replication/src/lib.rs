@@ -24,6 +24,13 @@ restarted agent resumes exactly where it stopped.
   progress and errors; [`Coordinator::allowed_actions`] says whether it can be cancelled,
   restarted or resumed ([`Coordinator::cancel_job`], [`Coordinator::restart_job`],
   [`Coordinator::resume_job`]).
+- Records: each item's whole state, its jobs and points included, is an [`ItemRecord`] a
+  driver can persist on its own and load into any coordinator
+  ([`Coordinator::item_record`], [`Coordinator::insert_item`],
+  [`Coordinator::remove_item`]); plans likewise ([`PlanRecord`]). Job ids name their item
+  (`vm1#3`), so drivers that each hold some items never give out the same id.
+  [`Command::TakeOver`] tells an item that another driver acts for it now: logs its old
+  driver shipped and did not apply are gone.
 - [`Action`]s the driver performs and answers with an [`Outcome`]: copy a disk range, close /
   apply / discard logs, resync a disk, create / delete recovery points, materialise disks,
   shut down or start machines. Each is idempotent.
@@ -41,6 +48,9 @@ restarted agent resumes exactly where it stopped.
   initial replication or an uncommitted failover is pending; Critical on a non-recoverable
   error or a required resync. Planned failover applies a final delta after shutting the source down (zero
   loss) or fails (and restarts the source) if that delta requires a resync.
+- An unplanned failover to the latest point applies what was shipped and makes a new point
+  only from a replica that holds whole cycles: during a resync, or after a take-over cut a
+  cycle short (the item is then resync-required), it uses the newest recovery point.
 
 # Invariants
 
@@ -111,8 +121,9 @@ None.
 #![doc(test(attr(deny(warnings))))]
 
 pub use crate::{
-    coordinator::{Coordinator, ItemStatus, OpError},
+    coordinator::{Coordinator, ItemRecord, ItemStatus, OpError},
     model::*,
+    plan::PlanRecord,
 };
 
 mod coordinator;

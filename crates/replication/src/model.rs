@@ -12,9 +12,50 @@ pub type ItemId = String;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct PointId(pub u64);
 
-/// A job's id.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct JobId(pub u64);
+/// A job's id: the item (or recovery plan) it belongs to and its number there, written
+/// `ITEM#N`. Numbers are given out per item, so the items of different drivers (sites)
+/// never take the same id.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct JobId {
+    /// The item, or the recovery plan for a plan's job.
+    pub item: ItemId,
+    /// The job's number within the item, from 1.
+    pub n: u64,
+}
+
+impl JobId {
+    /// Job `n` of `item`.
+    pub fn new(item: impl Into<ItemId>, n: u64) -> Self {
+        JobId {
+            item: item.into(),
+            n,
+        }
+    }
+}
+
+impl std::fmt::Display for JobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}#{}", self.item, self.n)
+    }
+}
+
+impl std::str::FromStr for JobId {
+    type Err = String;
+
+    /// Parses `ITEM#N`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (item, n) = s
+            .rsplit_once('#')
+            .ok_or_else(|| format!("{s:?} is not a job id (ITEM#N)"))?;
+        let n = n
+            .parse::<u64>()
+            .map_err(|_| format!("{s:?} is not a job id (ITEM#N)"))?;
+        if item.is_empty() {
+            return Err(format!("{s:?} is not a job id (ITEM#N)"));
+        }
+        Ok(JobId::new(item, n))
+    }
+}
 
 /// An action's id: report its outcome with it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -211,6 +252,8 @@ pub enum ResyncReason {
     },
     /// An administrator asked for it.
     Manual,
+    /// A cycle was being applied when its logs were lost (its driver was taken over).
+    LogsLost,
 }
 
 /// What a closed log says, reported by the driver for each disk of a cycle.
@@ -541,6 +584,14 @@ pub enum Command {
         /// The item.
         item: ItemId,
     },
+    /// Another driver takes the item over (its previous driver is gone, and with it the
+    /// logs it had shipped but not applied): pending delta cycles are dropped; a failure
+    /// they caused no longer holds the item; a failover to the latest point then uses the
+    /// newest recovery point if the replica may hold part of a cycle.
+    TakeOver {
+        /// The item.
+        item: ItemId,
+    },
 }
 
 impl Command {
@@ -563,7 +614,8 @@ impl Command {
             | Command::ChangeRecoveryPoint { item, .. }
             | Command::PauseResync { item }
             | Command::ResumeResync { item }
-            | Command::CancelResync { item } => item,
+            | Command::CancelResync { item }
+            | Command::TakeOver { item } => item,
         }
     }
 }
@@ -602,6 +654,8 @@ pub enum JobKind {
     RecoveryPlan,
     /// Change recovery point.
     ChangeRecoveryPoint,
+    /// Take over (another driver acts for the item from now on).
+    TakeOver,
 }
 
 /// What an administrator may do with a job.
@@ -632,6 +686,13 @@ pub enum JobState {
     Suspended,
 }
 
+impl Job {
+    /// The item the job belongs to (the recovery plan, for a plan's job).
+    pub fn item(&self) -> &str {
+        &self.id.item
+    }
+}
+
 impl JobState {
     /// Whether the job is over.
     pub fn is_terminal(self) -> bool {
@@ -654,12 +715,10 @@ pub struct Task {
 /// Every operation is a job with ordered tasks, a state and progress.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Job {
-    /// Its id.
+    /// Its id (which names its item, or its recovery plan).
     pub id: JobId,
     /// What it is.
     pub kind: JobKind,
-    /// The item.
-    pub item: ItemId,
     /// Its state.
     pub state: JobState,
     /// Its tasks, in order.

@@ -2,6 +2,7 @@
 //! parallel, with manual (the plan suspends) or scripted (a `RunHook` action) pre and post
 //! actions scoped to test, planned or unplanned failover.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -31,15 +32,47 @@ impl Phase {
     }
 }
 
+/// A recovery plan as the coordinator keeps it: the plan, its jobs, the failover in
+/// progress.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct PlanState {
+    plan: RecoveryPlan,
+    pub(crate) jobs: BTreeMap<u64, Job>,
+    next_job: u64,
+    run: Option<PlanRun>,
+}
+
+/// One recovery plan's whole state (the plan, its jobs, a failover in progress): what a
+/// driver persists for the plan, and loads back with [`Coordinator::insert_plan`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanRecord(PlanState);
+
+impl PlanRecord {
+    /// The plan.
+    pub fn plan(&self) -> &RecoveryPlan {
+        &self.0.plan
+    }
+
+    /// The plan's jobs, oldest first.
+    pub fn jobs(&self) -> impl Iterator<Item = &Job> + '_ {
+        self.0.jobs.values()
+    }
+
+    /// Whether a failover of the plan is in progress.
+    pub fn running(&self) -> bool {
+        self.0.run.is_some()
+    }
+}
+
 /// A plan failover in progress.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct PlanRun {
-    job: JobId,
+    job: u64,
     failover: PlanFailover,
     group: usize,
     phase: Phase,
     /// The current group's item jobs (empty until the group starts).
-    item_jobs: Vec<(ItemId, JobId)>,
+    item_jobs: Vec<JobId>,
     /// The hook in flight.
     hook: Option<(ActionId, ActionKind)>,
     /// Waiting for an administrator (a manual action).
@@ -75,11 +108,18 @@ fn action_task(group: usize, pre: bool, a: &PlanAction) -> String {
 
 impl Coordinator {
     /// Creates or replaces a recovery plan. Every item must be protected and appear once;
-    /// a plan with a failover in progress cannot be replaced.
+    /// a plan with a failover in progress cannot be replaced, and a plan may not take an
+    /// item's name (jobs are named after their item or plan).
     pub fn create_plan(&mut self, plan: RecoveryPlan) -> Result<(), OpError> {
-        if self.plan_runs.contains_key(&plan.name) {
+        if self.plans.get(&plan.name).is_some_and(|p| p.run.is_some()) {
             return Err(OpError::Invalid(format!(
                 "plan {} has a failover in progress",
+                plan.name
+            )));
+        }
+        if self.items.contains_key(&plan.name) {
+            return Err(OpError::Invalid(format!(
+                "plan {}: an item has that name",
                 plan.name
             )));
         }
@@ -101,18 +141,52 @@ impl Coordinator {
                 )));
             }
         }
-        self.plans.insert(plan.name.clone(), plan);
+        match self.plans.get_mut(&plan.name) {
+            Some(p) => p.plan = plan,
+            None => {
+                self.plans.insert(
+                    plan.name.clone(),
+                    PlanState {
+                        plan,
+                        jobs: BTreeMap::new(),
+                        next_job: 0,
+                        run: None,
+                    },
+                );
+            }
+        }
         Ok(())
     }
 
     /// A recovery plan.
     pub fn plan(&self, name: &str) -> Option<&RecoveryPlan> {
-        self.plans.get(name)
+        self.plans.get(name).map(|p| &p.plan)
     }
 
     /// Every recovery plan.
     pub fn plans(&self) -> impl Iterator<Item = &RecoveryPlan> + '_ {
-        self.plans.values()
+        self.plans.values().map(|p| &p.plan)
+    }
+
+    /// A copy of one plan's state, to persist it on its own.
+    pub fn plan_record(&self, name: &str) -> Option<PlanRecord> {
+        self.plans.get(name).cloned().map(PlanRecord)
+    }
+
+    /// Adds (or replaces) a plan from its persisted record: a hook it had in flight is
+    /// issued again (hooks should be idempotent).
+    pub fn insert_plan(&mut self, now: Duration, record: PlanRecord) {
+        let name = record.0.plan.name.clone();
+        self.ready.retain(|a| a.item != name);
+        self.plans.insert(name.clone(), record.0);
+        self.reissue_hook(&name);
+        self.pump_plans(now);
+    }
+
+    /// Takes a plan out; a hook of it that is ready is dropped.
+    pub fn remove_plan(&mut self, name: &str) -> Option<PlanRecord> {
+        self.ready.retain(|a| a.item != name);
+        self.plans.remove(name).map(PlanRecord)
     }
 
     /// Starts a plan failover at `now`: group by group, pre actions, the items' failovers
@@ -123,81 +197,97 @@ impl Coordinator {
         name: &str,
         failover: PlanFailover,
     ) -> Result<JobId, OpError> {
-        let plan = self
+        let state = self
             .plans
-            .get(name)
-            .cloned()
+            .get_mut(name)
             .ok_or_else(|| OpError::Invalid(format!("no recovery plan {name}")))?;
-        if self.plan_runs.contains_key(name) {
+        if state.run.is_some() {
             return Err(OpError::Invalid(format!(
                 "plan {name} has a failover in progress"
             )));
         }
         let scope = failover.scope();
-        let job = self.new_job(now, JobKind::RecoveryPlan, name);
         let mut tasks = Vec::new();
-        for (g, group) in plan.groups.iter().enumerate() {
+        for (g, group) in state.plan.groups.iter().enumerate() {
             let pre = group.pre.iter().filter(|a| a.applies(scope));
             tasks.extend(pre.map(|a| action_task(g, true, a)));
             tasks.push(items_task(g, &group.items));
             let post = group.post.iter().filter(|a| a.applies(scope));
             tasks.extend(post.map(|a| action_task(g, false, a)));
         }
-        if let Some(j) = self.jobs.get_mut(&job) {
-            j.tasks = tasks
-                .into_iter()
-                .map(|name| Task {
-                    name,
-                    state: JobState::NotStarted,
-                })
-                .collect();
-        }
-        self.plan_runs.insert(
-            name.to_owned(),
-            PlanRun {
-                job,
-                failover,
-                group: 0,
-                phase: Phase::Pre(0),
-                item_jobs: Vec::new(),
-                hook: None,
-                manual: false,
-            },
-        );
+        state.next_job += 1;
+        let n = state.next_job;
+        let mut job = Job::new(JobId::new(name, n), JobKind::RecoveryPlan, now);
+        job.tasks = tasks
+            .into_iter()
+            .map(|name| Task {
+                name,
+                state: JobState::NotStarted,
+            })
+            .collect();
+        state.jobs.insert(n, job);
+        state.run = Some(PlanRun {
+            job: n,
+            failover,
+            group: 0,
+            phase: Phase::Pre(0),
+            item_jobs: Vec::new(),
+            hook: None,
+            manual: false,
+        });
         self.pump_plans(now);
-        Ok(job)
+        Ok(JobId::new(name, n))
     }
 
     /// An administrator finished the manual action the plan waits for: carry on.
     pub fn resume_plan(&mut self, now: Duration, name: &str) -> Result<(), OpError> {
-        let run = self
-            .plan_runs
+        let state = self
+            .plans
             .get_mut(name)
-            .filter(|r| r.manual)
+            .filter(|p| p.run.as_ref().is_some_and(|r| r.manual))
             .ok_or_else(|| {
                 OpError::Invalid(format!("plan {name} is not waiting for a manual action"))
             })?;
+        let run = state.run.as_mut().expect("checked above");
         run.manual = false;
-        let job = run.job;
         run.phase = run.phase.next_action();
-        self.task_done(job);
-        if let Some(j) = self.jobs.get_mut(&job) {
+        let job = run.job;
+        state.task_done(job);
+        if let Some(j) = state.jobs.get_mut(&job) {
             j.state = JobState::InProgress;
         }
         self.pump_plans(now);
         Ok(())
     }
 
+    /// Cancels a plan's failover: no further group starts; failovers already started run
+    /// to their end.
+    pub(crate) fn cancel_plan(&mut self, now: Duration, name: &str) {
+        if let Some(p) = self.plans.get_mut(name)
+            && let Some(run) = p.run.take()
+            && let Some(j) = p.jobs.get_mut(&run.job)
+        {
+            j.errors.push("cancelled by an administrator".into());
+            j.finish(now, JobState::Cancelled);
+        }
+    }
+
     /// Takes a hook's outcome; `false` if `id` is not a plan's hook.
     pub(crate) fn plan_outcome(&mut self, now: Duration, id: ActionId, outcome: &Outcome) -> bool {
-        let Some((name, run)) = self
-            .plan_runs
-            .iter_mut()
-            .find(|(_, r)| r.hook.as_ref().is_some_and(|(a, _)| *a == id))
+        let Some(name) = self
+            .plans
+            .iter()
+            .find(|(_, p)| {
+                p.run
+                    .as_ref()
+                    .is_some_and(|r| r.hook.as_ref().is_some_and(|(a, _)| *a == id))
+            })
+            .map(|(n, _)| n.clone())
         else {
             return false;
         };
-        let (name, job) = (name.clone(), run.job);
+        let state = self.plans.get_mut(&name).expect("found");
+        let run = state.run.as_mut().expect("found running");
         run.hook = None;
         match outcome {
             Outcome::Failed { message, .. } => {
@@ -205,10 +295,9 @@ impl Coordinator {
                 self.fail_plan(now, &name, format!("hook failed: {message}"));
             }
             Outcome::Done | Outcome::Logs(_) => {
-                if let Some(r) = self.plan_runs.get_mut(&name) {
-                    r.phase = r.phase.next_action();
-                }
-                self.task_done(job);
+                run.phase = run.phase.next_action();
+                let job = run.job;
+                state.task_done(job);
             }
         }
         true
@@ -216,80 +305,69 @@ impl Coordinator {
 
     /// After a restore: hooks in flight are issued again.
     pub(crate) fn resume_plans(&mut self) {
-        let names: Vec<String> = self.plan_runs.keys().cloned().collect();
+        let names: Vec<String> = self.plans.keys().cloned().collect();
         for n in names {
-            let Some((_, kind)) = self.plan_runs[&n].hook.clone() else {
-                continue;
-            };
-            self.next_action += 1;
-            let id = ActionId(self.next_action);
-            let job = self.plan_runs[&n].job;
-            self.ready.push_back(Action {
-                id,
-                item: n.clone(),
-                job: Some(job),
-                kind: kind.clone(),
-            });
-            if let Some(r) = self.plan_runs.get_mut(&n) {
-                r.hook = Some((id, kind));
-            }
+            self.reissue_hook(&n);
         }
     }
 
-    fn task_done(&mut self, job: JobId) {
-        if let Some(j) = self.jobs.get_mut(&job) {
-            if let Some(t) = j.tasks.iter_mut().find(|t| !t.state.is_terminal()) {
-                t.state = JobState::Succeeded;
-            }
-            let done = j.tasks.iter().filter(|t| t.state.is_terminal()).count();
-            j.progress_permille = (done * 1000 / j.tasks.len().max(1)) as u32;
-        }
-    }
-
-    fn task_started(&mut self, job: JobId) {
-        if let Some(t) = self
-            .jobs
-            .get_mut(&job)
-            .and_then(|j| j.tasks.iter_mut().find(|t| !t.state.is_terminal()))
-        {
-            t.state = JobState::InProgress;
+    fn reissue_hook(&mut self, name: &str) {
+        let Some(run) = self.plans.get(name).and_then(|p| p.run.as_ref()) else {
+            return;
+        };
+        let Some((_, kind)) = run.hook.clone() else {
+            return;
+        };
+        let job = run.job;
+        self.next_action += 1;
+        let id = ActionId(self.next_action);
+        self.ready.push_back(Action {
+            id,
+            item: name.to_owned(),
+            job: Some(JobId::new(name, job)),
+            kind: kind.clone(),
+        });
+        if let Some(r) = self.plans.get_mut(name).and_then(|p| p.run.as_mut()) {
+            r.hook = Some((id, kind));
         }
     }
 
     /// Moves every running plan as far as it can go.
     pub(crate) fn pump_plans(&mut self, now: Duration) {
-        let names: Vec<String> = self.plan_runs.keys().cloned().collect();
+        let names: Vec<String> = self.plans.keys().cloned().collect();
         for n in names {
             self.pump_plan(now, &n);
         }
     }
 
     fn fail_plan(&mut self, now: Duration, name: &str, why: String) {
-        if let Some(run) = self.plan_runs.remove(name) {
-            if let Some(j) = self.jobs.get_mut(&run.job) {
-                j.errors.push(why);
-            }
-            self.finish_job(now, run.job, JobState::Failed);
+        if let Some(p) = self.plans.get_mut(name)
+            && let Some(run) = p.run.take()
+            && let Some(j) = p.jobs.get_mut(&run.job)
+        {
+            j.errors.push(why);
+            j.finish(now, JobState::Failed);
         }
     }
 
     fn pump_plan(&mut self, now: Duration, name: &str) {
         loop {
-            let Some(run) = self.plan_runs.get(name).cloned() else {
+            let Some(state) = self.plans.get(name) else {
+                return;
+            };
+            let Some(run) = state.run.clone() else {
                 return;
             };
             if run.manual || run.hook.is_some() {
                 return;
             }
-            let Some(group) = self
-                .plans
-                .get(name)
-                .and_then(|p| p.groups.get(run.group))
-                .cloned()
-            else {
+            let Some(group) = state.plan.groups.get(run.group).cloned() else {
                 // Every group done.
-                self.plan_runs.remove(name);
-                self.finish_job(now, run.job, JobState::Succeeded);
+                let state = self.plans.get_mut(name).expect("present");
+                state.run = None;
+                if let Some(j) = state.jobs.get_mut(&run.job) {
+                    j.finish(now, JobState::Succeeded);
+                }
                 return;
             };
             let scope = run.failover.scope();
@@ -307,7 +385,8 @@ impl Coordinator {
                 .iter()
                 .filter(|a| a.applies(scope))
                 .collect();
-            let r = self.plan_runs.get_mut(name).expect("running");
+            let state = self.plans.get_mut(name).expect("present");
+            let r = state.run.as_mut().expect("running");
             let Some(action) = list.get(i) else {
                 if pre {
                     r.phase = Phase::Items;
@@ -322,8 +401,8 @@ impl Coordinator {
                 PlanActionKind::Manual => {
                     r.manual = true;
                     let job = r.job;
-                    self.task_started(job);
-                    if let Some(j) = self.jobs.get_mut(&job) {
+                    state.task_started(job);
+                    if let Some(j) = state.jobs.get_mut(&job) {
                         j.state = JobState::Suspended;
                     }
                 }
@@ -337,11 +416,11 @@ impl Coordinator {
                     };
                     r.hook = Some((id, kind.clone()));
                     let job = r.job;
-                    self.task_started(job);
+                    state.task_started(job);
                     self.ready.push_back(Action {
                         id,
                         item: name.to_owned(),
-                        job: Some(job),
+                        job: Some(JobId::new(name, job)),
                         kind,
                     });
                 }
@@ -354,39 +433,53 @@ impl Coordinator {
     /// the plan moved on to its post actions.
     fn pump_items(&mut self, now: Duration, name: &str, run: &PlanRun, group: &PlanGroup) -> bool {
         if run.item_jobs.is_empty() {
-            self.task_started(run.job);
+            if let Some(p) = self.plans.get_mut(name) {
+                p.task_started(run.job);
+            }
             let mut started = Vec::new();
             for item in &group.items {
                 match self.command(now, run.failover.command(item.clone())) {
-                    Ok(job) => started.push((item.clone(), job)),
+                    Ok(job) => started.push(job),
                     Err(e) => {
                         self.fail_plan(now, name, format!("group {}: {e}", run.group + 1));
                         return false;
                     }
                 }
             }
-            if let Some(r) = self.plan_runs.get_mut(name) {
+            if let Some(r) = self.plans.get_mut(name).and_then(|p| p.run.as_mut()) {
                 r.item_jobs = started;
             }
         }
-        let jobs = self.plan_runs[name].item_jobs.clone();
-        let states: Vec<(ItemId, JobState)> = jobs
-            .iter()
-            .map(|(i, j)| (i.clone(), self.jobs[j].state))
+        let Some(jobs) = self
+            .plans
+            .get(name)
+            .and_then(|p| p.run.as_ref())
+            .map(|r| r.item_jobs.clone())
+        else {
+            return false;
+        };
+        // A job that vanished (its item was taken out) counts as failed.
+        let states: Vec<(JobId, JobState)> = jobs
+            .into_iter()
+            .map(|j| {
+                let s = self.job(&j).map_or(JobState::Failed, |x| x.state);
+                (j, s)
+            })
             .collect();
         if states.iter().any(|(_, s)| !s.is_terminal()) {
             return false;
         }
-        if let Some((i, s)) = states.iter().find(|(_, s)| *s != JobState::Succeeded) {
+        if let Some((j, s)) = states.iter().find(|(_, s)| *s != JobState::Succeeded) {
             self.fail_plan(
                 now,
                 name,
-                format!("group {}: {i}'s failover {s:?}", run.group + 1),
+                format!("group {}: {}'s failover {s:?}", run.group + 1, j.item),
             );
             return false;
         }
-        self.task_done(run.job);
-        if let Some(r) = self.plan_runs.get_mut(name) {
+        let state = self.plans.get_mut(name).expect("present");
+        state.task_done(run.job);
+        if let Some(r) = state.run.as_mut() {
             r.phase = Phase::Post(0);
         }
         true
@@ -394,13 +487,38 @@ impl Coordinator {
 
     /// A running plan's job is accounted for (the invariant check).
     pub(crate) fn plan_job_alive(&self, job: &Job) -> bool {
-        self.plan_runs.get(&job.item).is_some_and(|r| {
-            r.job == job.id
-                && (r.manual
-                    || r.hook.is_some()
-                    || r.item_jobs
-                        .iter()
-                        .any(|(_, j)| self.jobs.get(j).is_some_and(|j| !j.state.is_terminal())))
-        })
+        self.plans
+            .get(job.item())
+            .and_then(|p| p.run.as_ref())
+            .is_some_and(|r| {
+                r.job == job.id.n
+                    && (r.manual
+                        || r.hook.is_some()
+                        || r.item_jobs
+                            .iter()
+                            .any(|j| self.job(j).is_some_and(|j| !j.state.is_terminal())))
+            })
+    }
+}
+
+impl PlanState {
+    fn task_done(&mut self, job: u64) {
+        if let Some(j) = self.jobs.get_mut(&job) {
+            if let Some(t) = j.tasks.iter_mut().find(|t| !t.state.is_terminal()) {
+                t.state = JobState::Succeeded;
+            }
+            let done = j.tasks.iter().filter(|t| t.state.is_terminal()).count();
+            j.progress_permille = (done * 1000 / j.tasks.len().max(1)) as u32;
+        }
+    }
+
+    fn task_started(&mut self, job: u64) {
+        if let Some(t) = self
+            .jobs
+            .get_mut(&job)
+            .and_then(|j| j.tasks.iter_mut().find(|t| !t.state.is_terminal()))
+        {
+            t.state = JobState::InProgress;
+        }
     }
 }

@@ -202,7 +202,7 @@ fn enable_copies_disks_one_at_a_time_then_protects() {
     assert_eq!(st.health, Health::Normal);
     assert_eq!(st.points.len(), 1);
     assert_eq!(st.initial_copy, [(10 * MIB, 10 * MIB), (5 * MIB, 5 * MIB)]);
-    let j = s.c.job(job).unwrap();
+    let j = s.c.job(&job).unwrap();
     assert_eq!(
         (j.kind, j.state, j.progress_permille),
         (JobKind::EnableProtection, JobState::Succeeded, 1000)
@@ -412,7 +412,7 @@ fn manual_resync_policy_waits_for_the_command() {
     assert_eq!(s.status().health, Health::Critical);
     s.world.clean = true;
     let job = s.cmd(Command::Resync { item: "vm".into() }).unwrap();
-    assert_eq!(s.c.job(job).unwrap().state, JobState::Succeeded);
+    assert_eq!(s.c.job(&job).unwrap().state, JobState::Succeeded);
     assert_eq!(s.status().state, ProtectionState::Protected);
 }
 
@@ -427,7 +427,7 @@ fn test_failover_leaves_replication_running() {
             point: PointChoice::LatestProcessed,
         })
         .unwrap();
-    assert_eq!(s.c.job(job).unwrap().state, JobState::Succeeded);
+    assert_eq!(s.c.job(&job).unwrap().state, JobState::Succeeded);
     assert_eq!(
         s.status().test_failover,
         TestFailoverState::TestFailoverCompleted
@@ -508,7 +508,7 @@ fn planned_failover_whose_final_delta_needs_resync_fails_and_restarts_the_source
     let job = s
         .cmd(Command::PlannedFailover { item: "vm".into() })
         .unwrap();
-    assert_eq!(s.c.job(job).unwrap().state, JobState::Failed);
+    assert_eq!(s.c.job(&job).unwrap().state, JobState::Failed);
     assert!(s.kinds().contains(&&ActionKind::StartSource));
     assert_eq!(s.status().state, ProtectionState::Resynchronizing);
 }
@@ -538,7 +538,7 @@ fn unplanned_failover_cancels_resync_and_chooses_points() {
             point: PointChoice::Id(chosen),
         })
         .unwrap();
-    assert_eq!(s.c.job(job).unwrap().state, JobState::Succeeded);
+    assert_eq!(s.c.job(&job).unwrap().state, JobState::Succeeded);
     let resync =
         s.c.jobs()
             .find(|j| j.kind == JobKind::Resynchronize)
@@ -642,7 +642,7 @@ fn failback_protects_the_source_syncs_completes_and_reprotects() {
             &ActionKind::StartSource,
         ]
     );
-    assert_eq!(s.c.job(job).unwrap().state, JobState::Succeeded);
+    assert_eq!(s.c.job(&job).unwrap().state, JobState::Succeeded);
     assert_eq!(s.status().state, ProtectionState::FailbackCompleted);
     s.cmd(Command::CompleteFailback { item: "vm".into() })
         .unwrap();
@@ -703,7 +703,7 @@ fn cancelled_failback_restores_the_source_disks() {
         ),
         "{seq:?}"
     );
-    assert_eq!(s.c.job(fb).unwrap().state, JobState::Cancelled);
+    assert_eq!(s.c.job(&fb).unwrap().state, JobState::Cancelled);
     let st = s.status();
     assert_eq!(
         (st.state, st.points.len()),
@@ -972,7 +972,7 @@ fn plan_runs_groups_in_order_with_hooks_and_a_manual_step() {
         .unwrap();
     sim.run();
     // Group 1 ran (pre hook, db's failover), then the manual post action suspended the plan.
-    let j = sim.c.job(job).unwrap();
+    let j = sim.c.job(&job).unwrap();
     assert_eq!(j.state, JobState::Suspended);
     assert_eq!(
         sim.c.status("db", sim.now).unwrap().state,
@@ -996,7 +996,7 @@ fn plan_runs_groups_in_order_with_hooks_and_a_manual_step() {
     sim.crash();
     sim.c.resume_plan(sim.now, "three-tier").unwrap();
     sim.run();
-    let j = sim.c.job(job).unwrap();
+    let j = sim.c.job(&job).unwrap();
     assert_eq!(j.state, JobState::Succeeded, "{j:?}");
     assert_eq!(j.progress_permille, 1000);
     assert!(j.tasks.iter().all(|t| t.state == JobState::Succeeded));
@@ -1037,10 +1037,10 @@ fn plan_actions_are_scoped_and_test_failover_leaves_replication_alone() {
             .iter()
             .any(|t| t == "hook stop-app-writes")
     );
-    assert_eq!(sim.c.job(job).unwrap().state, JobState::Suspended);
+    assert_eq!(sim.c.job(&job).unwrap().state, JobState::Suspended);
     sim.c.resume_plan(sim.now, "three-tier").unwrap();
     sim.run();
-    assert_eq!(sim.c.job(job).unwrap().state, JobState::Succeeded);
+    assert_eq!(sim.c.job(&job).unwrap().state, JobState::Succeeded);
     // switch-dns is scoped to planned and unplanned: not run.
     assert!(!plan_trace(&sim.done).iter().any(|t| t.starts_with("hook")));
     for i in ["db", "app", "web"] {
@@ -1080,7 +1080,7 @@ fn plan_fails_when_a_hook_or_an_item_fails_and_refuses_bad_plans() {
         .start_plan(sim.now, "three-tier", PlanFailover::Planned)
         .unwrap();
     sim.run();
-    let j = sim.c.job(job).unwrap();
+    let j = sim.c.job(&job).unwrap();
     assert_eq!(j.state, JobState::Failed);
     assert!(j.errors[0].contains("hook failed"), "{:?}", j.errors);
     assert_eq!(
@@ -1102,7 +1102,7 @@ fn plan_fails_when_a_hook_or_an_item_fails_and_refuses_bad_plans() {
     );
     sim.c.resume_plan(sim.now, "three-tier").unwrap_err();
     let job = through_the_manual_step(&mut sim, PlanFailover::Test(PointChoice::Latest));
-    let j = sim.c.job(job).unwrap();
+    let j = sim.c.job(&job).unwrap();
     assert_eq!(j.state, JobState::Failed, "{j:?}");
     assert!(j.errors[0].contains("Resynchronizing"), "{:?}", j.errors);
     sim.c.check_invariants().unwrap();
@@ -1115,7 +1115,7 @@ fn plan_survives_a_crash_at_every_step() {
     sim.c.create_plan(plan).unwrap();
     sim.crashy = true;
     let job = through_the_manual_step(&mut sim, PlanFailover::Unplanned(PointChoice::Latest));
-    assert_eq!(sim.c.job(job).unwrap().state, JobState::Succeeded);
+    assert_eq!(sim.c.job(&job).unwrap().state, JobState::Succeeded);
     for i in ["db", "app", "web"] {
         assert_eq!(
             sim.c.status(i, sim.now).unwrap().state,
@@ -1156,9 +1156,9 @@ fn resync_pauses_resumes_where_it_stopped_and_cancels_to_resync_required() {
     let st = s.status();
     assert_eq!(st.state, ProtectionState::ResyncPaused);
     assert!(st.causes.contains(&HealthCause::ResyncPaused));
-    assert_eq!(s.c.job(job).unwrap().state, JobState::Suspended);
+    assert_eq!(s.c.job(&job).unwrap().state, JobState::Suspended);
     assert_eq!(
-        s.c.allowed_actions(job),
+        s.c.allowed_actions(&job),
         [JobAction::Cancel, JobAction::Resume]
     );
     let e = s.cmd(Command::TestFailover {
@@ -1170,11 +1170,11 @@ fn resync_pauses_resumes_where_it_stopped_and_cancels_to_resync_required() {
 
     // Resume (through the job's allowed action): disk 1 only, then Protected.
     s.crash();
-    s.c.resume_job(s.now, job).unwrap();
+    s.c.resume_job(s.now, &job).unwrap();
     s.run();
     assert_eq!(resync_disks(&s.done), [0, 1]);
     assert_eq!(s.status().state, ProtectionState::Protected);
-    assert_eq!(s.c.job(job).unwrap().state, JobState::Succeeded);
+    assert_eq!(s.c.job(&job).unwrap().state, JobState::Succeeded);
 
     // Cancel: resync required again; a restart starts over from disk 0.
     s.done.clear();
@@ -1182,12 +1182,12 @@ fn resync_pauses_resumes_where_it_stopped_and_cancels_to_resync_required() {
         s.c.handle_command(s.now, Command::Resync { item: "vm".into() })
             .unwrap();
     assert!(s.step() && s.step());
-    s.c.cancel_job(s.now, job).unwrap();
+    s.c.cancel_job(s.now, &job).unwrap();
     s.run();
     assert_eq!(s.status().state, ProtectionState::ResyncRequired);
-    assert_eq!(s.c.job(job).unwrap().state, JobState::Cancelled);
-    assert_eq!(s.c.allowed_actions(job), [JobAction::Restart]);
-    let again = s.c.restart_job(s.now, job).unwrap();
+    assert_eq!(s.c.job(&job).unwrap().state, JobState::Cancelled);
+    assert_eq!(s.c.allowed_actions(&job), [JobAction::Restart]);
+    let again = s.c.restart_job(s.now, &job).unwrap();
     s.run();
     assert_ne!(again, job);
     // The disk-1 compare already issued when the cancel came is performed (and ignored);
@@ -1206,7 +1206,7 @@ fn resync_pauses_resumes_where_it_stopped_and_cancels_to_resync_required() {
         point: PointChoice::LatestProcessed,
     })
     .unwrap();
-    assert_eq!(s.c.job(job).unwrap().state, JobState::Cancelled);
+    assert_eq!(s.c.job(&job).unwrap().state, JobState::Cancelled);
     assert_eq!(
         s.status().state,
         ProtectionState::UnplannedFailoverCompleted
@@ -1250,8 +1250,8 @@ fn change_recovery_point_before_commit() {
             &ActionKind::StartTarget { point: points[1] },
         ]
     );
-    assert_eq!(s.c.job(job).unwrap().kind, JobKind::ChangeRecoveryPoint);
-    assert_eq!(s.c.job(job).unwrap().state, JobState::Succeeded);
+    assert_eq!(s.c.job(&job).unwrap().kind, JobKind::ChangeRecoveryPoint);
+    assert_eq!(s.c.job(&job).unwrap().state, JobState::Succeeded);
     s.cmd(Command::Commit { item: "vm".into() }).unwrap();
     let st = s.status();
     assert_eq!(
@@ -1300,16 +1300,16 @@ fn job_actions_follow_the_job_state() {
         1,
     ));
     let job = s.protect("vm", vec![4 * MIB]);
-    assert_eq!(s.c.job(job).unwrap().state, JobState::Suspended);
-    assert_eq!(s.c.allowed_actions(job), [JobAction::Resume]);
-    assert!(s.c.cancel_job(s.now, job).is_err());
-    assert!(s.c.restart_job(s.now, job).is_err());
-    s.c.resume_job(s.now, job).unwrap();
+    assert_eq!(s.c.job(&job).unwrap().state, JobState::Suspended);
+    assert_eq!(s.c.allowed_actions(&job), [JobAction::Resume]);
+    assert!(s.c.cancel_job(s.now, &job).is_err());
+    assert!(s.c.restart_job(s.now, &job).is_err());
+    s.c.resume_job(s.now, &job).unwrap();
     s.run();
-    assert_eq!(s.c.job(job).unwrap().state, JobState::Succeeded);
-    assert!(s.c.allowed_actions(job).is_empty());
-    assert!(s.c.resume_job(s.now, job).is_err());
-    assert!(s.c.restart_job(s.now, job).is_err());
+    assert_eq!(s.c.job(&job).unwrap().state, JobState::Succeeded);
+    assert!(s.c.allowed_actions(&job).is_empty());
+    assert!(s.c.resume_job(s.now, &job).is_err());
+    assert!(s.c.restart_job(s.now, &job).is_err());
 }
 
 #[test]
@@ -1381,5 +1381,189 @@ fn automatic_resync_waits_for_its_daily_window() {
         s.kinds()
             .iter()
             .any(|k| matches!(k, ActionKind::ResyncDisk { .. }))
+    );
+}
+
+/// Each item's record stands alone: persisted, taken out and loaded into another
+/// coordinator (another driver), it carries on where it stopped, its jobs with it.
+#[test]
+fn an_item_record_moves_between_coordinators_and_carries_on() {
+    let mut s = Sim::new();
+    s.protect("vm", vec![2 * MIB]);
+    s.tick();
+    // Stop mid-cycle: CloseLogs taken, its outcome never reported.
+    s.now = s.c.poll_timeout().unwrap();
+    s.c.handle_timeout(s.now);
+    let a = s.c.poll_action().unwrap();
+    assert!(matches!(a.kind, ActionKind::CloseLogs { .. }));
+    let json = serde_json::to_string(&s.c.item_record("vm").unwrap()).unwrap();
+    assert!(s.c.remove_item("vm").is_some());
+    assert!(s.c.poll_action().is_none() && s.c.status("vm", s.now).is_none());
+
+    let record: ItemRecord = serde_json::from_str(&json).unwrap();
+    assert_eq!(record.state(), ProtectionState::Protected);
+    assert_eq!(record.status(s.now).points.len(), 2);
+    assert_eq!(record.jobs().count(), 1);
+    let mut other = Sim::new();
+    other.now = s.now;
+    other.c.insert_item(other.now, "vm", record);
+    // The action in flight is issued again; the cycle completes.
+    let again = other.c.poll_action().unwrap();
+    assert_eq!(again.kind, a.kind);
+    let outcome = other.answer(&again);
+    other
+        .c
+        .handle_outcome(other.now, again.id, outcome)
+        .unwrap();
+    other.run();
+    assert_eq!(other.status().points.len(), 3);
+    other.c.check_invariants().unwrap();
+}
+
+/// Job ids are numbered per item: the jobs of items protected by two drivers never
+/// collide when a third loads both.
+#[test]
+fn job_ids_name_their_item_and_never_collide_across_drivers() {
+    let (mut a, mut b) = (Sim::new(), Sim::new());
+    let ja = a.protect("vm", vec![MIB]);
+    let jb = b.protect("db", vec![MIB]);
+    assert_eq!(
+        (ja.to_string(), jb.to_string()),
+        ("vm#1".into(), "db#1".into())
+    );
+    assert_eq!("db#1".parse::<JobId>().unwrap(), jb);
+    assert!("db".parse::<JobId>().is_err() && "#1".parse::<JobId>().is_err());
+    let mut c = Coordinator::new();
+    c.insert_item(a.now, "vm", a.c.item_record("vm").unwrap());
+    c.insert_item(b.now, "db", b.c.item_record("db").unwrap());
+    let ids: Vec<String> = c.jobs().map(|j| j.id.to_string()).collect();
+    assert_eq!(ids, ["db#1", "vm#1"]);
+    assert_eq!(c.job(&ja).unwrap().item(), "vm");
+    assert_eq!(c.job(&jb).unwrap().kind, JobKind::EnableProtection);
+    // A plan may not take an item's name, nor an item a plan's.
+    let plan = |name: &str| RecoveryPlan {
+        name: name.into(),
+        groups: vec![PlanGroup {
+            items: vec!["vm".into()],
+            ..PlanGroup::default()
+        }],
+    };
+    assert!(c.create_plan(plan("db")).is_err());
+    c.create_plan(plan("p")).unwrap();
+    let r = c.handle_command(
+        a.now,
+        Command::EnableProtection {
+            item: "p".into(),
+            disks: vec![MIB],
+            policy: Sim::policy(),
+        },
+    );
+    assert!(matches!(r, Err(OpError::AlreadyProtected(_))), "{r:?}");
+}
+
+/// The driver that shipped a cycle's logs is gone while the cycle was being applied: the
+/// new driver takes over; the rest of the cycle cannot be applied, so a failover to
+/// "latest" uses the newest recovery point, never the half-applied replica.
+#[test]
+fn after_a_take_over_mid_cycle_latest_is_the_newest_point() {
+    let mut s = Sim::new();
+    let policy = ReplicationPolicy {
+        auto_resync: false,
+        ..Sim::policy()
+    };
+    s.protect_with("vm", vec![2 * MIB], policy);
+    s.tick();
+    let newest = s.status().points.last().unwrap().id;
+    s.now = s.c.poll_timeout().unwrap();
+    s.c.handle_timeout(s.now);
+    // CloseLogs done, then ApplyLogs fails for good (its logs are unreadable here).
+    assert!(s.step());
+    let a = s.c.poll_action().unwrap();
+    assert!(matches!(a.kind, ActionKind::ApplyLogs { .. }));
+    s.c.handle_outcome(
+        s.now,
+        a.id,
+        Outcome::Failed {
+            class: Class::NonRecoverable,
+            message: "staged log missing".into(),
+        },
+    )
+    .unwrap();
+    assert_eq!(s.status().health, Health::Critical);
+
+    let job = s.cmd(Command::TakeOver { item: "vm".into() }).unwrap();
+    assert_eq!(s.c.job(&job).unwrap().state, JobState::Succeeded);
+    // The lost cycle no longer holds the item; its replica needs a resync, and says so.
+    let st = s.status();
+    assert_eq!(st.state, ProtectionState::ResyncRequired);
+    assert!(
+        st.causes
+            .contains(&HealthCause::ResyncRequired(ResyncReason::LogsLost)),
+        "{st:?}"
+    );
+    assert!(
+        !st.causes
+            .iter()
+            .any(|c| matches!(c, HealthCause::NonRecoverableError { .. }))
+    );
+    s.done.clear();
+    s.cmd(Command::UnplannedFailover {
+        item: "vm".into(),
+        point: PointChoice::Latest,
+    })
+    .unwrap();
+    assert_eq!(
+        s.status().state,
+        ProtectionState::UnplannedFailoverCompleted
+    );
+    assert_eq!(s.status().failover_point, Some(newest));
+    assert!(
+        !s.kinds().iter().any(|k| matches!(
+            k,
+            ActionKind::ProcessPendingLogs | ActionKind::CreateRecoveryPoint { .. }
+        )),
+        "{:?}",
+        s.kinds()
+    );
+}
+
+/// A take-over between cycles loses nothing: delta cycles carry on under the new driver.
+#[test]
+fn a_take_over_between_cycles_keeps_replicating() {
+    let mut s = Sim::new();
+    s.protect("vm", vec![MIB]);
+    s.cmd(Command::TakeOver { item: "vm".into() }).unwrap();
+    let before = s.status().points.len();
+    s.tick();
+    s.tick();
+    assert_eq!(s.status().points.len(), before + 2);
+    assert_eq!(s.status().health, Health::Normal);
+}
+
+/// During a resync the replica is part old, part new: an unplanned failover to "latest"
+/// uses the newest recovery point instead of snapshotting it.
+#[test]
+fn latest_during_a_resync_is_the_newest_point() {
+    let mut s = Sim::new();
+    s.protect("vm", vec![MIB, MIB]);
+    let newest = s.status().points.last().unwrap().id;
+    s.c.handle_command(s.now, Command::Resync { item: "vm".into() })
+        .unwrap();
+    // StartTracking and the first disk's resync land; the second is cut short.
+    assert!(s.step() && s.step());
+    assert_eq!(s.status().state, ProtectionState::Resynchronizing);
+    s.done.clear();
+    s.cmd(Command::UnplannedFailover {
+        item: "vm".into(),
+        point: PointChoice::Latest,
+    })
+    .unwrap();
+    assert_eq!(s.status().failover_point, Some(newest));
+    assert!(
+        !s.kinds()
+            .iter()
+            .any(|k| matches!(k, ActionKind::CreateRecoveryPoint { .. })),
+        "{:?}",
+        s.kinds()
     );
 }

@@ -145,7 +145,7 @@ impl<S: PageStore + 'static> Agent<S> {
         let job = self.state.coordinator.handle_command(now, cmd)?;
         self.save()?;
         self.drive().await?;
-        self.check_job(&item, job)?;
+        self.check_job(&item, &job)?;
         Ok(job)
     }
 
@@ -197,7 +197,7 @@ impl<S: PageStore + 'static> Agent<S> {
     }
 
     /// Fails with the reason when the item is Critical, retrying, or the job failed.
-    pub(crate) fn check_job(&mut self, item: &str, job: JobId) -> Result<()> {
+    pub(crate) fn check_job(&mut self, item: &str, job: &JobId) -> Result<()> {
         let now = self.now();
         if let Some(st) = self.state.coordinator.status(item, now) {
             for c in &st.causes {
@@ -217,7 +217,7 @@ impl<S: PageStore + 'static> Agent<S> {
                 JobState::Failed | JobState::Cancelled => bail!(
                     "{:?} job {} {:?}: {}",
                     j.kind,
-                    j.id.0,
+                    j.id,
                     j.state,
                     j.errors.join("; ")
                 ),

@@ -29,7 +29,7 @@ pub(crate) async fn run<S: PageStore + 'static>(
         .coordinator
         .jobs()
         .filter(|j| !j.state.is_terminal())
-        .map(|j| j.id)
+        .map(|j| j.id.clone())
         .collect();
     a.drive().await?;
     match &cli.command {
@@ -418,8 +418,8 @@ pub(crate) async fn resync<S: PageStore + 'static>(
     a.item(item)?;
     // A resync an interrupted run of this command left behind was just completed.
     let finished = resumed.iter().any(|id| {
-        a.state.coordinator.job(*id).is_some_and(|j| {
-            j.item == item
+        a.state.coordinator.job(id).is_some_and(|j| {
+            j.item() == item
                 && j.kind == lifeboat_replication::JobKind::Resynchronize
                 && j.state == lifeboat_replication::JobState::Succeeded
         })
@@ -593,23 +593,23 @@ fn jobs<S: PageStore + 'static>(a: &Agent<S>, item: Option<&str>, json: bool) ->
         .state
         .coordinator
         .jobs()
-        .filter(|j| item.is_none_or(|i| j.item == i))
+        .filter(|j| item.is_none_or(|i| j.item() == i))
         .collect();
     if json {
         let v: Vec<_> = jobs
             .iter()
             .map(|j| {
                 json!({
-                    "id": j.id.0,
+                    "id": j.id.to_string(),
                     "kind": format!("{:?}", j.kind),
-                    "item": j.item,
+                    "item": j.item(),
                     "state": format!("{:?}", j.state),
                     "progress_permille": j.progress_permille,
                     "started": j.started.as_secs(),
                     "ended": j.ended.map(|e| e.as_secs()),
                     "tasks": j.tasks.iter().map(|t| json!({"name": t.name, "state": format!("{:?}", t.state)})).collect::<Vec<_>>(),
                     "errors": j.errors,
-                    "allowed_actions": a.state.coordinator.allowed_actions(j.id).iter().map(|x| format!("{x:?}")).collect::<Vec<_>>(),
+                    "allowed_actions": a.state.coordinator.allowed_actions(&j.id).iter().map(|x| format!("{x:?}")).collect::<Vec<_>>(),
                 })
             })
             .collect();
@@ -623,16 +623,15 @@ fn jobs<S: PageStore + 'static>(a: &Agent<S>, item: Option<&str>, json: bool) ->
 /// Prints the jobs table.
 pub(crate) fn print_jobs<S>(_a: &Agent<S>, jobs: &[&lifeboat_replication::Job]) {
     println!(
-        "{:>4}  {:<22} {:<12} {:<11} {:>6}  {:>5}  errors",
-        "id", "job", "item", "state", "done", "tasks"
+        "{:<10}  {:<22} {:<11} {:>6}  {:>5}  errors",
+        "id", "job", "state", "done", "tasks"
     );
     for j in jobs {
         let done = j.tasks.iter().filter(|t| t.state.is_terminal()).count();
         println!(
-            "{:>4}  {:<22} {:<12} {:<11} {:>5}%  {:>2}/{:<2}  {}",
-            j.id.0,
+            "{:<10}  {:<22} {:<11} {:>5}%  {:>2}/{:<2}  {}",
+            j.id.to_string(),
             format!("{:?}", j.kind),
-            j.item,
             format!("{:?}", j.state),
             j.progress_permille / 10,
             done,
@@ -686,19 +685,19 @@ async fn job<S: PageStore + 'static>(a: &mut Agent<S>, cmd: &JobCmd) -> Result<(
     let c = &mut a.state.coordinator;
     let id = match cmd {
         JobCmd::Cancel { id } => {
-            c.cancel_job(now, JobId(*id))?;
-            JobId(*id)
+            c.cancel_job(now, id)?;
+            id.clone()
         }
-        JobCmd::Restart { id } => c.restart_job(now, JobId(*id))?,
+        JobCmd::Restart { id } => c.restart_job(now, id)?,
         JobCmd::Resume { id } => {
-            c.resume_job(now, JobId(*id))?;
-            JobId(*id)
+            c.resume_job(now, id)?;
+            id.clone()
         }
     };
     a.save()?;
     a.drive().await?;
-    if let Some(j) = a.state.coordinator.job(id) {
-        println!("job {}: {:?} {:?}", j.id.0, j.kind, j.state);
+    if let Some(j) = a.state.coordinator.job(&id) {
+        println!("job {}: {:?} {:?}", j.id, j.kind, j.state);
     }
     Ok(())
 }
@@ -836,7 +835,7 @@ fn report_plan<S: PageStore + 'static>(a: &Agent<S>, plan: &str) -> Result<()> {
         .state
         .coordinator
         .jobs()
-        .filter(|j| j.kind == lifeboat_replication::JobKind::RecoveryPlan && j.item == plan)
+        .filter(|j| j.kind == lifeboat_replication::JobKind::RecoveryPlan && j.item() == plan)
         .last()
         .with_context(|| format!("plan {plan} has no job"))?;
     for t in &job.tasks {

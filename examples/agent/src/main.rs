@@ -292,18 +292,18 @@ pub(crate) enum Cmd {
 pub(crate) enum JobCmd {
     /// Cancel a running resync or recovery plan.
     Cancel {
-        /// The job id.
-        id: u64,
+        /// The job id (ITEM#N).
+        id: lifeboat_replication::JobId,
     },
     /// Run a failed or cancelled job's operation again.
     Restart {
-        /// The job id.
-        id: u64,
+        /// The job id (ITEM#N).
+        id: lifeboat_replication::JobId,
     },
     /// Let a suspended job continue.
     Resume {
-        /// The job id.
-        id: u64,
+        /// The job id (ITEM#N).
+        id: lifeboat_replication::JobId,
     },
 }
 
