@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::ops::Range;
+
+use async_trait::async_trait;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -14,11 +16,14 @@ use azure_core::http::{
     ClientOptions, Context, Request, RequestContent, RetryOptions, StatusCode, Transport, Url,
 };
 use azure_storage_blob::models::{
+    BlobClientAcquireLeaseOptions, BlobClientBreakLeaseOptions, BlobClientCreateSnapshotOptions,
     BlobClientCreateSnapshotResultHeaders, BlobClientDeleteOptions, BlobClientDownloadOptions,
-    BlobClientGetPropertiesResultHeaders, BlobContainerClientListBlobsOptions,
-    DeleteSnapshotsOptionType, HttpRange, ListBlobsIncludeItem, PageBlobClientClearPagesOptions,
-    PageBlobClientCreateOptions, PageBlobClientSetSequenceNumberOptions,
-    PageBlobClientUploadPagesOptions, SequenceNumberActionType,
+    BlobClientGetPropertiesResultHeaders, BlobClientSetMetadataOptions,
+    BlobContainerClientListBlobsOptions, BlockBlobClientUploadOptions, CopyStatus,
+    DeleteSnapshotsOptionType, HttpRange, LeaseState, ListBlobsIncludeItem,
+    PageBlobClientClearPagesOptions, PageBlobClientCreateOptions, PageBlobClientResizeOptions,
+    PageBlobClientSetSequenceNumberOptions, PageBlobClientUploadPagesOptions,
+    SequenceNumberActionType,
 };
 use azure_storage_blob::{
     BlobClient, BlobContainerClient, BlobContainerClientOptions, PageBlobClient,
@@ -33,7 +38,8 @@ use sha2::Sha256;
 
 use crate::StoreError;
 use crate::store::{
-    Condition, MAX_PUT, Metadata, PageStore, Properties, check_pages, check_size, merge_ranges,
+    Condition, Doc, ETag, Expect, LeaseId, MAX_PUT, Metadata, PageStore, Properties,
+    check_blob_name, check_pages, check_size, merge_ranges,
 };
 
 /// How to authenticate to the storage account.
@@ -245,14 +251,15 @@ impl AzureStore {
         self.properties(blob).await.map_or(0, |p| p.sequence_number)
     }
 
-    /// Maps a 412 to [`StoreError::ConditionFailed`] with the blob's actual number.
+    /// Maps a refusal, filling in the blob's actual sequence number when a
+    /// sequence-number condition failed.
     async fn condition_error(&self, e: azure_core::Error, blob: &str, c: Condition) -> StoreError {
-        match (e.http_status(), c.sequence_number_eq) {
-            (Some(StatusCode::PreconditionFailed), Some(expected)) => StoreError::ConditionFailed {
+        match (from_azure(e, blob), c.sequence_number_eq) {
+            (StoreError::ConditionFailed { .. }, Some(expected)) => StoreError::ConditionFailed {
                 expected,
                 found: self.sequence_number(blob).await,
             },
-            _ => from_azure(e, blob),
+            (other, _) => other,
         }
     }
 
@@ -293,14 +300,32 @@ fn from_azure(e: azure_core::Error, what: &str) -> StoreError {
             status, error_code, ..
         } => {
             let status = u16::from(*status);
-            let message = error_code.clone().unwrap_or_default();
-            match status {
-                404 => StoreError::NotFound {
-                    what: what.to_owned(),
+            let code = error_code.clone().unwrap_or_default();
+            let blob = what.to_owned();
+            match (status, code.as_str()) {
+                (404, _) => StoreError::NotFound { what: blob },
+                (
+                    409 | 412,
+                    "LeaseIdMissing"
+                    | "LeaseIdMismatchWithBlobOperation"
+                    | "LeaseIdMismatchWithLeaseOperation"
+                    | "LeaseAlreadyPresent"
+                    | "LeaseLost",
+                ) => StoreError::Leased { blob },
+                (
+                    409 | 412,
+                    "LeaseNotPresentWithBlobOperation" | "LeaseNotPresentWithLeaseOperation",
+                ) => StoreError::NotLeased { blob },
+                (412, "ConditionNotMet") => StoreError::Changed { blob },
+                (409, "BlobAlreadyExists") => StoreError::AlreadyExists { blob },
+                // The caller fills in the numbers it knows.
+                (412, "SequenceNumberConditionNotMet") => StoreError::ConditionFailed {
+                    expected: 0,
+                    found: 0,
                 },
                 _ => StoreError::Http {
                     status,
-                    message: format!("{what}: {message}"),
+                    message: format!("{what}: {code}"),
                     retry_after: None,
                 },
             }
@@ -325,6 +350,11 @@ fn to_hash(md: &Metadata) -> HashMap<String, String> {
     md.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
+fn lease_id(c: Condition) -> Option<String> {
+    c.lease.map(|l| l.to_string())
+}
+
+#[async_trait]
 impl PageStore for AzureStore {
     async fn create(
         &self,
@@ -333,6 +363,7 @@ impl PageStore for AzureStore {
         seq: u64,
         md: &Metadata,
     ) -> Result<(), StoreError> {
+        check_blob_name(blob)?;
         check_size(size)?;
         let opts = PageBlobClientCreateOptions {
             blob_sequence_number: Some(seq as i64),
@@ -365,24 +396,23 @@ impl PageStore for AzureStore {
             .get_properties(None)
             .await
             .map_err(|e| from_azure(e, blob))?;
-        let size = p
-            .content_length()
-            .map_err(|e| from_azure(e, blob))?
-            .unwrap_or(0);
-        let seq = p
-            .blob_sequence_number()
-            .map_err(|e| from_azure(e, blob))?
-            .unwrap_or(0);
-        let metadata = p
-            .metadata()
-            .map_err(|e| from_azure(e, blob))?
-            .into_iter()
-            .collect();
+        let err = |e| from_azure(e, blob);
+        let size = p.content_length().map_err(err)?.unwrap_or(0);
+        let seq = p.blob_sequence_number().map_err(err)?.unwrap_or(0);
+        let metadata = p.metadata().map_err(err)?.into_iter().collect();
+        let lease = match p.lease_state().map_err(err)? {
+            Some(LeaseState::Leased | LeaseState::Breaking) => crate::store::LeaseState::Leased,
+            Some(LeaseState::Broken) => crate::store::LeaseState::Broken,
+            _ => crate::store::LeaseState::Available,
+        };
+        let etag = ETag(p.etag().map_err(err)?.map(String::from).unwrap_or_default());
         self.remember_size(blob, Some(size));
         Ok(Properties {
             size,
             sequence_number: seq as u64,
             metadata,
+            lease,
+            etag,
         })
     }
 
@@ -399,6 +429,7 @@ impl PageStore for AzureStore {
         let opts = PageBlobClientUploadPagesOptions {
             transactional_content_crc64: Some(crc64.to_le_bytes().to_vec()),
             if_sequence_number_equal_to: c.sequence_number_eq.map(|s| s as i64),
+            lease_id: lease_id(c),
             ..Default::default()
         };
         let page = self.blob(blob).page_blob_client();
@@ -426,6 +457,7 @@ impl PageStore for AzureStore {
         self.check_range(blob, offset, len, u64::MAX).await?;
         let opts = PageBlobClientClearPagesOptions {
             if_sequence_number_equal_to: c.sequence_number_eq.map(|s| s as i64),
+            lease_id: lease_id(c),
             ..Default::default()
         };
         match self
@@ -500,10 +532,14 @@ impl PageStore for AzureStore {
         self.list_ranges(client, blob).await
     }
 
-    async fn snapshot(&self, blob: &str) -> Result<String, StoreError> {
+    async fn snapshot(&self, blob: &str, c: Condition) -> Result<String, StoreError> {
+        let opts = BlobClientCreateSnapshotOptions {
+            lease_id: lease_id(c),
+            ..Default::default()
+        };
         let r = self
             .blob(blob)
-            .create_snapshot(None)
+            .create_snapshot(Some(opts))
             .await
             .map_err(|e| from_azure(e, blob))?;
         r.snapshot()
@@ -548,13 +584,15 @@ impl PageStore for AzureStore {
         snapshot: &str,
         dest: &str,
     ) -> Result<(), StoreError> {
+        check_blob_name(dest)?;
         let source = self.snap(blob, Some(snapshot))?.url().clone();
         self.blob(dest)
             .start_copy_from_url(source.to_string(), None)
             .await
             .map_err(|e| from_azure(e, dest))?;
         // Same-account copies of page blobs complete before the call returns on Azurite;
-        // on Azure, wait for x-ms-copy-status to leave "pending".
+        // on Azure, wait for x-ms-copy-status to leave "pending". A failed or aborted copy
+        // is an error, never a silently empty disk.
         for _ in 0..600 {
             let p = self
                 .blob(dest)
@@ -562,10 +600,20 @@ impl PageStore for AzureStore {
                 .await
                 .map_err(|e| from_azure(e, dest))?;
             match p.copy_status().map_err(|e| from_azure(e, dest))? {
-                Some(s) if s.to_string() == "pending" => {
-                    tokio::time::sleep(Duration::from_millis(100)).await
+                Some(CopyStatus::Pending) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Some(CopyStatus::Success) | None => return Ok(()),
+                Some(other) => {
+                    let why = p
+                        .copy_status_description()
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default();
+                    return Err(StoreError::Http {
+                        status: 500,
+                        message: format!("copy of {blob}@{snapshot} to {dest} {other:?}: {why}"),
+                        retry_after: None,
+                    });
                 }
-                _ => return Ok(()),
             }
         }
         Err(StoreError::Http {
@@ -581,47 +629,78 @@ impl PageStore for AzureStore {
         seq: u64,
         c: Condition,
     ) -> Result<(), StoreError> {
-        // Set Sequence Number takes no sequence-number condition: check it first. The
-        // single writer is fenced by the condition on its page writes.
+        // Set Sequence Number takes no sequence-number condition: read the number and the
+        // blob's entity tag, and make the update conditional on that tag (no write can
+        // slip in between).
+        let mut if_match = None;
         if let Some(expected) = c.sequence_number_eq {
-            let found = self.sequence_number(blob).await;
-            if found != expected {
-                return Err(StoreError::ConditionFailed { expected, found });
+            let p = self.properties(blob).await?;
+            if p.sequence_number != expected {
+                return Err(StoreError::ConditionFailed {
+                    expected,
+                    found: p.sequence_number,
+                });
             }
+            if_match = Some(p.etag.0.into());
         }
         let opts = PageBlobClientSetSequenceNumberOptions {
             blob_sequence_number: Some(seq as i64),
+            lease_id: lease_id(c),
+            if_match,
+            ..Default::default()
+        };
+        match self
+            .blob(blob)
+            .page_blob_client()
+            .set_sequence_number(SequenceNumberActionType::Update, Some(opts))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => match (from_azure(e, blob), c.sequence_number_eq) {
+                (StoreError::Changed { .. }, Some(expected)) => Err(StoreError::ConditionFailed {
+                    expected,
+                    found: self.sequence_number(blob).await,
+                }),
+                (other, _) => Err(other),
+            },
+        }
+    }
+
+    async fn set_metadata(
+        &self,
+        blob: &str,
+        md: &Metadata,
+        c: Condition,
+    ) -> Result<(), StoreError> {
+        let opts = BlobClientSetMetadataOptions {
+            lease_id: lease_id(c),
+            ..Default::default()
+        };
+        self.blob(blob)
+            .set_metadata(&to_hash(md), Some(opts))
+            .await
+            .map(|_| ())
+            .map_err(|e| from_azure(e, blob))
+    }
+
+    async fn resize(&self, blob: &str, size: u64, c: Condition) -> Result<(), StoreError> {
+        check_size(size)?;
+        let opts = PageBlobClientResizeOptions {
+            lease_id: lease_id(c),
             ..Default::default()
         };
         self.blob(blob)
             .page_blob_client()
-            .set_sequence_number(SequenceNumberActionType::Update, Some(opts))
-            .await
-            .map(|_| ())
-            .map_err(|e| from_azure(e, blob))
-    }
-
-    async fn set_metadata(&self, blob: &str, md: &Metadata) -> Result<(), StoreError> {
-        self.blob(blob)
-            .set_metadata(&to_hash(md), None)
-            .await
-            .map(|_| ())
-            .map_err(|e| from_azure(e, blob))
-    }
-
-    async fn resize(&self, blob: &str, size: u64) -> Result<(), StoreError> {
-        check_size(size)?;
-        self.blob(blob)
-            .page_blob_client()
-            .resize(size, None)
+            .resize(size, Some(opts))
             .await
             .map(|_| self.remember_size(blob, Some(size)))
             .map_err(|e| from_azure(e, blob))
     }
 
-    async fn delete(&self, blob: &str) -> Result<(), StoreError> {
+    async fn delete(&self, blob: &str, c: Condition) -> Result<(), StoreError> {
         let opts = BlobClientDeleteOptions {
             delete_snapshots: Some(DeleteSnapshotsOptionType::Include),
+            lease_id: lease_id(c),
             ..Default::default()
         };
         self.remember_size(blob, None);
@@ -630,6 +709,117 @@ impl PageStore for AzureStore {
             .await
             .map(|_| ())
             .map_err(|e| from_azure(e, blob))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let opts = BlobContainerClientListBlobsOptions {
+            prefix: Some(prefix.to_owned()),
+            ..Default::default()
+        };
+        let mut items = self
+            .container
+            .list_blobs(Some(opts))
+            .map_err(|e| from_azure(e, prefix))?;
+        let mut out = Vec::new();
+        while let Some(item) = items.try_next().await.map_err(|e| from_azure(e, prefix))? {
+            if item.snapshot.is_none()
+                && let Some(name) = item.name
+            {
+                out.push(name);
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    async fn acquire_lease(&self, blob: &str, lease: LeaseId) -> Result<(), StoreError> {
+        let opts = BlobClientAcquireLeaseOptions {
+            proposed_lease_id: Some(lease.to_string()),
+            ..Default::default()
+        };
+        self.blob(blob)
+            .acquire_lease(-1, Some(opts))
+            .await
+            .map(|_| ())
+            .map_err(|e| from_azure(e, blob))
+    }
+
+    async fn break_lease(&self, blob: &str) -> Result<(), StoreError> {
+        let opts = BlobClientBreakLeaseOptions {
+            break_period: Some(0),
+            ..Default::default()
+        };
+        match self.blob(blob).break_lease(Some(opts)).await {
+            Ok(_) => Ok(()),
+            Err(e) => match from_azure(e, blob) {
+                StoreError::NotLeased { .. } => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn release_lease(&self, blob: &str, lease: LeaseId) -> Result<(), StoreError> {
+        self.blob(blob)
+            .release_lease(lease.to_string(), None)
+            .await
+            .map(|_| ())
+            .map_err(|e| from_azure(e, blob))
+    }
+
+    async fn get_doc(&self, name: &str) -> Result<Option<Doc>, StoreError> {
+        check_blob_name(name)?;
+        let r = match self.blob(name).download(None).await {
+            Ok(r) => r,
+            Err(e) => {
+                return match from_azure(e, name) {
+                    StoreError::NotFound { .. } => Ok(None),
+                    other => Err(other),
+                };
+            }
+        };
+        let etag = r
+            .properties
+            .etag
+            .clone()
+            .map(String::from)
+            .unwrap_or_default();
+        let data = r.body.collect().await.map_err(|e| from_azure(e, name))?;
+        Ok(Some(Doc {
+            data,
+            etag: ETag(etag),
+        }))
+    }
+
+    async fn put_doc(
+        &self,
+        name: &str,
+        data: Bytes,
+        expect: Expect,
+        lease: Option<LeaseId>,
+    ) -> Result<ETag, StoreError> {
+        check_blob_name(name)?;
+        let mut opts = BlockBlobClientUploadOptions {
+            lease_id: lease.map(|l| l.to_string()),
+            ..Default::default()
+        };
+        match &expect {
+            Expect::Absent => opts.if_none_match = Some("*".into()),
+            Expect::Version(v) => opts.if_match = Some(v.0.clone().into()),
+        }
+        match self
+            .blob(name)
+            .upload(RequestContent::from(data.to_vec()), Some(opts))
+            .await
+        {
+            Ok(r) => Ok(ETag(r.etag.map(String::from).unwrap_or_default())),
+            Err(e) => Err(match from_azure(e, name) {
+                StoreError::AlreadyExists { .. } => StoreError::Changed {
+                    blob: name.to_owned(),
+                },
+                other => other,
+            }),
+        }
     }
 }
 

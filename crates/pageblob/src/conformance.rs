@@ -4,7 +4,9 @@
 use bytes::Bytes;
 
 use crate::StoreError;
-use crate::store::{Condition, MAX_PUT, Metadata, PAGE, PageStore, crc64};
+use crate::store::{
+    Condition, Expect, LeaseId, LeaseState, MAX_PUT, Metadata, PAGE, PageStore, crc64,
+};
 
 /// What a backend is known not to do (Azurite returns the full page list for a diff).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -17,7 +19,7 @@ fn fail(what: &str, detail: impl std::fmt::Debug) -> String {
     format!("{what}: {detail:?}")
 }
 
-async fn put<S: PageStore>(s: &S, blob: &str, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+async fn put(s: &dyn PageStore, blob: &str, offset: u64, data: &[u8]) -> Result<(), StoreError> {
     s.write_pages(
         blob,
         offset,
@@ -39,7 +41,7 @@ macro_rules! expect_err {
 
 /// Runs every check against `store`, on blobs whose names start with `prefix`; returns
 /// the first failure. The blobs are deleted at the end.
-pub async fn run<S: PageStore>(store: &S, prefix: &str, skips: Skips) -> Result<(), String> {
+pub async fn run(store: &dyn PageStore, prefix: &str, skips: Skips) -> Result<(), String> {
     let blob = format!("{prefix}-conf");
     let copy = format!("{prefix}-conf-copy");
     let mib = 1u64 << 20;
@@ -185,7 +187,10 @@ pub async fn run<S: PageStore>(store: &S, prefix: &str, skips: Skips) -> Result<
         .read(&blob, None, 0, 2 * mib)
         .await
         .map_err(|e| fail("read", e))?;
-    let s1 = s.snapshot(&blob).await.map_err(|e| fail("snapshot", e))?;
+    let s1 = s
+        .snapshot(&blob, Condition::NONE)
+        .await
+        .map_err(|e| fail("snapshot", e))?;
     put(s, &blob, 0, &[0x11; 4096])
         .await
         .map_err(|e| fail("write after snapshot", e))?;
@@ -193,7 +198,7 @@ pub async fn run<S: PageStore>(store: &S, prefix: &str, skips: Skips) -> Result<
         .await
         .map_err(|e| fail("write after snapshot", e))?;
     let s2 = s
-        .snapshot(&blob)
+        .snapshot(&blob, Condition::NONE)
         .await
         .map_err(|e| fail("second snapshot", e))?;
     put(s, &blob, 0, &[0x33; 512])
@@ -264,10 +269,10 @@ pub async fn run<S: PageStore>(store: &S, prefix: &str, skips: Skips) -> Result<
 
     // Metadata and resize.
     let md2: Metadata = [("lastseq".to_string(), "8".to_string())].into();
-    s.set_metadata(&blob, &md2)
+    s.set_metadata(&blob, &md2, Condition::NONE)
         .await
         .map_err(|e| fail("set metadata", e))?;
-    s.resize(&blob, 32 * mib)
+    s.resize(&blob, 32 * mib, Condition::NONE)
         .await
         .map_err(|e| fail("resize", e))?;
     let p = s
@@ -278,7 +283,7 @@ pub async fn run<S: PageStore>(store: &S, prefix: &str, skips: Skips) -> Result<
         return Err(fail("properties after resize and metadata", p));
     }
     expect_err!(
-        s.resize(&blob, 32 * mib + 100).await,
+        s.resize(&blob, 32 * mib + 100, Condition::NONE).await,
         StoreError::Misaligned { .. } | StoreError::Http { status: 400, .. },
         "resize to an unaligned size"
     );
@@ -291,12 +296,247 @@ pub async fn run<S: PageStore>(store: &S, prefix: &str, skips: Skips) -> Result<
     }
 
     for b in [&copy, &blob] {
-        s.delete(b).await.map_err(|e| fail("delete", e))?;
+        s.delete(b, Condition::NONE)
+            .await
+            .map_err(|e| fail("delete", e))?;
     }
     expect_err!(
         s.properties(&blob).await,
         StoreError::NotFound { .. } | StoreError::Http { status: 404, .. },
         "properties after delete"
     );
+    leases(s, prefix).await?;
+    documents(s, prefix).await
+}
+
+/// Leases: one writer per blob, enforced by the store, and a take-over (break, acquire)
+/// that fences the previous holder.
+async fn leases(s: &dyn PageStore, prefix: &str) -> Result<(), String> {
+    let blob = format!("{prefix}/leased/disk0");
+    let (mine, theirs) = (LeaseId([1; 16]), LeaseId([2; 16]));
+    let w = |c: Condition| {
+        let data = Bytes::from_static(&[7; 512]);
+        let crc = crc64(&data);
+        s.write_pages(&blob, 0, data, crc, c)
+    };
+    s.create(&blob, 1 << 20, 0, &Metadata::new())
+        .await
+        .map_err(|e| fail("create", e))?;
+    expect_err!(
+        w(Condition::lease(mine)).await,
+        StoreError::NotLeased { .. },
+        "a lease id on a blob no lease holds"
+    );
+    s.acquire_lease(&blob, mine)
+        .await
+        .map_err(|e| fail("acquire", e))?;
+    s.acquire_lease(&blob, mine)
+        .await
+        .map_err(|e| fail("acquire again by the holder", e))?;
+    let p = s
+        .properties(&blob)
+        .await
+        .map_err(|e| fail("properties", e))?;
+    if p.lease != LeaseState::Leased {
+        return Err(fail("lease state after acquire", p.lease));
+    }
+    expect_err!(
+        s.acquire_lease(&blob, theirs).await,
+        StoreError::Leased { .. },
+        "acquire by another while leased"
+    );
+    expect_err!(
+        w(Condition::NONE).await,
+        StoreError::Leased { .. },
+        "write without the lease"
+    );
+    expect_err!(
+        w(Condition::lease(theirs)).await,
+        StoreError::Leased { .. },
+        "write with another lease"
+    );
+    w(Condition::lease(mine))
+        .await
+        .map_err(|e| fail("write with the lease", e))?;
+    for (what, r) in [
+        (
+            "set sequence number without the lease",
+            s.set_sequence_number(&blob, 5, Condition::NONE).await,
+        ),
+        (
+            "set metadata without the lease",
+            s.set_metadata(&blob, &Metadata::new(), Condition::NONE)
+                .await,
+        ),
+        (
+            "resize without the lease",
+            s.resize(&blob, 2 << 20, Condition::NONE).await,
+        ),
+        (
+            "delete without the lease",
+            s.delete(&blob, Condition::NONE).await,
+        ),
+    ] {
+        expect_err!(r, StoreError::Leased { .. }, what);
+    }
+    expect_err!(
+        s.snapshot(&blob, Condition::lease(theirs)).await,
+        StoreError::Leased { .. },
+        "snapshot with another lease"
+    );
+    let snap = s
+        .snapshot(&blob, Condition::lease(mine))
+        .await
+        .map_err(|e| fail("snapshot with the lease", e))?;
+    // A take-over: the lease is broken and another acquires it; the old holder is fenced.
+    s.break_lease(&blob).await.map_err(|e| fail("break", e))?;
+    s.acquire_lease(&blob, theirs)
+        .await
+        .map_err(|e| fail("acquire after break", e))?;
+    expect_err!(
+        w(Condition::lease(mine)).await,
+        StoreError::Leased { .. },
+        "write with the broken lease"
+    );
+    expect_err!(
+        s.snapshot(&blob, Condition::lease(mine)).await,
+        StoreError::Leased { .. },
+        "snapshot with the broken lease"
+    );
+    w(Condition::lease(theirs))
+        .await
+        .map_err(|e| fail("write by the new holder", e))?;
+    // Snapshots carry no lease: deleting one needs none.
+    s.delete_snapshot(&blob, &snap)
+        .await
+        .map_err(|e| fail("delete snapshot of a leased blob", e))?;
+    s.release_lease(&blob, theirs)
+        .await
+        .map_err(|e| fail("release", e))?;
+    s.break_lease(&blob)
+        .await
+        .map_err(|e| fail("break of a blob no lease holds", e))?;
+    s.delete(&blob, Condition::NONE)
+        .await
+        .map_err(|e| fail("delete after release", e))
+}
+
+/// Documents: conditional writes (two writers never both win), leases, listing by prefix.
+async fn documents(s: &dyn PageStore, prefix: &str) -> Result<(), String> {
+    let doc = format!("{prefix}/catalog/items/vm1.json");
+    let other = format!("{prefix}/catalog/items/vm2.json");
+    let lease = LeaseId([3; 16]);
+    if s.get_doc(&doc)
+        .await
+        .map_err(|e| fail("get missing", e))?
+        .is_some()
+    {
+        return Err("a missing document reads as present".into());
+    }
+    let v1 = s
+        .put_doc(&doc, Bytes::from_static(b"{\"v\":1}"), Expect::Absent, None)
+        .await
+        .map_err(|e| fail("create document", e))?;
+    expect_err!(
+        s.put_doc(&doc, Bytes::from_static(b"{}"), Expect::Absent, None)
+            .await,
+        StoreError::Changed { .. },
+        "second create of a document"
+    );
+    let got = s
+        .get_doc(&doc)
+        .await
+        .map_err(|e| fail("get", e))?
+        .ok_or("a written document is missing")?;
+    if (&got.data[..], &got.etag) != (&b"{\"v\":1}"[..], &v1) {
+        return Err(fail("document read back", got));
+    }
+    let v2 = s
+        .put_doc(
+            &doc,
+            Bytes::from_static(b"{\"v\":2}"),
+            Expect::Version(v1.clone()),
+            None,
+        )
+        .await
+        .map_err(|e| fail("replace the version read", e))?;
+    if v2 == v1 {
+        return Err("a replaced document kept its entity tag".into());
+    }
+    expect_err!(
+        s.put_doc(&doc, Bytes::from_static(b"{}"), Expect::Version(v1), None)
+            .await,
+        StoreError::Changed { .. },
+        "replace a version that is no longer current"
+    );
+    expect_err!(
+        s.put_doc(
+            &other,
+            Bytes::from_static(b"{}"),
+            Expect::Version(v2.clone()),
+            None
+        )
+        .await,
+        StoreError::Changed { .. },
+        "replace a document that does not exist"
+    );
+    // A leased document takes writes from its holder only.
+    s.acquire_lease(&doc, lease)
+        .await
+        .map_err(|e| fail("lease a document", e))?;
+    let v2 = s
+        .get_doc(&doc)
+        .await
+        .map_err(|e| fail("get", e))?
+        .ok_or("document vanished")?
+        .etag;
+    expect_err!(
+        s.put_doc(
+            &doc,
+            Bytes::from_static(b"{}"),
+            Expect::Version(v2.clone()),
+            None
+        )
+        .await,
+        StoreError::Leased { .. },
+        "write a leased document without the lease"
+    );
+    s.put_doc(
+        &doc,
+        Bytes::from_static(b"{\"v\":3}"),
+        Expect::Version(v2),
+        Some(lease),
+    )
+    .await
+    .map_err(|e| fail("write a leased document with the lease", e))?;
+    s.put_doc(&other, Bytes::from_static(b"{}"), Expect::Absent, None)
+        .await
+        .map_err(|e| fail("create a second document", e))?;
+    let names = s
+        .list(&format!("{prefix}/catalog/items/"))
+        .await
+        .map_err(|e| fail("list", e))?;
+    if names != [doc.clone(), other.clone()] {
+        return Err(fail("list by prefix", names));
+    }
+    expect_err!(
+        s.get_doc("bad//name").await,
+        StoreError::Invalid(_) | StoreError::Http { status: 400, .. } | StoreError::NotFound { .. },
+        "a malformed name"
+    );
+    s.delete(&doc, Condition::lease(lease))
+        .await
+        .map_err(|e| fail("delete a leased document", e))?;
+    s.delete(&other, Condition::NONE)
+        .await
+        .map_err(|e| fail("delete a document", e))?;
+    if !s
+        .list(&format!("{prefix}/catalog/"))
+        .await
+        .map_err(|e| fail("list", e))?
+        .is_empty()
+    {
+        return Err("deleted documents are still listed".into());
+    }
     Ok(())
 }

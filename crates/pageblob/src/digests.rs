@@ -8,7 +8,7 @@ use bytes::Bytes;
 use lifeboat_resync::{BlockSize, Digest, Signature};
 
 use crate::StoreError;
-use crate::store::{Condition, MAX_PUT, Metadata, PAGE, PageStore, crc64};
+use crate::store::{Condition, LeaseId, MAX_PUT, Metadata, PAGE, PageStore, crc64};
 
 /// The blob beside `blob` that holds its digests.
 pub fn digests_blob(blob: &str) -> String {
@@ -74,9 +74,9 @@ impl ReplicaDigests {
 
     /// Re-hashes the blocks that `touched` ranges overlap, reading them back from the
     /// store, and records `seq` (the blob's sequence number after the batch).
-    pub async fn update<S: PageStore>(
+    pub async fn update(
         &mut self,
-        store: &S,
+        store: &dyn PageStore,
         blob: &str,
         touched: &[Range<u64>],
         seq: u64,
@@ -123,8 +123,8 @@ impl ReplicaDigests {
     }
 
     /// Recomputes every digest from the blob (after a crash left them stale).
-    pub async fn rebuild<S: PageStore>(
-        store: &S,
+    pub async fn rebuild(
+        store: &dyn PageStore,
         blob: &str,
         len: u64,
         block_size: BlockSize,
@@ -138,11 +138,7 @@ impl ReplicaDigests {
     }
 
     /// Blocks whose stored digest does not match the blob's current bytes.
-    pub async fn verify<S: PageStore>(
-        &self,
-        store: &S,
-        blob: &str,
-    ) -> Result<Vec<u64>, StoreError> {
+    pub async fn verify(&self, store: &dyn PageStore, blob: &str) -> Result<Vec<u64>, StoreError> {
         let fresh = ReplicaDigests::rebuild(
             store,
             blob,
@@ -162,20 +158,33 @@ impl ReplicaDigests {
     }
 
     /// Writes the slots changed since the last save (all of them for new or rebuilt
-    /// digests) into the [`digests_blob`], then its metadata.
-    pub async fn save<S: PageStore>(&mut self, store: &S, blob: &str) -> Result<(), StoreError> {
+    /// digests) into the [`digests_blob`], then its metadata, as the holder of `lease` (a
+    /// digests blob this creates is leased to it).
+    pub async fn save(
+        &mut self,
+        store: &dyn PageStore,
+        blob: &str,
+        lease: Option<LeaseId>,
+    ) -> Result<(), StoreError> {
         let name = digests_blob(blob);
+        let cond = Condition::NONE.with_lease(lease);
         let n = self.signature.digests().len() as u64;
         let size = (n * SLOT).div_ceil(PAGE).max(1) * PAGE;
         match store.properties(&name).await {
             Ok(p) if p.size == size => {}
             Ok(_) => {
-                store.resize(&name, size).await?;
+                store.resize(&name, size, cond).await?;
                 self.dirty = None;
             }
             Err(StoreError::NotFound { .. }) => {
                 // A new blob reads as zeros: only non-zero slots need writing.
-                store.create(&name, size, 0, &Metadata::new()).await?;
+                match store.create(&name, size, 0, &Metadata::new()).await {
+                    Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+                if let Some(l) = lease {
+                    store.acquire_lease(&name, l).await?;
+                }
                 if self.dirty.is_none() {
                     self.dirty = Some(
                         (0..n)
@@ -215,7 +224,7 @@ impl ReplicaDigests {
             }
             let crc = crc64(&body);
             store
-                .write_pages(&name, first * PAGE, Bytes::from(body), crc, Condition::NONE)
+                .write_pages(&name, first * PAGE, Bytes::from(body), crc, cond)
                 .await?;
             i = j;
         }
@@ -229,14 +238,14 @@ impl ReplicaDigests {
             (SEQ_KEY.to_string(), self.sequence_number.to_string()),
         ]
         .into();
-        store.set_metadata(&name, &md).await?;
+        store.set_metadata(&name, &md, cond).await?;
         self.dirty = Some(BTreeSet::new());
         Ok(())
     }
 
     /// Loads the stored digests of `blob`: `Ok(None)` if there are none, or if they
     /// describe another sequence number than the blob's (stale).
-    pub async fn load<S: PageStore>(store: &S, blob: &str) -> Result<Option<Self>, StoreError> {
+    pub async fn load(store: &dyn PageStore, blob: &str) -> Result<Option<Self>, StoreError> {
         let name = digests_blob(blob);
         let p = match store.properties(&name).await {
             Ok(p) => p,

@@ -55,6 +55,28 @@ pub enum StoreError {
         /// The blob's sequence number.
         found: u64,
     },
+    /// A lease holds the blob and the request did not carry it (412 LeaseIdMissing or
+    /// LeaseIdMismatchWithBlobOperation; 409 LeaseAlreadyPresent on acquire): another
+    /// writer owns the blob.
+    #[error("{blob} is leased by another writer")]
+    Leased {
+        /// The blob.
+        blob: String,
+    },
+    /// The request carried a lease id but no lease holds the blob (412
+    /// LeaseNotPresentWithBlobOperation).
+    #[error("{blob} holds no lease")]
+    NotLeased {
+        /// The blob.
+        blob: String,
+    },
+    /// The blob is not the version the write expected (412 ConditionNotMet), or exists
+    /// where it was expected absent (409 BlobAlreadyExists on a conditional create).
+    #[error("{blob} changed since it was read")]
+    Changed {
+        /// The blob.
+        blob: String,
+    },
     /// The transactional CRC-64 does not match the body (400 Crc64Mismatch).
     #[error("CRC-64 mismatch: sent {sent:#018x}, body has {actual:#018x}")]
     ChecksumMismatch {
@@ -105,7 +127,10 @@ impl StoreError {
             StoreError::Invalid(_) => 400,
             StoreError::TooLarge { .. } => 413,
             StoreError::OutOfRange { .. } => 416,
-            StoreError::ConditionFailed { .. } => 412,
+            StoreError::ConditionFailed { .. }
+            | StoreError::Leased { .. }
+            | StoreError::NotLeased { .. }
+            | StoreError::Changed { .. } => 412,
             StoreError::Http { status, .. } => *status,
             StoreError::Io { .. } | StoreError::Corrupt { .. } => return None,
         })

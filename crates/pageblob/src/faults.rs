@@ -5,10 +5,11 @@ use std::ops::Range;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::StoreError;
-use crate::store::{Condition, Metadata, PageStore, Properties};
+use crate::store::{Condition, Doc, ETag, Expect, LeaseId, Metadata, PageStore, Properties};
 
 /// A failure to inject.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,6 +102,7 @@ fn injected(f: Fault) -> StoreError {
     }
 }
 
+#[async_trait]
 impl<S: PageStore> PageStore for FaultyStore<S> {
     async fn create(
         &self,
@@ -178,8 +180,8 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         self.inner.diff_ranges(blob, snapshot, prev).await
     }
 
-    async fn snapshot(&self, blob: &str) -> Result<String, StoreError> {
-        self.inner.snapshot(blob).await
+    async fn snapshot(&self, blob: &str, c: Condition) -> Result<String, StoreError> {
+        self.inner.snapshot(blob, c).await
     }
 
     async fn snapshots(&self, blob: &str) -> Result<Vec<String>, StoreError> {
@@ -208,15 +210,50 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         self.inner.set_sequence_number(blob, seq, c).await
     }
 
-    async fn set_metadata(&self, blob: &str, md: &Metadata) -> Result<(), StoreError> {
-        self.inner.set_metadata(blob, md).await
+    async fn set_metadata(
+        &self,
+        blob: &str,
+        md: &Metadata,
+        c: Condition,
+    ) -> Result<(), StoreError> {
+        self.inner.set_metadata(blob, md, c).await
     }
 
-    async fn resize(&self, blob: &str, size: u64) -> Result<(), StoreError> {
-        self.inner.resize(blob, size).await
+    async fn resize(&self, blob: &str, size: u64, c: Condition) -> Result<(), StoreError> {
+        self.inner.resize(blob, size, c).await
     }
 
-    async fn delete(&self, blob: &str) -> Result<(), StoreError> {
-        self.inner.delete(blob).await
+    async fn delete(&self, blob: &str, c: Condition) -> Result<(), StoreError> {
+        self.inner.delete(blob, c).await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.inner.list(prefix).await
+    }
+
+    async fn acquire_lease(&self, blob: &str, lease: LeaseId) -> Result<(), StoreError> {
+        self.inner.acquire_lease(blob, lease).await
+    }
+
+    async fn break_lease(&self, blob: &str) -> Result<(), StoreError> {
+        self.inner.break_lease(blob).await
+    }
+
+    async fn release_lease(&self, blob: &str, lease: LeaseId) -> Result<(), StoreError> {
+        self.inner.release_lease(blob, lease).await
+    }
+
+    async fn get_doc(&self, name: &str) -> Result<Option<Doc>, StoreError> {
+        self.inner.get_doc(name).await
+    }
+
+    async fn put_doc(
+        &self,
+        name: &str,
+        data: Bytes,
+        expect: Expect,
+        lease: Option<LeaseId>,
+    ) -> Result<ETag, StoreError> {
+        self.inner.put_doc(name, data, expect, lease).await
     }
 }

@@ -61,7 +61,10 @@ pub use crate::{
     error::StoreError,
     faults::{Fault, FaultyStore, Seen},
     local::LocalStore,
-    store::{Condition, MAX_PUT, Metadata, PAGE, PageStore, Properties, crc64, merge_ranges},
+    store::{
+        Condition, Doc, ETag, Expect, LeaseId, LeaseState, MAX_PUT, Metadata, PAGE, PageStore,
+        Properties, check_blob_name, crc64, merge_ranges,
+    },
     writer::{BatchReport, Change, PageWriter, WriteError, WriterConfig, WriterProgress},
 };
 

@@ -1,38 +1,50 @@
-//! `LocalStore`: page blobs as sparse files in a directory, with copy-on-write snapshots.
+//! `LocalStore`: page blobs as sparse files in a directory, with copy-on-write snapshots,
+//! documents and leases; safe to share between processes.
 
+use std::collections::hash_map::RandomState;
 use std::fs::{self, File, OpenOptions};
+use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Write};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use async_trait::async_trait;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::StoreError;
 use crate::store::{
-    Condition, MAX_PUT, Metadata, PageStore, Properties, check_pages, check_size, crc64,
-    merge_ranges,
+    Condition, Doc, ETag, Expect, LeaseId, LeaseState, MAX_PUT, Metadata, PageStore, Properties,
+    check_blob_name, check_pages, check_size, crc64, merge_ranges,
 };
 
-/// The embedded default store: one directory per blob under a root, holding
+/// The embedded default store: one directory per blob under a root (a `/` in a blob name
+/// is `%` in the directory's), holding
 ///
-/// - `data`: the blob's bytes, a sparse file;
+/// - `data`: a page blob's bytes, a sparse file;
 /// - `snap-<id>`: a snapshot's copy-on-write pages: before the first change to a page after
 ///   a snapshot, the page's old bytes are copied here, so taking a snapshot copies nothing;
-/// - `state.json`: size, sequence number, metadata, allocated ranges and snapshots, replaced
-///   atomically (write, fsync, rename, fsync the directory).
+/// - `state.json`: size, sequence number, metadata, lease, entity tag, allocated ranges and
+///   snapshots (a document's bytes too), replaced atomically (write, fsync, rename, fsync
+///   the directory).
 ///
-/// Durability: a snapshot's preserved pages are on disk before the page is overwritten.
-/// Writes become durable (data fsynced, then the state that lists them) at the next *sync
-/// point*: `snapshot`, `set_sequence_number`, `set_metadata`, `resize`, or
+/// Durability: a snapshot's preserved pages are on disk before the page is overwritten;
+/// documents, leases, snapshots, metadata and sequence numbers are durable when the call
+/// returns. Page writes become durable (data fsynced, then the state that lists them) at
+/// the next *sync point*: `snapshot`, `set_sequence_number`, `set_metadata`, `resize`, or
 /// [`LocalStore::sync`]. The [`PageWriter`](crate::PageWriter) ends every batch with a
 /// sequence-number update, so a crash loses at most the batch in flight, which is
 /// replayed.
 ///
 /// It checks what Azure checks: 512-byte alignment, the 4 MiB body cap, the CRC-64,
-/// sequence-number conditions, snapshot isolation.
+/// sequence-number conditions, leases, entity tags, snapshot isolation. Every operation
+/// holds the store's lock file (`.lock`, an OS file lock), so processes sharing a store
+/// see each operation whole, as they would a service's.
 #[derive(Clone, Debug)]
 pub struct LocalStore {
     inner: Arc<Inner>,
@@ -41,18 +53,61 @@ pub struct LocalStore {
 #[derive(Debug)]
 struct Inner {
     root: PathBuf,
-    /// One writer at a time per store: state changes and copy-on-write are serialised.
-    lock: Mutex<()>,
+    /// The store's lock file: held (in-process by the mutex, across processes by the OS
+    /// lock) for the whole of every operation.
+    lock: Mutex<File>,
+    /// Seeds entity tags (with a per-process random key).
+    etags: AtomicU64,
+    keys: RandomState,
+}
+
+/// The store's lock, held; released on drop.
+struct Locked<'a>(MutexGuard<'a, File>);
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+enum Kind {
+    #[default]
+    Page,
+    Doc,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct State {
+    #[serde(default)]
+    kind: Kind,
     size: u64,
     sequence_number: u64,
     metadata: Metadata,
     ranges: Vec<Range<u64>>,
     snapshots: Vec<Snap>,
     next_snapshot: u64,
+    #[serde(default)]
+    etag: String,
+    /// The lease holding the blob, if any.
+    #[serde(default)]
+    lease: Option<LeaseId>,
+    /// A lease was broken (and none acquired since).
+    #[serde(default)]
+    broken: bool,
+    /// A document's bytes, base64.
+    #[serde(default)]
+    doc: Option<String>,
+}
+
+impl State {
+    fn lease_state(&self) -> LeaseState {
+        match (self.lease, self.broken) {
+            (Some(_), _) => LeaseState::Leased,
+            (None, true) => LeaseState::Broken,
+            (None, false) => LeaseState::Available,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -77,10 +132,19 @@ impl LocalStore {
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let root = root.into();
         fs::create_dir_all(&root).map_err(io_err(&root))?;
+        let lock_path = root.join(".lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
         Ok(LocalStore {
             inner: Arc::new(Inner {
                 root,
-                lock: Mutex::new(()),
+                lock: Mutex::new(lock),
+                etags: AtomicU64::new(0),
+                keys: RandomState::new(),
             }),
         })
     }
@@ -98,7 +162,7 @@ impl LocalStore {
     /// Makes every write so far durable (a sync point).
     pub async fn sync(&self, blob: &str) -> Result<(), StoreError> {
         self.run(blob, |inner, blob| {
-            let _g = inner.guard();
+            let _g = inner.guard()?;
             let st = inner.load(blob)?;
             inner.save(blob, &st)
         })
@@ -112,31 +176,42 @@ impl LocalStore {
     ) -> Result<T, StoreError> {
         let inner = self.inner.clone();
         let blob = blob.to_owned();
-        tokio::task::spawn_blocking(move || f(&inner, &blob))
-            .await
-            .map_err(|e| StoreError::Invalid(format!("store task failed: {e}")))?
+        match tokio::task::spawn_blocking(move || f(&inner, &blob)).await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(StoreError::Io {
+                path: self.inner.root.display().to_string(),
+                source: io::Error::other(format!("store task cancelled: {e}")),
+            }),
+        }
     }
 }
 
 impl Inner {
-    fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.lock.lock().unwrap_or_else(|p| p.into_inner())
+    /// Takes the store's lock (this process's mutex, then the OS lock shared with other
+    /// processes).
+    fn guard(&self) -> Result<Locked<'_>, StoreError> {
+        let f = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        f.lock().map_err(io_err(&self.root))?;
+        Ok(Locked(f))
     }
 
     fn dir(&self, blob: &str) -> Result<PathBuf, StoreError> {
-        let ok = !blob.is_empty()
-            && blob.len() <= 255
-            && blob != "."
-            && blob != ".."
-            && blob
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-        if !ok {
+        check_blob_name(blob)?;
+        let name = blob.replace('/', "%");
+        if name.len() > 255 {
             return Err(StoreError::Invalid(format!(
-                "blob name {blob:?} (use letters, digits, '-', '_', '.')"
+                "blob name {blob:?} is too long for the local store"
             )));
         }
-        Ok(self.root.join(blob))
+        Ok(self.root.join(name))
+    }
+
+    fn new_etag(&self) -> String {
+        let mut h = self.keys.build_hasher();
+        h.write_u64(self.etags.fetch_add(1, Ordering::Relaxed));
+        h.write_u32(std::process::id());
+        format!("\"0x{:016X}\"", h.finish())
     }
 
     fn load(&self, blob: &str) -> Result<State, StoreError> {
@@ -156,19 +231,41 @@ impl Inner {
         })
     }
 
-    /// Fsyncs the data file, then replaces the state atomically.
+    /// Loads a page blob (a document is not one).
+    fn load_page(&self, blob: &str) -> Result<State, StoreError> {
+        let st = self.load(blob)?;
+        if st.kind != Kind::Page {
+            return Err(StoreError::Invalid(format!("{blob} is not a page blob")));
+        }
+        Ok(st)
+    }
+
+    /// Fsyncs the data file, then replaces the state atomically (with a new entity tag).
     fn save(&self, blob: &str, st: &State) -> Result<(), StoreError> {
         let dir = self.dir(blob)?;
         let data = dir.join("data");
         if let Ok(f) = File::open(&data) {
             f.sync_all().map_err(io_err(&data))?;
         }
-        write_atomic(
-            &dir,
-            "state.json",
-            &serde_json::to_vec(st)
-                .map_err(|e| StoreError::Invalid(format!("state does not serialise: {e}")))?,
-        )
+        self.write_state(blob, st, true).map(drop)
+    }
+
+    /// Replaces the state (with a new entity tag, which it returns); `durable` fsyncs it.
+    fn write_state(&self, blob: &str, st: &State, durable: bool) -> Result<String, StoreError> {
+        let dir = self.dir(blob)?;
+        let mut st = st.clone();
+        st.etag = self.new_etag();
+        let bytes = serde_json::to_vec(&st)
+            .map_err(|e| StoreError::Invalid(format!("state does not serialise: {e}")))?;
+        if durable {
+            write_atomic(&dir, "state.json", &bytes)?;
+        } else {
+            let tmp = dir.join("state.json.tmp");
+            fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+            let path = dir.join("state.json");
+            fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        }
+        Ok(st.etag)
     }
 
     fn data(&self, blob: &str) -> Result<(File, PathBuf), StoreError> {
@@ -181,15 +278,48 @@ impl Inner {
         Ok((f, path))
     }
 
-    fn create(&self, blob: &str, size: u64, seq: u64, md: &Metadata) -> Result<(), StoreError> {
+    /// Refuses a write that does not carry the lease holding the blob, or carries one
+    /// where none holds it (as Azure does).
+    fn check_lease(st: &State, blob: &str, lease: Option<LeaseId>) -> Result<(), StoreError> {
+        match (st.lease, lease) {
+            (Some(held), Some(given)) if held == given => Ok(()),
+            (Some(_), _) => Err(StoreError::Leased {
+                blob: blob.to_owned(),
+            }),
+            (None, Some(_)) => Err(StoreError::NotLeased {
+                blob: blob.to_owned(),
+            }),
+            (None, None) => Ok(()),
+        }
+    }
+
+    fn check_condition(st: &State, blob: &str, c: Condition) -> Result<(), StoreError> {
+        Self::check_lease(st, blob, c.lease)?;
+        match c.sequence_number_eq {
+            Some(expected) if expected != st.sequence_number => Err(StoreError::ConditionFailed {
+                expected,
+                found: st.sequence_number,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn create_locked(
+        &self,
+        blob: &str,
+        size: u64,
+        seq: u64,
+        md: &Metadata,
+    ) -> Result<(), StoreError> {
         check_size(size)?;
-        let _g = self.guard();
         let dir = self.dir(blob)?;
         if dir.join("state.json").exists() {
             return Err(StoreError::AlreadyExists {
                 blob: blob.to_owned(),
             });
         }
+        // A crash before the state was written left files behind: start afresh.
+        let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let data = dir.join("data");
         let f = File::create(&data).map_err(io_err(&data))?;
@@ -241,16 +371,6 @@ impl Inner {
         Ok(true)
     }
 
-    fn check_condition(st: &State, c: Condition) -> Result<(), StoreError> {
-        match c.sequence_number_eq {
-            Some(expected) if expected != st.sequence_number => Err(StoreError::ConditionFailed {
-                expected,
-                found: st.sequence_number,
-            }),
-            _ => Ok(()),
-        }
-    }
-
     fn write_pages(
         &self,
         blob: &str,
@@ -260,10 +380,10 @@ impl Inner {
         c: Condition,
     ) -> Result<(), StoreError> {
         let len = data.len() as u64;
-        let _g = self.guard();
-        let mut st = self.load(blob)?;
+        let _g = self.guard()?;
+        let mut st = self.load_page(blob)?;
         check_pages(offset, len, st.size, MAX_PUT)?;
-        Self::check_condition(&st, c)?;
+        Self::check_condition(&st, blob, c)?;
         let actual = crc64(data);
         if actual != crc {
             return Err(StoreError::ChecksumMismatch { sent: crc, actual });
@@ -273,7 +393,9 @@ impl Inner {
         f.write_all_at(data, offset).map_err(io_err(&path))?;
         st.ranges.push(offset..offset + len);
         st.ranges = merge_ranges(std::mem::take(&mut st.ranges));
-        self.save_ranges_lazily(blob, st)
+        // Range bookkeeping is kept without an fsync of the data: the next sync point
+        // makes both durable.
+        self.write_state(blob, &st, false).map(drop)
     }
 
     fn clear_pages(
@@ -283,27 +405,15 @@ impl Inner {
         len: u64,
         c: Condition,
     ) -> Result<(), StoreError> {
-        let _g = self.guard();
-        let mut st = self.load(blob)?;
+        let _g = self.guard()?;
+        let mut st = self.load_page(blob)?;
         check_pages(offset, len, st.size, u64::MAX)?;
-        Self::check_condition(&st, c)?;
+        Self::check_condition(&st, blob, c)?;
         self.preserve(blob, &mut st, offset..offset + len)?;
         let (f, path) = self.data(blob)?;
         zero_range(&f, offset, len, &path)?;
         st.ranges = subtract_all(&st.ranges, &(offset..offset + len));
-        self.save_ranges_lazily(blob, st)
-    }
-
-    /// Range bookkeeping after a write: kept in the state file without an fsync of the
-    /// data (the next sync point makes both durable).
-    fn save_ranges_lazily(&self, blob: &str, st: State) -> Result<(), StoreError> {
-        let dir = self.dir(blob)?;
-        let bytes = serde_json::to_vec(&st)
-            .map_err(|e| StoreError::Invalid(format!("state does not serialise: {e}")))?;
-        let tmp = dir.join("state.json.tmp");
-        fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
-        let path = dir.join("state.json");
-        fs::rename(&tmp, &path).map_err(io_err(&path))
+        self.write_state(blob, &st, false).map(drop)
     }
 
     fn snapshot_index(st: &State, blob: &str, id: &str) -> Result<usize, StoreError> {
@@ -315,15 +425,14 @@ impl Inner {
             })
     }
 
-    fn read(
+    fn read_locked(
         &self,
         blob: &str,
         snapshot: Option<&str>,
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>, StoreError> {
-        let _g = self.guard();
-        let st = self.load(blob)?;
+        let st = self.load_page(blob)?;
         let (from, size) = match snapshot {
             Some(id) => {
                 let k = Self::snapshot_index(&st, blob, id)?;
@@ -352,9 +461,13 @@ impl Inner {
         Ok(buf)
     }
 
-    fn snapshot(&self, blob: &str) -> Result<String, StoreError> {
-        let _g = self.guard();
-        let mut st = self.load(blob)?;
+    fn snapshot(&self, blob: &str, c: Condition) -> Result<String, StoreError> {
+        let _g = self.guard()?;
+        let mut st = self.load_page(blob)?;
+        // As on Azure, a snapshot needs no lease id, but a wrong one is refused.
+        if c.lease.is_some() {
+            Self::check_lease(&st, blob, c.lease)?;
+        }
         let id = format!("{:08}", st.next_snapshot);
         st.next_snapshot += 1;
         st.snapshots.push(Snap {
@@ -368,8 +481,8 @@ impl Inner {
     }
 
     fn delete_snapshot(&self, blob: &str, id: &str) -> Result<(), StoreError> {
-        let _g = self.guard();
-        let mut st = self.load(blob)?;
+        let _g = self.guard()?;
+        let mut st = self.load_page(blob)?;
         let k = Self::snapshot_index(&st, blob, id)?;
         let dir = self.dir(blob)?;
         let path = dir.join(format!("snap-{id}"));
@@ -415,8 +528,8 @@ impl Inner {
         snapshot: Option<&str>,
         prev: &str,
     ) -> Result<Vec<Range<u64>>, StoreError> {
-        let _g = self.guard();
-        let st = self.load(blob)?;
+        let _g = self.guard()?;
+        let st = self.load_page(blob)?;
         let p = Self::snapshot_index(&st, blob, prev)?;
         let s = match snapshot {
             Some(id) => Self::snapshot_index(&st, blob, id)?,
@@ -447,24 +560,26 @@ impl Inner {
     }
 
     fn set_sequence_number(&self, blob: &str, seq: u64, c: Condition) -> Result<(), StoreError> {
-        let _g = self.guard();
-        let mut st = self.load(blob)?;
-        Self::check_condition(&st, c)?;
+        let _g = self.guard()?;
+        let mut st = self.load_page(blob)?;
+        Self::check_condition(&st, blob, c)?;
         st.sequence_number = seq;
         self.save(blob, &st)
     }
 
-    fn set_metadata(&self, blob: &str, md: &Metadata) -> Result<(), StoreError> {
-        let _g = self.guard();
+    fn set_metadata(&self, blob: &str, md: &Metadata, c: Condition) -> Result<(), StoreError> {
+        let _g = self.guard()?;
         let mut st = self.load(blob)?;
+        Self::check_lease(&st, blob, c.lease)?;
         st.metadata = md.clone();
         self.save(blob, &st)
     }
 
-    fn resize(&self, blob: &str, size: u64) -> Result<(), StoreError> {
+    fn resize(&self, blob: &str, size: u64, c: Condition) -> Result<(), StoreError> {
         check_size(size)?;
-        let _g = self.guard();
-        let mut st = self.load(blob)?;
+        let _g = self.guard()?;
+        let mut st = self.load_page(blob)?;
+        Self::check_lease(&st, blob, c.lease)?;
         let old = st.size;
         if size < old {
             self.preserve(blob, &mut st, size..old)?;
@@ -477,37 +592,156 @@ impl Inner {
     }
 
     fn copy_snapshot(&self, blob: &str, id: &str, dest: &str) -> Result<(), StoreError> {
-        let (size, ranges) = {
-            let _g = self.guard();
-            let st = self.load(blob)?;
-            let k = Self::snapshot_index(&st, blob, id)?;
-            (st.snapshots[k].size, st.snapshots[k].ranges.clone())
-        };
-        self.create(dest, size, 0, &Metadata::new())?;
+        let _g = self.guard()?;
+        let st = self.load_page(blob)?;
+        let k = Self::snapshot_index(&st, blob, id)?;
+        let (size, ranges) = (st.snapshots[k].size, st.snapshots[k].ranges.clone());
+        self.create_locked(dest, size, 0, &Metadata::new())?;
         let (out, out_path) = self.data(dest)?;
         for r in &ranges {
             let mut at = r.start;
             while at < r.end {
                 let n = (r.end - at).min(MAX_PUT);
-                let buf = self.read(blob, Some(id), at, n)?;
+                let buf = self.read_locked(blob, Some(id), at, n)?;
                 out.write_all_at(&buf, at).map_err(io_err(&out_path))?;
                 at += n;
             }
         }
-        let _g = self.guard();
-        let mut st = self.load(dest)?;
+        let mut st = self.load_page(dest)?;
         st.ranges = ranges;
         self.save(dest, &st)
     }
 
-    fn delete(&self, blob: &str) -> Result<(), StoreError> {
-        let _g = self.guard();
-        self.load(blob)?;
+    fn delete(&self, blob: &str, c: Condition) -> Result<(), StoreError> {
+        let _g = self.guard()?;
+        let st = self.load(blob)?;
+        Self::check_lease(&st, blob, c.lease)?;
         let dir = self.dir(blob)?;
         // Remove the state first: a crash part-way leaves no half-visible blob.
         let state = dir.join("state.json");
         fs::remove_file(&state).map_err(io_err(&state))?;
         fs::remove_dir_all(&dir).map_err(io_err(&dir))
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let _g = self.guard()?;
+        let mut out = Vec::new();
+        for e in fs::read_dir(&self.root).map_err(io_err(&self.root))? {
+            let e = e.map_err(io_err(&self.root))?;
+            let Some(name) = e.file_name().to_str().map(|n| n.replace('%', "/")) else {
+                continue;
+            };
+            if name.starts_with(prefix)
+                && check_blob_name(&name).is_ok()
+                && e.path().join("state.json").exists()
+            {
+                out.push(name);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn acquire_lease(&self, blob: &str, lease: LeaseId) -> Result<(), StoreError> {
+        let _g = self.guard()?;
+        let mut st = self.load(blob)?;
+        match st.lease {
+            Some(held) if held == lease => Ok(()),
+            Some(_) => Err(StoreError::Leased {
+                blob: blob.to_owned(),
+            }),
+            None => {
+                st.lease = Some(lease);
+                st.broken = false;
+                self.save(blob, &st)
+            }
+        }
+    }
+
+    fn break_lease(&self, blob: &str) -> Result<(), StoreError> {
+        let _g = self.guard()?;
+        let mut st = self.load(blob)?;
+        if st.lease.take().is_some() {
+            st.broken = true;
+            self.save(blob, &st)?;
+        }
+        Ok(())
+    }
+
+    fn release_lease(&self, blob: &str, lease: LeaseId) -> Result<(), StoreError> {
+        let _g = self.guard()?;
+        let mut st = self.load(blob)?;
+        match st.lease {
+            Some(held) if held == lease => {
+                st.lease = None;
+                self.save(blob, &st)
+            }
+            Some(_) => Err(StoreError::Leased {
+                blob: blob.to_owned(),
+            }),
+            None => Err(StoreError::NotLeased {
+                blob: blob.to_owned(),
+            }),
+        }
+    }
+
+    fn get_doc(&self, name: &str) -> Result<Option<Doc>, StoreError> {
+        let _g = self.guard()?;
+        let st = match self.load(name) {
+            Ok(st) => st,
+            Err(StoreError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let text = st
+            .doc
+            .as_deref()
+            .ok_or_else(|| StoreError::Invalid(format!("{name} is not a document")))?;
+        let data = B64.decode(text).map_err(|e| StoreError::Corrupt {
+            path: name.to_owned(),
+            reason: e.to_string(),
+        })?;
+        Ok(Some(Doc {
+            data: Bytes::from(data),
+            etag: ETag(st.etag),
+        }))
+    }
+
+    fn put_doc(
+        &self,
+        name: &str,
+        data: &[u8],
+        expect: Expect,
+        lease: Option<LeaseId>,
+    ) -> Result<ETag, StoreError> {
+        let _g = self.guard()?;
+        let changed = || StoreError::Changed {
+            blob: name.to_owned(),
+        };
+        let mut st = match (self.load(name), &expect) {
+            (Ok(_), Expect::Absent) => return Err(changed()),
+            (Ok(st), Expect::Version(v)) if st.etag != v.0 => return Err(changed()),
+            (Ok(st), Expect::Version(_)) => {
+                if st.kind != Kind::Doc {
+                    return Err(StoreError::Invalid(format!("{name} is not a document")));
+                }
+                Self::check_lease(&st, name, lease)?;
+                st
+            }
+            (Err(StoreError::NotFound { .. }), Expect::Version(_)) => return Err(changed()),
+            (Err(StoreError::NotFound { .. }), Expect::Absent) => {
+                let dir = self.dir(name)?;
+                let _ = fs::remove_dir_all(&dir);
+                fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+                State {
+                    kind: Kind::Doc,
+                    ..State::default()
+                }
+            }
+            (Err(e), _) => return Err(e),
+        };
+        st.size = data.len() as u64;
+        st.doc = Some(B64.encode(data));
+        self.write_state(name, &st, true).map(ETag)
     }
 }
 
@@ -587,6 +821,7 @@ fn intersect(ranges: &[Range<u64>], want: &Range<u64>) -> Vec<Range<u64>> {
         .collect()
 }
 
+#[async_trait]
 impl PageStore for LocalStore {
     async fn create(
         &self,
@@ -596,17 +831,22 @@ impl PageStore for LocalStore {
         metadata: &Metadata,
     ) -> Result<(), StoreError> {
         let md = metadata.clone();
-        self.run(blob, move |i, b| i.create(b, size, sequence_number, &md))
-            .await
+        self.run(blob, move |i, b| {
+            let _g = i.guard()?;
+            i.create_locked(b, size, sequence_number, &md)
+        })
+        .await
     }
 
     async fn properties(&self, blob: &str) -> Result<Properties, StoreError> {
         self.run(blob, |i, b| {
-            let _g = i.guard();
+            let _g = i.guard()?;
             let st = i.load(b)?;
             Ok(Properties {
                 size: st.size,
                 sequence_number: st.sequence_number,
+                lease: st.lease_state(),
+                etag: ETag(st.etag),
                 metadata: st.metadata,
             })
         })
@@ -647,7 +887,9 @@ impl PageStore for LocalStore {
     ) -> Result<Bytes, StoreError> {
         let snap = snapshot.map(str::to_owned);
         self.run(blob, move |i, b| {
-            i.read(b, snap.as_deref(), offset, len).map(Bytes::from)
+            let _g = i.guard()?;
+            i.read_locked(b, snap.as_deref(), offset, len)
+                .map(Bytes::from)
         })
         .await
     }
@@ -659,8 +901,8 @@ impl PageStore for LocalStore {
     ) -> Result<Vec<Range<u64>>, StoreError> {
         let snap = snapshot.map(str::to_owned);
         self.run(blob, move |i, b| {
-            let _g = i.guard();
-            let st = i.load(b)?;
+            let _g = i.guard()?;
+            let st = i.load_page(b)?;
             match snap {
                 Some(id) => Ok(st.snapshots[Inner::snapshot_index(&st, b, &id)?]
                     .ranges
@@ -682,14 +924,18 @@ impl PageStore for LocalStore {
             .await
     }
 
-    async fn snapshot(&self, blob: &str) -> Result<String, StoreError> {
-        self.run(blob, |i, b| i.snapshot(b)).await
+    async fn snapshot(&self, blob: &str, condition: Condition) -> Result<String, StoreError> {
+        self.run(blob, move |i, b| i.snapshot(b, condition)).await
     }
 
     async fn snapshots(&self, blob: &str) -> Result<Vec<String>, StoreError> {
         self.run(blob, |i, b| {
-            let _g = i.guard();
-            Ok(i.load(b)?.snapshots.into_iter().map(|s| s.id).collect())
+            let _g = i.guard()?;
+            Ok(i.load_page(b)?
+                .snapshots
+                .into_iter()
+                .map(|s| s.id)
+                .collect())
         })
         .await
     }
@@ -722,16 +968,54 @@ impl PageStore for LocalStore {
         .await
     }
 
-    async fn set_metadata(&self, blob: &str, metadata: &Metadata) -> Result<(), StoreError> {
+    async fn set_metadata(
+        &self,
+        blob: &str,
+        metadata: &Metadata,
+        condition: Condition,
+    ) -> Result<(), StoreError> {
         let md = metadata.clone();
-        self.run(blob, move |i, b| i.set_metadata(b, &md)).await
+        self.run(blob, move |i, b| i.set_metadata(b, &md, condition))
+            .await
     }
 
-    async fn resize(&self, blob: &str, size: u64) -> Result<(), StoreError> {
-        self.run(blob, move |i, b| i.resize(b, size)).await
+    async fn resize(&self, blob: &str, size: u64, condition: Condition) -> Result<(), StoreError> {
+        self.run(blob, move |i, b| i.resize(b, size, condition))
+            .await
     }
 
-    async fn delete(&self, blob: &str) -> Result<(), StoreError> {
-        self.run(blob, |i, b| i.delete(b)).await
+    async fn delete(&self, blob: &str, condition: Condition) -> Result<(), StoreError> {
+        self.run(blob, move |i, b| i.delete(b, condition)).await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.run(prefix, |i, p| i.list(p)).await
+    }
+
+    async fn acquire_lease(&self, blob: &str, lease: LeaseId) -> Result<(), StoreError> {
+        self.run(blob, move |i, b| i.acquire_lease(b, lease)).await
+    }
+
+    async fn break_lease(&self, blob: &str) -> Result<(), StoreError> {
+        self.run(blob, |i, b| i.break_lease(b)).await
+    }
+
+    async fn release_lease(&self, blob: &str, lease: LeaseId) -> Result<(), StoreError> {
+        self.run(blob, move |i, b| i.release_lease(b, lease)).await
+    }
+
+    async fn get_doc(&self, name: &str) -> Result<Option<Doc>, StoreError> {
+        self.run(name, |i, b| i.get_doc(b)).await
+    }
+
+    async fn put_doc(
+        &self,
+        name: &str,
+        data: Bytes,
+        expect: Expect,
+        lease: Option<LeaseId>,
+    ) -> Result<ETag, StoreError> {
+        self.run(name, move |i, b| i.put_doc(b, &data, expect, lease))
+            .await
     }
 }

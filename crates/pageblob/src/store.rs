@@ -1,9 +1,9 @@
 //! The `PageStore` trait: what replication needs from a page-blob service.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::ops::Range;
 
+use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -20,12 +20,114 @@ pub type Metadata = BTreeMap<String, String>;
 /// What a blob says about itself.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Properties {
-    /// Size in bytes (a multiple of 512).
+    /// Size in bytes (a multiple of 512 for a page blob).
     pub size: u64,
-    /// The blob sequence number: the fencing token of the single writer.
+    /// The blob sequence number: the fencing token of a batch (page blobs).
     pub sequence_number: u64,
     /// Name/value metadata.
     pub metadata: Metadata,
+    /// Whether a lease holds the blob.
+    pub lease: LeaseState,
+    /// The blob's entity tag: it changes whenever the blob does.
+    pub etag: ETag,
+}
+
+/// Whether a lease holds a blob.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaseState {
+    /// No lease: anyone may write (and acquire one).
+    Available,
+    /// A lease holds the blob: writes must carry its id.
+    Leased,
+    /// The lease was broken: anyone may write (and acquire a new one).
+    Broken,
+}
+
+/// A lease id: whoever holds it is the only writer of the leased blob. Azure takes a
+/// GUID, written `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub struct LeaseId(pub [u8; 16]);
+
+impl std::fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, b) in self.0.iter().enumerate() {
+            if matches!(i, 4 | 6 | 8 | 10) {
+                f.write_str("-")?;
+            }
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for LeaseId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LeaseId({self})")
+    }
+}
+
+impl std::str::FromStr for LeaseId {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<Self, StoreError> {
+        let hex: Vec<u8> = s.bytes().filter(|&b| b != b'-').collect();
+        let dashes_ok = s.len() == 36 && [8, 13, 18, 23].iter().all(|&i| s.as_bytes()[i] == b'-');
+        if hex.len() != 32 || !dashes_ok {
+            return Err(StoreError::Invalid(format!(
+                "{s:?} is not a lease id (a GUID)"
+            )));
+        }
+        let mut out = [0u8; 16];
+        for (i, pair) in hex.chunks(2).enumerate() {
+            let text = std::str::from_utf8(pair).unwrap_or("");
+            out[i] = u8::from_str_radix(text, 16)
+                .map_err(|_| StoreError::Invalid(format!("{s:?} is not a lease id (a GUID)")))?;
+        }
+        Ok(LeaseId(out))
+    }
+}
+
+impl From<LeaseId> for String {
+    fn from(l: LeaseId) -> String {
+        l.to_string()
+    }
+}
+
+impl TryFrom<String> for LeaseId {
+    type Error = StoreError;
+
+    fn try_from(s: String) -> Result<Self, StoreError> {
+        s.parse()
+    }
+}
+
+/// An entity tag: the version of a blob a conditional write expects.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ETag(pub String);
+
+impl std::fmt::Display for ETag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A small whole-object blob (a catalogue document) and its version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Doc {
+    /// Its bytes.
+    pub data: Bytes,
+    /// Its entity tag: pass it to [`PageStore::put_doc`] to replace exactly this version.
+    pub etag: ETag,
+}
+
+/// What a document write expects to find: two writers never both win.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// No blob of that name (`If-None-Match: *`).
+    Absent,
+    /// Exactly this version (`If-Match`).
+    Version(ETag),
 }
 
 /// A precondition on a write: it is refused (HTTP 412 on Azure) unless it holds.
@@ -33,131 +135,173 @@ pub struct Properties {
 pub struct Condition {
     /// Only if the blob's sequence number equals this.
     pub sequence_number_eq: Option<u64>,
+    /// The lease the writer holds: required when a lease holds the blob, refused when none
+    /// does. Without it, a write to a leased blob is refused.
+    pub lease: Option<LeaseId>,
 }
 
 impl Condition {
     /// No precondition.
     pub const NONE: Condition = Condition {
         sequence_number_eq: None,
+        lease: None,
     };
 
     /// Only if the sequence number is `seq`.
     pub fn sequence_number(seq: u64) -> Self {
         Condition {
             sequence_number_eq: Some(seq),
+            lease: None,
         }
+    }
+
+    /// Only as the holder of `lease`.
+    pub fn lease(lease: LeaseId) -> Self {
+        Condition {
+            sequence_number_eq: None,
+            lease: Some(lease),
+        }
+    }
+
+    /// This condition, carrying `lease` (or none).
+    pub fn with_lease(self, lease: Option<LeaseId>) -> Self {
+        Condition { lease, ..self }
     }
 }
 
-/// The page-blob operations replication needs, as Azure Storage offers them.
+/// The page-blob operations replication needs, as Azure Storage offers them, plus small
+/// whole-object documents (the catalogue) and leases (one writer per blob).
 ///
 /// Offsets and lengths of page operations must be multiples of [`PAGE`]; a write carries at
-/// most [`MAX_PUT`] bytes and its CRC-64/NVME ([`crc64`]). Every backend must pass
-/// [`conformance`](crate::conformance), which checks exactly these rules.
-pub trait PageStore: Send + Sync {
+/// most [`MAX_PUT`] bytes and its CRC-64/NVME ([`crc64`]). Every write to a leased blob must
+/// carry its lease ([`Condition::lease`]); snapshots are not leased (Azure deletes a
+/// snapshot without a lease id), so a writer fences its snapshot deletions itself. Blob
+/// names are `/`-separated paths of letters, digits, `-`, `_` and `.`. Every backend must
+/// pass [`conformance`](crate::conformance), which checks exactly these rules. The trait
+/// is object-safe: `Arc<dyn PageStore>` works.
+#[async_trait]
+pub trait PageStore: Send + Sync + std::fmt::Debug {
     /// Creates a page blob of `size` bytes (zeros) with `metadata` and sequence number
     /// `sequence_number`; [`StoreError::AlreadyExists`] if it exists.
-    fn create(
+    async fn create(
         &self,
         blob: &str,
         size: u64,
         sequence_number: u64,
         metadata: &Metadata,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    ) -> Result<(), StoreError>;
 
-    /// The blob's size, sequence number and metadata.
-    fn properties(&self, blob: &str)
-    -> impl Future<Output = Result<Properties, StoreError>> + Send;
+    /// The blob's size, sequence number, metadata, lease state and entity tag.
+    async fn properties(&self, blob: &str) -> Result<Properties, StoreError>;
 
     /// Writes `data` at `offset` if `condition` holds; `crc64` must be the CRC-64/NVME of
     /// `data`.
-    fn write_pages(
+    async fn write_pages(
         &self,
         blob: &str,
         offset: u64,
         data: Bytes,
         crc64: u64,
         condition: Condition,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    ) -> Result<(), StoreError>;
 
     /// Makes `len` bytes at `offset` read as zeros (and no longer allocated) if
     /// `condition` holds.
-    fn clear_pages(
+    async fn clear_pages(
         &self,
         blob: &str,
         offset: u64,
         len: u64,
         condition: Condition,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    ) -> Result<(), StoreError>;
 
     /// Reads `len` bytes at `offset` of the blob, or of one of its snapshots.
-    fn read(
+    async fn read(
         &self,
         blob: &str,
         snapshot: Option<&str>,
         offset: u64,
         len: u64,
-    ) -> impl Future<Output = Result<Bytes, StoreError>> + Send;
+    ) -> Result<Bytes, StoreError>;
 
     /// The allocated (written, not cleared) ranges, merged and in order.
-    fn page_ranges(
+    async fn page_ranges(
         &self,
         blob: &str,
         snapshot: Option<&str>,
-    ) -> impl Future<Output = Result<Vec<Range<u64>>, StoreError>> + Send;
+    ) -> Result<Vec<Range<u64>>, StoreError>;
 
     /// Ranges that may differ between snapshot `prev` and snapshot `snapshot` (or the
     /// blob itself when `None`), merged and in order.
-    fn diff_ranges(
+    async fn diff_ranges(
         &self,
         blob: &str,
         snapshot: Option<&str>,
         prev: &str,
-    ) -> impl Future<Output = Result<Vec<Range<u64>>, StoreError>> + Send;
+    ) -> Result<Vec<Range<u64>>, StoreError>;
 
-    /// Takes a read-only snapshot; returns its id.
-    fn snapshot(&self, blob: &str) -> impl Future<Output = Result<String, StoreError>> + Send;
+    /// Takes a read-only snapshot (as the holder of `condition.lease`); returns its id.
+    async fn snapshot(&self, blob: &str, condition: Condition) -> Result<String, StoreError>;
 
     /// The blob's snapshots, oldest first.
-    fn snapshots(&self, blob: &str)
-    -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+    async fn snapshots(&self, blob: &str) -> Result<Vec<String>, StoreError>;
 
-    /// Deletes one snapshot.
-    fn delete_snapshot(
-        &self,
-        blob: &str,
-        snapshot: &str,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Deletes one snapshot (snapshots take no lease).
+    async fn delete_snapshot(&self, blob: &str, snapshot: &str) -> Result<(), StoreError>;
 
     /// Creates blob `dest` with the content of `snapshot` of `blob` (test failover and
     /// failover materialise disks this way without touching the replica).
-    fn copy_snapshot(
-        &self,
-        blob: &str,
-        snapshot: &str,
-        dest: &str,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    async fn copy_snapshot(&self, blob: &str, snapshot: &str, dest: &str)
+    -> Result<(), StoreError>;
 
     /// Sets the sequence number if `condition` holds.
-    fn set_sequence_number(
+    async fn set_sequence_number(
         &self,
         blob: &str,
         sequence_number: u64,
         condition: Condition,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    ) -> Result<(), StoreError>;
 
-    /// Replaces the metadata.
-    fn set_metadata(
+    /// Replaces the metadata (as the holder of `condition.lease`).
+    async fn set_metadata(
         &self,
         blob: &str,
         metadata: &Metadata,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+        condition: Condition,
+    ) -> Result<(), StoreError>;
 
     /// Grows or shrinks the blob to `size` (a multiple of 512).
-    fn resize(&self, blob: &str, size: u64) -> impl Future<Output = Result<(), StoreError>> + Send;
+    async fn resize(&self, blob: &str, size: u64, condition: Condition) -> Result<(), StoreError>;
 
-    /// Deletes the blob and its snapshots.
-    fn delete(&self, blob: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Deletes the blob (a page blob with its snapshots, or a document).
+    async fn delete(&self, blob: &str, condition: Condition) -> Result<(), StoreError>;
+
+    /// The names of the blobs (not snapshots) that start with `prefix`, in order.
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+
+    /// Leases the blob to `lease` with no expiry. Acquiring a lease one already holds
+    /// succeeds; a lease held by another is [`StoreError::Leased`].
+    async fn acquire_lease(&self, blob: &str, lease: LeaseId) -> Result<(), StoreError>;
+
+    /// Breaks whatever lease holds the blob, at once (a take-over); a blob without a lease
+    /// is left as it is.
+    async fn break_lease(&self, blob: &str) -> Result<(), StoreError>;
+
+    /// Gives up `lease` on the blob.
+    async fn release_lease(&self, blob: &str, lease: LeaseId) -> Result<(), StoreError>;
+
+    /// A document and its version; `None` if there is none of that name.
+    async fn get_doc(&self, name: &str) -> Result<Option<Doc>, StoreError>;
+
+    /// Writes a document if `expect` holds (else [`StoreError::Changed`]), as the holder
+    /// of `lease` when one is given; returns the new version.
+    async fn put_doc(
+        &self,
+        name: &str,
+        data: Bytes,
+        expect: Expect,
+        lease: Option<LeaseId>,
+    ) -> Result<ETag, StoreError>;
 }
 
 // Slice-by-16 tables (32 KiB): several times faster than the byte-at-a-time default; the
@@ -212,4 +356,26 @@ pub fn merge_ranges(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
         }
     }
     out
+}
+
+/// Checks a blob name: `/`-separated segments of letters, digits, `-`, `_` and `.`, none
+/// empty, `.` or `..`; at most 1024 bytes (Azure's limit).
+pub fn check_blob_name(name: &str) -> Result<(), StoreError> {
+    let ok = !name.is_empty()
+        && name.len() <= 1024
+        && name.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!(
+            "blob name {name:?}: use /-separated segments of letters, digits, '-', '_', '.'"
+        )))
+    }
 }

@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::StoreError;
-use crate::store::{Condition, MAX_PUT, PAGE, PageStore, crc64};
+use crate::store::{Condition, LeaseId, MAX_PUT, PAGE, PageStore, crc64};
 
 /// One change to the replica: new bytes, or a range that now reads as zeros.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -180,10 +180,11 @@ pub struct WriterProgress {
 /// 4 MiB, zero ranges sent as Clear Pages, each body checksummed with CRC-64, up to
 /// `in_flight` requests at a time, each retried through `lifeboat-retry`.
 #[derive(Debug)]
-pub struct PageWriter<S> {
-    store: Arc<S>,
+pub struct PageWriter {
+    store: Arc<dyn PageStore>,
     blob: String,
     config: WriterConfig,
+    lease: Option<LeaseId>,
     counters: Arc<Counters>,
     throttle: Arc<Mutex<Instant>>,
 }
@@ -193,9 +194,9 @@ enum Op {
     Clear { offset: u64, len: u64 },
 }
 
-impl<S: PageStore + 'static> PageWriter<S> {
+impl PageWriter {
     /// A writer for `blob` in `store`.
-    pub fn new(store: Arc<S>, blob: impl Into<String>, config: WriterConfig) -> Self {
+    pub fn new(store: Arc<dyn PageStore>, blob: impl Into<String>, config: WriterConfig) -> Self {
         let config = WriterConfig {
             in_flight: config.in_flight.max(1),
             max_request: (config.max_request / PAGE * PAGE).clamp(PAGE, MAX_PUT),
@@ -205,9 +206,16 @@ impl<S: PageStore + 'static> PageWriter<S> {
             store,
             blob: blob.into(),
             config,
+            lease: None,
             counters: Arc::default(),
             throttle: Arc::new(Mutex::new(Instant::now())),
         }
+    }
+
+    /// Writes as the holder of `lease` (every request carries it), for a leased blob.
+    pub fn leased(mut self, lease: Option<LeaseId>) -> Self {
+        self.lease = lease;
+        self
     }
 
     /// Totals so far.
@@ -238,18 +246,23 @@ impl<S: PageStore + 'static> PageWriter<S> {
             while tasks.len() >= self.config.in_flight {
                 join_one(&mut tasks, seq).await?;
             }
-            let (store, blob, policy) = (
+            let (store, blob, policy, lease) = (
                 self.store.clone(),
                 self.blob.clone(),
                 self.config.retry.clone(),
+                self.lease,
             );
             let (counters, throttle, rate) = (
                 self.counters.clone(),
                 self.throttle.clone(),
                 self.config.throttle,
             );
+            let cond = Condition::sequence_number(seq).with_lease(lease);
             tasks.spawn(async move {
-                send(&*store, &blob, &policy, &counters, &throttle, rate, op, seq).await
+                send(
+                    &*store, &blob, &policy, &counters, &throttle, rate, op, cond,
+                )
+                .await
             });
         }
         while !tasks.is_empty() {
@@ -257,14 +270,32 @@ impl<S: PageStore + 'static> PageWriter<S> {
         }
         let (store, blob) = (&*self.store, self.blob.as_str());
         let counters = &self.counters;
-        retry(&self.config.retry, |attempt| {
+        let cond = Condition::sequence_number(seq).with_lease(self.lease);
+        let set = retry(&self.config.retry, |attempt| {
             if attempt > 1 {
                 counters.retries.fetch_add(1, Ordering::Relaxed);
             }
-            store.set_sequence_number(blob, seq + 1, Condition::sequence_number(seq))
+            store.set_sequence_number(blob, seq + 1, cond)
         })
-        .await
-        .map_err(|e| store_error(format!("set sequence number {}", seq + 1), e, seq))?;
+        .await;
+        match set {
+            Ok(()) => {}
+            // A lost reply to an update that landed: a retry finds the blob already at
+            // seq + 1. Under a lease nobody else can have moved it there, so it is this
+            // batch's own update.
+            Err(RetryError {
+                error: StoreError::ConditionFailed { found, .. },
+                attempts,
+                ..
+            }) if self.lease.is_some() && attempts > 1 && found == seq + 1 => {}
+            Err(e) => {
+                return Err(store_error(
+                    format!("set sequence number {}", seq + 1),
+                    e,
+                    seq,
+                ));
+            }
+        }
         let after = self.progress();
         Ok(BatchReport {
             bytes_sent: after.bytes_sent - before.bytes_sent,
@@ -303,17 +334,17 @@ fn store_error(what: String, e: RetryError<StoreError>, seq: u64) -> WriteError 
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn send<S: PageStore>(
-    store: &S,
+async fn send(
+    store: &dyn PageStore,
     blob: &str,
     policy: &Policy,
     counters: &Counters,
     throttle: &Mutex<Instant>,
     rate: Option<u64>,
     op: Op,
-    seq: u64,
+    cond: Condition,
 ) -> Result<(), WriteError> {
-    let cond = Condition::sequence_number(seq);
+    let seq = cond.sequence_number_eq.unwrap_or_default();
     match op {
         Op::Put { offset, data } => {
             if let Some(rate) = rate.filter(|r| *r > 0) {

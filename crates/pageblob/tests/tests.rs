@@ -77,7 +77,7 @@ async fn local_store_state_survives_reopen_and_snapshots_copy_nothing() {
         s.set_sequence_number("d", 4, Condition::sequence_number(3))
             .await
             .unwrap();
-        let snap = s.snapshot("d").await.unwrap();
+        let snap = s.snapshot("d", Condition::NONE).await.unwrap();
         // A snapshot of a 64 MiB blob allocates nothing until a page changes.
         assert!(!root.join("d").join(format!("snap-{snap}")).exists());
         s.write_pages(
@@ -675,7 +675,7 @@ async fn replica_digests_follow_batches_persist_and_drive_a_resync() {
         digests.signature(),
         &Signature::compute(&replica, bs).unwrap()
     );
-    digests.save(&*s, "d").await.unwrap();
+    digests.save(&*s, "d", None).await.unwrap();
     assert_eq!(
         ReplicaDigests::load(&*s, "d").await.unwrap().as_ref(),
         Some(&digests)
@@ -897,7 +897,7 @@ async fn replica_digests_save_writes_only_the_touched_slots() {
     .await
     .unwrap();
     let mut digests = ReplicaDigests::rebuild(&*s, "d", len, bs).await.unwrap();
-    digests.save(&*s, "d").await.unwrap();
+    digests.save(&*s, "d", None).await.unwrap();
     let before = s.seen().len();
     // One block far into the disk changes.
     let at = 200 * MIB + 4096;
@@ -916,7 +916,7 @@ async fn replica_digests_save_writes_only_the_touched_slots() {
         end: at + 4096,
     }];
     digests.update(&*s, "d", &touched, 2).await.unwrap();
-    digests.save(&*s, "d").await.unwrap();
+    digests.save(&*s, "d", None).await.unwrap();
     let writes: Vec<_> = s.seen()[before..]
         .iter()
         .filter(|x| x.kind == "put")
@@ -938,4 +938,49 @@ async fn replica_digests_save_writes_only_the_touched_slots() {
         &Signature::compute(&replica, bs).unwrap()
     );
     assert!(s.inner().properties(&digests_blob("d")).await.is_ok());
+}
+
+/// Two processes sharing one embedded store (each with its own handle, hence its own OS
+/// lock): of many writers replacing the same version of a document at once, exactly one
+/// wins, and no write is torn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn local_store_handles_race_on_one_document_and_one_wins() {
+    use lifeboat_pageblob::Expect;
+    let dir = tempfile::tempdir().unwrap();
+    let first = LocalStore::open(dir.path()).unwrap();
+    let v0 = first
+        .put_doc(
+            "cat/items/vm.json",
+            Bytes::from_static(b"0"),
+            Expect::Absent,
+            None,
+        )
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..16u8 {
+        let root = dir.path().to_path_buf();
+        let v0 = v0.clone();
+        tasks.push(tokio::spawn(async move {
+            let s = LocalStore::open(root).unwrap();
+            s.put_doc(
+                "cat/items/vm.json",
+                Bytes::from(vec![b'a' + i; 4096]),
+                Expect::Version(v0),
+                None,
+            )
+            .await
+        }));
+    }
+    let mut won = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await.unwrap() {
+            Ok(_) => won.push(i),
+            Err(lifeboat_pageblob::StoreError::Changed { .. }) => {}
+            Err(e) => panic!("writer {i}: {e}"),
+        }
+    }
+    assert_eq!(won.len(), 1, "winners: {won:?}");
+    let doc = first.get_doc("cat/items/vm.json").await.unwrap().unwrap();
+    assert_eq!(doc.data[..], vec![b'a' + won[0] as u8; 4096][..]);
 }

@@ -12,8 +12,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use indicatif::{ProgressBar, ProgressStyle};
 use lifeboat_pageblob::{
-    BatchReport, Change, MAX_PUT, Metadata, PageStore, PageWriter, ReplicaDigests, StoreError,
-    WriteError, WriterConfig, vhd,
+    BatchReport, Change, Condition, MAX_PUT, Metadata, PageStore, PageWriter, ReplicaDigests,
+    StoreError, WriteError, WriterConfig, vhd,
 };
 use lifeboat_replication::{
     Action, ActionKind, Command, HealthCause, JobId, JobState, Outcome, PointId, ProtectionState,
@@ -369,7 +369,7 @@ impl<S: PageStore + 'static> Agent<S> {
             } else {
                 ReplicaDigests::rebuild(&*self.store, blob, len, bs).await?
             };
-            d.save(&*self.store, blob).await?;
+            d.save(&*self.store, blob, None).await?;
         }
         Ok(())
     }
@@ -410,7 +410,7 @@ impl<S: PageStore + 'static> Agent<S> {
         digests
             .update(&*self.store, &blob, &touched, seq + 1)
             .await?;
-        digests.save(&*self.store, &blob).await?;
+        digests.save(&*self.store, &blob, None).await?;
         self.digests
             .lock()
             .expect("not poisoned")
@@ -632,7 +632,10 @@ impl<S: PageStore + 'static> Agent<S> {
             if have >= n {
                 return Ok(());
             }
-            let snap = self.store.snapshot(&ItemState::blob(name, have)).await?;
+            let snap = self
+                .store
+                .snapshot(&ItemState::blob(name, have), Condition::NONE)
+                .await?;
             self.item_mut(name)?
                 .points
                 .entry(point.0)
@@ -673,7 +676,7 @@ impl<S: PageStore + 'static> Agent<S> {
             });
             if self.azure {
                 let dest = format!("{name}.{tag}.disk{d}");
-                match self.store.delete(&dest).await {
+                match self.store.delete(&dest, Condition::NONE).await {
                     Ok(()) | Err(StoreError::NotFound { .. }) => {}
                     Err(e) => return Err(e.into()),
                 }
@@ -710,7 +713,7 @@ impl<S: PageStore + 'static> Agent<S> {
                 if let Some(p) = download {
                     let _ = fs::remove_file(p);
                 }
-                match self.store.delete(name).await {
+                match self.store.delete(name, Condition::NONE).await {
                     Ok(()) | Err(StoreError::NotFound { .. }) => Ok(()),
                     Err(e) => Err(e.into()),
                 }
