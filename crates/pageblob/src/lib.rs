@@ -1,9 +1,17 @@
 /*!
 Replica disks as page blobs: the [`PageStore`] trait (what replication needs from Azure
-page blobs), [`AzureStore`] (Azure Storage through the official SDK), [`LocalStore`] (the
-embedded default: sparse files with copy-on-write snapshots, crash-safe state), [`PageWriter`] (aligned, coalesced, fenced, retried page
-requests), the fixed-VHD [`vhd`] footer that makes a blob an attachable disk, a
-fault-injecting [`FaultyStore`] decorator and the [`conformance`] suite every backend passes.
+page blobs, object-safe), [`AzureStore`] (Azure Storage through the official SDK),
+[`LocalStore`] (the embedded default: sparse files with copy-on-write snapshots,
+crash-safe state, shareable between processes), [`PageWriter`] (aligned, coalesced,
+fenced, retried page requests), the fixed-VHD [`vhd`] footer that makes a blob an
+attachable disk, a fault-injecting [`FaultyStore`] decorator and the [`conformance`] suite
+every backend passes.
+
+Besides pages, a store holds small documents written only if unchanged
+([`PageStore::put_doc`] with [`Expect`]: ETag `If-Match` / `If-None-Match`, so two writers
+never both win) and leases ([`PageStore::acquire_lease`], [`Condition::lease`]): a leased
+blob takes writes from its holder only, and a take-over ([`PageStore::break_lease`], then
+acquire) fences the previous holder in the storage service itself.
 
 This is the async edge of Lifeboat: it uses tokio (blocking file work runs on
 `spawn_blocking`) and, for retries, `lifeboat-retry`.
@@ -13,17 +21,21 @@ This is the async edge of Lifeboat: it uses tokio (blocking file work runs on
 ```
 use std::sync::Arc;
 use bytes::Bytes;
-use lifeboat_pageblob::{Change, LocalStore, PageStore, PageWriter, WriterConfig, vhd};
+use lifeboat_pageblob::{
+    Change, Condition, LeaseId, LocalStore, PageStore, PageWriter, StoreError, WriterConfig, vhd,
+};
 
 # #[tokio::main(flavor = "current_thread")]
 # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 let dir = tempfile::tempdir()?;
-let store = Arc::new(LocalStore::open(dir.path())?);
+let store: Arc<dyn PageStore> = Arc::new(LocalStore::open(dir.path())?);
 let disk_len = 8 << 20;
-store.create("disk0", vhd::blob_size(disk_len), 0, &Default::default()).await?;
+store.create("vm1/disk0", vhd::blob_size(disk_len), 0, &Default::default()).await?;
+let mine = LeaseId([7; 16]);
+store.acquire_lease("vm1/disk0", mine).await?;
 
 // Batch 0: data (unaligned edges need an edge source; these are aligned) and a zero range.
-let writer = PageWriter::new(store.clone(), "disk0", WriterConfig::default());
+let writer = PageWriter::new(store.clone(), "vm1/disk0", WriterConfig::default()).leased(Some(mine));
 let changes = vec![
     Change::Data { offset: 4096, data: Bytes::from(vec![7u8; 8192]) },
     Change::Zero { offset: 1 << 20, len: 1 << 20 },
@@ -33,11 +45,17 @@ assert_eq!((report.put_requests, report.clear_requests), (1, 1));
 
 // Replaying the same batch is refused: the blob moved on to sequence number 1.
 assert!(writer.apply_batch(0, changes, None).await.is_err());
-assert_eq!(store.properties("disk0").await?.sequence_number, 1);
+assert_eq!(store.properties("vm1/disk0").await?.sequence_number, 1);
+
+// Nobody else writes the leased blob.
+let page = Bytes::from(vec![0u8; 512]);
+let crc = lifeboat_pageblob::crc64(&page);
+let theirs = store.write_pages("vm1/disk0", 0, page, crc, Condition::NONE).await;
+assert!(matches!(theirs, Err(StoreError::Leased { .. })));
 
 // A recovery point costs no copy.
-let point = store.snapshot("disk0").await?;
-assert_eq!(store.read("disk0", Some(&point), 4096, 4).await?[..], [7, 7, 7, 7]);
+let point = store.snapshot("vm1/disk0", Condition::lease(mine)).await?;
+assert_eq!(store.read("vm1/disk0", Some(&point), 4096, 4).await?[..], [7, 7, 7, 7]);
 # Ok(()) }
 ```
 
