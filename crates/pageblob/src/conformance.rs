@@ -480,16 +480,19 @@ async fn documents(s: &dyn PageStore, prefix: &str) -> Result<(), String> {
         StoreError::Changed { .. },
         "replace a document that does not exist"
     );
-    // A leased document takes writes from its holder only.
+    // A leased document takes writes from its holder only; leasing is not a change.
     s.acquire_lease(&doc, lease)
         .await
         .map_err(|e| fail("lease a document", e))?;
-    let v2 = s
+    let after = s
         .get_doc(&doc)
         .await
         .map_err(|e| fail("get", e))?
         .ok_or("document vanished")?
         .etag;
+    if after != v2 {
+        return Err(fail("entity tag after a lease was acquired", (v2, after)));
+    }
     expect_err!(
         s.put_doc(
             &doc,

@@ -252,20 +252,25 @@ impl Inner {
 
     /// Replaces the state (with a new entity tag, which it returns); `durable` fsyncs it.
     fn write_state(&self, blob: &str, st: &State, durable: bool) -> Result<String, StoreError> {
-        let dir = self.dir(blob)?;
         let mut st = st.clone();
         st.etag = self.new_etag();
-        let bytes = serde_json::to_vec(&st)
+        self.replace_state(blob, &st, durable)?;
+        Ok(st.etag)
+    }
+
+    /// Replaces the state as it is (lease changes keep the entity tag, as on Azure).
+    fn replace_state(&self, blob: &str, st: &State, durable: bool) -> Result<(), StoreError> {
+        let dir = self.dir(blob)?;
+        let bytes = serde_json::to_vec(st)
             .map_err(|e| StoreError::Invalid(format!("state does not serialise: {e}")))?;
         if durable {
-            write_atomic(&dir, "state.json", &bytes)?;
+            write_atomic(&dir, "state.json", &bytes)
         } else {
             let tmp = dir.join("state.json.tmp");
             fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
             let path = dir.join("state.json");
-            fs::rename(&tmp, &path).map_err(io_err(&path))?;
+            fs::rename(&tmp, &path).map_err(io_err(&path))
         }
-        Ok(st.etag)
     }
 
     fn data(&self, blob: &str) -> Result<(File, PathBuf), StoreError> {
@@ -653,7 +658,7 @@ impl Inner {
             None => {
                 st.lease = Some(lease);
                 st.broken = false;
-                self.save(blob, &st)
+                self.replace_state(blob, &st, true)
             }
         }
     }
@@ -663,7 +668,7 @@ impl Inner {
         let mut st = self.load(blob)?;
         if st.lease.take().is_some() {
             st.broken = true;
-            self.save(blob, &st)?;
+            self.replace_state(blob, &st, true)?;
         }
         Ok(())
     }
@@ -674,7 +679,7 @@ impl Inner {
         match st.lease {
             Some(held) if held == lease => {
                 st.lease = None;
-                self.save(blob, &st)
+                self.replace_state(blob, &st, true)
             }
             Some(_) => Err(StoreError::Leased {
                 blob: blob.to_owned(),

@@ -48,6 +48,49 @@ pub(crate) struct PlanState {
 pub struct PlanRecord(PlanState);
 
 impl PlanRecord {
+    /// A new plan, not yet run: at least one group, no empty group, no item twice. (That
+    /// its items exist is for whoever keeps the items to check;
+    /// [`Coordinator::create_plan`] does.)
+    pub fn new(plan: RecoveryPlan) -> Result<Self, OpError> {
+        if plan.groups.is_empty() || plan.groups.iter().any(|g| g.items.is_empty()) {
+            return Err(OpError::Invalid(format!(
+                "plan {}: at least one group, and no empty group",
+                plan.name
+            )));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for i in plan.groups.iter().flat_map(|g| &g.items) {
+            if !seen.insert(i) {
+                return Err(OpError::Invalid(format!(
+                    "plan {}: {i} appears twice",
+                    plan.name
+                )));
+            }
+        }
+        Ok(PlanRecord(PlanState {
+            plan,
+            jobs: BTreeMap::new(),
+            next_job: 0,
+            run: None,
+        }))
+    }
+
+    /// The same record with its plan replaced (jobs kept); refused while a failover of
+    /// the plan is in progress.
+    pub fn replaced(self, plan: RecoveryPlan) -> Result<Self, OpError> {
+        if self.running() {
+            return Err(OpError::Invalid(format!(
+                "plan {} has a failover in progress",
+                plan.name
+            )));
+        }
+        let fresh = PlanRecord::new(plan)?;
+        Ok(PlanRecord(PlanState {
+            plan: fresh.0.plan,
+            ..self.0
+        }))
+    }
+
     /// The plan.
     pub fn plan(&self) -> &RecoveryPlan {
         &self.0.plan
@@ -111,50 +154,34 @@ impl Coordinator {
     /// a plan with a failover in progress cannot be replaced, and a plan may not take an
     /// item's name (jobs are named after their item or plan).
     pub fn create_plan(&mut self, plan: RecoveryPlan) -> Result<(), OpError> {
-        if self.plans.get(&plan.name).is_some_and(|p| p.run.is_some()) {
-            return Err(OpError::Invalid(format!(
-                "plan {} has a failover in progress",
-                plan.name
-            )));
-        }
         if self.items.contains_key(&plan.name) {
             return Err(OpError::Invalid(format!(
                 "plan {}: an item has that name",
                 plan.name
             )));
         }
-        if plan.groups.is_empty() || plan.groups.iter().any(|g| g.items.is_empty()) {
-            return Err(OpError::Invalid(format!(
-                "plan {}: at least one group, and no empty group",
-                plan.name
-            )));
+        if let Some(i) = plan
+            .groups
+            .iter()
+            .flat_map(|g| &g.items)
+            .find(|i| !self.items.contains_key(*i))
+        {
+            return Err(OpError::UnknownItem(i.clone()));
         }
-        let mut seen = std::collections::BTreeSet::new();
-        for i in plan.groups.iter().flat_map(|g| &g.items) {
-            if !self.items.contains_key(i) {
-                return Err(OpError::UnknownItem(i.clone()));
+        let record = match self.plans.remove(&plan.name) {
+            Some(old) => {
+                let old = PlanRecord(old);
+                match old.clone().replaced(plan) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        self.plans.insert(old.0.plan.name.clone(), old.0);
+                        return Err(e);
+                    }
+                }
             }
-            if !seen.insert(i) {
-                return Err(OpError::Invalid(format!(
-                    "plan {}: {i} appears twice",
-                    plan.name
-                )));
-            }
-        }
-        match self.plans.get_mut(&plan.name) {
-            Some(p) => p.plan = plan,
-            None => {
-                self.plans.insert(
-                    plan.name.clone(),
-                    PlanState {
-                        plan,
-                        jobs: BTreeMap::new(),
-                        next_job: 0,
-                        run: None,
-                    },
-                );
-            }
-        }
+            None => PlanRecord::new(plan)?,
+        };
+        self.plans.insert(record.0.plan.name.clone(), record.0);
         Ok(())
     }
 

@@ -1,37 +1,129 @@
-//! The commands that work on protected items.
+//! The commands that work on protected items: each one engine call, and its output.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use lifeboat_pageblob::PageStore;
+use indicatif::{ProgressBar, ProgressStyle};
+use lifeboat_engine::{Engine, Event, Export, Failover, Location, Observer, Replicated, Task};
 use lifeboat_replication::{
-    Command, CopyFrequency, JobId, PlanAction, PlanActionKind, PlanFailover, PlanGroup, PlanScope,
-    PointChoice, PointId, ProtectionState, RecoveryPlan, ReplicationPolicy,
+    Command, CopyFrequency, JobAction, JobId, JobKind, JobState, PlanAction, PlanActionKind,
+    PlanFailover, PlanGroup, PlanScope, PointChoice, PointId, ProtectionState, RecoveryPlan,
+    ReplicationPolicy,
 };
 use serde_json::json;
 
-use crate::agent::Agent;
-use crate::state::{self, Export, ItemState, Location, Tracking};
-use crate::{Cli, Cmd, Format, Frequency, JobCmd, PlanCmd};
+use crate::host::AgentHost;
+use crate::{Cli, Cmd, Format, Frequency, JobCmd, PlanCmd, Store};
 
-/// Runs an item command against `store`.
-pub(crate) async fn run<S: PageStore + 'static>(
-    store: Arc<S>,
-    azure: bool,
-    cli: &Cli,
-) -> Result<()> {
-    let mut a = Agent::open(store, &cli.target.site, azure, cli.json)?;
+/// Progress bars for long tasks, and one-line notes, on stderr (none when quiet).
+pub(crate) struct Bars {
+    quiet: bool,
+    bars: Mutex<HashMap<(String, usize), ProgressBar>>,
+}
+
+impl Bars {
+    pub(crate) fn new(quiet: bool) -> Self {
+        Bars {
+            quiet,
+            bars: Mutex::default(),
+        }
+    }
+}
+
+impl Observer for Bars {
+    fn event(&self, e: &Event) {
+        if self.quiet {
+            return;
+        }
+        let mut bars = self.bars.lock().unwrap_or_else(|p| p.into_inner());
+        match e {
+            Event::Progress {
+                item,
+                disk,
+                task,
+                done,
+                total,
+            } => {
+                let bar = bars.entry((item.clone(), *disk)).or_insert_with(|| {
+                    let bar = ProgressBar::new(*total);
+                    bar.set_style(
+                        ProgressStyle::with_template(
+                            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+                        )
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                    );
+                    let what = match task {
+                        Task::InitialCopy => "initial replication",
+                        Task::ResyncCompare => "resync compare",
+                        _ => "working",
+                    };
+                    bar.set_message(format!("{item} disk {disk} {what}"));
+                    bar
+                });
+                bar.set_position(*done);
+            }
+            Event::CycleApplied {
+                item,
+                disk,
+                cycle,
+                bytes_sent,
+                requests,
+                batches,
+            } => eprintln!(
+                "{item} disk {disk}: cycle {cycle} applied, {bytes_sent} bytes in {requests} requests, {batches} batch(es)"
+            ),
+            Event::LogSkipped { path, id, .. } => {
+                eprintln!("{}: log {id} was taken before; skipped", path.display())
+            }
+            Event::TookOver { item, from } => {
+                eprintln!("{item}: taken over from site {from} (its writes are fenced now)")
+            }
+            Event::Idle => {
+                for b in bars.values() {
+                    b.finish_and_clear();
+                }
+                bars.clear();
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Opens the engine on the target's site and store.
+pub(crate) async fn open(store: &Store, site: &Path, quiet: bool) -> Result<Engine> {
+    let shown = site.display().to_string();
+    let crash_after = std::env::var("LIFEBOAT_CRASH_BEFORE_SAVE")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    Ok(Engine::builder(store.store.clone(), site)
+        .store_description(store.desc.clone())
+        .host(Arc::new(AgentHost))
+        .observer(Arc::new(Bars::new(quiet)))
+        .on_wait(move || {
+            if !quiet {
+                eprintln!("waiting for another lifeboat process on {shown}");
+            }
+        })
+        .crash_after_action(crash_after)
+        .open()
+        .await?)
+}
+
+/// Runs an item command.
+pub(crate) async fn run(store: Store, cli: &Cli) -> Result<()> {
+    let mut e = open(&store, &cli.target.site, cli.json).await?;
     // Finish whatever an interrupted process left in flight first.
-    let resumed: Vec<JobId> = a
-        .state
-        .coordinator
+    let resumed: Vec<JobId> = e
         .jobs()
+        .into_iter()
         .filter(|j| !j.state.is_terminal())
         .map(|j| j.id.clone())
         .collect();
-    a.drive().await?;
+    e.drive().await?;
+    let azure = store.azure;
     match &cli.command {
         Cmd::Protect {
             item,
@@ -41,9 +133,9 @@ pub(crate) async fn run<S: PageStore + 'static>(
             block_size,
         } => {
             let policy = policy(*copy_frequency, *retention)?;
-            protect(&mut a, item, disks, policy, *block_size).await
+            protect(&mut e, item, disks, policy, *block_size).await
         }
-        Cmd::Replicate { item, logs } => replicate(&mut a, item, logs).await,
+        Cmd::Replicate { item, logs } => replicate(&mut e, item, logs).await,
         Cmd::Resync {
             item,
             pause,
@@ -57,34 +149,39 @@ pub(crate) async fn run<S: PageStore + 'static>(
             } else if *cancel {
                 Command::CancelResync { item: item.clone() }
             } else {
-                return resync(&mut a, item, &resumed).await;
+                return resync(&mut e, item, &resumed).await;
             };
-            a.command(cmd).await?;
-            println!("{item}: {:?}", a.protection(item)?);
+            e.command(cmd).await?;
+            println!("{item}: {:?}", e.protection(item)?);
             Ok(())
         }
         Cmd::ChangePoint { item, point } => {
             let point = parse_point(point)?;
-            a.command(Command::ChangeRecoveryPoint {
+            e.command(Command::ChangeRecoveryPoint {
                 item: item.clone(),
                 point,
             })
             .await?;
-            print_locations(&a.item(item)?.recovered);
+            print_locations(&e.item(item)?.item.failover.disks);
             Ok(())
         }
-        Cmd::Job { command } => job(&mut a, command).await,
-        Cmd::Status { item } => status(&mut a, item.as_deref(), cli.json),
-        Cmd::Jobs { item } => jobs(&a, item.as_deref(), cli.json),
-        Cmd::Points { item } => points(&mut a, item, cli.json),
+        Cmd::Job { command } => job(&mut e, command).await,
+        Cmd::Status { item } => status(&e, item.as_deref(), cli.json),
+        Cmd::Jobs { item } => jobs(&e, item.as_deref(), cli.json),
+        Cmd::Points { item } => points(&e, item, cli.json),
         Cmd::TestFailover {
             item,
             point,
             out,
             format,
-        } => test_failover(&mut a, item, parse_point(point)?, export(out, *format)).await,
+        } => {
+            e.test_failover(item, parse_point(point)?, export(Some(out), *format, azure))
+                .await?;
+            print_locations(&e.item(item)?.item.test.disks);
+            Ok(())
+        }
         Cmd::TestFailoverCleanup { item } => {
-            a.command(Command::TestFailoverCleanup { item: item.clone() })
+            e.command(Command::TestFailoverCleanup { item: item.clone() })
                 .await?;
             Ok(())
         }
@@ -97,49 +194,49 @@ pub(crate) async fn run<S: PageStore + 'static>(
             format,
             ..
         } => {
-            if !azure && out.is_none() {
-                bail!("on the local site, failover needs --out DIR for the recovered disks");
-            }
-            let ex = out.as_ref().map(|o| export(o, *format)).unwrap_or_default();
             let how = if *planned {
-                Failover::Planned(logs)
+                Failover::Planned(logs.clone())
             } else {
                 Failover::Unplanned(parse_point(point)?)
             };
-            failover(&mut a, item, how, ex).await
+            e.failover(item, how, export(out.as_deref(), *format, azure))
+                .await?;
+            print_locations(&e.item(item)?.item.failover.disks);
+            Ok(())
         }
         Cmd::Commit { item } => {
-            a.command(Command::Commit { item: item.clone() }).await?;
+            e.command(Command::Commit { item: item.clone() }).await?;
             Ok(())
         }
         Cmd::Cancel { item } => {
-            let cmd = match a.protection(item)? {
+            let cmd = match e.protection(item)? {
                 ProtectionState::FailbackInProgress | ProtectionState::FailbackCompleted => {
                     Command::CancelFailback { item: item.clone() }
                 }
                 _ => Command::CancelFailover { item: item.clone() },
             };
-            a.command(cmd).await?;
+            e.command(cmd).await?;
             Ok(())
         }
-        Cmd::Failback { item, to, full } => failback(&mut a, item, to, *full).await,
-        Cmd::Reprotect { item } => reprotect(&mut a, item).await,
+        Cmd::Failback { item, to, full } => failback(&mut e, item, to, *full).await,
+        Cmd::Reprotect { item } => {
+            e.reprotect(item).await?;
+            Ok(())
+        }
+        Cmd::TakeOver { item } => {
+            if e.take_over(item).await? {
+                println!("{item}: this site acts for it now");
+            } else {
+                println!("{item}: this site acts for it already");
+            }
+            Ok(())
+        }
         Cmd::Repair { item } => {
-            a.command(Command::RepairReplication { item: item.clone() })
+            e.command(Command::RepairReplication { item: item.clone() })
                 .await?;
             Ok(())
         }
-        Cmd::Resume { now } => {
-            let t = a.now();
-            let at = match a.state.coordinator.poll_timeout() {
-                Some(due) if *now => due.max(t),
-                _ => t,
-            };
-            a.state.clock = at;
-            a.state.coordinator.handle_timeout(at);
-            a.drive().await?;
-            a.save()
-        }
+        Cmd::Resume { now } => Ok(e.resume(*now).await?),
         Cmd::GuestWrite {
             item,
             disk,
@@ -147,8 +244,8 @@ pub(crate) async fn run<S: PageStore + 'static>(
             writes,
             size,
             seed,
-        } => crate::demo::guest_write(&mut a, item, *disk, log, *writes, *size, *seed),
-        Cmd::Plan { command } => plan(&mut a, command).await,
+        } => crate::demo::guest_write(&e, item, *disk, log, *writes, *size, *seed, cli.json),
+        Cmd::Plan { command } => plan(&mut e, command, azure).await,
         Cmd::Demo { .. } | Cmd::Hrl { .. } | Cmd::Diff { .. } => {
             unreachable!("run without a store")
         }
@@ -173,10 +270,13 @@ pub(crate) fn policy(f: Frequency, retention_hours: u64) -> Result<ReplicationPo
     })
 }
 
-fn export(dir: &Path, format: Format) -> Export {
+/// Where materialised disks go: on Azure, blobs (what a machine there attaches) with a
+/// download to DIR if asked; on the embedded store, files in DIR (blobs without one).
+pub(crate) fn export(dir: Option<&Path>, format: Format, azure: bool) -> Export {
     Export {
-        dir: Some(dir.to_path_buf()),
+        dir: dir.map(Path::to_path_buf),
         vhd: format == Format::Vhd,
+        in_store: azure || dir.is_none(),
     }
 }
 
@@ -191,82 +291,10 @@ fn parse_point(s: &str) -> Result<PointChoice> {
     })
 }
 
-/// How a failover goes.
-pub(crate) enum Failover<'a> {
-    /// Planned, with the final logs.
-    Planned(&'a [(usize, PathBuf)]),
-    /// Unplanned, to a point.
-    Unplanned(PointChoice),
-}
-
-/// Test failover of an item into `ex`.
-pub(crate) async fn test_failover<S: PageStore + 'static>(
-    a: &mut Agent<S>,
-    item: &str,
-    point: PointChoice,
-    ex: Export,
-) -> Result<()> {
-    a.item_mut(item)?.test_export = ex;
-    a.command(Command::TestFailover {
-        item: item.to_owned(),
-        point,
-    })
-    .await?;
-    print_locations(&a.item(item)?.test_disks);
-    Ok(())
-}
-
-/// Planned or unplanned failover of an item into `ex`.
-pub(crate) async fn failover<S: PageStore + 'static>(
-    a: &mut Agent<S>,
-    item: &str,
-    how: Failover<'_>,
-    ex: Export,
-) -> Result<()> {
-    a.item_mut(item)?.failover_export = ex;
-    let cmd = match how {
-        Failover::Planned(logs) => {
-            if !logs.is_empty() {
-                a.stage_logs(item, logs)?;
-                a.save()?;
-            }
-            Command::PlannedFailover {
-                item: item.to_owned(),
-            }
-        }
-        Failover::Unplanned(point) => Command::UnplannedFailover {
-            item: item.to_owned(),
-            point,
-        },
-    };
-    a.command(cmd).await?;
-    print_locations(&a.item(item)?.recovered);
-    Ok(())
-}
-
-/// After failback: completes it if needed, then resumes replication (a no-op when the item
-/// is protected again already).
-pub(crate) async fn reprotect<S: PageStore + 'static>(a: &mut Agent<S>, item: &str) -> Result<()> {
-    if a.protection(item)? == ProtectionState::FailbackCompleted {
-        a.command(Command::CompleteFailback {
-            item: item.to_owned(),
-        })
-        .await?;
-    }
-    // In any other state than Protected the coordinator names the state that forbids it.
-    if a.protection(item)? != ProtectionState::Protected {
-        a.command(Command::Reprotect {
-            item: item.to_owned(),
-        })
-        .await?;
-    }
-    Ok(())
-}
-
 fn print_locations(ls: &[Location]) {
     for (d, l) in ls.iter().enumerate() {
         match l {
-            Location::File { path, .. } => println!("disk {d}: {}", path.display()),
+            Location::File { path } => println!("disk {d}: {}", path.display()),
             Location::Blob { name, download } => match download {
                 Some(p) => println!("disk {d}: blob {name} (downloaded to {})", p.display()),
                 None => println!("disk {d}: blob {name}"),
@@ -275,162 +303,75 @@ fn print_locations(ls: &[Location]) {
     }
 }
 
+/// Disk paths as the catalogue records them: absolute and canonical where they exist.
+fn absolute(p: &Path) -> Result<PathBuf> {
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
+    };
+    Ok(abs.canonicalize().unwrap_or(abs))
+}
+
 /// Enable protection (or finish an interrupted one).
-pub(crate) async fn protect<S: PageStore + 'static>(
-    a: &mut Agent<S>,
+pub(crate) async fn protect(
+    e: &mut Engine,
     item: &str,
     disks: &[PathBuf],
     policy: ReplicationPolicy,
     block_size: u64,
 ) -> Result<()> {
     let mut paths = Vec::new();
-    let mut sizes = Vec::new();
     for d in disks {
-        let p = d
-            .canonicalize()
-            .with_context(|| format!("disk {}", d.display()))?;
-        let len = std::fs::metadata(&p)?.len();
-        if len == 0 || !len.is_multiple_of(512) {
-            bail!(
-                "disk {} is {len} bytes: a disk is a non-zero multiple of 512 bytes",
-                p.display()
-            );
-        }
-        paths.push(p);
-        sizes.push(len);
+        paths.push(
+            d.canonicalize()
+                .with_context(|| format!("disk {}", d.display()))?,
+        );
     }
     let bs = u32::try_from(block_size)
         .ok()
-        .and_then(|b| lifeboat_resync::BlockSize::new(b).ok())
+        .filter(|b| lifeboat_resync::BlockSize::new(*b).is_ok())
         .with_context(|| format!("--block-size {block_size} is not a valid block size"))?;
-    if let Some(existing) = a.state.items.get(item) {
-        if existing.disks != paths {
-            bail!("{item} is already protected with other disks");
-        }
-        let st = a.protection(item)?;
+    let fresh = e.protect(item, &paths, policy, bs).await?;
+    let st = e.protection(item)?;
+    if !fresh {
         println!("{item} is already protected ({st:?})");
-        return Ok(());
-    }
-    a.state.items.insert(
-        item.to_owned(),
-        ItemState {
-            disks: paths,
-            sizes: sizes.clone(),
-            block_size: bs.get(),
-            tracking: vec![Tracking::default(); sizes.len()],
-            source_running: true,
-            ..ItemState::default()
-        },
-    );
-    let r = a
-        .command(Command::EnableProtection {
-            item: item.to_owned(),
-            disks: sizes,
-            policy,
-        })
-        .await;
-    if let Err(e) = &r
-        && a.state.coordinator.status(item, a.state.clock).is_none()
-    {
-        // Refused before anything started: forget the item.
-        a.state.items.remove(item);
-        bail!("{e:#}");
-    }
-    r?;
-    let st = a.protection(item)?;
-    if !a.quiet {
+    } else {
         println!("{item}: {st:?}");
     }
     Ok(())
 }
 
 /// Stage logs and run a delta cycle now.
-pub(crate) async fn replicate<S: PageStore + 'static>(
-    a: &mut Agent<S>,
-    item: &str,
-    logs: &[(usize, PathBuf)],
-) -> Result<()> {
-    let st = a.protection(item)?;
-    if st != ProtectionState::Protected {
-        bail!("replicate is not allowed while {item} is {st:?}");
-    }
-    let fresh = a.stage_logs(item, logs)?;
-    a.save()?;
-    if fresh == 0 && a.item(item)?.pending.is_empty() {
-        println!("{item}: nothing new to apply");
-        return Ok(());
-    }
-    let before = a
-        .state
-        .coordinator
-        .status(item, a.state.clock)
-        .map_or(0, |s| s.cycles_applied);
-    // A delta cycle now: the clock moves to the cycle's deadline if that is later.
-    for _ in 0..4 {
-        if a.item(item)?.pending.is_empty() {
-            break;
+pub(crate) async fn replicate(e: &mut Engine, item: &str, logs: &[(usize, PathBuf)]) -> Result<()> {
+    match e.replicate(item, logs).await? {
+        Replicated::Nothing => println!("{item}: nothing new to apply"),
+        Replicated::Applied { cycles, points } => {
+            println!("{item}: {cycles} cycle(s) applied, {points} recovery point(s)")
         }
-        let now = a.now();
-        let at = a
-            .state
-            .coordinator
-            .poll_timeout()
-            .map_or(now, |t| t.max(now));
-        a.state.clock = at;
-        a.state.coordinator.handle_timeout(at);
-        a.drive().await?;
-    }
-    let now = a.now();
-    let s = a
-        .state
-        .coordinator
-        .status(item, now)
-        .context("item vanished")?;
-    if let Some(c) = s.causes.iter().find(|c| {
-        matches!(
-            c,
-            lifeboat_replication::HealthCause::NonRecoverableError { .. }
-                | lifeboat_replication::HealthCause::Retrying { .. }
-        )
-    }) {
-        bail!("{item}: {c:?}");
-    }
-    if s.state == ProtectionState::ResyncRequired {
-        println!(
-            "{item}: resync required ({:?}); the log was not applied; run `lifeboat resync {item}`",
-            s.causes
-        );
-    } else {
-        println!(
-            "{item}: {} cycle(s) applied, {} recovery point(s)",
-            s.cycles_applied - before,
-            s.points.len()
-        );
+        Replicated::ResyncRequired(causes) => println!(
+            "{item}: resync required ({causes:?}); the log was not applied; run `lifeboat resync {item}`"
+        ),
+        _ => {}
     }
     Ok(())
 }
 
-pub(crate) async fn resync<S: PageStore + 'static>(
-    a: &mut Agent<S>,
-    item: &str,
-    resumed: &[JobId],
-) -> Result<()> {
-    a.item(item)?;
+pub(crate) async fn resync(e: &mut Engine, item: &str, resumed: &[JobId]) -> Result<()> {
+    e.item(item)?;
     // A resync an interrupted run of this command left behind was just completed.
     let finished = resumed.iter().any(|id| {
-        a.state.coordinator.job(id).is_some_and(|j| {
-            j.item() == item
-                && j.kind == lifeboat_replication::JobKind::Resynchronize
-                && j.state == lifeboat_replication::JobState::Succeeded
+        e.job(id).is_some_and(|j| {
+            j.item() == item && j.kind == JobKind::Resynchronize && j.state == JobState::Succeeded
         })
     });
     if !finished {
-        a.command(Command::Resync {
+        e.command(Command::Resync {
             item: item.to_owned(),
         })
         .await?;
     }
-    for (d, r) in a.item(item)?.last_resync.iter().enumerate() {
+    for (d, r) in e.item(item)?.item.last_resync.iter().enumerate() {
         println!(
             "{item} disk {d}: {} blocks compared, {} bytes sent, {} bytes cleared",
             r.blocks_compared, r.bytes_sent, r.bytes_cleared
@@ -439,56 +380,10 @@ pub(crate) async fn resync<S: PageStore + 'static>(
     Ok(())
 }
 
-pub(crate) async fn failback<S: PageStore + 'static>(
-    a: &mut Agent<S>,
-    item: &str,
-    to: &[PathBuf],
-    full: bool,
-) -> Result<()> {
-    let it = a.item(item)?;
-    if to.len() != it.disks.len() {
-        bail!(
-            "{item} has {} disk(s); --to names {}",
-            it.disks.len(),
-            to.len()
-        );
-    }
-    let mut targets = Vec::new();
-    for p in to {
-        let abs = if p.is_absolute() {
-            p.clone()
-        } else {
-            std::env::current_dir()?.join(p)
-        };
-        targets.push(abs.canonicalize().unwrap_or(abs));
-    }
-    for (d, (p, &len)) in targets.iter().zip(&it.sizes).enumerate() {
-        // An alternate disk may not exist yet (it is created); one that exists must fit.
-        if let Ok(m) = std::fs::metadata(p)
-            && m.len() != len
-        {
-            bail!(
-                "--to {} is {} bytes but disk {d} is {len} bytes",
-                p.display(),
-                m.len()
-            );
-        }
-    }
-    let alternate = targets != it.disks;
-    let st = a.protection(item)?;
-    if st == ProtectionState::FailoverCommitted {
-        a.item_mut(item)?.failback_to = targets;
-    }
-    // A failback an interrupted run left completed needs nothing more.
-    if st != ProtectionState::FailbackCompleted {
-        a.command(Command::Failback {
-            item: item.to_owned(),
-            full,
-            alternate,
-        })
-        .await?;
-    }
-    for (d, r) in a.item(item)?.last_sync_back.iter().enumerate() {
+pub(crate) async fn failback(e: &mut Engine, item: &str, to: &[PathBuf], full: bool) -> Result<()> {
+    let targets = to.iter().map(|p| absolute(p)).collect::<Result<Vec<_>>>()?;
+    e.failback(item, &targets, full).await?;
+    for (d, r) in e.item(item)?.item.last_sync_back.iter().enumerate() {
         println!(
             "{item} disk {d}: {} blocks compared, {} bytes written, {} bytes zeroed",
             r.blocks_compared, r.bytes_sent, r.bytes_cleared
@@ -496,35 +391,25 @@ pub(crate) async fn failback<S: PageStore + 'static>(
     }
     println!(
         "{item}: {:?} (run `lifeboat reprotect {item}` to finish, or `lifeboat cancel {item}`)",
-        a.protection(item)?
+        e.protection(item)?
     );
     Ok(())
 }
 
-fn dur(d: Duration) -> String {
-    format!("{}", d.as_secs())
-}
-
-fn status<S: PageStore + 'static>(a: &mut Agent<S>, item: Option<&str>, json: bool) -> Result<()> {
-    let now = a.now();
-    let names: Vec<String> = match item {
-        Some(i) => {
-            a.item(i)?;
-            vec![i.to_owned()]
-        }
-        None => a.state.items.keys().cloned().collect(),
+fn status(e: &Engine, item: Option<&str>, json: bool) -> Result<()> {
+    let views: Vec<_> = match item {
+        Some(i) => vec![e.item(i)?],
+        None => e.items().collect(),
     };
     let mut out = Vec::new();
-    for n in &names {
-        let s = a
-            .state
-            .coordinator
-            .status(n, now)
-            .with_context(|| format!("no protected item {n}"))?;
-        let it = a.item(n)?;
+    for v in &views {
+        let (it, s) = (v.item, &v.status);
         if json {
             out.push(json!({
-                "item": n,
+                "item": it.name,
+                "owner": it.owner.label,
+                "owned_here": v.owned,
+                "epoch": it.epoch,
                 "state": format!("{:?}", s.state),
                 "test_failover": format!("{:?}", s.test_failover),
                 "health": format!("{:?}", s.health),
@@ -534,23 +419,24 @@ fn status<S: PageStore + 'static>(a: &mut Agent<S>, item: Option<&str>, json: bo
                 "failover_point": s.failover_point.map(|p| p.0),
                 "source_running": it.source_running,
                 "target_running": it.target_running,
-                "disks": it.disks.iter().zip(&it.sizes).enumerate().map(|(d, (p, len))| json!({
+                "disks": it.disks.iter().enumerate().map(|(d, disk)| json!({
                     "index": d,
-                    "path": p,
-                    "size": len,
-                    "blob": ItemState::blob(n, d),
-                    "write_guid": state::hex(&it.tracking[d].write_guid),
-                    "last_log": state::hex(&it.tracking[d].last_log),
+                    "path": disk.source,
+                    "size": disk.size,
+                    "blob": it.blob(d),
+                    "write_guid": lifeboat_engine::hex(&disk.tracking.write_guid),
+                    "last_log": lifeboat_engine::hex(&disk.tracking.last_log),
                     "copied": s.initial_copy.get(d).map(|c| c.0),
                 })).collect::<Vec<_>>(),
-                "test_disks": it.test_disks,
-                "recovered": it.recovered,
+                "test_disks": it.test.disks,
+                "recovered": it.failover.disks,
                 "last_resync": it.last_resync,
                 "last_sync_back": it.last_sync_back,
             }));
         } else {
             println!(
-                "{n}: {:?}, health {:?}, {} point(s), {} cycle(s) applied, source {}, recovered machine {}",
+                "{}: {:?}, health {:?}, {} point(s), {} cycle(s) applied, source {}, recovered machine {}",
+                it.name,
                 s.state,
                 s.health,
                 s.points.len(),
@@ -566,18 +452,22 @@ fn status<S: PageStore + 'static>(a: &mut Agent<S>, item: Option<&str>, json: bo
                     "stopped"
                 },
             );
+            if !v.owned {
+                println!("  owned by site {}", it.owner.label);
+            }
             if s.test_failover != lifeboat_replication::TestFailoverState::None {
                 println!("  test failover: {:?}", s.test_failover);
             }
             for c in &s.causes {
                 println!("  cause: {c:?}");
             }
-            for (d, (p, len)) in it.disks.iter().zip(&it.sizes).enumerate() {
+            for (d, disk) in it.disks.iter().enumerate() {
                 let copied = s.initial_copy.get(d).map_or(0, |c| c.0);
                 println!(
-                    "  disk {d}: {} ({len} bytes, initial copy {}%)",
-                    p.display(),
-                    copied * 100 / len.max(&1)
+                    "  disk {d}: {} ({} bytes, initial copy {}%)",
+                    disk.source.display(),
+                    disk.size,
+                    copied * 100 / disk.size.max(1)
                 );
             }
         }
@@ -588,11 +478,10 @@ fn status<S: PageStore + 'static>(a: &mut Agent<S>, item: Option<&str>, json: bo
     Ok(())
 }
 
-fn jobs<S: PageStore + 'static>(a: &Agent<S>, item: Option<&str>, json: bool) -> Result<()> {
-    let jobs: Vec<_> = a
-        .state
-        .coordinator
+fn jobs(e: &Engine, item: Option<&str>, json: bool) -> Result<()> {
+    let jobs: Vec<_> = e
         .jobs()
+        .into_iter()
         .filter(|j| item.is_none_or(|i| j.item() == i))
         .collect();
     if json {
@@ -609,27 +498,33 @@ fn jobs<S: PageStore + 'static>(a: &Agent<S>, item: Option<&str>, json: bool) ->
                     "ended": j.ended.map(|e| e.as_secs()),
                     "tasks": j.tasks.iter().map(|t| json!({"name": t.name, "state": format!("{:?}", t.state)})).collect::<Vec<_>>(),
                     "errors": j.errors,
-                    "allowed_actions": a.state.coordinator.allowed_actions(&j.id).iter().map(|x| format!("{x:?}")).collect::<Vec<_>>(),
+                    "allowed_actions": e.allowed_actions(&j.id).iter().map(|x| format!("{x:?}")).collect::<Vec<_>>(),
                 })
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    print_jobs(a, &jobs);
+    print_jobs(&jobs);
     Ok(())
 }
 
 /// Prints the jobs table.
-pub(crate) fn print_jobs<S>(_a: &Agent<S>, jobs: &[&lifeboat_replication::Job]) {
+pub(crate) fn print_jobs(jobs: &[&lifeboat_replication::Job]) {
+    let w = jobs
+        .iter()
+        .map(|j| j.id.to_string().len())
+        .max()
+        .unwrap_or(2)
+        .max(2);
     println!(
-        "{:<10}  {:<22} {:<11} {:>6}  {:>5}  errors",
+        "{:<w$}  {:<22} {:<11} {:>6}  {:>5}  errors",
         "id", "job", "state", "done", "tasks"
     );
     for j in jobs {
         let done = j.tasks.iter().filter(|t| t.state.is_terminal()).count();
         println!(
-            "{:<10}  {:<22} {:<11} {:>5}%  {:>2}/{:<2}  {}",
+            "{:<w$}  {:<22} {:<11} {:>5}%  {:>2}/{:<2}  {}",
             j.id.to_string(),
             format!("{:?}", j.kind),
             format!("{:?}", j.state),
@@ -641,16 +536,11 @@ pub(crate) fn print_jobs<S>(_a: &Agent<S>, jobs: &[&lifeboat_replication::Job]) 
     }
 }
 
-fn points<S: PageStore + 'static>(a: &mut Agent<S>, item: &str, json: bool) -> Result<()> {
-    let now = a.now();
-    let s = a
-        .state
-        .coordinator
-        .status(item, now)
-        .with_context(|| format!("no protected item {item}"))?;
-    let it = a.item(item)?;
+fn points(e: &Engine, item: &str, json: bool) -> Result<()> {
+    let v = e.item(item)?;
     if json {
-        let v: Vec<_> = s
+        let out: Vec<_> = v
+            .status
             .points
             .iter()
             .map(|p| {
@@ -658,17 +548,17 @@ fn points<S: PageStore + 'static>(a: &mut Agent<S>, item: &str, json: bool) -> R
                     "id": p.id.0,
                     "time": p.time.as_secs(),
                     "app_consistent": p.app_consistent,
-                    "snapshots": it.points.get(&p.id.0),
+                    "snapshots": v.item.points.get(&p.id.0),
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        for p in &s.points {
+        for p in &v.status.points {
             println!(
                 "point {}: time {}, {}",
                 p.id.0,
-                dur(p.time),
+                p.time.as_secs(),
                 if p.app_consistent {
                     "app-consistent"
                 } else {
@@ -680,23 +570,14 @@ fn points<S: PageStore + 'static>(a: &mut Agent<S>, item: &str, json: bool) -> R
     Ok(())
 }
 
-async fn job<S: PageStore + 'static>(a: &mut Agent<S>, cmd: &JobCmd) -> Result<()> {
-    let now = a.now();
-    let c = &mut a.state.coordinator;
-    let id = match cmd {
-        JobCmd::Cancel { id } => {
-            c.cancel_job(now, id)?;
-            id.clone()
-        }
-        JobCmd::Restart { id } => c.restart_job(now, id)?,
-        JobCmd::Resume { id } => {
-            c.resume_job(now, id)?;
-            id.clone()
-        }
+async fn job(e: &mut Engine, cmd: &JobCmd) -> Result<()> {
+    let (id, action) = match cmd {
+        JobCmd::Cancel { id } => (id, JobAction::Cancel),
+        JobCmd::Restart { id } => (id, JobAction::Restart),
+        JobCmd::Resume { id } => (id, JobAction::Resume),
     };
-    a.save()?;
-    a.drive().await?;
-    if let Some(j) = a.state.coordinator.job(&id) {
+    let id = e.job_action(id, action).await?;
+    if let Some(j) = e.job(&id) {
         println!("job {}: {:?} {:?}", j.id, j.kind, j.state);
     }
     Ok(())
@@ -743,7 +624,7 @@ fn parse_plan_action(s: &str, groups: usize) -> Result<(usize, PlanAction)> {
     ))
 }
 
-async fn plan<S: PageStore + 'static>(a: &mut Agent<S>, cmd: &PlanCmd) -> Result<()> {
+async fn plan(e: &mut Engine, cmd: &PlanCmd, azure: bool) -> Result<()> {
     match cmd {
         PlanCmd::Create {
             plan,
@@ -771,20 +652,17 @@ async fn plan<S: PageStore + 'static>(a: &mut Agent<S>, cmd: &PlanCmd) -> Result
                 let (g, action) = parse_plan_action(p, gs.len())?;
                 gs[g].post.push(action);
             }
-            a.state.coordinator.create_plan(RecoveryPlan {
+            e.create_plan(RecoveryPlan {
                 name: plan.clone(),
                 groups: gs,
-            })?;
-            a.save()?;
+            })
+            .await?;
             println!("plan {plan}: {} group(s)", groups.len());
             Ok(())
         }
         PlanCmd::Resume { plan } => {
-            let now = a.now();
-            a.state.coordinator.resume_plan(now, plan)?;
-            a.save()?;
-            a.drive().await?;
-            report_plan(a, plan)
+            e.resume_plan(plan).await?;
+            report_plan(e, plan)
         }
         PlanCmd::Failover {
             plan,
@@ -802,51 +680,29 @@ async fn plan<S: PageStore + 'static>(a: &mut Agent<S>, cmd: &PlanCmd) -> Result
             } else {
                 bail!("plan failover needs --test, --planned or --unplanned");
             };
-            let items: Vec<String> = a
-                .state
-                .coordinator
-                .plan(plan)
-                .with_context(|| format!("no recovery plan {plan}"))?
-                .groups
-                .iter()
-                .flat_map(|g| g.items.clone())
-                .collect();
-            for i in &items {
-                let ex = export(&out.join(i), Format::Raw);
-                let it = a.item_mut(i)?;
-                if *test {
-                    it.test_export = ex;
-                } else {
-                    it.failover_export = ex;
-                }
-            }
-            let now = a.now();
-            a.state.coordinator.start_plan(now, plan, failover)?;
-            a.save()?;
-            a.drive().await?;
-            report_plan(a, plan)
+            e.start_plan(plan, failover, &|item| {
+                export(Some(&out.join(item)), Format::Raw, azure)
+            })
+            .await?;
+            report_plan(e, plan)
         }
     }
 }
 
 /// Prints where the plan's latest job is; fails if it failed.
-fn report_plan<S: PageStore + 'static>(a: &Agent<S>, plan: &str) -> Result<()> {
-    let job = a
-        .state
-        .coordinator
-        .jobs()
-        .filter(|j| j.kind == lifeboat_replication::JobKind::RecoveryPlan && j.item() == plan)
-        .last()
+fn report_plan(e: &Engine, plan: &str) -> Result<()> {
+    let job = e
+        .plan_job(plan)
         .with_context(|| format!("plan {plan} has no job"))?;
     for t in &job.tasks {
         println!("plan {plan}: {:<50} {:?}", t.name, t.state);
     }
     match job.state {
-        lifeboat_replication::JobState::Succeeded => {
+        JobState::Succeeded => {
             println!("plan {plan}: done");
             Ok(())
         }
-        lifeboat_replication::JobState::Suspended => {
+        JobState::Suspended => {
             println!("plan {plan}: waiting for a manual action; run `lifeboat plan resume {plan}`");
             Ok(())
         }

@@ -5,20 +5,18 @@ use std::fs::{self, File, OpenOptions};
 use std::io::BufWriter;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
+use lifeboat_engine::{Engine, Failover, Location};
 use lifeboat_hrl::{LogWriter, WriterConfig};
-use lifeboat_pageblob::{Condition, PageStore, crc64};
+use lifeboat_pageblob::{Condition, MAX_PUT, PageStore, crc64};
 use lifeboat_replication::{Command, PointChoice, ProtectionState};
 
-use crate::agent::Agent;
 use crate::commands;
-use crate::disk;
-use crate::state::{ItemState, Location};
-use crate::{StoreKind, Target, open_store};
+use crate::host;
+use crate::{Store, Target, open_store};
 
 /// A small deterministic generator (SplitMix64).
 struct Rng(u64);
@@ -89,67 +87,83 @@ fn guid(seed: &str) -> [u8; 16] {
 }
 
 /// Writes `writes` random writes of `size` bytes to the item's source disk `d` and
-/// records them in a new HRL log at `log`, chained after the disk's last log.
-pub(crate) fn guest_write<S: PageStore + 'static>(
-    a: &mut Agent<S>,
+/// records them in a new HRL log at `log`, chained after the disk's last log (the
+/// stand-in for a running guest whose writes Hyper-V's change tracking records).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn guest_write(
+    e: &Engine,
     item: &str,
     d: usize,
     log: &Path,
     writes: u32,
     size: u64,
     seed: u64,
+    quiet: bool,
 ) -> Result<()> {
-    let it = a.item(item)?.clone();
+    let v = e.item(item)?;
+    let it = v.item;
     if !it.source_running {
         bail!("{item}'s source machine is shut down: it makes no writes");
     }
-    let (path, len) = match (it.disks.get(d), it.sizes.get(d)) {
-        (Some(p), Some(l)) => (p.clone(), *l),
-        _ => bail!(
+    let Some(disk) = it.disks.get(d) else {
+        bail!(
             "{item} has {} disk(s); there is no disk {d}",
             it.disks.len()
-        ),
+        );
     };
+    let len = disk.size;
     if size == 0 || !size.is_multiple_of(512) || size > len {
         bail!("--size must be a multiple of 512 and at most the disk's size");
     }
-    let disk = disk::open_disk(&path, len)?;
-    let t = &it.tracking[d];
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk.source)
+        .with_context(|| format!("opening disk {}", disk.source.display()))?;
+    let t = &disk.tracking;
+    let key = format!("{item}/{d}");
+    let site = e.site().dir().to_path_buf();
+    let previous = host::generated(&site)
+        .get(&key)
+        .and_then(|h| unhex(h))
+        .unwrap_or(t.last_log);
     let unique_id = guid(&format!("{item}/{d}/{seed}"));
-    let previous = if t.generated != [0; 16] {
-        t.generated
-    } else {
-        t.last_log
-    };
     let config = WriterConfig {
         unique_id,
         previous_unique_id: previous,
         vhd2_data_write_guid: t.write_guid,
         ..WriterConfig::default()
     };
-    let file = File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    let mut w = LogWriter::new(BufWriter::new(file), config)?;
+    let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let mut w = LogWriter::new(BufWriter::new(out), config)?;
     let mut rng = Rng(seed ^ 0x5EED);
     let mut buf = vec![0u8; size as usize];
     let sectors = (len - size) / 512 + 1;
     for k in 0..writes {
         let at = rng.below(sectors) * 512;
         rng.fill(&mut buf);
-        disk.write_all_at(&buf, at)?;
+        file.write_all_at(&buf, at)?;
         w.write(at, &buf, k)?;
     }
-    disk.sync_all()?;
+    file.sync_all()?;
     let (out, _) = w.finish(writes)?;
     out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    a.item_mut(item)?.tracking[d].generated = unique_id;
-    a.save()?;
-    if !a.quiet {
+    host::set_generated(&site, &key, &lifeboat_engine::hex(&unique_id))?;
+    if !quiet {
         println!(
             "{item} disk {d}: {writes} write(s) of {size} bytes recorded in {}",
             log.display()
         );
     }
     Ok(())
+}
+
+fn unhex(h: &str) -> Option<[u8; 16]> {
+    let mut g = [0u8; 16];
+    for (i, b) in g.iter_mut().enumerate() {
+        *b = u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(g)
 }
 
 /// Creates a raw disk with a boot sector, text, records, random data and zero regions.
@@ -195,12 +209,11 @@ pub(crate) async fn run(dir: &Path, target: &Target) -> Result<()> {
     fs::write(&marker, b"made by lifeboat demo; cleared by the next one\n")?;
     let target = Target {
         site: dir.join("site"),
+        store: None,
         ..target.clone()
     };
-    match open_store(&target).await? {
-        StoreKind::Local(s) => demo(s, false, dir, &target).await,
-        StoreKind::Azure(s) => demo(s, true, dir, &target).await,
-    }
+    let store = open_store(&target).await?;
+    demo(&store, dir, &target).await
 }
 
 struct Steps {
@@ -219,32 +232,59 @@ impl Steps {
     }
 }
 
-async fn hash_location<S: PageStore + 'static>(
-    a: &Agent<S>,
-    l: &Location,
-    len: u64,
-) -> Result<blake3::Hash> {
+/// BLAKE3 of the first `len` bytes of a file.
+fn hash_file(path: &Path, len: u64) -> Result<blake3::Hash> {
+    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let have = f.metadata()?.len();
+    if have < len {
+        bail!("{} holds {have} bytes, expected {len}", path.display());
+    }
+    let mut h = blake3::Hasher::new();
+    let mut at = 0;
+    let mut buf = vec![0u8; 4 << 20];
+    while at < len {
+        let n = (len - at).min(buf.len() as u64) as usize;
+        f.read_exact_at(&mut buf[..n], at)?;
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(h.finalize())
+}
+
+/// BLAKE3 of the first `len` bytes of a blob.
+async fn hash_blob(store: &dyn PageStore, blob: &str, len: u64) -> Result<blake3::Hash> {
+    let mut h = blake3::Hasher::new();
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(MAX_PUT);
+        h.update(&store.read(blob, None, at, n).await?);
+        at += n;
+    }
+    Ok(h.finalize())
+}
+
+async fn hash_location(e: &Engine, l: &Location, len: u64) -> Result<blake3::Hash> {
     match l {
-        Location::File { path, .. } => disk::hash_file(path, len),
-        Location::Blob { name, .. } => disk::hash_blob(&*a.store, name, None, len).await,
+        Location::File { path } => hash_file(path, len),
+        Location::Blob { name, .. } => hash_blob(&**e.store(), name, len).await,
     }
 }
 
 /// BLAKE3 of every source disk.
-fn source_hashes<S: PageStore + 'static>(a: &Agent<S>, item: &str) -> Result<Vec<blake3::Hash>> {
-    let it = a.item(item)?;
-    it.disks
+fn source_hashes(e: &Engine, item: &str) -> Result<Vec<blake3::Hash>> {
+    e.item(item)?
+        .item
+        .disks
         .iter()
-        .zip(&it.sizes)
-        .map(|(p, &l)| disk::hash_file(p, l))
+        .map(|d| hash_file(&d.source, d.size))
         .collect()
 }
 
-async fn verify_replica<S: PageStore + 'static>(a: &Agent<S>, item: &str) -> Result<()> {
-    let want = source_hashes(a, item)?;
-    let it = a.item(item)?;
+async fn verify_replica(e: &Engine, item: &str) -> Result<()> {
+    let want = source_hashes(e, item)?;
+    let it = e.item(item)?.item;
     for (d, h) in want.iter().enumerate() {
-        let got = disk::hash_blob(&*a.store, &ItemState::blob(item, d), None, it.sizes[d]).await?;
+        let got = hash_blob(&**e.store(), &it.blob(d), it.disks[d].size).await?;
         ensure!(got == *h, "replica of disk {d} differs from the source");
         println!(
             "   verified: replica disk {d} = source (BLAKE3 {})",
@@ -254,14 +294,14 @@ async fn verify_replica<S: PageStore + 'static>(a: &Agent<S>, item: &str) -> Res
     Ok(())
 }
 
-async fn verify_locations<S: PageStore + 'static>(
-    a: &Agent<S>,
+async fn verify_locations(
+    e: &Engine,
     item: &str,
     ls: &[Location],
     want: &[blake3::Hash],
     what: &str,
 ) -> Result<()> {
-    let it = a.item(item)?;
+    let it = e.item(item)?.item;
     ensure!(
         ls.len() == want.len(),
         "{what}: {} disk(s), expected {}",
@@ -269,7 +309,7 @@ async fn verify_locations<S: PageStore + 'static>(
         want.len()
     );
     for (d, (l, h)) in ls.iter().zip(want).enumerate() {
-        let got = hash_location(a, l, it.sizes[d]).await?;
+        let got = hash_location(e, l, it.disks[d].size).await?;
         ensure!(
             got == *h,
             "{what} disk {d} differs from the expected content"
@@ -282,18 +322,13 @@ async fn verify_locations<S: PageStore + 'static>(
     Ok(())
 }
 
-async fn demo<S: PageStore + 'static>(
-    store: Arc<S>,
-    azure: bool,
-    dir: &Path,
-    target: &Target,
-) -> Result<()> {
+async fn demo(store: &Store, dir: &Path, target: &Target) -> Result<()> {
     let mut s = Steps {
         start: Instant::now(),
         n: 0,
     };
-    let mut a = Agent::open(store, &target.site, azure, false)?;
-    let item = if azure {
+    let mut e = commands::open(store, &target.site, false).await?;
+    let item = if store.azure {
         format!("demo{}", &blake3::hash(&guid("demo")).to_hex()[..8])
     } else {
         "demo-vm".to_string()
@@ -311,14 +346,23 @@ async fn demo<S: PageStore + 'static>(
         "Protect {item}: initial replication, one disk at a time"
     ));
     let policy = commands::policy(crate::Frequency::S30, 24)?;
-    commands::protect(&mut a, &item, &disks, policy, 64 << 10).await?;
-    verify_replica(&a, &item).await?;
+    commands::protect(&mut e, &item, &disks, policy, 64 << 10).await?;
+    verify_replica(&e, &item).await?;
 
     let mut log_n = 0u32;
-    let mut record = |a: &mut Agent<S>, d: usize, writes: u32, size: u64| -> Result<PathBuf> {
+    let mut record = |e: &Engine, d: usize, writes: u32, size: u64| -> Result<PathBuf> {
         log_n += 1;
         let p = logs.join(format!("log{log_n:03}-disk{d}.hrl"));
-        guest_write(a, &item.clone(), d, &p, writes, size, u64::from(log_n))?;
+        guest_write(
+            e,
+            &item.clone(),
+            d,
+            &p,
+            writes,
+            size,
+            u64::from(log_n),
+            false,
+        )?;
         Ok(p)
     };
 
@@ -326,87 +370,69 @@ async fn demo<S: PageStore + 'static>(
         s.step(&format!(
             "Delta cycle {round}: guest writes recorded in HRL logs, replicated"
         ));
-        let l0 = record(&mut a, 0, 48, 64 << 10)?;
-        let l1 = record(&mut a, 1, 16, 16 << 10)?;
-        commands::replicate(&mut a, &item, &[(0, l0.clone()), (1, l1.clone())]).await?;
-        verify_replica(&a, &item).await?;
+        let l0 = record(&e, 0, 48, 64 << 10)?;
+        let l1 = record(&e, 1, 16, 16 << 10)?;
+        commands::replicate(&mut e, &item, &[(0, l0.clone()), (1, l1.clone())]).await?;
+        verify_replica(&e, &item).await?;
         if round == 2 {
             println!("   replaying the same logs applies nothing twice:");
-            commands::replicate(&mut a, &item, &[(0, l0), (1, l1)]).await?;
-            verify_replica(&a, &item).await?;
+            commands::replicate(&mut e, &item, &[(0, l0), (1, l1)]).await?;
+            verify_replica(&e, &item).await?;
         }
     }
 
     s.step("A log over 50 % of disk 1 marks the item resync-required; resync sends only differing blocks");
-    let big = record(&mut a, 1, 160, 64 << 10)?;
-    commands::replicate(&mut a, &item, &[(1, big)]).await?;
-    let st = a.protection(&item)?;
+    let big = record(&e, 1, 160, 64 << 10)?;
+    commands::replicate(&mut e, &item, &[(1, big)]).await?;
+    let st = e.protection(&item)?;
     ensure!(
         st == ProtectionState::ResyncRequired,
         "expected ResyncRequired, got {st:?}"
     );
-    commands::resync(&mut a, &item, &[]).await?;
-    verify_replica(&a, &item).await?;
+    commands::resync(&mut e, &item, &[]).await?;
+    verify_replica(&e, &item).await?;
 
     s.step("Test failover to the latest point, verify, clean up (replication untouched)");
-    let want = source_hashes(&a, &item)?;
-    let ex = |sub: &str| crate::state::Export {
-        dir: Some(dir.join(sub)),
-        vhd: false,
-    };
-    commands::test_failover(&mut a, &item, PointChoice::Latest, ex("test-failover")).await?;
-    let test_disks = a.item(&item)?.test_disks.clone();
-    verify_locations(&a, &item, &test_disks, &want, "test failover").await?;
-    a.command(Command::TestFailoverCleanup { item: item.clone() })
+    let want = source_hashes(&e, &item)?;
+    let ex = |sub: &str| commands::export(Some(&dir.join(sub)), crate::Format::Raw, store.azure);
+    e.test_failover(&item, PointChoice::Latest, ex("test-failover"))
+        .await?;
+    let test_disks = e.item(&item)?.item.test.disks.clone();
+    verify_locations(&e, &item, &test_disks, &want, "test failover").await?;
+    e.command(Command::TestFailoverCleanup { item: item.clone() })
         .await?;
 
     s.step("Planned failover: last guest writes, source shut down, final delta, zero loss");
-    let last = record(&mut a, 0, 8, 4096)?;
-    let want = source_hashes(&a, &item)?;
-    let logs = [(0, last)];
-    commands::failover(
-        &mut a,
-        &item,
-        commands::Failover::Planned(&logs),
-        ex("recovered"),
-    )
-    .await?;
-    let recovered = a.item(&item)?.recovered.clone();
-    verify_locations(&a, &item, &recovered, &want, "recovered").await?;
+    let last = record(&e, 0, 8, 4096)?;
+    let want = source_hashes(&e, &item)?;
+    e.failover(&item, Failover::Planned(vec![(0, last)]), ex("recovered"))
+        .await?;
+    let recovered = e.item(&item)?.item.failover.disks.clone();
+    verify_locations(&e, &item, &recovered, &want, "recovered").await?;
 
     s.step("Commit: one recovery point remains");
-    a.command(Command::Commit { item: item.clone() }).await?;
-    let now = a.now();
-    let points = a
-        .state
-        .coordinator
-        .status(&item, now)
-        .map_or(0, |st| st.points.len());
+    e.command(Command::Commit { item: item.clone() }).await?;
+    let points = e.item(&item)?.status.points.len();
     ensure!(points == 1, "{points} points after commit");
     println!("   {points} recovery point");
 
     s.step("The recovered machine runs and writes; failback brings the on-premises disks up to it");
     let mut rng = Rng(99);
     let mut buf = vec![0u8; 64 << 10];
+    let lease = Condition::lease(e.site().id());
     for (d, l) in recovered.iter().enumerate() {
-        let len = a.item(&item)?.sizes[d];
+        let len = e.item(&item)?.item.disks[d].size;
         for _ in 0..8 {
             let at = rng.below(len / buf.len() as u64) * buf.len() as u64;
             rng.fill(&mut buf);
             match l {
-                Location::File { path, .. } => OpenOptions::new()
+                Location::File { path } => OpenOptions::new()
                     .write(true)
                     .open(path)?
                     .write_all_at(&buf, at)?,
                 Location::Blob { name, .. } => {
-                    a.store
-                        .write_pages(
-                            name,
-                            at,
-                            Bytes::copy_from_slice(&buf),
-                            crc64(&buf),
-                            Condition::NONE,
-                        )
+                    e.store()
+                        .write_pages(name, at, Bytes::copy_from_slice(&buf), crc64(&buf), lease)
                         .await?
                 }
             }
@@ -414,11 +440,17 @@ async fn demo<S: PageStore + 'static>(
     }
     let mut want = Vec::new();
     for (d, l) in recovered.iter().enumerate() {
-        want.push(hash_location(&a, l, a.item(&item)?.sizes[d]).await?);
+        want.push(hash_location(&e, l, e.item(&item)?.item.disks[d].size).await?);
     }
-    let originals = a.item(&item)?.disks.clone();
-    commands::failback(&mut a, &item, &originals, false).await?;
-    let got = source_hashes(&a, &item)?;
+    let originals: Vec<PathBuf> = e
+        .item(&item)?
+        .item
+        .disks
+        .iter()
+        .map(|d| d.source.clone())
+        .collect();
+    commands::failback(&mut e, &item, &originals, false).await?;
+    let got = source_hashes(&e, &item)?;
     ensure!(
         got == want,
         "on-premises disks differ from the recovered disks after failback"
@@ -426,17 +458,17 @@ async fn demo<S: PageStore + 'static>(
     println!("   verified: on-premises disks = recovered disks");
 
     s.step("Reprotect: replication towards the recovery site resumes");
-    commands::reprotect(&mut a, &item).await?;
-    let st = a.protection(&item)?;
+    e.reprotect(&item).await?;
+    let st = e.protection(&item)?;
     ensure!(
         st == ProtectionState::Protected,
         "expected Protected, got {st:?}"
     );
-    verify_replica(&a, &item).await?;
+    verify_replica(&e, &item).await?;
 
     s.step("Jobs");
-    let jobs: Vec<_> = a.state.coordinator.jobs().collect();
-    commands::print_jobs(&a, &jobs);
+    let jobs: Vec<_> = e.jobs().into_iter().filter(|j| j.item() == item).collect();
+    commands::print_jobs(&jobs);
     println!(
         "\ndemo finished in {:.1} s: every step verified",
         s.start.elapsed().as_secs_f64()

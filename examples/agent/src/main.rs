@@ -10,13 +10,11 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use lifeboat_pageblob::{AzureStore, Credential, LocalStore};
+use lifeboat_pageblob::{AzureStore, Credential, LocalStore, PageStore};
 
-mod agent;
 mod commands;
 mod demo;
-mod disk;
-mod state;
+mod host;
 mod tools;
 
 /// Lifeboat reference agent: Hyper-V-style replication to a local site or Azure page blobs.
@@ -32,11 +30,11 @@ pub(crate) struct Cli {
     pub(crate) command: Cmd,
 }
 
-/// Where the agent keeps its state and replicas.
+/// Where the agent works and where the replicas (and the catalogue) live.
 #[derive(Clone, Debug, Args)]
 pub(crate) struct Target {
-    /// The site directory: agent state, staged logs, protective copies and (without
-    /// --azure) the embedded replica store.
+    /// The site directory: staged logs, protective copies, a cache of the catalogue, and
+    /// (by default) the embedded replica store. Losing it loses nothing failover needs.
     #[arg(
         long,
         global = true,
@@ -44,6 +42,10 @@ pub(crate) struct Target {
         default_value = "lifeboat-site"
     )]
     pub(crate) site: PathBuf,
+    /// The embedded replica store (replicas, recovery points, the catalogue); default
+    /// SITE/store. Keep it on other hardware than the site to survive the site's loss.
+    #[arg(long, global = true, env = "LIFEBOAT_STORE", conflicts_with = "azure")]
+    pub(crate) store: Option<PathBuf>,
     /// Replicate into this Azure container URL (with a SAS query string, or with
     /// --account and --key) instead of the embedded store.
     #[arg(long, global = true, env = "LIFEBOAT_AZURE_URL")]
@@ -222,6 +224,12 @@ pub(crate) enum Cmd {
     },
     /// After failback: replicate towards the recovery site again.
     Reprotect {
+        /// The item.
+        item: String,
+    },
+    /// Act for an item another site owns (that site is lost): its replication there is
+    /// fenced by the store from now on.
+    TakeOver {
         /// The item.
         item: String,
     },
@@ -435,27 +443,37 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Demo { dir } => return demo::run(dir, &cli.target).await,
         _ => {}
     }
-    match open_store(&cli.target).await? {
-        StoreKind::Local(s) => commands::run(s, false, &cli).await,
-        StoreKind::Azure(s) => commands::run(s, true, &cli).await,
-    }
+    let store = open_store(&cli.target).await?;
+    commands::run(store, &cli).await
 }
 
-/// The store a target names.
-pub(crate) enum StoreKind {
-    /// The embedded store in the site directory.
-    Local(Arc<LocalStore>),
-    /// An Azure container.
-    Azure(Arc<AzureStore>),
+/// A store, how messages name it, and whether it is Azure.
+pub(crate) struct Store {
+    /// The store.
+    pub(crate) store: Arc<dyn PageStore>,
+    /// A path, or the container URL without its query (a SAS signature is a secret).
+    pub(crate) desc: String,
+    /// Azure (machines there run on blobs) or the embedded store.
+    pub(crate) azure: bool,
 }
 
 /// Opens the store a target names (creating the container on Azure).
-pub(crate) async fn open_store(target: &Target) -> Result<StoreKind> {
+pub(crate) async fn open_store(target: &Target) -> Result<Store> {
     match &target.azure {
-        None => Ok(StoreKind::Local(Arc::new(
-            LocalStore::open(target.site.join("store"))
-                .with_context(|| format!("opening the site {}", target.site.display()))?,
-        ))),
+        None => {
+            let dir = target
+                .store
+                .clone()
+                .unwrap_or_else(|| target.site.join("store"));
+            let store = LocalStore::open(&dir)
+                .with_context(|| format!("opening the store {}", dir.display()))?;
+            let desc = dir.canonicalize().unwrap_or(dir).display().to_string();
+            Ok(Store {
+                store: Arc::new(store),
+                desc,
+                azure: false,
+            })
+        }
         Some(url) => {
             let credential = match (&target.account, &target.key) {
                 (Some(account), Some(key)) => Credential::SharedKey {
@@ -465,12 +483,17 @@ pub(crate) async fn open_store(target: &Target) -> Result<StoreKind> {
                 _ if url.contains('?') => Credential::Sas,
                 _ => bail!("--azure needs --account and --key, or a SAS URL"),
             };
+            let desc = url.split('?').next().unwrap_or_default().to_owned();
             let store = AzureStore::new(url, credential)?;
             store
                 .ensure_container()
                 .await
-                .with_context(|| format!("reaching {url}"))?;
-            Ok(StoreKind::Azure(Arc::new(store)))
+                .with_context(|| format!("reaching {desc}"))?;
+            Ok(Store {
+                store: Arc::new(store),
+                desc,
+                azure: true,
+            })
         }
     }
 }

@@ -12,7 +12,7 @@ use lifeboat_resync::{BlockSize, DiffOptions, Side};
 use serde_json::json;
 
 use crate::HrlCmd;
-use crate::state::hex;
+use lifeboat_engine::hex;
 
 /// `hrl inspect` and `hrl apply`.
 pub(crate) fn hrl(cmd: &HrlCmd, json: bool) -> Result<()> {

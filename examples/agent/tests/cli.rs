@@ -42,7 +42,8 @@ impl Target {
         Some(Target {
             site: dir.join("site"),
             azure: Some(format!(
-                "http://127.0.0.1:{port}/devstoreaccount1/{container}"
+                "http://127.0.0.1:{port}/devstoreaccount1/{}",
+                unique(container)
             )),
         })
     }
@@ -104,6 +105,15 @@ impl Target {
             .expect("state")
             .to_owned()
     }
+}
+
+/// A container name no earlier run on the same Azurite used.
+fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{name}-{}-{nanos}", std::process::id())
 }
 
 fn lifeboat_pageblob_key() -> &'static str {

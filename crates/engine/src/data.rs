@@ -1,18 +1,20 @@
-//! Disk plumbing: turning bytes and logs into page-writer changes, exporting blobs to
-//! files, hashing, and reading a blob where a `BlockSource` is wanted.
+//! The data path: disk bytes and logs into page-writer changes, blobs out to files, a blob
+//! read where a `BlockSource` is wanted.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use lifeboat_hrl::{ChangeMap, Piece, ReadOptions, Reader};
 use lifeboat_pageblob::{Change, MAX_PUT, PAGE, PageStore};
 use lifeboat_resync::BlockSource;
+
+use crate::error::{Error, Result};
+use crate::host::Disk;
 
 /// Granularity at which copied ranges are split into data and zero runs.
 const ZERO_GRAIN: usize = 4096;
@@ -51,14 +53,15 @@ pub(crate) fn split_zero_runs(offset: u64, data: Bytes) -> Vec<Change> {
     out
 }
 
-/// Reads `len` bytes at `offset` of a file.
-pub(crate) fn read_at(file: &File, offset: u64, len: u64) -> io::Result<Bytes> {
+/// Reads `len` bytes at `offset` of a disk.
+pub(crate) fn read_at(disk: &dyn Disk, offset: u64, len: u64, what: &Path) -> Result<Bytes> {
     let mut buf = vec![0u8; len as usize];
-    FileExt::read_exact_at(file, &mut buf, offset)?;
+    disk.read_exact_at(&mut buf, offset)
+        .map_err(Error::io(format!("reading disk {}", what.display())))?;
     Ok(Bytes::from(buf))
 }
 
-/// What the agent checks of an HRL log (read through the file: memory is bounded by the
+/// What the engine checks of an HRL log (read through the file: memory is bounded by the
 /// log's metadata, not its payload).
 pub(crate) struct Log {
     /// Its header ids.
@@ -76,26 +79,31 @@ pub(crate) struct Log {
 }
 
 fn open_log(path: &Path) -> Result<File> {
-    File::open(path).with_context(|| format!("reading log {}", path.display()))
+    File::open(path).map_err(Error::io(format!("reading log {}", path.display())))
+}
+
+fn log_err(path: &Path) -> impl FnOnce(lifeboat_hrl::Error) -> Error + '_ {
+    move |source| Error::Log {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Reads and validates a log: strictly when it was closed cleanly, otherwise by salvage
-/// (so the agent can still say what it held and ask for a resync).
+/// (so the engine can still say what it held and ask for a resync).
 pub(crate) fn read_log(path: &Path) -> Result<Log> {
     let (reader, clean) = match Reader::with_options(open_log(path)?, ReadOptions::strict()) {
         Ok(r) => (r, true),
         Err(strict) => {
             match Reader::with_options(open_log(path)?, ReadOptions::strict().salvage(true)) {
                 Ok(r) if r.salvage().is_some() => (r, false),
-                _ => return Err(strict).with_context(|| format!("log {}", path.display())),
+                _ => return Err(log_err(path)(strict)),
             }
         }
     };
     if clean {
         // Every payload against its DataChecksum, streamed (bounded memory).
-        reader
-            .verify_data()
-            .with_context(|| format!("log {}", path.display()))?;
+        reader.verify_data().map_err(log_err(path))?;
     }
     let h = reader.header();
     let disk_end = reader
@@ -117,6 +125,7 @@ pub(crate) fn read_log(path: &Path) -> Result<Log> {
 /// batches of at most `batch` bytes; the same logs always give the same batches.
 pub(crate) struct LogChain {
     readers: Vec<Reader<File>>,
+    paths: Vec<PathBuf>,
     batches: Vec<Vec<Piece>>,
 }
 
@@ -125,11 +134,11 @@ impl LogChain {
     pub(crate) fn open(paths: &[&Path], batch: u64) -> Result<Self> {
         let readers = paths
             .iter()
-            .map(|p| Reader::new(open_log(p)?).with_context(|| format!("log {}", p.display())))
+            .map(|p| Reader::new(open_log(p)?).map_err(log_err(p)))
             .collect::<Result<Vec<_>>>()?;
         let mut map = ChangeMap::new();
-        for r in &readers {
-            map.add_log(r)?;
+        for (r, p) in readers.iter().zip(paths) {
+            map.add_log(r).map_err(log_err(p))?;
         }
         let mut batches: Vec<Vec<Piece>> = Vec::new();
         let mut size = 0;
@@ -152,7 +161,11 @@ impl LogChain {
                 at += n;
             }
         }
-        Ok(LogChain { readers, batches })
+        Ok(LogChain {
+            readers,
+            paths: paths.iter().map(|p| p.to_path_buf()).collect(),
+            batches,
+        })
     }
 
     /// How many batches.
@@ -166,7 +179,11 @@ impl LogChain {
             .iter()
             .map(|p| {
                 let mut buf = vec![0u8; p.len as usize];
-                FileExt::read_exact_at(self.readers[p.log].source(), &mut buf, p.file_offset)?;
+                FileExt::read_exact_at(self.readers[p.log].source(), &mut buf, p.file_offset)
+                    .map_err(Error::io(format!(
+                        "reading log {}",
+                        self.paths[p.log].display()
+                    )))?;
                 Ok(Change::Data {
                     offset: p.disk_offset,
                     data: Bytes::from(buf),
@@ -200,14 +217,14 @@ pub(crate) fn edge_pages(changes: &[Change]) -> Vec<u64> {
 
 /// Pages read ahead from a replica, served to the page writer as its edge source.
 pub(crate) struct EdgePages {
-    pub(crate) pages: BTreeMap<u64, Bytes>,
-    pub(crate) size: u64,
+    pages: BTreeMap<u64, Bytes>,
+    size: u64,
 }
 
 impl EdgePages {
     /// Reads `pages` of `blob`.
-    pub(crate) async fn fetch<S: PageStore>(
-        store: &S,
+    pub(crate) async fn fetch(
+        store: &dyn PageStore,
         blob: &str,
         pages: &[u64],
         size: u64,
@@ -243,16 +260,16 @@ impl BlockSource for EdgePages {
     }
 }
 
-/// A blob (or snapshot) read through the store as a [`BlockSource`], for comparing and
-/// copying recovered disks that live in Azure. Call it from a blocking thread.
-pub(crate) struct BlobSource<S> {
-    pub(crate) store: Arc<S>,
+/// A blob (or snapshot) read through the store as a [`BlockSource`], limited to its first
+/// `len` bytes (a replica's footer is not disk data). Call it from a blocking thread.
+pub(crate) struct BlobSource {
+    pub(crate) store: Arc<dyn PageStore>,
     pub(crate) blob: String,
     pub(crate) len: u64,
     pub(crate) handle: tokio::runtime::Handle,
 }
 
-impl<S: PageStore> BlockSource for BlobSource<S> {
+impl BlockSource for BlobSource {
     fn size(&self) -> io::Result<u64> {
         Ok(self.len)
     }
@@ -278,30 +295,81 @@ impl<S: PageStore> BlockSource for BlobSource<S> {
     }
 }
 
+/// A source limited to its first `len` bytes (a VHD file's footer is not disk data).
+pub(crate) struct TakeSource<'a> {
+    pub(crate) inner: &'a (dyn BlockSource + Send),
+    pub(crate) len: u64,
+}
+
+impl BlockSource for TakeSource<'_> {
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.len)
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if offset + buf.len() as u64 > self.len {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        self.inner.read_exact_at(buf, offset)
+    }
+}
+
+/// A host disk as the target of `resync::apply`.
+pub(crate) struct DiskWriter<'a>(pub(crate) &'a dyn Disk);
+
+impl lifeboat_resync::BlockWriter for DiskWriter<'_> {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.0.write_at(offset, data)
+    }
+
+    fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        let zeros = vec![0u8; len.min(MAX_PUT) as usize];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(MAX_PUT) as usize;
+            self.0.write_at(at, &zeros[..n])?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        if self.0.size()? == len {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a disk's size does not change in a failback",
+            ))
+        }
+    }
+}
+
 /// Copies `len` bytes of a blob (or snapshot) into a new file at `path` (written to a
 /// temporary name, synced, renamed), reading only allocated ranges.
-pub(crate) async fn export<S: PageStore>(
-    store: &S,
+pub(crate) async fn export(
+    store: &dyn PageStore,
     blob: &str,
     snapshot: Option<&str>,
     len: u64,
     path: &Path,
 ) -> Result<()> {
     let tmp = tmp_path(path);
-    let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    file.set_len(len)?;
+    let err = || Error::io(format!("writing {}", tmp.display()));
+    let file = File::create(&tmp).map_err(err())?;
+    file.set_len(len).map_err(err())?;
     for r in store.page_ranges(blob, snapshot).await? {
         let mut at = r.start;
         let end = r.end.min(len);
         while at < end {
             let n = (end - at).min(MAX_PUT);
             let data = store.read(blob, snapshot, at, n).await?;
-            file.write_all_at(&data, at)?;
+            file.write_all_at(&data, at).map_err(err())?;
             at += n;
         }
     }
-    file.sync_all()?;
-    fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    file.sync_all().map_err(err())?;
+    fs::rename(&tmp, path).map_err(Error::io(format!("writing {}", path.display())))?;
     Ok(())
 }
 
@@ -312,73 +380,56 @@ pub(crate) fn tmp_path(path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Copies a file durably (temporary name, sync, rename).
-pub(crate) fn copy_file(from: &Path, to: &Path) -> Result<()> {
-    let tmp = tmp_path(to);
-    fs::copy(from, &tmp)
-        .with_context(|| format!("copying {} to {}", from.display(), tmp.display()))?;
-    File::open(&tmp)?.sync_all()?;
-    fs::rename(&tmp, to)?;
-    Ok(())
-}
-
-/// BLAKE3 of the first `len` bytes of a file.
-pub(crate) fn hash_file(path: &Path, len: u64) -> Result<blake3::Hash> {
-    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let have = f.metadata()?.len();
-    if have < len {
-        bail!("{} holds {have} bytes, expected {len}", path.display());
-    }
-    let mut h = blake3::Hasher::new();
-    let mut at = 0;
-    let mut buf = vec![0u8; 4 << 20];
-    while at < len {
-        let n = (len - at).min(buf.len() as u64) as usize;
-        FileExt::read_exact_at(&f, &mut buf[..n], at)?;
-        h.update(&buf[..n]);
-        at += n as u64;
-    }
-    Ok(h.finalize())
-}
-
-/// BLAKE3 of the first `len` bytes of a blob or snapshot.
-pub(crate) async fn hash_blob<S: PageStore>(
-    store: &S,
-    blob: &str,
-    snapshot: Option<&str>,
-    len: u64,
-) -> Result<blake3::Hash> {
-    let mut h = blake3::Hasher::new();
-    let mut at = 0;
-    while at < len {
-        let n = (len - at).min(MAX_PUT);
-        h.update(&store.read(blob, snapshot, at, n).await?);
-        at += n;
-    }
-    Ok(h.finalize())
-}
-
-/// Opens a disk image for reading and writing, checking its size.
-pub(crate) fn open_disk(path: &Path, len: u64) -> Result<File> {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .with_context(|| format!("opening disk {}", path.display()))?;
-    let have = f.metadata()?.len();
-    if have != len {
-        bail!(
-            "disk {} is {have} bytes, expected {len} (the protected disk's size)",
-            path.display()
-        );
-    }
-    Ok(f)
-}
-
-/// Copies a file durably into a directory that may not exist yet.
+/// Copies a file durably into a directory that may not exist yet (temporary name, sync,
+/// rename).
 pub(crate) fn copy_file_to(from: &Path, to: &Path) -> Result<()> {
     if let Some(dir) = to.parent() {
-        fs::create_dir_all(dir)?;
+        fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
     }
-    copy_file(from, to)
+    let tmp = tmp_path(to);
+    let err = || Error::io(format!("copying {} to {}", from.display(), to.display()));
+    fs::copy(from, &tmp).map_err(err())?;
+    File::open(&tmp).and_then(|f| f.sync_all()).map_err(err())?;
+    fs::rename(&tmp, to).map_err(err())
+}
+
+/// Copies `len` bytes of a disk into a new file (a protective copy).
+pub(crate) fn save_disk(disk: &dyn Disk, len: u64, to: &Path) -> Result<()> {
+    if let Some(dir) = to.parent() {
+        fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+    }
+    let tmp = tmp_path(to);
+    let err = || Error::io(format!("writing {}", tmp.display()));
+    let f = File::create(&tmp).map_err(err())?;
+    f.set_len(len).map_err(err())?;
+    let mut buf = vec![0u8; MAX_PUT as usize];
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(MAX_PUT) as usize;
+        disk.read_exact_at(&mut buf[..n], at)
+            .map_err(Error::io("reading a failback target disk"))?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            f.write_all_at(&buf[..n], at).map_err(err())?;
+        }
+        at += n as u64;
+    }
+    f.sync_all().map_err(err())?;
+    fs::rename(&tmp, to).map_err(Error::io(format!("writing {}", to.display())))
+}
+
+/// Writes a file's first `len` bytes back onto a disk (restoring a protective copy).
+pub(crate) fn restore_disk(from: &Path, disk: &dyn Disk, len: u64) -> Result<()> {
+    let f = File::open(from).map_err(Error::io(format!("reading {}", from.display())))?;
+    let mut buf = vec![0u8; MAX_PUT as usize];
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(MAX_PUT) as usize;
+        FileExt::read_exact_at(&f, &mut buf[..n], at)
+            .map_err(Error::io(format!("reading {}", from.display())))?;
+        disk.write_at(at, &buf[..n])
+            .map_err(Error::io("restoring a failback target disk"))?;
+        at += n as u64;
+    }
+    disk.sync()
+        .map_err(Error::io("restoring a failback target disk"))
 }

@@ -1,0 +1,680 @@
+//! Each action of the state machine, performed against the host, the logs and the store.
+
+use std::ops::{ControlFlow, Range};
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use lifeboat_pageblob::{
+    BatchReport, Change, Condition, MAX_PUT, Metadata, PageWriter, ReplicaDigests, StoreError,
+    WriterConfig, vhd,
+};
+use lifeboat_replication::{Action, ActionKind, LogReport, Outcome, PointId, Purpose};
+use lifeboat_resync::{BlockSize, BlockSource, DiffOptions, ExtentKind, Side};
+
+use crate::catalog::{self, Cycle, Location, SyncReport, replica_blob};
+use crate::data::{self, BlobSource, DiskWriter, EdgePages, LogChain, TakeSource};
+use crate::engine::{Engine, Event, Task};
+use crate::error::{Error, Result};
+use crate::host::Disk;
+
+/// Data bytes per page-writer batch when resyncing (bounded memory).
+const BATCH_BYTES: u64 = 32 << 20;
+/// Data bytes per batch when applying logs (each batch one sequence number).
+const LOG_BATCH_BYTES: u64 = 8 << 20;
+
+impl Engine {
+    /// The lease this site writes the blobs it owns with.
+    fn lease(&self) -> Condition {
+        Condition::lease(self.site.id())
+    }
+
+    /// Opens a host disk, checking it is `len` bytes.
+    pub(crate) fn open_disk(&self, path: &Path, len: u64) -> Result<Arc<dyn Disk>> {
+        let what = || format!("disk {}", path.display());
+        let disk = self.host.open_disk(path).map_err(Error::io(what()))?;
+        let have = disk.size().map_err(Error::io(what()))?;
+        if have != len {
+            return Err(Error::Invalid(format!(
+                "disk {} is {have} bytes, expected {len} (the protected disk's size)",
+                path.display()
+            )));
+        }
+        Ok(disk)
+    }
+
+    pub(crate) async fn perform(&mut self, a: &Action) -> Result<Outcome> {
+        let name = a.item.as_str();
+        match &a.kind {
+            ActionKind::StartTracking => self.start_tracking(name).await?,
+            ActionKind::CopyDiskRange { disk, offset, len } => {
+                self.copy_range(name, *disk, *offset, *len).await?
+            }
+            ActionKind::CloseLogs { cycle } => return self.close_logs(name, *cycle).await,
+            ActionKind::ApplyLogs { cycle } => self.apply_cycle(name, *cycle).await?,
+            ActionKind::DiscardLogs { cycle } => {
+                let doc = self.doc_mut(name)?;
+                if let Some(c) = doc.cycles.remove(cycle) {
+                    doc.trash.extend(c.logs.into_iter().map(|l| l.path));
+                }
+            }
+            ActionKind::ProcessPendingLogs => {
+                let cycles: Vec<u64> = self.doc(name)?.cycles.keys().copied().collect();
+                for c in cycles {
+                    self.apply_cycle(name, c).await?;
+                }
+            }
+            ActionKind::ResyncDisk { disk } => self.resync_disk(name, *disk).await?,
+            ActionKind::CreateRecoveryPoint { point, .. } => {
+                self.create_point(name, *point).await?
+            }
+            ActionKind::DeleteRecoveryPoint { point } => self.delete_point(name, *point).await?,
+            ActionKind::MaterializeDisks { point, purpose } => {
+                self.materialize(name, *point, *purpose).await?
+            }
+            ActionKind::DeleteTestDisks => {
+                let disks = std::mem::take(&mut self.doc_mut(name)?.test.disks);
+                for l in &disks {
+                    self.remove_location(l).await?;
+                }
+            }
+            ActionKind::ShutDownSource => {
+                self.host
+                    .shut_down_source(name)
+                    .map_err(Error::io(format!("shutting {name} down")))?;
+                self.doc_mut(name)?.source_running = false;
+            }
+            ActionKind::StartSource => {
+                self.host
+                    .start_source(name)
+                    .map_err(Error::io(format!("starting {name}")))?;
+                self.doc_mut(name)?.source_running = true;
+            }
+            ActionKind::StartTarget { .. } => {
+                self.host
+                    .start_target(name)
+                    .map_err(Error::io(format!("starting the recovered {name}")))?;
+                self.doc_mut(name)?.target_running = true;
+            }
+            ActionKind::StopTarget => {
+                self.host
+                    .stop_target(name)
+                    .map_err(Error::io(format!("stopping the recovered {name}")))?;
+                self.doc_mut(name)?.target_running = false;
+            }
+            ActionKind::ProtectSourceDisks { .. } => self.protect_source(name)?,
+            ActionKind::SyncBack { full, .. } => self.sync_back(name, *full).await?,
+            ActionKind::RestoreSourceDisks => {
+                let doc = self.doc(name)?.clone();
+                for (d, (p, to)) in doc.protective.iter().zip(&doc.failback_to).enumerate() {
+                    let disk = self.open_disk(to, doc.disks[d].size)?;
+                    data::restore_disk(p, &*disk, doc.disks[d].size)?;
+                }
+                // Used up: a later failback takes fresh protective copies.
+                let doc = self.doc_mut(name)?;
+                let copies = std::mem::take(&mut doc.protective);
+                doc.trash.extend(copies);
+            }
+            ActionKind::DeleteProtectiveSnapshot => {
+                let doc = self.doc_mut(name)?;
+                let copies = std::mem::take(&mut doc.protective);
+                doc.trash.extend(copies);
+                // The failback target is now the machine's disk.
+                for (d, to) in doc.failback_to.clone().into_iter().enumerate() {
+                    if let Some(disk) = doc.disks.get_mut(d) {
+                        disk.source = to;
+                    }
+                }
+            }
+            ActionKind::RunHook { group, pre, hook } => {
+                let (host, plan, group, pre, hook) = (
+                    self.host.clone(),
+                    name.to_owned(),
+                    *group,
+                    *pre,
+                    hook.clone(),
+                );
+                tokio::task::spawn_blocking(move || host.run_hook(&plan, group, pre, &hook))
+                    .await
+                    .map_err(|e| Error::io("running a hook")(std::io::Error::other(e)))?
+                    .map_err(Error::io(format!("hook of plan {name}")))?;
+            }
+            other => {
+                return Err(Error::Invalid(format!(
+                    "the engine does not know how to perform {other:?}"
+                )));
+            }
+        }
+        Ok(Outcome::Done)
+    }
+
+    async fn start_tracking(&mut self, name: &str) -> Result<()> {
+        let doc = self.doc(name)?.clone();
+        for (d, disk) in doc.disks.iter().enumerate() {
+            self.open_disk(&disk.source, disk.size)?;
+            self.ensure_replica(&replica_blob(name, d), disk.size, doc.block_size)
+                .await?;
+        }
+        let doc = self.doc_mut(name)?;
+        for (d, disk) in doc.disks.iter_mut().enumerate() {
+            if disk.tracking.write_guid == [0; 16] {
+                disk.tracking.write_guid =
+                    crate::site::random_guid(&format!("{name}/disk{d}/write-guid"));
+            }
+        }
+        // Logs staged before a resync are covered by it.
+        let stale: Vec<_> = doc.pending.drain(..).map(|l| l.path).collect();
+        doc.trash.extend(stale);
+        Ok(())
+    }
+
+    /// Creates the replica blob of a disk (rounded up to 1 MiB, fixed-VHD footer), leased
+    /// to this site, and its zero digests, unless it exists with the right size.
+    async fn ensure_replica(&self, blob: &str, len: u64, block_size: u32) -> Result<()> {
+        let size = vhd::blob_size(len);
+        match self.store.properties(blob).await {
+            Ok(p) if p.size == size => {}
+            Ok(p) => {
+                return Err(Error::Invalid(format!(
+                    "replica {blob} exists with {} bytes, expected {size}",
+                    p.size
+                )));
+            }
+            Err(StoreError::NotFound { .. }) => {
+                let md: Metadata = [("disklength".to_string(), len.to_string())].into();
+                match self.store.create(blob, size, 0, &md).await {
+                    Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.store.acquire_lease(blob, self.site.id()).await?;
+        // The footer is rewritten each time: it is constant for the disk.
+        let id = blake3::hash(blob.as_bytes());
+        let mut unique = [0u8; 16];
+        unique.copy_from_slice(&id.as_bytes()[..16]);
+        let footer = vhd::Footer::fixed(vhd::virtual_size(len), unique, 0).encode();
+        let seq = self.store.properties(blob).await?.sequence_number;
+        self.store
+            .write_pages(
+                blob,
+                size - 512,
+                Bytes::copy_from_slice(&footer),
+                lifeboat_pageblob::crc64(&footer),
+                self.lease(),
+            )
+            .await?;
+        if ReplicaDigests::load(&*self.store, blob).await?.is_none() {
+            let bs = BlockSize::new(block_size)?;
+            let mut d = if seq == 0 {
+                ReplicaDigests::zeroed(len, bs, seq)
+            } else {
+                ReplicaDigests::rebuild(&*self.store, blob, len, bs).await?
+            };
+            d.save(&*self.store, blob, Some(self.site.id())).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies one batch to a disk's replica and brings its digests up to date. `expect`
+    /// fences the batch: `Ok(None)` when the blob is already past it (applied before).
+    async fn write_batch(
+        &self,
+        name: &str,
+        d: usize,
+        changes: Vec<Change>,
+        edges: Option<&dyn BlockSource>,
+        expect: Option<u64>,
+    ) -> Result<Option<BatchReport>> {
+        let doc = self.doc(name)?;
+        let (len, bs) = (doc.disks[d].size, BlockSize::new(doc.block_size)?);
+        let blob = replica_blob(name, d);
+        let seq = self.store.properties(&blob).await?.sequence_number;
+        if let Some(e) = expect {
+            if seq == e + 1 {
+                return Ok(None);
+            }
+            if seq != e {
+                return Err(Error::Invalid(format!(
+                    "replica {blob} is at sequence number {seq}, the batch expects {e}"
+                )));
+            }
+        }
+        let touched: Vec<Range<u64>> = changes.iter().map(Change::range).collect();
+        if let Some(r) = touched.iter().find(|r| r.end > len) {
+            return Err(Error::Invalid(format!(
+                "a change at {}..{} passes the disk's end ({len})",
+                r.start, r.end
+            )));
+        }
+        let mut digests = self.take_digests(&blob, len, bs, seq).await?;
+        let writer = PageWriter::new(self.store.clone(), blob.clone(), WriterConfig::default())
+            .leased(Some(self.site.id()));
+        let report = writer.apply_batch(seq, changes, edges).await?;
+        digests
+            .update(&*self.store, &blob, &touched, seq + 1)
+            .await?;
+        digests
+            .save(&*self.store, &blob, Some(self.site.id()))
+            .await?;
+        self.digests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(blob, digests);
+        Ok(Some(report))
+    }
+
+    /// The digests of `blob` as of sequence number `seq`: kept in memory between batches
+    /// (loading them reads the whole digests blob), reloaded or rebuilt when they do not
+    /// describe `seq`. Taken out of the cache; `write_batch` puts them back.
+    async fn take_digests(
+        &self,
+        blob: &str,
+        len: u64,
+        bs: BlockSize,
+        seq: u64,
+    ) -> Result<ReplicaDigests> {
+        let cached = self
+            .digests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(blob);
+        Ok(match cached {
+            Some(d) if d.sequence_number() == seq => d,
+            _ => match ReplicaDigests::load(&*self.store, blob).await? {
+                Some(d) => d,
+                None => ReplicaDigests::rebuild(&*self.store, blob, len, bs).await?,
+            },
+        })
+    }
+
+    async fn copy_range(&mut self, name: &str, d: usize, offset: u64, len: u64) -> Result<()> {
+        let disk = self.doc(name)?.disks[d].clone();
+        let src = self.open_disk(&disk.source, disk.size)?;
+        let bytes = data::read_at(&*src, offset, len, &disk.source)?;
+        let changes = data::split_zero_runs(offset, bytes);
+        self.write_batch(name, d, changes, None, None).await?;
+        self.observer.event(&Event::Progress {
+            item: name.to_owned(),
+            disk: d,
+            task: Task::InitialCopy,
+            done: offset + len,
+            total: disk.size,
+        });
+        Ok(())
+    }
+
+    async fn close_logs(&mut self, name: &str, cycle: u64) -> Result<Outcome> {
+        let n = self.doc(name)?.disks.len();
+        if !self.doc(name)?.cycles.contains_key(&cycle) {
+            let mut expect_seq = Vec::with_capacity(n);
+            for d in 0..n {
+                let p = self.store.properties(&replica_blob(name, d)).await?;
+                expect_seq.push(p.sequence_number);
+            }
+            let doc = self.doc_mut(name)?;
+            let logs = std::mem::take(&mut doc.pending);
+            doc.cycles.insert(cycle, Cycle { logs, expect_seq });
+        }
+        let c = &self.doc(name)?.cycles[&cycle];
+        let reports = (0..n)
+            .map(|d| {
+                let mine = c.logs.iter().filter(|l| l.disk == d);
+                LogReport {
+                    disk: d,
+                    log_bytes: mine.clone().map(|l| l.logged_bytes).sum(),
+                    closed_cleanly: mine.clone().all(|l| l.clean),
+                    write_guid_matches: mine.clone().all(|l| l.guid_ok),
+                }
+            })
+            .collect();
+        Ok(Outcome::Logs(reports))
+    }
+
+    async fn apply_cycle(&mut self, name: &str, cycle: u64) -> Result<()> {
+        let Some(c) = self.doc(name)?.cycles.get(&cycle).cloned() else {
+            return Ok(()); // applied and removed before a crash
+        };
+        for (d, &expect) in c.expect_seq.iter().enumerate() {
+            let paths: Vec<&Path> = c
+                .logs
+                .iter()
+                .filter(|l| l.disk == d)
+                .map(|l| l.path.as_path())
+                .collect();
+            if paths.is_empty() {
+                continue;
+            }
+            // Batch i of the cycle is fenced on sequence number expect + i: a crash resumes
+            // at the first batch the blob has not taken.
+            let chain = LogChain::open(&paths, LOG_BATCH_BYTES)?;
+            let blob = replica_blob(name, d);
+            let size = self.doc(name)?.disks[d].size;
+            let seq = self.store.properties(&blob).await?.sequence_number;
+            if seq < expect {
+                return Err(Error::Invalid(format!(
+                    "replica {blob} is at sequence number {seq}, before cycle {cycle} ({expect})"
+                )));
+            }
+            let (mut sent, mut requests, mut batches) = (0, 0, 0);
+            for i in (seq - expect) as usize..chain.len() {
+                let changes = chain.changes(i)?;
+                let edges =
+                    EdgePages::fetch(&*self.store, &blob, &data::edge_pages(&changes), size)
+                        .await?;
+                if let Some(r) = self
+                    .write_batch(name, d, changes, Some(&edges), Some(expect + i as u64))
+                    .await?
+                {
+                    sent += r.bytes_sent;
+                    requests += r.put_requests;
+                    batches += 1;
+                }
+            }
+            if requests > 0 {
+                self.observer.event(&Event::CycleApplied {
+                    item: name.to_owned(),
+                    disk: d,
+                    cycle,
+                    bytes_sent: sent,
+                    requests,
+                    batches,
+                });
+            }
+        }
+        let doc = self.doc_mut(name)?;
+        if let Some(c) = doc.cycles.remove(&cycle) {
+            doc.trash.extend(c.logs.into_iter().map(|l| l.path));
+        }
+        Ok(())
+    }
+
+    async fn resync_disk(&mut self, name: &str, d: usize) -> Result<()> {
+        let doc = self.doc(name)?;
+        let (disk, bs) = (doc.disks[d].clone(), doc.block_size);
+        let blob = replica_blob(name, d);
+        let seq = self.store.properties(&blob).await?.sequence_number;
+        let digests = self
+            .take_digests(&blob, disk.size, BlockSize::new(bs)?, seq)
+            .await?;
+        let src = self.open_disk(&disk.source, disk.size)?;
+        let delta = {
+            let (observer, item, size, bsz) = (
+                self.observer.clone(),
+                name.to_owned(),
+                disk.size,
+                u64::from(bs),
+            );
+            lifeboat_resync::diff_with(
+                Side::Local(&*src),
+                Side::Signature(digests.signature()),
+                DiffOptions::default(),
+                move |p| {
+                    observer.event(&Event::Progress {
+                        item: item.clone(),
+                        disk: d,
+                        task: Task::ResyncCompare,
+                        done: (p.blocks_done * bsz).min(size),
+                        total: size,
+                    });
+                    ControlFlow::Continue(())
+                },
+            )?
+        };
+        // The batches below start from these digests (no second load).
+        self.digests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(blob, digests);
+        let mut report = SyncReport {
+            blocks_compared: delta.blocks_compared,
+            ..SyncReport::default()
+        };
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0;
+        for e in &delta.extents {
+            match e.kind {
+                ExtentKind::Zero => {
+                    batch.push(Change::Zero {
+                        offset: e.offset,
+                        len: e.len,
+                    });
+                    report.bytes_cleared += e.len;
+                }
+                ExtentKind::Data => {
+                    // Read in request-sized pieces: an extent may span the whole disk.
+                    let mut at = e.offset;
+                    while at < e.offset + e.len {
+                        let n = (e.offset + e.len - at).min(MAX_PUT);
+                        batch.push(Change::Data {
+                            offset: at,
+                            data: data::read_at(&*src, at, n, &disk.source)?,
+                        });
+                        batch_bytes += n;
+                        report.bytes_sent += n;
+                        at += n;
+                        if batch_bytes >= BATCH_BYTES {
+                            self.write_batch(name, d, std::mem::take(&mut batch), None, None)
+                                .await?;
+                            batch_bytes = 0;
+                        }
+                    }
+                }
+            }
+        }
+        if !batch.is_empty() {
+            self.write_batch(name, d, batch, None, None).await?;
+        }
+        let doc = self.doc_mut(name)?;
+        let n = doc.disks.len();
+        doc.last_resync.resize(n, SyncReport::default());
+        doc.last_resync[d] = report;
+        Ok(())
+    }
+
+    async fn create_point(&mut self, name: &str, point: PointId) -> Result<()> {
+        let n = self.doc(name)?.disks.len();
+        loop {
+            let have = self.doc(name)?.points.get(&point.0).map_or(0, Vec::len);
+            if have >= n {
+                return Ok(());
+            }
+            let snap = self
+                .store
+                .snapshot(&replica_blob(name, have), self.lease())
+                .await?;
+            self.doc_mut(name)?
+                .points
+                .entry(point.0)
+                .or_default()
+                .push(snap);
+            // Each snapshot is recorded before the next is taken: a crash leaves none
+            // behind unrecorded.
+            self.persist().await?;
+        }
+    }
+
+    async fn delete_point(&mut self, name: &str, point: PointId) -> Result<()> {
+        // The store does not fence snapshot deletions (snapshots take no lease): a write
+        // of the catalogue as its lease holder first proves this site still owns the item.
+        self.fence(name).await?;
+        let snaps = self.doc(name)?.points.get(&point.0).cloned();
+        for (d, snap) in snaps.unwrap_or_default().iter().enumerate() {
+            match self
+                .store
+                .delete_snapshot(&replica_blob(name, d), snap)
+                .await
+            {
+                Ok(()) | Err(StoreError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.doc_mut(name)?.points.remove(&point.0);
+        Ok(())
+    }
+
+    async fn materialize(&mut self, name: &str, point: PointId, purpose: Purpose) -> Result<()> {
+        let doc = self.doc(name)?.clone();
+        let snaps = doc.points.get(&point.0).ok_or_else(|| {
+            Error::Invalid(format!("recovery point {} has no snapshots", point.0))
+        })?;
+        let (export, tag) = match purpose {
+            Purpose::Test => (&doc.test.export, "test"),
+            Purpose::Failover => (&doc.failover.export, "failover"),
+        };
+        let mut out = Vec::new();
+        if let Some(dir) = &export.dir {
+            std::fs::create_dir_all(dir)
+                .map_err(Error::io(format!("creating {}", dir.display())))?;
+        }
+        for (d, snap) in snaps.iter().enumerate() {
+            let blob = replica_blob(name, d);
+            let size = doc.disks[d].size;
+            let len = if export.vhd {
+                vhd::blob_size(size)
+            } else {
+                size
+            };
+            let file = export.dir.as_ref().map(|dir| {
+                dir.join(format!(
+                    "disk{d}.{}",
+                    if export.vhd { "vhd" } else { "raw" }
+                ))
+            });
+            if export.in_store || file.is_none() {
+                let dest = catalog::purpose_blob(name, tag, d);
+                self.delete_blob(&dest).await?;
+                self.store.copy_snapshot(&blob, snap, &dest).await?;
+                self.store.acquire_lease(&dest, self.site.id()).await?;
+                if let Some(f) = &file {
+                    data::export(&*self.store, &dest, None, len, f).await?;
+                }
+                out.push(Location::Blob {
+                    name: dest,
+                    download: file,
+                });
+            } else if let Some(f) = file {
+                data::export(&*self.store, &blob, Some(snap), len, &f).await?;
+                out.push(Location::File { path: f });
+            }
+        }
+        let doc = self.doc_mut(name)?;
+        match purpose {
+            Purpose::Test => doc.test.disks = out,
+            Purpose::Failover => doc.failover.disks = out,
+        }
+        Ok(())
+    }
+
+    /// Deletes a blob of an owned item (leased to this site, or not leased at all after a
+    /// crash between its copy and its lease); a missing one is fine.
+    async fn delete_blob(&self, blob: &str) -> Result<()> {
+        match self.store.delete(blob, self.lease()).await {
+            Ok(()) | Err(StoreError::NotFound { .. }) => Ok(()),
+            Err(StoreError::NotLeased { .. }) => {
+                match self.store.delete(blob, Condition::NONE).await {
+                    Ok(()) | Err(StoreError::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn remove_location(&self, l: &Location) -> Result<()> {
+        match l {
+            Location::File { path } => match std::fs::remove_file(path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(Error::io(format!("deleting {}", path.display()))(e)),
+            },
+            Location::Blob { name, download } => {
+                if let Some(p) = download {
+                    let _ = std::fs::remove_file(p);
+                }
+                self.delete_blob(name).await
+            }
+        }
+    }
+
+    fn protect_source(&mut self, name: &str) -> Result<()> {
+        let doc = self.doc(name)?.clone();
+        let dir = self.site.protective_dir(name);
+        let mut copies = Vec::new();
+        for (d, (to, disk)) in doc.failback_to.iter().zip(&doc.disks).enumerate() {
+            if self.host.open_disk(to).is_err() {
+                // An alternate disk that does not exist yet: an empty one of the size.
+                self.host
+                    .create_disk(to, disk.size)
+                    .map_err(Error::io(format!("creating disk {}", to.display())))?;
+            }
+            let target = self.open_disk(to, disk.size)?;
+            let copy = dir.join(format!("disk{d}.raw"));
+            if !copy.exists() {
+                data::save_disk(&*target, disk.size, &copy)?;
+            }
+            copies.push(copy);
+        }
+        let doc = self.doc_mut(name)?;
+        doc.protective = copies;
+        doc.last_sync_back.clear();
+        Ok(())
+    }
+
+    async fn sync_back(&mut self, name: &str, full: bool) -> Result<()> {
+        let doc = self.doc(name)?.clone();
+        let mut reports = Vec::new();
+        for (d, (from, to)) in doc.failover.disks.iter().zip(&doc.failback_to).enumerate() {
+            let len = doc.disks[d].size;
+            let from = from.clone();
+            let store = self.store.clone();
+            let target = self.open_disk(to, len)?;
+            let handle = tokio::runtime::Handle::current();
+            let report = tokio::task::spawn_blocking(move || -> Result<SyncReport> {
+                let src: Box<dyn BlockSource + Send> = match &from {
+                    Location::File { path } => Box::new(
+                        std::fs::File::open(path)
+                            .map_err(Error::io(format!("opening {}", path.display())))?,
+                    ),
+                    Location::Blob { name, .. } => Box::new(BlobSource {
+                        store,
+                        blob: name.clone(),
+                        len,
+                        handle,
+                    }),
+                };
+                let src = TakeSource { inner: &*src, len };
+                // Full: compared with nothing, every block is sent (zero blocks cleared),
+                // without hashing the source or reading the target.
+                let delta = if full {
+                    lifeboat_resync::diff(Side::Local(&src), Side::Bytes(&[]))?
+                } else {
+                    lifeboat_resync::diff(Side::Local(&src), Side::Local(&*target))?
+                };
+                let stats = lifeboat_resync::apply(&delta, &src, &mut DiskWriter(&*target))?;
+                target
+                    .sync()
+                    .map_err(Error::io("syncing a failback target disk"))?;
+                Ok(SyncReport {
+                    blocks_compared: delta.blocks_compared,
+                    bytes_sent: stats.data_bytes,
+                    bytes_cleared: stats.zero_bytes,
+                })
+            })
+            .await
+            .map_err(|e| Error::io("syncing back")(std::io::Error::other(e)))??;
+            reports.push(report);
+        }
+        // Passes add up: the report covers the whole failback.
+        let doc = self.doc_mut(name)?;
+        doc.last_sync_back
+            .resize(reports.len(), SyncReport::default());
+        for (acc, r) in doc.last_sync_back.iter_mut().zip(reports) {
+            acc.blocks_compared += r.blocks_compared;
+            acc.bytes_sent += r.bytes_sent;
+            acc.bytes_cleared += r.bytes_cleared;
+        }
+        Ok(())
+    }
+}

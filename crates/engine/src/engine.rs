@@ -1,0 +1,1324 @@
+//! The engine: the catalogue in the store, ownership and take-over, the drive loop, and the
+//! operations an embedder calls.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lifeboat_pageblob::{ETag, Expect, LeaseId, PageStore, ReplicaDigests, StoreError};
+use lifeboat_replication::{
+    Command, Coordinator, HealthCause, ItemStatus, Job, JobAction, JobId, JobState, Outcome,
+    PlanFailover, PlanRecord, PointChoice, ProtectionState, RecoveryPlan, ReplicationPolicy,
+};
+use lifeboat_resync::BlockSize;
+use lifeboat_retry::Classify;
+
+use crate::catalog::{
+    self, Disk, Export, Guid, Item, Materialized, PlanDoc, SCHEMA, StagedLog, Tracking,
+};
+use crate::error::{Error, Result};
+use crate::host::{Clock, FileHost, Host, SystemClock};
+use crate::site::Site;
+
+/// Something the engine reports while it works.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// Bytes of a long task done so far.
+    Progress {
+        /// The item.
+        item: String,
+        /// The disk.
+        disk: usize,
+        /// What is being done.
+        task: Task,
+        /// Bytes done.
+        done: u64,
+        /// Bytes in all.
+        total: u64,
+    },
+    /// A cycle's logs were applied to one disk's replica.
+    CycleApplied {
+        /// The item.
+        item: String,
+        /// The disk.
+        disk: usize,
+        /// The cycle.
+        cycle: u64,
+        /// Bytes sent.
+        bytes_sent: u64,
+        /// Put Page requests.
+        requests: u64,
+        /// Fenced batches.
+        batches: u64,
+    },
+    /// A log handed over was taken before: skipped.
+    LogSkipped {
+        /// The item.
+        item: String,
+        /// The log.
+        path: PathBuf,
+        /// Its UniqueId, hex.
+        id: String,
+    },
+    /// Another site's item was taken over by this one.
+    TookOver {
+        /// The item.
+        item: String,
+        /// The site that owned it.
+        from: String,
+    },
+    /// A drive ended: nothing more is ready.
+    Idle,
+}
+
+/// A long task [`Event::Progress`] reports on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Task {
+    /// Initial replication of a disk.
+    InitialCopy,
+    /// Comparing a disk with its replica (resync).
+    ResyncCompare,
+}
+
+/// Receives the engine's [`Event`]s.
+pub trait Observer: Send + Sync {
+    /// One event.
+    fn event(&self, event: &Event);
+}
+
+#[derive(Debug)]
+struct Quiet;
+
+impl Observer for Quiet {
+    fn event(&self, _: &Event) {}
+}
+
+/// A catalogue item as this engine last read or wrote it.
+#[derive(Debug)]
+struct Entry {
+    doc: Item,
+    etag: ETag,
+    /// The bytes last read or written (a save is skipped when nothing changed).
+    saved: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct PlanEntry {
+    record: PlanRecord,
+    etag: ETag,
+    saved: Vec<u8>,
+}
+
+/// How an unplanned or planned failover goes.
+#[derive(Clone, Debug)]
+pub enum Failover {
+    /// Planned: the source shuts down, these final logs (disk, file) are applied, zero
+    /// loss.
+    Planned(Vec<(usize, PathBuf)>),
+    /// Unplanned, to a point.
+    Unplanned(PointChoice),
+}
+
+/// What [`Engine::replicate`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Replicated {
+    /// Nothing new was handed over.
+    Nothing,
+    /// Cycles were applied.
+    Applied {
+        /// Cycles applied by this call.
+        cycles: u64,
+        /// Recovery points the item now has.
+        points: usize,
+    },
+    /// The logs cannot be applied: the item needs a resync.
+    ResyncRequired(Vec<HealthCause>),
+}
+
+/// An item as the catalogue has it, with its status now.
+#[derive(Debug)]
+pub struct ItemView<'a> {
+    /// The catalogue's record.
+    pub item: &'a Item,
+    /// State, health, points.
+    pub status: ItemStatus,
+    /// Whether this site acts for it.
+    pub owned: bool,
+}
+
+/// Builds an [`Engine`].
+pub struct EngineBuilder {
+    store: Arc<dyn PageStore>,
+    store_desc: String,
+    site: PathBuf,
+    host: Arc<dyn Host>,
+    clock: Arc<dyn Clock>,
+    observer: Arc<dyn Observer>,
+    on_wait: Option<Box<dyn Fn() + Send + Sync>>,
+    crash_after: Option<u64>,
+}
+
+impl std::fmt::Debug for EngineBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineBuilder")
+            .field("store", &self.store_desc)
+            .field("site", &self.site)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EngineBuilder {
+    /// The protected host (default: [`FileHost`], disks are image files).
+    pub fn host(mut self, host: Arc<dyn Host>) -> Self {
+        self.host = host;
+        self
+    }
+
+    /// The clock (default: the system's).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Who hears the engine's [`Event`]s (default: nobody).
+    pub fn observer(mut self, observer: Arc<dyn Observer>) -> Self {
+        self.observer = observer;
+        self
+    }
+
+    /// How messages name the store (a path, or a container URL without its secrets).
+    pub fn store_description(mut self, desc: impl Into<String>) -> Self {
+        self.store_desc = desc.into();
+        self
+    }
+
+    /// Called before waiting for another engine that holds the site.
+    pub fn on_wait(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
+        self.on_wait = Some(Box::new(f));
+        self
+    }
+
+    /// Crash tests: abort the process after performing action `n` of this engine, before
+    /// its outcome is saved (the widest window a crash can hit).
+    #[doc(hidden)]
+    pub fn crash_after_action(mut self, n: Option<u64>) -> Self {
+        self.crash_after = n;
+        self
+    }
+
+    /// Opens the site (locked while the engine lives), reads the catalogue, and loads the
+    /// items and plans this site acts for. Work an interrupted engine left in flight is
+    /// ready to [`drive`](Engine::drive).
+    pub async fn open(self) -> Result<Engine> {
+        let site = Site::open(
+            &self.site,
+            &*self.store,
+            &self.store_desc,
+            self.on_wait.as_deref(),
+        )
+        .await?;
+        let mut e = Engine {
+            store: self.store,
+            host: self.host,
+            clock: self.clock,
+            observer: self.observer,
+            site,
+            c: Coordinator::new(),
+            items: BTreeMap::new(),
+            plans: BTreeMap::new(),
+            last: Duration::ZERO,
+            performed: 0,
+            crash_after: self.crash_after,
+            digests: Mutex::default(),
+        };
+        e.load().await?;
+        Ok(e)
+    }
+}
+
+/// The driver of Lifeboat: it keeps the catalogue in the replica store, acts for the items
+/// its site owns, and performs the replication state machine's actions against the
+/// host's disks, HRL logs and the store. See the crate docs.
+pub struct Engine {
+    pub(crate) store: Arc<dyn PageStore>,
+    pub(crate) host: Arc<dyn Host>,
+    clock: Arc<dyn Clock>,
+    pub(crate) observer: Arc<dyn Observer>,
+    pub(crate) site: Site,
+    pub(crate) c: Coordinator,
+    /// Every item in the catalogue (owned or not).
+    items: BTreeMap<String, Entry>,
+    /// Every plan in the catalogue.
+    plans: BTreeMap<String, PlanEntry>,
+    /// The last time handed to the state machine (never goes backwards).
+    last: Duration,
+    performed: u64,
+    crash_after: Option<u64>,
+    /// Replica digests as last saved, by blob.
+    pub(crate) digests: Mutex<HashMap<String, ReplicaDigests>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("site", &self.site)
+            .field("items", &self.items.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// An engine on the site directory `site` replicating into `store`.
+    pub fn builder(store: Arc<dyn PageStore>, site: impl Into<PathBuf>) -> EngineBuilder {
+        EngineBuilder {
+            store,
+            store_desc: "the store".into(),
+            site: site.into(),
+            host: Arc::new(FileHost),
+            clock: Arc::new(SystemClock),
+            observer: Arc::new(Quiet),
+            on_wait: None,
+            crash_after: None,
+        }
+    }
+
+    /// The site this engine works on.
+    pub fn site(&self) -> &Site {
+        &self.site
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn PageStore> {
+        &self.store
+    }
+
+    /// The state machine's clock: the host clock, never going backwards.
+    pub fn now(&mut self) -> Duration {
+        self.last = self.last.max(self.clock.now());
+        self.last
+    }
+
+    // ------------------------------------------------------------------ catalogue
+
+    async fn load(&mut self) -> Result<()> {
+        let store = self.store.clone();
+        for name in store.list(&catalog::items_prefix()).await? {
+            let Some(item) = name
+                .strip_prefix(&catalog::items_prefix())
+                .and_then(|r| r.strip_suffix("/catalog.json"))
+            else {
+                continue;
+            };
+            if let Some((doc, etag, saved)) = catalog::read::<Item>(&*store, &name).await? {
+                self.items
+                    .insert(item.to_owned(), Entry { doc, etag, saved });
+            }
+        }
+        for name in store.list(&catalog::plans_prefix()).await? {
+            if let Some((doc, etag, saved)) = catalog::read::<PlanDoc>(&*store, &name).await? {
+                let plan = doc.record.plan().name.clone();
+                self.plans.insert(
+                    plan,
+                    PlanEntry {
+                        record: doc.record,
+                        etag,
+                        saved,
+                    },
+                );
+            }
+        }
+        let mine: Vec<String> = self
+            .items
+            .iter()
+            .filter(|(_, e)| e.doc.owner.site == self.site.id())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in mine {
+            // The document's lease is ours unless a take-over is under way.
+            match store
+                .acquire_lease(&catalog::item_doc(&name), self.site.id())
+                .await
+            {
+                Ok(()) => {}
+                Err(StoreError::Leased { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            let e = &self.items[&name];
+            self.last = self.last.max(e.doc.clock);
+            let record = e.doc.replication.clone();
+            let now = self.now();
+            self.c.insert_item(now, &name, record);
+        }
+        let plans: Vec<String> = self.plans.keys().cloned().collect();
+        for p in plans {
+            self.load_plan_if_mine(&p);
+        }
+        Ok(())
+    }
+
+    /// Loads a plan into the state machine when this site owns every item of it.
+    fn load_plan_if_mine(&mut self, plan: &str) {
+        let Some(entry) = self.plans.get(plan) else {
+            return;
+        };
+        let all_mine = entry
+            .record
+            .plan()
+            .groups
+            .iter()
+            .flat_map(|g| &g.items)
+            .all(|i| self.c.status(i, Duration::ZERO).is_some());
+        if all_mine && self.c.plan(plan).is_none() {
+            let record = entry.record.clone();
+            let now = self.now();
+            self.c.insert_plan(now, record);
+        }
+    }
+
+    /// Writes every owned item and loaded plan whose state changed since it was last
+    /// written, each only if unchanged since (and, for items, as the lease holder).
+    pub(crate) async fn persist(&mut self) -> Result<()> {
+        let names: Vec<String> = self.c.items().map(str::to_owned).collect();
+        let now = self.last;
+        for name in names {
+            let Some(record) = self.c.item_record(&name) else {
+                continue;
+            };
+            let Some(entry) = self.items.get_mut(&name) else {
+                continue;
+            };
+            entry.doc.replication = record;
+            entry.doc.clock = now;
+            let doc_name = catalog::item_doc(&name);
+            let bytes = catalog::encode(&doc_name, &entry.doc)?;
+            if bytes == entry.saved {
+                continue;
+            }
+            let expect = Expect::Version(entry.etag.clone());
+            match catalog::write(
+                &*self.store,
+                &doc_name,
+                &bytes,
+                expect,
+                Some(self.site.id()),
+            )
+            .await
+            {
+                Ok(etag) => {
+                    entry.etag = etag;
+                    self.site.cache(&doc_name, &bytes);
+                    entry.saved = bytes;
+                }
+                Err(StoreError::Changed { .. } | StoreError::Leased { .. }) => {
+                    return Err(self.fenced(&name).await);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let plans: Vec<String> = self.c.plans().map(|p| p.name.clone()).collect();
+        for plan in plans {
+            let Some(record) = self.c.plan_record(&plan) else {
+                continue;
+            };
+            let doc_name = catalog::plan_doc(&plan);
+            let doc = PlanDoc {
+                schema: SCHEMA,
+                record: record.clone(),
+            };
+            let bytes = catalog::encode(&doc_name, &doc)?;
+            let expect = match self.plans.get(&plan) {
+                Some(e) if e.saved == bytes => continue,
+                Some(e) => Expect::Version(e.etag.clone()),
+                None => Expect::Absent,
+            };
+            match catalog::write(&*self.store, &doc_name, &bytes, expect, None).await {
+                Ok(etag) => {
+                    self.plans.insert(
+                        plan,
+                        PlanEntry {
+                            record,
+                            etag,
+                            saved: bytes,
+                        },
+                    );
+                }
+                Err(StoreError::Changed { .. }) => {
+                    return Err(Error::Catalog {
+                        name: doc_name,
+                        reason: "another site changed the plan; run the command again".into(),
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the item's document now, changed or not: only its lease holder can, so a
+    /// success proves this site still owns the item (done before anything the store does
+    /// not fence, such as deleting a snapshot).
+    pub(crate) async fn fence(&mut self, name: &str) -> Result<()> {
+        if let Some(e) = self.items.get_mut(name) {
+            e.saved.clear();
+        }
+        self.persist().await
+    }
+
+    /// The item's document was changed by another site, or its lease taken: this site no
+    /// longer acts for it. Reloads the document to say who does.
+    async fn fenced(&mut self, name: &str) -> Error {
+        self.c.remove_item(name);
+        let doc_name = catalog::item_doc(name);
+        let owner = match catalog::read::<Item>(&*self.store, &doc_name).await {
+            Ok(Some((doc, etag, saved))) => {
+                let label = doc.owner.label.clone();
+                self.items
+                    .insert(name.to_owned(), Entry { doc, etag, saved });
+                label
+            }
+            _ => "another site".into(),
+        };
+        Error::Fenced {
+            item: name.to_owned(),
+            owner,
+        }
+    }
+
+    /// Performs actions until none is ready, saving the catalogue after each.
+    pub async fn drive(&mut self) -> Result<()> {
+        while let Some(action) = self.c.poll_action() {
+            self.performed += 1;
+            let outcome = match self.perform(&action).await {
+                Ok(o) => o,
+                Err(e @ Error::Fenced { .. }) => return Err(e),
+                Err(e) => Outcome::Failed {
+                    class: e.class(),
+                    message: e.to_string(),
+                },
+            };
+            let now = self.now();
+            self.c.handle_outcome(now, action.id, outcome)?;
+            if self.crash_after == Some(self.performed) {
+                std::process::abort();
+            }
+            self.persist().await?;
+            self.empty_trash();
+        }
+        self.observer.event(&Event::Idle);
+        Ok(())
+    }
+
+    /// Deletes the staged files the written catalogue no longer needs.
+    fn empty_trash(&mut self) {
+        let mine: Vec<String> = self.c.items().map(str::to_owned).collect();
+        for name in mine {
+            if let Some(e) = self.items.get_mut(&name) {
+                for p in std::mem::take(&mut e.doc.trash) {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ items
+
+    /// Whether the catalogue has the item.
+    pub fn has_item(&self, name: &str) -> bool {
+        self.items.contains_key(name)
+    }
+
+    /// An item, whoever owns it.
+    pub fn item(&self, name: &str) -> Result<ItemView<'_>> {
+        let e = self
+            .items
+            .get(name)
+            .ok_or_else(|| Error::UnknownItem(name.to_owned()))?;
+        Ok(self.view(name, e))
+    }
+
+    /// Every item in the catalogue, by name.
+    pub fn items(&self) -> impl Iterator<Item = ItemView<'_>> + '_ {
+        self.items.iter().map(|(n, e)| self.view(n, e))
+    }
+
+    fn view<'a>(&self, name: &str, e: &'a Entry) -> ItemView<'a> {
+        let now = self.last.max(self.clock.now());
+        let (status, owned) = match self.c.status(name, now) {
+            Some(s) => (s, true),
+            None => (e.doc.replication.status(now), false),
+        };
+        ItemView {
+            item: &e.doc,
+            status,
+            owned,
+        }
+    }
+
+    /// The catalogue record of an item this site acts for.
+    pub(crate) fn doc(&self, name: &str) -> Result<&Item> {
+        self.require_owned(name)?;
+        Ok(&self.items[name].doc)
+    }
+
+    /// The same, to change (written with the next save).
+    pub(crate) fn doc_mut(&mut self, name: &str) -> Result<&mut Item> {
+        self.require_owned(name)?;
+        Ok(&mut self.items.get_mut(name).expect("checked").doc)
+    }
+
+    /// Fails unless this site acts for the item.
+    fn require_owned(&self, name: &str) -> Result<()> {
+        match self.items.get(name) {
+            None => Err(Error::UnknownItem(name.to_owned())),
+            Some(_) if self.c.status(name, Duration::ZERO).is_some() => Ok(()),
+            Some(e) => {
+                let state = e.doc.replication.state();
+                let failed_over = !matches!(
+                    state,
+                    ProtectionState::EnablingProtection
+                        | ProtectionState::InitialReplicationInProgress
+                        | ProtectionState::Protected
+                        | ProtectionState::ResyncRequired
+                        | ProtectionState::Resynchronizing
+                        | ProtectionState::ResyncPaused
+                );
+                let hint = if e.doc.owner.site == self.site.id() {
+                    "a take-over by another site is under way".to_owned()
+                } else if failed_over {
+                    format!(
+                        "it failed over ({state:?}) and that site acts for it now: fail back from there, or take it over here with `take-over {name}`"
+                    )
+                } else {
+                    format!(
+                        "this site may only read it; if that site is lost, take it over with `take-over {name}` (its replication is fenced)"
+                    )
+                };
+                Err(Error::NotOwner {
+                    item: name.to_owned(),
+                    owner: e.doc.owner.label.clone(),
+                    hint: Some(hint),
+                })
+            }
+        }
+    }
+
+    /// The item's protection state (as this site last saw it).
+    pub fn protection(&self, name: &str) -> Result<ProtectionState> {
+        Ok(self.item(name)?.status.state)
+    }
+
+    // ------------------------------------------------------------------ commands
+
+    /// Starts an operation on an item this site acts for, drives it as far as it goes and
+    /// checks how its job ended.
+    pub async fn command(&mut self, cmd: Command) -> Result<JobId> {
+        let item = cmd.item().to_owned();
+        self.require_owned(&item)?;
+        let now = self.now();
+        let job = self.c.handle_command(now, cmd)?;
+        self.persist().await?;
+        self.drive().await?;
+        self.check_job(&item, &job)?;
+        Ok(job)
+    }
+
+    /// Fails with the reason when the item is Critical, retrying, or the job failed.
+    fn check_job(&mut self, item: &str, job: &JobId) -> Result<()> {
+        let now = self.now();
+        if let Some(st) = self.c.status(item, now) {
+            for c in &st.causes {
+                match c {
+                    HealthCause::NonRecoverableError { message } => {
+                        return Err(Error::Critical {
+                            item: item.to_owned(),
+                            message: message.clone(),
+                        });
+                    }
+                    HealthCause::Retrying { message, retries } => {
+                        return Err(Error::Retrying {
+                            item: item.to_owned(),
+                            message: message.clone(),
+                            retries: *retries,
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if let Some(j) = self.c.job(job)
+            && matches!(j.state, JobState::Failed | JobState::Cancelled)
+        {
+            return Err(Error::Job {
+                job: job.clone(),
+                kind: j.kind,
+                state: j.state,
+                errors: j.errors.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Protects a machine: records it in the catalogue (owned by this site), then runs
+    /// initial replication of every disk. `disks` are the host's names for them. Returns
+    /// `false` when the item was already protected by this site with these disks.
+    pub async fn protect(
+        &mut self,
+        item: &str,
+        disks: &[PathBuf],
+        policy: ReplicationPolicy,
+        block_size: u32,
+    ) -> Result<bool> {
+        catalog::check_name("item", item)?;
+        if self.plans.contains_key(item) {
+            return Err(Error::Invalid(format!(
+                "{item}: a recovery plan has that name"
+            )));
+        }
+        if let Some(e) = self.items.get(item) {
+            if e.doc.owner.site != self.site.id() {
+                return Err(Error::NotOwner {
+                    item: item.to_owned(),
+                    owner: e.doc.owner.label.clone(),
+                    hint: Some("it is already protected from there".into()),
+                });
+            }
+            if e.doc.disks.iter().map(|d| &d.source).ne(disks.iter()) {
+                return Err(Error::Invalid(format!(
+                    "{item} is already protected with other disks"
+                )));
+            }
+            return Ok(false);
+        }
+        let bs = BlockSize::new(block_size)
+            .map_err(|_| Error::Invalid(format!("block size {block_size} is not valid")))?;
+        let mut docs = Vec::new();
+        for path in disks {
+            if let Some((other, _)) = self
+                .items
+                .iter()
+                .filter(|(_, e)| e.doc.owner.site == self.site.id())
+                .find(|(_, e)| e.doc.disks.iter().any(|d| &d.source == path))
+            {
+                return Err(Error::Invalid(format!(
+                    "disk {} is already protected (item {other})",
+                    path.display()
+                )));
+            }
+            let disk = self
+                .host
+                .open_disk(path)
+                .map_err(Error::io(format!("disk {}", path.display())))?;
+            let len = disk
+                .size()
+                .map_err(Error::io(format!("disk {}", path.display())))?;
+            if len == 0 || !len.is_multiple_of(512) {
+                return Err(Error::Invalid(format!(
+                    "disk {} is {len} bytes: a disk is a non-zero multiple of 512 bytes",
+                    path.display()
+                )));
+            }
+            docs.push(Disk {
+                source: path.clone(),
+                size: len,
+                tracking: Tracking::default(),
+            });
+        }
+        if docs.len()
+            != docs
+                .iter()
+                .map(|d| &d.source)
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+        {
+            return Err(Error::Invalid(format!("{item} names one disk twice")));
+        }
+        let now = self.now();
+        let sizes = docs.iter().map(|d| d.size).collect();
+        let job = self.c.handle_command(
+            now,
+            Command::EnableProtection {
+                item: item.to_owned(),
+                disks: sizes,
+                policy,
+            },
+        )?;
+        let doc = Item {
+            schema: SCHEMA,
+            name: item.to_owned(),
+            owner: self.site.owner(),
+            epoch: 0,
+            taken_over: None,
+            clock: now,
+            replication: self.c.item_record(item).expect("just added"),
+            block_size: bs.get(),
+            disks: docs,
+            points: BTreeMap::new(),
+            pending: Vec::new(),
+            cycles: BTreeMap::new(),
+            test: Materialized::default(),
+            failover: Materialized::default(),
+            failback_to: Vec::new(),
+            protective: Vec::new(),
+            source_running: true,
+            target_running: false,
+            last_resync: Vec::new(),
+            last_sync_back: Vec::new(),
+            trash: Vec::new(),
+        };
+        let doc_name = catalog::item_doc(item);
+        let bytes = catalog::encode(&doc_name, &doc)?;
+        // Two sites protecting one name: the store lets one create the document.
+        let etag = match catalog::write(&*self.store, &doc_name, &bytes, Expect::Absent, None).await
+        {
+            Ok(etag) => etag,
+            Err(e) => {
+                self.c.remove_item(item);
+                return Err(match e {
+                    StoreError::Changed { .. } | StoreError::AlreadyExists { .. } => {
+                        Error::Invalid(format!("{item} is already protected (from another site)"))
+                    }
+                    other => other.into(),
+                });
+            }
+        };
+        self.store.acquire_lease(&doc_name, self.site.id()).await?;
+        self.site.cache(&doc_name, &bytes);
+        self.items.insert(
+            item.to_owned(),
+            Entry {
+                doc,
+                etag,
+                saved: bytes,
+            },
+        );
+        self.drive().await?;
+        self.check_job(item, &job)?;
+        Ok(true)
+    }
+
+    /// Accepts closed logs (disk index, file) for an item: checks each (disk, chain,
+    /// size, not taken before) and stages a copy in the site. Returns how many were new.
+    pub async fn stage_logs(&mut self, item: &str, logs: &[(usize, PathBuf)]) -> Result<usize> {
+        let doc = self.doc(item)?;
+        let mut disks = doc.disks.clone();
+        let mut staged = Vec::new();
+        for (d, path) in logs {
+            let d = *d;
+            let n = disks.len();
+            let disk = disks.get_mut(d).ok_or_else(|| {
+                Error::Invalid(format!("{item} has {n} disk(s); there is no disk {d}"))
+            })?;
+            let log = crate::data::read_log(path)?;
+            let id = catalog::hex(&log.unique_id);
+            if disk.tracking.recent.contains(&log.unique_id) {
+                self.observer.event(&Event::LogSkipped {
+                    item: item.to_owned(),
+                    path: path.clone(),
+                    id,
+                });
+                continue;
+            }
+            if log.disk_end > disk.size {
+                return Err(Error::Invalid(format!(
+                    "{}: writes reach byte {} but disk {d} is {} bytes",
+                    path.display(),
+                    log.disk_end,
+                    disk.size
+                )));
+            }
+            let t = &mut disk.tracking;
+            if t.last_log != [0; 16] && log.previous_id != t.last_log {
+                return Err(Error::Invalid(format!(
+                    "{}: log {id} follows {} but the last log of disk {d} is {} (out of chain order)",
+                    path.display(),
+                    catalog::hex(&log.previous_id),
+                    catalog::hex(&t.last_log)
+                )));
+            }
+            let guid_ok = log.write_guid == [0; 16] || log.write_guid == t.write_guid;
+            let dest = self.site.logs_dir(item).join(format!("disk{d}-{id}.hrl"));
+            crate::data::copy_file_to(path, &dest)?;
+            remember(t, log.unique_id);
+            staged.push(StagedLog {
+                disk: d,
+                path: dest,
+                logged_bytes: log.logged_bytes,
+                clean: log.clean,
+                guid_ok,
+            });
+        }
+        let fresh = staged.len();
+        let doc = self.doc_mut(item)?;
+        doc.disks = disks;
+        doc.pending.extend(staged);
+        self.persist().await?;
+        Ok(fresh)
+    }
+
+    /// Stages logs and runs a delta cycle now.
+    pub async fn replicate(&mut self, item: &str, logs: &[(usize, PathBuf)]) -> Result<Replicated> {
+        let st = self.protection(item)?;
+        self.require_owned(item)?;
+        if st != ProtectionState::Protected {
+            return Err(Error::Invalid(format!(
+                "replicate is not allowed while {item} is {st:?}"
+            )));
+        }
+        let fresh = self.stage_logs(item, logs).await?;
+        if fresh == 0 && self.doc(item)?.pending.is_empty() {
+            return Ok(Replicated::Nothing);
+        }
+        let before = self.item(item)?.status.cycles_applied;
+        // A delta cycle now: the clock moves to the cycle's deadline if that is later.
+        for _ in 0..4 {
+            if self.doc(item)?.pending.is_empty() {
+                break;
+            }
+            let now = self.now();
+            let at = self.c.poll_timeout().map_or(now, |t| t.max(now));
+            self.last = at;
+            self.c.handle_timeout(at);
+            self.drive().await?;
+        }
+        let s = self.item(item)?.status;
+        if let Some(c) = s.causes.iter().find(|c| {
+            matches!(
+                c,
+                HealthCause::NonRecoverableError { .. } | HealthCause::Retrying { .. }
+            )
+        }) {
+            return Err(match c {
+                HealthCause::NonRecoverableError { message } => Error::Critical {
+                    item: item.to_owned(),
+                    message: message.clone(),
+                },
+                HealthCause::Retrying { message, retries } => Error::Retrying {
+                    item: item.to_owned(),
+                    message: message.clone(),
+                    retries: *retries,
+                },
+                _ => unreachable!("filtered above"),
+            });
+        }
+        if s.state == ProtectionState::ResyncRequired {
+            return Ok(Replicated::ResyncRequired(s.causes));
+        }
+        Ok(Replicated::Applied {
+            cycles: s.cycles_applied - before,
+            points: s.points.len(),
+        })
+    }
+
+    /// Materialises a recovery point's disks as `export` says, without disturbing
+    /// replication.
+    pub async fn test_failover(
+        &mut self,
+        item: &str,
+        point: PointChoice,
+        export: Export,
+    ) -> Result<JobId> {
+        self.doc_mut(item)?.test.export = export;
+        self.command(Command::TestFailover {
+            item: item.to_owned(),
+            point,
+        })
+        .await
+    }
+
+    /// Fails over: planned (source shut down, final logs applied, zero loss) or unplanned
+    /// (to a point; this site takes the item over if another site owned it).
+    pub async fn failover(&mut self, item: &str, how: Failover, export: Export) -> Result<JobId> {
+        if matches!(how, Failover::Unplanned(_)) && self.require_owned(item).is_err() {
+            self.take_over(item).await?;
+        }
+        self.doc_mut(item)?.failover.export = export;
+        let cmd = match how {
+            Failover::Planned(logs) => {
+                if !logs.is_empty() {
+                    self.stage_logs(item, &logs).await?;
+                }
+                Command::PlannedFailover {
+                    item: item.to_owned(),
+                }
+            }
+            Failover::Unplanned(point) => Command::UnplannedFailover {
+                item: item.to_owned(),
+                point,
+            },
+        };
+        self.command(cmd).await
+    }
+
+    /// Brings on-premises disks (`to`, one per disk: the original ones or alternates) up
+    /// to the recovered disks' current content, after a committed failover. A site that
+    /// does not own the item takes it over first (the on-premises site acts from here on).
+    pub async fn failback(&mut self, item: &str, to: &[PathBuf], full: bool) -> Result<()> {
+        if self.require_owned(item).is_err() {
+            let st = self.protection(item)?;
+            if st != ProtectionState::FailoverCommitted {
+                self.require_owned(item)?;
+            }
+            self.take_over(item).await?;
+        }
+        let doc = self.doc(item)?;
+        if to.len() != doc.disks.len() {
+            return Err(Error::Invalid(format!(
+                "{item} has {} disk(s); {} target(s) given",
+                doc.disks.len(),
+                to.len()
+            )));
+        }
+        for (d, (p, disk)) in to.iter().zip(&doc.disks).enumerate() {
+            // An alternate disk may not exist yet (it is created); one that exists must fit.
+            if let Ok(t) = self.host.open_disk(p) {
+                let len = t
+                    .size()
+                    .map_err(Error::io(format!("disk {}", p.display())))?;
+                if len != disk.size {
+                    return Err(Error::Invalid(format!(
+                        "failback target {} is {len} bytes but disk {d} is {} bytes",
+                        p.display(),
+                        disk.size
+                    )));
+                }
+            }
+        }
+        let alternate = doc.disks.iter().map(|d| &d.source).ne(to.iter());
+        let st = self.protection(item)?;
+        if st == ProtectionState::FailoverCommitted {
+            self.doc_mut(item)?.failback_to = to.to_vec();
+        }
+        // A failback an interrupted run left completed needs nothing more.
+        if st != ProtectionState::FailbackCompleted {
+            self.command(Command::Failback {
+                item: item.to_owned(),
+                full,
+                alternate,
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// After failback: completes it if needed, then resumes replication towards the
+    /// recovery site. `false` if the item was protected already.
+    pub async fn reprotect(&mut self, item: &str) -> Result<bool> {
+        if self.protection(item)? == ProtectionState::Protected {
+            return Ok(false);
+        }
+        if self.protection(item)? == ProtectionState::FailbackCompleted {
+            self.command(Command::CompleteFailback {
+                item: item.to_owned(),
+            })
+            .await?;
+        }
+        self.command(Command::Reprotect {
+            item: item.to_owned(),
+        })
+        .await?;
+        Ok(true)
+    }
+
+    /// Carries on with interrupted or retrying work; `now` runs scheduled retries and
+    /// cycles at once instead of waiting for them.
+    pub async fn resume(&mut self, now: bool) -> Result<()> {
+        let t = self.now();
+        let at = match self.c.poll_timeout() {
+            Some(due) if now => due.max(t),
+            _ => t,
+        };
+        self.last = at;
+        self.c.handle_timeout(at);
+        self.drive().await?;
+        self.persist().await
+    }
+
+    /// Makes this site act for an item another site owned (a lost site, a disaster):
+    /// every blob of the item and its catalogue document are leased to this site, so the
+    /// old owner's writes are refused by the store from now on. Logs the old site had
+    /// shipped and not applied are lost. `false` if this site owned it already.
+    pub async fn take_over(&mut self, item: &str) -> Result<bool> {
+        let Some(entry) = self.items.get(item) else {
+            return Err(Error::UnknownItem(item.to_owned()));
+        };
+        if self.c.status(item, Duration::ZERO).is_some() {
+            return Ok(false);
+        }
+        let from = entry.doc.owner.clone();
+        let me = self.site.id();
+        let store = self.store.clone();
+        // Fence first: every blob of the item, then its document, is leased to this site.
+        let doc_name = catalog::item_doc(item);
+        let mut blobs: Vec<String> = store
+            .list(&catalog::item_prefix(item))
+            .await?
+            .into_iter()
+            .filter(|b| *b != doc_name)
+            .collect();
+        blobs.push(doc_name.clone());
+        for b in &blobs {
+            take_lease(&*store, b, me).await?;
+        }
+        let (mut doc, etag, _) = catalog::read::<Item>(&*store, &doc_name)
+            .await?
+            .ok_or_else(|| Error::UnknownItem(item.to_owned()))?;
+        doc.owner = self.site.owner();
+        doc.epoch += 1;
+        let now = self.now();
+        doc.taken_over = Some((from.clone(), now));
+        // Logs staged at the old site are lost with it.
+        doc.pending.clear();
+        doc.cycles.clear();
+        doc.trash.clear();
+        self.c.insert_item(now, item, doc.replication.clone());
+        self.items.insert(
+            item.to_owned(),
+            Entry {
+                doc,
+                etag,
+                saved: Vec::new(),
+            },
+        );
+        self.c.handle_command(
+            now,
+            Command::TakeOver {
+                item: item.to_owned(),
+            },
+        )?;
+        self.persist().await?;
+        self.observer.event(&Event::TookOver {
+            item: item.to_owned(),
+            from: from.label,
+        });
+        let plans: Vec<String> = self.plans.keys().cloned().collect();
+        for p in plans {
+            self.load_plan_if_mine(&p);
+        }
+        self.drive().await?;
+        Ok(true)
+    }
+
+    // ------------------------------------------------------------------ jobs and plans
+
+    /// Every job in the catalogue: items', then plans'.
+    pub fn jobs(&self) -> Vec<&Job> {
+        let mut out: Vec<&Job> = Vec::new();
+        for (name, e) in &self.items {
+            if self.c.status(name, Duration::ZERO).is_some() {
+                out.extend(self.c.jobs().filter(|j| j.item() == name));
+            } else {
+                out.extend(e.doc.replication.jobs());
+            }
+        }
+        for (name, p) in &self.plans {
+            if self.c.plan(name).is_some() {
+                out.extend(self.c.jobs().filter(|j| j.item() == name));
+            } else {
+                out.extend(p.record.jobs());
+            }
+        }
+        out
+    }
+
+    /// One job.
+    pub fn job(&self, id: &JobId) -> Option<&Job> {
+        self.jobs().into_iter().find(|j| &j.id == id)
+    }
+
+    /// What an administrator may do with a job now (nothing for another site's).
+    pub fn allowed_actions(&self, id: &JobId) -> Vec<JobAction> {
+        self.c.allowed_actions(id)
+    }
+
+    /// Cancels, restarts or resumes a job this site acts for; returns the job that runs.
+    pub async fn job_action(&mut self, id: &JobId, action: JobAction) -> Result<JobId> {
+        if self.job(id).is_none() {
+            return Err(Error::Invalid(format!("no job {id}")));
+        }
+        if self.c.job(id).is_none() {
+            self.require_owned(&id.item)?;
+        }
+        let now = self.now();
+        let job = match action {
+            JobAction::Cancel => {
+                self.c.cancel_job(now, id)?;
+                id.clone()
+            }
+            JobAction::Restart => self.c.restart_job(now, id)?,
+            JobAction::Resume => {
+                self.c.resume_job(now, id)?;
+                id.clone()
+            }
+        };
+        self.persist().await?;
+        self.drive().await?;
+        Ok(job)
+    }
+
+    /// Creates (or replaces) a recovery plan; its items must be in the catalogue.
+    pub async fn create_plan(&mut self, plan: RecoveryPlan) -> Result<()> {
+        catalog::check_name("plan", &plan.name)?;
+        if self.items.contains_key(&plan.name) {
+            return Err(Error::Invalid(format!(
+                "plan {}: an item has that name",
+                plan.name
+            )));
+        }
+        if let Some(i) = plan
+            .groups
+            .iter()
+            .flat_map(|g| &g.items)
+            .find(|i| !self.items.contains_key(*i))
+        {
+            return Err(Error::UnknownItem(i.clone()));
+        }
+        let name = plan.name.clone();
+        let doc_name = catalog::plan_doc(&name);
+        let (record, expect) = match self.plans.get(&name) {
+            Some(e) => (
+                e.record.clone().replaced(plan)?,
+                Expect::Version(e.etag.clone()),
+            ),
+            None => (PlanRecord::new(plan)?, Expect::Absent),
+        };
+        let doc = PlanDoc {
+            schema: SCHEMA,
+            record: record.clone(),
+        };
+        let bytes = catalog::encode(&doc_name, &doc)?;
+        let etag = catalog::write(&*self.store, &doc_name, &bytes, expect, None)
+            .await
+            .map_err(|e| match e {
+                StoreError::Changed { .. } => Error::Catalog {
+                    name: doc_name.clone(),
+                    reason: "another site changed the plan; run the command again".into(),
+                },
+                other => other.into(),
+            })?;
+        self.c.remove_plan(&name);
+        self.plans.insert(
+            name.clone(),
+            PlanEntry {
+                record,
+                etag,
+                saved: bytes,
+            },
+        );
+        self.load_plan_if_mine(&name);
+        Ok(())
+    }
+
+    /// A recovery plan.
+    pub fn plan(&self, name: &str) -> Option<&RecoveryPlan> {
+        self.plans.get(name).map(|p| p.record.plan())
+    }
+
+    /// Every recovery plan.
+    pub fn plans(&self) -> impl Iterator<Item = &RecoveryPlan> + '_ {
+        self.plans.values().map(|p| p.record.plan())
+    }
+
+    /// Fails over every item of a plan, group by group; `exports` says where each item's
+    /// disks go. An unplanned plan failover takes over the items other sites own; a test
+    /// or planned one needs this site to own them all.
+    pub async fn start_plan(
+        &mut self,
+        plan: &str,
+        failover: PlanFailover,
+        exports: &dyn Fn(&str) -> Export,
+    ) -> Result<JobId> {
+        let items: Vec<String> = self
+            .plan(plan)
+            .ok_or_else(|| Error::UnknownPlan(plan.to_owned()))?
+            .groups
+            .iter()
+            .flat_map(|g| g.items.clone())
+            .collect();
+        for i in &items {
+            if self.require_owned(i).is_err() {
+                if matches!(failover, PlanFailover::Unplanned(_)) {
+                    self.take_over(i).await?;
+                } else {
+                    self.require_owned(i)?;
+                }
+            }
+        }
+        self.load_plan_if_mine(plan);
+        for i in &items {
+            let ex = exports(i);
+            let doc = self.doc_mut(i)?;
+            if matches!(failover, PlanFailover::Test(_)) {
+                doc.test.export = ex;
+            } else {
+                doc.failover.export = ex;
+            }
+        }
+        let now = self.now();
+        let job = self.c.start_plan(now, plan, failover)?;
+        self.persist().await?;
+        self.drive().await?;
+        Ok(job)
+    }
+
+    /// Lets a plan waiting for a manual action carry on.
+    pub async fn resume_plan(&mut self, plan: &str) -> Result<()> {
+        if self.c.plan(plan).is_none() {
+            return Err(match self.plans.get(plan) {
+                None => Error::UnknownPlan(plan.to_owned()),
+                Some(_) => Error::Invalid(format!(
+                    "plan {plan} has items another site acts for: resume it there"
+                )),
+            });
+        }
+        let now = self.now();
+        self.c.resume_plan(now, plan)?;
+        self.persist().await?;
+        self.drive().await
+    }
+
+    /// The plan's latest job.
+    pub fn plan_job(&self, plan: &str) -> Option<&Job> {
+        self.jobs()
+            .into_iter()
+            .rev()
+            .find(|j| j.kind == lifeboat_replication::JobKind::RecoveryPlan && j.item() == plan)
+    }
+
+    /// The disk paths of an item this site acts for (for embedders that write to them,
+    /// such as a stand-in guest).
+    pub fn disk_path(&self, item: &str, d: usize) -> Result<&Path> {
+        let doc = self.doc(item)?;
+        doc.disks.get(d).map(|x| x.source.as_path()).ok_or_else(|| {
+            Error::Invalid(format!(
+                "{item} has {} disk(s); there is no disk {d}",
+                doc.disks.len()
+            ))
+        })
+    }
+}
+
+/// Remembers a log id as taken (a bounded window: the chain rule refuses anything older).
+fn remember(t: &mut Tracking, id: Guid) {
+    t.last_log = id;
+    t.recent.push_back(id);
+    while t.recent.len() > catalog::RECENT_LOGS {
+        t.recent.pop_front();
+    }
+}
+
+/// Breaks whatever lease holds `blob` (unless it is ours) and takes it.
+async fn take_lease(store: &dyn PageStore, blob: &str, me: LeaseId) -> Result<()> {
+    match store.acquire_lease(blob, me).await {
+        Ok(()) => Ok(()),
+        Err(StoreError::Leased { .. }) => {
+            store.break_lease(blob).await?;
+            Ok(store.acquire_lease(blob, me).await?)
+        }
+        Err(StoreError::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,225 @@
+//! What differs per embedder: the protected host (its disks, its machines, its hooks) and
+//! the clock. Everything else is the engine's.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lifeboat_resync::BlockSource;
+
+/// The engine's only clock: the time since the Unix epoch. Tests pass one they move.
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    /// Now.
+    fn now(&self) -> Duration;
+}
+
+/// The system's wall clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Duration {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+    }
+}
+
+/// A disk of the protected host: read at any offset (initial replication, resync), written
+/// at any offset (failback). Positional and shareable across threads.
+pub trait Disk: BlockSource + Send + Sync {
+    /// Writes `data` at `offset`.
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()>;
+
+    /// Makes every write so far durable.
+    fn sync(&self) -> io::Result<()>;
+}
+
+impl Disk for File {
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(self, data, offset)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.sync_all()
+    }
+}
+
+/// The protected host, as the engine sees it. Disks are named by paths the embedder
+/// chooses (files, devices, or names in its own space); the engine records them in the
+/// catalogue and hands them back.
+///
+/// Machine control defaults to nothing (a host that runs no machines); the engine records
+/// whether each machine runs either way.
+pub trait Host: Send + Sync + std::fmt::Debug {
+    /// Opens a disk for reading and writing.
+    fn open_disk(&self, path: &Path) -> io::Result<Arc<dyn Disk>>;
+
+    /// Creates a zeroed disk of `len` bytes at `path` (failback to an alternate disk that
+    /// does not exist yet); an existing one is an error.
+    fn create_disk(&self, path: &Path, len: u64) -> io::Result<()>;
+
+    /// Shuts the protected machine down (planned failover).
+    fn shut_down_source(&self, item: &str) -> io::Result<()> {
+        let _ = item;
+        Ok(())
+    }
+
+    /// Starts the protected machine (cancelled failover, failback).
+    fn start_source(&self, item: &str) -> io::Result<()> {
+        let _ = item;
+        Ok(())
+    }
+
+    /// Starts the recovered machine on its failover disks.
+    fn start_target(&self, item: &str) -> io::Result<()> {
+        let _ = item;
+        Ok(())
+    }
+
+    /// Stops the recovered machine.
+    fn stop_target(&self, item: &str) -> io::Result<()> {
+        let _ = item;
+        Ok(())
+    }
+
+    /// Runs a recovery plan's script hook; an error fails the plan. Called from a blocking
+    /// thread; may be called again after a crash, so hooks should be idempotent.
+    fn run_hook(&self, plan: &str, group: usize, pre: bool, hook: &str) -> io::Result<()> {
+        let _ = (plan, group, pre);
+        Err(io::Error::other(format!(
+            "this host runs no hooks (hook {hook:?})"
+        )))
+    }
+}
+
+/// A host whose disks are files (raw images): the reference agent's, and any embedder's
+/// that replicates image files.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FileHost;
+
+impl Host for FileHost {
+    fn open_disk(&self, path: &Path) -> io::Result<Arc<dyn Disk>> {
+        let f = OpenOptions::new().read(true).write(true).open(path)?;
+        if !f.metadata()?.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a regular file", path.display()),
+            ));
+        }
+        Ok(Arc::new(f))
+    }
+
+    fn create_disk(&self, path: &Path, len: u64) -> io::Result<()> {
+        let f = OpenOptions::new().write(true).create_new(true).open(path)?;
+        f.set_len(len)?;
+        f.sync_all()
+    }
+}
+
+/// A host whose disks live in memory, for tests and examples: add disks, let a "guest"
+/// write to them, read them back.
+#[derive(Debug, Default)]
+pub struct MemoryHost {
+    disks: Mutex<BTreeMap<PathBuf, Arc<MemoryDisk>>>,
+}
+
+/// One disk of a [`MemoryHost`].
+#[derive(Debug)]
+pub struct MemoryDisk(RwLock<Vec<u8>>);
+
+impl MemoryHost {
+    /// An empty host.
+    pub fn new() -> Self {
+        MemoryHost::default()
+    }
+
+    /// Adds (or replaces) the disk `path` with these bytes.
+    pub fn add_disk(&self, path: impl Into<PathBuf>, bytes: Vec<u8>) {
+        self.lock()
+            .insert(path.into(), Arc::new(MemoryDisk(RwLock::new(bytes))));
+    }
+
+    /// A copy of disk `path`'s bytes.
+    pub fn disk(&self, path: impl AsRef<Path>) -> Option<Vec<u8>> {
+        let d = self.lock().get(path.as_ref()).cloned()?;
+        Some(d.0.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    /// Writes to disk `path`, as the machine's guest would.
+    pub fn write(&self, path: impl AsRef<Path>, offset: u64, data: &[u8]) -> io::Result<()> {
+        let d = self
+            .lock()
+            .get(path.as_ref())
+            .cloned()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        d.write_at(offset, data)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<PathBuf, Arc<MemoryDisk>>> {
+        self.disks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Host for MemoryHost {
+    fn open_disk(&self, path: &Path) -> io::Result<Arc<dyn Disk>> {
+        match self.lock().get(path) {
+            Some(d) => Ok(d.clone()),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no disk {}", path.display()),
+            )),
+        }
+    }
+
+    fn create_disk(&self, path: &Path, len: u64) -> io::Result<()> {
+        let mut disks = self.lock();
+        if disks.contains_key(path) {
+            return Err(io::ErrorKind::AlreadyExists.into());
+        }
+        let len = usize::try_from(len).map_err(|_| io::ErrorKind::OutOfMemory)?;
+        disks.insert(
+            path.to_path_buf(),
+            Arc::new(MemoryDisk(RwLock::new(vec![0; len]))),
+        );
+        Ok(())
+    }
+
+    fn run_hook(&self, _plan: &str, _group: usize, _pre: bool, _hook: &str) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl BlockSource for MemoryDisk {
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.0.read().unwrap_or_else(|p| p.into_inner()).len() as u64)
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_slice()
+            .read_exact_at(buf, offset)
+    }
+}
+
+impl Disk for MemoryDisk {
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let mut d = self.0.write().unwrap_or_else(|p| p.into_inner());
+        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
+        let end = start
+            .checked_add(data.len())
+            .filter(|&e| e <= d.len())
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        d[start..end].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
