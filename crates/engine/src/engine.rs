@@ -935,6 +935,23 @@ impl Engine {
         if matches!(how, Failover::Unplanned(_)) && self.require_owned(item).is_err() {
             self.take_over(item).await?;
         }
+        // Run again after an interruption: the failover completed in the meantime.
+        let done = match how {
+            Failover::Planned(_) => ProtectionState::PlannedFailoverCompleted,
+            Failover::Unplanned(_) => ProtectionState::UnplannedFailoverCompleted,
+        };
+        if self.protection(item)? == done
+            && let Some(j) = self.jobs().into_iter().rev().find(|j| {
+                j.item() == item
+                    && matches!(
+                        j.kind,
+                        lifeboat_replication::JobKind::PlannedFailover
+                            | lifeboat_replication::JobKind::UnplannedFailover
+                    )
+            })
+        {
+            return Ok(j.id.clone());
+        }
         self.doc_mut(item)?.failover.export = export;
         let cmd = match how {
             Failover::Planned(logs) => {

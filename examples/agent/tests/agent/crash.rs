@@ -4,77 +4,41 @@
 
 use std::fs;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Instant;
 
-const MIB: u64 = 1 << 20;
+use super::common::{MIB, Target, make_disk, s};
+
 const SEEDS: u64 = 4;
 
+/// A crash test's site: a directory holding the site, the VM's disks and its logs.
 struct Site {
     dir: PathBuf,
+    t: Target,
 }
 
 impl Site {
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_lifeboat"));
-        c.arg("--site").arg(self.dir.join("site")).args(args);
-        c
+    fn new(dir: PathBuf) -> Self {
+        fs::create_dir_all(&dir).unwrap();
+        // The store outside the site: a take-over test acts from a second site.
+        let t = Target {
+            site: dir.join("site"),
+            store: Some(dir.join("store")),
+            azure: None,
+        };
+        Site { dir, t }
+    }
+
+    fn cmd(&self, args: &[&str]) -> std::process::Command {
+        self.t.cmd(args)
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.cmd(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "lifeboat {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// Starts the command, kills it with SIGKILL after `delay`; whether it was still
-    /// running then.
-    fn kill_after(&self, args: &[&str], delay: Duration) -> bool {
-        let mut child = self.cmd(args).spawn().unwrap();
-        let start = Instant::now();
-        while start.elapsed() < delay {
-            if child.try_wait().unwrap().is_some() {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        let running = child.try_wait().unwrap().is_none();
-        child.kill().unwrap(); // SIGKILL on unix
-        child.wait().unwrap();
-        running
+        self.t.ok(args)
     }
 
     fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn make_disk(path: &Path, len: u64, seed: u64) {
-    let f = fs::File::create(path).unwrap();
-    f.set_len(len).unwrap();
-    let mut x = seed | 1;
-    let mut buf = vec![0u8; 256 << 10];
-    let mut at = 0;
-    while at < len {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        if x >> 62 != 0 {
-            for (i, b) in buf.iter_mut().enumerate() {
-                *b = (x >> (i % 7 * 8)) as u8 ^ (i >> 9) as u8;
-            }
-            f.write_all_at(&buf, at).unwrap();
-        }
-        at += buf.len() as u64;
     }
 }
 
@@ -104,10 +68,7 @@ fn frac(seed: u64) -> f64 {
 /// completion, then `check`s. The first pass (no kill) measures how long `op` takes.
 fn crash_test(name: &str, setup: impl Fn(&Site) -> Vec<String>, check: impl Fn(&Site)) {
     let root = tempfile::tempdir().unwrap();
-    let base = Site {
-        dir: root.path().join("baseline"),
-    };
-    fs::create_dir_all(&base.dir).unwrap();
+    let base = Site::new(root.path().join("baseline"));
     let args = setup(&base);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let t0 = Instant::now();
@@ -120,13 +81,10 @@ fn crash_test(name: &str, setup: impl Fn(&Site) -> Vec<String>, check: impl Fn(&
         // A kill that comes after the command ended is tried again, sooner, on a fresh site
         // (the machine may be busier now than when the first pass was timed).
         for attempt in 0..4 {
-            let site = Site {
-                dir: root.path().join(format!("seed{seed}-{attempt}")),
-            };
-            fs::create_dir_all(&site.dir).unwrap();
+            let site = Site::new(root.path().join(format!("seed{seed}-{attempt}")));
             let args = setup(&site);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let hit = site.kill_after(&args, delay);
+            let hit = site.t.kill_after(&args, delay);
             site.ok(&args);
             check(&site);
             if hit {
@@ -149,10 +107,7 @@ fn crash_test(name: &str, setup: impl Fn(&Site) -> Vec<String>, check: impl Fn(&
 fn crash_at_every_action(name: &str, setup: impl Fn(&Site) -> Vec<String>, check: impl Fn(&Site)) {
     let root = tempfile::tempdir().unwrap();
     for n in 1..100 {
-        let site = Site {
-            dir: root.path().join(format!("at{n}")),
-        };
-        fs::create_dir_all(&site.dir).unwrap();
+        let site = Site::new(root.path().join(format!("at{n}")));
         let args = setup(&site);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let status = site
@@ -338,4 +293,54 @@ fn failback_survives_sigkill() {
 #[test]
 fn failback_survives_a_crash_after_every_action() {
     crash_at_every_action("failback", failback_setup, failback_check);
+}
+
+/// The protected site is lost; a fresh site fails the VM over (taking it over first).
+fn takeover_setup(site: &Site) -> Vec<String> {
+    let old = site.t.at(&site.path("old-site"));
+    let d = make_vm(site);
+    let args = protect_args(&d);
+    old.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let l = site.path("l0.hrl");
+    old.ok(&[
+        "guest-write",
+        "vm",
+        "--disk",
+        "0",
+        "--log",
+        s(&l),
+        "--writes",
+        "40",
+        "--size",
+        "64K",
+    ]);
+    old.ok(&["replicate", "vm", "--log", &format!("0={}", s(&l))]);
+    fs::remove_dir_all(&old.site).unwrap();
+    vec![
+        "failover".into(),
+        "vm".into(),
+        "--unplanned".into(),
+        "--out".into(),
+        s(&site.path("uf")).into(),
+    ]
+}
+
+fn takeover_check(site: &Site) {
+    assert_eq!(site.t.state("vm"), "UnplannedFailoverCompleted");
+    for (i, p) in disks(site).iter().enumerate() {
+        let got = fs::read(site.path("uf").join(format!("disk{i}.raw"))).unwrap();
+        assert!(got == fs::read(p).unwrap(), "failed-over disk {i} differs");
+    }
+    let st = site.t.json(&["status", "vm"]);
+    assert_eq!(st[0]["owned_here"], true);
+}
+
+#[test]
+fn take_over_and_failover_survive_sigkill() {
+    crash_test("take-over", takeover_setup, takeover_check);
+}
+
+#[test]
+fn take_over_and_failover_survive_a_crash_after_every_action() {
+    crash_at_every_action("take-over", takeover_setup, takeover_check);
 }
