@@ -215,8 +215,8 @@ fn disaster_drill(local: bool) {
         .collect();
     let out = c.ok(&["failback", "vm1", "--to", s(&new[0]), "--to", s(&new[1])]);
     assert!(out.contains("FailbackCompleted"), "{out}");
-    for d in 0..2 {
-        assert_same(&new[d], &uf.join(format!("disk{d}.raw")));
+    for (d, n) in new.iter().enumerate() {
+        assert_same(n, &uf.join(format!("disk{d}.raw")));
     }
     c.ok(&["reprotect", "vm1"]);
     assert_eq!(c.state("vm1"), "Protected");
@@ -229,10 +229,10 @@ fn disaster_drill(local: bool) {
     // The replica follows the new disks.
     let check = root.path().join("check");
     c.ok(&["test-failover", "vm1", "--out", s(&check)]);
-    for d in 0..2 {
-        assert_same(&check.join(format!("disk{d}.raw")), &new[d]);
+    for (d, n) in new.iter().enumerate() {
+        assert_same(&check.join(format!("disk{d}.raw")), n);
     }
-    let _ = disks;
+    drop(disks);
 }
 
 #[test]
