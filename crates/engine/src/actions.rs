@@ -495,7 +495,7 @@ impl Engine {
         }
     }
 
-    async fn delete_point(&mut self, name: &str, point: PointId) -> Result<()> {
+    pub(crate) async fn delete_point(&mut self, name: &str, point: PointId) -> Result<()> {
         // The store does not fence snapshot deletions (snapshots take no lease): a write
         // of the catalogue as its lease holder first proves this site still owns the item.
         self.fence(name).await?;
