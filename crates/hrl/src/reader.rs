@@ -646,6 +646,10 @@ fn parse_block(
 fn salvage_walk<S: ReadAt>(src: &S, h: &Header, file_len: u64) -> Result<(Vec<u64>, u64), Error> {
     const WINDOW: u64 = 1 << 20;
     let ms = u64::from(h.metadata_size);
+    // No block fits: nothing to salvage, and nothing sized by the header is allocated.
+    if HEADER_SIZE + ms > file_len {
+        return Err(Error::NothingToSalvage);
+    }
     let slots = u64::from(h.slots_per_block());
     let mut offsets = Vec::new();
     let mut prev_start: Option<u64> = None;
