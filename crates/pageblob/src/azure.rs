@@ -158,8 +158,22 @@ impl AzureStore {
         credential: Credential,
         transport: Option<Transport>,
     ) -> Result<Self, StoreError> {
-        let url = Url::parse(container_url.trim_end_matches('/'))
-            .map_err(|e| StoreError::Invalid(format!("container URL: {e}")))?;
+        let url = Url::parse(container_url.trim_end_matches('/')).map_err(|e| {
+            StoreError::Invalid(format!("container URL: {}", redact(&e.to_string())))
+        })?;
+        let loopback = url.host_str().is_some_and(|h| {
+            h == "localhost"
+                || h.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        });
+        if url.scheme() != "https" && !(url.scheme() == "http" && loopback) {
+            return Err(StoreError::Invalid(format!(
+                "container URL {}: use https (plain http only for an emulator on this machine)",
+                redact(url.as_str())
+            )));
+        }
         let mut options = ClientOptions {
             retry: RetryOptions::none(),
             transport,
@@ -332,18 +346,41 @@ fn from_azure(e: azure_core::Error, what: &str) -> StoreError {
         }
         ErrorKind::Connection => StoreError::Io {
             path: what.to_owned(),
-            source: std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e.to_string()),
+            source: std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                redact(&e.to_string()),
+            ),
         },
         ErrorKind::Io => StoreError::Io {
             path: what.to_owned(),
-            source: std::io::Error::new(std::io::ErrorKind::ConnectionReset, e.to_string()),
+            source: std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                redact(&e.to_string()),
+            ),
         },
         _ => StoreError::Http {
             status: 0,
-            message: format!("{what}: {e}"),
+            message: redact(&format!("{what}: {e}")),
             retry_after: None,
         },
     }
+}
+
+/// A message with every SAS signature (`sig=...`) blanked: a signature is a secret.
+pub(crate) fn redact(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find("sig=") {
+        out.push_str(&rest[..i + 4]);
+        out.push_str("REDACTED");
+        rest = &rest[i + 4..];
+        let end = rest
+            .find(|c: char| c == '&' || c == '"' || c == '\'' || c.is_whitespace())
+            .unwrap_or(rest.len());
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 fn to_hash(md: &Metadata) -> HashMap<String, String> {
@@ -945,6 +982,15 @@ fn rfc1123(unix: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn signatures_are_redacted() {
+        assert_eq!(
+            super::redact("GET https://a/c?sv=1&sig=AB%2Fcd&se=2 failed: sig=xyz"),
+            "GET https://a/c?sv=1&sig=REDACTED&se=2 failed: sig=REDACTED"
+        );
+        assert_eq!(super::redact("no secret"), "no secret");
+    }
+
     #[test]
     fn rfc1123_dates() {
         assert_eq!(super::rfc1123(0), "Thu, 01 Jan 1970 00:00:00 GMT");

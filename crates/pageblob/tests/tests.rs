@@ -984,3 +984,27 @@ async fn local_store_handles_race_on_one_document_and_one_wins() {
     let doc = first.get_doc("cat/items/vm.json").await.unwrap().unwrap();
     assert_eq!(doc.data[..], vec![b'a' + won[0] as u8; 4096][..]);
 }
+
+/// Plain http only to this machine (an emulator).
+#[tokio::test]
+async fn azure_store_requires_https_but_for_this_machine() {
+    use lifeboat_pageblob::{AzureStore, Credential};
+    for url in [
+        "http://example.com/c",
+        "http://10.0.0.1/devstoreaccount1/c",
+        "ftp://127.0.0.1/c",
+    ] {
+        let r = AzureStore::new(url, Credential::Sas);
+        assert!(
+            matches!(&r, Err(lifeboat_pageblob::StoreError::Invalid(m)) if m.contains("https")),
+            "{url}: {r:?}"
+        );
+    }
+    for url in [
+        "http://127.0.0.1:1/a/c",
+        "http://localhost:1/a/c",
+        "http://[::1]:1/a/c",
+    ] {
+        AzureStore::new(url, Credential::Sas).unwrap();
+    }
+}

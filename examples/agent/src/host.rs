@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use lifeboat_engine::{Disk, FileHost, Host};
 
@@ -25,7 +26,8 @@ impl Host for AgentHost {
     }
 
     /// `sh -c HOOK` with `LIFEBOAT_PLAN`, `LIFEBOAT_GROUP` (from 1) and `LIFEBOAT_PHASE`
-    /// (pre or post); a non-zero exit fails the plan.
+    /// (pre or post), without the store's secrets; a non-zero exit, or running longer than
+    /// `LIFEBOAT_HOOK_TIMEOUT` seconds (default 3600; the hook is killed), fails the plan.
     fn run_hook(&self, plan: &str, group: usize, pre: bool, hook: &str) -> io::Result<()> {
         let mut cmd = std::process::Command::new("sh");
         cmd.arg("-c")
@@ -36,7 +38,37 @@ impl Host for AgentHost {
         for s in SECRETS {
             cmd.env_remove(s);
         }
-        let status = cmd.status()?;
+        let timeout = std::env::var("LIFEBOAT_HOOK_TIMEOUT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(Duration::from_secs(3600), Duration::from_secs);
+        // Its own process group, so a timeout kills what the hook started too.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let mut child = cmd.spawn()?;
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if start.elapsed() >= timeout {
+                if let Some(pid) = i32::try_from(child.id())
+                    .ok()
+                    .and_then(rustix::process::Pid::from_raw)
+                {
+                    let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "hook {hook:?} ran longer than {} s: killed",
+                        timeout.as_secs()
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         if !status.success() {
             return Err(io::Error::other(format!(
                 "hook {hook:?} exited with {status}"

@@ -616,3 +616,102 @@ fn resync_of_a_rewritten_disk() {
     t.ok(&["test-failover", "vm", "--out", s(&tf)]);
     assert_same(&tf.join("disk0.raw"), &d);
 }
+
+/// A SAS signature is a secret: it never appears in output or errors.
+#[test]
+fn a_sas_signature_never_appears_in_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = "http://127.0.0.1:1/devstoreaccount1/c?sv=2022-11-02&sp=racwdl&sig=TOPSECRETSIG%3D";
+    let out = Command::new(env!("CARGO_BIN_EXE_lifeboat"))
+        .args([
+            "--site",
+            s(&dir.path().join("site")),
+            "--azure",
+            url,
+            "status",
+        ])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("127.0.0.1:1"), "{text}");
+    assert!(!text.contains("TOPSECRETSIG"), "{text}");
+}
+
+/// Plan hooks run without the store's secrets in their environment, and are killed when
+/// they run too long.
+#[test]
+fn hooks_see_no_secrets_and_time_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Target::local(dir.path());
+    let d = dir.path().join("d.raw");
+    make_disk(&d, 2 * MIB, 5);
+    t.ok(&["protect", "vm", "--disk", s(&d)]);
+    let seen = dir.path().join("seen.txt");
+    t.ok(&[
+        "plan",
+        "create",
+        "p",
+        "--group",
+        "vm",
+        "--pre",
+        &format!(
+            "1:script:echo key=${{LIFEBOAT_KEY:-none}} account=${{LIFEBOAT_ACCOUNT:-none}} > {}",
+            s(&seen)
+        ),
+    ]);
+    let out = t
+        .cmd(&[
+            "plan",
+            "failover",
+            "p",
+            "--test",
+            "--out",
+            s(&dir.path().join("o")),
+        ])
+        .env("LIFEBOAT_KEY", "SECRETKEY")
+        .env("LIFEBOAT_ACCOUNT", "someaccount")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        fs::read_to_string(&seen).unwrap(),
+        "key=none account=none\n"
+    );
+    t.ok(&["test-failover-cleanup", "vm"]);
+
+    t.ok(&[
+        "plan",
+        "create",
+        "slow",
+        "--group",
+        "vm",
+        "--pre",
+        "1:script:sleep 30",
+    ]);
+    let start = std::time::Instant::now();
+    let out = t
+        .cmd(&[
+            "plan",
+            "failover",
+            "slow",
+            "--test",
+            "--out",
+            s(&dir.path().join("o2")),
+        ])
+        .env("LIFEBOAT_HOOK_TIMEOUT", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("longer than 1 s"), "{err}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(20));
+}
