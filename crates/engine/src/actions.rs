@@ -6,8 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use lifeboat_pageblob::{
-    BatchReport, Change, Condition, MAX_PUT, Metadata, PageWriter, ReplicaDigests, StoreError,
-    WriterConfig, vhd,
+    BatchReport, Change, Condition, MAX_PUT, Metadata, PageWriter, ReplicaDigests, StoreError, vhd,
 };
 use lifeboat_replication::{Action, ActionKind, LogReport, Outcome, PointId, Purpose};
 use lifeboat_resync::{BlockSize, BlockSource, DiffOptions, ExtentKind, Side};
@@ -155,15 +154,32 @@ impl Engine {
             self.ensure_replica(&replica_blob(name, d), disk.size, doc.block_size)
                 .await?;
         }
+        let host = self.host.clone();
         let doc = self.doc_mut(name)?;
         for (d, disk) in doc.disks.iter_mut().enumerate() {
             if disk.tracking.write_guid == [0; 16] {
                 disk.tracking.write_guid =
                     crate::site::random_guid(&format!("{name}/disk{d}/write-guid"));
             }
+            let start = crate::site::random_guid(&format!("{name}/disk{d}/chain"));
+            host.tracking_started(name, d, start)
+                .map_err(Error::io(format!(
+                    "starting change tracking of {name} disk {d}"
+                )))?;
+            disk.tracking.restart(start);
         }
-        // Logs staged before a resync are covered by it.
-        let stale: Vec<_> = doc.pending.drain(..).map(|l| l.path).collect();
+        // Logs staged or closed before tracking (re)started are covered by the copy or
+        // resync that follows.
+        let stale: Vec<_> = doc
+            .pending
+            .drain(..)
+            .chain(
+                std::mem::take(&mut doc.cycles)
+                    .into_values()
+                    .flat_map(|c| c.logs),
+            )
+            .map(|l| l.path)
+            .collect();
         doc.trash.extend(stale);
         Ok(())
     }
@@ -249,7 +265,7 @@ impl Engine {
             )));
         }
         let mut digests = self.take_digests(&blob, len, bs, seq).await?;
-        let writer = PageWriter::new(self.store.clone(), blob.clone(), WriterConfig::default())
+        let writer = PageWriter::new(self.store.clone(), blob.clone(), self.writer.clone())
             .leased(Some(self.site.id()));
         let report = writer.apply_batch(seq, changes, edges).await?;
         digests
@@ -308,16 +324,18 @@ impl Engine {
     async fn close_logs(&mut self, name: &str, cycle: u64) -> Result<Outcome> {
         let n = self.doc(name)?.disks.len();
         if !self.doc(name)?.cycles.contains_key(&cycle) {
-            let mut expect_seq = Vec::with_capacity(n);
-            for d in 0..n {
-                let p = self.store.properties(&replica_blob(name, d)).await?;
-                expect_seq.push(p.sequence_number);
-            }
             let doc = self.doc_mut(name)?;
             let logs = std::mem::take(&mut doc.pending);
-            doc.cycles.insert(cycle, Cycle { logs, expect_seq });
+            doc.cycles.insert(
+                cycle,
+                Cycle {
+                    logs,
+                    expect_seq: Vec::new(),
+                },
+            );
         }
         let c = &self.doc(name)?.cycles[&cycle];
+        let quiesced = !c.logs.is_empty() && c.logs.iter().all(|l| l.app_consistent);
         let reports = (0..n)
             .map(|d| {
                 let mine = c.logs.iter().filter(|l| l.disk == d);
@@ -326,16 +344,48 @@ impl Engine {
                     log_bytes: mine.clone().map(|l| l.logged_bytes).sum(),
                     closed_cleanly: mine.clone().all(|l| l.clean),
                     write_guid_matches: mine.clone().all(|l| l.guid_ok),
+                    continues_chain: mine.clone().all(|l| l.chained),
+                    app_consistent: quiesced,
                 }
             })
             .collect();
         Ok(Outcome::Logs(reports))
     }
 
+    /// Applies cycle `cycle`, after every earlier cycle still waiting (a cycle whose apply
+    /// was dropped, say by a planned failover, still comes first: a replica never skips a
+    /// cycle).
     async fn apply_cycle(&mut self, name: &str, cycle: u64) -> Result<()> {
-        let Some(c) = self.doc(name)?.cycles.get(&cycle).cloned() else {
+        let earlier: Vec<u64> = self
+            .doc(name)?
+            .cycles
+            .range(..cycle)
+            .map(|(c, _)| *c)
+            .collect();
+        for c in earlier {
+            self.apply_one_cycle(name, c).await?;
+        }
+        self.apply_one_cycle(name, cycle).await
+    }
+
+    async fn apply_one_cycle(&mut self, name: &str, cycle: u64) -> Result<()> {
+        let Some(mut c) = self.doc(name)?.cycles.get(&cycle).cloned() else {
             return Ok(()); // applied and removed before a crash
         };
+        if c.expect_seq.is_empty() {
+            // Where each replica starts from, recorded (durably) before the first batch:
+            // batch i is fenced on expect + i, so a crash resumes at the first batch the
+            // blob has not taken. Taken now, not at close: a cycle closed before an
+            // earlier one was applied starts after that one's batches.
+            for d in 0..self.doc(name)?.disks.len() {
+                let p = self.store.properties(&replica_blob(name, d)).await?;
+                c.expect_seq.push(p.sequence_number);
+            }
+            if let Some(x) = self.doc_mut(name)?.cycles.get_mut(&cycle) {
+                x.expect_seq = c.expect_seq.clone();
+            }
+            self.persist().await?;
+        }
         for (d, &expect) in c.expect_seq.iter().enumerate() {
             let paths: Vec<&Path> = c
                 .logs

@@ -196,8 +196,15 @@ pub struct Tracking {
     /// The UniqueId of the newest log accepted for the disk: the next log's
     /// PreviousUniqueId.
     pub last_log: Guid,
-    /// The most recent log ids accepted, newest last.
+    /// The most recent log ids taken, newest last.
     pub recent: VecDeque<Guid>,
+    /// Tracking (re)starts so far (protection, resyncs, reprotect): each starts a chain.
+    #[serde(default)]
+    pub session: u64,
+    /// The end of the chain tracking left at its last restart: logs continuing it are
+    /// covered by the resync that restarted it.
+    #[serde(default)]
+    pub retired: Option<Guid>,
 }
 
 /// A log accepted and copied into the owner's site, waiting for its cycle.
@@ -214,6 +221,16 @@ pub struct StagedLog {
     pub clean: bool,
     /// Its Vhd2DataWriteGuid matches the tracking one (or is zero).
     pub guid_ok: bool,
+    /// It continues the disk's chain (else a log before it is missing).
+    #[serde(default = "yes")]
+    pub chained: bool,
+    /// It was closed at a quiesced snapshot of the machine.
+    #[serde(default)]
+    pub app_consistent: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A closed cycle: its logs and, per disk, the replica sequence number its batches start
@@ -223,7 +240,8 @@ pub struct StagedLog {
 pub struct Cycle {
     /// Logs in chain order.
     pub logs: Vec<StagedLog>,
-    /// Per disk: the blob sequence number before the cycle's first batch.
+    /// Per disk: the blob sequence number before the cycle's first batch (recorded when
+    /// the cycle starts being applied; empty until then).
     pub expect_seq: Vec<u64>,
 }
 

@@ -63,6 +63,7 @@ pub(crate) fn read_at(disk: &dyn Disk, offset: u64, len: u64, what: &Path) -> Re
 
 /// What the engine checks of an HRL log (read through the file: memory is bounded by the
 /// log's metadata, not its payload).
+#[derive(Clone, Debug)]
 pub(crate) struct Log {
     /// Its header ids.
     pub(crate) unique_id: [u8; 16],

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lifeboat_pageblob::{ETag, Expect, LeaseId, PageStore, ReplicaDigests, StoreError};
+use lifeboat_pageblob::{
+    ETag, Expect, LeaseId, PageStore, ReplicaDigests, StoreError, WriterConfig,
+};
 use lifeboat_replication::{
     Command, Coordinator, HealthCause, ItemStatus, Job, JobAction, JobId, JobState, Outcome,
     PlanFailover, PlanRecord, PointChoice, ProtectionState, RecoveryPlan, ReplicationPolicy,
@@ -14,9 +16,7 @@ use lifeboat_replication::{
 use lifeboat_resync::BlockSize;
 use lifeboat_retry::Classify;
 
-use crate::catalog::{
-    self, Disk, Export, Guid, Item, Materialized, PlanDoc, SCHEMA, StagedLog, Tracking,
-};
+use crate::catalog::{self, Disk, Export, Item, Materialized, PlanDoc, SCHEMA, Tracking};
 use crate::error::{Error, Result};
 use crate::host::{Clock, FileHost, Host, SystemClock};
 use crate::site::Site;
@@ -160,6 +160,7 @@ pub struct EngineBuilder {
     observer: Arc<dyn Observer>,
     on_wait: Option<Box<dyn Fn() + Send + Sync>>,
     crash_after: Option<u64>,
+    writer: WriterConfig,
 }
 
 impl std::fmt::Debug for EngineBuilder {
@@ -193,6 +194,13 @@ impl EngineBuilder {
     /// How messages name the store (a path, or a container URL without its secrets).
     pub fn store_description(mut self, desc: impl Into<String>) -> Self {
         self.store_desc = desc.into();
+        self
+    }
+
+    /// How replica writes are sent: requests in flight, size, the quick per-request retries
+    /// (the state machine owns the long schedule), a bandwidth limit.
+    pub fn writer(mut self, config: WriterConfig) -> Self {
+        self.writer = config;
         self
     }
 
@@ -233,6 +241,7 @@ impl EngineBuilder {
             last: Duration::ZERO,
             performed: 0,
             crash_after: self.crash_after,
+            writer: self.writer,
             digests: Mutex::default(),
         };
         e.load().await?;
@@ -258,6 +267,7 @@ pub struct Engine {
     last: Duration,
     performed: u64,
     crash_after: Option<u64>,
+    pub(crate) writer: WriterConfig,
     /// Replica digests as last saved, by blob.
     pub(crate) digests: Mutex<HashMap<String, ReplicaDigests>>,
 }
@@ -283,6 +293,7 @@ impl Engine {
             observer: Arc::new(Quiet),
             on_wait: None,
             crash_after: None,
+            writer: WriterConfig::default(),
         }
     }
 
@@ -800,111 +811,46 @@ impl Engine {
         Ok(true)
     }
 
-    /// Accepts closed logs (disk index, file) for an item: checks each (disk, chain,
-    /// size, not taken before) and stages a copy in the site. Returns how many were new.
-    pub async fn stage_logs(&mut self, item: &str, logs: &[(usize, PathBuf)]) -> Result<usize> {
-        let doc = self.doc(item)?;
-        let mut disks = doc.disks.clone();
-        let mut staged = Vec::new();
-        for (d, path) in logs {
-            let d = *d;
-            let n = disks.len();
-            let disk = disks.get_mut(d).ok_or_else(|| {
-                Error::Invalid(format!("{item} has {n} disk(s); there is no disk {d}"))
-            })?;
-            let log = crate::data::read_log(path)?;
-            let id = catalog::hex(&log.unique_id);
-            if disk.tracking.recent.contains(&log.unique_id) {
-                self.observer.event(&Event::LogSkipped {
-                    item: item.to_owned(),
-                    path: path.clone(),
-                    id,
-                });
-                continue;
-            }
-            if log.disk_end > disk.size {
-                return Err(Error::Invalid(format!(
-                    "{}: writes reach byte {} but disk {d} is {} bytes",
-                    path.display(),
-                    log.disk_end,
-                    disk.size
-                )));
-            }
-            let t = &mut disk.tracking;
-            if t.last_log != [0; 16] && log.previous_id != t.last_log {
-                return Err(Error::Invalid(format!(
-                    "{}: log {id} follows {} but the last log of disk {d} is {} (out of chain order)",
-                    path.display(),
-                    catalog::hex(&log.previous_id),
-                    catalog::hex(&t.last_log)
-                )));
-            }
-            let guid_ok = log.write_guid == [0; 16] || log.write_guid == t.write_guid;
-            let dest = self.site.logs_dir(item).join(format!("disk{d}-{id}.hrl"));
-            crate::data::copy_file_to(path, &dest)?;
-            remember(t, log.unique_id);
-            staged.push(StagedLog {
-                disk: d,
-                path: dest,
-                logged_bytes: log.logged_bytes,
-                clean: log.clean,
-                guid_ok,
-            });
-        }
-        let fresh = staged.len();
-        let doc = self.doc_mut(item)?;
-        doc.disks = disks;
-        doc.pending.extend(staged);
-        self.persist().await?;
-        Ok(fresh)
-    }
-
-    /// Stages logs and runs a delta cycle now.
-    pub async fn replicate(&mut self, item: &str, logs: &[(usize, PathBuf)]) -> Result<Replicated> {
-        let st = self.protection(item)?;
+    /// Stages logs (see [`Engine::stage_logs`]) and runs a delta cycle now: the logs
+    /// staged so far become a recovery point, app-consistent if `app_consistent` says they
+    /// were closed at a quiesced snapshot.
+    pub async fn replicate(
+        &mut self,
+        item: &str,
+        logs: &[(usize, PathBuf)],
+        app_consistent: bool,
+    ) -> Result<Replicated> {
         self.require_owned(item)?;
+        let st = self.protection(item)?;
         if st != ProtectionState::Protected {
             return Err(Error::Invalid(format!(
                 "replicate is not allowed while {item} is {st:?}"
             )));
         }
-        let fresh = self.stage_logs(item, logs).await?;
-        if fresh == 0 && self.doc(item)?.pending.is_empty() {
+        let staged = self.stage_logs(item, logs, app_consistent).await?;
+        if staged.chained + staged.broken == 0 && self.doc(item)?.pending.is_empty() {
             return Ok(Replicated::Nothing);
         }
         let before = self.item(item)?.status.cycles_applied;
-        // A delta cycle now: the clock moves to the cycle's deadline if that is later.
-        for _ in 0..4 {
-            if self.doc(item)?.pending.is_empty() {
-                break;
-            }
-            let now = self.now();
-            let at = self.c.poll_timeout().map_or(now, |t| t.max(now));
-            self.last = at;
-            self.c.handle_timeout(at);
-            self.drive().await?;
+        match self
+            .command(Command::ReplicateNow {
+                item: item.to_owned(),
+            })
+            .await
+        {
+            Ok(_) => {}
+            // The cycle's logs need a resync: the job failed, saying why.
+            Err(Error::Job { .. })
+                if matches!(
+                    self.protection(item)?,
+                    ProtectionState::ResyncRequired
+                        | ProtectionState::Resynchronizing
+                        | ProtectionState::ResyncPaused
+                ) => {}
+            Err(e) => return Err(e),
         }
         let s = self.item(item)?.status;
-        if let Some(c) = s.causes.iter().find(|c| {
-            matches!(
-                c,
-                HealthCause::NonRecoverableError { .. } | HealthCause::Retrying { .. }
-            )
-        }) {
-            return Err(match c {
-                HealthCause::NonRecoverableError { message } => Error::Critical {
-                    item: item.to_owned(),
-                    message: message.clone(),
-                },
-                HealthCause::Retrying { message, retries } => Error::Retrying {
-                    item: item.to_owned(),
-                    message: message.clone(),
-                    retries: *retries,
-                },
-                _ => unreachable!("filtered above"),
-            });
-        }
-        if s.state == ProtectionState::ResyncRequired {
+        if s.state != ProtectionState::Protected {
             return Ok(Replicated::ResyncRequired(s.causes));
         }
         Ok(Replicated::Applied {
@@ -956,7 +902,7 @@ impl Engine {
         let cmd = match how {
             Failover::Planned(logs) => {
                 if !logs.is_empty() {
-                    self.stage_logs(item, &logs).await?;
+                    self.stage_logs(item, &logs, false).await?;
                 }
                 Command::PlannedFailover {
                     item: item.to_owned(),
@@ -1044,12 +990,11 @@ impl Engine {
     /// cycles at once instead of waiting for them.
     pub async fn resume(&mut self, now: bool) -> Result<()> {
         let t = self.now();
-        let at = match self.c.poll_timeout() {
-            Some(due) if now => due.max(t),
-            _ => t,
-        };
-        self.last = at;
-        self.c.handle_timeout(at);
+        if now {
+            self.c.expedite(t);
+        } else {
+            self.c.handle_timeout(t);
+        }
         self.drive().await?;
         self.persist().await
     }
@@ -1315,15 +1260,6 @@ impl Engine {
                 doc.disks.len()
             ))
         })
-    }
-}
-
-/// Remembers a log id as taken (a bounded window: the chain rule refuses anything older).
-fn remember(t: &mut Tracking, id: Guid) {
-    t.last_log = id;
-    t.recent.push_back(id);
-    while t.recent.len() > catalog::RECENT_LOGS {
-        t.recent.pop_front();
     }
 }
 

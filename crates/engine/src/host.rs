@@ -62,6 +62,15 @@ pub trait Host: Send + Sync + std::fmt::Debug {
     /// does not exist yet); an existing one is an error.
     fn create_disk(&self, path: &Path, len: u64) -> io::Result<()>;
 
+    /// Change tracking of a disk (re)starts (protection, a resync, reprotect): the first
+    /// log of the new chain must name `chain` as its PreviousUniqueId. A host whose
+    /// tracking driver writes the logs tells it here; others hand the id to whoever
+    /// writes them (the catalogue keeps it as the disk's cursor).
+    fn tracking_started(&self, item: &str, disk: usize, chain: [u8; 16]) -> io::Result<()> {
+        let _ = (item, disk, chain);
+        Ok(())
+    }
+
     /// Shuts the protected machine down (planned failover).
     fn shut_down_source(&self, item: &str) -> io::Result<()> {
         let _ = item;

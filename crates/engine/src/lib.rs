@@ -56,6 +56,7 @@ host.write("vm1/disk0", 8192, &[7; 4096])?;
 let tracking = &site.item("vm1")?.item.disks[0].tracking;
 let config = WriterConfig {
     unique_id: [1; 16],
+    previous_unique_id: tracking.last_log, // where the disk's chain starts
     vhd2_data_write_guid: tracking.write_guid,
     ..WriterConfig::default()
 };
@@ -63,7 +64,7 @@ let log = dir.path().join("l1.hrl");
 let mut w = LogWriter::new(std::fs::File::create(&log)?, config)?;
 w.write(8192, &[7; 4096], 0)?;
 w.finish(1)?;
-let r = site.replicate("vm1", &[(0, log)]).await?;
+let r = site.replicate("vm1", &[(0, log)], false).await?;
 assert!(matches!(r, Replicated::Applied { cycles: 1, .. }));
 
 // The site is lost. Another one, with only the store, fails the machine over.
@@ -95,6 +96,7 @@ pub use crate::{
     engine::{Engine, EngineBuilder, Event, Failover, ItemView, Observer, Replicated, Task},
     error::{Error, Result},
     host::{Clock, Disk, FileHost, Host, MemoryDisk, MemoryHost, SystemClock},
+    logs::Staged,
     site::Site,
 };
 
@@ -104,6 +106,7 @@ mod data;
 mod engine;
 mod error;
 mod host;
+mod logs;
 mod site;
 
 #[cfg(test)]

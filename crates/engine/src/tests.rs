@@ -5,11 +5,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use lifeboat_hrl::{LogWriter, WriterConfig};
-use lifeboat_pageblob::{LocalStore, PageStore};
-use lifeboat_replication::{Command, PointId, ProtectionState, ReplicationPolicy};
+use lifeboat_hrl::{LogWriter, WriterConfig as WriterConfig2};
+use lifeboat_pageblob::{Fault, FaultyStore, LocalStore, PageStore, Request, WriterConfig};
+use lifeboat_replication::{
+    Command, HealthCause, PointId, ProtectionState, ReplicationPolicy, ResyncReason,
+};
 
-use crate::{Clock, Engine, Error, MemoryHost, Replicated};
+use crate::{Clock, Engine, Error, Export, Failover, MemoryHost, Replicated};
 
 /// A clock the test moves.
 #[derive(Debug, Default)]
@@ -30,6 +32,7 @@ impl Clock for ManualClock {
 struct World {
     dir: tempfile::TempDir,
     store: Arc<dyn PageStore>,
+    faults: Arc<FaultyStore<LocalStore>>,
     host: Arc<MemoryHost>,
     clock: Arc<ManualClock>,
 }
@@ -37,51 +40,89 @@ struct World {
 impl World {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn PageStore> =
-            Arc::new(LocalStore::open(dir.path().join("store")).unwrap());
+        let faults = Arc::new(FaultyStore::new(
+            LocalStore::open(dir.path().join("store")).unwrap(),
+        ));
         let host = Arc::new(MemoryHost::new());
         host.add_disk("vm/d0", vec![0u8; 2 << 20]);
         let clock = Arc::new(ManualClock::default());
         clock.set(Duration::from_secs(1_800_000_000));
         World {
             dir,
-            store,
+            store: faults.clone(),
+            faults,
             host,
             clock,
         }
     }
 
     async fn engine(&self, site: &str) -> Engine {
+        let mut writer = WriterConfig::default();
+        writer.retry = writer.retry.scaled(1, 1000);
         Engine::builder(self.store.clone(), self.dir.path().join(site))
             .host(self.host.clone())
             .clock(self.clock.clone())
+            .writer(writer)
             .open()
             .await
             .unwrap()
     }
 
-    /// A log of one guest write, chained after `previous`.
+    /// A log of one guest write of `n`s at `n * 8 KiB` (made on the disk too), with id
+    /// `[n; 16]`, following `previous`.
     fn log(&self, e: &Engine, n: u8, previous: [u8; 16]) -> PathBuf {
         let t = &e.item("vm").unwrap().item.disks[0].tracking;
         let at = u64::from(n) * 8192;
         self.host.write("vm/d0", at, &[n; 4096]).unwrap();
         let path = self.dir.path().join(format!("l{n}.hrl"));
-        let config = WriterConfig {
+        let config = WriterConfig2 {
             unique_id: [n; 16],
             previous_unique_id: previous,
             vhd2_data_write_guid: t.write_guid,
-            ..WriterConfig::default()
+            ..WriterConfig2::default()
         };
         let mut w = LogWriter::new(std::fs::File::create(&path).unwrap(), config).unwrap();
         w.write(at, &[n; 4096], 0).unwrap();
         w.finish(1).unwrap();
         path
     }
+
+    /// Where the disk's chain stands: the id the next log follows.
+    fn chain(&self, e: &Engine) -> [u8; 16] {
+        e.item("vm").unwrap().item.disks[0].tracking.last_log
+    }
+
+    fn advance(&self, d: Duration) {
+        self.clock.set(self.clock.now() + d);
+    }
+
+    /// The replica's bytes as recovery point `point` holds them.
+    async fn point_bytes(&self, e: &Engine, point: u64) -> Vec<u8> {
+        let snap = &e.item("vm").unwrap().item.points[&point][0];
+        self.store
+            .read("lifeboat/items/vm/disk0", Some(snap), 0, 2 << 20)
+            .await
+            .unwrap()
+            .to_vec()
+    }
+
+    async fn replica_bytes(&self) -> Vec<u8> {
+        self.store
+            .read("lifeboat/items/vm/disk0", None, 0, 2 << 20)
+            .await
+            .unwrap()
+            .to_vec()
+    }
+
+    fn source(&self) -> Vec<u8> {
+        self.host.disk("vm/d0").unwrap()
+    }
 }
 
 fn policy() -> ReplicationPolicy {
     ReplicationPolicy {
         retention: Duration::from_secs(3600),
+        auto_resync: false,
         ..ReplicationPolicy::default()
     }
 }
@@ -147,10 +188,10 @@ async fn a_live_engine_is_fenced_by_a_take_over() {
 async fn a_taken_over_engine_deletes_no_recovery_point() {
     let w = World::new();
     let mut a = protected(&w, "a").await;
-    let l1 = w.log(&a, 1, [0; 16]);
+    let l1 = w.log(&a, 1, w.chain(&a));
     w.clock.set(w.clock.now() + Duration::from_secs(600));
     assert!(matches!(
-        a.replicate("vm", &[(0, l1)]).await.unwrap(),
+        a.replicate("vm", &[(0, l1)], false).await.unwrap(),
         Replicated::Applied { cycles: 1, .. }
     ));
     let before = snapshots_of(&w);
@@ -169,8 +210,8 @@ async fn a_taken_over_engine_deletes_no_recovery_point() {
 async fn the_catalogue_is_in_the_store() {
     let w = World::new();
     let mut a = protected(&w, "a").await;
-    let l1 = w.log(&a, 1, [0; 16]);
-    a.replicate("vm", &[(0, l1)]).await.unwrap();
+    let l1 = w.log(&a, 1, w.chain(&a));
+    a.replicate("vm", &[(0, l1)], false).await.unwrap();
     let points = a.item("vm").unwrap().item.points.clone();
     drop(a);
     std::fs::remove_dir_all(w.dir.path().join("a")).unwrap();
@@ -182,7 +223,14 @@ async fn the_catalogue_is_in_the_store() {
     assert_eq!(v.item.disks[0].source, Path::new("vm/d0"));
     assert_eq!(v.item.disks[0].tracking.last_log, [1; 16]);
     assert!(v.item.owner.label.ends_with("/a"));
-    assert_eq!(b.jobs().len(), 1);
+    let kinds: Vec<_> = b.jobs().iter().map(|j| j.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            lifeboat_replication::JobKind::EnableProtection,
+            lifeboat_replication::JobKind::Replicate
+        ]
+    );
 }
 
 /// Names that would escape a path or collide are refused before anything is recorded.
@@ -206,4 +254,197 @@ async fn item_names_are_checked() {
     }
     assert_eq!(e.items().count(), 0);
     assert!(w.store.list("lifeboat/items/").await.unwrap().is_empty());
+}
+
+/// Asserts two disks' bytes are the same, naming the first difference (not printing them).
+#[track_caller]
+fn same(got: &[u8], want: &[u8], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: first difference at byte {i}: {:02x} instead of {:02x}",
+            got[i], want[i]
+        );
+    }
+}
+
+fn applied(r: Replicated) -> usize {
+    match r {
+        Replicated::Applied { cycles, .. } => cycles as usize,
+        other => panic!("expected cycles applied, got {other:?}"),
+    }
+}
+
+/// Protect; the guest writes l1 then l2 (l2 follows l1); only l2 is handed over. It must
+/// not be applied (the latest point would lack l1's write): the item needs a resync and
+/// says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_whose_predecessor_is_missing_is_never_applied() {
+    let w = World::new();
+    let mut e = protected(&w, "a").await;
+    let point1 = w.point_bytes(&e, 1).await;
+    let _l1 = w.log(&e, 1, w.chain(&e));
+    let l2 = w.log(&e, 2, [1; 16]);
+    let r = e.replicate("vm", &[(0, l2)], false).await.unwrap();
+    match r {
+        Replicated::ResyncRequired(causes) => assert!(
+            causes.contains(&HealthCause::ResyncRequired(ResyncReason::LogChainBroken {
+                disk: 0
+            })),
+            "{causes:?}"
+        ),
+        other => panic!("l2 was taken: {other:?}"),
+    }
+    same(
+        &w.replica_bytes().await,
+        &point1,
+        "l2's write reached the replica",
+    );
+    assert_eq!(e.item("vm").unwrap().status.points.len(), 1);
+    assert_ne!(
+        e.item("vm").unwrap().status.health,
+        lifeboat_replication::Health::Normal
+    );
+}
+
+/// Logs handed over together are taken in chain order, whatever order they are given in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_taken_in_chain_order() {
+    let w = World::new();
+    let mut e = protected(&w, "a").await;
+    let l1 = w.log(&e, 1, w.chain(&e));
+    let l2 = w.log(&e, 2, [1; 16]);
+    let l3 = w.log(&e, 3, [2; 16]);
+    let r = e
+        .replicate("vm", &[(0, l3), (0, l1.clone()), (0, l2)], false)
+        .await
+        .unwrap();
+    assert_eq!(applied(r), 1);
+    same(&w.replica_bytes().await, &w.source(), "replica");
+    // Handed over again: taken before, nothing to do.
+    assert_eq!(
+        e.replicate("vm", &[(0, l1)], false).await.unwrap(),
+        Replicated::Nothing
+    );
+}
+
+/// After a lost log, a resync restarts the chain: the disk takes logs again, and a late
+/// log of the old chain (covered by the resync) is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_lost_log_a_resync_lets_the_disk_take_logs_again() {
+    let w = World::new();
+    let mut e = protected(&w, "a").await;
+    let l1 = w.log(&e, 1, w.chain(&e));
+    let l2 = w.log(&e, 2, [1; 16]);
+    assert!(matches!(
+        e.replicate("vm", &[(0, l2)], false).await.unwrap(),
+        Replicated::ResyncRequired(_)
+    ));
+    e.command(Command::Resync { item: "vm".into() })
+        .await
+        .unwrap();
+    assert_eq!(e.protection("vm").unwrap(), ProtectionState::Protected);
+    same(&w.replica_bytes().await, &w.source(), "replica");
+    // The lost log turns up late: its write is in the resynced replica already.
+    assert_eq!(
+        e.replicate("vm", &[(0, l1)], false).await.unwrap(),
+        Replicated::Nothing
+    );
+    // The new chain starts where the resync restarted tracking.
+    let l4 = w.log(&e, 4, w.chain(&e));
+    let l5 = w.log(&e, 5, [4; 16]);
+    assert_eq!(
+        applied(e.replicate("vm", &[(0, l4), (0, l5)], false).await.unwrap()),
+        1
+    );
+    same(&w.replica_bytes().await, &w.source(), "replica");
+}
+
+/// Eight quick replicate runs with a 15-minute copy frequency and a 1-hour retention:
+/// every point is stamped with the time it was made (none in the future) and none is
+/// pruned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_replicates_keep_their_points_and_their_times() {
+    let w = World::new();
+    let mut e = w.engine("a").await;
+    let policy = ReplicationPolicy {
+        copy_frequency: lifeboat_replication::CopyFrequency::Minutes15,
+        ..policy()
+    };
+    e.protect("vm", &[PathBuf::from("vm/d0")], policy, 64 << 10)
+        .await
+        .unwrap();
+    let mut previous = w.chain(&e);
+    for n in 1..=8u8 {
+        w.advance(Duration::from_secs(1));
+        let l = w.log(&e, n, previous);
+        previous = [n; 16];
+        assert_eq!(
+            applied(e.replicate("vm", &[(0, l)], false).await.unwrap()),
+            1
+        );
+    }
+    let now = w.clock.now();
+    let points = e.item("vm").unwrap().status.points;
+    assert_eq!(points.len(), 9, "{points:?}");
+    assert!(points.iter().all(|p| p.time <= now), "{points:?}");
+    assert_eq!(points.last().unwrap().time, now);
+    // Each point holds the source as of its own cycle.
+    same(&w.point_bytes(&e, 9).await, &w.source(), "point 9");
+}
+
+/// A cycle stuck before it was applied (its writes keep failing), then a planned failover
+/// with the final log: the recovered disk holds every write, the stuck cycle's included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_failover_after_a_stuck_cycle_loses_no_write() {
+    let w = World::new();
+    let mut e = protected(&w, "a").await;
+    let l1 = w.log(&e, 1, w.chain(&e));
+    w.faults.fail_next(Request::Put, 1000, Fault::Status(503));
+    let r = e.replicate("vm", &[(0, l1)], false).await;
+    assert!(matches!(r, Err(Error::Retrying { .. })), "{r:?}");
+    w.faults.fail_next(Request::Put, 0, Fault::Status(503));
+    let last = w.log(&e, 2, [1; 16]);
+    let out = w.dir.path().join("recovered");
+    let export = Export {
+        dir: Some(out.clone()),
+        ..Export::default()
+    };
+    e.failover("vm", Failover::Planned(vec![(0, last)]), export)
+        .await
+        .unwrap();
+    assert_eq!(
+        e.protection("vm").unwrap(),
+        ProtectionState::PlannedFailoverCompleted
+    );
+    same(
+        &std::fs::read(out.join("disk0.raw")).unwrap(),
+        &w.source(),
+        "recovered",
+    );
+}
+
+/// A resync while a cycle is stuck: the stale cycle is covered by the resync and never
+/// applied on top of it (its write would undo a later one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_never_reapplies_a_stale_cycle() {
+    let w = World::new();
+    let mut e = protected(&w, "a").await;
+    let l1 = w.log(&e, 1, w.chain(&e));
+    w.faults.fail_next(Request::Put, 1000, Fault::Status(503));
+    assert!(e.replicate("vm", &[(0, l1)], false).await.is_err());
+    w.faults.fail_next(Request::Put, 0, Fault::Status(503));
+    // The guest overwrites l1's block; no log reaches the site (say, the host lost it).
+    w.host.write("vm/d0", 8192, &[0xEE; 4096]).unwrap();
+    e.command(Command::Resync { item: "vm".into() })
+        .await
+        .unwrap();
+    assert_eq!(e.protection("vm").unwrap(), ProtectionState::Protected);
+    same(&w.replica_bytes().await, &w.source(), "replica");
+    let last = e.item("vm").unwrap().status.points.last().unwrap().id.0;
+    same(
+        &w.point_bytes(&e, last).await,
+        &w.source(),
+        "the last point",
+    );
 }

@@ -1,6 +1,7 @@
 //! `FaultyStore`: a decorator that makes a real store fail on cue and records requests.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::ops::Range;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -22,6 +23,51 @@ pub enum Fault {
     /// A connection reset *after* the store applied the request: the caller cannot tell
     /// whether it landed (the hard case for exactly-once).
     ResetAfterApply,
+    /// The local disk is full (non-recoverable until someone makes room), without calling
+    /// the store.
+    DiskFull,
+}
+
+/// A kind of request, to plan faults for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum Request {
+    /// Create (a page blob).
+    Create,
+    /// Get Properties.
+    Properties,
+    /// Put Page.
+    Put,
+    /// Clear Pages.
+    Clear,
+    /// A ranged read.
+    Read,
+    /// Page ranges or a diff of them.
+    Ranges,
+    /// Snapshot Blob.
+    Snapshot,
+    /// List snapshots.
+    Snapshots,
+    /// Delete a snapshot.
+    DeleteSnapshot,
+    /// Copy a snapshot into a new blob.
+    CopySnapshot,
+    /// Set Sequence Number.
+    SetSequenceNumber,
+    /// Set Metadata.
+    Metadata,
+    /// Resize.
+    Resize,
+    /// Delete Blob.
+    Delete,
+    /// List blobs.
+    List,
+    /// Acquire, break or release a lease.
+    Lease,
+    /// Read a document.
+    GetDoc,
+    /// Write a document.
+    PutDoc,
 }
 
 /// A request the decorator saw.
@@ -36,12 +82,14 @@ pub struct Seen {
 }
 
 /// Wraps any [`PageStore`]: the Nth page request (writes and clears, counted from 1)
-/// fails with the fault planned for it; every page request is recorded, so tests can
-/// check sizes and alignment of what was actually sent.
+/// fails with the fault planned for it, and the next requests of a kind fail as planned
+/// ([`FaultyStore::fail_next`]); every page request is recorded, so tests can check sizes
+/// and alignment of what was actually sent.
 #[derive(Debug)]
 pub struct FaultyStore<S> {
     inner: S,
     plan: Mutex<BTreeMap<u64, Fault>>,
+    by_kind: Mutex<BTreeMap<Request, (u32, Fault)>>,
     count: Mutex<u64>,
     seen: Mutex<Vec<Seen>>,
 }
@@ -52,6 +100,7 @@ impl<S> FaultyStore<S> {
         FaultyStore {
             inner,
             plan: Mutex::new(BTreeMap::new()),
+            by_kind: Mutex::new(BTreeMap::new()),
             count: Mutex::new(0),
             seen: Mutex::new(Vec::new()),
         }
@@ -60,6 +109,17 @@ impl<S> FaultyStore<S> {
     /// Makes page request number `n` (from 1) fail with `fault`.
     pub fn fail_nth(&self, n: u64, fault: Fault) {
         lock(&self.plan).insert(n, fault);
+    }
+
+    /// Makes the next `count` requests of kind `request` fail with `fault` (replacing what
+    /// was planned for that kind; 0 clears it).
+    pub fn fail_next(&self, request: Request, count: u32, fault: Fault) {
+        let mut m = lock(&self.by_kind);
+        if count == 0 {
+            m.remove(&request);
+        } else {
+            m.insert(request, (count, fault));
+        }
     }
 
     /// The page requests seen so far (including failed ones).
@@ -77,6 +137,33 @@ impl<S> FaultyStore<S> {
         let mut c = lock(&self.count);
         *c += 1;
         lock(&self.plan).remove(&*c)
+    }
+
+    fn planned(&self, request: Request) -> Option<Fault> {
+        let mut m = lock(&self.by_kind);
+        let (n, fault) = m.get_mut(&request)?;
+        let fault = *fault;
+        *n -= 1;
+        if *n == 0 {
+            m.remove(&request);
+        }
+        Some(fault)
+    }
+
+    /// Runs `op` under the fault planned for it, if any.
+    async fn run<T>(
+        &self,
+        fault: Option<Fault>,
+        op: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match fault {
+            None => op.await,
+            Some(Fault::ResetAfterApply) => {
+                op.await?;
+                Err(injected(Fault::ResetAfterApply))
+            }
+            Some(f) => Err(injected(f)),
+        }
     }
 }
 
@@ -99,6 +186,10 @@ fn injected(f: Fault) -> StoreError {
             path: "injected".into(),
             source: std::io::ErrorKind::ConnectionReset.into(),
         },
+        Fault::DiskFull => StoreError::Io {
+            path: "injected".into(),
+            source: std::io::ErrorKind::StorageFull.into(),
+        },
     }
 }
 
@@ -111,11 +202,13 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         seq: u64,
         md: &Metadata,
     ) -> Result<(), StoreError> {
-        self.inner.create(blob, size, seq, md).await
+        let f = self.planned(Request::Create);
+        self.run(f, self.inner.create(blob, size, seq, md)).await
     }
 
     async fn properties(&self, blob: &str) -> Result<Properties, StoreError> {
-        self.inner.properties(blob).await
+        let f = self.planned(Request::Properties);
+        self.run(f, self.inner.properties(blob)).await
     }
 
     async fn write_pages(
@@ -126,14 +219,11 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         crc64: u64,
         c: Condition,
     ) -> Result<(), StoreError> {
-        match self.next("put", offset, data.len() as u64) {
-            Some(Fault::ResetAfterApply) => {
-                self.inner.write_pages(blob, offset, data, crc64, c).await?;
-                Err(injected(Fault::ResetAfterApply))
-            }
-            Some(f) => Err(injected(f)),
-            None => self.inner.write_pages(blob, offset, data, crc64, c).await,
-        }
+        let f = self
+            .next("put", offset, data.len() as u64)
+            .or_else(|| self.planned(Request::Put));
+        self.run(f, self.inner.write_pages(blob, offset, data, crc64, c))
+            .await
     }
 
     async fn clear_pages(
@@ -143,14 +233,11 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         len: u64,
         c: Condition,
     ) -> Result<(), StoreError> {
-        match self.next("clear", offset, len) {
-            Some(Fault::ResetAfterApply) => {
-                self.inner.clear_pages(blob, offset, len, c).await?;
-                Err(injected(Fault::ResetAfterApply))
-            }
-            Some(f) => Err(injected(f)),
-            None => self.inner.clear_pages(blob, offset, len, c).await,
-        }
+        let f = self
+            .next("clear", offset, len)
+            .or_else(|| self.planned(Request::Clear));
+        self.run(f, self.inner.clear_pages(blob, offset, len, c))
+            .await
     }
 
     async fn read(
@@ -160,7 +247,9 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         offset: u64,
         len: u64,
     ) -> Result<Bytes, StoreError> {
-        self.inner.read(blob, snapshot, offset, len).await
+        let f = self.planned(Request::Read);
+        self.run(f, self.inner.read(blob, snapshot, offset, len))
+            .await
     }
 
     async fn page_ranges(
@@ -168,7 +257,8 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         blob: &str,
         snapshot: Option<&str>,
     ) -> Result<Vec<Range<u64>>, StoreError> {
-        self.inner.page_ranges(blob, snapshot).await
+        let f = self.planned(Request::Ranges);
+        self.run(f, self.inner.page_ranges(blob, snapshot)).await
     }
 
     async fn diff_ranges(
@@ -177,19 +267,25 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         snapshot: Option<&str>,
         prev: &str,
     ) -> Result<Vec<Range<u64>>, StoreError> {
-        self.inner.diff_ranges(blob, snapshot, prev).await
+        let f = self.planned(Request::Ranges);
+        self.run(f, self.inner.diff_ranges(blob, snapshot, prev))
+            .await
     }
 
     async fn snapshot(&self, blob: &str, c: Condition) -> Result<String, StoreError> {
-        self.inner.snapshot(blob, c).await
+        let f = self.planned(Request::Snapshot);
+        self.run(f, self.inner.snapshot(blob, c)).await
     }
 
     async fn snapshots(&self, blob: &str) -> Result<Vec<String>, StoreError> {
-        self.inner.snapshots(blob).await
+        let f = self.planned(Request::Snapshots);
+        self.run(f, self.inner.snapshots(blob)).await
     }
 
     async fn delete_snapshot(&self, blob: &str, snapshot: &str) -> Result<(), StoreError> {
-        self.inner.delete_snapshot(blob, snapshot).await
+        let f = self.planned(Request::DeleteSnapshot);
+        self.run(f, self.inner.delete_snapshot(blob, snapshot))
+            .await
     }
 
     async fn copy_snapshot(
@@ -198,7 +294,9 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         snapshot: &str,
         dest: &str,
     ) -> Result<(), StoreError> {
-        self.inner.copy_snapshot(blob, snapshot, dest).await
+        let f = self.planned(Request::CopySnapshot);
+        self.run(f, self.inner.copy_snapshot(blob, snapshot, dest))
+            .await
     }
 
     async fn set_sequence_number(
@@ -207,7 +305,9 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         seq: u64,
         c: Condition,
     ) -> Result<(), StoreError> {
-        self.inner.set_sequence_number(blob, seq, c).await
+        let f = self.planned(Request::SetSequenceNumber);
+        self.run(f, self.inner.set_sequence_number(blob, seq, c))
+            .await
     }
 
     async fn set_metadata(
@@ -216,35 +316,43 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         md: &Metadata,
         c: Condition,
     ) -> Result<(), StoreError> {
-        self.inner.set_metadata(blob, md, c).await
+        let f = self.planned(Request::Metadata);
+        self.run(f, self.inner.set_metadata(blob, md, c)).await
     }
 
     async fn resize(&self, blob: &str, size: u64, c: Condition) -> Result<(), StoreError> {
-        self.inner.resize(blob, size, c).await
+        let f = self.planned(Request::Resize);
+        self.run(f, self.inner.resize(blob, size, c)).await
     }
 
     async fn delete(&self, blob: &str, c: Condition) -> Result<(), StoreError> {
-        self.inner.delete(blob, c).await
+        let f = self.planned(Request::Delete);
+        self.run(f, self.inner.delete(blob, c)).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        self.inner.list(prefix).await
+        let f = self.planned(Request::List);
+        self.run(f, self.inner.list(prefix)).await
     }
 
     async fn acquire_lease(&self, blob: &str, lease: LeaseId) -> Result<(), StoreError> {
-        self.inner.acquire_lease(blob, lease).await
+        let f = self.planned(Request::Lease);
+        self.run(f, self.inner.acquire_lease(blob, lease)).await
     }
 
     async fn break_lease(&self, blob: &str) -> Result<(), StoreError> {
-        self.inner.break_lease(blob).await
+        let f = self.planned(Request::Lease);
+        self.run(f, self.inner.break_lease(blob)).await
     }
 
     async fn release_lease(&self, blob: &str, lease: LeaseId) -> Result<(), StoreError> {
-        self.inner.release_lease(blob, lease).await
+        let f = self.planned(Request::Lease);
+        self.run(f, self.inner.release_lease(blob, lease)).await
     }
 
     async fn get_doc(&self, name: &str) -> Result<Option<Doc>, StoreError> {
-        self.inner.get_doc(name).await
+        let f = self.planned(Request::GetDoc);
+        self.run(f, self.inner.get_doc(name)).await
     }
 
     async fn put_doc(
@@ -254,6 +362,8 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         expect: Expect,
         lease: Option<LeaseId>,
     ) -> Result<ETag, StoreError> {
-        self.inner.put_doc(name, data, expect, lease).await
+        let f = self.planned(Request::PutDoc);
+        self.run(f, self.inner.put_doc(name, data, expect, lease))
+            .await
     }
 }

@@ -77,7 +77,7 @@ pub use crate::{
     azure::{AZURITE_ACCOUNT, AZURITE_KEY, AzureStore, Credential, account_sas},
     digests::{ReplicaDigests, digests_blob},
     error::StoreError,
-    faults::{Fault, FaultyStore, Seen},
+    faults::{Fault, FaultyStore, Request, Seen},
     local::LocalStore,
     store::{
         Condition, Doc, ETag, Expect, LeaseId, LeaseState, MAX_PUT, Metadata, PAGE, PageStore,

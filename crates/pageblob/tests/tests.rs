@@ -1008,3 +1008,41 @@ async fn azure_store_requires_https_but_for_this_machine() {
         AzureStore::new(url, Credential::Sas).unwrap();
     }
 }
+
+/// A Set Sequence Number that landed but whose reply was lost: the leased writer's retry
+/// finds the blob at its batch's next number, which only it could have set, and the batch
+/// succeeds (it used to end as fenced, and the item Critical).
+#[tokio::test]
+async fn a_lost_set_sequence_number_reply_is_not_a_failed_batch() {
+    use lifeboat_pageblob::{LeaseId, Request};
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(FaultyStore::new(LocalStore::open(dir.path()).unwrap()));
+    s.create("d", 1 << 20, 0, &Default::default())
+        .await
+        .unwrap();
+    let lease = LeaseId([9; 16]);
+    s.acquire_lease("d", lease).await.unwrap();
+    let w = PageWriter::new(s.clone(), "d", fast_retries()).leased(Some(lease));
+    let change = || {
+        vec![Change::Data {
+            offset: 0,
+            data: Bytes::from(vec![5u8; 4096]),
+        }]
+    };
+    s.fail_next(Request::SetSequenceNumber, 1, Fault::ResetAfterApply);
+    w.apply_batch(0, change(), None).await.unwrap();
+    assert_eq!(s.properties("d").await.unwrap().sequence_number, 1);
+    // Without a lease nothing proves whose update it was: the batch is reported fenced.
+    let s2 = Arc::new(FaultyStore::new(
+        LocalStore::open(dir.path().join("b")).unwrap(),
+    ));
+    s2.create("d", 1 << 20, 0, &Default::default())
+        .await
+        .unwrap();
+    let w2 = PageWriter::new(s2.clone(), "d", fast_retries());
+    s2.fail_next(Request::SetSequenceNumber, 1, Fault::ResetAfterApply);
+    assert!(matches!(
+        w2.apply_batch(0, change(), None).await,
+        Err(lifeboat_pageblob::WriteError::Fenced { .. })
+    ));
+}

@@ -71,7 +71,6 @@ pub(crate) struct Item {
     next_cycle: u64,
     cycle_due: Option<Duration>,
     last_success: Option<Duration>,
-    last_app_consistent: Option<Duration>,
     failover_point: Option<PointId>,
     final_delta_applied: bool,
     /// A protective snapshot of the on-premises disks exists (failback in progress).
@@ -101,6 +100,16 @@ pub(crate) struct Item {
     /// no moment of the source describes it until a resync or reprotect completes.
     #[serde(default)]
     replica_broken: bool,
+    /// Delta cycles applied (discarded ones not counted).
+    #[serde(default)]
+    cycles_applied: u64,
+    /// When the last cycle closed: the moment the replica holds once it is applied (a
+    /// recovery point's time).
+    #[serde(default)]
+    closed_at: Option<Duration>,
+    /// The last closed cycle's logs were closed at a quiesced snapshot.
+    #[serde(default)]
+    cycle_app_consistent: bool,
 }
 
 impl Item {
@@ -122,7 +131,6 @@ impl Item {
             next_cycle: 0,
             cycle_due: None,
             last_success: None,
-            last_app_consistent: None,
             failover_point: None,
             final_delta_applied: false,
             protective_snapshot: false,
@@ -135,6 +143,9 @@ impl Item {
             next_point: 0,
             applying: false,
             replica_broken: false,
+            cycles_applied: 0,
+            closed_at: None,
+            cycle_app_consistent: false,
         }
     }
 
@@ -260,6 +271,7 @@ fn op_name(c: &Command) -> &'static str {
         Command::ResumeResync { .. } => "ResumeResync",
         Command::CancelResync { .. } => "CancelResync",
         Command::TakeOver { .. } => "TakeOver",
+        Command::ReplicateNow { .. } => "ReplicateNow",
     }
 }
 
@@ -404,8 +416,8 @@ impl Coordinator {
                 let it = self.item_mut(&name);
                 it.state = S::PlannedFailoverInitiated;
                 it.final_delta_applied = false;
-                let cycle = it.next_cycle;
-                self.drop_cycle_steps(&name);
+                self.drop_cycle_steps(now, &name);
+                let cycle = self.new_cycle(&name);
                 self.enqueue(&name, job, ActionKind::ShutDownSource);
                 self.enqueue(&name, job, ActionKind::CloseLogs { cycle });
                 job
@@ -442,7 +454,7 @@ impl Coordinator {
                 let it = self.item_mut(&name);
                 it.state = S::UnplannedFailoverInitiated;
                 it.resync_reason = None;
-                self.drop_cycle_steps(&name);
+                self.drop_cycle_steps(now, &name);
                 match chosen {
                     Some(p) => self.fail_over_to(&name, job, p),
                     None => {
@@ -569,7 +581,7 @@ impl Coordinator {
                 for disk in 0..disks {
                     self.enqueue(&name, job, ActionKind::ResyncDisk { disk });
                 }
-                let cycle = self.item(&name).next_cycle;
+                let cycle = self.new_cycle(&name);
                 self.enqueue(&name, job, ActionKind::CloseLogs { cycle });
                 job
             }
@@ -637,6 +649,15 @@ impl Coordinator {
                 self.finish_job(now, &name, job, JobState::Succeeded);
                 job
             }
+            Command::ReplicateNow { .. } => {
+                if state != S::Protected {
+                    return Err(deny(None));
+                }
+                let job = self.new_job(now, JobKind::Replicate, &name);
+                let cycle = self.new_cycle(&name);
+                self.enqueue(&name, job, ActionKind::CloseLogs { cycle });
+                job
+            }
             Command::TakeOver { .. } => {
                 let job = self.new_job(now, JobKind::TakeOver, &name);
                 self.take_over(now, &name);
@@ -687,6 +708,21 @@ impl Coordinator {
             self.pump(&n, now);
         }
         self.pump_plans(now);
+    }
+
+    /// Runs at `now` what would wait for a later time: scheduled retries and delta cycles
+    /// (an administrator's "now"; the policy's own waits, scheduled initial replication and
+    /// a resync window, stay).
+    pub fn expedite(&mut self, now: Duration) {
+        for it in self.items.values_mut() {
+            if it.retry_at.is_some_and(|t| t > now) {
+                it.retry_at = Some(now);
+            }
+            if it.cycle_due.is_some_and(|t| t > now) {
+                it.cycle_due = Some(now);
+            }
+        }
+        self.handle_timeout(now);
     }
 
     /// After restoring a serialised coordinator: re-issues every action that was in
@@ -803,6 +839,15 @@ impl Coordinator {
         n
     }
 
+    /// A new cycle number: every cycle closed gets its own, so a cycle stuck before it is
+    /// applied is never confused with a later one.
+    fn new_cycle(&mut self, name: &str) -> u64 {
+        let it = self.item_mut(name);
+        let cycle = it.next_cycle;
+        it.next_cycle += 1;
+        cycle
+    }
+
     fn new_point(&mut self, name: &str) -> PointId {
         let it = self.item_mut(name);
         it.next_point += 1;
@@ -879,9 +924,11 @@ impl Coordinator {
         }
     }
 
-    /// Drops queued delta-cycle steps (a resync or failover supersedes them); keeps
-    /// clean-up steps (discarding logs, deleting points, restarting the source).
-    fn drop_cycle_steps(&mut self, name: &str) {
+    /// Drops queued delta-cycle steps and cancels requested cycles (a resync or failover
+    /// supersedes them); keeps clean-up steps (discarding logs, deleting points,
+    /// restarting the source).
+    fn drop_cycle_steps(&mut self, now: Duration, name: &str) {
+        self.cancel_jobs(now, name, &[JobKind::Replicate], "superseded");
         let it = self.item_mut(name);
         let front = it.queue.front().cloned();
         it.queue.retain(|s| !s.is_cycle_step());
@@ -895,7 +942,7 @@ impl Coordinator {
     /// are gone, with the cycles that would have applied them.
     fn take_over(&mut self, now: Duration, name: &str) {
         self.requeue_in_flight(name);
-        self.drop_cycle_steps(name);
+        self.drop_cycle_steps(now, name);
         let it = self.item_mut(name);
         if it.state == ProtectionState::Protected && it.cycle_due.is_none() {
             // The dropped cycle would have scheduled the next one.
@@ -952,8 +999,9 @@ impl Coordinator {
         self.item_mut(name).resync_at = None;
         let job = self.new_job(now, JobKind::Resynchronize, name);
         self.item_mut(name).state = ProtectionState::Resynchronizing;
-        self.drop_cycle_steps(name);
-        self.enqueue_resync_pass(name, job, self.item(name).next_cycle);
+        self.drop_cycle_steps(now, name);
+        let cycle = self.new_cycle(name);
+        self.enqueue_resync_pass(name, job, cycle);
         job
     }
 
@@ -1014,12 +1062,12 @@ impl Coordinator {
             && it.state == ProtectionState::Protected
             && it.cycle_due.is_some_and(|due| due <= now)
         {
-            let cycle = it.next_cycle;
             // A cycle that starts a whole interval (or more) late missed those in between.
             let late = it.cycles_overdue(now);
             it.cycles_missed += late;
             it.cycles_due += 1 + late;
             it.cycle_due = None;
+            let cycle = self.new_cycle(name);
             self.enqueue_free(name, ActionKind::CloseLogs { cycle });
         }
         let it = self.item_mut(name);
@@ -1121,11 +1169,16 @@ impl Coordinator {
                 if free && self.item(name).state != ProtectionState::Protected {
                     return;
                 }
+                let it = self.item_mut(name);
+                it.closed_at = Some(now);
+                it.cycle_app_consistent = !logs.is_empty() && logs.iter().all(|l| l.app_consistent);
                 // Reports for disks the item does not have are the driver's mistake: ignored.
                 let trigger = logs.iter().find_map(|l| {
                     let size = *self.item(name).disks.get(l.disk)?;
                     if !l.closed_cleanly {
                         Some(ResyncReason::LogNotClosedCleanly { disk: l.disk })
+                    } else if !l.continues_chain {
+                        Some(ResyncReason::LogChainBroken { disk: l.disk })
                     } else if !l.write_guid_matches {
                         Some(ResyncReason::OfflineChange { disk: l.disk })
                     } else if l.log_bytes.saturating_mul(2) >= size && l.log_bytes > 0 {
@@ -1148,9 +1201,9 @@ impl Coordinator {
                         if let Some(jb) = it.jobs.get_mut(&j) {
                             jb.errors.push(format!("resync required again: {reason:?}"));
                         }
-                        it.next_cycle = cycle + 1;
                         self.enqueue_free(name, ActionKind::DiscardLogs { cycle });
-                        self.enqueue_resync_pass(name, j, cycle + 1);
+                        let next = self.new_cycle(name);
+                        self.enqueue_resync_pass(name, j, next);
                         let it = self.item_mut(name);
                         if let Decision::Retry { at, .. } =
                             it.retrier.next_delay(now, &Class::Recoverable)
@@ -1175,26 +1228,22 @@ impl Coordinator {
                             self.finish_job(now, name, j, JobState::Failed);
                             self.item_mut(name).queue.retain(|s| s.job != Some(j));
                         }
-                        self.item_mut(name).next_cycle = cycle + 1;
                         self.require_resync(now, name, reason);
                         return;
                     }
                 }
             }
-            ActionKind::ApplyLogs { cycle } => {
+            ActionKind::ApplyLogs { .. } => {
                 let it = self.item_mut(name);
                 it.applying = false;
-                it.next_cycle = it.next_cycle.max(cycle + 1);
+                it.cycles_applied += 1;
                 if it.state == ProtectionState::PlannedFailoverInitiated {
                     it.final_delta_applied = true;
                 }
                 if free && it.state != ProtectionState::Protected {
                     return;
                 }
-                let app = it.policy.app_consistent_every.is_some_and(|every| {
-                    it.last_app_consistent
-                        .is_none_or(|last| now.saturating_sub(last) >= every)
-                });
+                let app = it.cycle_app_consistent;
                 let point = self.new_point(name);
                 self.enqueue_for(
                     name,
@@ -1213,14 +1262,16 @@ impl Coordinator {
                 app_consistent,
             } => {
                 let it = self.item_mut(name);
+                // The point holds the source as it was when its cycle closed.
+                let time = it
+                    .closed_at
+                    .unwrap_or(now)
+                    .max(it.points.last().map_or(Duration::ZERO, |p| p.time));
                 it.points.push(RecoveryPoint {
                     id: point,
-                    time: now,
+                    time,
                     app_consistent,
                 });
-                if app_consistent {
-                    it.last_app_consistent = Some(now);
-                }
                 it.last_success = Some(now);
                 if it.state == ProtectionState::Protected {
                     it.cycle_due = Some(now + it.policy.copy_frequency.interval());
@@ -1263,9 +1314,10 @@ impl Coordinator {
                 offset: it.copied[disk],
                 len: it.policy.copy_chunk.min(it.disks[disk] - it.copied[disk]),
             },
-            None => ActionKind::CloseLogs {
-                cycle: it.next_cycle,
-            },
+            None => {
+                let cycle = self.new_cycle(name);
+                ActionKind::CloseLogs { cycle }
+            }
         };
         self.enqueue_for(name, job, kind);
     }
@@ -1326,7 +1378,8 @@ impl Coordinator {
             JobKind::RepairReplication
             | JobKind::RecoveryPlan
             | JobKind::ChangeRecoveryPoint
-            | JobKind::TakeOver => {}
+            | JobKind::TakeOver
+            | JobKind::Replicate => {}
             JobKind::Failback => it.state = S::FailbackCompleted,
             JobKind::CompleteFailback => it.state = S::FailbackCommitted,
             JobKind::CancelFailback => it.state = S::FailoverCommitted,
@@ -1450,7 +1503,7 @@ fn status_of(it: &Item, now: Duration) -> ItemStatus {
             .zip(it.disks.iter().copied())
             .collect(),
         failover_point: it.failover_point,
-        cycles_applied: it.next_cycle,
+        cycles_applied: it.cycles_applied,
     }
 }
 

@@ -12,7 +12,7 @@ const MIB: u64 = 1 << 20;
 #[derive(Clone, Debug)]
 pub enum Op {
     /// Issue command `.0` with parameter `.1` (13: start the recovery plan, 14: resume it,
-    /// 19-21: cancel, restart, resume a job, 22: take over).
+    /// 19-21: cancel, restart, resume a job, 22: take over, 23: replicate now).
     Command(u8, u8),
     /// Answer one outstanding action (chosen and shaped by the byte).
     Answer(u8),
@@ -71,6 +71,7 @@ pub fn command(c: u8, p: u8, points: &[RecoveryPoint]) -> Command {
         17 => Command::ResumeResync { item },
         18 => Command::CancelResync { item },
         22 => Command::TakeOver { item },
+        23 => Command::ReplicateNow { item },
         _ => Command::Reprotect { item },
     }
 }
@@ -136,6 +137,8 @@ pub fn apply_op(
                             log_bytes: if x % 11 == 0 { MIB } else { 4096 },
                             closed_cleanly: x % 13 != 0,
                             write_guid_matches: x % 17 != 0,
+                            continues_chain: x % 19 != 0,
+                            app_consistent: x % 4 == 0,
                         }]),
                         _ => Outcome::Done,
                     },
@@ -187,7 +190,7 @@ pub fn run_ops(
     .map_err(|e| e.to_string())?;
     for &(kind, a, b) in ops {
         let op = match kind % 12 {
-            0..=2 => Op::Command(a % 23, b),
+            0..=2 => Op::Command(a % 24, b),
             3..=8 => Op::Answer(a),
             9..=10 => Op::Advance(u16::from(a) * 7 + 1),
             _ => Op::Crash,

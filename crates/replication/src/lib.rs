@@ -84,9 +84,7 @@ c.handle_command(now, Command::EnableProtection { item: "vm1".into(), disks: vec
 let drive = |c: &mut Coordinator, now: Duration| {
     while let Some(a) = c.poll_action() {
         let outcome = match a.kind {
-            ActionKind::CloseLogs { .. } => Outcome::Logs(vec![LogReport {
-                disk: 0, log_bytes: 4096, closed_cleanly: true, write_guid_matches: true,
-            }]),
+            ActionKind::CloseLogs { .. } => Outcome::Logs(vec![LogReport::clean(0, 4096)]),
             _ => Outcome::Done,
         };
         c.handle_outcome(now, a.id, outcome).unwrap();

@@ -83,16 +83,15 @@ impl CopyFrequency {
     }
 }
 
-/// A replication policy. [`Default`]: 5-minute copies, 24 h of recovery points, an
-/// app-consistent point every hour, automatic resync, the Hyper-V retry schedule.
+/// A replication policy. [`Default`]: 5-minute copies, 24 h of recovery points, automatic
+/// resync, the Hyper-V retry schedule. (A point is app-consistent when the driver reports
+/// its cycle's logs closed at a quiesced snapshot: [`LogReport::app_consistent`].)
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicationPolicy {
     /// Delta cycle interval.
     pub copy_frequency: CopyFrequency,
     /// How long recovery points are kept (at most 24 h).
     pub retention: Duration,
-    /// Tag a cycle's point app-consistent at most this often; `None` for never.
-    pub app_consistent_every: Option<Duration>,
     /// Start a resync by itself when one is required (otherwise wait for the command).
     pub auto_resync: bool,
     /// With `auto_resync`: start automatic resyncs only inside this daily window (Hyper-V's
@@ -124,7 +123,6 @@ impl Default for ReplicationPolicy {
         ReplicationPolicy {
             copy_frequency: CopyFrequency::Minutes5,
             retention: Duration::from_secs(24 * 3600),
-            app_consistent_every: Some(Duration::from_secs(3600)),
             auto_resync: true,
             resync_window: None,
             initial_replication_at: None,
@@ -254,6 +252,11 @@ pub enum ResyncReason {
     Manual,
     /// A cycle was being applied when its logs were lost (its driver was taken over).
     LogsLost,
+    /// A log does not continue the disk's chain (a log before it is missing).
+    LogChainBroken {
+        /// The disk.
+        disk: usize,
+    },
 }
 
 /// What a closed log says, reported by the driver for each disk of a cycle.
@@ -267,6 +270,31 @@ pub struct LogReport {
     pub closed_cleanly: bool,
     /// Whether the disk's data-write GUID matches the one tracking started with.
     pub write_guid_matches: bool,
+    /// Whether the logs continue the disk's chain (no log between them is missing).
+    #[serde(default = "yes")]
+    pub continues_chain: bool,
+    /// Whether the logs were closed at a quiesced (application-consistent) snapshot of
+    /// the machine; a cycle's point is app-consistent when every disk's report says so.
+    #[serde(default)]
+    pub app_consistent: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl LogReport {
+    /// A report of clean, chained, crash-consistent logs of `log_bytes` for `disk`.
+    pub fn clean(disk: usize, log_bytes: u64) -> Self {
+        LogReport {
+            disk,
+            log_bytes,
+            closed_cleanly: true,
+            write_guid_matches: true,
+            continues_chain: true,
+            app_consistent: false,
+        }
+    }
 }
 
 /// Normal, Warning or Critical.
@@ -584,6 +612,12 @@ pub enum Command {
         /// The item.
         item: ItemId,
     },
+    /// Run a delta cycle now (the logs shipped so far become a recovery point), instead of
+    /// waiting for the next copy interval.
+    ReplicateNow {
+        /// The item.
+        item: ItemId,
+    },
     /// Another driver takes the item over (its previous driver is gone, and with it the
     /// logs it had shipped but not applied): pending delta cycles are dropped; a failure
     /// they caused no longer holds the item; a failover to the latest point then uses the
@@ -615,6 +649,7 @@ impl Command {
             | Command::PauseResync { item }
             | Command::ResumeResync { item }
             | Command::CancelResync { item }
+            | Command::ReplicateNow { item }
             | Command::TakeOver { item } => item,
         }
     }
@@ -656,6 +691,8 @@ pub enum JobKind {
     ChangeRecoveryPoint,
     /// Take over (another driver acts for the item from now on).
     TakeOver,
+    /// A delta cycle run on request.
+    Replicate,
 }
 
 /// What an administrator may do with a job.

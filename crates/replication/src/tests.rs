@@ -21,6 +21,10 @@ struct World {
     log_bytes: u64,
     clean: bool,
     guid_ok: bool,
+    /// Logs continue the disk's chain.
+    chained: bool,
+    /// Logs closed at a quiesced snapshot.
+    quiesced: bool,
     /// Fail the next N actions of this kind with this class.
     fail: Option<Injection>,
 }
@@ -31,6 +35,8 @@ impl Default for World {
             log_bytes: 4096,
             clean: true,
             guid_ok: true,
+            chained: true,
+            quiesced: false,
             fail: None,
         }
     }
@@ -133,10 +139,11 @@ impl Sim {
             ActionKind::CloseLogs { .. } => Outcome::Logs(
                 (0..disks)
                     .map(|disk| LogReport {
-                        disk,
-                        log_bytes: self.world.log_bytes,
                         closed_cleanly: self.world.clean,
                         write_guid_matches: self.world.guid_ok,
+                        continues_chain: self.world.chained,
+                        app_consistent: self.world.quiesced,
+                        ..LogReport::clean(disk, self.world.log_bytes)
                     })
                     .collect(),
             ),
@@ -228,8 +235,8 @@ fn delta_cycles_run_every_copy_interval_and_prune_by_retention() {
     let st = s.status();
     assert_eq!(st.cycles_applied, 31);
     assert_eq!(st.points.len(), 31, "24 h retention keeps them all");
-    // App-consistent at most hourly.
-    assert_eq!(st.points.iter().filter(|p| p.app_consistent).count(), 3);
+    // Nothing was quiesced: no point claims to be app-consistent.
+    assert_eq!(st.points.iter().filter(|p| p.app_consistent).count(), 0);
 
     // A 1-hour retention prunes older points, keeping the newest.
     let mut s = Sim::new();
@@ -329,11 +336,12 @@ fn non_recoverable_fault_makes_the_item_critical_until_repaired() {
 }
 
 #[test]
-fn half_disk_log_unclean_log_and_offline_change_require_resync() {
-    for (log_bytes, clean, guid_ok) in [
-        (MIB / 2, true, true),
-        (4096, false, true),
-        (4096, true, false),
+fn half_disk_log_unclean_log_offline_change_and_broken_chain_require_resync() {
+    for (log_bytes, clean, guid_ok, chained) in [
+        (MIB / 2, true, true, true),
+        (4096, false, true, true),
+        (4096, true, false, true),
+        (4096, true, true, false),
     ] {
         let mut s = Sim::new();
         s.protect("vm", vec![MIB, MIB]);
@@ -341,7 +349,8 @@ fn half_disk_log_unclean_log_and_offline_change_require_resync() {
             log_bytes,
             clean,
             guid_ok,
-            fail: None,
+            chained,
+            ..World::default()
         };
         let points_before = s.status().points.clone();
         // Hold the resync's disk work to observe the intermediate state.
@@ -517,9 +526,12 @@ fn planned_failover_whose_final_delta_needs_resync_fails_and_restarts_the_source
 fn unplanned_failover_cancels_resync_and_chooses_points() {
     let mut s = Sim::new();
     s.protect("vm", vec![MIB]);
-    for _ in 0..14 {
+    for i in 0..14 {
+        // Every fifth cycle closes its logs at a quiesced snapshot.
+        s.world.quiesced = i % 5 == 0;
         s.tick();
     }
+    s.world.quiesced = false;
     let pts = s.status().points.clone();
     // Enter resync and hold it.
     s.world.clean = false;
@@ -1565,5 +1577,130 @@ fn latest_during_a_resync_is_the_newest_point() {
             .any(|k| matches!(k, ActionKind::CreateRecoveryPoint { .. })),
         "{:?}",
         s.kinds()
+    );
+}
+
+/// A point is app-consistent exactly when its cycle's logs were closed at a quiesced
+/// snapshot, and its time is when its cycle closed (never later, never in the future).
+#[test]
+fn points_say_what_their_data_is_and_when() {
+    let mut s = Sim::new();
+    s.protect("vm", vec![MIB]);
+    for i in 0..6 {
+        s.world.quiesced = i % 3 == 1;
+        s.tick();
+    }
+    let pts = s.status().points;
+    let app: Vec<bool> = pts.iter().map(|p| p.app_consistent).collect();
+    assert_eq!(app, [false, false, true, false, false, true, false]);
+    assert!(pts.windows(2).all(|w| w[0].time <= w[1].time));
+    // A cycle whose apply is retried a minute later still describes its close.
+    s.world.fail = Some((
+        |k| matches!(k, ActionKind::ApplyLogs { .. }),
+        Class::Recoverable,
+        1,
+    ));
+    let due = s.c.poll_timeout().unwrap();
+    s.tick();
+    assert_eq!(s.now, due);
+    s.tick();
+    assert_eq!(s.now, due + MIN, "the retry came a minute later");
+    let last = *s.status().points.last().unwrap();
+    assert_eq!(
+        last.time, due,
+        "the point is stamped with its cycle's close"
+    );
+    assert!(s.status().points.iter().all(|p| p.time <= s.now));
+}
+
+/// A delta cycle on request: a job of its own, a point at once, and the schedule moves
+/// from there; refused unless Protected.
+#[test]
+fn replicate_now_runs_a_cycle_at_once() {
+    let mut s = Sim::new();
+    s.protect("vm", vec![MIB]);
+    let before = s.status();
+    s.now += MIN;
+    let job = s.cmd(Command::ReplicateNow { item: "vm".into() }).unwrap();
+    let j = s.c.job(&job).unwrap();
+    assert_eq!((j.kind, j.state), (JobKind::Replicate, JobState::Succeeded));
+    let st = s.status();
+    assert_eq!(st.cycles_applied, before.cycles_applied + 1);
+    assert_eq!(st.points.len(), before.points.len() + 1);
+    assert_eq!(st.points.last().unwrap().time, s.now);
+    assert_eq!(s.c.poll_timeout(), Some(s.now + MIN * 5));
+    // A log that needs a resync fails the job and says why.
+    s.world.clean = false;
+    let job = s.cmd(Command::ReplicateNow { item: "vm".into() }).unwrap();
+    assert_eq!(s.c.job(&job).unwrap().state, JobState::Failed);
+    assert_eq!(s.status().state, ProtectionState::Resynchronizing);
+    s.world.clean = true;
+    let r = s.cmd(Command::ReplicateNow { item: "vm".into() });
+    assert!(matches!(r, Err(OpError::NotAllowed { .. })), "{r:?}");
+}
+
+/// Every closed cycle has its own number: a cycle stuck before it was applied is never
+/// confused with the planned failover's final one, or with a resync's own.
+#[test]
+fn cycle_numbers_are_never_reused() {
+    let mut s = Sim::new();
+    s.protect("vm", vec![MIB]);
+    s.world.fail = Some((
+        |k| matches!(k, ActionKind::ApplyLogs { .. }),
+        Class::Recoverable,
+        100,
+    ));
+    s.tick();
+    assert!(
+        s.status()
+            .causes
+            .iter()
+            .any(|c| matches!(c, HealthCause::Retrying { .. }))
+    );
+    s.world.fail = None;
+    s.cmd(Command::PlannedFailover { item: "vm".into() })
+        .unwrap();
+    s.c.handle_timeout(s.now + MIN * 30);
+    s.run();
+    let cycles: Vec<u64> = s
+        .done
+        .iter()
+        .filter_map(|a| match a.kind {
+            ActionKind::CloseLogs { cycle } => Some(cycle),
+            _ => None,
+        })
+        .collect();
+    let mut unique = cycles.clone();
+    unique.dedup();
+    assert_eq!(
+        cycles, unique,
+        "a cycle number was closed twice: {cycles:?}"
+    );
+    assert_eq!(s.status().state, ProtectionState::PlannedFailoverCompleted);
+}
+
+/// "Now" runs a scheduled retry and the next cycle at once, without moving the clock.
+#[test]
+fn expedite_runs_retries_and_cycles_now() {
+    let mut s = Sim::new();
+    s.protect("vm", vec![MIB]);
+    s.world.fail = Some((
+        |k| matches!(k, ActionKind::CloseLogs { .. }),
+        Class::Recoverable,
+        1,
+    ));
+    s.tick();
+    assert!(s.c.poll_timeout().unwrap() > s.now, "a retry waits");
+    let points = s.status().points.len();
+    s.c.expedite(s.now);
+    s.run();
+    assert_eq!(s.status().points.len(), points + 1);
+    assert_eq!(s.status().points.last().unwrap().time, s.now);
+    s.c.expedite(s.now);
+    s.run();
+    assert_eq!(
+        s.status().points.len(),
+        points + 2,
+        "the next cycle ran at once"
     );
 }

@@ -135,7 +135,11 @@ pub(crate) async fn run(store: Store, cli: &Cli) -> Result<()> {
             let policy = policy(*copy_frequency, *retention)?;
             protect(&mut e, item, disks, policy, *block_size).await
         }
-        Cmd::Replicate { item, logs } => replicate(&mut e, item, logs).await,
+        Cmd::Replicate {
+            item,
+            logs,
+            app_consistent,
+        } => replicate(&mut e, item, logs, *app_consistent).await,
         Cmd::Resync {
             item,
             pause,
@@ -343,8 +347,13 @@ pub(crate) async fn protect(
 }
 
 /// Stage logs and run a delta cycle now.
-pub(crate) async fn replicate(e: &mut Engine, item: &str, logs: &[(usize, PathBuf)]) -> Result<()> {
-    match e.replicate(item, logs).await? {
+pub(crate) async fn replicate(
+    e: &mut Engine,
+    item: &str,
+    logs: &[(usize, PathBuf)],
+    app_consistent: bool,
+) -> Result<()> {
+    match e.replicate(item, logs, app_consistent).await? {
         Replicated::Nothing => println!("{item}: nothing new to apply"),
         Replicated::Applied { cycles, points } => {
             println!("{item}: {cycles} cycle(s) applied, {points} recovery point(s)")

@@ -121,11 +121,13 @@ pub(crate) fn guest_write(
         .open(&disk.source)
         .with_context(|| format!("opening disk {}", disk.source.display()))?;
     let t = &disk.tracking;
+    // The stand-in's own chain: the newest log it generated in this tracking session
+    // (taken or not), else where the session's chain stands.
     let key = format!("{item}/{d}");
     let site = e.site().dir().to_path_buf();
     let previous = host::generated(&site)
         .get(&key)
-        .and_then(|h| unhex(h))
+        .and_then(|(session, h)| (*session == t.session).then(|| unhex(h)).flatten())
         .unwrap_or(t.last_log);
     let unique_id = guid(&format!("{item}/{d}/{seed}"));
     let config = WriterConfig {
@@ -148,7 +150,7 @@ pub(crate) fn guest_write(
     file.sync_all()?;
     let (out, _) = w.finish(writes)?;
     out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    host::set_generated(&site, &key, &lifeboat_engine::hex(&unique_id))?;
+    host::set_generated(&site, &key, t.session, &lifeboat_engine::hex(&unique_id))?;
     if !quiet {
         println!(
             "{item} disk {d}: {writes} write(s) of {size} bytes recorded in {}",
@@ -372,18 +374,18 @@ async fn demo(store: &Store, dir: &Path, target: &Target) -> Result<()> {
         ));
         let l0 = record(&e, 0, 48, 64 << 10)?;
         let l1 = record(&e, 1, 16, 16 << 10)?;
-        commands::replicate(&mut e, &item, &[(0, l0.clone()), (1, l1.clone())]).await?;
+        commands::replicate(&mut e, &item, &[(0, l0.clone()), (1, l1.clone())], false).await?;
         verify_replica(&e, &item).await?;
         if round == 2 {
             println!("   replaying the same logs applies nothing twice:");
-            commands::replicate(&mut e, &item, &[(0, l0), (1, l1)]).await?;
+            commands::replicate(&mut e, &item, &[(0, l0), (1, l1)], false).await?;
             verify_replica(&e, &item).await?;
         }
     }
 
     s.step("A log over 50 % of disk 1 marks the item resync-required; resync sends only differing blocks");
     let big = record(&e, 1, 160, 64 << 10)?;
-    commands::replicate(&mut e, &item, &[(1, big)]).await?;
+    commands::replicate(&mut e, &item, &[(1, big)], false).await?;
     let st = e.protection(&item)?;
     ensure!(
         st == ProtectionState::ResyncRequired,

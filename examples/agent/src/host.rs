@@ -79,18 +79,19 @@ impl Host for AgentHost {
 }
 
 /// Where `guest-write`'s logs stand per disk (the stand-in guest's own change tracking:
-/// the newest log it generated, which the agent may not have taken yet).
-pub(crate) fn generated(site: &Path) -> BTreeMap<String, String> {
+/// the tracking session and the newest log it generated, which the agent may not have
+/// taken yet).
+pub(crate) fn generated(site: &Path) -> BTreeMap<String, (u64, String)> {
     std::fs::read(guest_file(site))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default()
 }
 
-/// Records the newest generated log of `key` (`ITEM/DISK`).
-pub(crate) fn set_generated(site: &Path, key: &str, id: &str) -> io::Result<()> {
+/// Records the newest generated log of `key` (`ITEM/DISK`) in tracking session `session`.
+pub(crate) fn set_generated(site: &Path, key: &str, session: u64, id: &str) -> io::Result<()> {
     let mut all = generated(site);
-    all.insert(key.to_owned(), id.to_owned());
+    all.insert(key.to_owned(), (session, id.to_owned()));
     let path = guest_file(site);
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, serde_json::to_vec(&all).unwrap_or_default())?;

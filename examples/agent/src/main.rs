@@ -112,9 +112,13 @@ pub(crate) enum Cmd {
     Replicate {
         /// The item.
         item: String,
-        /// DISK_INDEX=FILE.hrl, in chain order.
+        /// DISK_INDEX=FILE.hrl (any order: each disk's chain decides).
         #[arg(long = "log", value_parser = parse_log, required = true)]
         logs: Vec<(usize, PathBuf)>,
+        /// The logs were closed at a quiesced (VSS) snapshot of the machine: the point is
+        /// application-consistent.
+        #[arg(long)]
+        app_consistent: bool,
     },
     /// Fixed-block compare of the source disks against the replica's digests; send only
     /// differing blocks.

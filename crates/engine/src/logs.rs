@@ -1,0 +1,164 @@
+//! Taking closed logs exactly once, in chain order: the rules that keep a replica from
+//! silently missing a write.
+//!
+//! Each disk's logs form a chain (a log's PreviousUniqueId names the log before it). The
+//! chain starts where change tracking starts (protection, a resync, reprotect): the engine
+//! gives each start a fresh id, tells the host ([`Host::tracking_started`]) and records it
+//! as the disk's cursor; the first log follows it. A log is staged for the next cycle only
+//! when it continues the chain; the logs handed over together are put in chain order first
+//! (the order they are given in means nothing). Then:
+//! - a log taken before (its id among the disk's recent ones) is skipped: exactly once;
+//! - a log continuing the chain tracking ended at the last restart is stale (a resync
+//!   covered its writes): skipped;
+//! - any other log leaves a gap (a log before it is missing): it is staged as breaking the
+//!   chain, never applied, and its cycle marks the item resync-required with the reason.
+
+use std::path::PathBuf;
+
+#[cfg(doc)]
+use crate::Host;
+use crate::catalog::{self, Disk, Guid, StagedLog, Tracking};
+use crate::data::{self, Log};
+use crate::engine::{Engine, Event};
+use crate::error::{Error, Result};
+
+/// What [`Engine::stage_logs`] did with the logs handed over.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Staged {
+    /// Logs staged for the next cycle that continue their disk's chain.
+    pub chained: usize,
+    /// Logs that leave a gap: staged so their cycle asks for a resync, never applied.
+    pub broken: usize,
+    /// Logs taken before, or covered by a resync: skipped.
+    pub skipped: usize,
+}
+
+impl Tracking {
+    /// Change tracking (re)starts: a new chain begins at `start` (the id its first log
+    /// follows); logs continuing the old one are covered by what restarted it.
+    pub(crate) fn restart(&mut self, start: Guid) {
+        self.session += 1;
+        if self.last_log != [0; 16] {
+            self.retired = Some(self.last_log);
+        }
+        self.last_log = start;
+    }
+
+    fn remember(&mut self, id: Guid) {
+        self.recent.push_back(id);
+        while self.recent.len() > catalog::RECENT_LOGS {
+            self.recent.pop_front();
+        }
+    }
+}
+
+impl Engine {
+    /// Accepts closed logs (disk index, file) for an item: each is checked (a valid MS-HRL
+    /// log, writes within the disk), put in chain order, and staged in the site for the
+    /// next cycle, exactly once. `app_consistent`: the logs were closed at a quiesced
+    /// snapshot of the machine. Nothing is staged if any log is invalid.
+    pub async fn stage_logs(
+        &mut self,
+        item: &str,
+        logs: &[(usize, PathBuf)],
+        app_consistent: bool,
+    ) -> Result<Staged> {
+        let doc = self.doc(item)?;
+        let mut disks = doc.disks.clone();
+        let mut read: Vec<(usize, PathBuf, Log)> = Vec::new();
+        for (d, path) in logs {
+            let n = disks.len();
+            let disk = disks.get(*d).ok_or_else(|| {
+                Error::Invalid(format!("{item} has {n} disk(s); there is no disk {d}"))
+            })?;
+            let log = data::read_log(path)?;
+            if log.disk_end > disk.size {
+                return Err(Error::Invalid(format!(
+                    "{}: writes reach byte {} but disk {d} is {} bytes",
+                    path.display(),
+                    log.disk_end,
+                    disk.size
+                )));
+            }
+            read.push((*d, path.clone(), log));
+        }
+        let mut out = Staged::default();
+        let mut staged = Vec::new();
+        for (d, disk) in disks.iter_mut().enumerate() {
+            let mut mine: Vec<(PathBuf, Log)> = read
+                .iter()
+                .filter(|(x, _, _)| *x == d)
+                .map(|(_, p, l)| (p.clone(), l.clone()))
+                .collect();
+            while !mine.is_empty() {
+                let t = &mut disk.tracking;
+                let i = mine
+                    .iter()
+                    .position(|(_, l)| t.recent.contains(&l.unique_id))
+                    .or_else(|| {
+                        mine.iter()
+                            .position(|(_, l)| Some(l.previous_id) == t.retired)
+                    })
+                    .or_else(|| mine.iter().position(|(_, l)| l.previous_id == t.last_log));
+                let Some(i) = i else {
+                    // A gap: what is left cannot follow the chain.
+                    for (path, log) in mine.drain(..) {
+                        staged.push(self.stage_one(item, d, &path, &log, false, app_consistent)?);
+                        disk.tracking.remember(log.unique_id);
+                        out.broken += 1;
+                    }
+                    break;
+                };
+                let (path, log) = mine.remove(i);
+                if t.recent.contains(&log.unique_id) || Some(log.previous_id) == t.retired {
+                    if Some(log.previous_id) == t.retired {
+                        t.retired = Some(log.unique_id);
+                    }
+                    self.observer.event(&Event::LogSkipped {
+                        item: item.to_owned(),
+                        path,
+                        id: catalog::hex(&log.unique_id),
+                    });
+                    out.skipped += 1;
+                    continue;
+                }
+                staged.push(self.stage_one(item, d, &path, &log, true, app_consistent)?);
+                let t = &mut disk.tracking;
+                t.last_log = log.unique_id;
+                t.remember(log.unique_id);
+                out.chained += 1;
+            }
+        }
+        let doc = self.doc_mut(item)?;
+        doc.disks = disks;
+        doc.pending.extend(staged);
+        self.persist().await?;
+        Ok(out)
+    }
+
+    /// Copies a log into the site for its cycle.
+    fn stage_one(
+        &self,
+        item: &str,
+        d: usize,
+        path: &std::path::Path,
+        log: &Log,
+        chained: bool,
+        app_consistent: bool,
+    ) -> Result<StagedLog> {
+        let id = catalog::hex(&log.unique_id);
+        let dest = self.site.logs_dir(item).join(format!("disk{d}-{id}.hrl"));
+        data::copy_file_to(path, &dest)?;
+        let disk: &Disk = &self.doc(item)?.disks[d];
+        Ok(StagedLog {
+            disk: d,
+            path: dest,
+            logged_bytes: log.logged_bytes,
+            clean: log.clean,
+            guid_ok: log.write_guid == [0; 16] || log.write_guid == disk.tracking.write_guid,
+            chained,
+            app_consistent,
+        })
+    }
+}
