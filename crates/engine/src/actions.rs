@@ -575,9 +575,9 @@ impl Engine {
         };
         let mut out = Vec::new();
         if let Some(dir) = &export.dir {
-            std::fs::create_dir_all(dir)
-                .map_err(Error::io(format!("creating {}", dir.display())))?;
+            data::private_dir(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
         }
+        let files = export.files(snaps.len());
         for (d, snap) in snaps.iter().enumerate() {
             let blob = replica_blob(name, d);
             let size = doc.disks[d].size;
@@ -586,12 +586,7 @@ impl Engine {
             } else {
                 size
             };
-            let file = export.dir.as_ref().map(|dir| {
-                dir.join(format!(
-                    "disk{d}.{}",
-                    if export.vhd { "vhd" } else { "raw" }
-                ))
-            });
+            let file = files.get(d).cloned();
             if export.in_store || file.is_none() {
                 let dest = catalog::purpose_blob(name, tag, d);
                 self.delete_blob(&dest).await?;

@@ -275,6 +275,23 @@ pub struct Export {
     /// are blobs in any case.
     #[serde(default)]
     pub in_store: bool,
+    /// Overwrite files already in `dir` (otherwise an existing file is refused: it may
+    /// be anything, a source disk included).
+    #[serde(default)]
+    pub force: bool,
+}
+
+impl Export {
+    /// The files the disks of an item with `disks` disks go to.
+    pub fn files(&self, disks: usize) -> Vec<PathBuf> {
+        let ext = if self.vhd { "vhd" } else { "raw" };
+        match &self.dir {
+            Some(dir) => (0..disks)
+                .map(|d| dir.join(format!("disk{d}.{ext}")))
+                .collect(),
+            None => Vec::new(),
+        }
+    }
 }
 
 /// Disks materialised for a test failover or a failover.

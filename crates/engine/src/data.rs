@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -357,7 +357,7 @@ pub(crate) async fn export(
 ) -> Result<()> {
     let tmp = tmp_path(path);
     let err = || Error::io(format!("writing {}", tmp.display()));
-    let file = File::create(&tmp).map_err(err())?;
+    let file = private_file(&tmp).map_err(err())?;
     file.set_len(len).map_err(err())?;
     for r in store.page_ranges(blob, snapshot).await? {
         let mut at = r.start;
@@ -385,23 +385,44 @@ pub(crate) fn tmp_path(path: &Path) -> PathBuf {
 /// rename).
 pub(crate) fn copy_file_to(from: &Path, to: &Path) -> Result<()> {
     if let Some(dir) = to.parent() {
-        fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+        private_dir(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
     }
     let tmp = tmp_path(to);
     let err = || Error::io(format!("copying {} to {}", from.display(), to.display()));
-    fs::copy(from, &tmp).map_err(err())?;
-    File::open(&tmp).and_then(|f| f.sync_all()).map_err(err())?;
+    let mut src = File::open(from).map_err(err())?;
+    let mut dst = private_file(&tmp).map_err(err())?;
+    std::io::copy(&mut src, &mut dst).map_err(err())?;
+    dst.sync_all().map_err(err())?;
     fs::rename(&tmp, to).map_err(err())
+}
+
+/// Creates (or truncates) a file only its owner can read: disks and logs are the
+/// machine's data.
+pub(crate) fn private_file(path: &Path) -> io::Result<File> {
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// Creates a directory (and its parents) only its owner can enter.
+pub(crate) fn private_dir(path: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
 }
 
 /// Copies `len` bytes of a disk into a new file (a protective copy).
 pub(crate) fn save_disk(disk: &dyn Disk, len: u64, to: &Path) -> Result<()> {
     if let Some(dir) = to.parent() {
-        fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+        private_dir(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
     }
     let tmp = tmp_path(to);
     let err = || Error::io(format!("writing {}", tmp.display()));
-    let f = File::create(&tmp).map_err(err())?;
+    let f = private_file(&tmp).map_err(err())?;
     f.set_len(len).map_err(err())?;
     let mut buf = vec![0u8; MAX_PUT as usize];
     let mut at = 0;

@@ -637,6 +637,22 @@ impl Engine {
         Ok(job)
     }
 
+    /// Refuses to write over files that exist (they may be anything: a source disk, say),
+    /// unless the export says to.
+    fn check_outputs(&self, item: &str, export: &Export) -> Result<()> {
+        if export.force {
+            return Ok(());
+        }
+        let n = self.doc(item)?.disks.len();
+        match export.files(n).into_iter().find(|f| f.exists()) {
+            Some(f) => Err(Error::Invalid(format!(
+                "{} exists: choose another output directory, or force overwriting it",
+                f.display()
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Fails with the reason when the item is Critical, retrying, or the job failed.
     fn check_job(&mut self, item: &str, job: &JobId) -> Result<()> {
         let now = self.now();
@@ -867,6 +883,7 @@ impl Engine {
         point: PointChoice,
         export: Export,
     ) -> Result<JobId> {
+        self.check_outputs(item, &export)?;
         self.doc_mut(item)?.test.export = export;
         self.command(Command::TestFailover {
             item: item.to_owned(),
@@ -898,6 +915,7 @@ impl Engine {
         {
             return Ok(j.id.clone());
         }
+        self.check_outputs(item, &export)?;
         self.doc_mut(item)?.failover.export = export;
         let cmd = match how {
             Failover::Planned(logs) => {
@@ -1210,6 +1228,9 @@ impl Engine {
             }
         }
         self.load_plan_if_mine(plan);
+        for i in &items {
+            self.check_outputs(i, &exports(i))?;
+        }
         for i in &items {
             let ex = exports(i);
             let doc = self.doc_mut(i)?;

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -111,19 +112,28 @@ pub trait Host: Send + Sync + std::fmt::Debug {
 pub struct FileHost;
 
 impl Host for FileHost {
+    /// A regular file or a block device (nothing else is a disk).
     fn open_disk(&self, path: &Path) -> io::Result<Arc<dyn Disk>> {
         let f = OpenOptions::new().read(true).write(true).open(path)?;
-        if !f.metadata()?.is_file() {
+        let t = f.metadata()?.file_type();
+        if !(t.is_file() || std::os::unix::fs::FileTypeExt::is_block_device(&t)) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("{} is not a regular file", path.display()),
+                format!(
+                    "{} is neither a regular file nor a block device",
+                    path.display()
+                ),
             ));
         }
         Ok(Arc::new(f))
     }
 
     fn create_disk(&self, path: &Path, len: u64) -> io::Result<()> {
-        let f = OpenOptions::new().write(true).create_new(true).open(path)?;
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)?;
         f.set_len(len)?;
         f.sync_all()
     }

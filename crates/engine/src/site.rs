@@ -14,6 +14,7 @@ use lifeboat_pageblob::{Expect, LeaseId, PageStore, StoreError};
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{self, Guid, Owner, SCHEMA, StoreDoc};
+use crate::data;
 use crate::error::{Error, Result};
 
 /// What `site.json` records.
@@ -47,12 +48,12 @@ impl Site {
         store_desc: &str,
         on_wait: Option<&(dyn Fn() + Send + Sync)>,
     ) -> Result<Site> {
-        fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+        data::private_dir(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
         let dir = dir
             .canonicalize()
             .map_err(Error::io(format!("opening {}", dir.display())))?;
         let lock_path = dir.join("lock");
-        let lock = File::create(&lock_path)
+        let lock = data::private_file(&lock_path)
             .map_err(Error::io(format!("opening {}", lock_path.display())))?;
         if lock.try_lock().is_err() {
             if let Some(f) = on_wait {
@@ -141,7 +142,9 @@ impl Site {
     pub(crate) fn cache(&self, name: &str, bytes: &[u8]) {
         let dir = self.dir.join("cache");
         let file = name.replace('/', "%");
-        let _ = fs::create_dir_all(&dir).and_then(|_| fs::write(dir.join(file), bytes));
+        let _ = data::private_dir(&dir)
+            .and_then(|_| data::private_file(&dir.join(file)))
+            .and_then(|mut f| f.write_all(bytes));
     }
 }
 
@@ -200,7 +203,7 @@ pub(crate) fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     let tmp = dir.join(format!("{name}.tmp"));
     let path = dir.join(name);
     let err = || Error::io(format!("writing {}", path.display()));
-    let mut f = File::create(&tmp).map_err(err())?;
+    let mut f = data::private_file(&tmp).map_err(err())?;
     f.write_all(bytes).map_err(err())?;
     f.sync_all().map_err(err())?;
     fs::rename(&tmp, &path).map_err(err())?;

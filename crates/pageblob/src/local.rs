@@ -6,7 +6,7 @@ use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Write};
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -131,12 +131,13 @@ impl LocalStore {
     /// A store rooted at `root` (created if missing).
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let root = root.into();
-        fs::create_dir_all(&root).map_err(io_err(&root))?;
+        private_dir(&root).map_err(io_err(&root))?;
         let lock_path = root.join(".lock");
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(&lock_path)
             .map_err(io_err(&lock_path))?;
         Ok(LocalStore {
@@ -267,7 +268,9 @@ impl Inner {
             write_atomic(&dir, "state.json", &bytes)
         } else {
             let tmp = dir.join("state.json.tmp");
-            fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+            private_file(&tmp)
+                .and_then(|mut f| f.write_all(&bytes))
+                .map_err(io_err(&tmp))?;
             let path = dir.join("state.json");
             fs::rename(&tmp, &path).map_err(io_err(&path))
         }
@@ -325,9 +328,9 @@ impl Inner {
         }
         // A crash before the state was written left files behind: start afresh.
         let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        private_dir(&dir).map_err(io_err(&dir))?;
         let data = dir.join("data");
-        let f = File::create(&data).map_err(io_err(&data))?;
+        let f = private_file(&data).map_err(io_err(&data))?;
         f.set_len(size).map_err(io_err(&data))?;
         let st = State {
             size,
@@ -356,6 +359,7 @@ impl Inner {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(&snap_path)
             .map_err(io_err(&snap_path))?;
         let mut buf = vec![0u8; MAX_PUT as usize];
@@ -507,6 +511,7 @@ impl Inner {
                         .write(true)
                         .create(true)
                         .truncate(false)
+                        .mode(0o600)
                         .open(&prev_path)
                         .and_then(|f| {
                             f.write_all_at(&buf, m.start)?;
@@ -736,7 +741,7 @@ impl Inner {
             (Err(StoreError::NotFound { .. }), Expect::Absent) => {
                 let dir = self.dir(name)?;
                 let _ = fs::remove_dir_all(&dir);
-                fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+                private_dir(&dir).map_err(io_err(&dir))?;
                 State {
                     kind: Kind::Doc,
                     ..State::default()
@@ -752,7 +757,7 @@ impl Inner {
 
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
     let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+    let mut f = private_file(&tmp).map_err(io_err(&tmp))?;
     f.write_all(bytes).map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
     let path = dir.join(name);
@@ -760,6 +765,24 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> 
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err(dir))
+}
+
+/// Creates (or truncates) a file only its owner can read: replicas are the machine's data.
+fn private_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// Creates a directory (and its parents) only its owner can enter.
+fn private_dir(path: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
 }
 
 /// Reads at `offset`; bytes past the file's end read as zeros.

@@ -178,9 +178,10 @@ pub(crate) async fn run(store: Store, cli: &Cli) -> Result<()> {
             point,
             out,
             format,
+            force,
         } => {
-            e.test_failover(item, parse_point(point)?, export(Some(out), *format, azure))
-                .await?;
+            let ex = export(Some(out), *format, azure, *force);
+            e.test_failover(item, parse_point(point)?, ex).await?;
             print_locations(&e.item(item)?.item.test.disks);
             Ok(())
         }
@@ -196,6 +197,7 @@ pub(crate) async fn run(store: Store, cli: &Cli) -> Result<()> {
             logs,
             out,
             format,
+            force,
             ..
         } => {
             let how = if *planned {
@@ -203,7 +205,7 @@ pub(crate) async fn run(store: Store, cli: &Cli) -> Result<()> {
             } else {
                 Failover::Unplanned(parse_point(point)?)
             };
-            e.failover(item, how, export(out.as_deref(), *format, azure))
+            e.failover(item, how, export(out.as_deref(), *format, azure, *force))
                 .await?;
             print_locations(&e.item(item)?.item.failover.disks);
             Ok(())
@@ -276,11 +278,12 @@ pub(crate) fn policy(f: Frequency, retention_hours: u64) -> Result<ReplicationPo
 
 /// Where materialised disks go: on Azure, blobs (what a machine there attaches) with a
 /// download to DIR if asked; on the embedded store, files in DIR (blobs without one).
-pub(crate) fn export(dir: Option<&Path>, format: Format, azure: bool) -> Export {
+pub(crate) fn export(dir: Option<&Path>, format: Format, azure: bool, force: bool) -> Export {
     Export {
         dir: dir.map(Path::to_path_buf),
         vhd: format == Format::Vhd,
         in_store: azure || dir.is_none(),
+        force,
     }
 }
 
@@ -679,6 +682,7 @@ async fn plan(e: &mut Engine, cmd: &PlanCmd, azure: bool) -> Result<()> {
             planned,
             unplanned,
             out,
+            force,
         } => {
             let failover = if *test {
                 PlanFailover::Test(PointChoice::Latest)
@@ -690,7 +694,7 @@ async fn plan(e: &mut Engine, cmd: &PlanCmd, azure: bool) -> Result<()> {
                 bail!("plan failover needs --test, --planned or --unplanned");
             };
             e.start_plan(plan, failover, &|item| {
-                export(Some(&out.join(item)), Format::Raw, azure)
+                export(Some(&out.join(item)), Format::Raw, azure, *force)
             })
             .await?;
             report_plan(e, plan)

@@ -396,7 +396,8 @@ async fn demo(store: &Store, dir: &Path, target: &Target) -> Result<()> {
 
     s.step("Test failover to the latest point, verify, clean up (replication untouched)");
     let want = source_hashes(&e, &item)?;
-    let ex = |sub: &str| commands::export(Some(&dir.join(sub)), crate::Format::Raw, store.azure);
+    let ex =
+        |sub: &str| commands::export(Some(&dir.join(sub)), crate::Format::Raw, store.azure, false);
     e.test_failover(&item, PointChoice::Latest, ex("test-failover"))
         .await?;
     let test_disks = e.item(&item)?.item.test.disks.clone();

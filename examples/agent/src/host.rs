@@ -2,7 +2,8 @@
 //! whether they would be), plan hooks are shell commands.
 
 use std::collections::BTreeMap;
-use std::io;
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -94,7 +95,13 @@ pub(crate) fn set_generated(site: &Path, key: &str, session: u64, id: &str) -> i
     all.insert(key.to_owned(), (session, id.to_owned()));
     let path = guest_file(site);
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec(&all).unwrap_or_default())?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?
+        .write_all(&serde_json::to_vec(&all).unwrap_or_default())?;
     std::fs::rename(tmp, path)
 }
 

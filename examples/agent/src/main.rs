@@ -163,6 +163,9 @@ pub(crate) enum Cmd {
         /// Output format.
         #[arg(long, value_enum, default_value = "raw")]
         format: Format,
+        /// Overwrite disk files already in the output directory.
+        #[arg(long)]
+        force: bool,
     },
     /// Delete the test-failover disks.
     TestFailoverCleanup {
@@ -189,13 +192,16 @@ pub(crate) enum Cmd {
         /// Planned: the final logs (DISK_INDEX=FILE.hrl).
         #[arg(long = "log", value_parser = parse_log)]
         logs: Vec<(usize, PathBuf)>,
-        /// Where the recovered disks are written (required on the local site; on Azure a
-        /// download of the new blobs).
+        /// Where the recovered disks are written as files (on Azure, downloads of the new
+        /// blobs; without it, blobs in the store).
         #[arg(long)]
         out: Option<PathBuf>,
         /// Output format.
         #[arg(long, value_enum, default_value = "raw")]
         format: Format,
+        /// Overwrite disk files already in the output directory.
+        #[arg(long)]
+        force: bool,
     },
     /// Before commit: move the failed-over machine to another recovery point.
     ChangePoint {
@@ -358,6 +364,9 @@ pub(crate) enum PlanCmd {
         /// Output directory (one subdirectory per item).
         #[arg(long)]
         out: PathBuf,
+        /// Overwrite disk files already in the output directories.
+        #[arg(long)]
+        force: bool,
     },
 }
 

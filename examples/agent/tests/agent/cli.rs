@@ -759,3 +759,102 @@ fn hooks_see_no_secrets_and_time_out() {
     assert!(err.contains("longer than 1 s"), "{err}");
     assert!(start.elapsed() < std::time::Duration::from_secs(20));
 }
+
+/// Bad input exits 1 with a one-line reason, and records nothing: item names that are not
+/// one plain segment, a directory for a disk, a disk protected twice, an output file that
+/// exists.
+#[test]
+fn bad_input_is_refused_and_nothing_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Target::local(dir.path());
+    let d = dir.path().join("disk0.raw");
+    make_disk(&d, 2 * MIB, 7);
+    let long = "x".repeat(64);
+    for bad in [
+        "",
+        "..",
+        "a/b",
+        "/abs",
+        "with space",
+        ".hidden",
+        "-flag",
+        long.as_str(),
+    ] {
+        let r = t.fails(&["protect", "--disk", s(&d), "--", bad]);
+        assert!(r.contains("name"), "{bad:?}: {r}");
+    }
+    let r = t.fails(&["protect", "vm", "--disk", s(dir.path())]);
+    assert!(r.contains(s(dir.path())), "{r}");
+    let r = t.fails(&["protect", "vm", "--disk", s(&d), "--disk", s(&d)]);
+    assert!(r.contains("twice"), "{r}");
+    assert_eq!(
+        t.json(&["status"]),
+        Value::Array(vec![]),
+        "nothing recorded"
+    );
+
+    t.ok(&["protect", "vm", "--disk", s(&d)]);
+    let r = t.fails(&["protect", "other", "--disk", s(&d)]);
+    assert!(r.contains("already protected") && r.contains("vm"), "{r}");
+    // The output directory holds the source disk itself: never overwritten without --force.
+    let before = bytes(&d);
+    let r = t.fails(&["test-failover", "vm", "--out", s(dir.path())]);
+    assert!(r.contains("disk0.raw exists") && r.contains("force"), "{r}");
+    assert!(bytes(&d) == before);
+    assert_eq!(
+        t.json(&["status", "vm"])[0]["test_failover"],
+        "None",
+        "a refused test failover leaves no trace"
+    );
+    let out = dir.path().join("tf");
+    fs::create_dir_all(&out).unwrap();
+    fs::write(out.join("disk0.raw"), b"someone else's file").unwrap();
+    t.fails(&["test-failover", "vm", "--out", s(&out)]);
+    t.ok(&["test-failover", "vm", "--out", s(&out), "--force"]);
+    assert_same(&out.join("disk0.raw"), &d);
+}
+
+/// Everything the agent writes (site, staged logs, protective copies, the embedded store,
+/// recovered disks) is readable by its owner only.
+#[test]
+fn files_the_agent_creates_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let t = Target::local(dir.path());
+    let d = dir.path().join("d.raw");
+    make_disk(&d, 4 * MIB, 9);
+    t.ok(&["protect", "vm", "--disk", s(&d)]);
+    let l = dir.path().join("l.hrl");
+    t.ok(&[
+        "guest-write",
+        "vm",
+        "--disk",
+        "0",
+        "--log",
+        s(&l),
+        "--writes",
+        "4",
+    ]);
+    t.ok(&["replicate", "vm", "--log", &format!("0={}", s(&l))]);
+    let rec = dir.path().join("rec");
+    t.ok(&["failover", "vm", "--planned", "--out", s(&rec)]);
+    t.ok(&["commit", "vm"]);
+    t.ok(&["failback", "vm", "--to", s(&dir.path().join("back.raw"))]);
+    let mut seen = 0;
+    let mut stack = vec![t.site.clone(), rec.clone(), dir.path().join("back.raw")];
+    while let Some(p) = stack.pop() {
+        let m = fs::metadata(&p).unwrap();
+        assert_eq!(
+            m.permissions().mode() & 0o077,
+            0,
+            "{} is open to others: {:o}",
+            p.display(),
+            m.permissions().mode()
+        );
+        seen += 1;
+        if m.is_dir() {
+            stack.extend(fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    assert!(seen > 20, "{seen}");
+}
