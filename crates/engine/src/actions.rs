@@ -346,6 +346,7 @@ impl Engine {
                     write_guid_matches: mine.clone().all(|l| l.guid_ok),
                     continues_chain: mine.clone().all(|l| l.chained),
                     app_consistent: quiesced,
+                    closed_at: mine.clone().filter_map(|l| l.closed_at).max(),
                 }
             })
             .collect();

@@ -227,6 +227,9 @@ pub struct StagedLog {
     /// It was closed at a quiesced snapshot of the machine.
     #[serde(default)]
     pub app_consistent: bool,
+    /// When it was closed, if it says.
+    #[serde(default)]
+    pub closed_at: Option<Duration>,
 }
 
 fn yes() -> bool {

@@ -77,6 +77,8 @@ pub(crate) struct Log {
     pub(crate) clean: bool,
     /// The highest disk byte written.
     pub(crate) disk_end: u64,
+    /// When it was closed (its header's LastModifiedTimeStamp), if set.
+    pub(crate) closed_at: Option<std::time::Duration>,
 }
 
 fn open_log(path: &Path) -> Result<File> {
@@ -119,6 +121,11 @@ pub(crate) fn read_log(path: &Path) -> Result<Log> {
         logged_bytes: reader.logged_bytes(),
         clean,
         disk_end,
+        closed_at: (h.last_modified_timestamp != 0).then(|| {
+            std::time::Duration::from_secs(
+                u64::from(h.last_modified_timestamp) + lifeboat_hrl::HRL_EPOCH_UNIX_SECS,
+            )
+        }),
     })
 }
 

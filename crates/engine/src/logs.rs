@@ -159,6 +159,7 @@ impl Engine {
             guid_ok: log.write_guid == [0; 16] || log.write_guid == disk.tracking.write_guid,
             chained,
             app_consistent,
+            closed_at: log.closed_at,
         })
     }
 }

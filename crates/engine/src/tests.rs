@@ -75,15 +75,18 @@ impl World {
         let at = u64::from(n) * 8192;
         self.host.write("vm/d0", at, &[n; 4096]).unwrap();
         let path = self.dir.path().join(format!("l{n}.hrl"));
+        // Closed now, by the test's clock, in the HRL epoch.
+        let now = (self.clock.now().as_secs() - lifeboat_hrl::HRL_EPOCH_UNIX_SECS) as u32;
         let config = WriterConfig2 {
             unique_id: [n; 16],
             previous_unique_id: previous,
             vhd2_data_write_guid: t.write_guid,
+            timestamp: now,
             ..WriterConfig2::default()
         };
         let mut w = LogWriter::new(std::fs::File::create(&path).unwrap(), config).unwrap();
-        w.write(at, &[n; 4096], 0).unwrap();
-        w.finish(1).unwrap();
+        w.write(at, &[n; 4096], now).unwrap();
+        w.finish(now).unwrap();
         path
     }
 
@@ -391,6 +394,16 @@ async fn quick_replicates_keep_their_points_and_their_times() {
     assert_eq!(points.last().unwrap().time, now);
     // Each point holds the source as of its own cycle.
     same(&w.point_bytes(&e, 9).await, &w.source(), "point 9");
+    // A log handed over ten minutes after it closed: its point describes the close.
+    let closed = w.clock.now();
+    let l = w.log(&e, 9, previous);
+    w.advance(Duration::from_secs(600));
+    assert_eq!(
+        applied(e.replicate("vm", &[(0, l)], false).await.unwrap()),
+        1
+    );
+    let last = *e.item("vm").unwrap().status.points.last().unwrap();
+    assert_eq!(last.time, closed);
 }
 
 /// A cycle stuck before it was applied (its writes keep failing), then a planned failover

@@ -103,8 +103,8 @@ pub(crate) struct Item {
     /// Delta cycles applied (discarded ones not counted).
     #[serde(default)]
     cycles_applied: u64,
-    /// When the last cycle closed: the moment the replica holds once it is applied (a
-    /// recovery point's time).
+    /// The moment the replica holds once the last closed cycle is applied (its point's
+    /// time): when its newest log was closed, or when a full copy read the disks.
     #[serde(default)]
     closed_at: Option<Duration>,
     /// The last closed cycle's logs were closed at a quiesced snapshot.
@@ -1169,8 +1169,26 @@ impl Coordinator {
                 if free && self.item(name).state != ProtectionState::Protected {
                     return;
                 }
+                // What the replica will hold: the disks as a full copy (protection,
+                // resync, reprotect) read them now, or as of the cycle's newest log; a
+                // cycle without logs changes nothing since the last point.
+                let full = job_kind.is_some_and(|(k, _)| {
+                    matches!(
+                        k,
+                        JobKind::EnableProtection | JobKind::Resynchronize | JobKind::Reprotect
+                    )
+                });
                 let it = self.item_mut(name);
-                it.closed_at = Some(now);
+                let newest_log = logs.iter().filter(|l| l.log_bytes > 0).map(|l| l.closed_at);
+                let logged = logs.iter().any(|l| l.log_bytes > 0);
+                let data_time = if full {
+                    now
+                } else if logged {
+                    newest_log.map(|t| t.unwrap_or(now)).max().unwrap_or(now)
+                } else {
+                    it.points.last().map_or(now, |p| p.time)
+                };
+                it.closed_at = Some(data_time.min(now));
                 it.cycle_app_consistent = !logs.is_empty() && logs.iter().all(|l| l.app_consistent);
                 // Reports for disks the item does not have are the driver's mistake: ignored.
                 let trigger = logs.iter().find_map(|l| {

@@ -139,6 +139,8 @@ pub fn apply_op(
                             write_guid_matches: x % 17 != 0,
                             continues_chain: x % 19 != 0,
                             app_consistent: x % 4 == 0,
+                            closed_at: (x % 3 == 0)
+                                .then(|| now.saturating_sub(Duration::from_secs(u64::from(x)))),
                         }]),
                         _ => Outcome::Done,
                     },

@@ -277,6 +277,10 @@ pub struct LogReport {
     /// the machine; a cycle's point is app-consistent when every disk's report says so.
     #[serde(default)]
     pub app_consistent: bool,
+    /// When the newest of the logs was closed, if known: the moment the cycle's point
+    /// describes. Without it, the moment the cycle closed.
+    #[serde(default)]
+    pub closed_at: Option<Duration>,
 }
 
 fn yes() -> bool {
@@ -293,6 +297,7 @@ impl LogReport {
             write_guid_matches: true,
             continues_chain: true,
             app_consistent: false,
+            closed_at: None,
         }
     }
 }

@@ -1704,3 +1704,36 @@ fn expedite_runs_retries_and_cycles_now() {
         "the next cycle ran at once"
     );
 }
+
+/// A cycle's point describes the moment its newest log was closed (the host says when); a
+/// cycle without logs changes nothing, so its point describes the previous one's moment;
+/// a full copy describes the moment it read the disks.
+#[test]
+fn a_point_is_stamped_with_its_newest_log() {
+    let mut s = Sim::new();
+    s.protect("vm", vec![MIB]);
+    let protected_at = s.status().points[0].time;
+    assert_eq!(protected_at, s.now);
+    let due = s.c.poll_timeout().unwrap();
+    s.now = due;
+    s.c.handle_timeout(due);
+    let a = s.c.poll_action().unwrap();
+    let closed = due - MIN * 3;
+    let report = LogReport {
+        closed_at: Some(closed),
+        ..LogReport::clean(0, 4096)
+    };
+    s.c.handle_outcome(s.now, a.id, Outcome::Logs(vec![report]))
+        .unwrap();
+    s.run();
+    assert_eq!(s.status().points.last().unwrap().time, closed);
+    // No logs: nothing new since the last point.
+    s.world.log_bytes = 0;
+    s.tick();
+    assert_eq!(s.status().points.last().unwrap().time, closed);
+    // A resync reads the disks now.
+    s.world.log_bytes = 4096;
+    s.now += MIN;
+    s.cmd(Command::Resync { item: "vm".into() }).unwrap();
+    assert_eq!(s.status().points.last().unwrap().time, s.now);
+}

@@ -134,6 +134,7 @@ pub(crate) fn guest_write(
         unique_id,
         previous_unique_id: previous,
         vhd2_data_write_guid: t.write_guid,
+        timestamp: hrl_now(),
         ..WriterConfig::default()
     };
     let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
@@ -141,14 +142,14 @@ pub(crate) fn guest_write(
     let mut rng = Rng(seed ^ 0x5EED);
     let mut buf = vec![0u8; size as usize];
     let sectors = (len - size) / 512 + 1;
-    for k in 0..writes {
+    for _ in 0..writes {
         let at = rng.below(sectors) * 512;
         rng.fill(&mut buf);
         file.write_all_at(&buf, at)?;
-        w.write(at, &buf, k)?;
+        w.write(at, &buf, hrl_now())?;
     }
     file.sync_all()?;
-    let (out, _) = w.finish(writes)?;
+    let (out, _) = w.finish(hrl_now())?;
     out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     host::set_generated(&site, &key, t.session, &lifeboat_engine::hex(&unique_id))?;
     if !quiet {
@@ -158,6 +159,15 @@ pub(crate) fn guest_write(
         );
     }
     Ok(())
+}
+
+/// Now, in an HRL timestamp: seconds since 2000-01-01 UTC.
+fn hrl_now() -> u32 {
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    u32::try_from(unix.saturating_sub(lifeboat_hrl::HRL_EPOCH_UNIX_SECS)).unwrap_or(u32::MAX)
 }
 
 fn unhex(h: &str) -> Option<[u8; 16]> {
