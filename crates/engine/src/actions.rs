@@ -524,44 +524,86 @@ impl Engine {
         Ok(())
     }
 
+    /// One snapshot per disk, and one of its digests beside it (what `verify` checks the
+    /// point against); each recorded before the next is taken, so a crash leaves none
+    /// behind unrecorded.
     async fn create_point(&mut self, name: &str, point: PointId) -> Result<()> {
-        let n = self.doc(name)?.disks.len();
-        loop {
-            let have = self.doc(name)?.points.get(&point.0).map_or(0, Vec::len);
-            if have >= n {
-                return Ok(());
+        let doc = self.doc(name)?;
+        let (n, bs) = (doc.disks.len(), BlockSize::new(doc.block_size)?);
+        for d in 0..n {
+            let blob = replica_blob(name, d);
+            if self.doc(name)?.points.get(&point.0).map_or(0, Vec::len) <= d {
+                // Digests a crash left behind a batch are brought up to date first.
+                if !ReplicaDigests::is_current(&*self.store, &blob).await? {
+                    let len = self.doc(name)?.disks[d].size;
+                    let mut fresh = ReplicaDigests::rebuild(&*self.store, &blob, len, bs).await?;
+                    fresh
+                        .save(&*self.store, &blob, Some(self.site.id()))
+                        .await?;
+                    self.forget_digests(&blob);
+                }
+                let snap = self.store.snapshot(&blob, self.lease()).await?;
+                self.doc_mut(name)?
+                    .points
+                    .entry(point.0)
+                    .or_default()
+                    .push(snap);
+                self.persist().await?;
             }
-            let snap = self
-                .store
-                .snapshot(&replica_blob(name, have), self.lease())
-                .await?;
-            self.doc_mut(name)?
-                .points
-                .entry(point.0)
-                .or_default()
-                .push(snap);
-            // Each snapshot is recorded before the next is taken: a crash leaves none
-            // behind unrecorded.
-            self.persist().await?;
+            if self
+                .doc(name)?
+                .point_digests
+                .get(&point.0)
+                .map_or(0, Vec::len)
+                <= d
+            {
+                let snap = self
+                    .store
+                    .snapshot(&lifeboat_pageblob::digests_blob(&blob), self.lease())
+                    .await?;
+                self.doc_mut(name)?
+                    .point_digests
+                    .entry(point.0)
+                    .or_default()
+                    .push(snap);
+                self.persist().await?;
+            }
         }
+        Ok(())
+    }
+
+    /// Drops the in-memory digests of `blob` (the stored ones changed).
+    pub(crate) fn forget_digests(&self, blob: &str) {
+        self.digests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(blob);
     }
 
     pub(crate) async fn delete_point(&mut self, name: &str, point: PointId) -> Result<()> {
         // The store does not fence snapshot deletions (snapshots take no lease): a write
         // of the catalogue as its lease holder first proves this site still owns the item.
         self.fence(name).await?;
-        let snaps = self.doc(name)?.points.get(&point.0).cloned();
-        for (d, snap) in snaps.unwrap_or_default().iter().enumerate() {
-            match self
-                .store
-                .delete_snapshot(&replica_blob(name, d), snap)
-                .await
-            {
+        let doc = self.doc(name)?;
+        let snaps = doc.points.get(&point.0).cloned().unwrap_or_default();
+        let digests = doc.point_digests.get(&point.0).cloned().unwrap_or_default();
+        let replicas = snaps
+            .iter()
+            .enumerate()
+            .map(|(d, s)| (replica_blob(name, d), s));
+        let digest_blobs = digests
+            .iter()
+            .enumerate()
+            .map(|(d, s)| (lifeboat_pageblob::digests_blob(&replica_blob(name, d)), s));
+        for (blob, snap) in replicas.chain(digest_blobs) {
+            match self.store.delete_snapshot(&blob, snap).await {
                 Ok(()) | Err(StoreError::NotFound { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
         }
-        self.doc_mut(name)?.points.remove(&point.0);
+        let doc = self.doc_mut(name)?;
+        doc.points.remove(&point.0);
+        doc.point_digests.remove(&point.0);
         Ok(())
     }
 

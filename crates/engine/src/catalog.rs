@@ -138,6 +138,10 @@ pub struct Item {
     pub disks: Vec<Disk>,
     /// Recovery point id -> snapshot id per disk (filled disk by disk).
     pub points: BTreeMap<u64, Vec<String>>,
+    /// Recovery point id -> per disk, the snapshot of its digests taken with it (what
+    /// `verify` checks the point against).
+    #[serde(default)]
+    pub point_digests: BTreeMap<u64, Vec<String>>,
     /// Logs accepted and staged at the owner's site, not yet in a cycle.
     pub pending: Vec<StagedLog>,
     /// Closed cycles not yet applied or discarded.

@@ -582,7 +582,7 @@ impl Engine {
     }
 
     /// Fails unless this site acts for the item.
-    fn require_owned(&self, name: &str) -> Result<()> {
+    pub(crate) fn require_owned(&self, name: &str) -> Result<()> {
         match self.items.get(name) {
             None => Err(Error::UnknownItem(name.to_owned())),
             Some(_) if self.c.status(name, Duration::ZERO).is_some() => Ok(()),
@@ -784,6 +784,7 @@ impl Engine {
             block_size: bs.get(),
             disks: docs,
             points: BTreeMap::new(),
+            point_digests: BTreeMap::new(),
             pending: Vec::new(),
             cycles: BTreeMap::new(),
             test: Materialized::default(),

@@ -98,6 +98,7 @@ pub use crate::{
     host::{Clock, Disk, FileHost, Host, MemoryDisk, MemoryHost, SystemClock},
     logs::Staged,
     site::Site,
+    verify::Verified,
 };
 
 mod actions;
@@ -108,6 +109,7 @@ mod error;
 mod host;
 mod logs;
 mod site;
+mod verify;
 
 #[cfg(test)]
 mod tests;

@@ -277,6 +277,36 @@ impl AzureStore {
         }
     }
 
+    /// A blob's or a snapshot's properties.
+    async fn properties_of(
+        &self,
+        blob: &str,
+        snapshot: Option<&str>,
+    ) -> Result<Properties, StoreError> {
+        let p = self
+            .snap(blob, snapshot)?
+            .get_properties(None)
+            .await
+            .map_err(|e| from_azure(e, blob))?;
+        let err = |e| from_azure(e, blob);
+        let size = p.content_length().map_err(err)?.unwrap_or(0);
+        let seq = p.blob_sequence_number().map_err(err)?.unwrap_or(0);
+        let metadata = p.metadata().map_err(err)?.into_iter().collect();
+        let lease = match p.lease_state().map_err(err)? {
+            Some(LeaseState::Leased | LeaseState::Breaking) => crate::store::LeaseState::Leased,
+            Some(LeaseState::Broken) => crate::store::LeaseState::Broken,
+            _ => crate::store::LeaseState::Available,
+        };
+        let etag = ETag(p.etag().map_err(err)?.map(String::from).unwrap_or_default());
+        Ok(Properties {
+            size,
+            sequence_number: seq as u64,
+            metadata,
+            lease,
+            etag,
+        })
+    }
+
     async fn list_ranges(
         &self,
         client: PageBlobClient,
@@ -428,29 +458,17 @@ impl PageStore for AzureStore {
     }
 
     async fn properties(&self, blob: &str) -> Result<Properties, StoreError> {
-        let p = self
-            .blob(blob)
-            .get_properties(None)
-            .await
-            .map_err(|e| from_azure(e, blob))?;
-        let err = |e| from_azure(e, blob);
-        let size = p.content_length().map_err(err)?.unwrap_or(0);
-        let seq = p.blob_sequence_number().map_err(err)?.unwrap_or(0);
-        let metadata = p.metadata().map_err(err)?.into_iter().collect();
-        let lease = match p.lease_state().map_err(err)? {
-            Some(LeaseState::Leased | LeaseState::Breaking) => crate::store::LeaseState::Leased,
-            Some(LeaseState::Broken) => crate::store::LeaseState::Broken,
-            _ => crate::store::LeaseState::Available,
-        };
-        let etag = ETag(p.etag().map_err(err)?.map(String::from).unwrap_or_default());
-        self.remember_size(blob, Some(size));
-        Ok(Properties {
-            size,
-            sequence_number: seq as u64,
-            metadata,
-            lease,
-            etag,
-        })
+        let p = self.properties_of(blob, None).await?;
+        self.remember_size(blob, Some(p.size));
+        Ok(p)
+    }
+
+    async fn snapshot_properties(
+        &self,
+        blob: &str,
+        snapshot: &str,
+    ) -> Result<Properties, StoreError> {
+        self.properties_of(blob, Some(snapshot)).await
     }
 
     async fn write_pages(

@@ -223,6 +223,14 @@ pub async fn run(store: &dyn PageStore, prefix: &str, skips: Skips) -> Result<()
     if snap2.iter().any(|&b| b != 0x11) {
         return Err("second snapshot does not hold the bytes it was taken with".into());
     }
+    // A snapshot keeps the sequence number and metadata it was taken with.
+    let sp = s
+        .snapshot_properties(&blob, &s1)
+        .await
+        .map_err(|e| fail("snapshot properties", e))?;
+    if (sp.size, sp.sequence_number, &sp.metadata) != (16 * mib, 8, &md) {
+        return Err(fail("snapshot properties", sp));
+    }
     let list = s
         .snapshots(&blob)
         .await

@@ -81,6 +81,20 @@ impl ReplicaDigests {
         touched: &[Range<u64>],
         seq: u64,
     ) -> Result<(), StoreError> {
+        self.rehash(store, blob, None, touched).await?;
+        self.sequence_number = seq;
+        Ok(())
+    }
+
+    /// Re-hashes the blocks that `touched` ranges overlap from the blob, or from one of
+    /// its snapshots.
+    async fn rehash(
+        &mut self,
+        store: &dyn PageStore,
+        blob: &str,
+        snapshot: Option<&str>,
+        touched: &[Range<u64>],
+    ) -> Result<(), StoreError> {
         let bs = self.signature.block_size();
         let len = self.signature.len();
         let mut blocks: Vec<u64> = touched
@@ -102,7 +116,7 @@ impl ReplicaDigests {
             }
             let start = bs.range(blocks[i], len).start;
             let end = bs.range(blocks[j - 1], len).end;
-            let data = store.read(blob, None, start, end - start).await?;
+            let data = store.read(blob, snapshot, start, end - start).await?;
             for (k, chunk) in data.chunks(bs.get() as usize).enumerate() {
                 let d = if chunk.iter().all(|&b| b == 0) {
                     Digest::Zero
@@ -118,7 +132,6 @@ impl ReplicaDigests {
             }
             i = j;
         }
-        self.sequence_number = seq;
         Ok(())
     }
 
@@ -130,31 +143,107 @@ impl ReplicaDigests {
         block_size: BlockSize,
     ) -> Result<Self, StoreError> {
         let seq = store.properties(blob).await?.sequence_number;
+        ReplicaDigests::rebuild_at(store, blob, None, len, block_size, seq).await
+    }
+
+    /// Computes every digest from the blob, or one of its snapshots, recording `seq`.
+    pub async fn rebuild_at(
+        store: &dyn PageStore,
+        blob: &str,
+        snapshot: Option<&str>,
+        len: u64,
+        block_size: BlockSize,
+        seq: u64,
+    ) -> Result<Self, StoreError> {
         let mut d = ReplicaDigests::zeroed(len, block_size, seq);
         // Unallocated ranges read as zeros: hash only what is allocated.
-        let ranges = store.page_ranges(blob, None).await?;
-        d.update(store, blob, &ranges, seq).await?;
+        let ranges = store.page_ranges(blob, snapshot).await?;
+        d.rehash(store, blob, snapshot, &ranges).await?;
+        Ok(d)
+    }
+
+    /// The digests of every byte of the blob, or of one of its snapshots, recording `seq`:
+    /// unlike [`ReplicaDigests::rebuild_at`] it reads unallocated ranges too (a store may
+    /// hold stray bytes there: verify must see what a read would return).
+    pub async fn scan_at(
+        store: &dyn PageStore,
+        blob: &str,
+        snapshot: Option<&str>,
+        len: u64,
+        block_size: BlockSize,
+        seq: u64,
+    ) -> Result<Self, StoreError> {
+        let mut d = ReplicaDigests::zeroed(len, block_size, seq);
+        d.rehash(store, blob, snapshot, std::slice::from_ref(&(0..len)))
+            .await?;
         Ok(d)
     }
 
     /// Blocks whose stored digest does not match the blob's current bytes.
     pub async fn verify(&self, store: &dyn PageStore, blob: &str) -> Result<Vec<u64>, StoreError> {
-        let fresh = ReplicaDigests::rebuild(
+        self.verify_at(store, blob, None).await
+    }
+
+    /// Blocks whose digest here does not match the bytes of the blob, or of one of its
+    /// snapshots (reads all of them).
+    pub async fn verify_at(
+        &self,
+        store: &dyn PageStore,
+        blob: &str,
+        snapshot: Option<&str>,
+    ) -> Result<Vec<u64>, StoreError> {
+        let fresh = ReplicaDigests::scan_at(
             store,
             blob,
+            snapshot,
             self.signature.len(),
             self.signature.block_size(),
+            self.sequence_number,
         )
         .await?;
-        Ok(self
-            .signature
+        Ok(self.differing(&fresh))
+    }
+
+    /// Blocks whose digests differ between these and `other` (of the same geometry).
+    pub fn differing(&self, other: &ReplicaDigests) -> Vec<u64> {
+        self.signature
             .digests()
             .iter()
-            .zip(fresh.signature.digests())
+            .zip(other.signature.digests())
             .enumerate()
             .filter(|(_, (a, b))| a != b)
             .map(|(i, _)| i as u64)
-            .collect())
+            .collect()
+    }
+
+    /// Re-hashes `blocks` from the blob's current bytes (the digests then describe what the
+    /// blob holds, damaged or not: a resync compares the source with them and sends what
+    /// differs).
+    pub async fn rehash_blocks(
+        &mut self,
+        store: &dyn PageStore,
+        blob: &str,
+        blocks: &[u64],
+    ) -> Result<(), StoreError> {
+        let bs = self.signature.block_size();
+        let len = self.signature.len();
+        let ranges: Vec<Range<u64>> = blocks.iter().map(|&b| bs.range(b, len)).collect();
+        self.rehash(store, blob, None, &ranges).await
+    }
+
+    /// Whether the stored digests of `blob` describe its current sequence number (reads
+    /// metadata only).
+    pub async fn is_current(store: &dyn PageStore, blob: &str) -> Result<bool, StoreError> {
+        let p = match store.properties(&digests_blob(blob)).await {
+            Ok(p) => p,
+            Err(StoreError::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let seq = p.metadata.get(SEQ_KEY).and_then(|v| v.parse::<u64>().ok());
+        Ok(
+            p.metadata.get(FORMAT_KEY).map(String::as_str) == Some(FORMAT)
+                && seq == Some(store.properties(blob).await?.sequence_number),
+        )
     }
 
     /// Writes the slots changed since the last save (all of them for new or rebuilt
@@ -246,20 +335,44 @@ impl ReplicaDigests {
     /// Loads the stored digests of `blob`: `Ok(None)` if there are none, or if they
     /// describe another sequence number than the blob's (stale).
     pub async fn load(store: &dyn PageStore, blob: &str) -> Result<Option<Self>, StoreError> {
+        let seq = store.properties(blob).await?.sequence_number;
+        Self::load_from(store, blob, None)
+            .await
+            .map(|d| d.filter(|d| d.sequence_number == seq))
+    }
+
+    /// Loads the digests a snapshot of the [`digests_blob`] holds (taken with a recovery
+    /// point: they describe the replica's snapshot of the same moment).
+    pub async fn load_at(
+        store: &dyn PageStore,
+        blob: &str,
+        digests_snapshot: &str,
+    ) -> Result<Option<Self>, StoreError> {
+        Self::load_from(store, blob, Some(digests_snapshot)).await
+    }
+
+    async fn load_from(
+        store: &dyn PageStore,
+        blob: &str,
+        snapshot: Option<&str>,
+    ) -> Result<Option<Self>, StoreError> {
         let name = digests_blob(blob);
-        let p = match store.properties(&name).await {
+        let p = match snapshot {
+            Some(s) => store.snapshot_properties(&name, s).await,
+            None => store.properties(&name).await,
+        };
+        let p = match p {
             Ok(p) => p,
             Err(StoreError::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e),
         };
-        let field = |k: &str| p.metadata.get(k).and_then(|v| v.parse::<u64>().ok());
+        let md = &p.metadata;
+        let field = |k: &str| md.get(k).and_then(|v| v.parse::<u64>().ok());
         let (Some(len), Some(bs), Some(seq)) = (field(LEN_KEY), field(BS_KEY), field(SEQ_KEY))
         else {
             return Ok(None);
         };
-        if p.metadata.get(FORMAT_KEY).map(String::as_str) != Some(FORMAT)
-            || seq != store.properties(blob).await?.sequence_number
-        {
+        if md.get(FORMAT_KEY).map(String::as_str) != Some(FORMAT) {
             return Ok(None);
         }
         let corrupt = |reason: String| StoreError::Corrupt {
@@ -281,7 +394,7 @@ impl ReplicaDigests {
         let mut at = 0;
         while at < n * SLOT {
             let chunk = (n * SLOT - at).min(MAX_PUT);
-            let bytes = store.read(&name, None, at, chunk).await?;
+            let bytes = store.read(&name, snapshot, at, chunk).await?;
             for slot in bytes.chunks(SLOT as usize) {
                 let mut h = [0u8; 32];
                 h.copy_from_slice(slot);

@@ -282,6 +282,16 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         self.run(f, self.inner.snapshots(blob)).await
     }
 
+    async fn snapshot_properties(
+        &self,
+        blob: &str,
+        snapshot: &str,
+    ) -> Result<Properties, StoreError> {
+        let f = self.planned(Request::Properties);
+        self.run(f, self.inner.snapshot_properties(blob, snapshot))
+            .await
+    }
+
     async fn delete_snapshot(&self, blob: &str, snapshot: &str) -> Result<(), StoreError> {
         let f = self.planned(Request::DeleteSnapshot);
         self.run(f, self.inner.delete_snapshot(blob, snapshot))

@@ -118,6 +118,11 @@ struct Snap {
     ranges: Vec<Range<u64>>,
     /// Pages whose pre-change bytes this snapshot's file holds.
     preserved: Vec<Range<u64>>,
+    /// The blob's sequence number and metadata when the snapshot was taken.
+    #[serde(default)]
+    sequence_number: u64,
+    #[serde(default)]
+    metadata: Metadata,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -484,6 +489,8 @@ impl Inner {
             size: st.size,
             ranges: st.ranges.clone(),
             preserved: Vec::new(),
+            sequence_number: st.sequence_number,
+            metadata: st.metadata.clone(),
         });
         self.save(blob, &st)?;
         Ok(id)
@@ -964,6 +971,27 @@ impl PageStore for LocalStore {
                 .into_iter()
                 .map(|s| s.id)
                 .collect())
+        })
+        .await
+    }
+
+    async fn snapshot_properties(
+        &self,
+        blob: &str,
+        snapshot: &str,
+    ) -> Result<Properties, StoreError> {
+        let id = snapshot.to_owned();
+        self.run(blob, move |i, b| {
+            let _g = i.guard()?;
+            let st = i.load_page(b)?;
+            let snap = &st.snapshots[Inner::snapshot_index(&st, b, &id)?];
+            Ok(Properties {
+                size: snap.size,
+                sequence_number: snap.sequence_number,
+                metadata: snap.metadata.clone(),
+                lease: LeaseState::Available,
+                etag: ETag(format!("\"{}@{}\"", st.etag.trim_matches('"'), snap.id)),
+            })
         })
         .await
     }

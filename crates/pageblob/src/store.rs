@@ -246,6 +246,14 @@ pub trait PageStore: Send + Sync + std::fmt::Debug {
     /// The blob's snapshots, oldest first.
     async fn snapshots(&self, blob: &str) -> Result<Vec<String>, StoreError>;
 
+    /// A snapshot's size, sequence number and metadata as they were when it was taken (its
+    /// lease state is [`LeaseState::Available`]: snapshots take no lease).
+    async fn snapshot_properties(
+        &self,
+        blob: &str,
+        snapshot: &str,
+    ) -> Result<Properties, StoreError>;
+
     /// Deletes one snapshot (snapshots take no lease).
     async fn delete_snapshot(&self, blob: &str, snapshot: &str) -> Result<(), StoreError>;
 

@@ -229,6 +229,12 @@ pub(crate) async fn run(store: Store, cli: &Cli) -> Result<()> {
             e.reprotect(item).await?;
             Ok(())
         }
+        Cmd::Verify {
+            item,
+            point,
+            source,
+            repair,
+        } => verify(&mut e, item, point.map(PointId), *source, *repair).await,
         Cmd::TakeOver { item } => {
             if e.take_over(item).await? {
                 println!("{item}: this site acts for it now");
@@ -387,6 +393,77 @@ pub(crate) async fn resync(e: &mut Engine, item: &str, resumed: &[JobId]) -> Res
         println!(
             "{item} disk {d}: {} blocks compared, {} bytes sent, {} bytes cleared",
             r.blocks_compared, r.bytes_sent, r.bytes_cleared
+        );
+    }
+    Ok(())
+}
+
+/// `verify`: a line per disk; fails (exit 1) when something differs, unless repaired.
+async fn verify(
+    e: &mut Engine,
+    item: &str,
+    point: Option<PointId>,
+    source: bool,
+    repair: bool,
+) -> Result<()> {
+    let found = if repair {
+        e.repair(item).await?
+    } else {
+        e.verify(item, point, source).await?
+    };
+    let mut bad = 0;
+    for v in &found {
+        let what = match v.point {
+            Some(p) => format!("point {p}"),
+            None => "replica".to_owned(),
+        };
+        let offsets = |blocks: &[u64]| {
+            blocks
+                .iter()
+                .take(8)
+                .map(|b| (b * u64::from(v.block_size)).to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match &v.note {
+            Some(n) => println!("{item} disk {} ({what}): not checked: {n}", v.disk),
+            None if v.damaged.is_empty() => println!(
+                "{item} disk {} ({what}): {} blocks match their digests",
+                v.disk, v.blocks
+            ),
+            None => println!(
+                "{item} disk {} ({what}): {} damaged block(s) at offset(s) {}",
+                v.disk,
+                v.damaged.len(),
+                offsets(&v.damaged)
+            ),
+        }
+        if let Some(u) = &v.unlike_source {
+            if u.is_empty() {
+                println!("{item} disk {}: the replica equals the source", v.disk);
+            } else {
+                println!(
+                    "{item} disk {}: {} block(s) differ from the source, at offset(s) {}",
+                    v.disk,
+                    u.len(),
+                    offsets(u)
+                );
+            }
+        }
+        bad += usize::from(!v.clean());
+    }
+    if repair {
+        for (d, r) in e.item(item)?.item.last_resync.iter().enumerate() {
+            println!(
+                "{item} disk {d}: repaired: {} blocks compared, {} bytes sent, {} bytes cleared",
+                r.blocks_compared, r.bytes_sent, r.bytes_cleared
+            );
+        }
+        return Ok(());
+    }
+    if bad > 0 {
+        bail!(
+            "{item}: {bad} disk(s) differ (run `lifeboat verify {item} --repair` to re-send them from the source)"
         );
     }
     Ok(())

@@ -237,6 +237,24 @@ pub(crate) enum Cmd {
         /// The item.
         item: String,
     },
+    /// Check a replica (or a recovery point) block by block against the digests recorded
+    /// as it was written, and the replica against the source disks; changes nothing unless
+    /// --repair.
+    Verify {
+        /// The item.
+        item: String,
+        /// Check this recovery point instead of the live replica.
+        #[arg(long, conflicts_with_all = ["source", "repair"])]
+        point: Option<u64>,
+        /// Compare the live replica with the source disks too (quiet or snapshotted
+        /// sources: writes not replicated yet also differ).
+        #[arg(long)]
+        source: bool,
+        /// Re-send exactly the blocks that differ from the source (a resync that knows the
+        /// damage).
+        #[arg(long)]
+        repair: bool,
+    },
     /// Act for an item another site owns (that site is lost): its replication there is
     /// fenced by the store from now on.
     TakeOver {

@@ -858,3 +858,102 @@ fn files_the_agent_creates_are_owner_only() {
     }
     assert!(seen > 20, "{seen}");
 }
+
+/// Bit rot in the embedded store: verify finds a block flipped in the replica and one in
+/// a recovery point, changes nothing, and --repair re-sends only the damaged block.
+#[test]
+fn verify_finds_damage_and_repair_sends_only_that_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let t = Target {
+        site: dir.path().join("site"),
+        store: Some(store.clone()),
+        azure: None,
+    };
+    let d = dir.path().join("d.raw");
+    make_disk(&d, 4 * MIB, 21);
+    t.ok(&["protect", "vm", "--disk", s(&d)]);
+    let out = t.ok(&["verify", "vm", "--source"]);
+    assert!(
+        out.contains("64 blocks match their digests") && out.contains("equals the source"),
+        "{out}"
+    );
+    let cycle = |name: &str, seed: &str| {
+        let l = dir.path().join(name);
+        t.ok(&[
+            "guest-write",
+            "vm",
+            "--disk",
+            "0",
+            "--log",
+            s(&l),
+            "--writes",
+            "3",
+            "--seed",
+            seed,
+        ]);
+        t.ok(&["replicate", "vm", "--log", &format!("0={}", s(&l))]);
+        l
+    };
+    cycle("l1.hrl", "1");
+    let points = t.json(&["points", "vm"]);
+    let (p2, snap) = (
+        points[1]["id"].as_u64().unwrap(),
+        points[1]["snapshots"][0].as_str().unwrap().to_owned(),
+    );
+    // The next cycle overwrites a block: point 2 keeps its old bytes in its own file.
+    let l2 = cycle("l2.hrl", "2");
+    let y = t.json(&["hrl", "inspect", s(&l2)])["writes"][0]["offset"]
+        .as_u64()
+        .unwrap();
+    let blob_dir = store.join("lifeboat%items%vm%disk0");
+    let flip = |file: &Path, at: u64| {
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(file)
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[!b[0]], at).unwrap();
+    };
+    flip(&blob_dir.join(format!("snap-{snap}")), y + 100);
+    let r = t.fails(&["verify", "vm", "--point", &p2.to_string()]);
+    assert!(r.contains("1 disk(s) differ"), "{r}");
+    let out = t.ok(&["verify", "vm"]);
+    assert!(
+        out.contains("64 blocks match"),
+        "the live replica is intact: {out}"
+    );
+    let out = t.run(&["verify", "vm", "--point", &p2.to_string()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let block = y / (64 << 10) * (64 << 10);
+    assert!(
+        text.contains(&format!("1 damaged block(s) at offset(s) {block}")),
+        "{text}"
+    );
+
+    // Damage the live replica in a block no cycle touched.
+    let x = 2 * MIB + 4096;
+    flip(&blob_dir.join("data"), x);
+    let r = t.fails(&["verify", "vm"]);
+    assert!(r.contains("--repair"), "{r}");
+    let replica_before = bytes(&blob_dir.join("data"));
+    let out = t.ok(&["verify", "vm", "--repair"]);
+    assert!(
+        out.contains(&format!("1 damaged block(s) at offset(s) {}", 2 * MIB)),
+        "{out}"
+    );
+    // One block re-sent: as data, or as a Clear Pages if the source's block is zeros.
+    assert!(
+        out.contains("repaired: 64 blocks compared, 65536 bytes sent, 0 bytes cleared")
+            || out.contains("repaired: 64 blocks compared, 0 bytes sent, 65536 bytes cleared"),
+        "{out}"
+    );
+    assert!(bytes(&blob_dir.join("data")) != replica_before);
+    let out = t.ok(&["verify", "vm", "--source"]);
+    assert!(
+        out.contains("64 blocks match") && out.contains("equals the source"),
+        "{out}"
+    );
+}
