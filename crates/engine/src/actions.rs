@@ -72,7 +72,9 @@ impl Engine {
                 self.materialize(name, *point, *purpose).await?
             }
             ActionKind::DeleteTestDisks => {
-                let disks = std::mem::take(&mut self.doc_mut(name)?.test.disks);
+                let test = &mut self.doc_mut(name)?.test;
+                test.point = None;
+                let disks = std::mem::take(&mut test.disks);
                 for l in &disks {
                     self.remove_location(l).await?;
                 }
@@ -324,6 +326,9 @@ impl Engine {
     async fn close_logs(&mut self, name: &str, cycle: u64) -> Result<Outcome> {
         let n = self.doc(name)?.disks.len();
         if !self.doc(name)?.cycles.contains_key(&cycle) {
+            // The host closes its open logs: with those handed over before, they hold
+            // every write until now (the host's promise), so the cycle's point is now.
+            self.take_host_logs(name, false).await?;
             let doc = self.doc_mut(name)?;
             let logs = std::mem::take(&mut doc.pending);
             doc.cycles.insert(
@@ -648,10 +653,12 @@ impl Engine {
             }
         }
         let doc = self.doc_mut(name)?;
-        match purpose {
-            Purpose::Test => doc.test.disks = out,
-            Purpose::Failover => doc.failover.disks = out,
-        }
+        let m = match purpose {
+            Purpose::Test => &mut doc.test,
+            Purpose::Failover => &mut doc.failover,
+        };
+        m.disks = out;
+        m.point = Some(point.0);
         Ok(())
     }
 

@@ -309,6 +309,9 @@ pub struct Materialized {
     pub export: Export,
     /// Where they are, per disk.
     pub disks: Vec<Location>,
+    /// The recovery point they hold.
+    #[serde(default)]
+    pub point: Option<u64>,
 }
 
 /// What a resync or sync-back did.

@@ -137,6 +137,12 @@ pub enum Replicated {
     },
     /// The logs cannot be applied: the item needs a resync.
     ResyncRequired(Vec<HealthCause>),
+    /// The item is copying its disks (initial replication or resync): the logs wait for
+    /// the copy's own cycle.
+    Staged {
+        /// Logs staged.
+        logs: usize,
+    },
 }
 
 /// An item as the catalogue has it, with its status now.
@@ -240,6 +246,7 @@ impl EngineBuilder {
             plans: BTreeMap::new(),
             last: Duration::ZERO,
             performed: 0,
+            behind: false,
             crash_after: self.crash_after,
             writer: self.writer,
             digests: Mutex::default(),
@@ -266,6 +273,9 @@ pub struct Engine {
     /// The last time handed to the state machine (never goes backwards).
     last: Duration,
     performed: u64,
+    /// The store's catalogue may be behind this engine's (a write failed): it is written
+    /// before anything more is done.
+    behind: bool,
     crash_after: Option<u64>,
     pub(crate) writer: WriterConfig,
     /// Replica digests as last saved, by blob.
@@ -393,6 +403,13 @@ impl Engine {
     /// Writes every owned item and loaded plan whose state changed since it was last
     /// written, each only if unchanged since (and, for items, as the lease holder).
     pub(crate) async fn persist(&mut self) -> Result<()> {
+        self.behind = true;
+        self.write_catalogue().await?;
+        self.behind = false;
+        Ok(())
+    }
+
+    async fn write_catalogue(&mut self) -> Result<()> {
         let names: Vec<String> = self.c.items().map(str::to_owned).collect();
         let now = self.last;
         for name in names {
@@ -503,7 +520,18 @@ impl Engine {
     pub async fn drive(&mut self) -> Result<()> {
         while let Some(action) = self.c.poll_action() {
             self.performed += 1;
-            let outcome = match self.perform(&action).await {
+            // Write-ahead: nothing is done that the store's catalogue does not know is
+            // under way (a command whose write failed must not act, and then be forgotten
+            // by a crash).
+            let ready = match self.behind {
+                true => self.persist().await,
+                false => Ok(()),
+            };
+            let done = match ready {
+                Ok(()) => self.perform(&action).await,
+                Err(e) => Err(e),
+            };
+            let outcome = match done {
                 Ok(o) => o,
                 Err(e @ Error::Fenced { .. }) => return Err(e),
                 Err(e) => Outcome::Failed {
@@ -829,8 +857,13 @@ impl Engine {
     }
 
     /// Stages logs (see [`Engine::stage_logs`]) and runs a delta cycle now: the logs
-    /// staged so far become a recovery point, app-consistent if `app_consistent` says they
-    /// were closed at a quiesced snapshot.
+    /// staged so far (with those the host closes, see [`Host::close_logs`]) become a
+    /// recovery point, app-consistent if `app_consistent` says they were closed at a
+    /// quiesced snapshot. While the item copies its disks (initial replication, resync)
+    /// the logs are staged for the copy's own cycle; while it waits for a resync they are
+    /// not needed (the resync covers their writes).
+    ///
+    /// [`Host::close_logs`]: crate::Host::close_logs
     pub async fn replicate(
         &mut self,
         item: &str,
@@ -839,12 +872,29 @@ impl Engine {
     ) -> Result<Replicated> {
         self.require_owned(item)?;
         let st = self.protection(item)?;
-        if st != ProtectionState::Protected {
-            return Err(Error::Invalid(format!(
-                "replicate is not allowed while {item} is {st:?}"
-            )));
+        match st {
+            ProtectionState::Protected => {}
+            ProtectionState::InitialReplicationInProgress
+            | ProtectionState::Resynchronizing
+            | ProtectionState::ResyncPaused => {
+                let staged = self.stage_logs(item, logs, app_consistent).await?;
+                return Ok(Replicated::Staged {
+                    logs: staged.chained + staged.broken,
+                });
+            }
+            ProtectionState::ResyncRequired => {
+                return Ok(Replicated::ResyncRequired(self.item(item)?.status.causes));
+            }
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "replicate is not allowed while {item} is {st:?}"
+                )));
+            }
         }
-        let staged = self.stage_logs(item, logs, app_consistent).await?;
+        let mut staged = self.stage_logs(item, logs, app_consistent).await?;
+        let more = self.take_host_logs(item, app_consistent).await?;
+        staged.chained += more.chained;
+        staged.broken += more.broken;
         if staged.chained + staged.broken == 0 && self.doc(item)?.pending.is_empty() {
             return Ok(Replicated::Nothing);
         }

@@ -72,6 +72,19 @@ pub trait Host: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
+    /// Closes the item's open change logs now and hands over every log closed and not
+    /// handed over yet, as (disk, file): the engine asks at the start of each cycle, so a
+    /// cycle's point holds the disks as they are now. A host whose logs close on their own
+    /// schedule and are handed over with [`Engine::replicate`] keeps the default (none):
+    /// it promises that no write is missing from the logs handed over so far (else a
+    /// cycle's point claims a moment its replica does not hold).
+    ///
+    /// [`Engine::replicate`]: crate::Engine::replicate
+    fn close_logs(&self, item: &str, disks: usize) -> io::Result<Vec<(usize, PathBuf)>> {
+        let _ = (item, disks);
+        Ok(Vec::new())
+    }
+
     /// Shuts the protected machine down (planned failover).
     fn shut_down_source(&self, item: &str) -> io::Result<()> {
         let _ = item;

@@ -84,7 +84,8 @@ assert_eq!(std::fs::read(out.join("disk0.raw"))?, host.disk("vm1/disk0").unwrap(
 
 # Crate features
 
-None.
+- `sim`: the whole-engine deterministic simulation (`sim::run`), for `scripts/soak`; not a
+  stable API.
 */
 #![doc(test(attr(deny(warnings))))]
 
@@ -108,6 +109,9 @@ mod engine;
 mod error;
 mod host;
 mod logs;
+#[cfg(any(test, feature = "sim"))]
+#[doc(hidden)]
+pub mod sim;
 mod site;
 mod verify;
 

@@ -137,6 +137,25 @@ impl Engine {
         Ok(out)
     }
 
+    /// Asks the host to close the item's open logs ([`Host::close_logs`]) and stages what
+    /// it hands over.
+    pub(crate) async fn take_host_logs(
+        &mut self,
+        item: &str,
+        app_consistent: bool,
+    ) -> Result<Staged> {
+        let host = self.host.clone();
+        let (name, n) = (item.to_owned(), self.doc(item)?.disks.len());
+        let closed = tokio::task::spawn_blocking(move || host.close_logs(&name, n))
+            .await
+            .map_err(|e| Error::io("closing change logs")(std::io::Error::other(e)))?
+            .map_err(Error::io(format!("closing the change logs of {item}")))?;
+        if closed.is_empty() {
+            return Ok(Staged::default());
+        }
+        self.stage_logs(item, &closed, app_consistent).await
+    }
+
     /// Copies a log into the site for its cycle.
     fn stage_one(
         &self,

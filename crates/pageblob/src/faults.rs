@@ -92,6 +92,8 @@ pub struct FaultyStore<S> {
     by_kind: Mutex<BTreeMap<Request, (u32, Fault)>>,
     count: Mutex<u64>,
     seen: Mutex<Vec<Seen>>,
+    /// Requests left before the caller "dies": every later one fails.
+    lives: Mutex<Option<u64>>,
 }
 
 impl<S> FaultyStore<S> {
@@ -103,7 +105,25 @@ impl<S> FaultyStore<S> {
             by_kind: Mutex::new(BTreeMap::new()),
             count: Mutex::new(0),
             seen: Mutex::new(Vec::new()),
+            lives: Mutex::new(None),
         }
+    }
+
+    /// A process crash, as the store sees it: the next `n` requests (of any kind) are
+    /// served, every later one fails as if the caller were gone, until
+    /// [`FaultyStore::revive`]. What the caller did before is all that lands.
+    pub fn kill_after(&self, n: u64) {
+        *lock(&self.lives) = Some(n);
+    }
+
+    /// Serves requests again (a new process).
+    pub fn revive(&self) {
+        *lock(&self.lives) = None;
+    }
+
+    /// Whether a [`FaultyStore::kill_after`] has taken effect.
+    pub fn dead(&self) -> bool {
+        *lock(&self.lives) == Some(0)
     }
 
     /// Makes page request number `n` (from 1) fail with `fault`.
@@ -156,6 +176,22 @@ impl<S> FaultyStore<S> {
         fault: Option<Fault>,
         op: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
+        {
+            let mut lives = lock(&self.lives);
+            match lives.as_mut() {
+                Some(0) => {
+                    return Err(StoreError::Io {
+                        path: "injected".into(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            "the process died",
+                        ),
+                    });
+                }
+                Some(n) => *n -= 1,
+                None => {}
+            }
+        }
         match fault {
             None => op.await,
             Some(Fault::ResetAfterApply) => {

@@ -59,6 +59,8 @@ struct Inner {
     /// Seeds entity tags (with a per-process random key).
     etags: AtomicU64,
     keys: RandomState,
+    /// Whether anything is fsynced (always, but in simulations).
+    fsync: bool,
 }
 
 /// The store's lock, held; released on drop.
@@ -135,7 +137,16 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
 impl LocalStore {
     /// A store rooted at `root` (created if missing).
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
-        let root = root.into();
+        Self::open_with(root.into(), true)
+    }
+
+    /// A store that never fsyncs: for tests and simulations, whose crashes are of the
+    /// process (a crash of the machine may lose what it wrote).
+    pub fn open_unsynced(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        Self::open_with(root.into(), false)
+    }
+
+    fn open_with(root: PathBuf, fsync: bool) -> Result<Self, StoreError> {
         private_dir(&root).map_err(io_err(&root))?;
         let lock_path = root.join(".lock");
         let lock = OpenOptions::new()
@@ -151,6 +162,7 @@ impl LocalStore {
                 lock: Mutex::new(lock),
                 etags: AtomicU64::new(0),
                 keys: RandomState::new(),
+                fsync,
             }),
         })
     }
@@ -250,7 +262,9 @@ impl Inner {
     fn save(&self, blob: &str, st: &State) -> Result<(), StoreError> {
         let dir = self.dir(blob)?;
         let data = dir.join("data");
-        if let Ok(f) = File::open(&data) {
+        if self.fsync
+            && let Ok(f) = File::open(&data)
+        {
             f.sync_all().map_err(io_err(&data))?;
         }
         self.write_state(blob, st, true).map(drop)
@@ -269,7 +283,7 @@ impl Inner {
         let dir = self.dir(blob)?;
         let bytes = serde_json::to_vec(st)
             .map_err(|e| StoreError::Invalid(format!("state does not serialise: {e}")))?;
-        if durable {
+        if durable && self.fsync {
             write_atomic(&dir, "state.json", &bytes)
         } else {
             let tmp = dir.join("state.json.tmp");
@@ -378,7 +392,9 @@ impl Inner {
                 at += n as u64;
             }
         }
-        out.sync_all().map_err(io_err(&snap_path))?;
+        if self.fsync {
+            out.sync_all().map_err(io_err(&snap_path))?;
+        }
         snap.preserved.extend(missing);
         snap.preserved = merge_ranges(std::mem::take(&mut snap.preserved));
         self.save(blob, st)?;
@@ -522,7 +538,7 @@ impl Inner {
                         .open(&prev_path)
                         .and_then(|f| {
                             f.write_all_at(&buf, m.start)?;
-                            f.sync_all()
+                            if self.fsync { f.sync_all() } else { Ok(()) }
                         })
                         .map_err(io_err(&prev_path))?;
                     moved.push(m);

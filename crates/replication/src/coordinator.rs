@@ -103,16 +103,24 @@ pub(crate) struct Item {
     /// Delta cycles applied (discarded ones not counted).
     #[serde(default)]
     cycles_applied: u64,
-    /// The moment the replica holds once the last closed cycle is applied (its point's
-    /// time): when its newest log was closed, or when a full copy read the disks.
+    /// Closed cycles not applied yet: the moment each makes the replica hold (when its
+    /// newest log was closed, or when a full copy read the disks) and whether its logs
+    /// were closed at a quiesced snapshot.
     #[serde(default)]
-    closed_at: Option<Duration>,
-    /// The last closed cycle's logs were closed at a quiesced snapshot.
+    closed: BTreeMap<u64, (Duration, bool)>,
+    /// The moment the replica holds, as of the last cycle applied: a new point's time.
     #[serde(default)]
-    cycle_app_consistent: bool,
+    replica_time: Option<Duration>,
 }
 
 impl Item {
+    /// The replica now holds the source as of `to` (if a cycle applied brought data).
+    fn advance_replica(&mut self, to: Option<Duration>) {
+        if let Some(t) = to {
+            self.replica_time = Some(self.replica_time.map_or(t, |r| r.max(t)));
+        }
+    }
+
     fn new(disks: Vec<u64>, policy: ReplicationPolicy) -> Item {
         Item {
             copied: vec![0; disks.len()],
@@ -144,8 +152,8 @@ impl Item {
             applying: false,
             replica_broken: false,
             cycles_applied: 0,
-            closed_at: None,
-            cycle_app_consistent: false,
+            closed: BTreeMap::new(),
+            replica_time: None,
         }
     }
 
@@ -453,7 +461,11 @@ impl Coordinator {
                 let job = self.new_job(now, JobKind::UnplannedFailover, &name);
                 let it = self.item_mut(&name);
                 it.state = S::UnplannedFailoverInitiated;
-                it.resync_reason = None;
+                // A replica part-way through a resync, or waiting for one, stays so: a
+                // cancelled failover returns to the resync (the reason is kept).
+                if state != S::Protected {
+                    it.replica_broken = true;
+                }
                 self.drop_cycle_steps(now, &name);
                 match chosen {
                     Some(p) => self.fail_over_to(&name, job, p),
@@ -1149,6 +1161,9 @@ impl Coordinator {
         match step.kind {
             ActionKind::StartTracking => {
                 let it = self.item_mut(name);
+                // Cycles closed before tracking restarted are discarded: the copy or
+                // resync that follows covers their writes.
+                it.closed.clear();
                 if it.state == ProtectionState::EnablingProtection {
                     it.state = ProtectionState::InitialReplicationInProgress;
                     // Scheduled initial replication: tracking runs, copying waits.
@@ -1179,17 +1194,20 @@ impl Coordinator {
                     )
                 });
                 let it = self.item_mut(name);
-                let newest_log = logs.iter().filter(|l| l.log_bytes > 0).map(|l| l.closed_at);
-                let logged = logs.iter().any(|l| l.log_bytes > 0);
+                // A log that says when it was closed vouches for its disk up to then
+                // (an empty one too: nothing was written); one that does not, for now.
+                // No log at all: the replica holds what it held.
                 let data_time = if full {
-                    now
-                } else if logged {
-                    newest_log.map(|t| t.unwrap_or(now)).max().unwrap_or(now)
+                    Some(now)
                 } else {
-                    it.points.last().map_or(now, |p| p.time)
+                    logs.iter()
+                        .filter_map(|l| l.closed_at.or((l.log_bytes > 0).then_some(now)))
+                        .max()
                 };
-                it.closed_at = Some(data_time.min(now));
-                it.cycle_app_consistent = !logs.is_empty() && logs.iter().all(|l| l.app_consistent);
+                let app = !logs.is_empty() && logs.iter().all(|l| l.app_consistent);
+                if let Some(t) = data_time {
+                    it.closed.insert(cycle, (t.min(now), app));
+                }
                 // Reports for disks the item does not have are the driver's mistake: ignored.
                 let trigger = logs.iter().find_map(|l| {
                     let size = *self.item(name).disks.get(l.disk)?;
@@ -1209,6 +1227,10 @@ impl Coordinator {
                         None
                     }
                 });
+                if trigger.is_some() {
+                    // The cycle's logs are not applied.
+                    self.item_mut(name).closed.remove(&cycle);
+                }
                 match trigger {
                     None => self.enqueue_for(name, step.job, ActionKind::ApplyLogs { cycle }),
                     Some(reason) if job_kind.is_some_and(|(k, _)| k == JobKind::Resynchronize) => {
@@ -1246,22 +1268,30 @@ impl Coordinator {
                             self.finish_job(now, name, j, JobState::Failed);
                             self.item_mut(name).queue.retain(|s| s.job != Some(j));
                         }
+                        // Later cycles would apply on top of logs that were not applied.
+                        self.drop_cycle_steps(now, name);
                         self.require_resync(now, name, reason);
                         return;
                     }
                 }
             }
-            ActionKind::ApplyLogs { .. } => {
+            ActionKind::ApplyLogs { cycle } => {
                 let it = self.item_mut(name);
                 it.applying = false;
                 it.cycles_applied += 1;
+                // Cycles closed before this one and not applied (their job was superseded,
+                // say by a planned failover) were applied first.
+                let later = it.closed.split_off(&(cycle + 1));
+                let done = std::mem::replace(&mut it.closed, later);
+                let newest = done.get(&cycle).copied();
+                it.advance_replica(done.values().map(|(t, _)| *t).max());
                 if it.state == ProtectionState::PlannedFailoverInitiated {
                     it.final_delta_applied = true;
                 }
                 if free && it.state != ProtectionState::Protected {
                     return;
                 }
-                let app = it.cycle_app_consistent;
+                let app = newest.is_some_and(|(_, app)| app);
                 let point = self.new_point(name);
                 self.enqueue_for(
                     name,
@@ -1272,17 +1302,22 @@ impl Coordinator {
                     },
                 );
             }
-            ActionKind::DiscardLogs { .. }
-            | ActionKind::ResyncDisk { .. }
-            | ActionKind::ProcessPendingLogs => {}
+            ActionKind::ProcessPendingLogs => {
+                // Every closed cycle was applied.
+                let it = self.item_mut(name);
+                let done = std::mem::take(&mut it.closed);
+                it.advance_replica(done.values().map(|(t, _)| *t).max());
+            }
+            ActionKind::DiscardLogs { .. } | ActionKind::ResyncDisk { .. } => {}
             ActionKind::CreateRecoveryPoint {
                 point,
                 app_consistent,
             } => {
                 let it = self.item_mut(name);
-                // The point holds the source as it was when its cycle closed.
+                // The point holds the source as the replica does: as it was when the
+                // newest cycle applied closed.
                 let time = it
-                    .closed_at
+                    .replica_time
                     .unwrap_or(now)
                     .max(it.points.last().map_or(Duration::ZERO, |p| p.time));
                 it.points.push(RecoveryPoint {
@@ -1392,6 +1427,10 @@ impl Coordinator {
                 it.state = S::Protected;
                 it.failover_point = None;
                 it.cycle_due = Some(now);
+                if it.replica_broken {
+                    let reason = it.resync_reason.clone().unwrap_or(ResyncReason::LogsLost);
+                    self.require_resync(now, name, reason);
+                }
             }
             JobKind::RepairReplication
             | JobKind::RecoveryPlan
@@ -1563,8 +1602,10 @@ fn health(it: &Item, now: Duration) -> (Health, Vec<HealthCause>) {
         causes.push(HealthCause::InitialReplicationIncomplete);
         h = h.max(Health::Warning);
     }
+    // The recovery point objective is the age of the newest point's data: a cycle that
+    // brought no logs does not make the replica any fresher.
     if it.state == S::Protected
-        && let Some(last) = it.last_success
+        && let Some(last) = it.points.last().map(|p| p.time).or(it.last_success)
         && now.saturating_sub(last) > it.policy.rpo_warning
     {
         causes.push(HealthCause::RpoExceeded { since: now - last });

@@ -323,11 +323,17 @@ fn non_recoverable_fault_makes_the_item_critical_until_repaired() {
     assert_eq!(s.done.len(), n, "nothing happens while Critical");
     s.cmd(Command::RepairReplication { item: "vm".into() })
         .unwrap();
-    assert_eq!(s.status().health, Health::Normal);
     assert!(matches!(
         s.done.last().unwrap().kind,
         ActionKind::CreateRecoveryPoint { .. }
     ));
+    // The point holds the cycle closed ten hours ago: the recovery point objective is
+    // exceeded until the next cycle brings fresh data.
+    let st = s.status();
+    assert_eq!(st.health, Health::Warning);
+    assert!(matches!(st.causes[..], [HealthCause::RpoExceeded { .. }]));
+    s.tick();
+    assert_eq!(s.status().health, Health::Normal);
     // Repair is only for a Critical item.
     assert!(matches!(
         s.cmd(Command::RepairReplication { item: "vm".into() }),
@@ -1736,4 +1742,77 @@ fn a_point_is_stamped_with_its_newest_log() {
     s.now += MIN;
     s.cmd(Command::Resync { item: "vm".into() }).unwrap();
     assert_eq!(s.status().points.last().unwrap().time, s.now);
+}
+
+#[test]
+fn a_cycle_queued_behind_logs_that_need_a_resync_is_not_applied() {
+    let mut s = Sim::new();
+    s.protect_with(
+        "vm",
+        vec![MIB],
+        ReplicationPolicy {
+            auto_resync: false,
+            ..Sim::policy()
+        },
+    );
+    // The first cycle's close fails (retried later); a second cycle queues behind it.
+    s.world.fail = Some((
+        |k| matches!(k, ActionKind::CloseLogs { .. }),
+        Class::Recoverable,
+        1,
+    ));
+    let first = s.cmd(Command::ReplicateNow { item: "vm".into() }).unwrap();
+    let second = s.cmd(Command::ReplicateNow { item: "vm".into() }).unwrap();
+    let applied = s.done.len();
+    // The first cycle's logs were not closed cleanly: nothing may apply on top of them.
+    s.world.clean = false;
+    s.tick();
+    let st = s.status();
+    assert_eq!(st.state, ProtectionState::ResyncRequired);
+    assert!(
+        !s.done[applied..].iter().any(|a| matches!(
+            a.kind,
+            ActionKind::ApplyLogs { .. } | ActionKind::CreateRecoveryPoint { .. }
+        )),
+        "{:?}",
+        s.kinds()
+    );
+    let state = |id: &JobId| s.c.jobs().find(|j| j.id == *id).unwrap().state;
+    assert_eq!(state(&first), JobState::Failed);
+    assert_eq!(state(&second), JobState::Cancelled);
+}
+
+#[test]
+fn a_cancelled_failover_returns_to_the_resync_it_interrupted() {
+    let mut s = Sim::new();
+    s.protect_with(
+        "vm",
+        vec![MIB],
+        ReplicationPolicy {
+            auto_resync: false,
+            ..Sim::policy()
+        },
+    );
+    s.world.clean = false;
+    s.tick();
+    assert_eq!(s.status().state, ProtectionState::ResyncRequired);
+    s.world.clean = true;
+    s.cmd(Command::UnplannedFailover {
+        item: "vm".into(),
+        point: PointChoice::Latest,
+    })
+    .unwrap();
+    assert_eq!(
+        s.status().state,
+        ProtectionState::UnplannedFailoverCompleted
+    );
+    s.cmd(Command::CancelFailover { item: "vm".into() })
+        .unwrap();
+    let st = s.status();
+    // The replica still needs its resync: no cycle may make a point of it.
+    assert_eq!(st.state, ProtectionState::ResyncRequired);
+    assert!(st.causes.iter().any(|c| matches!(
+        c,
+        HealthCause::ResyncRequired(ResyncReason::LogNotClosedCleanly { disk: 0 })
+    )));
 }

@@ -370,6 +370,9 @@ pub(crate) async fn replicate(
         Replicated::ResyncRequired(causes) => println!(
             "{item}: resync required ({causes:?}); the log was not applied; run `lifeboat resync {item}`"
         ),
+        Replicated::Staged { logs } => println!(
+            "{item}: {logs} log(s) staged for the copy under way (initial replication or resync)"
+        ),
         _ => {}
     }
     Ok(())
