@@ -267,9 +267,35 @@ impl Engine {
             )));
         }
         let mut digests = self.take_digests(&blob, len, bs, seq).await?;
+        // Until the batch's digests are saved, the stored ones describe no sequence number.
+        digests
+            .begin_batch(&*self.store, &blob, Some(self.site.id()))
+            .await?;
         let writer = PageWriter::new(self.store.clone(), blob.clone(), self.writer.clone())
             .leased(Some(self.site.id()));
-        let report = writer.apply_batch(seq, changes, edges).await?;
+        let report = match writer.apply_batch(seq, changes, edges).await {
+            Ok(r) => r,
+            Err(e) => {
+                // Part of the batch may have landed: the touched blocks are hashed again
+                // as they are now (else the digests are rebuilt when next loaded).
+                if let Ok(p) = self.store.properties(&blob).await
+                    && digests
+                        .update(&*self.store, &blob, &touched, p.sequence_number)
+                        .await
+                        .is_ok()
+                    && digests
+                        .save(&*self.store, &blob, Some(self.site.id()))
+                        .await
+                        .is_ok()
+                {
+                    self.digests
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(blob, digests);
+                }
+                return Err(e.into());
+            }
+        };
         digests
             .update(&*self.store, &blob, &touched, seq + 1)
             .await?;

@@ -1,6 +1,7 @@
 //! The whole-engine deterministic simulation: seeded random runs of guest writes, log
-//! deliveries (lost, duplicated, reordered, unclean, over half a disk), operator commands,
-//! process crashes, store faults and clock jumps, checked after every step against an
+//! deliveries (lost, duplicated, reordered, unclean, over half a disk), operator commands
+//! (resync with pause, resume and cancel among them), process crashes, store faults (503,
+//! 500, timeouts, a reply lost after the request landed, disk full) and clock jumps, checked after every step against an
 //! oracle that keeps the source disks' history. Not a stable API: `cargo test` runs a few
 //! hundred seeds, `scripts/soak N` many more (and prints a failing seed as a command that
 //! replays it).
@@ -10,6 +11,7 @@
 //! - a Protected item whose health is Normal has a replica equal to its newest point;
 //! - test-failover and failover disks hold their point; a planned failover's disks hold
 //!   every write; failback targets hold the recovered disks;
+//! - digests that claim the replica's sequence number describe its bytes;
 //! - nothing outside the item's own names is ever written in the store.
 
 use std::collections::VecDeque;
@@ -492,10 +494,11 @@ impl Sim {
                 Request::Properties,
             ];
             let kind = kinds[self.rng.below(kinds.len() as u64) as usize];
-            let fault = match self.rng.below(4) {
+            let fault = match self.rng.below(5) {
                 0 => Fault::Status(503),
                 1 => Fault::Timeout,
                 2 => Fault::ResetAfterApply,
+                3 => Fault::DiskFull,
                 _ => Fault::Status(500),
             };
             let n = 1 + self.rng.below(12) as u32;
@@ -654,6 +657,24 @@ impl Sim {
             return self.expect_ok("repair", r.map(drop));
         }
         match (state, pick) {
+            (S::Resynchronizing, 0..=3) => {
+                self.note("pause resync");
+                let r = self
+                    .e()
+                    .command(Command::PauseResync { item: ITEM.into() })
+                    .await;
+                self.expect_ok("pause resync", r.map(drop))
+            }
+            (S::ResyncPaused, _) => {
+                let cmd = if self.rng.chance(20) {
+                    Command::CancelResync { item: ITEM.into() }
+                } else {
+                    Command::ResumeResync { item: ITEM.into() }
+                };
+                self.note(format!("{cmd:?}"));
+                let r = self.e().command(cmd).await;
+                self.expect_ok("resume/cancel resync", r.map(drop))
+            }
             (S::Protected | S::ResyncRequired, 0..=2) => {
                 self.note("resync");
                 let r = self
@@ -933,6 +954,23 @@ impl Sim {
                 if live != newest {
                     return Err(format!(
                         "health is Normal but replica disk {d} is not its newest point"
+                    ));
+                }
+            }
+        }
+        // Digests that say they describe the replica's current sequence number do.
+        for d in 0..SIZES.len() {
+            let blob = replica_blob(ITEM, d);
+            let store = self.faults.inner();
+            if let Ok(Some(digests)) = lifeboat_pageblob::ReplicaDigests::load(store, &blob).await {
+                let bad = digests
+                    .verify(store, &blob)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if !bad.is_empty() {
+                    return Err(format!(
+                        "replica disk {d}'s digests claim its sequence number {} but differ in blocks {bad:?}",
+                        digests.sequence_number()
                     ));
                 }
             }

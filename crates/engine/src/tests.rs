@@ -465,8 +465,9 @@ async fn a_resync_never_reapplies_a_stale_cycle() {
 /// Seeds of the whole-engine simulation (`sim`) that once broke a rule: partial log
 /// deliveries, a cycle's point claiming a later cycle's moment, a failover cancelled
 /// during a resync, a command acting before its catalogue write landed, a cycle applied
-/// on top of logs that needed a resync.
-const SIM_REGRESSIONS: [u64; 10] = [4, 30, 52, 64, 118, 136, 287, 866, 3679, 3838];
+/// on top of logs that needed a resync, digests claiming a sequence number after a batch
+/// landed in part (a later resync then skipped blocks that differed).
+const SIM_REGRESSIONS: [u64; 13] = [4, 20, 30, 52, 64, 67, 118, 136, 235, 287, 866, 3679, 3838];
 
 fn simulate(seeds: impl IntoIterator<Item = u64>) {
     let failed: Vec<String> = seeds

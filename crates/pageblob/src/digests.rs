@@ -317,19 +317,48 @@ impl ReplicaDigests {
                 .await?;
             i = j;
         }
-        let md: Metadata = [
+        let md = self.metadata(Some(self.sequence_number));
+        store.set_metadata(&name, &md, cond).await?;
+        self.dirty = Some(BTreeSet::new());
+        Ok(())
+    }
+
+    /// Marks the stored digests of `blob` as describing no sequence number until the next
+    /// [`save`](ReplicaDigests::save): called before a batch is written, so a batch that
+    /// lands only in part (a crash, a request that failed for good) never leaves digests
+    /// that claim the blob's sequence number while its bytes changed. Such digests load as
+    /// stale and are rebuilt.
+    pub async fn begin_batch(
+        &self,
+        store: &dyn PageStore,
+        blob: &str,
+        lease: Option<LeaseId>,
+    ) -> Result<(), StoreError> {
+        let cond = Condition::NONE.with_lease(lease);
+        match store
+            .set_metadata(&digests_blob(blob), &self.metadata(None), cond)
+            .await
+        {
+            Ok(()) | Err(StoreError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The digests blob's metadata; without a sequence number, they describe none.
+    fn metadata(&self, seq: Option<u64>) -> Metadata {
+        let mut md: Metadata = [
             (FORMAT_KEY.to_string(), FORMAT.to_string()),
             (LEN_KEY.to_string(), self.signature.len().to_string()),
             (
                 BS_KEY.to_string(),
                 self.signature.block_size().get().to_string(),
             ),
-            (SEQ_KEY.to_string(), self.sequence_number.to_string()),
         ]
         .into();
-        store.set_metadata(&name, &md, cond).await?;
-        self.dirty = Some(BTreeSet::new());
-        Ok(())
+        if let Some(seq) = seq {
+            md.insert(SEQ_KEY.to_string(), seq.to_string());
+        }
+        md
     }
 
     /// Loads the stored digests of `blob`: `Ok(None)` if there are none, or if they

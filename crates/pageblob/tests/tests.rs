@@ -698,6 +698,26 @@ async fn replica_digests_follow_batches_persist_and_drive_a_resync() {
     assert!(rebuilt.verify(&*s, "d").await.unwrap().is_empty());
     assert_eq!(rebuilt.sequence_number(), 2);
 
+    // A batch that lands only in part (its pages, not its sequence number): the digests
+    // marked before it no longer claim the blob's sequence number, and load says so.
+    let mut rebuilt = rebuilt;
+    rebuilt.save(&*s, "d", None).await.unwrap();
+    assert!(ReplicaDigests::is_current(&*s, "d").await.unwrap());
+    rebuilt.begin_batch(&*s, "d", None).await.unwrap();
+    s.write_pages(
+        "d",
+        MIB,
+        Bytes::from(vec![5u8; 512]),
+        lifeboat_pageblob::crc64(&[5u8; 512]),
+        Condition::NONE,
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.properties("d").await.unwrap().sequence_number, 2);
+    assert!(!ReplicaDigests::is_current(&*s, "d").await.unwrap());
+    assert_eq!(ReplicaDigests::load(&*s, "d").await.unwrap(), None);
+    let rebuilt = ReplicaDigests::rebuild(&*s, "d", len, bs).await.unwrap();
+
     // Resync a source disk against the stored digests without reading the replica.
     let mut source = read_all(&*s, "d", len).await;
     source[3 * MIB as usize..3 * MIB as usize + 10].fill(0xEE);
