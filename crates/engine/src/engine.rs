@@ -426,25 +426,44 @@ impl Engine {
             if bytes == entry.saved {
                 continue;
             }
-            let expect = Expect::Version(entry.etag.clone());
-            match catalog::write(
-                &*self.store,
-                &doc_name,
-                &bytes,
-                expect,
-                Some(self.site.id()),
-            )
-            .await
-            {
-                Ok(etag) => {
-                    entry.etag = etag;
-                    self.site.cache(&doc_name, &bytes);
-                    entry.saved = bytes;
+            let mut retried = false;
+            loop {
+                let expect = Expect::Version(entry.etag.clone());
+                match catalog::write(
+                    &*self.store,
+                    &doc_name,
+                    &bytes,
+                    expect,
+                    Some(self.site.id()),
+                )
+                .await
+                {
+                    Ok(etag) => {
+                        entry.etag = etag;
+                        self.site.cache(&doc_name, &bytes);
+                        entry.saved = bytes;
+                        break;
+                    }
+                    Err(StoreError::Changed { .. }) if !retried => {
+                        // A write of ours whose reply was lost landed (only the lease
+                        // holder writes the document, and a take-over changes its owner):
+                        // carry on from it.
+                        retried = true;
+                        if let Ok(Some((doc, etag, _))) =
+                            catalog::read::<Item>(&*self.store, &doc_name).await
+                            && doc.owner.site == entry.doc.owner.site
+                            && doc.epoch == entry.doc.epoch
+                        {
+                            entry.etag = etag;
+                            continue;
+                        }
+                        return Err(self.fenced(&name).await);
+                    }
+                    Err(StoreError::Changed { .. } | StoreError::Leased { .. }) => {
+                        return Err(self.fenced(&name).await);
+                    }
+                    Err(e) => return Err(e.into()),
                 }
-                Err(StoreError::Changed { .. } | StoreError::Leased { .. }) => {
-                    return Err(self.fenced(&name).await);
-                }
-                Err(e) => return Err(e.into()),
             }
         }
         let plans: Vec<String> = self.c.plans().map(|p| p.name.clone()).collect();
@@ -465,6 +484,24 @@ impl Engine {
             };
             match catalog::write(&*self.store, &doc_name, &bytes, expect, None).await {
                 Ok(etag) => {
+                    self.plans.insert(
+                        plan,
+                        PlanEntry {
+                            record,
+                            etag,
+                            saved: bytes,
+                        },
+                    );
+                }
+                Err(StoreError::Changed { .. } | StoreError::AlreadyExists { .. })
+                    if let Ok(Some((stored, etag))) = self
+                        .store
+                        .get_doc(&doc_name)
+                        .await
+                        .map(|d| d.map(|d| (d.data, d.etag)))
+                        && stored == bytes =>
+                {
+                    // Our write landed; its reply was lost.
                     self.plans.insert(
                         plan,
                         PlanEntry {

@@ -462,12 +462,34 @@ async fn a_resync_never_reapplies_a_stale_cycle() {
     );
 }
 
+/// A catalogue write that landed but whose reply was lost is this site's own, not a
+/// take-over: the engine carries on from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_catalogue_reply_is_not_a_take_over() {
+    let w = World::new();
+    let mut e = protected(&w, "a").await;
+    w.faults
+        .fail_next(Request::PutDoc, 1, Fault::ResetAfterApply);
+    let l1 = w.log(&e, 1, w.chain(&e));
+    assert!(e.replicate("vm", &[(0, l1)], false).await.is_err());
+    e.resume(true).await.unwrap();
+    let v = e.item("vm").unwrap();
+    assert!(v.owned);
+    assert_eq!(v.status.state, ProtectionState::Protected);
+    let l2 = w.log(&e, 2, w.chain(&e));
+    e.replicate("vm", &[(0, l2)], false).await.unwrap();
+    same(&w.replica_bytes().await, &w.source(), "replica");
+}
+
 /// Seeds of the whole-engine simulation (`sim`) that once broke a rule: partial log
 /// deliveries, a cycle's point claiming a later cycle's moment, a failover cancelled
 /// during a resync, a command acting before its catalogue write landed, a cycle applied
 /// on top of logs that needed a resync, digests claiming a sequence number after a batch
-/// landed in part (a later resync then skipped blocks that differed).
-const SIM_REGRESSIONS: [u64; 13] = [4, 20, 30, 52, 64, 67, 118, 136, 235, 287, 866, 3679, 3838];
+/// landed in part (a later resync then skipped blocks that differed), a catalogue write
+/// whose reply was lost taken for a take-over.
+const SIM_REGRESSIONS: [u64; 14] = [
+    4, 20, 30, 52, 64, 67, 118, 136, 235, 287, 866, 1599, 3679, 3838,
+];
 
 fn simulate(seeds: impl IntoIterator<Item = u64>) {
     let failed: Vec<String> = seeds
