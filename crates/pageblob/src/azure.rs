@@ -654,22 +654,17 @@ impl PageStore for AzureStore {
                 .get_properties(None)
                 .await
                 .map_err(|e| from_azure(e, dest))?;
-            match p.copy_status().map_err(|e| from_azure(e, dest))? {
-                Some(CopyStatus::Pending) => tokio::time::sleep(Duration::from_millis(100)).await,
-                Some(CopyStatus::Success) | None => return Ok(()),
-                Some(other) => {
-                    let why = p
-                        .copy_status_description()
-                        .ok()
-                        .flatten()
-                        .unwrap_or_default();
-                    return Err(StoreError::Http {
-                        status: 500,
-                        message: format!("copy of {blob}@{snapshot} to {dest} {other:?}: {why}"),
-                        retry_after: None,
-                    });
-                }
+            let status = p.copy_status().map_err(|e| from_azure(e, dest))?;
+            let why = p
+                .copy_status_description()
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            let what = format!("copy of {blob}@{snapshot} to {dest}");
+            if copy_done(status, &why, &what)? {
+                return Ok(());
             }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Err(StoreError::Http {
             status: 0,
@@ -998,8 +993,36 @@ fn rfc1123(unix: u64) -> String {
     )
 }
 
+/// Whether a copy is done (`false`: still pending); a failed or aborted copy is an error,
+/// never a silently empty disk.
+fn copy_done(status: Option<CopyStatus>, why: &str, what: &str) -> Result<bool, StoreError> {
+    match status {
+        Some(CopyStatus::Pending) => Ok(false),
+        Some(CopyStatus::Success) | None => Ok(true),
+        Some(other) => Err(StoreError::Http {
+            status: 500,
+            message: format!("{what} {other:?}: {why}"),
+            retry_after: None,
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use azure_storage_blob::models::CopyStatus;
+
+    #[test]
+    fn a_failed_or_aborted_copy_is_an_error() {
+        let done = |s| super::copy_done(s, "why", "copy");
+        assert!(!done(Some(CopyStatus::Pending)).unwrap());
+        assert!(done(Some(CopyStatus::Success)).unwrap());
+        assert!(done(None).unwrap());
+        for bad in [CopyStatus::Failed, CopyStatus::Aborted] {
+            let e = done(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains("copy") && e.contains("why"), "{e}");
+        }
+    }
+
     #[test]
     fn signatures_are_redacted() {
         assert_eq!(
