@@ -286,9 +286,15 @@ impl Inner {
         if durable && self.fsync {
             write_atomic(&dir, "state.json", &bytes)
         } else {
+            // Not durable (the rename may be lost with a power loss: the previous state,
+            // which the next sync point supersedes), but never torn: the new file's bytes
+            // are on disk before it replaces the old one, whose snapshots it repeats.
             let tmp = dir.join("state.json.tmp");
             private_file(&tmp)
-                .and_then(|mut f| f.write_all(&bytes))
+                .and_then(|mut f| {
+                    f.write_all(&bytes)?;
+                    if self.fsync { f.sync_data() } else { Ok(()) }
+                })
                 .map_err(io_err(&tmp))?;
             let path = dir.join("state.json");
             fs::rename(&tmp, &path).map_err(io_err(&path))
