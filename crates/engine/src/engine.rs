@@ -69,6 +69,16 @@ pub enum Event {
         /// The site that owned it.
         from: String,
     },
+    /// An action failed (it is retried on the schedule if recoverable; a non-recoverable
+    /// failure makes the item Critical).
+    Failed {
+        /// The item (or plan).
+        item: String,
+        /// What failed.
+        action: String,
+        /// Why.
+        message: String,
+    },
     /// A drive ended: nothing more is ready.
     Idle,
 }
@@ -246,11 +256,15 @@ impl EngineBuilder {
             plans: BTreeMap::new(),
             last: Duration::ZERO,
             performed: 0,
+            focus: None,
+            unacked: HashMap::new(),
+            generation: 0,
             behind: false,
             crash_after: self.crash_after,
             writer: self.writer,
             digests: Mutex::default(),
         };
+        e.generation = e.site.generation();
         e.load().await?;
         Ok(e)
     }
@@ -273,6 +287,12 @@ pub struct Engine {
     /// The last time handed to the state machine (never goes backwards).
     last: Duration,
     performed: u64,
+    /// Act only for these items (see [`Engine::focus`]).
+    focus: Option<Vec<String>>,
+    /// Documents whose last write's reply was lost: the bytes it wrote.
+    unacked: HashMap<String, Vec<u8>>,
+    /// The site's catalogue-write count as of this engine's last read or write.
+    generation: u64,
     /// The store's catalogue may be behind this engine's (a write failed): it is written
     /// before anything more is done.
     behind: bool,
@@ -404,12 +424,17 @@ impl Engine {
     /// written, each only if unchanged since (and, for items, as the lease holder).
     pub(crate) async fn persist(&mut self) -> Result<()> {
         self.behind = true;
-        self.write_catalogue().await?;
+        let wrote = self.write_catalogue().await?;
         self.behind = false;
+        if wrote {
+            self.generation = self.site.bump_generation();
+        }
         Ok(())
     }
 
-    async fn write_catalogue(&mut self) -> Result<()> {
+    /// Writes every changed document; whether any was.
+    async fn write_catalogue(&mut self) -> Result<bool> {
+        let mut wrote = false;
         let names: Vec<String> = self.c.items().map(str::to_owned).collect();
         let now = self.last;
         for name in names {
@@ -442,27 +467,42 @@ impl Engine {
                         entry.etag = etag;
                         self.site.cache(&doc_name, &bytes);
                         entry.saved = bytes;
+                        self.unacked.remove(&doc_name);
+                        wrote = true;
                         break;
                     }
                     Err(StoreError::Changed { .. }) if !retried => {
-                        // A write of ours whose reply was lost landed (only the lease
-                        // holder writes the document, and a take-over changes its owner):
-                        // carry on from it.
                         retried = true;
-                        if let Ok(Some((doc, etag, _))) =
-                            catalog::read::<Item>(&*self.store, &doc_name).await
-                            && doc.owner.site == entry.doc.owner.site
-                            && doc.epoch == entry.doc.epoch
-                        {
+                        let stored = catalog::read::<Item>(&*self.store, &doc_name).await;
+                        let Ok(Some((doc, etag, stored))) = stored else {
+                            return Err(self.fenced(&name).await);
+                        };
+                        // A write of ours whose reply was lost landed: carry on from it.
+                        if self.unacked.get(&doc_name) == Some(&stored) || stored == bytes {
                             entry.etag = etag;
                             continue;
+                        }
+                        if doc.owner.site == entry.doc.owner.site && doc.epoch == entry.doc.epoch {
+                            // Another engine of this site wrote it (a command beside a
+                            // service): read it back; the outcomes not saved here are
+                            // performed again.
+                            self.reload().await?;
+                            return Err(Error::Catalog {
+                                name: doc_name,
+                                reason: "changed by another process of this site: read again"
+                                    .into(),
+                            });
                         }
                         return Err(self.fenced(&name).await);
                     }
                     Err(StoreError::Changed { .. } | StoreError::Leased { .. }) => {
                         return Err(self.fenced(&name).await);
                     }
-                    Err(e) => return Err(e.into()),
+                    Err(e) => {
+                        // It may have landed all the same (a lost reply).
+                        self.unacked.insert(doc_name, bytes);
+                        return Err(e.into());
+                    }
                 }
             }
         }
@@ -484,6 +524,7 @@ impl Engine {
             };
             match catalog::write(&*self.store, &doc_name, &bytes, expect, None).await {
                 Ok(etag) => {
+                    wrote = true;
                     self.plans.insert(
                         plan,
                         PlanEntry {
@@ -520,7 +561,7 @@ impl Engine {
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(())
+        Ok(wrote)
     }
 
     /// Writes the item's document now, changed or not: only its lease holder can, so a
@@ -553,9 +594,55 @@ impl Engine {
         }
     }
 
-    /// Performs actions until none is ready, saving the catalogue after each.
+    /// Performs actions until none is ready, saving the catalogue after each (only the
+    /// focused items' actions, see [`Engine::focus`]).
     pub async fn drive(&mut self) -> Result<()> {
-        while let Some(action) = self.c.poll_action() {
+        while self.perform_next().await? {}
+        self.observer.event(&Event::Idle);
+        Ok(())
+    }
+
+    /// One step of a long-running driver (a service): the work the clock made due is
+    /// scheduled, then the next ready action is performed and saved. `false` when nothing
+    /// was ready: wait for [`Engine::next_wakeup`] (or new work) before the next step. No
+    /// step takes longer than one action (a copy is cut into `copy_chunk` pieces, a log
+    /// apply into batches).
+    pub async fn step(&mut self) -> Result<bool> {
+        let now = self.now();
+        self.c.handle_timeout(now);
+        let worked = self.perform_next().await?;
+        if !worked {
+            self.persist().await?;
+        }
+        Ok(worked)
+    }
+
+    /// When the clock next makes work due (a cycle, a retry, a scheduled copy or resync),
+    /// if anything is scheduled.
+    pub fn next_wakeup(&self) -> Option<Duration> {
+        self.c.poll_timeout()
+    }
+
+    /// Acts only for these items (and the plans over them) from now on: the others' work
+    /// waits for whoever acts for them beside this engine (a service on the same site).
+    /// `None` acts for every item again.
+    pub fn focus(&mut self, items: Option<Vec<String>>) {
+        self.focus = items;
+    }
+
+    /// Performs the next ready action and saves its outcome; `false` if none was ready.
+    async fn perform_next(&mut self) -> Result<bool> {
+        let next = match &self.focus {
+            None => self.c.poll_action(),
+            Some(items) => {
+                let names: Vec<&str> = items.iter().map(String::as_str).collect();
+                self.c.poll_action_for(&names)
+            }
+        };
+        let Some(action) = next else {
+            return Ok(false);
+        };
+        {
             self.performed += 1;
             // Write-ahead: nothing is done that the store's catalogue does not know is
             // under way (a command whose write failed must not act, and then be forgotten
@@ -571,10 +658,17 @@ impl Engine {
             let outcome = match done {
                 Ok(o) => o,
                 Err(e @ Error::Fenced { .. }) => return Err(e),
-                Err(e) => Outcome::Failed {
-                    class: e.class(),
-                    message: e.to_string(),
-                },
+                Err(e) => {
+                    self.observer.event(&Event::Failed {
+                        item: action.item.clone(),
+                        action: format!("{:?}", action.kind),
+                        message: e.to_string(),
+                    });
+                    Outcome::Failed {
+                        class: e.class(),
+                        message: e.to_string(),
+                    }
+                }
             };
             let now = self.now();
             self.c.handle_outcome(now, action.id, outcome)?;
@@ -584,7 +678,63 @@ impl Engine {
             self.persist().await?;
             self.empty_trash();
         }
-        self.observer.event(&Event::Idle);
+        Ok(true)
+    }
+
+    /// Lets another process work on the site if one waits for it (between a service's
+    /// steps): the catalogue is saved, the site's lock released until the other has taken
+    /// it and is done, then what it wrote is read back. `false` if nobody waited.
+    pub async fn yield_site(&mut self) -> Result<bool> {
+        if !self.site.wanted() {
+            return Ok(false);
+        }
+        let dir = self.site.dir().to_path_buf();
+        self.unlocked(async move {
+            // Until the waiters hold the lock (their markers go), or a moment has passed.
+            for _ in 0..200 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                if !crate::site::wanted(&dir) {
+                    break;
+                }
+            }
+        })
+        .await?;
+        Ok(true)
+    }
+
+    /// Runs `f` (a service's sleep until its next wakeup, say) without the site's lock,
+    /// so other processes can work on the site meanwhile; then takes the lock back and
+    /// reads back whatever they wrote.
+    ///
+    /// If the catalogue cannot be saved first (the store is away), `f` still runs: what
+    /// is unsaved is outcomes of actions, which are performed again if another process
+    /// wrote the catalogue meanwhile (it is then read back); the save's error is returned
+    /// after `f`.
+    pub async fn unlocked<F: std::future::Future>(&mut self, f: F) -> Result<F::Output> {
+        let saved = self.persist().await;
+        self.site.unlock()?;
+        let out = f.await;
+        let lock = self.site.lock_handle()?;
+        let dir = self.site.dir().to_path_buf();
+        tokio::task::spawn_blocking(move || crate::site::relock(&dir, &lock))
+            .await
+            .map_err(|e| Error::io("locking the site")(std::io::Error::other(e)))??;
+        if self.site.generation() != self.generation {
+            self.reload().await?;
+        }
+        saved?;
+        Ok(out)
+    }
+
+    /// Reads the catalogue again (another engine on the site wrote it).
+    async fn reload(&mut self) -> Result<()> {
+        self.c = Coordinator::new();
+        self.items.clear();
+        self.plans.clear();
+        self.unacked.clear();
+        self.behind = false;
+        self.load().await?;
+        self.generation = self.site.generation();
         Ok(())
     }
 

@@ -11,6 +11,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lifeboat_resync::BlockSource;
 
+use crate::logs::LogOutcome;
+
 /// The engine's only clock: the time since the Unix epoch. Tests pass one they move.
 pub trait Clock: Send + Sync + std::fmt::Debug {
     /// Now.
@@ -83,6 +85,15 @@ pub trait Host: Send + Sync + std::fmt::Debug {
     fn close_logs(&self, item: &str, disks: usize) -> io::Result<Vec<(usize, PathBuf)>> {
         let _ = (item, disks);
         Ok(Vec::new())
+    }
+
+    /// What became of the logs [`Host::close_logs`] handed over, once the catalogue
+    /// records it: [`LogOutcome::Staged`] and [`LogOutcome::Skipped`] ones are the
+    /// engine's now (the host may delete them); a [`LogOutcome::Refused`] one should be
+    /// moved aside with its reason for a person to see.
+    fn logs_taken(&self, item: &str, logs: &[(usize, PathBuf, LogOutcome)]) -> io::Result<()> {
+        let _ = (item, logs);
+        Ok(())
     }
 
     /// Shuts the protected machine down (planned failover).

@@ -97,9 +97,10 @@ pub use crate::{
     engine::{Engine, EngineBuilder, Event, Failover, ItemView, Observer, Replicated, Task},
     error::{Error, Result},
     host::{Clock, Disk, FileHost, Host, MemoryDisk, MemoryHost, SystemClock},
-    logs::Staged,
+    logs::{LogOutcome, Staged},
     site::Site,
     verify::Verified,
+    view::{Catalogue, Source},
 };
 
 mod actions;
@@ -114,6 +115,7 @@ mod logs;
 pub mod sim;
 mod site;
 mod verify;
+mod view;
 
 #[cfg(test)]
 mod tests;

@@ -32,6 +32,22 @@ pub struct Staged {
     pub broken: usize,
     /// Logs taken before, or covered by a resync: skipped.
     pub skipped: usize,
+    /// What became of each log handed over.
+    pub logs: Vec<(usize, PathBuf, LogOutcome)>,
+}
+
+/// What became of one log handed over to the engine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LogOutcome {
+    /// Staged for the next cycle, which applies it.
+    Staged,
+    /// Taken before, or covered by a resync: nothing to do.
+    Skipped,
+    /// Not applied, and why: a log that is not valid for its disk is not staged; one that
+    /// is staged but cannot be applied (a gap before it, not closed cleanly, over half the
+    /// disk, another disk's data-write GUID) makes its cycle ask for a resync.
+    Refused(String),
 }
 
 impl Tracking {
@@ -68,20 +84,8 @@ impl Engine {
         let mut disks = doc.disks.clone();
         let mut read: Vec<(usize, PathBuf, Log)> = Vec::new();
         for (d, path) in logs {
-            let n = disks.len();
-            let disk = disks.get(*d).ok_or_else(|| {
-                Error::Invalid(format!("{item} has {n} disk(s); there is no disk {d}"))
-            })?;
-            let log = data::read_log(path)?;
-            if log.disk_end > disk.size {
-                return Err(Error::Invalid(format!(
-                    "{}: writes reach byte {} but disk {d} is {} bytes",
-                    path.display(),
-                    log.disk_end,
-                    disk.size
-                )));
-            }
-            read.push((*d, path.clone(), log));
+            self.check_log(item, *d, path)?;
+            read.push((*d, path.clone(), data::read_log(path)?));
         }
         let mut out = Staged::default();
         let mut staged = Vec::new();
@@ -107,6 +111,10 @@ impl Engine {
                         staged.push(self.stage_one(item, d, &path, &log, false, app_consistent)?);
                         disk.tracking.remember(log.unique_id);
                         out.broken += 1;
+                        let why = format!(
+                            "does not continue disk {d}'s chain (a log before it is missing): {item} needs a resync"
+                        );
+                        out.logs.push((d, path, LogOutcome::Refused(why)));
                     }
                     break;
                 };
@@ -117,13 +125,31 @@ impl Engine {
                     }
                     self.observer.event(&Event::LogSkipped {
                         item: item.to_owned(),
-                        path,
+                        path: path.clone(),
                         id: catalog::hex(&log.unique_id),
                     });
                     out.skipped += 1;
+                    out.logs.push((d, path, LogOutcome::Skipped));
                     continue;
                 }
-                staged.push(self.stage_one(item, d, &path, &log, true, app_consistent)?);
+                let one = self.stage_one(item, d, &path, &log, true, app_consistent)?;
+                let size = disk.size;
+                let outcome = if !one.clean {
+                    LogOutcome::Refused(format!("was not closed cleanly: {item} needs a resync"))
+                } else if !one.guid_ok {
+                    LogOutcome::Refused(format!(
+                        "names another data-write GUID than disk {d}'s (the disk changed offline): {item} needs a resync"
+                    ))
+                } else if one.logged_bytes > 0 && one.logged_bytes.saturating_mul(2) >= size {
+                    LogOutcome::Refused(format!(
+                        "holds {} bytes, half of disk {d} or more: {item} needs a resync",
+                        one.logged_bytes
+                    ))
+                } else {
+                    LogOutcome::Staged
+                };
+                out.logs.push((d, path, outcome));
+                staged.push(one);
                 let t = &mut disk.tracking;
                 t.last_log = log.unique_id;
                 t.remember(log.unique_id);
@@ -153,7 +179,45 @@ impl Engine {
         if closed.is_empty() {
             return Ok(Staged::default());
         }
-        self.stage_logs(item, &closed, app_consistent).await
+        let mut valid = Vec::new();
+        let mut refused = Vec::new();
+        for (d, path) in closed {
+            match self.check_log(item, d, &path) {
+                Ok(()) => valid.push((d, path)),
+                Err(e) => refused.push((d, path, LogOutcome::Refused(e.to_string()))),
+            }
+        }
+        let mut staged = if valid.is_empty() {
+            Staged::default()
+        } else {
+            self.stage_logs(item, &valid, app_consistent).await?
+        };
+        staged.logs.extend(refused);
+        let (host, name, report) = (self.host.clone(), item.to_owned(), staged.logs.clone());
+        tokio::task::spawn_blocking(move || host.logs_taken(&name, &report))
+            .await
+            .map_err(|e| Error::io("handing logs back")(std::io::Error::other(e)))?
+            .map_err(Error::io(format!("handing the change logs of {item} back")))?;
+        Ok(staged)
+    }
+
+    /// Checks that a log is a valid MS-HRL log whose writes fit disk `d` of the item.
+    fn check_log(&self, item: &str, d: usize, path: &std::path::Path) -> Result<()> {
+        let doc = self.doc(item)?;
+        let n = doc.disks.len();
+        let disk = doc.disks.get(d).ok_or_else(|| {
+            Error::Invalid(format!("{item} has {n} disk(s); there is no disk {d}"))
+        })?;
+        let log = data::read_log(path)?;
+        if log.disk_end > disk.size {
+            return Err(Error::Invalid(format!(
+                "{}: writes reach byte {} but disk {d} is {} bytes",
+                path.display(),
+                log.disk_end,
+                disk.size
+            )));
+        }
+        Ok(())
     }
 
     /// Copies a log into the site for its cycle.

@@ -55,13 +55,7 @@ impl Site {
         let lock_path = dir.join("lock");
         let lock = data::private_file(&lock_path)
             .map_err(Error::io(format!("opening {}", lock_path.display())))?;
-        if lock.try_lock().is_err() {
-            if let Some(f) = on_wait {
-                f();
-            }
-            lock.lock()
-                .map_err(Error::io(format!("locking {}", lock_path.display())))?;
-        }
+        wait_for_lock(&dir, &lock, on_wait)?;
         let store_id = store_identity(store).await?;
         let path = dir.join("site.json");
         let file = match fs::read(&path) {
@@ -138,13 +132,124 @@ impl Site {
     }
 
     /// Writes the last catalogue document seen for `name` into the site's cache (read when
-    /// the store cannot be reached).
+    /// the store cannot be reached); replaced whole, so readers beside never see half.
     pub(crate) fn cache(&self, name: &str, bytes: &[u8]) {
         let dir = self.dir.join("cache");
-        let file = name.replace('/', "%");
+        let file = dir.join(name.replace('/', "%"));
+        let tmp = file.with_extension("tmp");
         let _ = data::private_dir(&dir)
-            .and_then(|_| data::private_file(&dir.join(file)))
-            .and_then(|mut f| f.write_all(bytes));
+            .and_then(|_| data::private_file(&tmp))
+            .and_then(|mut f| f.write_all(bytes))
+            .and_then(|_| fs::rename(&tmp, &file));
+    }
+
+    /// Lets another engine on the site work (the site's lock is released): for a service
+    /// between its steps. [`Site::relock`] takes it back.
+    pub(crate) fn unlock(&self) -> Result<()> {
+        self._lock
+            .unlock()
+            .map_err(Error::io(format!("unlocking {}", self.dir.display())))
+    }
+
+    /// Another handle on the site's lock (the same lock: to take it back from a blocking
+    /// thread with [`relock`]).
+    pub(crate) fn lock_handle(&self) -> Result<File> {
+        self._lock
+            .try_clone()
+            .map_err(Error::io(format!("locking {}", self.dir.display())))
+    }
+
+    /// Whether another process waits for the site's lock.
+    pub(crate) fn wanted(&self) -> bool {
+        wanted(&self.dir)
+    }
+
+    /// How many times engines have written the catalogue from this site (each write
+    /// counts one): an engine that let another one work reloads when it changed.
+    pub(crate) fn generation(&self) -> u64 {
+        fs::read_to_string(self.dir.join("generation"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Counts a catalogue write (under the site's lock).
+    pub(crate) fn bump_generation(&self) -> u64 {
+        let next = self.generation() + 1;
+        let tmp = self.dir.join("generation.tmp");
+        let _ = data::private_file(&tmp)
+            .and_then(|mut f| f.write_all(next.to_string().as_bytes()))
+            .and_then(|_| fs::rename(&tmp, self.dir.join("generation")));
+        next
+    }
+}
+
+/// Takes the site's lock back after [`Site::unlock`] (waiting for whoever holds it).
+pub(crate) fn relock(dir: &Path, lock: &File) -> Result<()> {
+    wait_for_lock(dir, lock, None)
+}
+
+/// Whether a (live) process waits for the lock of the site in `dir`.
+pub(crate) fn wanted(dir: &Path) -> bool {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        e.file_name()
+            .to_str()
+            .and_then(|n| n.strip_prefix(WANTED))
+            .is_some_and(|pid| Path::new("/proc").join(pid).exists())
+    })
+}
+
+/// The marker a process waiting for the site's lock leaves (`lock.wanted.PID`).
+const WANTED: &str = "lock.wanted.";
+
+/// Takes the site's lock; if another process holds it, says so (`on_wait`) and leaves a
+/// marker while waiting, so a service working on the site lets it in between steps.
+fn wait_for_lock(
+    dir: &Path,
+    lock: &File,
+    on_wait: Option<&(dyn Fn() + Send + Sync)>,
+) -> Result<()> {
+    if lock.try_lock().is_ok() {
+        return Ok(());
+    }
+    if let Some(f) = on_wait {
+        f();
+    }
+    let marker = dir.join(format!("{WANTED}{}", std::process::id()));
+    let _ = data::private_file(&marker);
+    let r = lock.lock();
+    let _ = fs::remove_file(&marker);
+    r.map_err(Error::io(format!("locking {}", dir.join("lock").display())))
+}
+
+/// The id of the site set up in `dir`, read without its lock (`None` if there is none).
+pub(crate) fn id_of(dir: &Path) -> Option<LeaseId> {
+    let bytes = fs::read(dir.join("site.json")).ok()?;
+    serde_json::from_slice::<SiteFile>(&bytes)
+        .ok()
+        .map(|f| f.site)
+}
+
+/// Checks, without the lock, that the site in `dir` (if one is set up there) was set up
+/// with `store` (described as `store_desc`).
+pub(crate) async fn check_store(dir: &Path, store: &dyn PageStore, store_desc: &str) -> Result<()> {
+    let Ok(bytes) = fs::read(dir.join("site.json")) else {
+        return Ok(());
+    };
+    let Ok(f) = serde_json::from_slice::<SiteFile>(&bytes) else {
+        return Ok(());
+    };
+    let found = catalog::read::<StoreDoc>(store, &catalog::store_doc()).await?;
+    match found {
+        Some((doc, _, _)) if doc.id == f.store_id => Ok(()),
+        _ => Err(Error::WrongStore {
+            site: dir.to_path_buf(),
+            expected: f.store,
+            found: store_desc.to_owned(),
+        }),
     }
 }
 

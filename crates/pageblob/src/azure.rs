@@ -378,14 +378,14 @@ fn from_azure(e: azure_core::Error, what: &str) -> StoreError {
             path: what.to_owned(),
             source: std::io::Error::new(
                 std::io::ErrorKind::ConnectionRefused,
-                redact(&e.to_string()),
+                redact(&with_causes(&e)),
             ),
         },
         ErrorKind::Io => StoreError::Io {
             path: what.to_owned(),
             source: std::io::Error::new(
                 std::io::ErrorKind::ConnectionReset,
-                redact(&e.to_string()),
+                redact(&with_causes(&e)),
             ),
         },
         _ => StoreError::Http {
@@ -394,6 +394,22 @@ fn from_azure(e: azure_core::Error, what: &str) -> StoreError {
             retry_after: None,
         },
     }
+}
+
+/// An error's message followed by those of its causes that add something ("failed to
+/// execute request: error sending request: tcp connect error: Connection refused").
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 /// A message with every SAS signature (`sig=...`) blanked: a signature is a secret.

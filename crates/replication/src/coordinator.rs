@@ -257,6 +257,14 @@ pub struct ItemStatus {
     pub failover_point: Option<PointId>,
     /// Delta cycles applied.
     pub cycles_applied: u64,
+    /// The recovery point objective achieved: the age of the newest point's data.
+    pub rpo: Option<Duration>,
+    /// When the last cycle (or copy) made a recovery point.
+    pub last_cycle: Option<Duration>,
+    /// When the next delta cycle is due (while protected).
+    pub next_cycle: Option<Duration>,
+    /// When a failed step is tried again.
+    pub retry_at: Option<Duration>,
 }
 
 fn op_name(c: &Command) -> &'static str {
@@ -775,6 +783,17 @@ impl Coordinator {
     #[must_use]
     pub fn poll_action(&mut self) -> Option<Action> {
         self.ready.pop_front()
+    }
+
+    /// The next ready action of one of `items` (plan actions count as their plan's); the
+    /// others stay ready. For a driver acting for some items while another one, beside
+    /// it, acts for the rest.
+    pub fn poll_action_for(&mut self, items: &[&str]) -> Option<Action> {
+        let i = self
+            .ready
+            .iter()
+            .position(|a| items.contains(&a.item.as_str()))?;
+        self.ready.remove(i)
     }
 
     /// When to call [`Coordinator::handle_timeout`] next.
@@ -1545,6 +1564,12 @@ impl Job {
     }
 }
 
+/// The age of the newest point's data (or of the last successful cycle, before any).
+fn rpo(it: &Item, now: Duration) -> Option<Duration> {
+    let last = it.points.last().map(|p| p.time).or(it.last_success)?;
+    Some(now.saturating_sub(last))
+}
+
 fn status_of(it: &Item, now: Duration) -> ItemStatus {
     let (health, causes) = health(it, now);
     ItemStatus {
@@ -1561,6 +1586,12 @@ fn status_of(it: &Item, now: Duration) -> ItemStatus {
             .collect(),
         failover_point: it.failover_point,
         cycles_applied: it.cycles_applied,
+        rpo: rpo(it, now),
+        last_cycle: it.last_success,
+        next_cycle: (it.state == ProtectionState::Protected)
+            .then_some(it.cycle_due)
+            .flatten(),
+        retry_at: it.retry_at,
     }
 }
 
@@ -1605,11 +1636,16 @@ fn health(it: &Item, now: Duration) -> (Health, Vec<HealthCause>) {
     // The recovery point objective is the age of the newest point's data: a cycle that
     // brought no logs does not make the replica any fresher.
     if it.state == S::Protected
-        && let Some(last) = it.points.last().map(|p| p.time).or(it.last_success)
-        && now.saturating_sub(last) > it.policy.rpo_warning
+        && let Some(age) = rpo(it, now)
+        && age > it.policy.rpo_warning
     {
-        causes.push(HealthCause::RpoExceeded { since: now - last });
-        h = h.max(Health::Warning);
+        causes.push(HealthCause::RpoExceeded { since: age });
+        let critical = it.policy.rpo_critical.is_some_and(|c| age > c);
+        h = h.max(if critical {
+            Health::Critical
+        } else {
+            Health::Warning
+        });
     }
     if matches!(
         it.state,

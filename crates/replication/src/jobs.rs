@@ -2,29 +2,16 @@
 
 use std::time::Duration;
 
-use crate::coordinator::{Coordinator, OpError};
+use crate::coordinator::{Coordinator, ItemStatus, OpError};
 use crate::model::*;
 
 impl Coordinator {
     /// The actions `job` allows now (the jobs view's "allowed actions").
     pub fn allowed_actions(&self, job: &JobId) -> Vec<JobAction> {
-        let Some(j) = self.job(job) else {
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        let running = !j.state.is_terminal();
-        if running && matches!(j.kind, JobKind::Resynchronize | JobKind::RecoveryPlan) {
-            out.push(JobAction::Cancel);
+        match self.job(job) {
+            Some(j) => allowed_actions(j, self.status(j.item(), Duration::ZERO).as_ref()),
+            None => Vec::new(),
         }
-        if j.state == JobState::Suspended
-            && (j.kind == JobKind::RecoveryPlan || self.resume_command(j).is_some())
-        {
-            out.push(JobAction::Resume);
-        }
-        if matches!(j.state, JobState::Failed | JobState::Cancelled) && j.command.is_some() {
-            out.push(JobAction::Restart);
-        }
-        out
     }
 
     /// Cancels a running resync (the item stays resync-required) or a recovery plan (no
@@ -94,18 +81,43 @@ impl Coordinator {
     /// The command that lets a suspended item job go on (plans resume through
     /// [`Coordinator::resume_plan`]).
     fn resume_command(&self, j: &Job) -> Option<Command> {
-        let st = self.status(j.item(), Duration::ZERO)?;
-        let item = j.item().to_owned();
-        if st
-            .causes
-            .iter()
-            .any(|c| matches!(c, HealthCause::NonRecoverableError { .. }))
-        {
-            Some(Command::RepairReplication { item })
-        } else if st.state == ProtectionState::ResyncPaused && j.kind == JobKind::Resynchronize {
-            Some(Command::ResumeResync { item })
-        } else {
-            None
-        }
+        resume_command(j, self.status(j.item(), Duration::ZERO).as_ref())
+    }
+}
+
+/// The actions a job allows, given its item's status (`None` for a plan's job): what the
+/// jobs view shows, from a coordinator or from a persisted record alike.
+pub fn allowed_actions(j: &Job, item: Option<&ItemStatus>) -> Vec<JobAction> {
+    let mut out = Vec::new();
+    let running = !j.state.is_terminal();
+    if running && matches!(j.kind, JobKind::Resynchronize | JobKind::RecoveryPlan) {
+        out.push(JobAction::Cancel);
+    }
+    if j.state == JobState::Suspended
+        && (j.kind == JobKind::RecoveryPlan || resume_command(j, item).is_some())
+    {
+        out.push(JobAction::Resume);
+    }
+    if matches!(j.state, JobState::Failed | JobState::Cancelled) && j.command.is_some() {
+        out.push(JobAction::Restart);
+    }
+    out
+}
+
+/// What resuming a suspended item job does: repair a Critical item, or resume its paused
+/// resync.
+fn resume_command(j: &Job, st: Option<&ItemStatus>) -> Option<Command> {
+    let st = st?;
+    let item = j.item().to_owned();
+    if st
+        .causes
+        .iter()
+        .any(|c| matches!(c, HealthCause::NonRecoverableError { .. }))
+    {
+        Some(Command::RepairReplication { item })
+    } else if st.state == ProtectionState::ResyncPaused && j.kind == JobKind::Resynchronize {
+        Some(Command::ResumeResync { item })
+    } else {
+        None
     }
 }

@@ -106,8 +106,12 @@ pub struct ReplicationPolicy {
     pub retry: lifeboat_retry::Policy,
     /// Bytes per initial-replication copy action.
     pub copy_chunk: u64,
-    /// Health turns Warning when no cycle succeeded for this long.
+    /// Health turns Warning when the newest recovery point's data is older than this (the
+    /// recovery point objective).
     pub rpo_warning: Duration,
+    /// Health turns Critical when the newest recovery point's data is older than this.
+    #[serde(default)]
+    pub rpo_critical: Option<Duration>,
     /// Health turns Warning when more than this percentage of the delta cycles due were
     /// missed (Hyper-V Replica's rule: 20).
     #[serde(default = "default_missed_percent")]
@@ -129,6 +133,7 @@ impl Default for ReplicationPolicy {
             retry: lifeboat_retry::Policy::default(),
             copy_chunk: 64 << 20,
             rpo_warning: Duration::from_secs(3600),
+            rpo_critical: None,
             missed_cycles_warning_percent: default_missed_percent(),
         }
     }

@@ -13,7 +13,6 @@ use lifeboat_replication::{
     PlanFailover, PlanGroup, PlanScope, PointChoice, PointId, ProtectionState, RecoveryPlan,
     ReplicationPolicy,
 };
-use serde_json::json;
 
 use crate::host::AgentHost;
 use crate::{Cli, Cmd, Format, Frequency, JobCmd, PlanCmd, Store};
@@ -100,7 +99,9 @@ pub(crate) async fn open(store: &Store, site: &Path, quiet: bool) -> Result<Engi
         .and_then(|v| v.parse().ok());
     Ok(Engine::builder(store.store.clone(), site)
         .store_description(store.desc.clone())
-        .host(Arc::new(AgentHost))
+        .host(Arc::new(AgentHost {
+            site: site.to_path_buf(),
+        }))
         .observer(Arc::new(Bars::new(quiet)))
         .on_wait(move || {
             if !quiet {
@@ -114,7 +115,15 @@ pub(crate) async fn open(store: &Store, site: &Path, quiet: bool) -> Result<Engi
 
 /// Runs an item command.
 pub(crate) async fn run(store: Store, cli: &Cli) -> Result<()> {
-    let mut e = open(&store, &cli.target.site, cli.json).await?;
+    let site = &cli.target.site;
+    let beside = crate::service::running(site);
+    if beside && matches!(cli.command, Cmd::Resume { .. }) {
+        bail!(
+            "the service on {} carries on interrupted and retrying work itself",
+            site.display()
+        );
+    }
+    let mut e = open(&store, site, cli.json).await?;
     // Finish whatever an interrupted process left in flight first.
     let resumed: Vec<JobId> = e
         .jobs()
@@ -122,7 +131,78 @@ pub(crate) async fn run(store: Store, cli: &Cli) -> Result<()> {
         .filter(|j| !j.state.is_terminal())
         .map(|j| j.id.clone())
         .collect();
-    e.drive().await?;
+    if beside {
+        // The service acts for every item: this command acts for its own items only, and
+        // leaves background work (an initial copy, a resync, a cycle) to the service.
+        let mine = foreground(&cli.command, &e);
+        e.focus(Some(mine));
+    } else {
+        e.drive().await?;
+    }
+    let r = command(&mut e, &store, cli, &resumed).await;
+    let submits = matches!(
+        cli.command,
+        Cmd::Protect { .. } | Cmd::Replicate { .. } | Cmd::Resync { .. }
+    );
+    if beside && submits && r.is_ok() && foreground(&cli.command, &e).is_empty() {
+        println!(
+            "the service on {} carries it on: `lifeboat status` shows how far it is",
+            site.display()
+        );
+    }
+    r
+}
+
+/// The items whose work a command does itself beside a service; none for work the
+/// service does in the background.
+fn foreground(cmd: &Cmd, e: &Engine) -> Vec<String> {
+    match cmd {
+        Cmd::Protect { .. } | Cmd::Replicate { .. } | Cmd::GuestWrite { .. } => Vec::new(),
+        Cmd::Resync {
+            item,
+            pause,
+            cancel,
+            ..
+        } if *pause || *cancel => vec![item.clone()],
+        Cmd::Resync { .. } => Vec::new(),
+        Cmd::TestFailover { item, .. }
+        | Cmd::TestFailoverCleanup { item }
+        | Cmd::Failover { item, .. }
+        | Cmd::ChangePoint { item, .. }
+        | Cmd::Commit { item }
+        | Cmd::Cancel { item }
+        | Cmd::Failback { item, .. }
+        | Cmd::Reprotect { item }
+        | Cmd::Verify { item, .. }
+        | Cmd::TakeOver { item }
+        | Cmd::Repair { item } => vec![item.clone()],
+        Cmd::Job { command } => {
+            let id = match command {
+                JobCmd::Cancel { id } | JobCmd::Restart { id } | JobCmd::Resume { id } => id,
+            };
+            plan_items(e, &id.item).unwrap_or_else(|| vec![id.item.clone()])
+        }
+        Cmd::Plan { command } => match command {
+            PlanCmd::Create { .. } => Vec::new(),
+            PlanCmd::Resume { plan } | PlanCmd::Failover { plan, .. } => {
+                plan_items(e, plan).unwrap_or_default()
+            }
+        },
+        _ => Vec::new(),
+    }
+}
+
+/// A plan's name and its items (its actions are its own).
+fn plan_items(e: &Engine, plan: &str) -> Option<Vec<String>> {
+    let p = e.plan(plan)?;
+    Some(
+        std::iter::once(plan.to_owned())
+            .chain(p.groups.iter().flat_map(|g| g.items.iter().cloned()))
+            .collect(),
+    )
+}
+
+async fn command(e: &mut Engine, store: &Store, cli: &Cli, resumed: &[JobId]) -> Result<()> {
     let azure = store.azure;
     match &cli.command {
         Cmd::Protect {
@@ -131,15 +211,24 @@ pub(crate) async fn run(store: Store, cli: &Cli) -> Result<()> {
             copy_frequency,
             retention,
             block_size,
+            auto_resync,
+            rpo_warning,
+            rpo_critical,
         } => {
-            let policy = policy(*copy_frequency, *retention)?;
-            protect(&mut e, item, disks, policy, *block_size).await
+            let mut policy = policy(*copy_frequency, *retention)?;
+            if rpo_critical.is_some_and(|c| c < *rpo_warning) {
+                bail!("--rpo-critical must not be shorter than --rpo-warning");
+            }
+            policy.auto_resync = *auto_resync;
+            policy.rpo_warning = *rpo_warning;
+            policy.rpo_critical = *rpo_critical;
+            protect(e, item, disks, policy, *block_size).await
         }
         Cmd::Replicate {
             item,
             logs,
             app_consistent,
-        } => replicate(&mut e, item, logs, *app_consistent).await,
+        } => replicate(e, item, logs, *app_consistent).await,
         Cmd::Resync {
             item,
             pause,
@@ -153,7 +242,7 @@ pub(crate) async fn run(store: Store, cli: &Cli) -> Result<()> {
             } else if *cancel {
                 Command::CancelResync { item: item.clone() }
             } else {
-                return resync(&mut e, item, &resumed).await;
+                return resync(e, item, resumed).await;
             };
             e.command(cmd).await?;
             println!("{item}: {:?}", e.protection(item)?);
@@ -169,10 +258,7 @@ pub(crate) async fn run(store: Store, cli: &Cli) -> Result<()> {
             print_locations(&e.item(item)?.item.failover.disks);
             Ok(())
         }
-        Cmd::Job { command } => job(&mut e, command).await,
-        Cmd::Status { item } => status(&e, item.as_deref(), cli.json),
-        Cmd::Jobs { item } => jobs(&e, item.as_deref(), cli.json),
-        Cmd::Points { item } => points(&e, item, cli.json),
+        Cmd::Job { command } => job(e, command).await,
         Cmd::TestFailover {
             item,
             point,
@@ -224,7 +310,7 @@ pub(crate) async fn run(store: Store, cli: &Cli) -> Result<()> {
             e.command(cmd).await?;
             Ok(())
         }
-        Cmd::Failback { item, to, full } => failback(&mut e, item, to, *full).await,
+        Cmd::Failback { item, to, full } => failback(e, item, to, *full).await,
         Cmd::Reprotect { item } => {
             e.reprotect(item).await?;
             Ok(())
@@ -234,7 +320,7 @@ pub(crate) async fn run(store: Store, cli: &Cli) -> Result<()> {
             point,
             source,
             repair,
-        } => verify(&mut e, item, point.map(PointId), *source, *repair).await,
+        } => verify(e, item, point.map(PointId), *source, *repair).await,
         Cmd::TakeOver { item } => {
             if e.take_over(item).await? {
                 println!("{item}: this site acts for it now");
@@ -256,10 +342,16 @@ pub(crate) async fn run(store: Store, cli: &Cli) -> Result<()> {
             writes,
             size,
             seed,
-        } => crate::demo::guest_write(&e, item, *disk, log, *writes, *size, *seed, cli.json),
-        Cmd::Plan { command } => plan(&mut e, command, azure).await,
-        Cmd::Demo { .. } | Cmd::Hrl { .. } | Cmd::Diff { .. } => {
-            unreachable!("run without a store")
+        } => crate::demo::guest_write(e, item, *disk, log, *writes, *size, *seed, cli.json),
+        Cmd::Plan { command } => plan(e, command, azure).await,
+        Cmd::Demo { .. }
+        | Cmd::Hrl { .. }
+        | Cmd::Diff { .. }
+        | Cmd::Run { .. }
+        | Cmd::Status { .. }
+        | Cmd::Jobs { .. }
+        | Cmd::Points { .. } => {
+            unreachable!("run elsewhere")
         }
     }
 }
@@ -275,7 +367,7 @@ pub(crate) fn policy(f: Frequency, retention_hours: u64) -> Result<ReplicationPo
             Frequency::M15 => CopyFrequency::Minutes15,
         },
         retention: Duration::from_secs(retention_hours * 3600),
-        // The agent starts resyncs when asked (`lifeboat resync`), as the CLI has it.
+        // Resyncs start when asked (`lifeboat resync`) unless `protect --auto-resync`.
         auto_resync: false,
         copy_chunk: 16 << 20,
         ..ReplicationPolicy::default()
@@ -485,180 +577,6 @@ pub(crate) async fn failback(e: &mut Engine, item: &str, to: &[PathBuf], full: b
         "{item}: {:?} (run `lifeboat reprotect {item}` to finish, or `lifeboat cancel {item}`)",
         e.protection(item)?
     );
-    Ok(())
-}
-
-fn status(e: &Engine, item: Option<&str>, json: bool) -> Result<()> {
-    let views: Vec<_> = match item {
-        Some(i) => vec![e.item(i)?],
-        None => e.items().collect(),
-    };
-    let mut out = Vec::new();
-    for v in &views {
-        let (it, s) = (v.item, &v.status);
-        if json {
-            out.push(json!({
-                "item": it.name,
-                "owner": it.owner.label,
-                "owned_here": v.owned,
-                "epoch": it.epoch,
-                "state": format!("{:?}", s.state),
-                "test_failover": format!("{:?}", s.test_failover),
-                "health": format!("{:?}", s.health),
-                "causes": s.causes.iter().map(|c| format!("{c:?}")).collect::<Vec<_>>(),
-                "points": s.points.iter().map(|p| p.id.0).collect::<Vec<_>>(),
-                "cycles_applied": s.cycles_applied,
-                "failover_point": s.failover_point.map(|p| p.0),
-                "source_running": it.source_running,
-                "target_running": it.target_running,
-                "disks": it.disks.iter().enumerate().map(|(d, disk)| json!({
-                    "index": d,
-                    "path": disk.source,
-                    "size": disk.size,
-                    "blob": it.blob(d),
-                    "write_guid": lifeboat_engine::hex(&disk.tracking.write_guid),
-                    "last_log": lifeboat_engine::hex(&disk.tracking.last_log),
-                    "copied": s.initial_copy.get(d).map(|c| c.0),
-                })).collect::<Vec<_>>(),
-                "test_disks": it.test.disks,
-                "recovered": it.failover.disks,
-                "last_resync": it.last_resync,
-                "last_sync_back": it.last_sync_back,
-            }));
-        } else {
-            println!(
-                "{}: {:?}, health {:?}, {} point(s), {} cycle(s) applied, source {}, recovered machine {}",
-                it.name,
-                s.state,
-                s.health,
-                s.points.len(),
-                s.cycles_applied,
-                if it.source_running {
-                    "running"
-                } else {
-                    "stopped"
-                },
-                if it.target_running {
-                    "running"
-                } else {
-                    "stopped"
-                },
-            );
-            if !v.owned {
-                println!("  owned by site {}", it.owner.label);
-            }
-            if s.test_failover != lifeboat_replication::TestFailoverState::None {
-                println!("  test failover: {:?}", s.test_failover);
-            }
-            for c in &s.causes {
-                println!("  cause: {c:?}");
-            }
-            for (d, disk) in it.disks.iter().enumerate() {
-                let copied = s.initial_copy.get(d).map_or(0, |c| c.0);
-                println!(
-                    "  disk {d}: {} ({} bytes, initial copy {}%)",
-                    disk.source.display(),
-                    disk.size,
-                    copied * 100 / disk.size.max(1)
-                );
-            }
-        }
-    }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    }
-    Ok(())
-}
-
-fn jobs(e: &Engine, item: Option<&str>, json: bool) -> Result<()> {
-    let jobs: Vec<_> = e
-        .jobs()
-        .into_iter()
-        .filter(|j| item.is_none_or(|i| j.item() == i))
-        .collect();
-    if json {
-        let v: Vec<_> = jobs
-            .iter()
-            .map(|j| {
-                json!({
-                    "id": j.id.to_string(),
-                    "kind": format!("{:?}", j.kind),
-                    "item": j.item(),
-                    "state": format!("{:?}", j.state),
-                    "progress_permille": j.progress_permille,
-                    "started": j.started.as_secs(),
-                    "ended": j.ended.map(|e| e.as_secs()),
-                    "tasks": j.tasks.iter().map(|t| json!({"name": t.name, "state": format!("{:?}", t.state)})).collect::<Vec<_>>(),
-                    "errors": j.errors,
-                    "allowed_actions": e.allowed_actions(&j.id).iter().map(|x| format!("{x:?}")).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
-    }
-    print_jobs(&jobs);
-    Ok(())
-}
-
-/// Prints the jobs table.
-pub(crate) fn print_jobs(jobs: &[&lifeboat_replication::Job]) {
-    let w = jobs
-        .iter()
-        .map(|j| j.id.to_string().len())
-        .max()
-        .unwrap_or(2)
-        .max(2);
-    println!(
-        "{:<w$}  {:<22} {:<11} {:>6}  {:>5}  errors",
-        "id", "job", "state", "done", "tasks"
-    );
-    for j in jobs {
-        let done = j.tasks.iter().filter(|t| t.state.is_terminal()).count();
-        println!(
-            "{:<w$}  {:<22} {:<11} {:>5}%  {:>2}/{:<2}  {}",
-            j.id.to_string(),
-            format!("{:?}", j.kind),
-            format!("{:?}", j.state),
-            j.progress_permille / 10,
-            done,
-            j.tasks.len(),
-            j.errors.len()
-        );
-    }
-}
-
-fn points(e: &Engine, item: &str, json: bool) -> Result<()> {
-    let v = e.item(item)?;
-    if json {
-        let out: Vec<_> = v
-            .status
-            .points
-            .iter()
-            .map(|p| {
-                json!({
-                    "id": p.id.0,
-                    "time": p.time.as_secs(),
-                    "app_consistent": p.app_consistent,
-                    "snapshots": v.item.points.get(&p.id.0),
-                })
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    } else {
-        for p in &v.status.points {
-            println!(
-                "point {}: time {}, {}",
-                p.id.0,
-                p.time.as_secs(),
-                if p.app_consistent {
-                    "app-consistent"
-                } else {
-                    "crash-consistent"
-                }
-            );
-        }
-    }
     Ok(())
 }
 

@@ -224,7 +224,7 @@ pub(crate) async fn run(dir: &Path, target: &Target) -> Result<()> {
         store: None,
         ..target.clone()
     };
-    let store = open_store(&target).await?;
+    let store = open_store(&target, true).await?;
     demo(&store, dir, &target).await
 }
 
@@ -481,7 +481,7 @@ async fn demo(store: &Store, dir: &Path, target: &Target) -> Result<()> {
 
     s.step("Jobs");
     let jobs: Vec<_> = e.jobs().into_iter().filter(|j| j.item() == item).collect();
-    commands::print_jobs(&jobs);
+    crate::read::print_jobs(&jobs);
     println!(
         "\ndemo finished in {:.1} s: every step verified",
         s.start.elapsed().as_secs_f64()

@@ -1,5 +1,6 @@
-//! The agent's host: disks are raw image files, machines are not run (the engine records
-//! whether they would be), plan hooks are shell commands.
+//! The agent's host: disks are raw image files, closed logs arrive in the site's inbox,
+//! machines are not run (the engine records whether they would be), plan hooks are shell
+//! commands.
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -8,16 +9,85 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lifeboat_engine::{Disk, FileHost, Host};
+use lifeboat_engine::{Disk, FileHost, Host, LogOutcome};
 
 /// Environment variables a hook never sees: the store's secrets.
 const SECRETS: [&str; 3] = ["LIFEBOAT_KEY", "LIFEBOAT_AZURE_URL", "LIFEBOAT_ACCOUNT"];
 
-/// Raw image files, shell hooks.
-#[derive(Debug, Default)]
-pub(crate) struct AgentHost;
+/// Raw image files, an inbox of closed logs, shell hooks.
+#[derive(Debug)]
+pub(crate) struct AgentHost {
+    /// The site directory (the inbox is `SITE/inbox/ITEM/DISK_INDEX/`).
+    pub(crate) site: PathBuf,
+}
+
+/// Where closed logs of an item's disk arrive: whoever ships them from Hyper-V moves each
+/// complete `.hrl` file in (a rename, so it appears whole); name order means nothing.
+pub(crate) fn inbox(site: &Path, item: &str, disk: usize) -> PathBuf {
+    site.join("inbox").join(item).join(disk.to_string())
+}
+
+/// The logs waiting in a disk's inbox, with their total size.
+pub(crate) fn inbox_logs(site: &Path, item: &str, disk: usize) -> (Vec<PathBuf>, u64) {
+    let mut logs = Vec::new();
+    let mut bytes = 0;
+    if let Ok(entries) = std::fs::read_dir(inbox(site, item, disk)) {
+        for e in entries.flatten() {
+            let p = e.path();
+            let ok = p.extension().is_some_and(|x| x == "hrl")
+                && e.file_type().is_ok_and(|t| t.is_file())
+                && !e.file_name().to_string_lossy().starts_with('.');
+            if ok {
+                bytes += e.metadata().map_or(0, |m| m.len());
+                logs.push(p);
+            }
+        }
+    }
+    logs.sort();
+    (logs, bytes)
+}
 
 impl Host for AgentHost {
+    /// The logs waiting in the item's inbox (the cycle's own, or a planned failover's
+    /// final ones).
+    fn close_logs(&self, item: &str, disks: usize) -> io::Result<Vec<(usize, PathBuf)>> {
+        Ok((0..disks)
+            .flat_map(|d| {
+                inbox_logs(&self.site, item, d)
+                    .0
+                    .into_iter()
+                    .map(move |p| (d, p))
+            })
+            .collect())
+    }
+
+    /// Taken logs leave the inbox; a refused one moves to `refused/` beside them, with its
+    /// reason in `NAME.reason`.
+    fn logs_taken(&self, item: &str, logs: &[(usize, PathBuf, LogOutcome)]) -> io::Result<()> {
+        for (d, path, outcome) in logs {
+            if !path.starts_with(inbox(&self.site, item, *d)) {
+                continue; // handed over on the command line: not ours to move
+            }
+            match outcome {
+                LogOutcome::Refused(why) => {
+                    let aside = inbox(&self.site, item, *d).join("refused");
+                    std::fs::create_dir_all(&aside)?;
+                    let name = path.file_name().unwrap_or_default();
+                    std::fs::rename(path, aside.join(name))?;
+                    let mut reason = aside.join(name).into_os_string();
+                    reason.push(".reason");
+                    std::fs::write(reason, format!("{why}\n"))?;
+                    tracing::warn!(item, disk = d, log = %path.display(), "log refused: {why}");
+                }
+                _ => match std::fs::remove_file(path) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                },
+            }
+        }
+        Ok(())
+    }
+
     fn open_disk(&self, path: &Path) -> io::Result<Arc<dyn Disk>> {
         FileHost.open_disk(path)
     }

@@ -7,6 +7,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -15,6 +16,8 @@ use lifeboat_pageblob::{AzureStore, Credential, LocalStore, PageStore};
 mod commands;
 mod demo;
 mod host;
+mod read;
+mod service;
 mod tools;
 
 /// Lifeboat reference agent: Hyper-V-style replication to a local site or Azure page blobs.
@@ -82,9 +85,33 @@ pub(crate) enum Format {
     Vhd,
 }
 
+/// How the service writes its log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LogFormat {
+    /// One line of text per event.
+    #[default]
+    Text,
+    /// One JSON object per event.
+    Json,
+}
+
 /// The agent's commands.
 #[derive(Debug, Subcommand)]
 pub(crate) enum Cmd {
+    /// The service: replicate every item of the site continuously (cycles at each item's
+    /// copy frequency from the logs in SITE/inbox/ITEM/DISK_INDEX/, retries, scheduled
+    /// copies and resyncs) until SIGTERM or SIGINT.
+    Run {
+        /// Do the work that is due now, then exit (for cron).
+        #[arg(long)]
+        once: bool,
+        /// Serve metrics in the Prometheus text format at http://ADDR/metrics.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
+        /// The log's format (on stderr; LIFEBOAT_LOG filters it, default info).
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
     /// The main job: a small VM through every workflow, verified by BLAKE3 at each step.
     Demo {
         /// Working directory for the demo's VM and site (recreated).
@@ -107,13 +134,24 @@ pub(crate) enum Cmd {
         /// Resync block size (e.g. 64K, 1M).
         #[arg(long, default_value = "64K", value_parser = parse_size)]
         block_size: u64,
+        /// Start a resync by itself when one is required (the service performs it);
+        /// without it, `lifeboat resync ITEM` starts it.
+        #[arg(long)]
+        auto_resync: bool,
+        /// Health turns Warning when the newest point is older than this (e.g. 90s, 15m, 1h).
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        rpo_warning: Duration,
+        /// Health turns Critical when the newest point is older than this.
+        #[arg(long, value_parser = parse_duration)]
+        rpo_critical: Option<Duration>,
     },
-    /// Apply closed HRL logs in chain order, exactly once, as a new recovery point.
+    /// Run a delta cycle now: apply closed HRL logs (these, and those waiting in
+    /// SITE/inbox/ITEM/DISK_INDEX/) in chain order, exactly once, as a new recovery point.
     Replicate {
         /// The item.
         item: String,
         /// DISK_INDEX=FILE.hrl (any order: each disk's chain decides).
-        #[arg(long = "log", value_parser = parse_log, required = true)]
+        #[arg(long = "log", value_parser = parse_log)]
         logs: Vec<(usize, PathBuf)>,
         /// The logs were closed at a quiesced (VSS) snapshot of the machine: the point is
         /// application-consistent.
@@ -423,6 +461,24 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("not a size: {s}"))
 }
 
+/// Parses `90s`, `15m`, `2h` (a bare number is seconds).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, mul) = match s.char_indices().last() {
+        Some((i, 's')) => (&s[..i], 1),
+        Some((i, 'm')) => (&s[..i], 60),
+        Some((i, 'h')) => (&s[..i], 3600),
+        Some((i, 'd')) => (&s[..i], 86400),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .filter(|&n| n > 0)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("not a duration (e.g. 90s, 15m, 1h): {s}"))
+}
+
 /// Parses `DISK_INDEX=FILE`.
 fn parse_log(s: &str) -> Result<(usize, PathBuf), String> {
     let (d, f) = s
@@ -435,14 +491,23 @@ fn parse_log(s: &str) -> Result<(usize, PathBuf), String> {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LIFEBOAT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // The service logs what it does; a command only its errors (its output says the rest).
+    let (level, json) = match &cli.command {
+        Cmd::Run { log_format, .. } => ("info", *log_format == LogFormat::Json),
+        _ => ("error", false),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LIFEBOAT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let log = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if json {
+        log.json().init();
+    } else {
+        log.init();
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -472,9 +537,13 @@ async fn run(cli: Cli) -> Result<()> {
             apply,
         } => return tools::diff(source, target, *block_size, *apply, cli.json),
         Cmd::Demo { dir } => return demo::run(dir, &cli.target).await,
+        Cmd::Status { .. } | Cmd::Jobs { .. } | Cmd::Points { .. } => return read::run(&cli).await,
         _ => {}
     }
-    let store = open_store(&cli.target).await?;
+    let store = open_store(&cli.target, true).await?;
+    if let Cmd::Run { once, metrics, .. } = &cli.command {
+        return service::run(&store, &cli.target.site, *once, *metrics).await;
+    }
     commands::run(store, &cli).await
 }
 
@@ -488,8 +557,9 @@ pub(crate) struct Store {
     pub(crate) azure: bool,
 }
 
-/// Opens the store a target names (creating the container on Azure).
-pub(crate) async fn open_store(target: &Target) -> Result<Store> {
+/// Opens the store a target names (creating the container on Azure when `create`; without
+/// it, nothing is sent until the first request).
+pub(crate) async fn open_store(target: &Target, create: bool) -> Result<Store> {
     match &target.azure {
         None => {
             let dir = target
@@ -516,10 +586,12 @@ pub(crate) async fn open_store(target: &Target) -> Result<Store> {
             };
             let desc = url.split('?').next().unwrap_or_default().to_owned();
             let store = AzureStore::new(url, credential)?;
-            store
-                .ensure_container()
-                .await
-                .with_context(|| format!("reaching {desc}"))?;
+            if create {
+                store
+                    .ensure_container()
+                    .await
+                    .with_context(|| format!("reaching {desc}"))?;
+            }
             Ok(Store {
                 store: Arc::new(store),
                 desc,

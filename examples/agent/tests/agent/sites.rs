@@ -462,7 +462,8 @@ fn a_site_refuses_another_store() {
         store: Some(root.path().join("store1")),
         azure: None,
     };
-    t.ok(&["status"]);
+    t.ok(&["resume"]);
+    assert!(t.site.join("site.json").exists());
     let other = Target {
         store: Some(root.path().join("store2")),
         ..t.clone()
