@@ -816,7 +816,8 @@ impl Engine {
                     "a take-over by another site is under way".to_owned()
                 } else if failed_over {
                     format!(
-                        "it failed over ({state:?}) and that site acts for it now: fail back from there, or take it over here with `take-over {name}`"
+                        "it failed over ({}) and that site acts for it now: fail back from there, or take it over here with `take-over {name}`",
+                        state.to_string().to_lowercase()
                     )
                 } else {
                     format!(
@@ -1074,7 +1075,8 @@ impl Engine {
             }
             _ => {
                 return Err(Error::Invalid(format!(
-                    "replicate is not allowed while {item} is {st:?}"
+                    "replicate is not allowed while {item} is {}",
+                    st.to_string().to_lowercase()
                 )));
             }
         }

@@ -13,7 +13,7 @@ use crate::model::*;
 #[non_exhaustive]
 pub enum OpError {
     /// The operation is not allowed in the item's current state.
-    #[error("{op} is not allowed while {item} is {state:?}{}", test.map(|t| format!(" (test failover: {t:?})")).unwrap_or_default())]
+    #[error("{op} is not allowed while {item} is {}{}: {}", state.to_string().to_lowercase(), test_part(*test), next_step(*state, *test))]
     NotAllowed {
         /// The operation.
         op: &'static str,
@@ -31,7 +31,7 @@ pub enum OpError {
     #[error("{0} is already protected")]
     AlreadyProtected(ItemId),
     /// No recovery point fits the choice.
-    #[error("{item} has no recovery point for {choice:?}")]
+    #[error("{item} has no recovery point for {choice} (`points` lists them)")]
     NoRecoveryPoint {
         /// The item.
         item: ItemId,
@@ -39,11 +39,50 @@ pub enum OpError {
         choice: PointChoice,
     },
     /// The policy or disks are invalid.
-    #[error("invalid protection request: {0}")]
+    #[error("{0}")]
     Invalid(String),
     /// An outcome for an action that is not in flight (stale, or already reported).
     #[error("action {0:?} is not in flight")]
     UnknownAction(ActionId),
+}
+
+/// The test-failover state, when that is what refuses an operation.
+fn test_part(test: Option<TestFailoverState>) -> String {
+    match test {
+        None => String::new(),
+        Some(TestFailoverState::None) => " with no test failover".into(),
+        Some(t) => format!(" ({})", t.to_string().to_lowercase()),
+    }
+}
+
+/// What to do first, for an operation refused in `state` (and `test`).
+fn next_step(state: ProtectionState, test: Option<TestFailoverState>) -> &'static str {
+    use ProtectionState as S;
+    match test {
+        Some(TestFailoverState::None) => return "there is nothing to clean up",
+        Some(_) => return "clean up the test failover first",
+        None => {}
+    }
+    match state {
+        S::EnablingProtection | S::InitialReplicationInProgress | S::Resynchronizing => {
+            "wait until it is protected (its job shows the progress)"
+        }
+        S::Protected => "it replicates normally; fail it over first",
+        S::ResyncRequired => "resynchronise it first",
+        S::ResyncPaused => "resume (or cancel) the paused resync first",
+        S::PlannedFailoverCompleted | S::UnplannedFailoverCompleted => {
+            "commit the failover first (or cancel it)"
+        }
+        S::FailoverCommitted => "fail it back first",
+        S::FailbackCompleted => "reprotect it first (or cancel the failback)",
+        S::FailbackCommitted => "reprotect it first",
+        S::PlannedFailoverInitiated
+        | S::UnplannedFailoverInitiated
+        | S::CommitFailoverInProgress
+        | S::CancelFailoverInProgress
+        | S::FailbackInProgress
+        | S::ReprotectInitiated => "wait for its running job to finish (or resume it)",
+    }
 }
 
 /// A queued action; `job` is the number of the item's job it belongs to.
@@ -236,6 +275,11 @@ impl ItemRecord {
     pub fn state(&self) -> ProtectionState {
         self.0.state
     }
+
+    /// The item's replication policy.
+    pub fn policy(&self) -> &ReplicationPolicy {
+        &self.0.policy
+    }
 }
 
 /// A read-only view of a protected item.
@@ -269,25 +313,25 @@ pub struct ItemStatus {
 
 fn op_name(c: &Command) -> &'static str {
     match c {
-        Command::EnableProtection { .. } => "EnableProtection",
+        Command::EnableProtection { .. } => "Enable protection",
         Command::Resync { .. } => "Resync",
-        Command::TestFailover { .. } => "TestFailover",
-        Command::TestFailoverCleanup { .. } => "TestFailoverCleanup",
-        Command::PlannedFailover { .. } => "PlannedFailover",
-        Command::UnplannedFailover { .. } => "UnplannedFailover",
+        Command::TestFailover { .. } => "Test failover",
+        Command::TestFailoverCleanup { .. } => "Test failover cleanup",
+        Command::PlannedFailover { .. } => "Planned failover",
+        Command::UnplannedFailover { .. } => "Unplanned failover",
         Command::Commit { .. } => "Commit",
-        Command::CancelFailover { .. } => "CancelFailover",
-        Command::RepairReplication { .. } => "RepairReplication",
+        Command::CancelFailover { .. } => "Cancel failover",
+        Command::RepairReplication { .. } => "Repair replication",
         Command::Failback { .. } => "Failback",
-        Command::CompleteFailback { .. } => "CompleteFailback",
-        Command::CancelFailback { .. } => "CancelFailback",
+        Command::CompleteFailback { .. } => "Complete failback",
+        Command::CancelFailback { .. } => "Cancel failback",
         Command::Reprotect { .. } => "Reprotect",
-        Command::ChangeRecoveryPoint { .. } => "ChangeRecoveryPoint",
-        Command::PauseResync { .. } => "PauseResync",
-        Command::ResumeResync { .. } => "ResumeResync",
-        Command::CancelResync { .. } => "CancelResync",
-        Command::TakeOver { .. } => "TakeOver",
-        Command::ReplicateNow { .. } => "ReplicateNow",
+        Command::ChangeRecoveryPoint { .. } => "Change recovery point",
+        Command::PauseResync { .. } => "Pause resync",
+        Command::ResumeResync { .. } => "Resume resync",
+        Command::CancelResync { .. } => "Cancel resync",
+        Command::TakeOver { .. } => "Take over",
+        Command::ReplicateNow { .. } => "Replicate now",
     }
 }
 
@@ -1258,7 +1302,7 @@ impl Coordinator {
                         let j = step.job.expect("a job kind implies a job");
                         let it = self.item_mut(name);
                         if let Some(jb) = it.jobs.get_mut(&j) {
-                            jb.errors.push(format!("resync required again: {reason:?}"));
+                            jb.errors.push(format!("resync required again: {reason}"));
                         }
                         self.enqueue_free(name, ActionKind::DiscardLogs { cycle });
                         let next = self.new_cycle(name);
@@ -1268,7 +1312,7 @@ impl Coordinator {
                             it.retrier.next_delay(now, &Class::Recoverable)
                         {
                             it.retry_at = Some(at);
-                            it.retrying = Some(format!("resync required again: {reason:?}"));
+                            it.retrying = Some(format!("resync required again: {reason}"));
                         }
                         it.resync_reason = Some(reason);
                         return;
@@ -1278,7 +1322,7 @@ impl Coordinator {
                         if let Some(j) = step.job {
                             let it = self.item_mut(name);
                             if let Some(jb) = it.jobs.get_mut(&j) {
-                                jb.errors.push(format!("resync required: {reason:?}"));
+                                jb.errors.push(format!("resync required: {reason}"));
                                 if jb.kind == JobKind::PlannedFailover {
                                     // Zero loss is impossible now: restart the source, then resync.
                                     self.enqueue_free(name, ActionKind::StartSource);

@@ -111,7 +111,7 @@ pub fn apply_op(
             let cmd = command(k, p, &points);
             if let Err(e) = c.handle_command(*now, cmd)
                 && let OpError::NotAllowed { state, .. } = &e
-                && !e.to_string().contains(&format!("{state:?}"))
+                && !e.to_string().contains(&state.to_string().to_lowercase())
             {
                 return Err(format!("refusal does not name the state: {e}"));
             }

@@ -32,7 +32,8 @@ impl Coordinator {
                 Ok(())
             }
             kind => Err(OpError::Invalid(format!(
-                "a {kind:?} job cannot be cancelled"
+                "a {} job cannot be cancelled",
+                kind.to_string().to_lowercase()
             ))),
         }
     }
@@ -42,8 +43,8 @@ impl Coordinator {
         let j = self.job_or_err(job)?;
         if !matches!(j.state, JobState::Failed | JobState::Cancelled) {
             return Err(OpError::Invalid(format!(
-                "job {job} is {:?}: only a failed or cancelled job restarts",
-                j.state
+                "job {job} is {}: only a failed or cancelled job restarts",
+                j.state.to_string().to_lowercase()
             )));
         }
         let cmd = j
@@ -59,8 +60,8 @@ impl Coordinator {
         let j = self.job_or_err(job)?;
         if j.state != JobState::Suspended {
             return Err(OpError::Invalid(format!(
-                "job {job} is {:?}, not suspended",
-                j.state
+                "job {job} is {}, not suspended",
+                j.state.to_string().to_lowercase()
             )));
         }
         if j.kind == JobKind::RecoveryPlan {

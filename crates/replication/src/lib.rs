@@ -126,6 +126,7 @@ pub use crate::{
 };
 
 mod coordinator;
+mod display;
 #[doc(hidden)]
 pub mod fuzzing;
 mod jobs;

@@ -500,7 +500,12 @@ impl Coordinator {
             self.fail_plan(
                 now,
                 name,
-                format!("group {}: {}'s failover {s:?}", run.group + 1, j.item),
+                format!(
+                    "group {}: {}'s failover {}",
+                    run.group + 1,
+                    j.item,
+                    s.to_string().to_lowercase()
+                ),
             );
             return false;
         }

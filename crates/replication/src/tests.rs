@@ -387,7 +387,7 @@ fn half_disk_log_unclean_log_offline_change_and_broken_chain_require_resync() {
         let e = s
             .cmd(Command::PlannedFailover { item: "vm".into() })
             .unwrap_err();
-        assert!(e.to_string().contains("Resynchronizing"), "{e}");
+        assert!(e.to_string().contains("resynchronizing"), "{e}");
         assert!(
             s.cmd(Command::TestFailover {
                 item: "vm".into(),
@@ -779,9 +779,18 @@ fn refused_operations_name_the_state() {
     let mut s = Sim::new();
     s.protect("vm", vec![MIB]);
     for (cmd, state) in [
-        (Command::Commit { item: "vm".into() }, "Protected"),
-        (Command::CancelFailover { item: "vm".into() }, "Protected"),
-        (Command::TestFailoverCleanup { item: "vm".into() }, "None"),
+        (
+            Command::Commit { item: "vm".into() },
+            "while vm is protected",
+        ),
+        (
+            Command::CancelFailover { item: "vm".into() },
+            "while vm is protected",
+        ),
+        (
+            Command::TestFailoverCleanup { item: "vm".into() },
+            "with no test failover: there is nothing to clean up",
+        ),
     ] {
         let e = s.cmd(cmd).unwrap_err();
         assert!(e.to_string().contains(state), "{e}");
@@ -1122,7 +1131,7 @@ fn plan_fails_when_a_hook_or_an_item_fails_and_refuses_bad_plans() {
     let job = through_the_manual_step(&mut sim, PlanFailover::Test(PointChoice::Latest));
     let j = sim.c.job(&job).unwrap();
     assert_eq!(j.state, JobState::Failed, "{j:?}");
-    assert!(j.errors[0].contains("Resynchronizing"), "{:?}", j.errors);
+    assert!(j.errors[0].contains("resynchronizing"), "{:?}", j.errors);
     sim.c.check_invariants().unwrap();
 }
 
@@ -1183,7 +1192,7 @@ fn resync_pauses_resumes_where_it_stopped_and_cancels_to_resync_required() {
         item: "vm".into(),
         point: PointChoice::Latest,
     });
-    assert!(e.unwrap_err().to_string().contains("ResyncPaused"));
+    assert!(e.unwrap_err().to_string().contains("resync paused"));
     s.c.check_invariants().unwrap();
 
     // Resume (through the job's allowed action): disk 1 only, then Protected.
@@ -1243,7 +1252,7 @@ fn change_recovery_point_before_commit() {
         item: "vm".into(),
         point: PointChoice::Id(points[1]),
     });
-    assert!(e.unwrap_err().to_string().contains("Protected"));
+    assert!(e.unwrap_err().to_string().contains("protected"));
     s.cmd(Command::UnplannedFailover {
         item: "vm".into(),
         point: PointChoice::Id(points[0]),

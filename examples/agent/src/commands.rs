@@ -15,19 +15,30 @@ use lifeboat_replication::{
 };
 
 use crate::host::AgentHost;
+use crate::human;
 use crate::{Cli, Cmd, Format, Frequency, JobCmd, PlanCmd, Store};
 
 /// Progress bars for long tasks, and one-line notes, on stderr (none when quiet).
 pub(crate) struct Bars {
     quiet: bool,
+    /// Whether stderr is a terminal (bars), or not (plain periodic lines).
+    tty: bool,
     bars: Mutex<HashMap<(String, usize), ProgressBar>>,
+    /// Per disk, when its task started and when a line was last printed.
+    lines: Mutex<HashMap<(String, usize), Started>>,
 }
+
+/// When a disk's task started, and when a progress line was last printed for it.
+type Started = (std::time::Instant, Option<std::time::Instant>);
 
 impl Bars {
     pub(crate) fn new(quiet: bool) -> Self {
+        use std::io::IsTerminal;
         Bars {
             quiet,
+            tty: std::io::stderr().is_terminal(),
             bars: Mutex::default(),
+            lines: Mutex::default(),
         }
     }
 }
@@ -46,19 +57,49 @@ impl Observer for Bars {
                 done,
                 total,
             } => {
+                let what = match task {
+                    Task::InitialCopy => "initial replication",
+                    Task::ResyncCompare => "resync compare",
+                    _ => "working",
+                };
+                if !self.tty {
+                    // Not a terminal (cron, CI, a log): a plain line every 10 s and at the end.
+                    let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+                    let now = std::time::Instant::now();
+                    let (start, last) = lines.entry((item.clone(), *disk)).or_insert((now, None));
+                    let start = *start;
+                    let recent =
+                        last.is_some_and(|l| now.duration_since(l) < Duration::from_secs(10));
+                    if done < total && recent {
+                        return;
+                    }
+                    *last = Some(now);
+                    let secs = now.duration_since(start).as_secs_f64().max(0.001);
+                    let rate = *done as f64 / secs;
+                    let mut line = format!(
+                        "{item} disk {disk} {what}: {} of {} ({} %)",
+                        human::size(*done),
+                        human::size(*total),
+                        done * 100 / (*total).max(1)
+                    );
+                    if secs >= 1.0 {
+                        line.push_str(&format!(", {}/s", human::size(rate as u64)));
+                        if rate > 0.0 && done < total {
+                            let left = Duration::from_secs_f64((total - done) as f64 / rate);
+                            line.push_str(&format!(", about {} left", human::duration(left)));
+                        }
+                    }
+                    eprintln!("{line}");
+                    return;
+                }
                 let bar = bars.entry((item.clone(), *disk)).or_insert_with(|| {
                     let bar = ProgressBar::new(*total);
                     bar.set_style(
                         ProgressStyle::with_template(
-                            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+                            "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
                         )
                         .unwrap_or_else(|_| ProgressStyle::default_bar()),
                     );
-                    let what = match task {
-                        Task::InitialCopy => "initial replication",
-                        Task::ResyncCompare => "resync compare",
-                        _ => "working",
-                    };
                     bar.set_message(format!("{item} disk {disk} {what}"));
                     bar
                 });
@@ -72,7 +113,8 @@ impl Observer for Bars {
                 requests,
                 batches,
             } => eprintln!(
-                "{item} disk {disk}: cycle {cycle} applied, {bytes_sent} bytes in {requests} requests, {batches} batch(es)"
+                "{item} disk {disk}: cycle {cycle} applied, {} in {requests} request(s), {batches} batch(es)",
+                human::size(*bytes_sent)
             ),
             Event::LogSkipped { path, id, .. } => {
                 eprintln!("{}: log {id} was taken before; skipped", path.display())
@@ -81,6 +123,7 @@ impl Observer for Bars {
                 eprintln!("{item}: taken over from site {from} (its writes are fenced now)")
             }
             Event::Idle => {
+                self.lines.lock().unwrap_or_else(|p| p.into_inner()).clear();
                 for b in bars.values() {
                     b.finish_and_clear();
                 }
@@ -245,7 +288,7 @@ async fn command(e: &mut Engine, store: &Store, cli: &Cli, resumed: &[JobId]) ->
                 return resync(e, item, resumed).await;
             };
             e.command(cmd).await?;
-            println!("{item}: {:?}", e.protection(item)?);
+            println!("{item}: {}", e.protection(item)?);
             Ok(())
         }
         Cmd::ChangePoint { item, point } => {
@@ -440,9 +483,12 @@ pub(crate) async fn protect(
     let fresh = e.protect(item, &paths, policy, bs).await?;
     let st = e.protection(item)?;
     if !fresh {
-        println!("{item} is already protected ({st:?})");
+        println!(
+            "{item} is already protected ({})",
+            st.to_string().to_lowercase()
+        );
     } else {
-        println!("{item}: {st:?}");
+        println!("{item}: {st}");
     }
     Ok(())
 }
@@ -457,10 +503,18 @@ pub(crate) async fn replicate(
     match e.replicate(item, logs, app_consistent).await? {
         Replicated::Nothing => println!("{item}: nothing new to apply"),
         Replicated::Applied { cycles, points } => {
-            println!("{item}: {cycles} cycle(s) applied, {points} recovery point(s)")
+            let total = e.item(item)?.status.cycles_applied;
+            println!(
+                "{item}: {cycles} cycle(s) applied now ({total} since protection); {points} recovery point(s)"
+            )
         }
         Replicated::ResyncRequired(causes) => println!(
-            "{item}: resync required ({causes:?}); the log was not applied; run `lifeboat resync {item}`"
+            "{item}: {}; the log was not applied; run `lifeboat resync {item}`",
+            causes
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
         ),
         Replicated::Staged { logs } => println!(
             "{item}: {logs} log(s) staged for the copy under way (initial replication or resync)"
@@ -574,7 +628,7 @@ pub(crate) async fn failback(e: &mut Engine, item: &str, to: &[PathBuf], full: b
         );
     }
     println!(
-        "{item}: {:?} (run `lifeboat reprotect {item}` to finish, or `lifeboat cancel {item}`)",
+        "{item}: {} (run `lifeboat reprotect {item}` to finish, or `lifeboat cancel {item}`)",
         e.protection(item)?
     );
     Ok(())
@@ -588,7 +642,12 @@ async fn job(e: &mut Engine, cmd: &JobCmd) -> Result<()> {
     };
     let id = e.job_action(id, action).await?;
     if let Some(j) = e.job(&id) {
-        println!("job {}: {:?} {:?}", j.id, j.kind, j.state);
+        println!(
+            "job {}: {}, {}",
+            j.id,
+            j.kind,
+            j.state.to_string().to_lowercase()
+        );
     }
     Ok(())
 }
@@ -706,7 +765,7 @@ fn report_plan(e: &Engine, plan: &str) -> Result<()> {
         .plan_job(plan)
         .with_context(|| format!("plan {plan} has no job"))?;
     for t in &job.tasks {
-        println!("plan {plan}: {:<50} {:?}", t.name, t.state);
+        println!("plan {plan}: {:<50} {}", t.name, t.state);
     }
     match job.state {
         JobState::Succeeded => {
@@ -715,8 +774,12 @@ fn report_plan(e: &Engine, plan: &str) -> Result<()> {
         }
         JobState::Suspended => {
             println!("plan {plan}: waiting for a manual action; run `lifeboat plan resume {plan}`");
-            Ok(())
+            Err(crate::Exit(crate::exit::PLAN_WAITING).into())
         }
-        s => bail!("plan {plan}: {s:?}: {}", job.errors.join("; ")),
+        s => bail!(
+            "plan {plan}: {}: {}",
+            s.to_string().to_lowercase(),
+            job.errors.join("; ")
+        ),
     }
 }

@@ -16,6 +16,7 @@ use lifeboat_pageblob::{AzureStore, Credential, LocalStore, PageStore};
 mod commands;
 mod demo;
 mod host;
+mod human;
 mod read;
 mod service;
 mod tools;
@@ -26,8 +27,8 @@ mod tools;
 pub(crate) struct Cli {
     #[command(flatten)]
     pub(crate) target: Target,
-    /// Machine-readable JSON output for read commands.
-    #[arg(long, global = true)]
+    /// Machine-readable JSON output for read commands (docs/cli.md: the schema).
+    #[arg(long, global = true, help_heading = "Global options")]
     pub(crate) json: bool,
     #[command(subcommand)]
     pub(crate) command: Cmd,
@@ -35,6 +36,7 @@ pub(crate) struct Cli {
 
 /// Where the agent works and where the replicas (and the catalogue) live.
 #[derive(Clone, Debug, Args)]
+#[command(next_help_heading = "Global options")]
 pub(crate) struct Target {
     /// The site directory: staged logs, protective copies, a cache of the catalogue, and
     /// (by default) the embedded replica store. Losing it loses nothing failover needs.
@@ -101,6 +103,9 @@ pub(crate) enum Cmd {
     /// The service: replicate every item of the site continuously (cycles at each item's
     /// copy frequency from the logs in SITE/inbox/ITEM/DISK_INDEX/, retries, scheduled
     /// copies and resyncs) until SIGTERM or SIGINT.
+    #[command(
+        after_help = "Examples:\n  lifeboat run --metrics 127.0.0.1:9477 --log-format json\n  lifeboat run --once          # from cron: what is due, then exit"
+    )]
     Run {
         /// Do the work that is due now, then exit (for cron).
         #[arg(long)]
@@ -119,6 +124,9 @@ pub(crate) enum Cmd {
         dir: PathBuf,
     },
     /// Enable protection: initial replication of every disk, then finalize.
+    #[command(
+        after_help = "Examples:\n  lifeboat protect vm1 --disk d0.raw --disk d1.raw --copy-frequency 30s --retention 24\n  lifeboat protect vm1 --disk d0.raw --auto-resync --rpo-warning 15m --rpo-critical 1h"
+    )]
     Protect {
         /// The item (machine) name.
         item: String,
@@ -147,6 +155,9 @@ pub(crate) enum Cmd {
     },
     /// Run a delta cycle now: apply closed HRL logs (these, and those waiting in
     /// SITE/inbox/ITEM/DISK_INDEX/) in chain order, exactly once, as a new recovery point.
+    #[command(
+        after_help = "Examples:\n  lifeboat replicate vm1 --log 0=l1.hrl --log 1=l1b.hrl\n  lifeboat replicate vm1       # the logs in the inbox"
+    )]
     Replicate {
         /// The item.
         item: String,
@@ -174,16 +185,19 @@ pub(crate) enum Cmd {
         cancel: bool,
     },
     /// Protected items: state, health, points.
+    #[command(after_help = "Examples:\n  lifeboat status\n  lifeboat status vm1 --json")]
     Status {
         /// One item.
         item: Option<String>,
     },
     /// The jobs view.
+    #[command(after_help = "Examples:\n  lifeboat jobs\n  lifeboat jobs vm1 --json")]
     Jobs {
         /// One item's jobs.
         item: Option<String>,
     },
     /// An item's recovery points.
+    #[command(after_help = "Examples:\n  lifeboat points vm1\n  lifeboat points vm1 --json")]
     Points {
         /// The item.
         item: String,
@@ -211,6 +225,9 @@ pub(crate) enum Cmd {
         item: String,
     },
     /// Fail over: planned (source shut down, final delta, zero loss) or unplanned.
+    #[command(
+        after_help = "Examples:\n  lifeboat failover vm1 --planned --out recovered\n  lifeboat failover vm1 --unplanned --point latest-processed --out recovered"
+    )]
     Failover {
         /// The item.
         item: String,
@@ -490,7 +507,53 @@ fn parse_log(s: &str) -> Result<(usize, PathBuf), String> {
     Ok((d, PathBuf::from(f)))
 }
 
+/// Exit statuses (docs/cli.md): 0 done, 1 an error, 2 a usage error (or, for `diff`, an
+/// error), 3 a recovery plan waiting at a manual action; `diff` exits 1 when the files
+/// differ, like `cmp`; 141 when standard output was closed early (`| head`).
+pub(crate) mod exit {
+    /// A plan stopped at a manual action.
+    pub(crate) const PLAN_WAITING: u8 = 3;
+    /// `diff`: the files differ.
+    pub(crate) const DIFFERENT: u8 = 1;
+    /// `diff`: an error (as `cmp`).
+    pub(crate) const DIFF_TROUBLE: u8 = 2;
+    /// Standard output closed early (as a process SIGPIPE ended).
+    pub(crate) const CLOSED_PIPE: i32 = 141;
+}
+
+/// A command's outcome that is not plain success, as an exit status (its message, if any,
+/// already printed).
+#[derive(Debug)]
+pub(crate) struct Exit(pub(crate) u8);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit status {}", self.0)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+/// A write to a closed standard output (`lifeboat status | head -2`) ends the process
+/// quietly instead of with a panic's message.
+fn quiet_on_closed_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let text = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if text.contains("failed printing to stdout") && text.contains("Broken pipe") {
+            std::process::exit(exit::CLOSED_PIPE);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> std::process::ExitCode {
+    quiet_on_closed_pipe();
     let cli = Cli::parse();
     // The service logs what it does; a command only its errors (its output says the rest).
     let (level, json) = match &cli.command {
@@ -518,12 +581,19 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let diff = matches!(cli.command, Cmd::Diff { .. });
     match rt.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("lifeboat: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
+        Err(e) => match e.downcast_ref::<Exit>() {
+            Some(Exit(code)) => std::process::ExitCode::from(*code),
+            None => {
+                eprintln!("lifeboat: {e:#}");
+                match diff {
+                    true => std::process::ExitCode::from(exit::DIFF_TROUBLE),
+                    false => std::process::ExitCode::FAILURE,
+                }
+            }
+        },
     }
 }
 
@@ -576,6 +646,11 @@ pub(crate) async fn open_store(target: &Target, create: bool) -> Result<Store> {
             })
         }
         Some(url) => {
+            if url.contains('?') && (target.account.is_some() || target.key.is_some()) {
+                bail!(
+                    "the container URL carries a SAS and --account/--key are given too: use one or the other"
+                );
+            }
             let credential = match (&target.account, &target.key) {
                 (Some(account), Some(key)) => Credential::SharedKey {
                     account: account.clone(),

@@ -3,24 +3,28 @@
 //! store cannot be reached they show the site's cache and say how old it is.
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
-use lifeboat_engine::{Catalogue, Item, Source};
-use serde_json::json;
+use lifeboat_engine::{Catalogue, Item, Location, Source, SyncReport};
+use lifeboat_replication::{HealthCause, Job, ReplicationPolicy};
+use serde::Serialize;
 
 use crate::host::inbox_logs;
-use crate::{Cli, Cmd, Target};
+use crate::human::{ago, duration, local, now, rfc3339, size, when};
+use crate::{Cli, Cmd, Store, Target};
 
 /// How long a read waits for the store before it shows the site's cache.
 const READ_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Runs a read command.
 pub(crate) async fn run(cli: &Cli) -> Result<()> {
-    let c = catalogue(&cli.target).await?;
+    let store = crate::open_store(&cli.target, false).await?;
+    let c = catalogue(&cli.target, &store).await?;
     let site = &cli.target.site;
     match &cli.command {
-        Cmd::Status { item } => status(&c, site, item.as_deref(), cli.json),
+        Cmd::Status { item } => status(&c, site, &store, item.as_deref(), cli.json),
         Cmd::Jobs { item } => jobs(&c, item.as_deref(), cli.json),
         Cmd::Points { item } => points(&c, item, cli.json),
         _ => unreachable!("not a read command"),
@@ -28,9 +32,8 @@ pub(crate) async fn run(cli: &Cli) -> Result<()> {
 }
 
 /// The catalogue from the store, else from the site's cache (saying so on stderr).
-async fn catalogue(target: &Target) -> Result<Catalogue> {
+async fn catalogue(target: &Target, store: &Store) -> Result<Catalogue> {
     let site = target.site.as_path();
-    let store = crate::open_store(target, false).await?;
     let read = Catalogue::read(&*store.store, Some((site, &store.desc)));
     let why = match tokio::time::timeout(READ_TIMEOUT, read).await {
         Ok(Ok(c)) => return Ok(c),
@@ -55,12 +58,6 @@ async fn catalogue(target: &Target) -> Result<Catalogue> {
     Ok(c)
 }
 
-fn now() -> Duration {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-}
-
 /// Bytes of logs waiting in the item's inbox at this site.
 fn inbox_bytes(site: &Path, it: &Item) -> u64 {
     (0..it.disks.len())
@@ -68,132 +65,292 @@ fn inbox_bytes(site: &Path, it: &Item) -> u64 {
         .sum()
 }
 
-/// `90 s`, `12 min`, `3 h 5 min`, `2 d 4 h`.
-pub(crate) fn duration(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0..120 => format!("{s} s"),
-        120..7200 => format!("{} min", s / 60),
-        7200..172_800 => format!("{} h {} min", s / 3600, s % 3600 / 60),
-        _ => format!("{} d {} h", s / 86_400, s % 86_400 / 3600),
+/// One item, as `status --json` writes it (docs/cli.md documents the schema).
+#[derive(Serialize)]
+struct StatusView<'a> {
+    item: &'a str,
+    owner: &'a str,
+    owned_here: bool,
+    epoch: u64,
+    state: &'static str,
+    test_failover: &'static str,
+    health: &'static str,
+    causes: Vec<CauseView>,
+    policy: PolicyView,
+    points: Vec<u64>,
+    cycles_applied: u64,
+    rpo_seconds: Option<u64>,
+    last_cycle: Option<String>,
+    next_cycle: Option<String>,
+    retry_at: Option<String>,
+    inbox_bytes: u64,
+    failover_point: Option<u64>,
+    source_running: bool,
+    target_running: bool,
+    disks: Vec<DiskView<'a>>,
+    test_disks: Vec<LocationView<'a>>,
+    recovered: Vec<LocationView<'a>>,
+    last_resync: &'a [SyncReport],
+    last_sync_back: &'a [SyncReport],
+}
+
+#[derive(Serialize)]
+struct CauseView {
+    kind: &'static str,
+    message: String,
+}
+
+#[derive(Serialize)]
+struct PolicyView {
+    copy_frequency_seconds: u64,
+    retention_hours: u64,
+    rpo_warning_seconds: u64,
+    rpo_critical_seconds: Option<u64>,
+    auto_resync: bool,
+}
+
+#[derive(Serialize)]
+struct DiskView<'a> {
+    index: usize,
+    path: &'a Path,
+    size: u64,
+    /// The replica's blob name in the store.
+    blob: String,
+    /// Where the replica is: on Azure its URL (what `az disk create --source` takes), else
+    /// the blob in the embedded store.
+    replica: String,
+    write_guid: String,
+    last_log: String,
+    copied: Option<u64>,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum LocationView<'a> {
+    File {
+        path: &'a Path,
+    },
+    Blob {
+        name: &'a str,
+        download: Option<&'a PathBuf>,
+    },
+}
+
+fn locations(ls: &[Location]) -> Vec<LocationView<'_>> {
+    ls.iter()
+        .map(|l| match l {
+            Location::File { path } => LocationView::File { path },
+            Location::Blob { name, download } => LocationView::Blob {
+                name,
+                download: download.as_ref(),
+            },
+        })
+        .collect()
+}
+
+fn policy_view(p: &ReplicationPolicy) -> PolicyView {
+    PolicyView {
+        copy_frequency_seconds: p.copy_frequency.interval().as_secs(),
+        retention_hours: p.retention.as_secs() / 3600,
+        rpo_warning_seconds: p.rpo_warning.as_secs(),
+        rpo_critical_seconds: p.rpo_critical.map(|c| c.as_secs()),
+        auto_resync: p.auto_resync,
     }
 }
 
-/// `3 min ago` or `in 40 s`.
-pub(crate) fn ago(now: Duration, t: Duration) -> String {
-    if t <= now {
-        format!("{} ago", duration(now - t))
+/// Where a replica blob is, for people and for `az`.
+fn replica_location(store: &Store, blob: &str) -> String {
+    if store.azure {
+        format!("{}/{blob}", store.desc)
     } else {
-        format!("in {}", duration(t - now))
+        format!("{blob} in the store {}", store.desc)
     }
 }
 
-fn status(c: &Catalogue, site: &Path, item: Option<&str>, json: bool) -> Result<()> {
+fn status(c: &Catalogue, site: &Path, store: &Store, item: Option<&str>, json: bool) -> Result<()> {
     let now = now();
     let views: Vec<_> = match item {
         Some(i) => vec![c.item(i, now)?],
         None => c.items(now).collect(),
     };
-    let mut out = Vec::new();
-    for v in &views {
+    if json {
+        let out: Vec<StatusView<'_>> = views
+            .iter()
+            .map(|v| {
+                let (it, s) = (v.item, &v.status);
+                StatusView {
+                    item: &it.name,
+                    owner: &it.owner.label,
+                    owned_here: v.owned,
+                    epoch: it.epoch,
+                    state: s.state.tag(),
+                    test_failover: s.test_failover.tag(),
+                    health: s.health.tag(),
+                    causes: s.causes.iter().map(cause_view).collect(),
+                    policy: policy_view(it.replication.policy()),
+                    points: s.points.iter().map(|p| p.id.0).collect(),
+                    cycles_applied: s.cycles_applied,
+                    rpo_seconds: s.rpo.map(|r| r.as_secs()),
+                    last_cycle: s.last_cycle.map(rfc3339),
+                    next_cycle: s.next_cycle.map(rfc3339),
+                    retry_at: s.retry_at.map(rfc3339),
+                    inbox_bytes: inbox_bytes(site, it),
+                    failover_point: s.failover_point.map(|p| p.0),
+                    source_running: it.source_running,
+                    target_running: it.target_running,
+                    disks: it
+                        .disks
+                        .iter()
+                        .enumerate()
+                        .map(|(d, disk)| DiskView {
+                            index: d,
+                            path: &disk.source,
+                            size: disk.size,
+                            blob: it.blob(d),
+                            replica: if store.azure {
+                                replica_location(store, &it.blob(d))
+                            } else {
+                                it.blob(d)
+                            },
+                            write_guid: lifeboat_engine::hex(&disk.tracking.write_guid),
+                            last_log: lifeboat_engine::hex(&disk.tracking.last_log),
+                            copied: s.initial_copy.get(d).map(|c| c.0),
+                        })
+                        .collect(),
+                    test_disks: locations(&it.test.disks),
+                    recovered: locations(&it.failover.disks),
+                    last_resync: &it.last_resync,
+                    last_sync_back: &it.last_sync_back,
+                }
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    if views.is_empty() {
+        println!("no protected items (`lifeboat protect ITEM --disk FILE` starts one)");
+    }
+    for (n, v) in views.iter().enumerate() {
         let (it, s) = (v.item, &v.status);
-        if json {
-            out.push(json!({
-                "item": it.name,
-                "owner": it.owner.label,
-                "owned_here": v.owned,
-                "epoch": it.epoch,
-                "state": format!("{:?}", s.state),
-                "test_failover": format!("{:?}", s.test_failover),
-                "health": format!("{:?}", s.health),
-                "causes": s.causes.iter().map(|c| format!("{c:?}")).collect::<Vec<_>>(),
-                "points": s.points.iter().map(|p| p.id.0).collect::<Vec<_>>(),
-                "cycles_applied": s.cycles_applied,
-                "rpo_seconds": s.rpo.map(|r| r.as_secs()),
-                "last_cycle": s.last_cycle.map(|t| t.as_secs()),
-                "next_cycle": s.next_cycle.map(|t| t.as_secs()),
-                "retry_at": s.retry_at.map(|t| t.as_secs()),
-                "inbox_bytes": inbox_bytes(site, it),
-                "failover_point": s.failover_point.map(|p| p.0),
-                "source_running": it.source_running,
-                "target_running": it.target_running,
-                "disks": it.disks.iter().enumerate().map(|(d, disk)| json!({
-                    "index": d,
-                    "path": disk.source,
-                    "size": disk.size,
-                    "blob": it.blob(d),
-                    "write_guid": lifeboat_engine::hex(&disk.tracking.write_guid),
-                    "last_log": lifeboat_engine::hex(&disk.tracking.last_log),
-                    "copied": s.initial_copy.get(d).map(|c| c.0),
-                })).collect::<Vec<_>>(),
-                "test_disks": it.test.disks,
-                "recovered": it.failover.disks,
-                "last_resync": it.last_resync,
-                "last_sync_back": it.last_sync_back,
-            }));
+        if n > 0 {
+            println!();
+        }
+        println!(
+            "{}: {}, health {}",
+            it.name,
+            s.state,
+            s.health.to_string().to_lowercase()
+        );
+        if !v.owned {
+            println!("  owned by the site {}", it.owner.label);
+        }
+        for c in &s.causes {
+            println!("  ! {c}");
+        }
+        let p = it.replication.policy();
+        let mut policy = format!(
+            "  policy: a cycle every {}, points kept {}, RPO warning after {}",
+            duration(p.copy_frequency.interval()),
+            duration(p.retention),
+            duration(p.rpo_warning)
+        );
+        if let Some(c) = p.rpo_critical {
+            policy.push_str(&format!(", critical after {}", duration(c)));
+        }
+        policy.push_str(if p.auto_resync {
+            ", resyncs by itself"
         } else {
+            ", resyncs on request"
+        });
+        println!("{policy}");
+        let mut line = Vec::new();
+        if let Some(r) = s.rpo {
+            line.push(format!("RPO {}", duration(r)));
+        }
+        if let Some(t) = s.last_cycle {
+            line.push(format!("last cycle {}", when(now, t)));
+        }
+        if let Some(t) = s.next_cycle {
+            line.push(format!("next {}", ago(now, t)));
+        }
+        if let Some(t) = s.retry_at {
+            line.push(format!("retry {}", ago(now, t)));
+        }
+        if !line.is_empty() {
+            println!("  {}", line.join(", "));
+        }
+        let inbox = inbox_bytes(site, it);
+        println!(
+            "  {} recovery point(s), {} cycle(s) applied, {} of logs in the inbox",
+            s.points.len(),
+            s.cycles_applied,
+            size(inbox)
+        );
+        println!(
+            "  source machine {}, recovered machine {}",
+            if it.source_running {
+                "running"
+            } else {
+                "stopped"
+            },
+            if it.target_running {
+                "running"
+            } else {
+                "stopped"
+            }
+        );
+        if s.test_failover != lifeboat_replication::TestFailoverState::None {
             println!(
-                "{}: {:?}, health {:?}, {} point(s), {} cycle(s) applied, source {}, recovered machine {}",
-                it.name,
-                s.state,
-                s.health,
-                s.points.len(),
-                s.cycles_applied,
-                if it.source_running {
-                    "running"
-                } else {
-                    "stopped"
-                },
-                if it.target_running {
-                    "running"
-                } else {
-                    "stopped"
-                },
+                "  test failover: {}",
+                s.test_failover.to_string().to_lowercase()
             );
-            if !v.owned {
-                println!("  owned by site {}", it.owner.label);
-            }
-            let mut line = Vec::new();
-            if let Some(r) = s.rpo {
-                line.push(format!("RPO {}", duration(r)));
-            }
-            if let Some(t) = s.last_cycle {
-                line.push(format!("last cycle {}", ago(now, t)));
-            }
-            if let Some(t) = s.next_cycle {
-                line.push(format!("next cycle {}", ago(now, t)));
-            }
-            if let Some(t) = s.retry_at {
-                line.push(format!("retry {}", ago(now, t)));
-            }
-            let inbox = inbox_bytes(site, it);
-            if inbox > 0 {
-                line.push(format!("{inbox} bytes of logs in the inbox"));
-            }
-            if !line.is_empty() {
-                println!("  {}", line.join(", "));
-            }
-            if s.test_failover != lifeboat_replication::TestFailoverState::None {
-                println!("  test failover: {:?}", s.test_failover);
-            }
-            for c in &s.causes {
-                println!("  cause: {c:?}");
-            }
-            for (d, disk) in it.disks.iter().enumerate() {
-                let copied = s.initial_copy.get(d).map_or(0, |c| c.0);
-                println!(
-                    "  disk {d}: {} ({} bytes, initial copy {}%)",
-                    disk.source.display(),
-                    disk.size,
-                    copied * 100 / disk.size.max(1)
-                );
-            }
+        }
+        for (d, disk) in it.disks.iter().enumerate() {
+            let copied = s.initial_copy.get(d).map_or(0, |c| c.0);
+            let pct = copied * 100 / disk.size.max(1);
+            let copy = if pct < 100 {
+                format!(", initial copy {pct} %")
+            } else {
+                String::new()
+            };
+            println!(
+                "  disk {d}: {} ({}{copy})\n    replica: {}",
+                disk.source.display(),
+                size(disk.size),
+                replica_location(store, &it.blob(d))
+            );
         }
     }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    }
     Ok(())
+}
+
+fn cause_view(c: &HealthCause) -> CauseView {
+    CauseView {
+        kind: c.tag(),
+        message: c.to_string(),
+    }
+}
+
+/// One job, as `jobs --json` writes it.
+#[derive(Serialize)]
+struct JobView<'a> {
+    id: String,
+    kind: &'static str,
+    item: &'a str,
+    state: &'static str,
+    progress_permille: u32,
+    started: String,
+    ended: Option<String>,
+    duration_seconds: Option<u64>,
+    tasks: Vec<TaskView<'a>>,
+    errors: &'a [String],
+    allowed_actions: Vec<&'static str>,
+}
+
+#[derive(Serialize)]
+struct TaskView<'a> {
+    name: &'a str,
+    state: &'static str,
 }
 
 fn jobs(c: &Catalogue, item: Option<&str>, json: bool) -> Result<()> {
@@ -205,19 +362,25 @@ fn jobs(c: &Catalogue, item: Option<&str>, json: bool) -> Result<()> {
     if json {
         let v: Vec<_> = jobs
             .iter()
-            .map(|j| {
-                json!({
-                    "id": j.id.to_string(),
-                    "kind": format!("{:?}", j.kind),
-                    "item": j.item(),
-                    "state": format!("{:?}", j.state),
-                    "progress_permille": j.progress_permille,
-                    "started": j.started.as_secs(),
-                    "ended": j.ended.map(|e| e.as_secs()),
-                    "tasks": j.tasks.iter().map(|t| json!({"name": t.name, "state": format!("{:?}", t.state)})).collect::<Vec<_>>(),
-                    "errors": j.errors,
-                    "allowed_actions": c.allowed_actions(j).iter().map(|x| format!("{x:?}")).collect::<Vec<_>>(),
-                })
+            .map(|j| JobView {
+                id: j.id.to_string(),
+                kind: j.kind.tag(),
+                item: j.item(),
+                state: j.state.tag(),
+                progress_permille: j.progress_permille,
+                started: rfc3339(j.started),
+                ended: j.ended.map(rfc3339),
+                duration_seconds: j.ended.map(|e| e.saturating_sub(j.started).as_secs()),
+                tasks: j
+                    .tasks
+                    .iter()
+                    .map(|t| TaskView {
+                        name: &t.name,
+                        state: t.state.tag(),
+                    })
+                    .collect(),
+                errors: &j.errors,
+                allowed_actions: c.allowed_actions(j).iter().map(|a| a.tag()).collect(),
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -227,31 +390,74 @@ fn jobs(c: &Catalogue, item: Option<&str>, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Prints the jobs table.
-pub(crate) fn print_jobs(jobs: &[&lifeboat_replication::Job]) {
-    let w = jobs
-        .iter()
-        .map(|j| j.id.to_string().len())
-        .max()
-        .unwrap_or(2)
-        .max(2);
-    println!(
-        "{:<w$}  {:<22} {:<11} {:>6}  {:>5}  errors",
-        "id", "job", "state", "done", "tasks"
-    );
+/// Prints the jobs table, its columns as wide as their longest cell.
+pub(crate) fn print_jobs(jobs: &[&Job]) {
+    let now = now();
+    let mut rows = vec![[
+        "id".to_owned(),
+        "job".to_owned(),
+        "state".to_owned(),
+        "done".to_owned(),
+        "tasks".to_owned(),
+        "started".to_owned(),
+        "took".to_owned(),
+        "errors".to_owned(),
+    ]];
     for j in jobs {
         let done = j.tasks.iter().filter(|t| t.state.is_terminal()).count();
-        println!(
-            "{:<w$}  {:<22} {:<11} {:>5}%  {:>2}/{:<2}  {}",
+        let took = match j.ended {
+            Some(e) => duration(e.saturating_sub(j.started)),
+            None => format!("{} so far", duration(now.saturating_sub(j.started))),
+        };
+        rows.push([
             j.id.to_string(),
-            format!("{:?}", j.kind),
-            format!("{:?}", j.state),
-            j.progress_permille / 10,
-            done,
-            j.tasks.len(),
-            j.errors.len()
-        );
+            j.kind.to_string(),
+            j.state.to_string(),
+            format!("{} %", j.progress_permille / 10),
+            format!("{done}/{}", j.tasks.len()),
+            local(j.started),
+            took,
+            match j.errors.last() {
+                Some(e) if j.errors.len() > 1 => format!("{} (and {} more)", e, j.errors.len() - 1),
+                Some(e) => e.clone(),
+                None => String::new(),
+            },
+        ]);
     }
+    print_table(&rows, &[3, 4]);
+}
+
+/// Prints rows as aligned columns (two spaces apart; the columns in `right` aligned
+/// right); the last column is not padded.
+pub(crate) fn print_table<const N: usize>(rows: &[[String; N]], right: &[usize]) {
+    let mut w = [0usize; N];
+    for r in rows {
+        for (i, cell) in r.iter().enumerate() {
+            w[i] = w[i].max(cell.chars().count());
+        }
+    }
+    for r in rows {
+        let mut line = String::new();
+        for (i, cell) in r.iter().enumerate() {
+            if i + 1 == N {
+                line.push_str(cell);
+            } else if right.contains(&i) {
+                line.push_str(&format!("{cell:>width$}  ", width = w[i]));
+            } else {
+                line.push_str(&format!("{cell:<width$}  ", width = w[i]));
+            }
+        }
+        println!("{}", line.trim_end());
+    }
+}
+
+/// One recovery point, as `points --json` writes it.
+#[derive(Serialize)]
+struct PointView<'a> {
+    id: u64,
+    time: String,
+    app_consistent: bool,
+    snapshots: Option<&'a Vec<String>>,
 }
 
 fn points(c: &Catalogue, item: &str, json: bool) -> Result<()> {
@@ -261,29 +467,40 @@ fn points(c: &Catalogue, item: &str, json: bool) -> Result<()> {
             .status
             .points
             .iter()
-            .map(|p| {
-                json!({
-                    "id": p.id.0,
-                    "time": p.time.as_secs(),
-                    "app_consistent": p.app_consistent,
-                    "snapshots": v.item.points.get(&p.id.0),
-                })
+            .map(|p| PointView {
+                id: p.id.0,
+                time: rfc3339(p.time),
+                app_consistent: p.app_consistent,
+                snapshots: v.item.points.get(&p.id.0),
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&out)?);
-    } else {
-        for p in &v.status.points {
-            println!(
-                "point {}: time {}, {}",
-                p.id.0,
-                p.time.as_secs(),
-                if p.app_consistent {
-                    "app-consistent"
-                } else {
-                    "crash-consistent"
-                }
-            );
-        }
+        return Ok(());
     }
+    if v.status.points.is_empty() {
+        println!("{item} has no recovery point yet");
+        return Ok(());
+    }
+    let now = now();
+    let mut rows = vec![[
+        "point".to_owned(),
+        "time".to_owned(),
+        "age".to_owned(),
+        "consistency".to_owned(),
+    ]];
+    for p in &v.status.points {
+        rows.push([
+            p.id.0.to_string(),
+            local(p.time),
+            ago(now, p.time),
+            if p.app_consistent {
+                "application"
+            } else {
+                "crash"
+            }
+            .to_owned(),
+        ]);
+    }
+    print_table(&rows, &[0]);
     Ok(())
 }

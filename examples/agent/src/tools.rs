@@ -155,7 +155,7 @@ pub(crate) fn diff(
             "blocks_compared": delta.blocks_compared,
             "bytes_differing": delta.bytes_differing(),
             "extents": delta.extents.iter().map(|e| json!({
-                "offset": e.offset, "len": e.len, "kind": format!("{:?}", e.kind),
+                "offset": e.offset, "len": e.len, "kind": format!("{:?}", e.kind).to_lowercase(),
             })).collect::<Vec<_>>(),
             "applied": stats.map(|s| json!({"data_bytes": s.data_bytes, "zero_bytes": s.zero_bytes})),
         });
@@ -176,5 +176,10 @@ pub(crate) fn diff(
             );
         }
     }
-    Ok(())
+    // Like `cmp`: 1 when the files differed (even if --apply made them equal since).
+    if delta.extents.is_empty() && delta.source_len == delta.target_len {
+        Ok(())
+    } else {
+        Err(crate::Exit(crate::exit::DIFFERENT).into())
+    }
 }

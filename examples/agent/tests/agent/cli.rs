@@ -45,7 +45,7 @@ fn workflow(t: &Target, dir: &Path, item: &str) {
         "64K",
     ]);
     assert!(out.contains("Protected"), "{out}");
-    assert_eq!(t.state(item), "Protected");
+    assert_eq!(t.state(item), "protected");
     // Protecting again is a no-op that says so.
     assert!(
         t.ok(&["protect", item, "--disk", s(&d0), "--disk", s(&d1)])
@@ -55,7 +55,9 @@ fn workflow(t: &Target, dir: &Path, item: &str) {
     // An operation the state forbids names the state.
     let r = t.fails(&["commit", item]);
     assert!(
-        r.contains("Commit is not allowed") && r.contains("Protected"),
+        r.contains("Commit is not allowed")
+            && r.contains("protected")
+            && r.contains("fail it over first"),
         "{r}"
     );
 
@@ -204,17 +206,17 @@ fn workflow(t: &Target, dir: &Path, item: &str) {
     let points = t.json(&["points", item]);
     let out = t.ok(&["replicate", item, "--log", &format!("0={}", s(&l5))]);
     assert!(
-        out.contains("resync required") && out.contains("LogChainBroken"),
+        out.contains("resync required") && out.contains("does not continue its chain"),
         "{out}"
     );
-    assert_eq!(t.state(item), "ResyncRequired");
+    assert_eq!(t.state(item), "resync_required");
     assert_eq!(
         t.json(&["points", item]),
         points,
         "no point from a broken chain"
     );
     t.ok(&["resync", item]);
-    assert_eq!(t.state(item), "Protected");
+    assert_eq!(t.state(item), "protected");
     // The lost log turns up: its writes are in the resynced replica already.
     let out = t.ok(&["replicate", item, "--log", &format!("0={}", s(&lost))]);
     assert!(out.contains("nothing new"), "{out}");
@@ -248,9 +250,9 @@ fn workflow(t: &Target, dir: &Path, item: &str) {
     }
     assert_eq!(
         t.json(&["status", item])[0]["test_failover"],
-        "TestFailoverCompleted"
+        "test_failover_completed"
     );
-    assert_eq!(t.state(item), "Protected");
+    assert_eq!(t.state(item), "protected");
     t.ok(&["test-failover-cleanup", item]);
     assert!(!tf.join("disk0.vhd").exists());
 
@@ -273,16 +275,19 @@ fn workflow(t: &Target, dir: &Path, item: &str) {
     ]);
     let out = t.ok(&["replicate", item, "--log", &format!("1={}", s(&big))]);
     assert!(out.contains("resync required"), "{out}");
-    assert_eq!(t.state(item), "ResyncRequired");
+    assert_eq!(t.state(item), "resync_required");
     let r = t.fails(&["test-failover", item, "--out", s(&tf)]);
-    assert!(r.contains("ResyncRequired"), "{r}");
+    assert!(
+        r.contains("resync required") && r.contains("resynchronise it first"),
+        "{r}"
+    );
     let out = t.ok(&["resync", item]);
     assert!(
         out.contains("disk 0: 128 blocks compared, 0 bytes sent"),
         "{out}"
     );
     assert!(out.contains("disk 1: 64 blocks compared"), "{out}");
-    assert_eq!(t.state(item), "Protected");
+    assert_eq!(t.state(item), "protected");
 
     // Unplanned failover to the latest point, then cancel: replication resumes.
     let uf = dir.join("uf");
@@ -295,7 +300,7 @@ fn workflow(t: &Target, dir: &Path, item: &str) {
         "--out",
         s(&uf),
     ]);
-    assert_eq!(t.state(item), "UnplannedFailoverCompleted");
+    assert_eq!(t.state(item), "unplanned_failover_completed");
     assert_same(&uf.join("disk0.raw"), &d0);
     assert_same(&uf.join("disk1.raw"), &d1);
     // Change recovery point: the recovered disks become the first point's.
@@ -306,11 +311,11 @@ fn workflow(t: &Target, dir: &Path, item: &str) {
     assert_eq!(t.json(&["status", item])[0]["failover_point"], first_point);
     let r = t.fails(&["resync", item, "--pause"]);
     assert!(
-        r.contains("PauseResync is not allowed") && r.contains("UnplannedFailoverCompleted"),
+        r.contains("Pause resync is not allowed") && r.contains("unplanned failover completed"),
         "{r}"
     );
     t.ok(&["cancel", item]);
-    assert_eq!(t.state(item), "Protected");
+    assert_eq!(t.state(item), "protected");
 
     // Planned failover with its final log: zero loss. Commit keeps one point.
     let last = logs.join("last.hrl");
@@ -338,7 +343,7 @@ fn workflow(t: &Target, dir: &Path, item: &str) {
         "--out",
         s(&rec),
     ]);
-    assert_eq!(t.state(item), "PlannedFailoverCompleted");
+    assert_eq!(t.state(item), "planned_failover_completed");
     assert_same(&rec.join("disk0.raw"), &d0);
     assert_same(&rec.join("disk1.raw"), &d1);
     let st = t.json(&["status", item]);
@@ -354,7 +359,7 @@ fn workflow(t: &Target, dir: &Path, item: &str) {
     ]);
     assert!(r.contains("shut down"), "{r}");
     t.ok(&["commit", item]);
-    assert_eq!(t.state(item), "FailoverCommitted");
+    assert_eq!(t.state(item), "failover_committed");
     assert_eq!(t.json(&["points", item]).as_array().unwrap().len(), 1);
 
     // The recovered machine writes; failback to alternate disks brings them up to the
@@ -370,20 +375,20 @@ fn workflow(t: &Target, dir: &Path, item: &str) {
     }
     let r = t.fails(&["failback", item, "--to", s(&d1), "--to", s(&d1)]);
     assert!(r.contains("bytes but disk 0 is"), "{r}");
-    assert_eq!(t.state(item), "FailoverCommitted");
+    assert_eq!(t.state(item), "failover_committed");
     let (a0, a1) = (vm.join("alt0.raw"), vm.join("alt1.raw"));
     fs::copy(&d0, &a0).unwrap();
     fs::copy(&d1, &a1).unwrap();
     let a1_before = bytes(&a1);
     let out = t.ok(&["failback", item, "--to", s(&a0), "--to", s(&a1)]);
     assert!(
-        out.contains("disk 1:") && out.contains("FailbackCompleted"),
+        out.contains("disk 1:") && out.contains("Failback completed"),
         "{out}"
     );
     assert_same(&a0, &rec.join("disk0.raw"));
     assert_same(&a1, &rec.join("disk1.raw"));
     t.ok(&["cancel", item]);
-    assert_eq!(t.state(item), "FailoverCommitted");
+    assert_eq!(t.state(item), "failover_committed");
     assert_eq!(
         bytes(&a1),
         a1_before,
@@ -392,7 +397,7 @@ fn workflow(t: &Target, dir: &Path, item: &str) {
     t.ok(&["failback", item, "--to", s(&a0), "--to", s(&a1), "--full"]);
     assert_same(&a1, &rec.join("disk1.raw"));
     t.ok(&["reprotect", item]);
-    assert_eq!(t.state(item), "Protected");
+    assert_eq!(t.state(item), "protected");
     let st = t.json(&["status", item]);
     assert_eq!(st[0]["disks"][1]["path"], s(&a1.canonicalize().unwrap()));
 
@@ -408,7 +413,7 @@ fn workflow(t: &Target, dir: &Path, item: &str) {
     let mut resyncs_required = 0;
     for j in jobs.as_array().unwrap() {
         let state = j["state"].as_str().unwrap();
-        if j["kind"] == "Replicate" && state == "Failed" {
+        if j["kind"] == "replicate" && state == "failed" {
             assert!(
                 j["errors"][0]
                     .as_str()
@@ -420,7 +425,7 @@ fn workflow(t: &Target, dir: &Path, item: &str) {
             continue;
         }
         assert!(
-            state == "Succeeded" || (j["kind"] == "Failback" && state == "Cancelled"),
+            state == "succeeded" || (j["kind"] == "failback" && state == "cancelled"),
             "{j}"
         );
         assert!(!j["tasks"].as_array().unwrap().is_empty(), "{j}");
@@ -428,7 +433,7 @@ fn workflow(t: &Target, dir: &Path, item: &str) {
     assert_eq!(resyncs_required, 2);
     let table = t.ok(&["jobs"]);
     assert!(
-        table.contains("EnableProtection") && table.contains("Reprotect"),
+        table.contains("Enable protection") && table.contains("Reprotect"),
         "{table}"
     );
 }
@@ -534,19 +539,24 @@ fn recovery_plan(t: &Target, dir: &Path) {
 
     // Test failover: group 1, then the manual step suspends the plan.
     let out_dir = dir.join("plan-test");
-    let out = t.ok(&["plan", "failover", "p", "--test", "--out", s(&out_dir)]);
+    // A plan waiting at a manual action has its own exit status.
+    let out = t.exits(
+        &["plan", "failover", "p", "--test", "--out", s(&out_dir)],
+        3,
+    );
+    let out = String::from_utf8(out.stdout).unwrap();
     assert!(out.contains("waiting for a manual action"), "{out}");
     assert_same(&out_dir.join("db").join("disk0.raw"), &disks[2]);
     assert!(!out_dir.join("app").exists());
     let jobs = t.json(&["jobs", "p"]);
     let plan_job = jobs.as_array().unwrap().last().unwrap().clone();
-    assert_eq!(plan_job["state"], "Suspended");
-    assert_eq!(plan_job["allowed_actions"][1], "Resume", "{plan_job}");
+    assert_eq!(plan_job["state"], "suspended");
+    assert_eq!(plan_job["allowed_actions"][1], "resume", "{plan_job}");
     let out = t.ok(&["plan", "resume", "p"]);
     assert!(out.contains("plan p: done"), "{out}");
     for (name, d) in ["web", "app", "db"].iter().zip(&disks) {
         assert_same(&out_dir.join(name).join("disk0.raw"), d);
-        assert_eq!(t.state(name), "Protected");
+        assert_eq!(t.state(name), "protected");
         t.ok(&["test-failover-cleanup", name]);
     }
     // The planned-only pre hook did not run; the post hook ran once, after group 2.
@@ -570,17 +580,20 @@ fn recovery_plan(t: &Target, dir: &Path) {
         "--out",
         s(&dir.join("x")),
     ]);
-    assert!(r.contains("exit") && r.contains("Failed"), "{r}");
-    assert_eq!(t.state("web"), "Protected");
+    assert!(r.contains("exit") && r.contains("failed"), "{r}");
+    assert_eq!(t.state("web"), "protected");
 
     // Planned: the pre hook, group 1, manual wait, group 2, post hook.
     let out_dir = dir.join("plan-planned");
-    t.ok(&["plan", "failover", "p", "--planned", "--out", s(&out_dir)]);
-    assert_eq!(t.state("db"), "PlannedFailoverCompleted");
-    assert_eq!(t.state("web"), "Protected");
+    t.exits(
+        &["plan", "failover", "p", "--planned", "--out", s(&out_dir)],
+        3,
+    );
+    assert_eq!(t.state("db"), "planned_failover_completed");
+    assert_eq!(t.state("web"), "protected");
     t.ok(&["plan", "resume", "p"]);
     for (name, d) in ["web", "app", "db"].iter().zip(&disks) {
-        assert_eq!(t.state(name), "PlannedFailoverCompleted");
+        assert_eq!(t.state(name), "planned_failover_completed");
         assert_same(&out_dir.join(name).join("disk0.raw"), d);
     }
     assert_eq!(
@@ -600,15 +613,33 @@ fn diff_and_apply_on_files() {
     f.write_all_at(&[9; 100], 70_000).unwrap();
     f.write_all_at(&[7; 65536], 3 * MIB).unwrap();
     drop(f);
-    let v = t.json(&["diff", s(&a), s(&b)]);
+    // Exit statuses as `cmp`'s: 1 when the files differ, 0 when equal, 2 on trouble.
+    let json = |args: &[&str]| -> serde_json::Value {
+        serde_json::from_slice(&t.exits(args, 1).stdout).unwrap()
+    };
+    let v = json(&["--json", "diff", s(&a), s(&b)]);
     assert_eq!(v["blocks_compared"], 64);
     assert_eq!(v["extents"].as_array().unwrap().len(), 2, "{v}");
-    let v = t.json(&["diff", s(&a), s(&b), "--apply", "--block-size", "4K"]);
+    assert!(
+        matches!(v["extents"][0]["kind"].as_str(), Some("data" | "zero")),
+        "{v}"
+    );
+    let v = json(&[
+        "--json",
+        "diff",
+        s(&a),
+        s(&b),
+        "--apply",
+        "--block-size",
+        "4K",
+    ]);
     let applied = &v["applied"];
     let written = applied["data_bytes"].as_u64().unwrap() + applied["zero_bytes"].as_u64().unwrap();
     assert_eq!(written, 4096 + 65536, "{v}");
     assert_same(&a, &b);
-    assert!(t.fails(&["diff", s(&a), "/missing"]).contains("/missing"));
+    t.ok(&["diff", s(&a), s(&b)]);
+    let out = t.exits(&["diff", s(&a), "/missing"], 2);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/missing"));
 }
 
 /// Two commands on one site at once: the second waits for the first (the site's lock), so
@@ -635,7 +666,7 @@ fn concurrent_commands_on_one_site_lose_nothing() {
         .collect();
     assert_eq!(names, ["a", "b", "c"]);
     for name in ["a", "b", "c"] {
-        assert_eq!(t.state(name), "Protected");
+        assert_eq!(t.state(name), "protected");
     }
 }
 
@@ -803,7 +834,7 @@ fn bad_input_is_refused_and_nothing_is_recorded() {
     assert!(bytes(&d) == before);
     assert_eq!(
         t.json(&["status", "vm"])[0]["test_failover"],
-        "None",
+        "none",
         "a refused test failover leaves no trace"
     );
     let out = dir.path().join("tf");
@@ -956,4 +987,33 @@ fn verify_finds_damage_and_repair_sends_only_that_block() {
         out.contains("64 blocks match") && out.contains("equals the source"),
         "{out}"
     );
+}
+
+/// `lifeboat status | head -1`: a closed pipe ends the process quietly (status 141, as a
+/// process SIGPIPE ended), with no panic message.
+#[test]
+fn a_closed_pipe_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Target::local(dir.path());
+    let d = dir.path().join("d.raw");
+    make_disk(&d, 2 * MIB, 1);
+    t.ok(&["protect", "vm", "--disk", s(&d)]);
+    for args in [
+        &["status"][..],
+        &["--json", "status"],
+        &["jobs"],
+        &["points", "vm"],
+    ] {
+        let mut child = t
+            .cmd(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?}: {err}");
+    }
 }

@@ -83,6 +83,15 @@ impl Target {
         String::from_utf8(out.stdout).expect("utf-8")
     }
 
+    /// Runs a command that must end with exit status `code` (and no panic); its output.
+    pub(crate) fn exits(&self, args: &[&str], code: i32) -> Output {
+        let out = self.run(args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(code), "lifeboat {args:?}: {err}");
+        assert!(!err.contains("panicked"), "panic: {err}");
+        out
+    }
+
     /// Runs a command that must fail cleanly (exit 1, a one-line reason, no panic);
     /// returns the reason.
     pub(crate) fn fails(&self, args: &[&str]) -> String {

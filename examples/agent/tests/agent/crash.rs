@@ -206,8 +206,8 @@ fn replicate_setup(site: &Site) -> Vec<String> {
 fn replicate_check(site: &Site) {
     check_replica(site);
     // Exactly once: the cycle made one recovery point beyond protection's.
-    let out = site.ok(&["points", "vm"]);
-    assert_eq!(out.lines().count(), 2, "{out}");
+    let out = site.t.json(&["points", "vm"]);
+    assert_eq!(out.as_array().unwrap().len(), 2, "{out}");
 }
 
 fn resync_setup(site: &Site) -> Vec<String> {
@@ -326,7 +326,7 @@ fn takeover_setup(site: &Site) -> Vec<String> {
 }
 
 fn takeover_check(site: &Site) {
-    assert_eq!(site.t.state("vm"), "UnplannedFailoverCompleted");
+    assert_eq!(site.t.state("vm"), "unplanned_failover_completed");
     for (i, p) in disks(site).iter().enumerate() {
         let got = fs::read(site.path("uf").join(format!("disk{i}.raw"))).unwrap();
         assert!(got == fs::read(p).unwrap(), "failed-over disk {i} differs");

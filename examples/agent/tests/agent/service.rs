@@ -184,7 +184,7 @@ fn the_service_replicates_the_inbox_beside_commands() {
         jobs.as_array()
             .unwrap()
             .iter()
-            .all(|j| j["state"] != "InProgress"),
+            .all(|j| j["state"] != "in_progress"),
         "{jobs}"
     );
     t.ok(&["verify", "vm"]);
@@ -219,7 +219,7 @@ fn a_log_out_of_chain_is_moved_aside_with_its_reason() {
     assert!(reason.contains("chain"), "{reason}");
     assert!(aside.join("junk.hrl").exists());
     assert!(std::fs::read_to_string(aside.join("junk.hrl.reason")).is_ok());
-    assert_eq!(t.state("vm"), "ResyncRequired");
+    assert_eq!(t.state("vm"), "resync_required");
     let out = t.run(&["run", "--once"]);
     assert!(out.status.success(), "{out:?}");
 }
@@ -257,7 +257,7 @@ fn the_service_resyncs_by_itself_and_watches_the_rpo() {
         "a resync and a point after it",
         || {
             refused.exists()
-                && t.state("vm") == "Protected"
+                && t.state("vm") == "protected"
                 && t.json(&["points", "vm"]).as_array().unwrap().len() >= 2
         },
     );
@@ -268,7 +268,7 @@ fn the_service_resyncs_by_itself_and_watches_the_rpo() {
         jobs.as_array()
             .unwrap()
             .iter()
-            .any(|j| j["kind"] == "Resynchronize" && j["state"] == "Succeeded"),
+            .any(|j| j["kind"] == "resynchronize" && j["state"] == "succeeded"),
         "{jobs}"
     );
     t.ok(&["verify", "vm"]);
@@ -281,7 +281,7 @@ fn the_service_resyncs_by_itself_and_watches_the_rpo() {
     let out = t.run(&["run", "--once"]);
     assert!(out.status.success(), "{out:?}");
     let status = t.json(&["status", "vm"]);
-    assert_eq!(status[0]["health"], "Critical", "{status}");
+    assert_eq!(status[0]["health"], "critical", "{status}");
 }
 
 /// The store goes away under a running service (Azurite stopped): reads keep answering
