@@ -132,6 +132,11 @@ impl Catalogue {
         self.items.values().map(move |doc| self.view(doc, now))
     }
 
+    /// Every recovery plan, by name (none when read from the site's cache).
+    pub fn plans(&self) -> impl Iterator<Item = &PlanRecord> + '_ {
+        self.plans.values()
+    }
+
     /// Every item's and plan's jobs, oldest first within each.
     pub fn jobs(&self) -> Vec<&Job> {
         self.items

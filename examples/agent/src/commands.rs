@@ -166,7 +166,15 @@ pub(crate) async fn run(store: Store, cli: &Cli) -> Result<()> {
             site.display()
         );
     }
+    let fresh = !site.join("site.json").exists();
     let mut e = open(&store, site, cli.json).await?;
+    if fresh {
+        eprintln!(
+            "lifeboat: set up a new site in {} (replicating into {})",
+            e.site().dir().display(),
+            store.desc
+        );
+    }
     // Finish whatever an interrupted process left in flight first.
     let resumed: Vec<JobId> = e
         .jobs()
@@ -226,7 +234,7 @@ fn foreground(cmd: &Cmd, e: &Engine) -> Vec<String> {
             plan_items(e, &id.item).unwrap_or_else(|| vec![id.item.clone()])
         }
         Cmd::Plan { command } => match command {
-            PlanCmd::Create { .. } => Vec::new(),
+            PlanCmd::Create { .. } | PlanCmd::List | PlanCmd::Show { .. } => Vec::new(),
             PlanCmd::Resume { plan } | PlanCmd::Failover { plan, .. } => {
                 plan_items(e, plan).unwrap_or_default()
             }
@@ -317,7 +325,7 @@ async fn command(e: &mut Engine, store: &Store, cli: &Cli, resumed: &[JobId]) ->
         Cmd::TestFailoverCleanup { item } => {
             e.command(Command::TestFailoverCleanup { item: item.clone() })
                 .await?;
-            Ok(())
+            done(e, item, "test failover disks deleted")
         }
         Cmd::Failover {
             item,
@@ -341,7 +349,11 @@ async fn command(e: &mut Engine, store: &Store, cli: &Cli, resumed: &[JobId]) ->
         }
         Cmd::Commit { item } => {
             e.command(Command::Commit { item: item.clone() }).await?;
-            Ok(())
+            done(
+                e,
+                item,
+                "failover committed (the other recovery points are deleted)",
+            )
         }
         Cmd::Cancel { item } => {
             let cmd = match e.protection(item)? {
@@ -350,13 +362,25 @@ async fn command(e: &mut Engine, store: &Store, cli: &Cli, resumed: &[JobId]) ->
                 }
                 _ => Command::CancelFailover { item: item.clone() },
             };
+            let what = match cmd {
+                Command::CancelFailback { .. } => {
+                    "failback cancelled (the protective copies are restored)"
+                }
+                _ => "failover cancelled",
+            };
             e.command(cmd).await?;
-            Ok(())
+            done(e, item, what)
         }
         Cmd::Failback { item, to, full } => failback(e, item, to, *full).await,
         Cmd::Reprotect { item } => {
+            let finishing = resumed
+                .iter()
+                .any(|j| j.item == *item && e.job(j).is_some_and(|j| j.kind == JobKind::Reprotect));
+            if e.protection(item)? == ProtectionState::Protected && !finishing {
+                bail!("{item} is protected already: there is nothing to reprotect");
+            }
             e.reprotect(item).await?;
-            Ok(())
+            done(e, item, "replicating towards the recovery site again")
         }
         Cmd::Verify {
             item,
@@ -375,9 +399,26 @@ async fn command(e: &mut Engine, store: &Store, cli: &Cli, resumed: &[JobId]) ->
         Cmd::Repair { item } => {
             e.command(Command::RepairReplication { item: item.clone() })
                 .await?;
+            done(e, item, "repaired")
+        }
+        Cmd::Resume { now } => {
+            e.resume(*now).await?;
+            let open: Vec<String> = e
+                .jobs()
+                .into_iter()
+                .filter(|j| !j.state.is_terminal())
+                .map(|j| j.id.to_string())
+                .collect();
+            match (resumed.len(), open.is_empty()) {
+                (0, true) => println!("nothing to resume"),
+                (n, true) => println!("{n} job(s) carried on to their end"),
+                (_, false) => println!(
+                    "still waiting: {} (`lifeboat jobs` says why)",
+                    open.join(", ")
+                ),
+            }
             Ok(())
         }
-        Cmd::Resume { now } => Ok(e.resume(*now).await?),
         Cmd::GuestWrite {
             item,
             disk,
@@ -397,6 +438,15 @@ async fn command(e: &mut Engine, store: &Store, cli: &Cli, resumed: &[JobId]) ->
             unreachable!("run elsewhere")
         }
     }
+}
+
+/// Says what a command did and the item's state now.
+fn done(e: &Engine, item: &str, what: &str) -> Result<()> {
+    println!(
+        "{item}: {what}; now {}",
+        e.protection(item)?.to_string().to_lowercase()
+    );
+    Ok(())
 }
 
 pub(crate) fn policy(f: Frequency, retention_hours: u64) -> Result<ReplicationPolicy> {
@@ -695,6 +745,7 @@ fn parse_plan_action(s: &str, groups: usize) -> Result<(usize, PlanAction)> {
 
 async fn plan(e: &mut Engine, cmd: &PlanCmd, azure: bool) -> Result<()> {
     match cmd {
+        PlanCmd::List | PlanCmd::Show { .. } => unreachable!("a read command"),
         PlanCmd::Create {
             plan,
             groups,

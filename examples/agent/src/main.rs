@@ -416,6 +416,13 @@ pub(crate) enum PlanCmd {
         #[arg(long = "post")]
         post: Vec<String>,
     },
+    /// List the recovery plans.
+    List,
+    /// A plan's groups, actions and latest job.
+    Show {
+        /// The plan.
+        plan: String,
+    },
     /// Continue a plan waiting for a manual action.
     Resume {
         /// The plan.
@@ -607,7 +614,12 @@ async fn run(cli: Cli) -> Result<()> {
             apply,
         } => return tools::diff(source, target, *block_size, *apply, cli.json),
         Cmd::Demo { dir } => return demo::run(dir, &cli.target).await,
-        Cmd::Status { .. } | Cmd::Jobs { .. } | Cmd::Points { .. } => return read::run(&cli).await,
+        Cmd::Status { .. }
+        | Cmd::Jobs { .. }
+        | Cmd::Points { .. }
+        | Cmd::Plan {
+            command: PlanCmd::List | PlanCmd::Show { .. },
+        } => return read::run(&cli).await,
         _ => {}
     }
     let store = open_store(&cli.target, true).await?;

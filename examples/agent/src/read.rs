@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::host::inbox_logs;
 use crate::human::{ago, duration, local, now, rfc3339, size, when};
-use crate::{Cli, Cmd, Store, Target};
+use crate::{Cli, Cmd, PlanCmd, Store, Target};
 
 /// How long a read waits for the store before it shows the site's cache.
 const READ_TIMEOUT: Duration = Duration::from_secs(3);
@@ -27,6 +27,12 @@ pub(crate) async fn run(cli: &Cli) -> Result<()> {
         Cmd::Status { item } => status(&c, site, &store, item.as_deref(), cli.json),
         Cmd::Jobs { item } => jobs(&c, item.as_deref(), cli.json),
         Cmd::Points { item } => points(&c, item, cli.json),
+        Cmd::Plan {
+            command: PlanCmd::List,
+        } => plans(&c, None, cli.json),
+        Cmd::Plan {
+            command: PlanCmd::Show { plan },
+        } => plans(&c, Some(plan), cli.json),
         _ => unreachable!("not a read command"),
     }
 }
@@ -503,4 +509,130 @@ fn points(c: &Catalogue, item: &str, json: bool) -> Result<()> {
     }
     print_table(&rows, &[0]);
     Ok(())
+}
+
+/// One plan, as `plan list --json` and `plan show --json` write it.
+#[derive(Serialize)]
+struct PlanView<'a> {
+    name: &'a str,
+    groups: Vec<GroupView<'a>>,
+    running: bool,
+    last_job: Option<String>,
+    last_state: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct GroupView<'a> {
+    items: &'a [String],
+    pre: Vec<ActionView<'a>>,
+    post: Vec<ActionView<'a>>,
+}
+
+#[derive(Serialize)]
+struct ActionView<'a> {
+    name: &'a str,
+    /// `manual` or `script`.
+    kind: &'static str,
+    script: Option<&'a str>,
+    /// `test`, `planned`, `unplanned`; empty for all.
+    scopes: Vec<String>,
+}
+
+fn action_views(actions: &[lifeboat_replication::PlanAction]) -> Vec<ActionView<'_>> {
+    use lifeboat_replication::PlanActionKind;
+    actions
+        .iter()
+        .map(|a| ActionView {
+            name: &a.name,
+            kind: match a.kind {
+                PlanActionKind::Manual => "manual",
+                PlanActionKind::Script { .. } => "script",
+            },
+            script: match &a.kind {
+                PlanActionKind::Script { hook } => Some(hook),
+                PlanActionKind::Manual => None,
+            },
+            scopes: a
+                .scopes
+                .iter()
+                .map(|s| format!("{s:?}").to_lowercase())
+                .collect(),
+        })
+        .collect()
+}
+
+fn plans(c: &Catalogue, only: Option<&str>, json: bool) -> Result<()> {
+    let records: Vec<_> = c
+        .plans()
+        .filter(|r| only.is_none_or(|p| r.plan().name == p))
+        .collect();
+    if let Some(p) = only
+        && records.is_empty()
+    {
+        anyhow::bail!("no recovery plan {p} (`lifeboat plan list` lists them)");
+    }
+    let views: Vec<PlanView<'_>> = records
+        .iter()
+        .map(|r| {
+            let last = r.jobs().last();
+            PlanView {
+                name: &r.plan().name,
+                groups: r
+                    .plan()
+                    .groups
+                    .iter()
+                    .map(|g| GroupView {
+                        items: &g.items,
+                        pre: action_views(&g.pre),
+                        post: action_views(&g.post),
+                    })
+                    .collect(),
+                running: r.running(),
+                last_job: last.map(|j| j.id.to_string()),
+                last_state: last.map(|j| j.state.tag()),
+            }
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&views)?);
+        return Ok(());
+    }
+    if views.is_empty() {
+        println!("no recovery plans (`lifeboat plan create` makes one)");
+        return Ok(());
+    }
+    for v in &views {
+        let last = match (&v.last_job, v.last_state) {
+            (Some(j), Some(s)) => format!("last job {j}: {}", s.replace('_', " ")),
+            _ => "never run".to_owned(),
+        };
+        println!("{}: {} group(s), {last}", v.name, v.groups.len());
+        if only.is_none() {
+            continue;
+        }
+        for (n, g) in v.groups.iter().enumerate() {
+            let pre = g.pre.iter().map(describe).collect::<Vec<_>>();
+            let post = g.post.iter().map(describe).collect::<Vec<_>>();
+            println!("  group {}: {}", n + 1, g.items.join(", "));
+            for a in pre {
+                println!("    before: {a}");
+            }
+            for a in post {
+                println!("    after: {a}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn describe(a: &ActionView<'_>) -> String {
+    let what = match a.script {
+        Some(cmd) => format!("script `{cmd}`"),
+        None => format!("manual: {}", a.name),
+    };
+    if a.scopes.is_empty() {
+        what
+    } else {
+        format!("{what} ({} only)", a.scopes.join(", "))
+    }
 }

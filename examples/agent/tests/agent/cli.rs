@@ -537,6 +537,19 @@ fn recovery_plan(t: &Target, dir: &Path) {
         &format!("2:script:echo post-$LIFEBOAT_GROUP-$LIFEBOAT_PHASE >> {h}"),
     ]);
 
+    // The plan reads back: listed, and shown group by group.
+    let list = t.ok(&["plan", "list"]);
+    assert!(list.contains("p: 2 group(s), never run"), "{list}");
+    let shown = t.json(&["plan", "show", "p"]);
+    assert_eq!(
+        shown[0]["groups"][0]["post"][0]["kind"], "manual",
+        "{shown}"
+    );
+    assert_eq!(
+        shown[0]["groups"][1]["post"][0]["kind"], "script",
+        "{shown}"
+    );
+    assert!(t.fails(&["plan", "show", "nope"]).contains("plan list"));
     // Test failover: group 1, then the manual step suspends the plan.
     let out_dir = dir.join("plan-test");
     // A plan waiting at a manual action has its own exit status.
@@ -1016,4 +1029,36 @@ fn a_closed_pipe_ends_quietly() {
         assert_eq!(out.status.code(), Some(141), "{args:?}: {err}");
         assert!(err.is_empty(), "{args:?}: {err}");
     }
+}
+
+/// No command succeeds in silence: each says what it did and the state now; a new site
+/// says where it was set up; reprotecting a protected item is refused.
+#[test]
+fn every_command_says_what_it_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Target::local(dir.path());
+    let d = dir.path().join("d.raw");
+    make_disk(&d, 2 * MIB, 4);
+    let out = t.run(&["protect", "vm", "--disk", s(&d)]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("set up a new site in"), "{err}");
+    let out = t.run(&["resume"]);
+    assert!(String::from_utf8_lossy(&out.stderr).is_empty());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "nothing to resume\n");
+    let r = t.fails(&["reprotect", "vm"]);
+    assert!(r.contains("nothing to reprotect"), "{r}");
+    t.ok(&["test-failover", "vm", "--out", s(&dir.path().join("tf"))]);
+    let out = t.ok(&["test-failover-cleanup", "vm"]);
+    assert_eq!(out, "vm: test failover disks deleted; now protected\n");
+    t.ok(&[
+        "failover",
+        "vm",
+        "--planned",
+        "--out",
+        s(&dir.path().join("f")),
+    ]);
+    let out = t.ok(&["commit", "vm"]);
+    assert!(out.starts_with("vm: failover committed"), "{out}");
+    assert!(out.ends_with("now failover committed\n"), "{out}");
 }
