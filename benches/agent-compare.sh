@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The reference agent side by side with the peer tools, in one run, on the local site:
-#   initial replication:  `lifeboat protect`  vs  `cp --sparse=always` of the disk
+#   initial replication:  `lifeboat protect`  vs  `cp --sparse=always` + `sync -f` of the disk
+#   disk use after it:    the embedded store  vs  the sparse copy
 #   resync after 1 %:     `lifeboat resync`   vs  `rsync --inplace --no-whole-file --ignore-times`
 # The disk (default 1 GiB) is half random data, half zero regions. For the resync, 1 % of
 # the 64 KiB blocks are rewritten, then rewritten back, alternately: every timed run of
@@ -76,8 +77,11 @@ STATE=new
 flip() { toggle "$STATE"; if [ "$STATE" = new ]; then STATE=old; else STATE=new; fi; }
 
 echo "== initial replication of ${SIZE_MIB} MiB" >&2
-t_cp=$(best "rm -f copy.raw" cp --sparse=always disk.raw copy.raw)
+t_cp=$(best "rm -f copy.raw" sh -c "cp --sparse=always disk.raw copy.raw && sync -f copy.raw")
 t_protect=$(best "rm -rf site" "$LB" --site site protect vm --disk disk.raw)
+# Disk use: the store after protect, against the data (what the sparse copy allocates).
+used_store=$(du -s --block-size=1 site/store | cut -f1)
+used_data=$(du -s --block-size=1 copy.raw | cut -f1)
 
 echo "== resync after 1 % of blocks changed" >&2
 cp disk.raw peer.raw
@@ -93,3 +97,5 @@ cmp disk.raw tf/disk0.raw
 printf '\n%-34s %10s %10s %8s\n' "operation (${SIZE_MIB} MiB)" "lifeboat" "peer" "ratio"
 printf '%-34s %9.2fs %9.2fs %7.2fx\n' "initial copy (protect / cp)" "$t_protect" "$t_cp" "$(echo "$t_protect / $t_cp" | bc -l)"
 printf '%-34s %9.2fs %9.2fs %7.2fx\n' "1 % resync (resync / rsync)" "$t_resync" "$t_rsync" "$(echo "$t_resync / $t_rsync" | bc -l)"
+printf '%-34s %8.0fM %8.0fM %7.2fx\n' "disk use (store / sparse copy)" "$(echo "$used_store / 1048576" | bc -l)" "$(echo "$used_data / 1048576" | bc -l)" "$(echo "$used_store / $used_data" | bc -l)"
+echo "($(nproc) cores)"

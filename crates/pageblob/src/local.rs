@@ -831,7 +831,24 @@ fn read_zero_past_end(
     Ok(())
 }
 
+/// Makes `len` bytes at `offset` read as zeros: a hole punched in the file where the file
+/// system can (no disk space used, nothing written), else zeros written.
 fn zero_range(f: &File, offset: u64, len: u64, path: &Path) -> Result<(), StoreError> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        use rustix::fs::{FallocateFlags, fallocate};
+        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        match fallocate(f, flags, offset, len) {
+            Ok(()) => return Ok(()),
+            // Not supported by this file system: write the zeros.
+            Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => {}
+            Err(e) => return Err(io_err(path)(io::Error::from(e))),
+        }
+    }
+    write_zeros(f, offset, len, path)
+}
+
+fn write_zeros(f: &File, offset: u64, len: u64, path: &Path) -> Result<(), StoreError> {
     let zeros = vec![0u8; len.min(MAX_PUT) as usize];
     let mut at = offset;
     while at < offset + len {
