@@ -31,7 +31,9 @@ use crate::store::{
 ///   a snapshot, the page's old bytes are copied here, so taking a snapshot copies nothing;
 /// - `state.json`: size, sequence number, metadata, lease, entity tag, allocated ranges and
 ///   snapshots (a document's bytes too), replaced atomically (write, fsync, rename, fsync
-///   the directory).
+///   the directory);
+/// - `live.json`: the state after page writes since the last sync point, replaced by a
+///   rename without an fsync (a power loss may lose or tear it: `state.json` then holds).
 ///
 /// Durability: a snapshot's preserved pages are on disk before the page is overwritten;
 /// documents, leases, snapshots, metadata and sequence numbers are durable when the call
@@ -100,6 +102,9 @@ struct State {
     /// A document's bytes, base64.
     #[serde(default)]
     doc: Option<String>,
+    /// Counts the state's versions: the newer of `state.json` and `live.json` holds.
+    #[serde(default)]
+    generation: u64,
 }
 
 impl State {
@@ -181,8 +186,8 @@ impl LocalStore {
     pub async fn sync(&self, blob: &str) -> Result<(), StoreError> {
         self.run(blob, |inner, blob| {
             let _g = inner.guard()?;
-            let st = inner.load(blob)?;
-            inner.save(blob, &st)
+            let mut st = inner.load(blob)?;
+            inner.save(blob, &mut st)
         })
         .await
     }
@@ -233,15 +238,27 @@ impl Inner {
     }
 
     fn load(&self, blob: &str) -> Result<State, StoreError> {
-        let path = self.dir(blob)?.join("state.json");
-        let text = match fs::read(&path) {
+        let dir = self.dir(blob)?;
+        let durable = Self::load_file(blob, &dir.join("state.json"))?;
+        // Page writes since the last sync point, if any. A `live.json` that does not parse
+        // was torn by a power loss: the state as of the sync point holds, as the contract
+        // says (the writer sends again what it has not seen made durable).
+        let live = fs::read(dir.join("live.json"))
+            .ok()
+            .and_then(|t| serde_json::from_slice::<State>(&t).ok())
+            .filter(|l| l.generation > durable.generation);
+        Ok(live.unwrap_or(durable))
+    }
+
+    fn load_file(blob: &str, path: &Path) -> Result<State, StoreError> {
+        let text = match fs::read(path) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(StoreError::NotFound {
                     what: blob.to_owned(),
                 });
             }
-            Err(e) => return Err(io_err(&path)(e)),
+            Err(e) => return Err(io_err(path)(e)),
         };
         serde_json::from_slice(&text).map_err(|e| StoreError::Corrupt {
             path: path.display().to_string(),
@@ -259,7 +276,7 @@ impl Inner {
     }
 
     /// Fsyncs the data file, then replaces the state atomically (with a new entity tag).
-    fn save(&self, blob: &str, st: &State) -> Result<(), StoreError> {
+    fn save(&self, blob: &str, st: &mut State) -> Result<(), StoreError> {
         let dir = self.dir(blob)?;
         let data = dir.join("data");
         if self.fsync
@@ -271,34 +288,43 @@ impl Inner {
     }
 
     /// Replaces the state (with a new entity tag, which it returns); `durable` fsyncs it.
-    fn write_state(&self, blob: &str, st: &State, durable: bool) -> Result<String, StoreError> {
-        let mut st = st.clone();
+    fn write_state(&self, blob: &str, st: &mut State, durable: bool) -> Result<String, StoreError> {
         st.etag = self.new_etag();
-        self.replace_state(blob, &st, durable)?;
-        Ok(st.etag)
+        self.replace_state(blob, st, durable)?;
+        Ok(st.etag.clone())
     }
 
     /// Replaces the state as it is (lease changes keep the entity tag, as on Azure).
-    fn replace_state(&self, blob: &str, st: &State, durable: bool) -> Result<(), StoreError> {
+    ///
+    /// A durable state goes to `state.json` (fsynced, renamed, the directory fsynced), and
+    /// `live.json` goes. A state that is not durable (page writes between sync points)
+    /// goes to `live.json`, without an fsync: a power loss may lose or tear it, and the
+    /// state of the last sync point in `state.json`, snapshots included, then holds.
+    fn replace_state(&self, blob: &str, st: &mut State, durable: bool) -> Result<(), StoreError> {
         let dir = self.dir(blob)?;
-        let bytes = serde_json::to_vec(st)
+        st.generation += 1;
+        let bytes = serde_json::to_vec(&*st)
             .map_err(|e| StoreError::Invalid(format!("state does not serialise: {e}")))?;
+        let name = if durable { "state.json" } else { "live.json" };
         if durable && self.fsync {
-            write_atomic(&dir, "state.json", &bytes)
+            write_atomic(&dir, name, &bytes)?;
         } else {
-            // Not durable (the rename may be lost with a power loss: the previous state,
-            // which the next sync point supersedes), but never torn: the new file's bytes
-            // are on disk before it replaces the old one, whose snapshots it repeats.
-            let tmp = dir.join("state.json.tmp");
+            let tmp = dir.join(format!("{name}.tmp"));
             private_file(&tmp)
-                .and_then(|mut f| {
-                    f.write_all(&bytes)?;
-                    if self.fsync { f.sync_data() } else { Ok(()) }
-                })
+                .and_then(|mut f| f.write_all(&bytes))
                 .map_err(io_err(&tmp))?;
-            let path = dir.join("state.json");
-            fs::rename(&tmp, &path).map_err(io_err(&path))
+            let path = dir.join(name);
+            fs::rename(&tmp, &path).map_err(io_err(&path))?;
         }
+        if durable {
+            match fs::remove_file(dir.join("live.json")) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(io_err(&dir.join("live.json"))(e));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     fn data(&self, blob: &str) -> Result<(File, PathBuf), StoreError> {
@@ -357,13 +383,13 @@ impl Inner {
         let data = dir.join("data");
         let f = private_file(&data).map_err(io_err(&data))?;
         f.set_len(size).map_err(io_err(&data))?;
-        let st = State {
+        let mut st = State {
             size,
             sequence_number: seq,
             metadata: md.clone(),
             ..State::default()
         };
-        self.save(blob, &st)
+        self.save(blob, &mut st)
     }
 
     /// Copies the current bytes of `range` into the newest snapshot's file, for the pages
@@ -431,7 +457,7 @@ impl Inner {
         st.ranges = merge_ranges(std::mem::take(&mut st.ranges));
         // Range bookkeeping is kept without an fsync of the data: the next sync point
         // makes both durable.
-        self.write_state(blob, &st, false).map(drop)
+        self.write_state(blob, &mut st, false).map(drop)
     }
 
     fn clear_pages(
@@ -449,7 +475,7 @@ impl Inner {
         let (f, path) = self.data(blob)?;
         zero_range(&f, offset, len, &path)?;
         st.ranges = subtract_all(&st.ranges, &(offset..offset + len));
-        self.write_state(blob, &st, false).map(drop)
+        self.write_state(blob, &mut st, false).map(drop)
     }
 
     fn snapshot_index(st: &State, blob: &str, id: &str) -> Result<usize, StoreError> {
@@ -514,7 +540,7 @@ impl Inner {
             sequence_number: st.sequence_number,
             metadata: st.metadata.clone(),
         });
-        self.save(blob, &st)?;
+        self.save(blob, &mut st)?;
         Ok(id)
     }
 
@@ -554,7 +580,7 @@ impl Inner {
             prev.preserved = merge_ranges(std::mem::take(&mut prev.preserved));
         }
         st.snapshots.remove(k);
-        self.save(blob, &st)?;
+        self.save(blob, &mut st)?;
         match fs::remove_file(&path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&path)(e)),
             _ => Ok(()),
@@ -603,7 +629,7 @@ impl Inner {
         let mut st = self.load_page(blob)?;
         Self::check_condition(&st, blob, c)?;
         st.sequence_number = seq;
-        self.save(blob, &st)
+        self.save(blob, &mut st)
     }
 
     fn set_metadata(&self, blob: &str, md: &Metadata, c: Condition) -> Result<(), StoreError> {
@@ -611,7 +637,7 @@ impl Inner {
         let mut st = self.load(blob)?;
         Self::check_lease(&st, blob, c.lease)?;
         st.metadata = md.clone();
-        self.save(blob, &st)
+        self.save(blob, &mut st)
     }
 
     fn resize(&self, blob: &str, size: u64, c: Condition) -> Result<(), StoreError> {
@@ -627,7 +653,7 @@ impl Inner {
         let (f, path) = self.data(blob)?;
         f.set_len(size).map_err(io_err(&path))?;
         st.size = size;
-        self.save(blob, &st)
+        self.save(blob, &mut st)
     }
 
     fn copy_snapshot(&self, blob: &str, id: &str, dest: &str) -> Result<(), StoreError> {
@@ -648,7 +674,7 @@ impl Inner {
         }
         let mut st = self.load_page(dest)?;
         st.ranges = ranges;
-        self.save(dest, &st)
+        self.save(dest, &mut st)
     }
 
     fn delete(&self, blob: &str, c: Condition) -> Result<(), StoreError> {
@@ -692,7 +718,7 @@ impl Inner {
             None => {
                 st.lease = Some(lease);
                 st.broken = false;
-                self.replace_state(blob, &st, true)
+                self.replace_state(blob, &mut st, true)
             }
         }
     }
@@ -702,7 +728,7 @@ impl Inner {
         let mut st = self.load(blob)?;
         if st.lease.take().is_some() {
             st.broken = true;
-            self.replace_state(blob, &st, true)?;
+            self.replace_state(blob, &mut st, true)?;
         }
         Ok(())
     }
@@ -713,7 +739,7 @@ impl Inner {
         match st.lease {
             Some(held) if held == lease => {
                 st.lease = None;
-                self.replace_state(blob, &st, true)
+                self.replace_state(blob, &mut st, true)
             }
             Some(_) => Err(StoreError::Leased {
                 blob: blob.to_owned(),
@@ -780,7 +806,7 @@ impl Inner {
         };
         st.size = data.len() as u64;
         st.doc = Some(B64.encode(data));
-        self.write_state(name, &st, true).map(ETag)
+        self.write_state(name, &mut st, true).map(ETag)
     }
 }
 

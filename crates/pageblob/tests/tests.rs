@@ -113,6 +113,51 @@ async fn local_store_state_survives_reopen_and_snapshots_copy_nothing() {
     ));
 }
 
+/// Page writes between sync points are not fsynced; a power loss that tears the state they
+/// wrote leaves the blob as of its last sync point, its snapshots and sequence number whole.
+#[tokio::test]
+async fn a_torn_state_after_page_writes_falls_back_to_the_last_sync_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("site");
+    let s = LocalStore::open(&root).unwrap();
+    s.create("d", 4 * MIB, 3, &Default::default())
+        .await
+        .unwrap();
+    let data = random(MIB as usize, 2);
+    let put = |at: u64, bytes: Vec<u8>| {
+        let crc = lifeboat_pageblob::crc64(&bytes);
+        s.write_pages("d", at, Bytes::from(bytes), crc, Condition::NONE)
+    };
+    put(0, data.clone()).await.unwrap();
+    s.set_sequence_number("d", 4, Condition::NONE)
+        .await
+        .unwrap();
+    let snap = s.snapshot("d", Condition::NONE).await.unwrap();
+    put(MIB, data.clone()).await.unwrap();
+    // Between sync points the pages written are listed (live.json is newer).
+    assert_eq!(s.page_ranges("d", None).await.unwrap().len(), 1);
+    let ranges = s.page_ranges("d", None).await.unwrap();
+    assert_eq!(ranges[0], 0..2 * MIB);
+    // A power loss tears live.json: the state of the sync point holds.
+    let live = root.join("d").join("live.json");
+    let torn = std::fs::read(&live).unwrap();
+    std::fs::write(&live, &torn[..torn.len() / 2]).unwrap();
+    drop(s);
+    let s = LocalStore::open(&root).unwrap();
+    assert_eq!(s.properties("d").await.unwrap().sequence_number, 4);
+    assert_eq!(s.snapshots("d").await.unwrap(), vec![snap.clone()]);
+    assert_eq!(s.page_ranges("d", None).await.unwrap(), vec![0..MIB]);
+    assert_eq!(
+        s.read("d", Some(&snap), 0, MIB).await.unwrap()[..],
+        data[..]
+    );
+    // A sync point supersedes live.json.
+    s.set_sequence_number("d", 5, Condition::NONE)
+        .await
+        .unwrap();
+    assert!(!live.exists());
+}
+
 #[tokio::test]
 async fn writer_aligns_coalesces_caps_and_applies_exactly() {
     let (_d, s) = store();

@@ -170,7 +170,7 @@ pub(crate) async fn run(store: Store, cli: &Cli) -> Result<()> {
     let mut e = open(&store, site, cli.json).await?;
     if fresh {
         eprintln!(
-            "lifeboat: set up a new site in {} (replicating into {})",
+            "set up a new site in {} (replicating into {})",
             e.site().dir().display(),
             store.desc
         );
