@@ -25,13 +25,11 @@ pub(crate) fn split_zero_runs(offset: u64, data: Bytes) -> Vec<Change> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < data.len() {
-        let zero = data[i..(i + ZERO_GRAIN).min(data.len())]
-            .iter()
-            .all(|&b| b == 0);
+        let zero = lifeboat_resync::is_zero(&data[i..(i + ZERO_GRAIN).min(data.len())]);
         let mut j = i;
         while j < data.len() {
             let end = (j + ZERO_GRAIN).min(data.len());
-            if data[j..end].iter().all(|&b| b == 0) != zero {
+            if lifeboat_resync::is_zero(&data[j..end]) != zero {
                 break;
             }
             j = end;

@@ -118,11 +118,7 @@ impl ReplicaDigests {
             let end = bs.range(blocks[j - 1], len).end;
             let data = store.read(blob, snapshot, start, end - start).await?;
             for (k, chunk) in data.chunks(bs.get() as usize).enumerate() {
-                let d = if chunk.iter().all(|&b| b == 0) {
-                    Digest::Zero
-                } else {
-                    Digest::Hash(*blake3::hash(chunk).as_bytes())
-                };
+                let d = lifeboat_resync::digest_block(chunk);
                 self.signature
                     .set_digest(blocks[i] + k as u64, d)
                     .map_err(|e| StoreError::Invalid(e.to_string()))?;

@@ -312,18 +312,16 @@ pub trait PageStore: Send + Sync + std::fmt::Debug {
     ) -> Result<ETag, StoreError>;
 }
 
-// Slice-by-16 tables (32 KiB): several times faster than the byte-at-a-time default; the
-// agent's 1 GiB initial copy spent ~40 % of its CPU in this checksum (sender + LocalStore).
-const CRC64_NVME: crc::Crc<u64, crc::Table<16>> =
-    crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_NVME);
-
 /// The CRC-64/NVME of `data`: Azure Storage's transactional `x-ms-content-crc64`.
 ///
 /// ```
 /// assert_eq!(lifeboat_pageblob::crc64(b"123456789"), 0xAE8B_1486_0A79_9888);
 /// ```
 pub fn crc64(data: &[u8]) -> u64 {
-    CRC64_NVME.checksum(data)
+    // crc-fast folds with carry-less multiplication (PCLMULQDQ / PMULL): 10.8 GB/s here
+    // against 2.1 GB/s for the `crc` crate's slice-by-16 tables, whose checksum took 17 %
+    // of a 1 GiB protect's CPU (it runs twice: the sender, and the store that checks it).
+    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, data)
 }
 
 /// Checks a page operation's alignment and size the way Azure does.

@@ -91,7 +91,12 @@ pub(crate) fn chunk_len(block_size: BlockSize) -> u64 {
 }
 
 /// Whether every byte is zero; 256-byte strides OR-fold in vector registers.
-pub(crate) fn is_zero(data: &[u8]) -> bool {
+///
+/// ```
+/// assert!(lifeboat_resync::is_zero(&[0; 4096]));
+/// assert!(!lifeboat_resync::is_zero(&[0, 0, 1]));
+/// ```
+pub fn is_zero(data: &[u8]) -> bool {
     let mut strides = data.chunks_exact(256);
     for s in &mut strides {
         if s.iter().fold(0u8, |acc, &b| acc | b) != 0 {
@@ -101,8 +106,16 @@ pub(crate) fn is_zero(data: &[u8]) -> bool {
     strides.remainder().iter().all(|&b| b == 0)
 }
 
-/// The digest of one block: zero detected first, BLAKE3 otherwise.
-pub(crate) fn digest_block(block: &[u8]) -> Digest {
+/// The digest of one block: [`Digest::Zero`] when every byte is zero, else its BLAKE3
+/// hash. The one home of this rule: signatures, and the digests a replica store keeps,
+/// must agree on it byte for byte or a resync sees every block as changed.
+///
+/// ```
+/// use lifeboat_resync::{Digest, digest_block};
+/// assert_eq!(digest_block(&[0; 512]), Digest::Zero);
+/// assert_ne!(digest_block(&[1; 512]), Digest::Zero);
+/// ```
+pub fn digest_block(block: &[u8]) -> Digest {
     if is_zero(block) {
         Digest::Zero
     } else {

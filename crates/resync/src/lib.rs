@@ -48,7 +48,7 @@ assert_eq!(replica, source);
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use crate::{
-    block::{BlockSize, Progress},
+    block::{BlockSize, Progress, digest_block, is_zero},
     diff::{
         ApplyStats, Delta, DiffOptions, Extent, ExtentKind, Side, apply, diff, diff_streamed,
         diff_with,
