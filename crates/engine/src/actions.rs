@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use lifeboat_pageblob::{
-    BatchReport, Change, Condition, MAX_PUT, Metadata, PageWriter, ReplicaDigests, StoreError, vhd,
+    BatchDigests, BatchReport, Change, Condition, MAX_PUT, Metadata, PageWriter, ReplicaDigests,
+    StoreError, vhd,
 };
 use lifeboat_replication::{Action, ActionKind, LogReport, Outcome, PointId, Purpose};
 use lifeboat_resync::{BlockSize, BlockSource, DiffOptions, ExtentKind, Side};
@@ -273,7 +274,14 @@ impl Engine {
             .await?;
         let writer = PageWriter::new(self.store.clone(), blob.clone(), self.writer.clone())
             .leased(Some(self.site.id()));
-        let report = match writer.apply_batch(seq, changes, edges).await {
+        // The batch's digests are hashed from the bytes it sends, on another thread while
+        // it is sent: only blocks it covers in part are read back afterwards.
+        let hashed = {
+            let changes = changes.clone();
+            tokio::task::spawn_blocking(move || BatchDigests::of(&changes, bs, len))
+        };
+        let (sent, hashed) = tokio::join!(writer.apply_batch(seq, changes, edges), hashed);
+        let report = match sent {
             Ok(r) => r,
             Err(e) => {
                 // Part of the batch may have landed: the touched blocks are hashed again
@@ -296,9 +304,19 @@ impl Engine {
                 return Err(e.into());
             }
         };
-        digests
-            .update(&*self.store, &blob, &touched, seq + 1)
-            .await?;
+        match hashed {
+            Ok(batch) => {
+                digests
+                    .update_with(&*self.store, &blob, batch, seq + 1)
+                    .await?
+            }
+            // The hashing thread failed: every touched block is read back instead.
+            Err(_) => {
+                digests
+                    .update(&*self.store, &blob, &touched, seq + 1)
+                    .await?
+            }
+        }
         digests
             .save(&*self.store, &blob, Some(self.site.id()))
             .await?;

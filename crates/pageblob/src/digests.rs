@@ -9,6 +9,7 @@ use lifeboat_resync::{BlockSize, Digest, Signature};
 
 use crate::StoreError;
 use crate::store::{Condition, LeaseId, MAX_PUT, Metadata, PAGE, PageStore, crc64};
+use crate::writer::Change;
 
 /// The blob beside `blob` that holds its digests.
 pub fn digests_blob(blob: &str) -> String {
@@ -39,6 +40,72 @@ pub struct ReplicaDigests {
     sequence_number: u64,
     /// Blocks changed since the last save or load; `None`: every slot must be written.
     dirty: Option<BTreeSet<u64>>,
+}
+
+/// A batch's block digests computed from the bytes it sends ([`BatchDigests::of`]), and
+/// the ranges that must be read back after it lands (blocks it covers only in part).
+#[derive(Clone, Debug, Default)]
+pub struct BatchDigests {
+    known: Vec<(u64, Digest)>,
+    rest: Vec<Range<u64>>,
+}
+
+impl BatchDigests {
+    /// The digests of every block that one of `changes` covers whole, for a replica of
+    /// `len` bytes in blocks of `block_size`; the rest of the touched ranges are left to
+    /// be read back. Changes that overlap each other are all left to be read back (which
+    /// of them lands last is the writer's business). Pure CPU: run it beside the batch.
+    pub fn of(changes: &[Change], block_size: BlockSize, len: u64) -> Self {
+        let mut ranges: Vec<Range<u64>> = changes.iter().map(Change::range).collect();
+        ranges.sort_by_key(|r| r.start);
+        if ranges.windows(2).any(|w| w[0].end > w[1].start) {
+            return BatchDigests {
+                known: Vec::new(),
+                rest: ranges,
+            };
+        }
+        let bs = u64::from(block_size.get());
+        let mut out = BatchDigests::default();
+        for c in changes {
+            let r = c.range();
+            let first = r.start.div_ceil(bs);
+            let mut whole = first..first;
+            let mut b = first;
+            while b < block_size.blocks(len) {
+                let br = block_size.range(b, len);
+                if br.end > r.end {
+                    break;
+                }
+                let d = match c {
+                    Change::Zero { .. } => Digest::Zero,
+                    Change::Data { offset, data } => lifeboat_resync::digest_block(
+                        &data[(br.start - offset) as usize..(br.end - offset) as usize],
+                    ),
+                };
+                out.known.push((b, d));
+                b += 1;
+                whole.end = b;
+            }
+            // The parts of the change outside its whole blocks.
+            let covered = if whole.is_empty() {
+                r.start..r.start
+            } else {
+                whole.start * bs..block_size.range(whole.end - 1, len).end
+            };
+            if r.start < covered.start || covered.is_empty() {
+                let end = if covered.is_empty() {
+                    r.end
+                } else {
+                    covered.start
+                };
+                out.rest.push(r.start..end);
+            }
+            if !covered.is_empty() && covered.end < r.end {
+                out.rest.push(covered.end..r.end);
+            }
+        }
+        out
+    }
 }
 
 impl PartialEq for ReplicaDigests {
@@ -82,6 +149,29 @@ impl ReplicaDigests {
         seq: u64,
     ) -> Result<(), StoreError> {
         self.rehash(store, blob, None, touched).await?;
+        self.sequence_number = seq;
+        Ok(())
+    }
+
+    /// Records a landed batch's digests: those computed from its bytes as they are, the
+    /// blocks it covered in part read back from the store; and `seq` (the blob's sequence
+    /// number after the batch).
+    pub async fn update_with(
+        &mut self,
+        store: &dyn PageStore,
+        blob: &str,
+        batch: BatchDigests,
+        seq: u64,
+    ) -> Result<(), StoreError> {
+        for (block, d) in batch.known {
+            self.signature
+                .set_digest(block, d)
+                .map_err(|e| StoreError::Invalid(e.to_string()))?;
+            if let Some(dirty) = &mut self.dirty {
+                dirty.insert(block);
+            }
+        }
+        self.rehash(store, blob, None, &batch.rest).await?;
         self.sequence_number = seq;
         Ok(())
     }

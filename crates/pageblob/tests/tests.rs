@@ -688,6 +688,74 @@ async fn azure_writer_retries_faults_and_fences_on_azurite() {
     ));
 }
 
+/// The digests a batch computes from the bytes it sends (reading back only blocks it
+/// covers in part) equal those of the replica as it lands: random batches of aligned,
+/// unaligned, adjacent and zero changes (a batch never overlaps itself: the writer refuses
+/// that), in a disk whose last block is short.
+#[tokio::test]
+async fn batch_digests_from_sent_bytes_equal_the_replica_as_it_lands() {
+    use lifeboat_pageblob::{BatchDigests, ReplicaDigests};
+    use lifeboat_resync::{BlockSize, Signature};
+    let (_d, s) = store();
+    let len = 4 * MIB + 8192;
+    let bs = BlockSize::new(16384).unwrap();
+    s.create("d", len, 0, &Default::default()).await.unwrap();
+    let mut digests = ReplicaDigests::zeroed(len, bs, 0);
+    let mut edges = vec![0u8; len as usize];
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    for seq in 0..40u64 {
+        let mut changes = Vec::new();
+        for _ in 0..1 + next(6) {
+            let offset = match next(3) {
+                0 => next(len / 16384) * 16384,
+                1 => next(len / 512) * 512,
+                _ => next(len - 1),
+            };
+            let n = (1 + next(70_000)).min(len - offset);
+            changes.push(match next(4) {
+                0 => Change::Zero { offset, len: n },
+                _ => Change::Data {
+                    offset,
+                    data: Bytes::from(random(n as usize, seq * 100 + offset)),
+                },
+            });
+        }
+        changes.sort_by_key(|c| c.range().start);
+        let mut end = 0;
+        changes.retain(|c| {
+            let keep = c.range().start >= end;
+            if keep {
+                end = c.range().end;
+            }
+            keep
+        });
+        let batch = BatchDigests::of(&changes, bs, len);
+        let w = PageWriter::new(s.clone(), "d", WriterConfig::default());
+        let source: &[u8] = &edges;
+        w.apply_batch(
+            seq,
+            changes,
+            Some(&source as &dyn lifeboat_resync::BlockSource),
+        )
+        .await
+        .unwrap();
+        digests.update_with(&*s, "d", batch, seq + 1).await.unwrap();
+        let replica = read_all(&*s, "d", len).await;
+        assert_eq!(
+            digests.signature(),
+            &Signature::compute(&replica, bs).unwrap(),
+            "batch {seq}"
+        );
+        edges = replica;
+    }
+}
+
 #[tokio::test]
 async fn replica_digests_follow_batches_persist_and_drive_a_resync() {
     use lifeboat_pageblob::ReplicaDigests;
