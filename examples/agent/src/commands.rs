@@ -429,6 +429,7 @@ async fn command(e: &mut Engine, store: &Store, cli: &Cli, resumed: &[JobId]) ->
         } => crate::demo::guest_write(e, item, *disk, log, *writes, *size, *seed, cli.json),
         Cmd::Plan { command } => plan(e, command, azure).await,
         Cmd::Demo { .. }
+        | Cmd::Disk { .. }
         | Cmd::Hrl { .. }
         | Cmd::Diff { .. }
         | Cmd::Run { .. }

@@ -120,6 +120,14 @@ pub(crate) fn guest_write(
         .write(true)
         .open(&disk.source)
         .with_context(|| format!("opening disk {}", disk.source.display()))?;
+    let mut head = [0u8; 8];
+    let n = std::os::unix::fs::FileExt::read_at(&file, &mut head, 0)?;
+    if lifeboat_vhdx::is_vhdx(&head[..n]) {
+        bail!(
+            "{} is a VHDX: the stand-in guest writes raw images only (Hyper-V writes a VHDX)",
+            disk.source.display()
+        );
+    }
     let t = &disk.tracking;
     // The stand-in's own chain: the newest log it generated in this tracking session
     // (taken or not), else where the session's chain stands.

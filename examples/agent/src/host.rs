@@ -88,7 +88,26 @@ impl Host for AgentHost {
         Ok(())
     }
 
+    /// A raw image or block device; or a VHDX (told by its signature, not its name),
+    /// read through `lifeboat-vhdx` and never written.
     fn open_disk(&self, path: &Path) -> io::Result<Arc<dyn Disk>> {
+        let mut head = [0u8; 8];
+        let n = std::fs::File::open(path)
+            .and_then(|f| std::os::unix::fs::FileExt::read_at(&f, &mut head, 0))
+            .unwrap_or(0);
+        if lifeboat_vhdx::is_vhdx(&head[..n]) {
+            let f = std::fs::File::open(path)?;
+            let v = lifeboat_vhdx::Vhdx::open(f).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: {e}", path.display()),
+                )
+            })?;
+            return Ok(Arc::new(VhdxDisk {
+                path: path.to_path_buf(),
+                vhdx: v,
+            }));
+        }
         FileHost.open_disk(path)
     }
 
@@ -177,4 +196,37 @@ pub(crate) fn set_generated(site: &Path, key: &str, session: u64, id: &str) -> i
 
 fn guest_file(site: &Path) -> PathBuf {
     site.join("guest.json")
+}
+
+/// A VHDX source disk: read as its virtual disk, never written (failback goes to a raw
+/// image or a block device).
+struct VhdxDisk {
+    path: PathBuf,
+    vhdx: lifeboat_vhdx::Vhdx<std::fs::File>,
+}
+
+impl lifeboat_resync::BlockSource for VhdxDisk {
+    fn size(&self) -> io::Result<u64> {
+        lifeboat_resync::BlockSource::size(&self.vhdx)
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.vhdx.read_exact_at(buf, offset)
+    }
+}
+
+impl Disk for VhdxDisk {
+    fn write_at(&self, _offset: u64, _data: &[u8]) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "{} is a VHDX, which lifeboat reads but does not write into: fail back to a raw image or a block device (`failback --to NEW.raw`), then convert it",
+                self.path.display()
+            ),
+        ))
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
 }

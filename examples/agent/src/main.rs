@@ -77,6 +77,19 @@ pub(crate) enum Frequency {
     M15,
 }
 
+/// Disk image tools.
+#[derive(Debug, Subcommand)]
+pub(crate) enum DiskCmd {
+    /// Format (raw, VHDX, fixed VHD), virtual size, block size, allocated bytes, ids.
+    #[command(
+        after_help = "Examples:\n  lifeboat disk inspect d0.vhdx\n  lifeboat disk inspect d0.raw --json"
+    )]
+    Inspect {
+        /// The image.
+        file: PathBuf,
+    },
+}
+
 /// Output disk format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub(crate) enum Format {
@@ -363,6 +376,11 @@ pub(crate) enum Cmd {
         #[command(subcommand)]
         command: HrlCmd,
     },
+    /// Disk image tools.
+    Disk {
+        #[command(subcommand)]
+        command: DiskCmd,
+    },
     /// `resync::diff` on two local files.
     Diff {
         /// The source.
@@ -607,6 +625,9 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
         Cmd::Hrl { command } => return tools::hrl(command, cli.json),
+        Cmd::Disk {
+            command: DiskCmd::Inspect { file },
+        } => return tools::inspect_disk(file, cli.json),
         Cmd::Diff {
             source,
             target,

@@ -183,3 +183,83 @@ pub(crate) fn diff(
         Err(crate::Exit(crate::exit::DIFFERENT).into())
     }
 }
+
+/// `disk inspect`: what an image is.
+pub(crate) fn inspect_disk(path: &Path, json: bool) -> Result<()> {
+    use crate::human::size;
+    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let len = f.metadata()?.len();
+    let mut head = [0u8; 8];
+    let n = std::os::unix::fs::FileExt::read_at(&f, &mut head, 0)?;
+    if lifeboat_vhdx::is_vhdx(&head[..n]) {
+        let v = lifeboat_vhdx::Vhdx::open(f).with_context(|| path.display().to_string())?;
+        let i = v.info().clone();
+        let allocated = v.allocated()?;
+        let hex = |g: &[u8; 16]| g.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        if json {
+            let out = json!({
+                "format": if i.leave_blocks_allocated { "vhdx-fixed" } else { "vhdx-dynamic" },
+                "virtual_size": i.virtual_size,
+                "file_size": len,
+                "block_size": i.block_size,
+                "logical_sector_size": i.logical_sector_size,
+                "physical_sector_size": i.physical_sector_size,
+                "allocated": allocated,
+                "data_write_guid": hex(&i.data_write_guid),
+                "disk_id": hex(&i.disk_id),
+            });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        } else {
+            println!(
+                "{}: VHDX ({}), virtual size {} ({} bytes), {} in blocks of {}, {} sectors of {} bytes (physical {})",
+                path.display(),
+                if i.leave_blocks_allocated {
+                    "fixed"
+                } else {
+                    "dynamic"
+                },
+                size(i.virtual_size),
+                i.virtual_size,
+                size(allocated),
+                size(u64::from(i.block_size)),
+                i.virtual_size / u64::from(i.logical_sector_size),
+                i.logical_sector_size,
+                i.physical_sector_size
+            );
+            println!(
+                "  data write GUID {} (HRL logs of this disk name it)",
+                hex(&i.data_write_guid)
+            );
+        }
+        return Ok(());
+    }
+    let mut tail = [0u8; 8];
+    let vhd = len >= 512
+        && std::os::unix::fs::FileExt::read_at(&f, &mut tail, len - 512).is_ok()
+        && &tail == b"conectix";
+    let (format, virtual_size) = if vhd {
+        ("vhd-fixed", len - 512)
+    } else {
+        ("raw", len)
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"format": format, "virtual_size": virtual_size, "file_size": len})
+            )?
+        );
+    } else {
+        println!(
+            "{}: {}, virtual size {} ({virtual_size} bytes)",
+            path.display(),
+            if vhd {
+                "fixed VHD (raw data and a 512-byte footer)"
+            } else {
+                "raw image"
+            },
+            size(virtual_size)
+        );
+    }
+    Ok(())
+}

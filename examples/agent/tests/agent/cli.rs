@@ -1108,3 +1108,54 @@ fn the_embedded_store_keeps_zeros_as_holes() {
         "the store uses {used} bytes for {data} bytes of data"
     );
 }
+
+/// A VHDX made by qemu-img is protected as its virtual disk (told by its signature, not its
+/// name): the test failover equals the raw image; `disk inspect` reports it; the stand-in
+/// guest and a failback refuse to write into it.
+#[test]
+fn a_vhdx_disk_is_protected_as_its_virtual_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Target::local(dir.path());
+    let raw = dir.path().join("d.raw");
+    make_disk(&raw, 24 * MIB, 8);
+    let vhdx = dir.path().join("disk-image"); // no extension: the signature decides
+    let made = Command::new("qemu-img")
+        .args([
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vhdx",
+            "-o",
+            "subformat=dynamic,block_size=1M",
+        ])
+        .args([s(&raw), s(&vhdx)])
+        .output();
+    let Ok(made) = made else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "qemu-img is missing"
+        );
+        return;
+    };
+    assert!(made.status.success(), "{made:?}");
+    let info = t.json(&["disk", "inspect", s(&vhdx)]);
+    assert_eq!(info["format"], "vhdx-dynamic", "{info}");
+    assert_eq!(info["virtual_size"], 24 * MIB, "{info}");
+    t.ok(&["protect", "vm", "--disk", s(&vhdx)]);
+    let tf = dir.path().join("tf");
+    t.ok(&["test-failover", "vm", "--out", s(&tf)]);
+    assert_same(&tf.join("disk0.raw"), &raw);
+    t.ok(&["test-failover-cleanup", "vm"]);
+    let before = fs::read(&vhdx).unwrap();
+    let r = t.fails(&[
+        "guest-write",
+        "vm",
+        "--disk",
+        "0",
+        "--log",
+        s(&dir.path().join("l.hrl")),
+    ]);
+    assert!(r.contains("VHDX"), "{r}");
+    assert!(fs::read(&vhdx).unwrap() == before, "the VHDX was written");
+}
