@@ -153,6 +153,17 @@ impl ReplicaDigests {
         Ok(())
     }
 
+    /// Sets one block's digest, marking it for the next save.
+    fn set(&mut self, block: u64, d: Digest) -> Result<(), StoreError> {
+        self.signature
+            .set_digest(block, d)
+            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        if let Some(dirty) = &mut self.dirty {
+            dirty.insert(block);
+        }
+        Ok(())
+    }
+
     /// Records a landed batch's digests: those computed from its bytes as they are, the
     /// blocks it covered in part read back from the store; and `seq` (the blob's sequence
     /// number after the batch).
@@ -164,12 +175,7 @@ impl ReplicaDigests {
         seq: u64,
     ) -> Result<(), StoreError> {
         for (block, d) in batch.known {
-            self.signature
-                .set_digest(block, d)
-                .map_err(|e| StoreError::Invalid(e.to_string()))?;
-            if let Some(dirty) = &mut self.dirty {
-                dirty.insert(block);
-            }
+            self.set(block, d)?;
         }
         self.rehash(store, blob, None, &batch.rest).await?;
         self.sequence_number = seq;
@@ -208,13 +214,7 @@ impl ReplicaDigests {
             let end = bs.range(blocks[j - 1], len).end;
             let data = store.read(blob, snapshot, start, end - start).await?;
             for (k, chunk) in data.chunks(bs.get() as usize).enumerate() {
-                let d = lifeboat_resync::digest_block(chunk);
-                self.signature
-                    .set_digest(blocks[i] + k as u64, d)
-                    .map_err(|e| StoreError::Invalid(e.to_string()))?;
-                if let Some(dirty) = &mut self.dirty {
-                    dirty.insert(blocks[i] + k as u64);
-                }
+                self.set(blocks[i] + k as u64, lifeboat_resync::digest_block(chunk))?;
             }
             i = j;
         }
