@@ -46,6 +46,13 @@ pub enum OpError {
     UnknownAction(ActionId),
 }
 
+/// Retention in (0, 24 h] and a copy chunk: what every policy must have.
+fn valid_policy(policy: &ReplicationPolicy) -> bool {
+    !policy.retention.is_zero()
+        && policy.retention <= Duration::from_secs(24 * 3600)
+        && policy.copy_chunk > 0
+}
+
 /// The test-failover state, when that is what refuses an operation.
 fn test_part(test: Option<TestFailoverState>) -> String {
     match test {
@@ -332,6 +339,7 @@ fn op_name(c: &Command) -> &'static str {
         Command::CancelResync { .. } => "Cancel resync",
         Command::TakeOver { .. } => "Take over",
         Command::ReplicateNow { .. } => "Replicate now",
+        Command::ChangePolicy { .. } => "Change policy",
     }
 }
 
@@ -399,11 +407,7 @@ impl Coordinator {
             if self.items.contains_key(&name) || self.plans.contains_key(&name) {
                 return Err(OpError::AlreadyProtected(name));
             }
-            if disks.is_empty()
-                || policy.retention.is_zero()
-                || policy.retention > Duration::from_secs(24 * 3600)
-                || policy.copy_chunk == 0
-            {
+            if disks.is_empty() || !valid_policy(policy) {
                 return Err(OpError::Invalid(
                     "at least one disk, retention in (0, 24 h], copy chunk > 0".into(),
                 ));
@@ -725,6 +729,20 @@ impl Coordinator {
             Command::TakeOver { .. } => {
                 let job = self.new_job(now, JobKind::TakeOver, &name);
                 self.take_over(now, &name);
+                job
+            }
+            Command::ChangePolicy { policy, .. } => {
+                if !valid_policy(&policy) {
+                    return Err(OpError::Invalid(
+                        "retention in (0, 24 h], copy chunk > 0".into(),
+                    ));
+                }
+                let job = self.new_job(now, JobKind::ChangePolicy, &name);
+                let it = self.item_mut(&name);
+                let interval = policy.copy_frequency.interval();
+                it.cycle_due = it.cycle_due.map(|due| due.min(now + interval));
+                it.policy = policy;
+                self.prune(now, &name);
                 job
             }
         };
@@ -1496,6 +1514,7 @@ impl Coordinator {
                 }
             }
             JobKind::RepairReplication
+            | JobKind::ChangePolicy
             | JobKind::RecoveryPlan
             | JobKind::ChangeRecoveryPoint
             | JobKind::TakeOver

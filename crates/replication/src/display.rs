@@ -95,6 +95,7 @@ tags! {
         ChangeRecoveryPoint => "change_recovery_point",
         TakeOver => "take_over",
         Replicate => "replicate",
+        ChangePolicy => "change_policy",
     }
     JobState {
         NotStarted => "not_started",

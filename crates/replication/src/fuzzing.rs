@@ -12,7 +12,8 @@ const MIB: u64 = 1 << 20;
 #[derive(Clone, Debug)]
 pub enum Op {
     /// Issue command `.0` with parameter `.1` (13: start the recovery plan, 14: resume it,
-    /// 19-21: cancel, restart, resume a job, 22: take over, 23: replicate now).
+    /// 19-21: cancel, restart, resume a job, 22: take over, 23: replicate now, 24: change
+    /// the policy).
     Command(u8, u8),
     /// Answer one outstanding action (chosen and shaped by the byte).
     Answer(u8),
@@ -72,6 +73,19 @@ pub fn command(c: u8, p: u8, points: &[RecoveryPoint]) -> Command {
         18 => Command::CancelResync { item },
         22 => Command::TakeOver { item },
         23 => Command::ReplicateNow { item },
+        24 => Command::ChangePolicy {
+            item,
+            policy: ReplicationPolicy {
+                copy_frequency: match p % 3 {
+                    0 => CopyFrequency::Seconds30,
+                    1 => CopyFrequency::Minutes5,
+                    _ => CopyFrequency::Minutes15,
+                },
+                retention: Duration::from_secs(3600 * (1 + u64::from(p) % 24)),
+                copy_chunk: MIB / 2,
+                ..ReplicationPolicy::default()
+            },
+        },
         _ => Command::Reprotect { item },
     }
 }
@@ -192,7 +206,7 @@ pub fn run_ops(
     .map_err(|e| e.to_string())?;
     for &(kind, a, b) in ops {
         let op = match kind % 12 {
-            0..=2 => Op::Command(a % 24, b),
+            0..=2 => Op::Command(a % 25, b),
             3..=8 => Op::Answer(a),
             9..=10 => Op::Advance(u16::from(a) * 7 + 1),
             _ => Op::Crash,

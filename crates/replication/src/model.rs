@@ -636,6 +636,15 @@ pub enum Command {
         /// The item.
         item: ItemId,
     },
+    /// Replace the item's replication policy: the next cycle is due one new interval from
+    /// now at the latest, points older than the new retention go, health is judged by the
+    /// new thresholds.
+    ChangePolicy {
+        /// The item.
+        item: ItemId,
+        /// The new policy.
+        policy: ReplicationPolicy,
+    },
 }
 
 impl Command {
@@ -660,7 +669,8 @@ impl Command {
             | Command::ResumeResync { item }
             | Command::CancelResync { item }
             | Command::ReplicateNow { item }
-            | Command::TakeOver { item } => item,
+            | Command::TakeOver { item }
+            | Command::ChangePolicy { item, .. } => item,
         }
     }
 }
@@ -703,6 +713,8 @@ pub enum JobKind {
     TakeOver,
     /// A delta cycle run on request.
     Replicate,
+    /// The replication policy changed.
+    ChangePolicy,
 }
 
 /// What an administrator may do with a job.

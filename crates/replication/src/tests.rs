@@ -822,7 +822,7 @@ fn via_json(c: &Coordinator) -> Result<Coordinator, String> {
 
 fn arb_op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        3 => (0u8..22, any::<u8>()).prop_map(|(c, p)| Op::Command(c, p)),
+        3 => (0u8..25, any::<u8>()).prop_map(|(c, p)| Op::Command(c, p)),
         6 => any::<u8>().prop_map(Op::Answer),
         2 => (1u16..1200).prop_map(Op::Advance),
         1 => Just(Op::Crash),
@@ -1824,4 +1824,57 @@ fn a_cancelled_failover_returns_to_the_resync_it_interrupted() {
         c,
         HealthCause::ResyncRequired(ResyncReason::LogNotClosedCleanly { disk: 0 })
     )));
+}
+
+/// A policy change takes effect at once: the next cycle is due one new interval from now
+/// at the latest, points beyond the new retention go, a bad policy is refused.
+#[test]
+fn a_policy_change_takes_effect_at_once() {
+    let mut s = Sim::new();
+    s.protect_with(
+        "vm",
+        vec![MIB],
+        ReplicationPolicy {
+            copy_frequency: CopyFrequency::Minutes15,
+            ..Sim::policy()
+        },
+    );
+    for _ in 0..4 {
+        s.now += MIN * 15;
+        s.tick();
+    }
+    let points = s.status().points.len();
+    assert!(points >= 4, "{points}");
+    s.now += MIN;
+    let job = s
+        .cmd(Command::ChangePolicy {
+            item: "vm".into(),
+            policy: ReplicationPolicy {
+                copy_frequency: CopyFrequency::Seconds30,
+                retention: Duration::from_secs(1800),
+                ..Sim::policy()
+            },
+        })
+        .unwrap();
+    let j = s.c.job(&job).unwrap();
+    assert_eq!(
+        (j.kind, j.state),
+        (JobKind::ChangePolicy, JobState::Succeeded)
+    );
+    assert!(s.c.poll_timeout().unwrap() <= s.now + Duration::from_secs(30));
+    let st = s.status();
+    assert!(
+        st.points.len() < points,
+        "old points pruned: {:?}",
+        st.points
+    );
+    assert!(!st.points.is_empty(), "the newest point is kept");
+    let bad = s.cmd(Command::ChangePolicy {
+        item: "vm".into(),
+        policy: ReplicationPolicy {
+            retention: Duration::ZERO,
+            ..Sim::policy()
+        },
+    });
+    assert!(matches!(bad, Err(OpError::Invalid(_))), "{bad:?}");
 }

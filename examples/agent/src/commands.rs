@@ -310,6 +310,40 @@ async fn command(e: &mut Engine, store: &Store, cli: &Cli, resumed: &[JobId]) ->
             Ok(())
         }
         Cmd::Job { command } => job(e, command).await,
+        Cmd::Policy {
+            item,
+            copy_frequency,
+            retention,
+            rpo_warning,
+            rpo_critical,
+            auto_resync,
+        } => {
+            let mut p = e.item(item)?.item.replication.policy().clone();
+            if let Some(f) = copy_frequency {
+                p.copy_frequency = policy(*f, 1)?.copy_frequency;
+            }
+            if let Some(h) = retention {
+                p.retention = policy(Frequency::M5, *h)?.retention;
+            }
+            if let Some(w) = rpo_warning {
+                p.rpo_warning = *w;
+            }
+            if rpo_critical.is_some() {
+                p.rpo_critical = *rpo_critical;
+            }
+            if let Some(a) = auto_resync {
+                p.auto_resync = *a;
+            }
+            if p.rpo_critical.is_some_and(|c| c < p.rpo_warning) {
+                bail!("the RPO critical threshold must not be shorter than the warning one");
+            }
+            e.command(Command::ChangePolicy {
+                item: item.clone(),
+                policy: p,
+            })
+            .await?;
+            done(e, item, "policy changed")
+        }
         Cmd::TestFailover {
             item,
             point,

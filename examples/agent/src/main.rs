@@ -166,6 +166,30 @@ pub(crate) enum Cmd {
         #[arg(long, value_parser = parse_duration)]
         rpo_critical: Option<Duration>,
     },
+    /// Change an item's replication policy (only the settings given); it takes effect at
+    /// once.
+    #[command(
+        after_help = "Examples:\n  lifeboat policy vm1 --copy-frequency 30s\n  lifeboat policy vm1 --retention 4 --rpo-critical 2h --auto-resync true"
+    )]
+    Policy {
+        /// The item.
+        item: String,
+        /// Delta cycle interval.
+        #[arg(long, value_enum)]
+        copy_frequency: Option<Frequency>,
+        /// Recovery-point retention in hours (1..=24).
+        #[arg(long)]
+        retention: Option<u64>,
+        /// Health turns Warning when the newest point is older than this.
+        #[arg(long, value_parser = parse_duration)]
+        rpo_warning: Option<Duration>,
+        /// Health turns Critical when the newest point is older than this.
+        #[arg(long, value_parser = parse_duration)]
+        rpo_critical: Option<Duration>,
+        /// Start resyncs by itself (true) or on request only (false).
+        #[arg(long)]
+        auto_resync: Option<bool>,
+    },
     /// Run a delta cycle now: apply closed HRL logs (these, and those waiting in
     /// SITE/inbox/ITEM/DISK_INDEX/) in chain order, exactly once, as a new recovery point.
     #[command(

@@ -1159,3 +1159,43 @@ fn a_vhdx_disk_is_protected_as_its_virtual_disk() {
     assert!(r.contains("VHDX"), "{r}");
     assert!(fs::read(&vhdx).unwrap() == before, "the VHDX was written");
 }
+
+/// `policy` changes only the settings given, at once; a bad one is refused.
+#[test]
+fn a_policy_changes_only_what_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Target::local(dir.path());
+    let d = dir.path().join("d.raw");
+    make_disk(&d, 2 * MIB, 3);
+    t.ok(&[
+        "protect",
+        "vm",
+        "--disk",
+        s(&d),
+        "--copy-frequency",
+        "15m",
+        "--retention",
+        "12",
+    ]);
+    let out = t.ok(&[
+        "policy",
+        "vm",
+        "--copy-frequency",
+        "30s",
+        "--rpo-critical",
+        "2h",
+    ]);
+    assert_eq!(out, "vm: policy changed; now protected\n");
+    let p = &t.json(&["status", "vm"])[0]["policy"];
+    assert_eq!(p["copy_frequency_seconds"], 30, "{p}");
+    assert_eq!(p["retention_hours"], 12, "{p}");
+    assert_eq!(p["rpo_critical_seconds"], 7200, "{p}");
+    assert!(
+        t.fails(&["policy", "vm", "--retention", "30"])
+            .contains("1..=24")
+    );
+    assert!(
+        t.fails(&["policy", "vm", "--rpo-warning", "3h"])
+            .contains("shorter")
+    );
+}
