@@ -167,8 +167,8 @@ pub(crate) async fn run(store: Store, cli: &Cli) -> Result<()> {
         );
     }
     let fresh = !site.join("site.json").exists();
-    let mut e = open(&store, site, cli.json).await?;
-    if fresh {
+    let mut e = open(&store, site, cli.json || cli.quiet).await?;
+    if fresh && !cli.quiet {
         eprintln!(
             "set up a new site in {} (replicating into {})",
             e.site().dir().display(),
@@ -463,6 +463,8 @@ async fn command(e: &mut Engine, store: &Store, cli: &Cli, resumed: &[JobId]) ->
         } => crate::demo::guest_write(e, item, *disk, log, *writes, *size, *seed, cli.json),
         Cmd::Plan { command } => plan(e, command, azure).await,
         Cmd::Demo { .. }
+        | Cmd::Completions { .. }
+        | Cmd::Man
         | Cmd::Disk { .. }
         | Cmd::Hrl { .. }
         | Cmd::Diff { .. }

@@ -30,6 +30,12 @@ pub(crate) struct Cli {
     /// Machine-readable JSON output for read commands (docs/cli.md: the schema).
     #[arg(long, global = true, help_heading = "Global options")]
     pub(crate) json: bool,
+    /// No progress and no notes on stderr (errors still).
+    #[arg(short, long, global = true, help_heading = "Global options")]
+    pub(crate) quiet: bool,
+    /// More log on stderr: -v what the engine does, -vv debug detail (LIFEBOAT_LOG overrides).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, help_heading = "Global options")]
+    pub(crate) verbose: u8,
     #[command(subcommand)]
     pub(crate) command: Cmd,
 }
@@ -405,6 +411,17 @@ pub(crate) enum Cmd {
         #[command(subcommand)]
         command: DiskCmd,
     },
+    /// Shell completions on stdout (bash, zsh, fish, elvish, powershell).
+    #[command(
+        after_help = "Examples:\n  lifeboat completions bash > /etc/bash_completion.d/lifeboat"
+    )]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// The manual page (roff) on stdout.
+    #[command(after_help = "Examples:\n  lifeboat man > /usr/local/share/man/man1/lifeboat.1")]
+    Man,
     /// `resync::diff` on two local files.
     Diff {
         /// The source.
@@ -601,6 +618,17 @@ fn quiet_on_closed_pipe() {
     }));
 }
 
+/// Writes `bytes` to stdout; a closed pipe ends the process quietly, as for `println!`.
+fn print_bytes(bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(bytes) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            std::process::exit(exit::CLOSED_PIPE)
+        }
+        r => Ok(r?),
+    }
+}
+
 fn main() -> std::process::ExitCode {
     quiet_on_closed_pipe();
     let cli = Cli::parse();
@@ -608,6 +636,11 @@ fn main() -> std::process::ExitCode {
     let (level, json) = match &cli.command {
         Cmd::Run { log_format, .. } => ("info", *log_format == LogFormat::Json),
         _ => ("error", false),
+    };
+    let level = match cli.verbose {
+        0 => level,
+        1 => "info",
+        _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("LIFEBOAT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
@@ -649,6 +682,18 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
         Cmd::Hrl { command } => return tools::hrl(command, cli.json),
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "lifeboat", &mut out);
+            return print_bytes(&out);
+        }
+        Cmd::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut out)?;
+            return print_bytes(&out);
+        }
         Cmd::Disk {
             command: DiskCmd::Inspect { file },
         } => return tools::inspect_disk(file, cli.json),

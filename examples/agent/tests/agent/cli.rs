@@ -1199,3 +1199,30 @@ fn a_policy_changes_only_what_is_given() {
             .contains("shorter")
     );
 }
+
+/// Shell completions and the manual page come from the CLI's own definitions; `-q`
+/// silences notes and progress.
+#[test]
+fn completions_man_page_and_quiet() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Target::local(dir.path());
+    let bash = t.ok(&["completions", "bash"]);
+    assert!(
+        bash.contains("_lifeboat()") && bash.contains("test-failover"),
+        "{bash}"
+    );
+    let man = t.ok(&["man"]);
+    assert!(
+        man.contains(".TH lifeboat 1") && man.contains("protect"),
+        "{man}"
+    );
+    let d = dir.path().join("d.raw");
+    make_disk(&d, 2 * MIB, 1);
+    let out = t.run(&["-q", "protect", "vm", "--disk", s(&d)]);
+    assert!(out.status.success());
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
