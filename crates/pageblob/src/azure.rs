@@ -369,7 +369,7 @@ fn from_azure(e: azure_core::Error, what: &str) -> StoreError {
                 },
                 _ => StoreError::Http {
                     status,
-                    message: format!("{what}: {code}"),
+                    message: format!("{what}: {code}{}", hint(status, &code)),
                     retry_after: None,
                 },
             }
@@ -393,6 +393,21 @@ fn from_azure(e: azure_core::Error, what: &str) -> StoreError {
             message: redact(&format!("{what}: {e}")),
             retry_after: None,
         },
+    }
+}
+
+/// What to check, for the refusals a user can fix.
+fn hint(status: u16, code: &str) -> &'static str {
+    match (status, code) {
+        (403, _) => {
+            " (the storage account refused the request: check the account name and key, or \
+             the SAS's permissions and expiry)"
+        }
+        (400, "OutOfRangeInput" | "InvalidResourceName" | "InvalidUri") => {
+            " (check the container URL: a container name is 3 to 63 lowercase letters, \
+             digits and single hyphens)"
+        }
+        _ => "",
     }
 }
 

@@ -618,6 +618,37 @@ fn quiet_on_closed_pipe() {
     }));
 }
 
+/// Checks the container a URL names against Azure's naming rule before anything is sent.
+fn check_container(url: &str) -> Result<()> {
+    let rest = url.split_once("://").map(|(_, r)| r).with_context(|| {
+        format!("{url} is not a URL (https://ACCOUNT.blob.core.windows.net/CONTAINER)")
+    })?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    // Azurite and other emulators put the account in the path: http://HOST:PORT/ACCOUNT/CONTAINER.
+    let emulator =
+        host.starts_with("127.") || host.starts_with("localhost") || host.starts_with('[');
+    let container = match (emulator, segments.as_slice()) {
+        (false, [c]) | (true, [_, c]) => *c,
+        _ => bail!(
+            "{url} names no container: use https://ACCOUNT.blob.core.windows.net/CONTAINER (Azurite: http://127.0.0.1:10000/ACCOUNT/CONTAINER)"
+        ),
+    };
+    let ok = (3..=63).contains(&container.len())
+        && container
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !container.starts_with('-')
+        && !container.ends_with('-')
+        && !container.contains("--");
+    if !ok {
+        bail!(
+            "container name {container:?} is not valid: 3 to 63 lowercase letters, digits and single hyphens, starting and ending with a letter or digit"
+        );
+    }
+    Ok(())
+}
+
 /// Writes `bytes` to stdout; a closed pipe ends the process quietly, as for `println!`.
 fn print_bytes(bytes: &[u8]) -> Result<()> {
     use std::io::Write;
@@ -762,6 +793,7 @@ pub(crate) async fn open_store(target: &Target, create: bool) -> Result<Store> {
                 _ => bail!("--azure needs --account and --key, or a SAS URL"),
             };
             let desc = url.split('?').next().unwrap_or_default().to_owned();
+            check_container(&desc)?;
             let store = AzureStore::new(url, credential)?;
             if create {
                 store

@@ -709,7 +709,8 @@ fn resync_of_a_rewritten_disk() {
 #[test]
 fn a_sas_signature_never_appears_in_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let url = "http://127.0.0.1:1/devstoreaccount1/c?sv=2022-11-02&sp=racwdl&sig=TOPSECRETSIG%3D";
+    let url =
+        "http://127.0.0.1:1/devstoreaccount1/cont?sv=2022-11-02&sp=racwdl&sig=TOPSECRETSIG%3D";
     let out = Command::new(env!("CARGO_BIN_EXE_lifeboat"))
         .args([
             "--site",
@@ -1224,5 +1225,32 @@ fn completions_man_page_and_quiet() {
         out.stderr.is_empty(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A container URL is checked before anything is sent: no container, a bad name; a SAS
+/// and a key together are refused.
+#[test]
+fn container_urls_are_checked_locally() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |url: &str, extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_lifeboat"))
+            .args(["--site", s(&dir.path().join("site")), "--azure", url])
+            .args(extra)
+            .arg("status")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let key = ["--account", "a", "--key", "a2V5"];
+    assert!(run("https://acct.blob.core.windows.net/", &key).contains("names no container"));
+    assert!(run("http://127.0.0.1:9/devstoreaccount1", &key).contains("names no container"));
+    assert!(run("https://acct.blob.core.windows.net/Bad_Name", &key).contains("not valid"));
+    assert!(run("https://acct.blob.core.windows.net/ab", &key).contains("not valid"));
+    let both = run("https://acct.blob.core.windows.net/cont?sv=1&sig=S", &key);
+    assert!(
+        both.contains("one or the other") && !both.contains("sig=S"),
+        "{both}"
     );
 }
