@@ -692,7 +692,11 @@ impl Engine {
                     download: file,
                 });
             } else if let Some(f) = file {
-                data::export(&*self.store, &blob, Some(snap), len, &f).await?;
+                if export.vhdx {
+                    data::export_vhdx(&*self.store, &blob, Some(snap), size, &f).await?;
+                } else {
+                    data::export(&*self.store, &blob, Some(snap), len, &f).await?;
+                }
                 out.push(Location::File { path: f });
             }
         }

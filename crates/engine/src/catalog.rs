@@ -277,6 +277,10 @@ pub struct Export {
     pub dir: Option<PathBuf>,
     /// Write fixed VHDs instead of raw images.
     pub vhd: bool,
+    /// Write dynamic VHDX files (what Hyper-V attaches) instead of raw images: files at the
+    /// site only, not blobs in the store.
+    #[serde(default)]
+    pub vhdx: bool,
     /// The disks are blobs in the store (`lifeboat/items/ITEM/{test,failover}/diskN`,
     /// what an Azure machine attaches); `dir` then holds downloads. Without a `dir` they
     /// are blobs in any case.
@@ -291,7 +295,11 @@ pub struct Export {
 impl Export {
     /// The files the disks of an item with `disks` disks go to.
     pub fn files(&self, disks: usize) -> Vec<PathBuf> {
-        let ext = if self.vhd { "vhd" } else { "raw" };
+        let ext = match (self.vhd, self.vhdx) {
+            (true, _) => "vhd",
+            (false, true) => "vhdx",
+            (false, false) => "raw",
+        };
         match &self.dir {
             Some(dir) => (0..disks)
                 .map(|d| dir.join(format!("disk{d}.{ext}")))

@@ -379,6 +379,42 @@ pub(crate) async fn export(
     Ok(())
 }
 
+/// Exports a blob (or one of its snapshots) of a `size`-byte disk as a new dynamic VHDX at
+/// `path`: the raw image first (sparse, beside it), then the VHDX written from it with its
+/// zero blocks unallocated; `id` seeds the VHDX's GUIDs.
+pub(crate) async fn export_vhdx(
+    store: &dyn PageStore,
+    blob: &str,
+    snapshot: Option<&str>,
+    size: u64,
+    path: &Path,
+) -> Result<()> {
+    let mut raw = path.as_os_str().to_owned();
+    raw.push(".raw");
+    let raw = PathBuf::from(raw);
+    export(store, blob, snapshot, size, &raw).await?;
+    let tmp = tmp_path(path);
+    let err = || Error::io(format!("writing {}", tmp.display()));
+    let src = fs::File::open(&raw).map_err(Error::io(format!("reading {}", raw.display())))?;
+    let mut out = private_file(&tmp).map_err(err())?;
+    let seed = blake3::hash(format!("{blob}@{}", snapshot.unwrap_or("")).as_bytes());
+    let g = |i: u8| {
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&seed.as_bytes()[..16]);
+        id[15] ^= i;
+        id
+    };
+    let opts = lifeboat_vhdx::WriteOptions {
+        ids: [g(1), g(2), g(3)],
+        ..lifeboat_vhdx::WriteOptions::default()
+    };
+    lifeboat_vhdx::write_dynamic(&src, opts, &mut out).map_err(err())?;
+    out.sync_all().map_err(err())?;
+    fs::rename(&tmp, path).map_err(Error::io(format!("writing {}", path.display())))?;
+    let _ = fs::remove_file(&raw);
+    Ok(())
+}
+
 /// `path` with `.tmp` appended.
 pub(crate) fn tmp_path(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();

@@ -856,6 +856,13 @@ impl Engine {
     /// Refuses to write over files that exist (they may be anything: a source disk, say),
     /// unless the export says to.
     fn check_outputs(&self, item: &str, export: &Export) -> Result<()> {
+        if export.vhdx && (export.in_store || export.dir.is_none() || export.vhd) {
+            return Err(Error::Invalid(
+                "VHDX output is written as files at this site (an output directory, not blobs \
+                 in the store: Azure attaches fixed VHDs)"
+                    .into(),
+            ));
+        }
         if export.force {
             return Ok(());
         }

@@ -13,7 +13,8 @@ read as zeros, so a copy sends only allocated blocks. [`Info::data_write_guid`] 
 disk or a VSS snapshot is safe to read.
 
 [`write_dynamic`] writes a virtual disk as a new dynamic VHDX, zero blocks unallocated
-(`qemu-img check` and `compare` accept what it writes).
+(`qemu-img check` and `compare` accept what it writes): the engine's `--format vhdx`
+test-failover and failover output.
 
 Not done yet, refused with [`Error::Unsupported`] rather than guessed: replaying a log
 (a header with a LogGuid set: the file was not closed cleanly, or is open), differencing

@@ -510,6 +510,7 @@ pub(crate) fn export(dir: Option<&Path>, format: Format, azure: bool, force: boo
     Export {
         dir: dir.map(Path::to_path_buf),
         vhd: format == Format::Vhd,
+        vhdx: format == Format::Vhdx,
         in_store: azure || dir.is_none(),
         force,
     }

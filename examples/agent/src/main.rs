@@ -104,6 +104,8 @@ pub(crate) enum Format {
     Raw,
     /// Fixed VHD (rounded up to 1 MiB, 512-byte footer).
     Vhd,
+    /// Dynamic VHDX, as Hyper-V attaches (files at this site only).
+    Vhdx,
 }
 
 /// How the service writes its log.

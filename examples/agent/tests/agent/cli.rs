@@ -1111,8 +1111,8 @@ fn the_embedded_store_keeps_zeros_as_holes() {
 }
 
 /// A VHDX made by qemu-img is protected as its virtual disk (told by its signature, not its
-/// name): the test failover equals the raw image; `disk inspect` reports it; the stand-in
-/// guest and a failback refuse to write into it.
+/// name): the test failover equals the raw image, and as `--format vhdx` passes qemu-img
+/// check and compare; `disk inspect` reports it; the stand-in guest refuses to write into it.
 #[test]
 fn a_vhdx_disk_is_protected_as_its_virtual_disk() {
     let dir = tempfile::tempdir().unwrap();
@@ -1148,6 +1148,26 @@ fn a_vhdx_disk_is_protected_as_its_virtual_disk() {
     t.ok(&["test-failover", "vm", "--out", s(&tf)]);
     assert_same(&tf.join("disk0.raw"), &raw);
     t.ok(&["test-failover-cleanup", "vm"]);
+    // And back out as a VHDX Hyper-V can attach: qemu-img checks it and finds the raw image.
+    let tv = dir.path().join("tv");
+    t.ok(&["test-failover", "vm", "--out", s(&tv), "--format", "vhdx"]);
+    let out = tv.join("disk0.vhdx");
+    let check = Command::new("qemu-img")
+        .args(["check", "-f", "vhdx", s(&out)])
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "vhdx", s(&raw), s(&out)])
+        .output()
+        .unwrap();
+    assert!(cmp.status.success(), "{cmp:?}");
+    assert!(
+        !tv.join("disk0.vhdx.raw").exists(),
+        "the intermediate raw image is gone"
+    );
+    t.ok(&["test-failover-cleanup", "vm"]);
+    assert!(!out.exists());
     let before = fs::read(&vhdx).unwrap();
     let r = t.fails(&[
         "guest-write",
