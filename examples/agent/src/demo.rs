@@ -120,9 +120,7 @@ pub(crate) fn guest_write(
         .write(true)
         .open(&disk.source)
         .with_context(|| format!("opening disk {}", disk.source.display()))?;
-    let mut head = [0u8; 8];
-    let n = std::os::unix::fs::FileExt::read_at(&file, &mut head, 0)?;
-    if lifeboat_vhdx::is_vhdx(&head[..n]) {
+    if host::is_vhdx_file(&file)? {
         bail!(
             "{} is a VHDX: the stand-in guest writes raw images only (Hyper-V writes a VHDX)",
             disk.source.display()

@@ -27,6 +27,18 @@ pub(crate) fn inbox(site: &Path, item: &str, disk: usize) -> PathBuf {
     site.join("inbox").join(item).join(disk.to_string())
 }
 
+/// Bytes of logs waiting in an item's inbox, all disks.
+pub(crate) fn inbox_bytes(site: &Path, item: &str, disks: usize) -> u64 {
+    (0..disks).map(|d| inbox_logs(site, item, d).1).sum()
+}
+
+/// Whether a file is a VHDX, by its signature (never by its name).
+pub(crate) fn is_vhdx_file(f: &std::fs::File) -> io::Result<bool> {
+    let mut head = [0u8; 8];
+    let n = std::os::unix::fs::FileExt::read_at(f, &mut head, 0)?;
+    Ok(lifeboat_vhdx::is_vhdx(&head[..n]))
+}
+
 /// The logs waiting in a disk's inbox, with their total size.
 pub(crate) fn inbox_logs(site: &Path, item: &str, disk: usize) -> (Vec<PathBuf>, u64) {
     let mut logs = Vec::new();
@@ -91,12 +103,8 @@ impl Host for AgentHost {
     /// A raw image or block device; or a VHDX (told by its signature, not its name),
     /// read through `lifeboat-vhdx` and never written.
     fn open_disk(&self, path: &Path) -> io::Result<Arc<dyn Disk>> {
-        let mut head = [0u8; 8];
-        let n = std::fs::File::open(path)
-            .and_then(|f| std::os::unix::fs::FileExt::read_at(&f, &mut head, 0))
-            .unwrap_or(0);
-        if lifeboat_vhdx::is_vhdx(&head[..n]) {
-            let f = std::fs::File::open(path)?;
+        let f = std::fs::File::open(path)?;
+        if is_vhdx_file(&f)? {
             let v = lifeboat_vhdx::Vhdx::open(f).map_err(|e| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,

@@ -11,7 +11,6 @@ use lifeboat_engine::{Catalogue, Item, Location, Source, SyncReport};
 use lifeboat_replication::{HealthCause, Job, ReplicationPolicy};
 use serde::Serialize;
 
-use crate::host::inbox_logs;
 use crate::human::{ago, duration, local, now, rfc3339, size, when};
 use crate::{Cli, Cmd, PlanCmd, Store, Target};
 
@@ -66,9 +65,7 @@ async fn catalogue(target: &Target, store: &Store) -> Result<Catalogue> {
 
 /// Bytes of logs waiting in the item's inbox at this site.
 fn inbox_bytes(site: &Path, it: &Item) -> u64 {
-    (0..it.disks.len())
-        .map(|d| inbox_logs(site, &it.name, d).1)
-        .sum()
+    crate::host::inbox_bytes(site, &it.name, it.disks.len())
 }
 
 /// One item, as `status --json` writes it (docs/cli.md documents the schema).

@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 
 use crate::Store;
-use crate::host::inbox_logs;
+use crate::host::inbox_bytes;
 
 /// The longest the service sleeps without looking at the site (another process may have
 /// protected an item or started a job meanwhile).
@@ -328,9 +328,7 @@ pub(crate) fn metrics_page(e: &Engine, site: &Path) -> String {
         views
             .iter()
             .map(|v| {
-                let bytes: u64 = (0..v.item.disks.len())
-                    .map(|d| inbox_logs(site, &v.item.name, d).1)
-                    .sum();
+                let bytes = inbox_bytes(site, &v.item.name, v.item.disks.len());
                 (label(&v.item.name), bytes as f64)
             })
             .collect(),

@@ -189,9 +189,7 @@ pub(crate) fn inspect_disk(path: &Path, json: bool) -> Result<()> {
     use crate::human::size;
     let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let len = f.metadata()?.len();
-    let mut head = [0u8; 8];
-    let n = std::os::unix::fs::FileExt::read_at(&f, &mut head, 0)?;
-    if lifeboat_vhdx::is_vhdx(&head[..n]) {
+    if crate::host::is_vhdx_file(&f)? {
         let v = lifeboat_vhdx::Vhdx::open(f).with_context(|| path.display().to_string())?;
         let i = v.info().clone();
         let allocated = v.allocated()?;
