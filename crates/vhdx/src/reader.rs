@@ -64,6 +64,9 @@ pub struct Vhdx<S> {
     bat_offset: u64,
     bat_len: u64,
     chunk_ratio: u64,
+    /// The file's length as last read: read again only when a block seems to lie past it
+    /// (a live file grows as blocks are allocated).
+    file_len: std::sync::atomic::AtomicU64,
     /// The BAT page read last: (first entry, entries).
     page: Mutex<Option<(u64, Vec<u64>)>>,
 }
@@ -148,6 +151,7 @@ impl<S: BlockSource> Vhdx<S> {
             bat_offset,
             bat_len,
             chunk_ratio,
+            file_len: std::sync::atomic::AtomicU64::new(file_len),
             page: Mutex::new(None),
         })
     }
@@ -186,11 +190,16 @@ impl<S: BlockSource> Vhdx<S> {
         let at = self.bat_offset + index * 8;
         match state {
             state::FULLY_PRESENT => {
+                use std::sync::atomic::Ordering::Relaxed;
                 let end = offset.saturating_add(u64::from(self.info.block_size));
-                let file_len = self.source.size().map_err(|e| Error::Io {
-                    offset: at,
-                    source: e,
-                })?;
+                let mut file_len = self.file_len.load(Relaxed);
+                if end > file_len.next_multiple_of(MIB) {
+                    file_len = self.source.size().map_err(|e| Error::Io {
+                        offset: at,
+                        source: e,
+                    })?;
+                    self.file_len.store(file_len, Relaxed);
+                }
                 if offset < MIB || end > file_len.next_multiple_of(MIB) {
                     return Err(Error::invalid(
                         format!("BAT entry {index}"),
