@@ -341,7 +341,9 @@ fn from_azure(e: azure_core::Error, what: &str) -> StoreError {
     use azure_core::error::ErrorKind;
     match e.kind() {
         ErrorKind::HttpResponse {
-            status, error_code, ..
+            status,
+            error_code,
+            raw_response,
         } => {
             let status = u16::from(*status);
             let code = error_code.clone().unwrap_or_default();
@@ -370,30 +372,48 @@ fn from_azure(e: azure_core::Error, what: &str) -> StoreError {
                 _ => StoreError::Http {
                     status,
                     message: format!("{what}: {code}{}", hint(status, &code)),
-                    retry_after: None,
+                    // Throttling (503 ServerBusy) says when to come back.
+                    retry_after: raw_response
+                        .as_ref()
+                        .and_then(|r| {
+                            r.headers()
+                                .get_optional_str(&azure_core::http::headers::RETRY_AFTER)
+                        })
+                        .and_then(lifeboat_retry::parse_retry_after),
                 },
             }
         }
-        ErrorKind::Connection => StoreError::Io {
-            path: what.to_owned(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::ConnectionRefused,
-                redact(&with_causes(&e)),
-            ),
-        },
-        ErrorKind::Io => StoreError::Io {
-            path: what.to_owned(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::ConnectionReset,
-                redact(&with_causes(&e)),
-            ),
-        },
-        _ => StoreError::Http {
-            status: 0,
-            message: redact(&format!("{what}: {e}")),
-            retry_after: None,
-        },
+        ErrorKind::Connection | ErrorKind::Io => {
+            let text = redact(&with_causes(&e));
+            StoreError::Unreachable {
+                host: host_of(&text).unwrap_or_else(|| what.to_owned()),
+                why: crate::error::Unreachable::from_text(&text),
+                detail: innermost(&e),
+            }
+        }
+        _ => StoreError::Client(redact(&format!("{what}: {}", with_causes(&e)))),
     }
+}
+
+/// The host and port of the URL a request error names (`... for url (http://h:p/...)`).
+fn host_of(text: &str) -> Option<String> {
+    let url = text.split("url (").nth(1)?;
+    let rest = url.split_once("://")?.1;
+    let end = rest
+        .find(['/', '?', ')'])
+        .unwrap_or(rest.len());
+    Some(rest[..end].to_owned())
+}
+
+/// The last cause of an error's chain: what the network stack said.
+fn innermost(e: &dyn std::error::Error) -> String {
+    let mut last = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        last = c.to_string();
+        cause = c.source();
+    }
+    redact(&last)
 }
 
 /// What to check, for the refusals a user can fix.
@@ -697,11 +717,7 @@ impl PageStore for AzureStore {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Err(StoreError::Http {
-            status: 0,
-            message: format!("copy to {dest} still pending"),
-            retry_after: None,
-        })
+        Err(StoreError::Client(format!("copy to {dest} still pending")))
     }
 
     async fn set_sequence_number(

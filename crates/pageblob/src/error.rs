@@ -95,6 +95,21 @@ pub enum StoreError {
         /// The `Retry-After` it sent.
         retry_after: Option<Duration>,
     },
+    /// The service gave no HTTP answer: the host name does not resolve, the connection is
+    /// refused or dropped, TLS fails, or nothing came back in time.
+    #[error("cannot reach {host}: {}", why.explain(detail))]
+    Unreachable {
+        /// The host (and port) the request went to.
+        host: String,
+        /// Why, as a user can act on it.
+        why: Unreachable,
+        /// The innermost cause, as the network stack said it.
+        detail: String,
+    },
+    /// The client failed before or after the exchange (a body it could not read, a
+    /// credential it could not use): not the service's answer.
+    #[error("storage client: {0}")]
+    Client(String),
     /// A local I/O error.
     #[error("I/O error on {path}: {source}")]
     Io {
@@ -117,6 +132,73 @@ pub enum StoreError {
     Invalid(String),
 }
 
+/// Why a service could not be reached ([`StoreError::Unreachable`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Unreachable {
+    /// The host name does not resolve (a mistyped account name, or DNS is down).
+    NameNotResolved,
+    /// The connection was refused (nothing listens on that port).
+    Refused,
+    /// The TLS handshake failed (an https URL for a plain-HTTP endpoint, or a certificate
+    /// this machine does not trust).
+    Tls,
+    /// No answer within the client's deadline.
+    TimedOut,
+    /// The connection failed otherwise (reset, closed early).
+    Dropped,
+}
+
+impl Unreachable {
+    /// Tells the reason from an error's text (its whole chain of causes).
+    pub fn from_text(text: &str) -> Self {
+        let t = text.to_ascii_lowercase();
+        let any = |needles: &[&str]| needles.iter().any(|n| t.contains(n));
+        if any(&[
+            "dns error",
+            "failed to lookup address",
+            "name or service not known",
+            "no such host",
+            "nodename nor servname",
+            "temporary failure in name resolution",
+        ]) {
+            Unreachable::NameNotResolved
+        } else if any(&["connection refused"]) {
+            Unreachable::Refused
+        } else if any(&[
+            "certificate",
+            "tls",
+            "ssl",
+            "handshake",
+            "invalidcontenttype",
+        ]) {
+            Unreachable::Tls
+        } else if any(&["timed out", "timeout"]) {
+            Unreachable::TimedOut
+        } else {
+            Unreachable::Dropped
+        }
+    }
+
+    /// What happened and what to check, with the stack's own words where they help.
+    fn explain(&self, detail: &str) -> String {
+        match self {
+            Unreachable::NameNotResolved => {
+                "the host name does not resolve (check the account name in the URL, and DNS)".into()
+            }
+            Unreachable::Refused => {
+                "the connection was refused (check the URL's port, and that the service runs)"
+                    .into()
+            }
+            Unreachable::Tls => format!(
+                "TLS failed: {detail} (https for a plain-HTTP endpoint, or a certificate this machine does not trust)"
+            ),
+            Unreachable::TimedOut => "no answer in time (check the network and firewalls)".into(),
+            Unreachable::Dropped => format!("the connection failed: {detail}"),
+        }
+    }
+}
+
 impl StoreError {
     /// The HTTP status Azure would have answered with.
     pub fn status(&self) -> Option<u16> {
@@ -132,7 +214,10 @@ impl StoreError {
             | StoreError::NotLeased { .. }
             | StoreError::Changed { .. } => 412,
             StoreError::Http { status, .. } => *status,
-            StoreError::Io { .. } | StoreError::Corrupt { .. } => return None,
+            StoreError::Io { .. }
+            | StoreError::Corrupt { .. }
+            | StoreError::Unreachable { .. }
+            | StoreError::Client(_) => return None,
         })
     }
 }
@@ -141,7 +226,12 @@ impl Classify for StoreError {
     fn class(&self) -> Class {
         match self {
             StoreError::Io { source, .. } => classify_io_kind(source.kind()),
-            StoreError::Corrupt { .. } => Class::NonRecoverable,
+            StoreError::Corrupt { .. } | StoreError::Client(_) => Class::NonRecoverable,
+            // A misconfigured endpoint does not heal; everything else on the way may.
+            StoreError::Unreachable { why, .. } => match why {
+                Unreachable::Tls => Class::NonRecoverable,
+                _ => Class::Recoverable,
+            },
             // A checksum mismatch means the body was damaged on the way: send it again.
             StoreError::ChecksumMismatch { .. } => Class::Recoverable,
             other => other

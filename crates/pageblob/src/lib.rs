@@ -76,7 +76,7 @@ ID `TokenCredential`, https only; tested against Azurite's OAuth mode with a tes
 pub use crate::{
     azure::{AZURITE_ACCOUNT, AZURITE_KEY, AzureStore, Credential, account_sas},
     digests::{BatchDigests, ReplicaDigests, digests_blob},
-    error::StoreError,
+    error::{StoreError, Unreachable},
     faults::{Fault, FaultyStore, Request, Seen},
     local::LocalStore,
     store::{
