@@ -80,6 +80,8 @@ impl Engine {
                     self.remove_location(l).await?;
                 }
             }
+            ActionKind::StopTracking => self.stop_tracking(name)?,
+            ActionKind::DeleteReplica => self.delete_replica(name).await?,
             ActionKind::ShutDownSource => {
                 self.host
                     .shut_down_source(name)
@@ -152,15 +154,24 @@ impl Engine {
 
     async fn start_tracking(&mut self, name: &str) -> Result<()> {
         let doc = self.doc(name)?.clone();
+        let mut own_guids = Vec::new();
         for (d, disk) in doc.disks.iter().enumerate() {
-            self.open_disk(&disk.source, disk.size)?;
+            let h = self.open_disk(&disk.source, disk.size)?;
+            own_guids.push(h.write_guid().map_err(Error::io(format!(
+                "reading the DataWriteGuid of {}",
+                disk.source.display()
+            )))?);
             self.ensure_replica(&replica_blob(name, d), disk.size, doc.block_size)
                 .await?;
         }
         let host = self.host.clone();
         let doc = self.doc_mut(name)?;
         for (d, disk) in doc.disks.iter_mut().enumerate() {
-            if disk.tracking.write_guid == [0; 16] {
+            // A VHDX names itself: Hyper-V's logs carry its DataWriteGuid as it is now (a
+            // write outside tracking changes it, and logs naming the old one are refused).
+            if let Some(g) = own_guids[d] {
+                disk.tracking.write_guid = g;
+            } else if disk.tracking.write_guid == [0; 16] {
                 disk.tracking.write_guid =
                     crate::site::random_guid(&format!("{name}/disk{d}/write-guid"));
             }
@@ -173,17 +184,34 @@ impl Engine {
         }
         // Logs staged or closed before tracking (re)started are covered by the copy or
         // resync that follows.
-        let stale: Vec<_> = doc
-            .pending
-            .drain(..)
-            .chain(
-                std::mem::take(&mut doc.cycles)
-                    .into_values()
-                    .flat_map(|c| c.logs),
-            )
-            .map(|l| l.path)
-            .collect();
-        doc.trash.extend(stale);
+        doc.trash_unapplied_logs();
+        Ok(())
+    }
+
+    /// Disable protection: change tracking stops; logs staged or closed and not applied
+    /// go to the trash.
+    fn stop_tracking(&mut self, name: &str) -> Result<()> {
+        let host = self.host.clone();
+        let doc = self.doc_mut(name)?;
+        for d in 0..doc.disks.len() {
+            host.tracking_stopped(name, d).map_err(Error::io(format!(
+                "stopping change tracking of {name} disk {d}"
+            )))?;
+        }
+        doc.trash_unapplied_logs();
+        Ok(())
+    }
+
+    /// Disable protection with the replica deleted: every disk's replica blob and its
+    /// digests go, snapshots included (the points were deleted before).
+    async fn delete_replica(&mut self, name: &str) -> Result<()> {
+        self.fence(name).await?;
+        for d in 0..self.doc(name)?.disks.len() {
+            let blob = replica_blob(name, d);
+            self.delete_blob(&lifeboat_pageblob::digests_blob(&blob))
+                .await?;
+            self.delete_blob(&blob).await?;
+        }
         Ok(())
     }
 
@@ -224,6 +252,12 @@ impl Engine {
                 self.lease(),
             )
             .await?;
+        // Digests kept by an earlier protection of the name were released with it.
+        let digests = lifeboat_pageblob::digests_blob(blob);
+        match self.store.acquire_lease(&digests, self.site.id()).await {
+            Ok(()) | Err(StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
         if ReplicaDigests::load(&*self.store, blob).await?.is_none() {
             let bs = BlockSize::new(block_size)?;
             let mut d = if seq == 0 {

@@ -173,6 +173,20 @@ impl Item {
     pub fn blob(&self, d: usize) -> String {
         replica_blob(&self.name, d)
     }
+
+    /// Moves every log staged or closed and not applied into the trash.
+    pub(crate) fn trash_unapplied_logs(&mut self) {
+        let stale = self
+            .pending
+            .drain(..)
+            .chain(
+                std::mem::take(&mut self.cycles)
+                    .into_values()
+                    .flat_map(|c| c.logs),
+            )
+            .map(|l| l.path);
+        self.trash.extend(stale);
+    }
 }
 
 /// One disk of an item.

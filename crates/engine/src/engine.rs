@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lifeboat_pageblob::{
-    ETag, Expect, LeaseId, PageStore, ReplicaDigests, StoreError, WriterConfig,
+    Condition, ETag, Expect, LeaseId, PageStore, ReplicaDigests, StoreError, WriterConfig,
 };
 use lifeboat_replication::{
     Command, Coordinator, HealthCause, ItemStatus, Job, JobAction, JobId, JobState, Outcome,
@@ -78,6 +78,15 @@ pub enum Event {
         action: String,
         /// Why.
         message: String,
+    },
+    /// An action starts.
+    Performing {
+        /// The item (or plan).
+        item: String,
+        /// The job task it is ("Initial replication of disk 0").
+        task: String,
+        /// The action in full (its debug form).
+        detail: String,
     },
     /// A drive ended: nothing more is ready.
     Idle,
@@ -266,6 +275,7 @@ impl EngineBuilder {
         };
         e.generation = e.site.generation();
         e.load().await?;
+        e.forget_disabled().await?;
         Ok(e)
     }
 }
@@ -651,6 +661,11 @@ impl Engine {
                 true => self.persist().await,
                 false => Ok(()),
             };
+            self.observer.event(&Event::Performing {
+                item: action.item.clone(),
+                task: action.kind.task(),
+                detail: format!("{:?}", action.kind),
+            });
             let done = match ready {
                 Ok(()) => self.perform(&action).await,
                 Err(e) => Err(e),
@@ -677,8 +692,56 @@ impl Engine {
             }
             self.persist().await?;
             self.empty_trash();
+            self.forget_disabled().await?;
         }
         Ok(true)
+    }
+
+    /// Items whose protection is disabled leave the catalogue: a kept replica's blobs are
+    /// released (anyone may use them now), the item's document is deleted, and the site's
+    /// staging and cached copy of it go. Done after the disabling job is saved, and again
+    /// at open (a crash in between).
+    async fn forget_disabled(&mut self) -> Result<()> {
+        let now = self.last;
+        let done: Vec<String> = self
+            .c
+            .items()
+            .filter(|i| {
+                self.c.status(i, now).map(|s| s.state) == Some(ProtectionState::ProtectionDisabled)
+            })
+            .map(str::to_owned)
+            .collect();
+        for name in done {
+            let disks = self.doc(&name)?.disks.len();
+            for d in 0..disks {
+                let blob = catalog::replica_blob(&name, d);
+                for b in [lifeboat_pageblob::digests_blob(&blob), blob] {
+                    match self.store.release_lease(&b, self.site.id()).await {
+                        Ok(())
+                        | Err(StoreError::NotFound { .. } | StoreError::NotLeased { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+            let doc_name = catalog::item_doc(&name);
+            match self
+                .store
+                .delete(&doc_name, Condition::lease(self.site.id()))
+                .await
+            {
+                Ok(()) | Err(StoreError::NotFound { .. }) => {}
+                Err(StoreError::Leased { .. } | StoreError::Changed { .. }) => {
+                    return Err(self.fenced(&name).await);
+                }
+                Err(e) => return Err(e.into()),
+            }
+            self.c.remove_item(&name);
+            self.items.remove(&name);
+            self.site.uncache(&doc_name);
+            let _ = std::fs::remove_dir_all(self.site.staging_dir(&name));
+            self.generation = self.site.bump_generation();
+        }
+        Ok(())
     }
 
     /// Lets another process work on the site if one waits for it (between a service's
@@ -1232,6 +1295,21 @@ impl Engine {
         Ok(())
     }
 
+    /// Disables protection of an item this site acts for: change tracking stops, logs not
+    /// applied are dropped, running initial replication or resync is cancelled, and the
+    /// item leaves the catalogue. With `delete_replica` its recovery points and replica
+    /// blobs are deleted first; without, the replica stays in the store (its blobs
+    /// released: [`replica_blob`](crate::replica_blob) names them) and is no longer
+    /// updated. Refused during a failover, failback or test failover, and for an item of
+    /// a recovery plan.
+    pub async fn unprotect(&mut self, item: &str, delete_replica: bool) -> Result<JobId> {
+        self.command(Command::DisableProtection {
+            item: item.to_owned(),
+            delete_replica,
+        })
+        .await
+    }
+
     /// After failback: completes it if needed, then resumes replication towards the
     /// recovery site. `false` if the item was protected already.
     pub async fn reprotect(&mut self, item: &str) -> Result<bool> {
@@ -1437,6 +1515,60 @@ impl Engine {
         );
         self.load_plan_if_mine(&name);
         Ok(())
+    }
+
+    /// Deletes a recovery plan (its items stay protected); refused while a failover of
+    /// it is in progress.
+    pub async fn delete_plan(&mut self, name: &str) -> Result<()> {
+        let Some(entry) = self.plans.get(name) else {
+            return Err(Error::Invalid(format!(
+                "no recovery plan {name} (`lifeboat plan list` lists them)"
+            )));
+        };
+        let running = match self.c.plan_record(name) {
+            Some(r) => r.running(),
+            None => entry.record.running(),
+        };
+        if running {
+            return Err(Error::Invalid(format!(
+                "plan {name} has a failover in progress: let it finish, or cancel its job first"
+            )));
+        }
+        let doc_name = catalog::plan_doc(name);
+        match self.store.delete(&doc_name, Condition::NONE).await {
+            Ok(()) | Err(StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.c.remove_plan(name);
+        self.plans.remove(name);
+        self.site.uncache(&doc_name);
+        self.generation = self.site.bump_generation();
+        Ok(())
+    }
+
+    /// Deletes the test-failover disks of every item of a plan that has them (after a
+    /// plan's test failover); the items cleaned up, in plan order.
+    pub async fn plan_test_cleanup(&mut self, name: &str) -> Result<Vec<String>> {
+        let plan = self.plan(name).cloned().ok_or_else(|| {
+            Error::Invalid(format!(
+                "no recovery plan {name} (`lifeboat plan list` lists them)"
+            ))
+        })?;
+        let mut cleaned = Vec::new();
+        for item in plan.groups.iter().flat_map(|g| &g.items) {
+            let test = self.item(item)?.status.test_failover;
+            if test == lifeboat_replication::TestFailoverState::TestFailoverCompleted {
+                self.command(Command::TestFailoverCleanup { item: item.clone() })
+                    .await?;
+                cleaned.push(item.clone());
+            }
+        }
+        if cleaned.is_empty() {
+            return Err(Error::Invalid(format!(
+                "no item of plan {name} has test-failover disks to clean up"
+            )));
+        }
+        Ok(cleaned)
     }
 
     /// A recovery plan.

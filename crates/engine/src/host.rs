@@ -39,6 +39,14 @@ pub trait Disk: BlockSource + Send + Sync {
 
     /// Makes every write so far durable.
     fn sync(&self) -> io::Result<()>;
+
+    /// The disk's own DataWriteGuid, for a format that has one (VHDX): the id Hyper-V's
+    /// change logs name as `Vhd2DataWriteGuid`, which changes when the disk is written
+    /// outside change tracking. `None` (the default): the engine makes one up, and logs
+    /// are written with it.
+    fn write_guid(&self) -> io::Result<Option<[u8; 16]>> {
+        Ok(None)
+    }
 }
 
 impl Disk for File {
@@ -71,6 +79,13 @@ pub trait Host: Send + Sync + std::fmt::Debug {
     /// writes them (the catalogue keeps it as the disk's cursor).
     fn tracking_started(&self, item: &str, disk: usize, chain: [u8; 16]) -> io::Result<()> {
         let _ = (item, disk, chain);
+        Ok(())
+    }
+
+    /// Protection of the item was disabled: its change tracking on `disk` may stop, and
+    /// logs not handed over yet are not wanted any more.
+    fn tracking_stopped(&self, item: &str, disk: usize) -> io::Result<()> {
+        let _ = (item, disk);
         Ok(())
     }
 
@@ -170,9 +185,9 @@ pub struct MemoryHost {
     disks: Mutex<BTreeMap<PathBuf, Arc<MemoryDisk>>>,
 }
 
-/// One disk of a [`MemoryHost`].
+/// One disk of a [`MemoryHost`], and the DataWriteGuid it reports, if any.
 #[derive(Debug)]
-pub struct MemoryDisk(RwLock<Vec<u8>>);
+pub struct MemoryDisk(RwLock<Vec<u8>>, Option<[u8; 16]>);
 
 impl MemoryHost {
     /// An empty host.
@@ -183,7 +198,21 @@ impl MemoryHost {
     /// Adds (or replaces) the disk `path` with these bytes.
     pub fn add_disk(&self, path: impl Into<PathBuf>, bytes: Vec<u8>) {
         self.lock()
-            .insert(path.into(), Arc::new(MemoryDisk(RwLock::new(bytes))));
+            .insert(path.into(), Arc::new(MemoryDisk(RwLock::new(bytes), None)));
+    }
+
+    /// Adds (or replaces) a disk that reports `write_guid` as its DataWriteGuid (as a
+    /// VHDX does; see [`Disk::write_guid`]).
+    pub fn add_disk_with_guid(
+        &self,
+        path: impl Into<PathBuf>,
+        bytes: Vec<u8>,
+        write_guid: [u8; 16],
+    ) {
+        self.lock().insert(
+            path.into(),
+            Arc::new(MemoryDisk(RwLock::new(bytes), Some(write_guid))),
+        );
     }
 
     /// A copy of disk `path`'s bytes.
@@ -226,7 +255,7 @@ impl Host for MemoryHost {
         let len = usize::try_from(len).map_err(|_| io::ErrorKind::OutOfMemory)?;
         disks.insert(
             path.to_path_buf(),
-            Arc::new(MemoryDisk(RwLock::new(vec![0; len]))),
+            Arc::new(MemoryDisk(RwLock::new(vec![0; len]), None)),
         );
         Ok(())
     }
@@ -264,5 +293,9 @@ impl Disk for MemoryDisk {
 
     fn sync(&self) -> io::Result<()> {
         Ok(())
+    }
+
+    fn write_guid(&self) -> io::Result<Option<[u8; 16]>> {
+        Ok(self.1)
     }
 }

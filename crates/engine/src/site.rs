@@ -121,14 +121,19 @@ impl Site {
         }
     }
 
+    /// Everything the site keeps for an item: staged logs, protective copies.
+    pub(crate) fn staging_dir(&self, item: &str) -> PathBuf {
+        self.dir.join("staging").join(item)
+    }
+
     /// Where an item's logs are staged.
     pub(crate) fn logs_dir(&self, item: &str) -> PathBuf {
-        self.dir.join("staging").join(item).join("logs")
+        self.staging_dir(item).join("logs")
     }
 
     /// Where an item's protective copies go.
     pub(crate) fn protective_dir(&self, item: &str) -> PathBuf {
-        self.dir.join("staging").join(item).join("protective")
+        self.staging_dir(item).join("protective")
     }
 
     /// Writes the last catalogue document seen for `name` into the site's cache (read when
@@ -141,6 +146,11 @@ impl Site {
             .and_then(|_| data::private_file(&tmp))
             .and_then(|mut f| f.write_all(bytes))
             .and_then(|_| fs::rename(&tmp, &file));
+    }
+
+    /// Drops the cached copy of a document that is gone.
+    pub(crate) fn uncache(&self, name: &str) {
+        let _ = fs::remove_file(self.dir.join("cache").join(name.replace('/', "%")));
     }
 
     /// Lets another engine on the site work (the site's lock is released): for a service

@@ -71,7 +71,12 @@ impl World {
     /// A log of one guest write of `n`s at `n * 8 KiB` (made on the disk too), with id
     /// `[n; 16]`, following `previous`.
     fn log(&self, e: &Engine, n: u8, previous: [u8; 16]) -> PathBuf {
-        let t = &e.item("vm").unwrap().item.disks[0].tracking;
+        let guid = e.item("vm").unwrap().item.disks[0].tracking.write_guid;
+        self.log_naming(n, previous, guid)
+    }
+
+    /// [`World::log`] for a disk whose DataWriteGuid is `guid`.
+    fn log_naming(&self, n: u8, previous: [u8; 16], guid: [u8; 16]) -> PathBuf {
         let at = u64::from(n) * 8192;
         self.host.write("vm/d0", at, &[n; 4096]).unwrap();
         let path = self.dir.path().join(format!("l{n}.hrl"));
@@ -80,7 +85,7 @@ impl World {
         let config = WriterConfig2 {
             unique_id: [n; 16],
             previous_unique_id: previous,
-            vhd2_data_write_guid: t.write_guid,
+            vhd2_data_write_guid: guid,
             timestamp: now,
             ..WriterConfig2::default()
         };
@@ -234,6 +239,109 @@ async fn the_catalogue_is_in_the_store() {
             lifeboat_replication::JobKind::Replicate
         ]
     );
+}
+
+/// Disabling protection forgets the item everywhere; a kept replica stays, released, and
+/// protecting the name again reuses it; a deleted one leaves nothing in the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unprotect_forgets_the_item_and_keeps_or_deletes_the_replica() {
+    let w = World::new();
+    let mut a = protected(&w, "a").await;
+    let l1 = w.log(&a, 1, w.chain(&a));
+    w.clock.set(w.clock.now() + Duration::from_secs(600));
+    a.replicate("vm", &[(0, l1)], false).await.unwrap();
+    let replica = crate::replica_blob("vm", 0);
+
+    a.unprotect("vm", false).await.unwrap();
+    assert!(!a.has_item("vm"));
+    assert_eq!(
+        w.store.list("lifeboat/items/vm/catalog").await.unwrap(),
+        Vec::<String>::new()
+    );
+    assert!(!w.dir.path().join("a/staging/vm").exists());
+    // The replica is whole and nobody holds it: another site may lease it.
+    same(&w.replica_bytes().await, &w.source(), "kept replica");
+    let other = lifeboat_pageblob::LeaseId([7; 16]);
+    w.store.acquire_lease(&replica, other).await.unwrap();
+    w.store.release_lease(&replica, other).await.unwrap();
+    // Gone for a new engine too, and the name can be protected again (the source
+    // changed meanwhile, unseen).
+    drop(a);
+    w.host.write("vm/d0", 0, &[9; 4096]).unwrap();
+    w.host.write("vm/d0", 8192, &[0; 4096]).unwrap();
+    let mut b = w.engine("a").await;
+    assert!(!b.has_item("vm"));
+    b.protect("vm", &[PathBuf::from("vm/d0")], policy(), 64 << 10)
+        .await
+        .unwrap();
+    assert_eq!(b.protection("vm").unwrap(), ProtectionState::Protected);
+    same(
+        &w.replica_bytes().await,
+        &w.source(),
+        "re-protected replica",
+    );
+
+    // Deleted: no blob of the item is left, snapshots included.
+    b.unprotect("vm", true).await.unwrap();
+    assert!(!b.has_item("vm"));
+    assert_eq!(
+        w.store.list("lifeboat/items/vm/").await.unwrap(),
+        Vec::<String>::new()
+    );
+    assert!(
+        w.store
+            .snapshots(&replica)
+            .await
+            .is_ok_and(|s| s.is_empty())
+            || matches!(
+                w.store.snapshots(&replica).await,
+                Err(lifeboat_pageblob::StoreError::NotFound { .. })
+            )
+    );
+}
+
+/// A disk that names itself (a VHDX's DataWriteGuid) is tracked under that id: logs that
+/// name it apply, logs that name another (the disk was written outside tracking) make the
+/// item resync, and the resync takes the disk's new id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_must_name_the_disks_own_write_guid() {
+    let w = World::new();
+    let (g1, g2) = ([0xA1; 16], [0xB2; 16]);
+    w.host.add_disk_with_guid("vm/d0", vec![0u8; 2 << 20], g1);
+    let mut e = protected(&w, "a").await;
+    assert_eq!(e.item("vm").unwrap().item.disks[0].tracking.write_guid, g1);
+    let l1 = w.log_naming(1, w.chain(&e), g1);
+    w.advance(Duration::from_secs(600));
+    assert_eq!(
+        applied(e.replicate("vm", &[(0, l1)], false).await.unwrap()),
+        1
+    );
+
+    // Written outside tracking: the disk has a new id, a log names it.
+    let data = w.source();
+    w.host.add_disk_with_guid("vm/d0", data, g2);
+    let l2 = w.log_naming(2, [1; 16], g2);
+    match e.replicate("vm", &[(0, l2)], false).await.unwrap() {
+        Replicated::ResyncRequired(causes) => assert!(
+            causes.contains(&HealthCause::ResyncRequired(ResyncReason::OfflineChange {
+                disk: 0
+            })),
+            "{causes:?}"
+        ),
+        other => panic!("a log naming another DataWriteGuid was taken: {other:?}"),
+    }
+    e.command(Command::Resync { item: "vm".into() })
+        .await
+        .unwrap();
+    assert_eq!(e.item("vm").unwrap().item.disks[0].tracking.write_guid, g2);
+    same(&w.replica_bytes().await, &w.source(), "resynced replica");
+    let l3 = w.log_naming(3, w.chain(&e), g2);
+    w.advance(Duration::from_secs(600));
+    assert_eq!(
+        applied(e.replicate("vm", &[(0, l3)], false).await.unwrap()),
+        1
+    );
+    same(&w.replica_bytes().await, &w.source(), "replica after l3");
 }
 
 /// Names that would escape a path or collide are refused before anything is recorded.

@@ -41,6 +41,17 @@ pub enum OpError {
     /// The policy or disks are invalid.
     #[error("{0}")]
     Invalid(String),
+    /// The item belongs to a recovery plan (an operation that would leave the plan naming
+    /// an item that is gone).
+    #[error(
+        "{item} is in recovery plan {plan}: take it out of the plan first (lifeboat plan create {plan} … without it, or lifeboat plan delete {plan})"
+    )]
+    InPlan {
+        /// The item.
+        item: ItemId,
+        /// The plan.
+        plan: String,
+    },
     /// An outcome for an action that is not in flight (stale, or already reported).
     #[error("action {0:?} is not in flight")]
     UnknownAction(ActionId),
@@ -88,7 +99,9 @@ fn next_step(state: ProtectionState, test: Option<TestFailoverState>) -> &'stati
         | S::CommitFailoverInProgress
         | S::CancelFailoverInProgress
         | S::FailbackInProgress
-        | S::ReprotectInitiated => "wait for its running job to finish (or resume it)",
+        | S::ReprotectInitiated
+        | S::DisablingProtection => "wait for its running job to finish (or resume it)",
+        S::ProtectionDisabled => "protect it again first",
     }
 }
 
@@ -340,6 +353,15 @@ fn op_name(c: &Command) -> &'static str {
         Command::TakeOver { .. } => "Take over",
         Command::ReplicateNow { .. } => "Replicate now",
         Command::ChangePolicy { .. } => "Change policy",
+        Command::DisableProtection { .. } => "Disable protection",
+    }
+}
+
+impl ActionKind {
+    /// The job task this action is, as the jobs view names it ("Initial replication of
+    /// disk 0").
+    pub fn task(&self) -> String {
+        task_name(self)
     }
 }
 
@@ -360,6 +382,8 @@ fn task_name(kind: &ActionKind) -> String {
         } => "Create test disks".into(),
         ActionKind::MaterializeDisks { .. } => "Create failover disks".into(),
         ActionKind::DeleteTestDisks => "Delete test disks".into(),
+        ActionKind::StopTracking => "Stop change tracking".into(),
+        ActionKind::DeleteReplica => "Delete replica disks".into(),
         ActionKind::ShutDownSource => "Shut down source machine".into(),
         ActionKind::StartSource => "Start source machine".into(),
         ActionKind::StartTarget { .. } => "Start recovered machine".into(),
@@ -729,6 +753,59 @@ impl Coordinator {
             Command::TakeOver { .. } => {
                 let job = self.new_job(now, JobKind::TakeOver, &name);
                 self.take_over(now, &name);
+                job
+            }
+            Command::DisableProtection { delete_replica, .. } => {
+                if !matches!(
+                    state,
+                    S::EnablingProtection
+                        | S::InitialReplicationInProgress
+                        | S::Protected
+                        | S::ResyncRequired
+                        | S::Resynchronizing
+                        | S::ResyncPaused
+                        | S::FailoverCommitted
+                        | S::FailbackCommitted
+                ) {
+                    return Err(deny(None));
+                }
+                if item.test != TestFailoverState::None {
+                    return Err(deny(Some(item.test)));
+                }
+                if let Some(plan) = self
+                    .plans()
+                    .find(|p| p.groups.iter().any(|g| g.items.contains(&name)))
+                {
+                    return Err(OpError::InPlan {
+                        item: name.clone(),
+                        plan: plan.name.clone(),
+                    });
+                }
+                // Nothing the item was doing carries on.
+                self.cancel_jobs(
+                    now,
+                    &name,
+                    &[JobKind::EnableProtection, JobKind::Resynchronize],
+                    "cancelled by disable protection",
+                );
+                self.drop_cycle_steps(now, &name);
+                let job = self.new_job(now, JobKind::DisableProtection, &name);
+                let it = self.item_mut(&name);
+                it.state = S::DisablingProtection;
+                it.clear_failure();
+                it.wait_until = None;
+                it.cycle_due = None;
+                it.resync_at = None;
+                it.closed.clear();
+                let points: Vec<PointId> = it.points.iter().map(|p| p.id).collect();
+                let queued = self.deleting(&name);
+                self.enqueue(&name, job, ActionKind::StopTracking);
+                if delete_replica {
+                    for point in points.into_iter().filter(|p| !queued.contains(p)) {
+                        self.enqueue(&name, job, ActionKind::DeleteRecoveryPoint { point });
+                    }
+                    self.enqueue(&name, job, ActionKind::DeleteReplica);
+                }
                 job
             }
             Command::ChangePolicy { policy, .. } => {
@@ -1428,6 +1505,8 @@ impl Coordinator {
             ActionKind::SyncBack { .. }
             | ActionKind::MaterializeDisks { .. }
             | ActionKind::DeleteTestDisks
+            | ActionKind::StopTracking
+            | ActionKind::DeleteReplica
             | ActionKind::ShutDownSource
             | ActionKind::StartSource
             | ActionKind::StartTarget { .. }
@@ -1521,6 +1600,10 @@ impl Coordinator {
             | JobKind::Replicate => {}
             JobKind::Failback => it.state = S::FailbackCompleted,
             JobKind::CompleteFailback => it.state = S::FailbackCommitted,
+            JobKind::DisableProtection => {
+                it.state = S::ProtectionDisabled;
+                it.cycle_due = None;
+            }
             JobKind::CancelFailback => it.state = S::FailoverCommitted,
             JobKind::Reprotect => {
                 // Replicating again: the old recovery-site points describe the machine

@@ -65,6 +65,8 @@ tags! {
         FailbackCompleted => "failback_completed",
         FailbackCommitted => "failback_committed",
         ReprotectInitiated => "reprotect_initiated",
+        DisablingProtection => "disabling_protection",
+        ProtectionDisabled => "protection_disabled",
     }
     TestFailoverState {
         None => "none",
@@ -96,6 +98,7 @@ tags! {
         TakeOver => "take_over",
         Replicate => "replicate",
         ChangePolicy => "change_policy",
+        DisableProtection => "disable_protection",
     }
     JobState {
         NotStarted => "not_started",

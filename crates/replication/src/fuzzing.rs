@@ -13,7 +13,7 @@ const MIB: u64 = 1 << 20;
 pub enum Op {
     /// Issue command `.0` with parameter `.1` (13: start the recovery plan, 14: resume it,
     /// 19-21: cancel, restart, resume a job, 22: take over, 23: replicate now, 24: change
-    /// the policy).
+    /// the policy, 25: disable protection).
     Command(u8, u8),
     /// Answer one outstanding action (chosen and shaped by the byte).
     Answer(u8),
@@ -85,6 +85,10 @@ pub fn command(c: u8, p: u8, points: &[RecoveryPoint]) -> Command {
                 copy_chunk: MIB / 2,
                 ..ReplicationPolicy::default()
             },
+        },
+        25 => Command::DisableProtection {
+            item,
+            delete_replica: p.is_multiple_of(2),
         },
         _ => Command::Reprotect { item },
     }
@@ -161,6 +165,18 @@ pub fn apply_op(
                 };
                 // Stale ids (after a crash) are refused, never applied.
                 let _ = c.handle_outcome(*now, a.id, outcome);
+                // The driver forgets an item whose protection is disabled.
+                let disabled: Vec<String> = c
+                    .items()
+                    .filter(|i| {
+                        c.status(i, *now).map(|s| s.state)
+                            == Some(ProtectionState::ProtectionDisabled)
+                    })
+                    .map(str::to_owned)
+                    .collect();
+                for i in disabled {
+                    c.remove_item(&i);
+                }
             }
         }
         Op::Advance(mins) => {
@@ -206,7 +222,7 @@ pub fn run_ops(
     .map_err(|e| e.to_string())?;
     for &(kind, a, b) in ops {
         let op = match kind % 12 {
-            0..=2 => Op::Command(a % 25, b),
+            0..=2 => Op::Command(a % 26, b),
             3..=8 => Op::Answer(a),
             9..=10 => Op::Advance(u16::from(a) * 7 + 1),
             _ => Op::Crash,

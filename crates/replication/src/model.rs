@@ -214,6 +214,12 @@ pub enum ProtectionState {
     FailbackCommitted,
     /// Reprotect running (a resync of the replica from the source).
     ReprotectInitiated,
+    /// Disable protection running: tracking stopped, pending logs discarded, the replica
+    /// deleted if asked.
+    DisablingProtection,
+    /// Protection disabled: the driver removes the item from its catalogue (the replica
+    /// stays where it is unless its deletion was asked).
+    ProtectionDisabled,
 }
 
 /// Test failover state, beside the protection state (test failover does not disturb
@@ -448,6 +454,12 @@ pub enum ActionKind {
     },
     /// Delete test-failover disks.
     DeleteTestDisks,
+    /// Disable protection: stop change tracking on every disk and drop the logs not
+    /// applied.
+    StopTracking,
+    /// Disable protection: delete the replica's disks (their recovery points are gone by
+    /// then).
+    DeleteReplica,
     /// Shut the source machine down.
     ShutDownSource,
     /// Start the source machine.
@@ -636,6 +648,17 @@ pub enum Command {
         /// The item.
         item: ItemId,
     },
+    /// Stop replicating the item: tracking stops, logs not applied are dropped, running
+    /// resyncs and initial replication are cancelled, and (with `delete_replica`) every
+    /// recovery point and the replica's disks are deleted. The item ends
+    /// [`ProtectionState::ProtectionDisabled`]; its driver then forgets it. Not during a
+    /// failover, a failback or a test failover, nor for an item of a recovery plan.
+    DisableProtection {
+        /// The item.
+        item: ItemId,
+        /// Delete the replica and its recovery points too.
+        delete_replica: bool,
+    },
     /// Replace the item's replication policy: the next cycle is due one new interval from
     /// now at the latest, points older than the new retention go, health is judged by the
     /// new thresholds.
@@ -670,7 +693,8 @@ impl Command {
             | Command::CancelResync { item }
             | Command::ReplicateNow { item }
             | Command::TakeOver { item }
-            | Command::ChangePolicy { item, .. } => item,
+            | Command::ChangePolicy { item, .. }
+            | Command::DisableProtection { item, .. } => item,
         }
     }
 }
@@ -715,6 +739,8 @@ pub enum JobKind {
     Replicate,
     /// The replication policy changed.
     ChangePolicy,
+    /// Protection disabled.
+    DisableProtection,
 }
 
 /// What an administrator may do with a job.

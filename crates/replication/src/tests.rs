@@ -822,7 +822,7 @@ fn via_json(c: &Coordinator) -> Result<Coordinator, String> {
 
 fn arb_op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        3 => (0u8..25, any::<u8>()).prop_map(|(c, p)| Op::Command(c, p)),
+        3 => (0u8..26, any::<u8>()).prop_map(|(c, p)| Op::Command(c, p)),
         6 => any::<u8>().prop_map(Op::Answer),
         2 => (1u16..1200).prop_map(Op::Advance),
         1 => Just(Op::Crash),
@@ -1877,4 +1877,107 @@ fn a_policy_change_takes_effect_at_once() {
         },
     });
     assert!(matches!(bad, Err(OpError::Invalid(_))), "{bad:?}");
+}
+
+#[test]
+fn disable_protection_stops_tracking_and_deletes_the_replica_only_when_asked() {
+    // Kept replica: tracking stops, nothing is deleted.
+    let mut s = Sim::new();
+    s.protect("vm", vec![MIB]);
+    s.tick();
+    let before = s.done.len();
+    s.cmd(Command::DisableProtection {
+        item: "vm".into(),
+        delete_replica: false,
+    })
+    .unwrap();
+    let kinds: Vec<&ActionKind> = s.done[before..].iter().map(|a| &a.kind).collect();
+    assert_eq!(kinds, [&ActionKind::StopTracking]);
+    assert_eq!(s.status().state, ProtectionState::ProtectionDisabled);
+    assert_eq!(s.c.poll_timeout(), None, "no cycle is scheduled any more");
+
+    // During a resync, with the replica deleted: the resync is cancelled, every point
+    // and then the replica go.
+    let mut s = Sim::new();
+    s.protect("vm", vec![MIB]);
+    s.tick();
+    s.c.handle_command(s.now, Command::Resync { item: "vm".into() })
+        .unwrap();
+    assert!(s.step(), "the resync started");
+    let points = s.status().points.len();
+    let before = s.done.len();
+    let job = s
+        .cmd(Command::DisableProtection {
+            item: "vm".into(),
+            delete_replica: true,
+        })
+        .unwrap();
+    // The resync's action already in flight ends; nothing of the resync follows it.
+    let kinds: Vec<&ActionKind> = s.done[before..]
+        .iter()
+        .map(|a| &a.kind)
+        .skip_while(|k| **k != ActionKind::StopTracking)
+        .collect();
+    assert_eq!(kinds[0], &ActionKind::StopTracking);
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|k| matches!(k, ActionKind::DeleteRecoveryPoint { .. }))
+            .count(),
+        points
+    );
+    assert_eq!(kinds.last(), Some(&&ActionKind::DeleteReplica));
+    assert!(
+        !kinds
+            .iter()
+            .any(|k| matches!(k, ActionKind::ResyncDisk { .. }))
+    );
+    let st = s.status();
+    assert_eq!(
+        (st.state, st.points.len()),
+        (ProtectionState::ProtectionDisabled, 0)
+    );
+    assert_eq!(s.c.job(&job).unwrap().state, JobState::Succeeded);
+    let resync =
+        s.c.jobs()
+            .find(|j| j.kind == JobKind::Resynchronize)
+            .unwrap();
+    assert_eq!(resync.state, JobState::Cancelled);
+
+    // Refused during a failover, during a test failover and for an item of a plan.
+    let mut s = Sim::new();
+    s.protect("vm", vec![MIB]);
+    let off = || Command::DisableProtection {
+        item: "vm".into(),
+        delete_replica: true,
+    };
+    s.cmd(Command::TestFailover {
+        item: "vm".into(),
+        point: PointChoice::Latest,
+    })
+    .unwrap();
+    let e = s.cmd(off()).unwrap_err().to_string();
+    assert!(e.contains("clean up the test failover first"), "{e}");
+    s.cmd(Command::TestFailoverCleanup { item: "vm".into() })
+        .unwrap();
+    s.cmd(Command::PlannedFailover { item: "vm".into() })
+        .unwrap();
+    let e = s.cmd(off()).unwrap_err().to_string();
+    assert!(e.contains("commit the failover first"), "{e}");
+    s.cmd(Command::CancelFailover { item: "vm".into() })
+        .unwrap();
+    s.c.create_plan(RecoveryPlan {
+        name: "p".into(),
+        groups: vec![PlanGroup {
+            items: vec!["vm".into()],
+            pre: vec![],
+            post: vec![],
+        }],
+    })
+    .unwrap();
+    let e = s.cmd(off()).unwrap_err();
+    assert!(matches!(e, OpError::InPlan { .. }), "{e}");
+    s.c.remove_plan("p");
+    s.cmd(off()).unwrap();
+    assert_eq!(s.status().state, ProtectionState::ProtectionDisabled);
 }

@@ -16,6 +16,7 @@ use lifeboat_replication::{
 
 use crate::host::AgentHost;
 use crate::human;
+use crate::out::say;
 use crate::{Cli, Cmd, Format, Frequency, JobCmd, PlanCmd, Store};
 
 /// Progress bars for long tasks, and one-line notes, on stderr (none when quiet).
@@ -122,6 +123,10 @@ impl Observer for Bars {
             Event::TookOver { item, from } => {
                 eprintln!("{item}: taken over from site {from} (its writes are fenced now)")
             }
+            Event::Performing { item, task, detail } => {
+                tracing::info!(item, "{task}");
+                tracing::debug!(item, action = detail);
+            }
             Event::Idle => {
                 self.lines.lock().unwrap_or_else(|p| p.into_inner()).clear();
                 for b in bars.values() {
@@ -190,13 +195,24 @@ pub(crate) async fn run(store: Store, cli: &Cli) -> Result<()> {
     } else {
         e.drive().await?;
     }
+    if cli.json {
+        crate::out::json();
+    }
     let r = command(&mut e, &store, cli, &resumed).await;
+    // A plan waiting at a manual action has its result too (exit status 3).
+    let result = match &r {
+        Ok(()) => true,
+        Err(err) => err.downcast_ref::<crate::Exit>().is_some(),
+    };
+    if result {
+        crate::out::finish(&cli.name, cli.command.item(), &e)?;
+    }
     let submits = matches!(
         cli.command,
         Cmd::Protect { .. } | Cmd::Replicate { .. } | Cmd::Resync { .. }
     );
     if beside && submits && r.is_ok() && foreground(&cli.command, &e).is_empty() {
-        println!(
+        say!(
             "the service on {} carries it on: `lifeboat status` shows how far it is",
             site.display()
         );
@@ -224,6 +240,7 @@ fn foreground(cmd: &Cmd, e: &Engine) -> Vec<String> {
         | Cmd::Cancel { item }
         | Cmd::Failback { item, .. }
         | Cmd::Reprotect { item }
+        | Cmd::Unprotect { item, .. }
         | Cmd::Verify { item, .. }
         | Cmd::TakeOver { item }
         | Cmd::Repair { item } => vec![item.clone()],
@@ -234,10 +251,13 @@ fn foreground(cmd: &Cmd, e: &Engine) -> Vec<String> {
             plan_items(e, &id.item).unwrap_or_else(|| vec![id.item.clone()])
         }
         Cmd::Plan { command } => match command {
-            PlanCmd::Create { .. } | PlanCmd::List | PlanCmd::Show { .. } => Vec::new(),
-            PlanCmd::Resume { plan } | PlanCmd::Failover { plan, .. } => {
-                plan_items(e, plan).unwrap_or_default()
-            }
+            PlanCmd::Create { .. }
+            | PlanCmd::List
+            | PlanCmd::Show { .. }
+            | PlanCmd::Delete { .. } => Vec::new(),
+            PlanCmd::Resume { plan }
+            | PlanCmd::Failover { plan, .. }
+            | PlanCmd::Cleanup { plan } => plan_items(e, plan).unwrap_or_default(),
         },
         _ => Vec::new(),
     }
@@ -296,7 +316,7 @@ async fn command(e: &mut Engine, store: &Store, cli: &Cli, resumed: &[JobId]) ->
                 return resync(e, item, resumed).await;
             };
             e.command(cmd).await?;
-            println!("{item}: {}", e.protection(item)?);
+            say!("{item}: {}", e.protection(item)?);
             Ok(())
         }
         Cmd::ChangePoint { item, point } => {
@@ -306,7 +326,7 @@ async fn command(e: &mut Engine, store: &Store, cli: &Cli, resumed: &[JobId]) ->
                 point,
             })
             .await?;
-            print_locations(&e.item(item)?.item.failover.disks);
+            crate::out::disks(&e.item(item)?.item.failover.disks);
             Ok(())
         }
         Cmd::Job { command } => job(e, command).await,
@@ -353,7 +373,7 @@ async fn command(e: &mut Engine, store: &Store, cli: &Cli, resumed: &[JobId]) ->
         } => {
             let ex = export(Some(out), *format, azure, *force);
             e.test_failover(item, parse_point(point)?, ex).await?;
-            print_locations(&e.item(item)?.item.test.disks);
+            crate::out::disks(&e.item(item)?.item.test.disks);
             Ok(())
         }
         Cmd::TestFailoverCleanup { item } => {
@@ -378,7 +398,7 @@ async fn command(e: &mut Engine, store: &Store, cli: &Cli, resumed: &[JobId]) ->
             };
             e.failover(item, how, export(out.as_deref(), *format, azure, *force))
                 .await?;
-            print_locations(&e.item(item)?.item.failover.disks);
+            crate::out::disks(&e.item(item)?.item.failover.disks);
             Ok(())
         }
         Cmd::Commit { item } => {
@@ -406,6 +426,29 @@ async fn command(e: &mut Engine, store: &Store, cli: &Cli, resumed: &[JobId]) ->
             done(e, item, what)
         }
         Cmd::Failback { item, to, full } => failback(e, item, to, *full).await,
+        Cmd::Unprotect {
+            item,
+            delete_replica,
+        } => {
+            let disks = e.item(item)?.item.disks.len();
+            e.unprotect(item, *delete_replica).await?;
+            if *delete_replica {
+                say!("{item}: protection disabled; its recovery points and replica are deleted");
+            } else {
+                say!(
+                    "{item}: protection disabled; the replica stays in {} (no longer updated):",
+                    store.desc
+                );
+                let blobs: Vec<Location> = (0..disks)
+                    .map(|d| Location::Blob {
+                        name: lifeboat_engine::replica_blob(item, d),
+                        download: None,
+                    })
+                    .collect();
+                crate::out::disks(&blobs);
+            }
+            Ok(())
+        }
         Cmd::Reprotect { item } => {
             let finishing = resumed
                 .iter()
@@ -424,9 +467,9 @@ async fn command(e: &mut Engine, store: &Store, cli: &Cli, resumed: &[JobId]) ->
         } => verify(e, item, point.map(PointId), *source, *repair).await,
         Cmd::TakeOver { item } => {
             if e.take_over(item).await? {
-                println!("{item}: this site acts for it now");
+                say!("{item}: this site acts for it now");
             } else {
-                println!("{item}: this site acts for it already");
+                say!("{item}: this site acts for it already");
             }
             Ok(())
         }
@@ -444,9 +487,9 @@ async fn command(e: &mut Engine, store: &Store, cli: &Cli, resumed: &[JobId]) ->
                 .map(|j| j.id.to_string())
                 .collect();
             match (resumed.len(), open.is_empty()) {
-                (0, true) => println!("nothing to resume"),
-                (n, true) => println!("{n} job(s) carried on to their end"),
-                (_, false) => println!(
+                (0, true) => say!("nothing to resume"),
+                (n, true) => say!("{n} job(s) carried on to their end"),
+                (_, false) => say!(
                     "still waiting: {} (`lifeboat jobs` says why)",
                     open.join(", ")
                 ),
@@ -460,7 +503,7 @@ async fn command(e: &mut Engine, store: &Store, cli: &Cli, resumed: &[JobId]) ->
             writes,
             size,
             seed,
-        } => crate::demo::guest_write(e, item, *disk, log, *writes, *size, *seed, cli.json),
+        } => crate::demo::guest_write(e, item, *disk, log, *writes, *size, *seed, false),
         Cmd::Plan { command } => plan(e, command, azure).await,
         Cmd::Demo { .. }
         | Cmd::Completions { .. }
@@ -479,7 +522,7 @@ async fn command(e: &mut Engine, store: &Store, cli: &Cli, resumed: &[JobId]) ->
 
 /// Says what a command did and the item's state now.
 fn done(e: &Engine, item: &str, what: &str) -> Result<()> {
-    println!(
+    say!(
         "{item}: {what}; now {}",
         e.protection(item)?.to_string().to_lowercase()
     );
@@ -527,18 +570,6 @@ fn parse_point(s: &str) -> Result<PointChoice> {
     })
 }
 
-fn print_locations(ls: &[Location]) {
-    for (d, l) in ls.iter().enumerate() {
-        match l {
-            Location::File { path } => println!("disk {d}: {}", path.display()),
-            Location::Blob { name, download } => match download {
-                Some(p) => println!("disk {d}: blob {name} (downloaded to {})", p.display()),
-                None => println!("disk {d}: blob {name}"),
-            },
-        }
-    }
-}
-
 /// Disk paths as the catalogue records them: absolute and canonical where they exist.
 fn absolute(p: &Path) -> Result<PathBuf> {
     let abs = if p.is_absolute() {
@@ -571,12 +602,12 @@ pub(crate) async fn protect(
     let fresh = e.protect(item, &paths, policy, bs).await?;
     let st = e.protection(item)?;
     if !fresh {
-        println!(
+        say!(
             "{item} is already protected ({})",
             st.to_string().to_lowercase()
         );
     } else {
-        println!("{item}: {st}");
+        say!("{item}: {st}");
     }
     Ok(())
 }
@@ -589,14 +620,14 @@ pub(crate) async fn replicate(
     app_consistent: bool,
 ) -> Result<()> {
     match e.replicate(item, logs, app_consistent).await? {
-        Replicated::Nothing => println!("{item}: nothing new to apply"),
+        Replicated::Nothing => say!("{item}: nothing new to apply"),
         Replicated::Applied { cycles, points } => {
             let total = e.item(item)?.status.cycles_applied;
-            println!(
+            say!(
                 "{item}: {cycles} cycle(s) applied now ({total} since protection); {points} recovery point(s)"
             )
         }
-        Replicated::ResyncRequired(causes) => println!(
+        Replicated::ResyncRequired(causes) => say!(
             "{item}: {}; the log was not applied; run `lifeboat resync {item}`",
             causes
                 .iter()
@@ -604,7 +635,7 @@ pub(crate) async fn replicate(
                 .collect::<Vec<_>>()
                 .join("; ")
         ),
-        Replicated::Staged { logs } => println!(
+        Replicated::Staged { logs } => say!(
             "{item}: {logs} log(s) staged for the copy under way (initial replication or resync)"
         ),
         _ => {}
@@ -627,9 +658,11 @@ pub(crate) async fn resync(e: &mut Engine, item: &str, resumed: &[JobId]) -> Res
         .await?;
     }
     for (d, r) in e.item(item)?.item.last_resync.iter().enumerate() {
-        println!(
+        say!(
             "{item} disk {d}: {} blocks compared, {} bytes sent, {} bytes cleared",
-            r.blocks_compared, r.bytes_sent, r.bytes_cleared
+            r.blocks_compared,
+            r.bytes_sent,
+            r.bytes_cleared
         );
     }
     Ok(())
@@ -663,12 +696,13 @@ async fn verify(
                 .join(", ")
         };
         match &v.note {
-            Some(n) => println!("{item} disk {} ({what}): not checked: {n}", v.disk),
-            None if v.damaged.is_empty() => println!(
+            Some(n) => say!("{item} disk {} ({what}): not checked: {n}", v.disk),
+            None if v.damaged.is_empty() => say!(
                 "{item} disk {} ({what}): {} blocks match their digests",
-                v.disk, v.blocks
+                v.disk,
+                v.blocks
             ),
-            None => println!(
+            None => say!(
                 "{item} disk {} ({what}): {} damaged block(s) at offset(s) {}",
                 v.disk,
                 v.damaged.len(),
@@ -677,9 +711,9 @@ async fn verify(
         }
         if let Some(u) = &v.unlike_source {
             if u.is_empty() {
-                println!("{item} disk {}: the replica equals the source", v.disk);
+                say!("{item} disk {}: the replica equals the source", v.disk);
             } else {
-                println!(
+                say!(
                     "{item} disk {}: {} block(s) differ from the source, at offset(s) {}",
                     v.disk,
                     u.len(),
@@ -691,9 +725,11 @@ async fn verify(
     }
     if repair {
         for (d, r) in e.item(item)?.item.last_resync.iter().enumerate() {
-            println!(
+            say!(
                 "{item} disk {d}: repaired: {} blocks compared, {} bytes sent, {} bytes cleared",
-                r.blocks_compared, r.bytes_sent, r.bytes_cleared
+                r.blocks_compared,
+                r.bytes_sent,
+                r.bytes_cleared
             );
         }
         return Ok(());
@@ -710,12 +746,14 @@ pub(crate) async fn failback(e: &mut Engine, item: &str, to: &[PathBuf], full: b
     let targets = to.iter().map(|p| absolute(p)).collect::<Result<Vec<_>>>()?;
     e.failback(item, &targets, full).await?;
     for (d, r) in e.item(item)?.item.last_sync_back.iter().enumerate() {
-        println!(
+        say!(
             "{item} disk {d}: {} blocks compared, {} bytes written, {} bytes zeroed",
-            r.blocks_compared, r.bytes_sent, r.bytes_cleared
+            r.blocks_compared,
+            r.bytes_sent,
+            r.bytes_cleared
         );
     }
-    println!(
+    say!(
         "{item}: {} (run `lifeboat reprotect {item}` to finish, or `lifeboat cancel {item}`)",
         e.protection(item)?
     );
@@ -730,7 +768,7 @@ async fn job(e: &mut Engine, cmd: &JobCmd) -> Result<()> {
     };
     let id = e.job_action(id, action).await?;
     if let Some(j) = e.job(&id) {
-        println!(
+        say!(
             "job {}: {}, {}",
             j.id,
             j.kind,
@@ -815,12 +853,23 @@ async fn plan(e: &mut Engine, cmd: &PlanCmd, azure: bool) -> Result<()> {
                 groups: gs,
             })
             .await?;
-            println!("plan {plan}: {} group(s)", groups.len());
+            say!("plan {plan}: {} group(s)", groups.len());
             Ok(())
         }
         PlanCmd::Resume { plan } => {
             e.resume_plan(plan).await?;
             report_plan(e, plan)
+        }
+        PlanCmd::Delete { plan } => {
+            e.delete_plan(plan).await?;
+            say!("plan {plan}: deleted (its items stay protected)");
+            Ok(())
+        }
+        PlanCmd::Cleanup { plan } => {
+            for item in e.plan_test_cleanup(plan).await? {
+                say!("{item}: test failover disks deleted");
+            }
+            Ok(())
         }
         PlanCmd::Failover {
             plan,
@@ -854,15 +903,15 @@ fn report_plan(e: &Engine, plan: &str) -> Result<()> {
         .plan_job(plan)
         .with_context(|| format!("plan {plan} has no job"))?;
     for t in &job.tasks {
-        println!("plan {plan}: {:<50} {}", t.name, t.state);
+        say!("plan {plan}: {:<50} {}", t.name, t.state);
     }
     match job.state {
         JobState::Succeeded => {
-            println!("plan {plan}: done");
+            say!("plan {plan}: done");
             Ok(())
         }
         JobState::Suspended => {
-            println!("plan {plan}: waiting for a manual action; run `lifeboat plan resume {plan}`");
+            say!("plan {plan}: waiting for a manual action; run `lifeboat plan resume {plan}`");
             Err(crate::Exit(crate::exit::PLAN_WAITING).into())
         }
         s => bail!(

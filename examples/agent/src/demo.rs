@@ -159,7 +159,7 @@ pub(crate) fn guest_write(
     out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     host::set_generated(&site, &key, t.session, &lifeboat_engine::hex(&unique_id))?;
     if !quiet {
-        println!(
+        crate::out::say!(
             "{item} disk {d}: {writes} write(s) of {size} bytes recorded in {}",
             log.display()
         );

@@ -237,4 +237,8 @@ impl Disk for VhdxDisk {
     fn sync(&self) -> io::Result<()> {
         Ok(())
     }
+
+    fn write_guid(&self) -> io::Result<Option<[u8; 16]>> {
+        Ok(Some(self.vhdx.info().data_write_guid))
+    }
 }

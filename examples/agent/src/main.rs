@@ -17,6 +17,7 @@ mod commands;
 mod demo;
 mod host;
 mod human;
+mod out;
 mod read;
 mod service;
 mod tools;
@@ -27,7 +28,8 @@ mod tools;
 pub(crate) struct Cli {
     #[command(flatten)]
     pub(crate) target: Target,
-    /// Machine-readable JSON output for read commands (docs/cli.md: the schema).
+    /// Machine-readable JSON on stdout (docs/cli.md: the schemas): read commands' views;
+    /// write commands' results.
     #[arg(long, global = true, help_heading = "Global options")]
     pub(crate) json: bool,
     /// No progress and no notes on stderr (errors still).
@@ -36,8 +38,14 @@ pub(crate) struct Cli {
     /// More log on stderr: -v what the engine does, -vv debug detail (LIFEBOAT_LOG overrides).
     #[arg(short, long, global = true, action = clap::ArgAction::Count, help_heading = "Global options")]
     pub(crate) verbose: u8,
+    /// Debug detail on stderr (as -vv).
+    #[arg(long, global = true, help_heading = "Global options")]
+    pub(crate) debug: bool,
     #[command(subcommand)]
     pub(crate) command: Cmd,
+    /// The command's name as typed (`plan failover`), for `--json` results.
+    #[arg(skip)]
+    pub(crate) name: String,
 }
 
 /// Where the agent works and where the replicas (and the catalogue) live.
@@ -139,6 +147,7 @@ pub(crate) enum Cmd {
         log_format: LogFormat,
     },
     /// The main job: a small VM through every workflow, verified by BLAKE3 at each step.
+    #[command(after_help = "Examples:\n  lifeboat demo\n  lifeboat demo --dir /tmp/lifeboat-demo")]
     Demo {
         /// Working directory for the demo's VM and site (recreated).
         #[arg(long, default_value = "lifeboat-demo")]
@@ -216,6 +225,9 @@ pub(crate) enum Cmd {
     },
     /// Fixed-block compare of the source disks against the replica's digests; send only
     /// differing blocks.
+    #[command(
+        after_help = "Examples:\n  lifeboat resync vm1\n  lifeboat resync vm1 --pause\n  lifeboat resync vm1 --resume"
+    )]
     Resync {
         /// The item.
         item: String,
@@ -248,6 +260,9 @@ pub(crate) enum Cmd {
         item: String,
     },
     /// Write a recovery point's disks into DIR without disturbing replication.
+    #[command(
+        after_help = "Examples:\n  lifeboat test-failover vm1 --out test\n  lifeboat test-failover vm1 --point latest-app-consistent --out test --format vhdx"
+    )]
     TestFailover {
         /// The item.
         item: String,
@@ -265,6 +280,7 @@ pub(crate) enum Cmd {
         force: bool,
     },
     /// Delete the test-failover disks.
+    #[command(after_help = "Examples:\n  lifeboat test-failover-cleanup vm1")]
     TestFailoverCleanup {
         /// The item.
         item: String,
@@ -304,6 +320,9 @@ pub(crate) enum Cmd {
         force: bool,
     },
     /// Before commit: move the failed-over machine to another recovery point.
+    #[command(
+        after_help = "Examples:\n  lifeboat change-point vm1 --point 12\n  lifeboat change-point vm1 --point latest-app-consistent"
+    )]
     ChangePoint {
         /// The item.
         item: String,
@@ -312,16 +331,21 @@ pub(crate) enum Cmd {
         point: String,
     },
     /// Keep the failover: delete every other recovery point.
+    #[command(after_help = "Examples:\n  lifeboat commit vm1")]
     Commit {
         /// The item.
         item: String,
     },
     /// Cancel an uncommitted failover, or a failback.
+    #[command(after_help = "Examples:\n  lifeboat cancel vm1")]
     Cancel {
         /// The item.
         item: String,
     },
     /// Bring on-premises disks up to the recovered disks' current content.
+    #[command(
+        after_help = "Examples:\n  lifeboat failback vm1 --to d0.raw --to d1.raw\n  lifeboat failback vm1 --to /dev/sdb --full"
+    )]
     Failback {
         /// The item.
         item: String,
@@ -332,7 +356,20 @@ pub(crate) enum Cmd {
         #[arg(long)]
         full: bool,
     },
+    /// Disable protection: change tracking stops, logs not applied are dropped and the
+    /// item leaves the catalogue; the replica stays in the store unless --delete-replica.
+    #[command(
+        after_help = "Examples:\n  lifeboat unprotect vm1\n  lifeboat unprotect vm1 --delete-replica   # recovery points and replica too"
+    )]
+    Unprotect {
+        /// The item.
+        item: String,
+        /// Delete the replica's disks and every recovery point as well.
+        #[arg(long)]
+        delete_replica: bool,
+    },
     /// After failback: replicate towards the recovery site again.
+    #[command(after_help = "Examples:\n  lifeboat reprotect vm1")]
     Reprotect {
         /// The item.
         item: String,
@@ -340,6 +377,9 @@ pub(crate) enum Cmd {
     /// Check a replica (or a recovery point) block by block against the digests recorded
     /// as it was written, and the replica against the source disks; changes nothing unless
     /// --repair.
+    #[command(
+        after_help = "Examples:\n  lifeboat verify vm1\n  lifeboat verify vm1 --point 3\n  lifeboat verify vm1 --source --repair"
+    )]
     Verify {
         /// The item.
         item: String,
@@ -357,16 +397,19 @@ pub(crate) enum Cmd {
     },
     /// Act for an item another site owns (that site is lost): its replication there is
     /// fenced by the store from now on.
+    #[command(after_help = "Examples:\n  lifeboat --site dr --store /mnt/replicas take-over vm1")]
     TakeOver {
         /// The item.
         item: String,
     },
     /// After fixing a non-recoverable error: try again.
+    #[command(after_help = "Examples:\n  lifeboat repair vm1")]
     Repair {
         /// The item.
         item: String,
     },
     /// Carry on with interrupted or retrying work.
+    #[command(after_help = "Examples:\n  lifeboat resume\n  lifeboat resume --now")]
     Resume {
         /// Do not wait for scheduled retries or cycles: run them now.
         #[arg(long)]
@@ -374,6 +417,9 @@ pub(crate) enum Cmd {
     },
     /// Simulated guest writes on a source disk, recorded in an HRL log (as Hyper-V's
     /// change tracking would).
+    #[command(
+        after_help = "Examples:\n  lifeboat guest-write vm1 --disk 0 --log l1.hrl --writes 64 --size 64K"
+    )]
     GuestWrite {
         /// The item.
         item: String,
@@ -394,21 +440,29 @@ pub(crate) enum Cmd {
         seed: u64,
     },
     /// Cancel, restart or resume a job.
+    #[command(after_help = "Examples:\n  lifeboat job cancel vm1#4\n  lifeboat job restart vm1#4")]
     Job {
         #[command(subcommand)]
         command: JobCmd,
     },
     /// Recovery plans.
+    #[command(
+        after_help = "Examples:\n  lifeboat plan create dr --group db --group app,web\n  lifeboat plan failover dr --test --out test"
+    )]
     Plan {
         #[command(subcommand)]
         command: PlanCmd,
     },
     /// HRL log tools.
+    #[command(
+        after_help = "Examples:\n  lifeboat hrl inspect l1.hrl\n  lifeboat hrl apply l1.hrl l2.hrl --disk d0.raw"
+    )]
     Hrl {
         #[command(subcommand)]
         command: HrlCmd,
     },
     /// Disk image tools.
+    #[command(after_help = "Examples:\n  lifeboat disk inspect d0.vhdx")]
     Disk {
         #[command(subcommand)]
         command: DiskCmd,
@@ -425,6 +479,9 @@ pub(crate) enum Cmd {
     #[command(after_help = "Examples:\n  lifeboat man > /usr/local/share/man/man1/lifeboat.1")]
     Man,
     /// `resync::diff` on two local files.
+    #[command(
+        after_help = "Examples:\n  lifeboat diff d0.raw replica.raw\n  lifeboat diff d0.raw replica.raw --apply --json"
+    )]
     Diff {
         /// The source.
         source: PathBuf,
@@ -439,20 +496,56 @@ pub(crate) enum Cmd {
     },
 }
 
+impl Cmd {
+    /// The item a command is for, if it is for one.
+    pub(crate) fn item(&self) -> Option<&str> {
+        match self {
+            Cmd::Protect { item, .. }
+            | Cmd::Policy { item, .. }
+            | Cmd::Replicate { item, .. }
+            | Cmd::Resync { item, .. }
+            | Cmd::Points { item }
+            | Cmd::TestFailover { item, .. }
+            | Cmd::TestFailoverCleanup { item }
+            | Cmd::Failover { item, .. }
+            | Cmd::ChangePoint { item, .. }
+            | Cmd::Commit { item }
+            | Cmd::Cancel { item }
+            | Cmd::Failback { item, .. }
+            | Cmd::Unprotect { item, .. }
+            | Cmd::Reprotect { item }
+            | Cmd::Verify { item, .. }
+            | Cmd::TakeOver { item }
+            | Cmd::Repair { item }
+            | Cmd::GuestWrite { item, .. } => Some(item),
+            Cmd::Status { item } | Cmd::Jobs { item } => item.as_deref(),
+            Cmd::Job { command } => match command {
+                JobCmd::Cancel { id } | JobCmd::Restart { id } | JobCmd::Resume { id } => {
+                    Some(&id.item)
+                }
+            },
+            _ => None,
+        }
+    }
+}
+
 /// Job commands.
 #[derive(Debug, Subcommand)]
 pub(crate) enum JobCmd {
     /// Cancel a running resync or recovery plan.
+    #[command(after_help = "Examples:\n  lifeboat job cancel vm1#4")]
     Cancel {
         /// The job id (ITEM#N).
         id: lifeboat_replication::JobId,
     },
     /// Run a failed or cancelled job's operation again.
+    #[command(after_help = "Examples:\n  lifeboat job restart vm1#4")]
     Restart {
         /// The job id (ITEM#N).
         id: lifeboat_replication::JobId,
     },
     /// Let a suspended job continue.
+    #[command(after_help = "Examples:\n  lifeboat job resume dr#2")]
     Resume {
         /// The job id (ITEM#N).
         id: lifeboat_replication::JobId,
@@ -463,6 +556,9 @@ pub(crate) enum JobCmd {
 #[derive(Debug, Subcommand)]
 pub(crate) enum PlanCmd {
     /// Create (or replace) a plan: ordered groups of items, with pre and post actions.
+    #[command(
+        after_help = "Examples:\n  lifeboat plan create dr --group db --group app,web\n  lifeboat plan create dr --group db --pre '1/planned:script:/etc/lifeboat/stop-app.sh' --post '1:manual:check the database'"
+    )]
     Create {
         /// The plan.
         plan: String,
@@ -478,18 +574,36 @@ pub(crate) enum PlanCmd {
         post: Vec<String>,
     },
     /// List the recovery plans.
+    #[command(after_help = "Examples:\n  lifeboat plan list\n  lifeboat plan list --json")]
     List,
     /// A plan's groups, actions and latest job.
+    #[command(after_help = "Examples:\n  lifeboat plan show dr\n  lifeboat plan show dr --json")]
     Show {
         /// The plan.
         plan: String,
     },
+    /// Delete a plan (its items stay protected).
+    #[command(after_help = "Examples:\n  lifeboat plan delete dr")]
+    Delete {
+        /// The plan.
+        plan: String,
+    },
+    /// Delete the test-failover disks of every item of a plan (after `plan failover --test`).
+    #[command(after_help = "Examples:\n  lifeboat plan cleanup dr")]
+    Cleanup {
+        /// The plan.
+        plan: String,
+    },
     /// Continue a plan waiting for a manual action.
+    #[command(after_help = "Examples:\n  lifeboat plan resume dr")]
     Resume {
         /// The plan.
         plan: String,
     },
     /// Fail over every item of a plan, group by group.
+    #[command(
+        after_help = "Examples:\n  lifeboat plan failover dr --test --out test\n  lifeboat plan failover dr --planned --out recovered"
+    )]
     Failover {
         /// The plan.
         plan: String,
@@ -515,11 +629,15 @@ pub(crate) enum PlanCmd {
 #[derive(Debug, Subcommand)]
 pub(crate) enum HrlCmd {
     /// Header and every write: offset, length, BLAKE3 of the payload.
+    #[command(
+        after_help = "Examples:\n  lifeboat hrl inspect l1.hrl\n  lifeboat hrl inspect l1.hrl --json"
+    )]
     Inspect {
         /// The log.
         file: PathBuf,
     },
     /// Replay logs onto a raw disk, chain order checked.
+    #[command(after_help = "Examples:\n  lifeboat hrl apply l1.hrl l2.hrl --disk d0.raw")]
     Apply {
         /// The logs, in chain order.
         #[arg(required = true)]
@@ -662,15 +780,32 @@ fn print_bytes(bytes: &[u8]) -> Result<()> {
     }
 }
 
+/// The subcommand's name as typed, nested ones included (`plan failover`).
+fn command_name(m: &clap::ArgMatches) -> String {
+    match m.subcommand() {
+        Some((name, sub)) => match command_name(sub) {
+            rest if rest.is_empty() => name.to_owned(),
+            rest => format!("{name} {rest}"),
+        },
+        None => String::new(),
+    }
+}
+
 fn main() -> std::process::ExitCode {
     quiet_on_closed_pipe();
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let mut cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    cli.name = command_name(&matches);
     // The service logs what it does; a command only its errors (its output says the rest).
     let (level, json) = match &cli.command {
         Cmd::Run { log_format, .. } => ("info", *log_format == LogFormat::Json),
         _ => ("error", false),
     };
     let level = match cli.verbose {
+        _ if cli.debug => "debug",
         0 => level,
         1 => "info",
         _ => "debug",
@@ -713,6 +848,22 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    if cli.json
+        && matches!(
+            cli.command,
+            Cmd::Run { .. } | Cmd::Demo { .. } | Cmd::Completions { .. } | Cmd::Man
+        )
+    {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        cmd.error(
+            clap::error::ErrorKind::ArgumentConflict,
+            format!(
+                "--json has no meaning for `{}` (the service's log: --log-format json)",
+                cli.name
+            ),
+        )
+        .exit();
+    }
     match &cli.command {
         Cmd::Hrl { command } => return tools::hrl(command, cli.json),
         Cmd::Completions { shell } => {
@@ -809,5 +960,33 @@ pub(crate) async fn open_store(target: &Target, create: bool) -> Result<Store> {
                 azure: true,
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every command's help ends with examples (docs/cli.md promises them).
+    #[test]
+    fn every_command_has_an_example() {
+        fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for sub in c.get_subcommands() {
+                let name = format!("{path} {}", sub.get_name());
+                let help = sub
+                    .get_after_help()
+                    .map(|h| h.to_string())
+                    .unwrap_or_default();
+                if !help.contains("Examples:\n  lifeboat ") && sub.get_name() != "help" {
+                    missing.push(name.clone());
+                }
+                walk(sub, &name, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(
+            &<super::Cli as clap::CommandFactory>::command(),
+            "lifeboat",
+            &mut missing,
+        );
+        assert!(missing.is_empty(), "no example: {missing:?}");
     }
 }

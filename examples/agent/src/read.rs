@@ -129,7 +129,7 @@ struct DiskView<'a> {
 
 #[derive(Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-enum LocationView<'a> {
+pub(crate) enum LocationView<'a> {
     File {
         path: &'a Path,
     },
@@ -139,7 +139,7 @@ enum LocationView<'a> {
     },
 }
 
-fn locations(ls: &[Location]) -> Vec<LocationView<'_>> {
+pub(crate) fn locations(ls: &[Location]) -> Vec<LocationView<'_>> {
     ls.iter()
         .map(|l| match l {
             Location::File { path } => LocationView::File { path },

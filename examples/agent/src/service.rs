@@ -81,6 +81,9 @@ impl Observer for ServiceLog {
                 tracing::info!(item, log = %path.display(), id, "log taken before: skipped")
             }
             Event::TookOver { item, from } => tracing::warn!(item, from, "item taken over"),
+            Event::Performing { item, task, detail } => {
+                tracing::debug!(item, action = detail, "{task}")
+            }
             Event::Failed {
                 item,
                 action,

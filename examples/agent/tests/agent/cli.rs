@@ -570,8 +570,19 @@ fn recovery_plan(t: &Target, dir: &Path) {
     for (name, d) in ["web", "app", "db"].iter().zip(&disks) {
         assert_same(&out_dir.join(name).join("disk0.raw"), d);
         assert_eq!(t.state(name), "protected");
-        t.ok(&["test-failover-cleanup", name]);
     }
+    // One command cleans up the plan's test failover.
+    let out = t.ok(&["plan", "cleanup", "p"]);
+    assert_eq!(
+        out,
+        "db: test failover disks deleted\napp: test failover disks deleted\nweb: test failover disks deleted\n"
+    );
+    assert!(!out_dir.join("db").join("disk0.raw").exists());
+    let r = t.fails(&["plan", "cleanup", "p"]);
+    assert!(
+        r.contains("no item of plan p has test-failover disks"),
+        "{r}"
+    );
     // The planned-only pre hook did not run; the post hook ran once, after group 2.
     assert_eq!(fs::read_to_string(&hooks).unwrap(), "post-2-post\n");
 
@@ -1144,6 +1155,12 @@ fn a_vhdx_disk_is_protected_as_its_virtual_disk() {
     assert_eq!(info["format"], "vhdx-dynamic", "{info}");
     assert_eq!(info["virtual_size"], 24 * MIB, "{info}");
     t.ok(&["protect", "vm", "--disk", s(&vhdx)]);
+    // Hyper-V's logs for this disk name its DataWriteGuid: the item is tracked under it.
+    let status = t.json(&["status", "vm"]);
+    assert_eq!(
+        status[0]["disks"][0]["write_guid"], info["data_write_guid"],
+        "{status}"
+    );
     let tf = dir.path().join("tf");
     t.ok(&["test-failover", "vm", "--out", s(&tf)]);
     assert_same(&tf.join("disk0.raw"), &raw);
@@ -1246,6 +1263,24 @@ fn completions_man_page_and_quiet() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // -v says what the engine does; --debug (as -vv) more.
+    let tf = dir.path().join("tf");
+    let info = t.run(&["-v", "test-failover", "vm", "--out", s(&tf)]);
+    let debug = t.run(&["--debug", "test-failover-cleanup", "vm"]);
+    assert!(info.status.success() && debug.status.success());
+    let (info, debug) = (
+        String::from_utf8_lossy(&info.stderr),
+        String::from_utf8_lossy(&debug.stderr),
+    );
+    assert!(
+        info.contains("INFO") && info.contains("Create test disks"),
+        "{info}"
+    );
+    assert!(!info.contains("DEBUG"), "{info}");
+    assert!(
+        debug.contains("DEBUG") && debug.contains("DeleteTestDisks"),
+        "{debug}"
+    );
 }
 
 /// A container URL is checked before anything is sent: no container, a bad name; a SAS
@@ -1273,4 +1308,130 @@ fn container_urls_are_checked_locally() {
         both.contains("one or the other") && !both.contains("sig=S"),
         "{both}"
     );
+}
+
+#[test]
+fn unprotect_and_plan_delete_on_the_local_site() {
+    let dir = tempfile::tempdir().unwrap();
+    unprotect_and_plan_delete(&Target::local(dir.path()), dir.path());
+}
+
+#[test]
+fn unprotect_and_plan_delete_on_azurite() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(t) = Target::azurite(dir.path(), "agent-unprotect") else {
+        return;
+    };
+    unprotect_and_plan_delete(&t, dir.path());
+}
+
+/// `unprotect` keeps the replica (released, byte-exact) or deletes it with its points; an
+/// item of a plan is refused until `plan delete`; write commands' `--json` results.
+fn unprotect_and_plan_delete(t: &Target, dir: &Path) {
+    let a = dir.join("a.raw");
+    let b = dir.join("b.raw");
+    make_disk(&a, 2 * MIB, 31);
+    make_disk(&b, 2 * MIB, 32);
+    t.ok(&["protect", "a", "--disk", s(&a)]);
+    t.ok(&["protect", "b", "--disk", s(&b)]);
+    t.ok(&["plan", "create", "p", "--group", "a"]);
+    let r = t.fails(&["unprotect", "a"]);
+    assert!(r.contains("plan p") && r.contains("plan delete p"), "{r}");
+    let done = t.json(&["plan", "delete", "p"]);
+    assert_eq!(done["command"], "plan delete", "{done}");
+    assert_eq!(
+        done["messages"][0],
+        "plan p: deleted (its items stay protected)"
+    );
+    assert!(t.ok(&["plan", "list"]).contains("no recovery plan"));
+    assert!(
+        t.fails(&["plan", "delete", "p"])
+            .contains("no recovery plan p")
+    );
+
+    // Kept: the item is gone from every view; its replica stays, named in the result.
+    let done = t.json(&["unprotect", "a"]);
+    assert_eq!(done["command"], "unprotect", "{done}");
+    assert_eq!(done["state"], Value::Null, "{done}");
+    let blob = done["disks"][0]["name"].as_str().unwrap().to_owned();
+    assert_eq!(blob, "lifeboat/items/a/disk0");
+    assert!(
+        t.json(&["status"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["item"] != "a")
+    );
+    assert!(t.fails(&["points", "a"]).contains("a"));
+    // Protecting the name again takes the kept replica back and makes it the disk again.
+    let f = fs::OpenOptions::new().write(true).open(&a).unwrap();
+    f.write_all_at(&[7; 4096], 65536).unwrap();
+    t.ok(&["protect", "a", "--disk", s(&a)]);
+    let tf = dir.join("tf-a");
+    t.ok(&["test-failover", "a", "--out", s(&tf)]);
+    assert_same(&tf.join("disk0.raw"), &a);
+    t.ok(&["test-failover-cleanup", "a"]);
+
+    // Deleted: nothing of the item is left; the other item is untouched.
+    let out = t.ok(&["unprotect", "a", "--delete-replica"]);
+    assert_eq!(
+        out,
+        "a: protection disabled; its recovery points and replica are deleted\n"
+    );
+    assert_eq!(t.state("b"), "protected");
+    if t.azure.is_none() {
+        let store = t.site.join("store");
+        let left: Vec<String> = fs::read_dir(&store)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("items%a%"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+    // Refused while failed over, with the next step.
+    t.ok(&["failover", "b", "--planned", "--out", s(&dir.join("fb"))]);
+    let r = t.fails(&["unprotect", "b"]);
+    assert!(r.contains("commit the failover first"), "{r}");
+    // --json has no meaning for the service.
+    let out = t.exits(&["--json", "run", "--once"], 2);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--log-format json"));
+}
+
+/// A store that gives no HTTP answer is named with the reason in the user's words (a
+/// refused port, a name that does not resolve, TLS against a plain-HTTP endpoint), never
+/// the HTTP client's chain of errors.
+#[test]
+fn unreachable_stores_say_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("d.raw");
+    make_disk(&d, MIB, 5);
+    let run = |url: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_lifeboat"))
+            .args(["--site", s(&dir.path().join("site")), "--azure", url])
+            .args(["--account", "devstoreaccount1", "--key", "a2V5"])
+            .args(["protect", "vm", "--disk", s(&d)])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !err.contains("reqwest") && err.lines().count() == 1,
+            "{err}"
+        );
+        err
+    };
+    let refused = run("http://127.0.0.1:1/devstoreaccount1/box");
+    assert!(
+        refused.contains("cannot reach 127.0.0.1:1: the connection was refused"),
+        "{refused}"
+    );
+    let dns = run("https://no-such-account.invalid/box");
+    assert!(
+        dns.contains("cannot reach no-such-account.invalid: the host name does not resolve"),
+        "{dns}"
+    );
+    if let Some(url) = super::common::azurite_url("tls") {
+        let tls = run(&url.replace("http://", "https://"));
+        assert!(tls.contains("TLS failed"), "{tls}");
+    }
 }
