@@ -399,9 +399,7 @@ fn from_azure(e: azure_core::Error, what: &str) -> StoreError {
 fn host_of(text: &str) -> Option<String> {
     let url = text.split("url (").nth(1)?;
     let rest = url.split_once("://")?.1;
-    let end = rest
-        .find(['/', '?', ')'])
-        .unwrap_or(rest.len());
+    let end = rest.find(['/', '?', ')']).unwrap_or(rest.len());
     Some(rest[..end].to_owned())
 }
 

@@ -9,16 +9,19 @@ The BAT is read a 4 KiB page at a time as the disk is read, never whole. The vir
 reads through [`Vhdx::read_at`] or as a [`lifeboat_resync::BlockSource`] (what initial
 replication and resync read), and [`Vhdx::extents`] says which ranges hold data and which
 read as zeros, so a copy sends only allocated blocks. [`Info::data_write_guid`] is the
-`Vhd2DataWriteGuid` HRL logs of the disk name. Nothing is ever written to the file: a live
-disk or a VSS snapshot is safe to read.
+`Vhd2DataWriteGuid` HRL logs of the disk name. A file not closed cleanly (a header with a
+LogGuid set: Hyper-V had it open, or crashed) has its log replayed **in memory** (spec
+2.3.3: the newest complete sequence whose head's tail lies in it, tail to head; bytes up to
+the head's LastFileOffset read as zeros past the end; a file shorter than its
+FlushedFileOffset is refused). Nothing is ever written to the file: a live disk or a VSS
+snapshot is safe to read.
 
 [`write_dynamic`] writes a virtual disk as a new dynamic VHDX, zero blocks unallocated
 (`qemu-img check` and `compare` accept what it writes): the engine's `--format vhdx`
 test-failover and failover output.
 
-Not done yet, refused with [`Error::Unsupported`] rather than guessed: replaying a log
-(a header with a LogGuid set: the file was not closed cleanly, or is open), differencing
-disks (`.avhdx`, HasParent), writing into an existing VHDX.
+Not done yet, refused with [`Error::Unsupported`] rather than guessed: differencing disks
+(`.avhdx`, HasParent), logs over 256 MiB, writing into an existing VHDX.
 
 This crate performs no I/O of its own: it reads through `BlockSource` (files, byte slices)
 and writes through any `Write + Seek`.
@@ -57,6 +60,7 @@ pub use crate::{
 
 mod error;
 mod format;
+mod log;
 mod reader;
 mod writer;
 

@@ -8,6 +8,7 @@ use lifeboat_resync::BlockSource;
 
 use crate::error::{Error, Result};
 use crate::format::*;
+use crate::log::{self, Overlay};
 
 /// Entries read per BAT page (4 KiB): the BAT is never loaded whole (a 64 TB disk with
 /// 1 MiB blocks has a 512 MiB BAT).
@@ -56,10 +57,12 @@ pub struct Info {
 /// A VHDX file opened read-only over any positional reader (a file, a VSS snapshot, a
 /// byte slice): it never writes, so a live disk's file is safe to read.
 ///
-/// Fixed and dynamic VHDX are read; differencing disks and files whose log must be
-/// replayed are refused ([`Error::Unsupported`]).
+/// Fixed and dynamic VHDX are read, a log that must be replayed is replayed in memory;
+/// differencing disks are refused ([`Error::Unsupported`]).
 pub struct Vhdx<S> {
     source: S,
+    /// What a replayed log changed, read over the file.
+    overlay: Option<Overlay>,
     info: Info,
     bat_offset: u64,
     bat_len: u64,
@@ -73,8 +76,9 @@ pub struct Vhdx<S> {
 
 impl<S: BlockSource> Vhdx<S> {
     /// Opens and checks the file: its identifier, both headers (the valid one with the
-    /// higher sequence number is current), both region tables, the metadata items. The
-    /// BAT is read page by page as the disk is read.
+    /// higher sequence number is current), the log (replayed in memory when the current
+    /// header's LogGuid is set), both region tables, the metadata items. The BAT is read
+    /// page by page as the disk is read.
     pub fn open(source: S) -> Result<Self> {
         let file_len = source.size().map_err(|e| Error::Io {
             offset: 0,
@@ -86,7 +90,32 @@ impl<S: BlockSource> Vhdx<S> {
             return Err(Error::NotVhdx { found: ident });
         }
         let header = current_header(&source, file_len)?;
-        let regions = region_table(&source, file_len)?;
+        let overlay = if header.log_guid == [0; 16] {
+            None
+        } else if header.log_version != 0 {
+            return Err(Error::unsupported(
+                format!("log version {}", header.log_version),
+                header.at + 64,
+                "only log version 0 is specified",
+            ));
+        } else {
+            // The log may hold updates that did not reach their place: replayed in memory,
+            // the file untouched.
+            Some(log::replay(
+                &source,
+                file_len,
+                header.at,
+                header.log_guid,
+                header.log_offset,
+                header.log_len,
+            )?)
+        };
+        let view = View {
+            source: &source,
+            overlay: overlay.as_ref(),
+        };
+        let file_len = view.len(file_len);
+        let regions = region_table(&view, file_len)?;
         let find = |id: &[u8; 16], name: &str| {
             regions
                 .iter()
@@ -119,7 +148,7 @@ impl<S: BlockSource> Vhdx<S> {
                 ));
             }
         }
-        let meta = metadata(&source, meta_offset, meta_len)?;
+        let meta = metadata(&view, meta_offset, meta_len)?;
         let info = Info {
             virtual_size: meta.virtual_size,
             block_size: meta.block_size,
@@ -147,6 +176,7 @@ impl<S: BlockSource> Vhdx<S> {
         }
         Ok(Vhdx {
             source,
+            overlay,
             info,
             bat_offset,
             bat_len,
@@ -154,6 +184,19 @@ impl<S: BlockSource> Vhdx<S> {
             file_len: std::sync::atomic::AtomicU64::new(file_len),
             page: Mutex::new(None),
         })
+    }
+
+    /// The file as read: through the replayed log's overlay, if there was one.
+    fn view(&self) -> View<'_> {
+        View {
+            source: &self.source,
+            overlay: self.overlay.as_ref(),
+        }
+    }
+
+    /// Whether a log was replayed (in memory) to open the file.
+    pub fn log_replayed(&self) -> bool {
+        self.overlay.is_some()
     }
 
     /// What the headers and metadata say.
@@ -175,12 +218,7 @@ impl<S: BlockSource> Vhdx<S> {
             let n = BAT_PAGE.min(self.bat_len / 8 - first);
             let mut buf = vec![0u8; (n * 8) as usize];
             let at = self.bat_offset + first * 8;
-            self.source
-                .read_exact_at(&mut buf, at)
-                .map_err(|e| Error::Io {
-                    offset: at,
-                    source: e,
-                })?;
+            self.view().read_file(&mut buf, at)?;
             let entries = (0..n as usize).map(|i| u64_at(&buf, i * 8)).collect();
             *page = Some((first, entries));
         }
@@ -194,10 +232,11 @@ impl<S: BlockSource> Vhdx<S> {
                 let end = offset.saturating_add(u64::from(self.info.block_size));
                 let mut file_len = self.file_len.load(Relaxed);
                 if end > file_len.next_multiple_of(MIB) {
-                    file_len = self.source.size().map_err(|e| Error::Io {
+                    let on_disk = self.source.size().map_err(|e| Error::Io {
                         offset: at,
                         source: e,
                     })?;
+                    file_len = self.view().len(on_disk);
                     self.file_len.store(file_len, Relaxed);
                 }
                 if offset < MIB || end > file_len.next_multiple_of(MIB) {
@@ -276,13 +315,7 @@ impl<S: BlockSource> Vhdx<S> {
             let part = &mut buf[done..done + n];
             match self.entry(block)? {
                 (state::FULLY_PRESENT, file_offset) => {
-                    let from = file_offset + within;
-                    self.source
-                        .read_exact_at(part, from)
-                        .map_err(|e| Error::Io {
-                            offset: from,
-                            source: e,
-                        })?;
+                    self.view().read_file(part, file_offset + within)?;
                 }
                 _ => part.fill(0),
             }
@@ -311,6 +344,39 @@ impl<S> std::fmt::Debug for Vhdx<S> {
     }
 }
 
+/// The file, with a replayed log's changes over it.
+struct View<'a> {
+    source: &'a dyn BlockSource,
+    overlay: Option<&'a Overlay>,
+}
+
+impl View<'_> {
+    /// The file's length (after replay) when `on_disk` bytes are on disk.
+    fn len(&self, on_disk: u64) -> u64 {
+        self.overlay.map_or(on_disk, |o| o.len().max(on_disk))
+    }
+
+    fn read_file(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        match self.overlay {
+            Some(o) => o.read(self.source, buf, offset),
+            None => self
+                .source
+                .read_exact_at(buf, offset)
+                .map_err(|e| Error::Io { offset, source: e }),
+        }
+    }
+}
+
+impl BlockSource for View<'_> {
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.len(self.source.size()?))
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_file(buf, offset).map_err(io::Error::from)
+    }
+}
+
 /// Reads `buf.len()` bytes at `offset`, refusing reads past the file's end.
 fn read(source: &dyn BlockSource, buf: &mut [u8], offset: u64, file_len: u64) -> Result<()> {
     if offset + buf.len() as u64 > file_len {
@@ -327,8 +393,15 @@ fn read(source: &dyn BlockSource, buf: &mut [u8], offset: u64, file_len: u64) ->
 }
 
 struct Header {
+    /// Its file offset.
+    at: u64,
     sequence: u64,
     data_write_guid: [u8; 16],
+    /// Set while the log may hold updates to replay.
+    log_guid: [u8; 16],
+    log_version: u16,
+    log_len: u64,
+    log_offset: u64,
 }
 
 /// The current header: of the valid ones, the higher sequence number.
@@ -369,19 +442,15 @@ fn current_header(source: &dyn BlockSource, file_len: u64) -> Result<Header> {
                 version.to_string(),
             ));
         }
-        if log_guid != [0; 16] {
-            return Err(Error::unsupported(
-                format!("{name}'s log (LogGuid set, log version {log_version})"),
-                at + 48,
-                "the log may hold writes to replay, which this reader does not do yet; \
-                 replay it on a copy (`qemu-img check -r all COPY.vhdx`) or read a \
-                 cleanly closed disk",
-            ));
-        }
         if best.as_ref().is_none_or(|h| sequence > h.sequence) {
             best = Some(Header {
+                at,
                 sequence,
                 data_write_guid: guid_at(&b, 32),
+                log_guid,
+                log_version,
+                log_len: u64::from(u32_at(&b, 68)),
+                log_offset: u64_at(&b, 72),
             });
         }
     }
