@@ -20,8 +20,15 @@ snapshot is safe to read.
 (`qemu-img check` and `compare` accept what it writes): the engine's `--format vhdx`
 test-failover and failover output.
 
-Not done yet, refused with [`Error::Unsupported`] rather than guessed: differencing disks
-(`.avhdx`, HasParent), logs over 256 MiB, writing into an existing VHDX.
+A differencing disk (`.avhdx`, a Hyper-V checkpoint) reads through its parent:
+[`open_chain`] opens the chain from the child down (the embedder resolves each
+[`ParentLocator`] to a file), checks each link (the parent's DataWriteGuid is the child's
+`parent_linkage`, the sizes agree) and refuses loops; a partially present block is read
+sector by sector as its sector bitmap says.
+
+Not done yet, refused with [`Error::Unsupported`] rather than guessed: logs over 256 MiB,
+writing into an existing VHDX. The `testing` feature adds hand-made differencing chains for
+tests (no Linux tool writes one).
 
 This crate performs no I/O of its own: it reads through `BlockSource` (files, byte slices)
 and writes through any `Write + Seek`.
@@ -54,6 +61,7 @@ assert_eq!(buf, [0xAB; 512]);
 
 pub use crate::{
     error::{Error, Result},
+    parent::{MAX_CHAIN, ParentLocator, format_guid, open_chain},
     reader::{Extent, ExtentKind, Info, Vhdx},
     writer::{WriteOptions, write_dynamic},
 };
@@ -61,7 +69,10 @@ pub use crate::{
 mod error;
 mod format;
 mod log;
+mod parent;
 mod reader;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod writer;
 
 /// Whether `head` (a file's first bytes) is a VHDX file's identifier.

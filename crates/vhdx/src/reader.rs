@@ -9,6 +9,7 @@ use lifeboat_resync::BlockSource;
 use crate::error::{Error, Result};
 use crate::format::*;
 use crate::log::{self, Overlay};
+use crate::parent::{ParentLocator, format_guid};
 
 /// Entries read per BAT page (4 KiB): the BAT is never loaded whole (a 64 TB disk with
 /// 1 MiB blocks has a 512 MiB BAT).
@@ -50,6 +51,9 @@ pub struct Info {
     pub disk_id: [u8; 16],
     /// Whether every block has space in the file (a fixed VHDX).
     pub leave_blocks_allocated: bool,
+    /// Whether this is a differencing disk (`.avhdx`): what its blocks do not hold is its
+    /// parent's.
+    pub differencing: bool,
     /// The current header's sequence number.
     pub header_sequence: u64,
 }
@@ -57,12 +61,19 @@ pub struct Info {
 /// A VHDX file opened read-only over any positional reader (a file, a VSS snapshot, a
 /// byte slice): it never writes, so a live disk's file is safe to read.
 ///
-/// Fixed and dynamic VHDX are read, a log that must be replayed is replayed in memory;
-/// differencing disks are refused ([`Error::Unsupported`]).
+/// Fixed, dynamic and differencing VHDX are read (a differencing disk through the parent
+/// attached with [`Vhdx::with_parent`], or opened with [`open_chain`]); a log that must be
+/// replayed is replayed in memory.
+///
+/// [`open_chain`]: crate::open_chain
 pub struct Vhdx<S> {
     source: S,
     /// What a replayed log changed, read over the file.
     overlay: Option<Overlay>,
+    /// A differencing disk's parent locator.
+    locator: Option<ParentLocator>,
+    /// Its parent, once attached ([`Vhdx::with_parent`]).
+    parent: Option<Box<Vhdx<S>>>,
     info: Info,
     bat_offset: u64,
     bat_len: u64,
@@ -157,6 +168,7 @@ impl<S: BlockSource> Vhdx<S> {
             data_write_guid: header.data_write_guid,
             disk_id: meta.disk_id,
             leave_blocks_allocated: meta.leave_allocated,
+            differencing: meta.locator.is_some(),
             header_sequence: header.sequence,
         };
         let chunk_ratio = ((1u64 << 23) * u64::from(meta.logical)) / u64::from(meta.block_size);
@@ -177,6 +189,8 @@ impl<S: BlockSource> Vhdx<S> {
         Ok(Vhdx {
             source,
             overlay,
+            locator: meta.locator,
+            parent: None,
             info,
             bat_offset,
             bat_len,
@@ -209,9 +223,9 @@ impl<S: BlockSource> Vhdx<S> {
         self.source
     }
 
-    /// The BAT entry of payload block `block`: (state, file offset of its data).
-    fn entry(&self, block: u64) -> Result<(u64, u64)> {
-        let index = block + block / self.chunk_ratio;
+    /// A BAT entry: (state, file offset), the offset checked to lie in the file (after
+    /// the first MiB) for the states that have one.
+    fn bat(&self, index: u64, len: u64) -> Result<(u64, u64)> {
         let first = index / BAT_PAGE * BAT_PAGE;
         let mut page = self.page.lock().unwrap_or_else(|p| p.into_inner());
         if page.as_ref().is_none_or(|(f, _)| *f != first) {
@@ -224,71 +238,131 @@ impl<S: BlockSource> Vhdx<S> {
         }
         let (_, entries) = page.as_ref().expect("read above");
         let raw = entries[(index - first) as usize];
+        drop(page);
         let (state, offset) = (raw & 7, (raw >> 20) << 20);
         let at = self.bat_offset + index * 8;
-        match state {
-            state::FULLY_PRESENT => {
-                use std::sync::atomic::Ordering::Relaxed;
-                let end = offset.saturating_add(u64::from(self.info.block_size));
-                let mut file_len = self.file_len.load(Relaxed);
-                if end > file_len.next_multiple_of(MIB) {
-                    let on_disk = self.source.size().map_err(|e| Error::Io {
-                        offset: at,
-                        source: e,
-                    })?;
-                    file_len = self.view().len(on_disk);
-                    self.file_len.store(file_len, Relaxed);
-                }
-                if offset < MIB || end > file_len.next_multiple_of(MIB) {
+        if matches!(state, state::FULLY_PRESENT | state::PARTIALLY_PRESENT) {
+            use std::sync::atomic::Ordering::Relaxed;
+            let end = offset.saturating_add(len);
+            let mut file_len = self.file_len.load(Relaxed);
+            if end > file_len.next_multiple_of(MIB) {
+                let on_disk = self.source.size().map_err(|e| Error::Io {
+                    offset: at,
+                    source: e,
+                })?;
+                file_len = self.view().len(on_disk);
+                self.file_len.store(file_len, Relaxed);
+            }
+            if offset < MIB || end > file_len.next_multiple_of(MIB) {
+                return Err(Error::invalid(
+                    format!("BAT entry {index}"),
+                    at,
+                    format!("a block after the first MiB and within the file ({file_len} bytes)"),
+                    format!("a block at {offset}"),
+                ));
+            }
+        }
+        Ok((state, offset))
+    }
+
+    /// Where payload block `block`'s bytes are.
+    fn place(&self, block: u64) -> Result<Place> {
+        let index = block + block / self.chunk_ratio;
+        let (state, offset) = self.bat(index, u64::from(self.info.block_size))?;
+        let at = self.bat_offset + index * 8;
+        Ok(match state {
+            state::FULLY_PRESENT => Place::File(offset),
+            state::ZERO | state::UNMAPPED => Place::Zero,
+            state::NOT_PRESENT | state::UNDEFINED if self.info.differencing => Place::Parent,
+            state::NOT_PRESENT | state::UNDEFINED => Place::Zero,
+            state::PARTIALLY_PRESENT if self.info.differencing => {
+                // The chunk's sector bitmap entry follows its payload entries.
+                let chunk = block / self.chunk_ratio;
+                let sb_index = chunk * (self.chunk_ratio + 1) + self.chunk_ratio;
+                let (sb_state, sb_offset) = self.bat(sb_index, MIB)?;
+                if sb_state != state::FULLY_PRESENT {
                     return Err(Error::invalid(
-                        format!("BAT entry {index}"),
-                        at,
+                        format!("BAT entry {sb_index} (sector bitmap)"),
+                        self.bat_offset + sb_index * 8,
                         format!(
-                            "a block after the first MiB and within the file ({file_len} bytes)"
+                            "a present sector bitmap block (block {block} is partially present)"
                         ),
-                        format!("a block at {offset}"),
+                        format!("state {sb_state}"),
                     ));
                 }
-                Ok((state, offset))
+                Place::Partial {
+                    data: offset,
+                    bitmap: sb_offset,
+                    first_sector: (block % self.chunk_ratio) * u64::from(self.info.block_size)
+                        / u64::from(self.info.logical_sector_size),
+                }
             }
-            state::NOT_PRESENT | state::UNDEFINED | state::ZERO | state::UNMAPPED => Ok((state, 0)),
-            state::PARTIALLY_PRESENT => Err(Error::unsupported(
-                format!("BAT entry {index} (partially present)"),
+            state::PARTIALLY_PRESENT => {
+                return Err(Error::invalid(
+                    format!("BAT entry {index}"),
+                    at,
+                    "no partially present block (the file has no parent)",
+                    "state 7",
+                ));
+            }
+            other => {
+                return Err(Error::invalid(
+                    format!("BAT entry {index}"),
+                    at,
+                    "a payload state of 0, 1, 2, 3, 6 or 7",
+                    other.to_string(),
+                ));
+            }
+        })
+    }
+
+    /// The parent, for a read this differencing disk does not hold.
+    fn parent(&self, at: u64) -> Result<&Vhdx<S>> {
+        self.parent.as_deref().ok_or_else(|| {
+            Error::unsupported(
+                "a read of the parent's data",
                 at,
-                "only a differencing disk has partially present blocks",
-            )),
-            other => Err(Error::invalid(
-                format!("BAT entry {index}"),
-                at,
-                "a payload state of 0, 1, 2, 3, 6 or 7",
-                other.to_string(),
-            )),
-        }
+                "attach the parent first (`Vhdx::with_parent`, or open with `open_chain`)",
+            )
+        })
     }
 
     /// The virtual disk's extents in order, adjacent ones of a kind merged. Reads the BAT
-    /// page by page.
+    /// page by page (a differencing disk's parent's too, for what the child leaves to it).
     pub fn extents(&self) -> Result<Vec<Extent>> {
         let bs = u64::from(self.info.block_size);
         let size = self.info.virtual_size;
+        let inherited = match &self.parent {
+            Some(p) => p.extents()?,
+            None => Vec::new(),
+        };
         let mut out: Vec<Extent> = Vec::new();
+        let mut push = |range: Range<u64>, kind: ExtentKind| match out.last_mut() {
+            Some(e) if e.kind == kind && e.range.end == range.start => e.range.end = range.end,
+            _ => out.push(Extent { range, kind }),
+        };
         for block in 0..size.div_ceil(bs) {
-            let (state, _) = self.entry(block)?;
-            let kind = if state == state::FULLY_PRESENT {
-                ExtentKind::Data
-            } else {
-                ExtentKind::Zero
-            };
             let range = block * bs..((block + 1) * bs).min(size);
-            match out.last_mut() {
-                Some(e) if e.kind == kind && e.range.end == range.start => e.range.end = range.end,
-                _ => out.push(Extent { range, kind }),
+            match self.place(block)? {
+                Place::File(_) | Place::Partial { .. } => push(range, ExtentKind::Data),
+                Place::Zero => push(range, ExtentKind::Zero),
+                Place::Parent => {
+                    self.parent(range.start)?;
+                    for e in inherited
+                        .iter()
+                        .filter(|e| e.range.end > range.start && e.range.start < range.end)
+                    {
+                        let r = e.range.start.max(range.start)..e.range.end.min(range.end);
+                        push(r, e.kind);
+                    }
+                }
             }
         }
         Ok(out)
     }
 
-    /// Bytes of the virtual disk whose blocks hold data in the file.
+    /// Bytes of the virtual disk whose blocks hold data (in this file or, for a
+    /// differencing disk, its parents).
     pub fn allocated(&self) -> Result<u64> {
         Ok(self
             .extents()?
@@ -296,6 +370,65 @@ impl<S: BlockSource> Vhdx<S> {
             .filter(|e| e.kind == ExtentKind::Data)
             .map(|e| e.range.end - e.range.start)
             .sum())
+    }
+
+    /// A differencing disk's parent locator.
+    pub fn parent_locator(&self) -> Option<&ParentLocator> {
+        self.locator.as_ref()
+    }
+
+    /// The attached parent, if any.
+    pub fn parent_disk(&self) -> Option<&Vhdx<S>> {
+        self.parent.as_deref()
+    }
+
+    /// Attaches a differencing disk's parent (itself complete: its own parent attached),
+    /// checking the link: the parent's DataWriteGuid is the locator's `parent_linkage`
+    /// (or `parent_linkage2`), and the virtual and logical sector sizes agree.
+    pub fn with_parent(mut self, parent: Vhdx<S>) -> Result<Self> {
+        let Some(locator) = &self.locator else {
+            return Err(Error::invalid(
+                "file parameters",
+                0,
+                "a differencing disk (HasParent) to attach a parent to",
+                "a disk without a parent",
+            ));
+        };
+        let found = parent.info.data_write_guid;
+        if !locator.linkages().contains(&found) {
+            return Err(Error::invalid(
+                "parent locator",
+                0,
+                format!(
+                    "a parent whose DataWriteGuid is {} (parent_linkage)",
+                    locator
+                        .linkages()
+                        .first()
+                        .map_or_else(String::new, format_guid)
+                ),
+                format!(
+                    "{} (the parent changed since the child was made, or it is another disk)",
+                    format_guid(&found)
+                ),
+            ));
+        }
+        let (a, b) = (&self.info, &parent.info);
+        if a.virtual_size != b.virtual_size || a.logical_sector_size != b.logical_sector_size {
+            return Err(Error::invalid(
+                "parent",
+                0,
+                format!(
+                    "{} bytes in {}-byte sectors, as the child",
+                    a.virtual_size, a.logical_sector_size
+                ),
+                format!(
+                    "{} bytes in {}-byte sectors",
+                    b.virtual_size, b.logical_sector_size
+                ),
+            ));
+        }
+        self.parent = Some(Box::new(parent));
+        Ok(self)
     }
 
     /// Fills `buf` with the virtual disk's bytes from `offset`.
@@ -313,16 +446,83 @@ impl<S: BlockSource> Vhdx<S> {
             let within = at % bs;
             let n = ((bs - within) as usize).min(buf.len() - done);
             let part = &mut buf[done..done + n];
-            match self.entry(block)? {
-                (state::FULLY_PRESENT, file_offset) => {
+            match self.place(block)? {
+                Place::File(file_offset) => {
                     self.view().read_file(part, file_offset + within)?;
                 }
-                _ => part.fill(0),
+                Place::Zero => part.fill(0),
+                Place::Parent => self.parent(at)?.read_at(part, at)?,
+                Place::Partial {
+                    data,
+                    bitmap,
+                    first_sector,
+                } => self.read_partial(part, at, data + within, bitmap, first_sector, within)?,
             }
             done += n;
         }
         Ok(())
     }
+}
+
+impl<S: BlockSource> Vhdx<S> {
+    /// Reads `part` (virtual offset `at`, `within` bytes into its block, at `data` in the
+    /// file) from a partially present block: each sector from this file when its bit in
+    /// the sector bitmap is set, else from the parent.
+    fn read_partial(
+        &self,
+        part: &mut [u8],
+        at: u64,
+        data: u64,
+        bitmap: u64,
+        first_sector: u64,
+        within: u64,
+    ) -> Result<()> {
+        let ss = u64::from(self.info.logical_sector_size);
+        let (first, last) = (within / ss, (within + part.len() as u64 - 1) / ss);
+        let (lo, hi) = ((first_sector + first) / 8, (first_sector + last) / 8);
+        let mut bits = vec![0u8; (hi - lo + 1) as usize];
+        self.view().read_file(&mut bits, bitmap + lo)?;
+        let present = |s: u64| {
+            let bit = first_sector + s;
+            bits[(bit / 8 - lo) as usize] >> (bit % 8) & 1 == 1
+        };
+        let mut s = first;
+        while s <= last {
+            let here = present(s);
+            let mut e = s;
+            while e < last && present(e + 1) == here {
+                e += 1;
+            }
+            // The run of sectors s..=e, clipped to the part.
+            let from = (s * ss).max(within) - within;
+            let to = ((e + 1) * ss).min(within + part.len() as u64) - within;
+            let piece = &mut part[from as usize..to as usize];
+            if here {
+                self.view().read_file(piece, data + from)?;
+            } else {
+                self.parent(at + from)?.read_at(piece, at + from)?;
+            }
+            s = e + 1;
+        }
+        Ok(())
+    }
+}
+
+/// Where a payload block's bytes are.
+enum Place {
+    /// In this file, at this offset.
+    File(u64),
+    /// Zeros.
+    Zero,
+    /// The parent's (a differencing disk's block not present).
+    Parent,
+    /// Sector by sector, as the sector bitmap (at `bitmap`) says: this file's block at
+    /// `data`, or the parent; `first_sector` is the block's first bit in the bitmap.
+    Partial {
+        data: u64,
+        bitmap: u64,
+        first_sector: u64,
+    },
 }
 
 /// The virtual disk, as a [`BlockSource`]: what initial replication and resync read.
@@ -518,6 +718,7 @@ fn region_table(source: &dyn BlockSource, file_len: u64) -> Result<Vec<([u8; 16]
 struct Meta {
     block_size: u32,
     leave_allocated: bool,
+    locator: Option<ParentLocator>,
     virtual_size: u64,
     logical: u32,
     physical: u32,
@@ -617,13 +818,26 @@ fn metadata(source: &dyn BlockSource, region: u64, region_len: u64) -> Result<Me
             block_size.to_string(),
         ));
     }
-    if u32_at(&fp, 4) & 2 != 0 {
-        return Err(Error::unsupported(
-            "a differencing disk (HasParent)",
-            fp_at + 4,
-            "reading through a parent chain is not done yet; merge the chain first (`qemu-img convert`)",
-        ));
-    }
+    let has_parent = u32_at(&fp, 4) & 2 != 0;
+    let locator = if has_parent {
+        let (_, at, len, _) = *items
+            .iter()
+            .find(|i| i.0 == PARENT_LOCATOR)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "metadata table",
+                    region,
+                    "a parent locator item (the file has a parent)",
+                    "none",
+                )
+            })?;
+        Some(ParentLocator::parse(
+            &item(&PARENT_LOCATOR, "parent locator", len)?,
+            at,
+        )?)
+    } else {
+        None
+    };
     let vs = item(&VIRTUAL_DISK_SIZE, "virtual disk size", 8)?;
     let virtual_size = u64_at(&vs, 0);
     let sector = |id: &[u8; 16], name: &str| -> Result<u32> {
@@ -654,7 +868,9 @@ fn metadata(source: &dyn BlockSource, region: u64, region_len: u64) -> Result<Me
     let disk_id = item(&VIRTUAL_DISK_ID, "virtual disk id", 16)?;
     Ok(Meta {
         block_size,
-        leave_allocated: u32_at(&fp, 4) & 1 != 0,
+        // Ignored for a differencing disk.
+        leave_allocated: !has_parent && u32_at(&fp, 4) & 1 != 0,
+        locator,
         virtual_size,
         logical,
         physical,

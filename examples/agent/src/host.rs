@@ -105,7 +105,7 @@ impl Host for AgentHost {
     fn open_disk(&self, path: &Path) -> io::Result<Arc<dyn Disk>> {
         let f = std::fs::File::open(path)?;
         if is_vhdx_file(&f)? {
-            let v = lifeboat_vhdx::Vhdx::open(f).map_err(|e| {
+            let v = open_vhdx(path, f).map_err(|e| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("{}: {e}", path.display()),
@@ -208,6 +208,49 @@ fn guest_file(site: &Path) -> PathBuf {
 
 /// A VHDX source disk: read as its virtual disk, never written (failback goes to a raw
 /// image or a block device).
+/// Opens a VHDX and, for a differencing disk (`.avhdx`), its parents: each found by the
+/// locator's `relative_path` from the child's directory, else by the file name of its
+/// `absolute_win32_path` in that directory (a chain copied off a Hyper-V host).
+pub(crate) fn open_vhdx(
+    path: &Path,
+    f: std::fs::File,
+) -> lifeboat_vhdx::Result<lifeboat_vhdx::Vhdx<std::fs::File>> {
+    let mut dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    lifeboat_vhdx::open_chain(f, |locator| {
+        let windows = |p: &str| p.replace('\\', "/");
+        let mut tried = Vec::new();
+        if let Some(rel) = locator.get("relative_path") {
+            tried.push(dir.join(windows(rel).trim_start_matches("./")));
+        }
+        if let Some(abs) = locator.get("absolute_win32_path")
+            && let Some(name) = Path::new(&windows(abs)).file_name()
+        {
+            tried.push(dir.join(name));
+        }
+        for p in &tried {
+            if let Ok(f) = std::fs::File::open(p) {
+                dir = p.parent().unwrap_or(Path::new(".")).to_path_buf();
+                return Ok(f);
+            }
+        }
+        Err(lifeboat_vhdx::Error::Io {
+            offset: 0,
+            source: io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "the parent disk is not found (tried {}; locator: {:?})",
+                    tried
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    locator.entries
+                ),
+            ),
+        })
+    })
+}
+
 struct VhdxDisk {
     path: PathBuf,
     vhdx: lifeboat_vhdx::Vhdx<std::fs::File>,

@@ -35,7 +35,7 @@ pub(crate) fn line(line: String) {
     }
 }
 
-/// `println!` for a command's result: [`line`].
+/// `println!` for a command's result: [`line()`].
 macro_rules! say {
     ($($t:tt)*) => { $crate::out::line(format!($($t)*)) };
 }

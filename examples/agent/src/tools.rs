@@ -190,13 +190,34 @@ pub(crate) fn inspect_disk(path: &Path, json: bool) -> Result<()> {
     let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let len = f.metadata()?.len();
     if crate::host::is_vhdx_file(&f)? {
-        let v = lifeboat_vhdx::Vhdx::open(f).with_context(|| path.display().to_string())?;
+        let v = crate::host::open_vhdx(path, f).with_context(|| path.display().to_string())?;
         let i = v.info().clone();
         let allocated = v.allocated()?;
         let hex = |g: &[u8; 16]| g.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        // The parents, nearest first: each one's locator and DataWriteGuid.
+        let mut parents = Vec::new();
+        let mut at = &v;
+        while let (Some(l), Some(p)) = (at.parent_locator(), at.parent_disk()) {
+            let name = l
+                .get("relative_path")
+                .or_else(|| l.get("absolute_win32_path"))
+                .unwrap_or("?")
+                .to_owned();
+            parents.push((name, hex(&p.info().data_write_guid)));
+            at = p;
+        }
+        let kind = match (i.differencing, i.leave_blocks_allocated) {
+            (true, _) => "vhdx-differencing",
+            (false, true) => "vhdx-fixed",
+            (false, false) => "vhdx-dynamic",
+        };
         if json {
             let out = json!({
-                "format": if i.leave_blocks_allocated { "vhdx-fixed" } else { "vhdx-dynamic" },
+                "format": kind,
+                "parents": parents
+                    .iter()
+                    .map(|(p, g)| json!({"locator": p, "data_write_guid": g}))
+                    .collect::<Vec<_>>(),
                 "virtual_size": i.virtual_size,
                 "file_size": len,
                 "block_size": i.block_size,
@@ -211,11 +232,7 @@ pub(crate) fn inspect_disk(path: &Path, json: bool) -> Result<()> {
             println!(
                 "{}: VHDX ({}), virtual size {} ({} bytes), {} in blocks of {}, {} sectors of {} bytes (physical {})",
                 path.display(),
-                if i.leave_blocks_allocated {
-                    "fixed"
-                } else {
-                    "dynamic"
-                },
+                kind.trim_start_matches("vhdx-"),
                 size(i.virtual_size),
                 i.virtual_size,
                 size(allocated),
@@ -228,6 +245,9 @@ pub(crate) fn inspect_disk(path: &Path, json: bool) -> Result<()> {
                 "  data write GUID {} (HRL logs of this disk name it)",
                 hex(&i.data_write_guid)
             );
+            for (n, (p, g)) in parents.iter().enumerate() {
+                println!("  parent {}: {p} (data write GUID {g})", n + 1);
+            }
         }
         return Ok(());
     }

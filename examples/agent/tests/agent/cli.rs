@@ -1198,6 +1198,34 @@ fn a_vhdx_disk_is_protected_as_its_virtual_disk() {
     assert!(fs::read(&vhdx).unwrap() == before, "the VHDX was written");
 }
 
+/// A Hyper-V checkpoint's disk (a differencing `.avhdx` over its parent) is protected as
+/// the chain's virtual disk; `disk inspect` shows the chain; a missing parent is named.
+#[test]
+fn a_differencing_vhdx_is_protected_as_its_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Target::local(dir.path());
+    let disks = dir.path().join("hyper-v");
+    fs::create_dir(&disks).unwrap();
+    let (child, _, want) = lifeboat_vhdx::testing::differencing_chain(&disks).unwrap();
+    let info = t.json(&["disk", "inspect", s(&child)]);
+    assert_eq!(info["format"], "vhdx-differencing", "{info}");
+    assert_eq!(info["parents"][0]["locator"], ".\\parent.vhdx", "{info}");
+    t.ok(&["protect", "vm", "--disk", s(&child)]);
+    let tf = dir.path().join("tf");
+    t.ok(&["test-failover", "vm", "--out", s(&tf)]);
+    assert!(
+        fs::read(tf.join("disk0.raw")).unwrap() == want,
+        "the chain's disk differs"
+    );
+
+    fs::rename(disks.join("parent.vhdx"), disks.join("moved.vhdx")).unwrap();
+    let r = t.fails(&["disk", "inspect", s(&child)]);
+    assert!(
+        r.contains("parent disk is not found") && r.contains("parent.vhdx"),
+        "{r}"
+    );
+}
+
 /// `policy` changes only the settings given, at once; a bad one is refused.
 #[test]
 fn a_policy_changes_only_what_is_given() {
