@@ -1276,6 +1276,8 @@ impl Engine {
                         disk.size
                     )));
                 }
+                t.check_writable()
+                    .map_err(|e| Error::Invalid(format!("failback target {}: {e}", p.display())))?;
             }
         }
         let alternate = doc.disks.iter().map(|d| &d.source).ne(to.iter());

@@ -40,6 +40,12 @@ pub trait Disk: BlockSource + Send + Sync {
     /// Makes every write so far durable.
     fn sync(&self) -> io::Result<()>;
 
+    /// Whether every byte can be written (checked before a failback starts, so a target
+    /// that would refuse part-way is refused whole). Yes by default.
+    fn check_writable(&self) -> io::Result<()> {
+        Ok(())
+    }
+
     /// The disk's own DataWriteGuid, for a format that has one (VHDX): the id Hyper-V's
     /// change logs name as `Vhd2DataWriteGuid`, which changes when the disk is written
     /// outside change tracking. `None` (the default): the engine makes one up, and logs

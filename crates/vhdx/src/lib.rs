@@ -26,8 +26,13 @@ A differencing disk (`.avhdx`, a Hyper-V checkpoint) reads through its parent:
 `parent_linkage`, the sizes agree) and refuses loops; a partially present block is read
 sector by sector as its sector bitmap says.
 
+[`Vhdx::begin_writes`] and [`Vhdx::write_at`] write into an existing VHDX in place (a
+failback onto the on-premises disk): a new header with a new DataWriteGuid first, as the
+spec requires, then the data, into blocks the file holds (every block of a fixed VHDX).
+
 Not done yet, refused with [`Error::Unsupported`] rather than guessed: logs over 256 MiB,
-writing into an existing VHDX. The `testing` feature adds hand-made differencing chains for
+allocating blocks of a dynamic VHDX (it must go through the log to be crash-safe), writing
+into a differencing disk. The `testing` feature adds hand-made differencing chains for
 tests (no Linux tool writes one).
 
 This crate performs no I/O of its own: it reads through `BlockSource` (files, byte slices)
@@ -61,6 +66,7 @@ assert_eq!(buf, [0xAB; 512]);
 
 pub use crate::{
     error::{Error, Result},
+    inplace::WriteAt,
     parent::{MAX_CHAIN, ParentLocator, format_guid, open_chain},
     reader::{Extent, ExtentKind, Info, Vhdx},
     writer::{WriteOptions, write_dynamic},
@@ -68,6 +74,7 @@ pub use crate::{
 
 mod error;
 mod format;
+mod inplace;
 mod log;
 mod parent;
 mod reader;

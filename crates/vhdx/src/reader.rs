@@ -67,14 +67,18 @@ pub struct Info {
 ///
 /// [`open_chain`]: crate::open_chain
 pub struct Vhdx<S> {
-    source: S,
+    pub(crate) source: S,
     /// What a replayed log changed, read over the file.
-    overlay: Option<Overlay>,
+    pub(crate) overlay: Option<Overlay>,
     /// A differencing disk's parent locator.
     locator: Option<ParentLocator>,
     /// Its parent, once attached ([`Vhdx::with_parent`]).
     parent: Option<Box<Vhdx<S>>>,
-    info: Info,
+    /// Where the current header is.
+    pub(crate) header_at: u64,
+    /// Whether [`Vhdx::begin_writes`] made it ready for writes in place.
+    pub(crate) writable: bool,
+    pub(crate) info: Info,
     bat_offset: u64,
     bat_len: u64,
     chunk_ratio: u64,
@@ -191,6 +195,8 @@ impl<S: BlockSource> Vhdx<S> {
             overlay,
             locator: meta.locator,
             parent: None,
+            header_at: header.at,
+            writable: false,
             info,
             bat_offset,
             bat_len,
@@ -266,7 +272,7 @@ impl<S: BlockSource> Vhdx<S> {
     }
 
     /// Where payload block `block`'s bytes are.
-    fn place(&self, block: u64) -> Result<Place> {
+    pub(crate) fn place(&self, block: u64) -> Result<Place> {
         let index = block + block / self.chunk_ratio;
         let (state, offset) = self.bat(index, u64::from(self.info.block_size))?;
         let at = self.bat_offset + index * 8;
@@ -509,7 +515,7 @@ impl<S: BlockSource> Vhdx<S> {
 }
 
 /// Where a payload block's bytes are.
-enum Place {
+pub(crate) enum Place {
     /// In this file, at this offset.
     File(u64),
     /// Zeros.

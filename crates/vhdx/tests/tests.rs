@@ -560,3 +560,90 @@ fn a_second_implementation_reads_the_chain_the_same() {
     let theirs = std::fs::read(&out).unwrap();
     assert!(theirs == want, "dissect.hypervisor reads another disk");
 }
+
+/// A failback onto a fixed VHDX writes in place: a new header (next sequence number, new
+/// DataWriteGuid) first, then the data; `qemu-img check` and `compare` agree. A dynamic
+/// disk with unallocated blocks and a differencing disk are refused, nothing written.
+#[test]
+fn writes_in_place_into_a_fixed_vhdx() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("a.raw");
+    let disk = raw_disk(5 * MIB, 21);
+    std::fs::write(&raw, &disk).unwrap();
+    let fixed = dir.path().join("fixed.vhdx");
+    // -S 0: every block written, as Hyper-V's fixed disks hold them (qemu otherwise marks
+    // zero blocks ZERO, with no space in the file).
+    let Some(made) = qemu_img(&[
+        "convert",
+        "-S",
+        "0",
+        "-f",
+        "raw",
+        "-O",
+        "vhdx",
+        "-o",
+        "subformat=fixed,block_size=1M",
+        s(&raw),
+        s(&fixed),
+    ]) else {
+        return;
+    };
+    assert!(made.status.success(), "{made:?}");
+    let mut v = Vhdx::open(std::fs::File::open(&fixed).unwrap()).unwrap();
+    let seq = v.info().header_sequence;
+    let mut w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fixed)
+        .unwrap();
+    let before = v.info().data_write_guid;
+    v.begin_writes(&mut w, [0x77; 16], [0x88; 16]).unwrap();
+    let mut want = disk.clone();
+    for (at, n, byte) in [
+        (0u64, 512usize, 0x11u8),
+        (MIB - 4096, 8192, 0x22),
+        (3 * MIB + 512, 1_500_000, 0x33),
+    ] {
+        let data = vec![byte; n];
+        v.write_at(&mut w, at, &data).unwrap();
+        want[at as usize..at as usize + n].copy_from_slice(&data);
+    }
+    lifeboat_vhdx::WriteAt::sync(&mut w).unwrap();
+    drop((v, w));
+    let back = Vhdx::open(std::fs::File::open(&fixed).unwrap()).unwrap();
+    assert_eq!(back.info().header_sequence, seq + 1);
+    assert_eq!(back.info().data_write_guid, [0x88; 16]);
+    assert_ne!(before, [0x88; 16]);
+    assert!(
+        read_all(&back) == want,
+        "the written disk reads other bytes"
+    );
+    let check = qemu_img(&["check", "-f", "vhdx", s(&fixed)]).unwrap();
+    assert!(check.status.success(), "{check:?}");
+    std::fs::write(&raw, &want).unwrap();
+    let cmp = qemu_img(&["compare", "-f", "raw", "-F", "vhdx", s(&raw), s(&fixed)]).unwrap();
+    assert!(cmp.status.success(), "{cmp:?}");
+
+    // A dynamic disk's block that the file does not hold: refused before any write.
+    let mut sparse = vec![0u8; 4 * MIB as usize];
+    sparse[..4096].fill(1);
+    let mut f = Cursor::new(Vec::new());
+    let opts = WriteOptions {
+        block_size: MIB as u32,
+        ..WriteOptions::default()
+    };
+    write_dynamic(&sparse, opts, &mut f).unwrap();
+    let img = f.into_inner();
+    let mut v = Vhdx::open(img.as_slice()).unwrap();
+    let e = v.check_writable().unwrap_err();
+    assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+    let mut copy = img.clone();
+    assert!(v.begin_writes(&mut copy, [1; 16], [2; 16]).is_err());
+    assert!(copy == img, "a refused disk was written");
+
+    // A differencing disk: refused.
+    let (child, img, _) = lifeboat_vhdx::testing::differencing_chain(dir.path()).unwrap();
+    let mut v = Vhdx::open(img.as_slice()).unwrap();
+    let mut copy = img.clone();
+    assert!(v.begin_writes(&mut copy, [1; 16], [2; 16]).is_err());
+    assert!(copy == img && child.exists());
+}

@@ -113,7 +113,8 @@ impl Host for AgentHost {
             })?;
             return Ok(Arc::new(VhdxDisk {
                 path: path.to_path_buf(),
-                vhdx: v,
+                vhdx: std::sync::RwLock::new(v),
+                writer: std::sync::Mutex::new(None),
             }));
         }
         FileHost.open_disk(path)
@@ -251,37 +252,84 @@ pub(crate) fn open_vhdx(
     })
 }
 
+/// A VHDX disk: read as its virtual disk; written in place (a failback onto it) into the
+/// blocks the file holds, after a new header with a new DataWriteGuid.
 struct VhdxDisk {
     path: PathBuf,
-    vhdx: lifeboat_vhdx::Vhdx<std::fs::File>,
+    vhdx: std::sync::RwLock<lifeboat_vhdx::Vhdx<std::fs::File>>,
+    /// The file opened for writing, from the first write on.
+    writer: std::sync::Mutex<Option<std::fs::File>>,
+}
+
+impl VhdxDisk {
+    fn refused(&self, e: lifeboat_vhdx::Error) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "{}: {e} (fail back to a fixed VHDX, a raw image or a block device)",
+                self.path.display()
+            ),
+        )
+    }
 }
 
 impl lifeboat_resync::BlockSource for VhdxDisk {
     fn size(&self) -> io::Result<u64> {
-        lifeboat_resync::BlockSource::size(&self.vhdx)
+        Ok(self
+            .vhdx
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .info()
+            .virtual_size)
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.vhdx.read_exact_at(buf, offset)
+        let v = self.vhdx.read().unwrap_or_else(|p| p.into_inner());
+        v.read_at(buf, offset).map_err(io::Error::from)
     }
 }
 
 impl Disk for VhdxDisk {
-    fn write_at(&self, _offset: u64, _data: &[u8]) -> io::Result<()> {
-        Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            format!(
-                "{} is a VHDX, which lifeboat reads but does not write into: fail back to a raw image or a block device (`failback --to NEW.raw`), then convert it",
-                self.path.display()
-            ),
-        ))
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        if w.is_none() {
+            let mut f = std::fs::OpenOptions::new().write(true).open(&self.path)?;
+            // Fresh ids: the disk's data changes now (the spec's rule for DataWriteGuid).
+            let id = |what: &str| {
+                let seed = format!("{}/{what}/{:?}", self.path.display(), Instant::now());
+                let mut g = [0u8; 16];
+                g.copy_from_slice(&blake3::hash(seed.as_bytes()).as_bytes()[..16]);
+                g
+            };
+            let mut v = self.vhdx.write().unwrap_or_else(|p| p.into_inner());
+            v.begin_writes(&mut f, id("file"), id("data"))
+                .map_err(|e| self.refused(e))?;
+            *w = Some(f);
+        }
+        let f = w.as_mut().expect("opened above");
+        let v = self.vhdx.read().unwrap_or_else(|p| p.into_inner());
+        v.write_at(f, offset, data).map_err(|e| self.refused(e))
     }
 
     fn sync(&self) -> io::Result<()> {
-        Ok(())
+        match self
+            .writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            Some(f) => lifeboat_vhdx::WriteAt::sync(f),
+            None => Ok(()),
+        }
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        let v = self.vhdx.read().unwrap_or_else(|p| p.into_inner());
+        v.check_writable().map_err(|e| self.refused(e))
     }
 
     fn write_guid(&self) -> io::Result<Option<[u8; 16]>> {
-        Ok(Some(self.vhdx.info().data_write_guid))
+        let v = self.vhdx.read().unwrap_or_else(|p| p.into_inner());
+        Ok(Some(v.info().data_write_guid))
     }
 }

@@ -1463,3 +1463,95 @@ fn unreachable_stores_say_why() {
         assert!(tls.contains("TLS failed"), "{tls}");
     }
 }
+
+/// Failback onto a fixed VHDX (Hyper-V's on-premises disk) writes into it in place: it
+/// then holds the recovered disk (qemu-img compare), passes qemu-img check, and reprotect
+/// tracks it under its new DataWriteGuid. A dynamic VHDX whose blocks are not all held is
+/// refused with what to do.
+#[test]
+fn failback_writes_into_a_fixed_vhdx_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Target::local(dir.path());
+    let d = dir.path().join("d.raw");
+    make_disk(&d, 4 * MIB, 12);
+    t.ok(&["protect", "vm", "--disk", s(&d)]);
+    let rec = dir.path().join("rec");
+    t.ok(&["failover", "vm", "--planned", "--out", s(&rec)]);
+    t.ok(&["commit", "vm"]);
+    // The recovered machine wrote after failover.
+    let recovered = rec.join("disk0.raw");
+    let f = fs::OpenOptions::new().write(true).open(&recovered).unwrap();
+    f.write_all_at(&[0x5C; 65536], 2 * MIB).unwrap();
+    drop(f);
+    // The on-premises disk: a fixed VHDX of the old content (every block held, as Hyper-V
+    // makes them).
+    let back = dir.path().join("onprem.vhdx");
+    let made = Command::new("qemu-img")
+        .args(["convert", "-S", "0", "-f", "raw", "-O", "vhdx"])
+        .args(["-o", "subformat=fixed,block_size=1M", s(&d), s(&back)])
+        .output();
+    let Ok(made) = made else {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "no qemu-img");
+        return;
+    };
+    assert!(made.status.success(), "{made:?}");
+    let guid_before = t.json(&["disk", "inspect", s(&back)])["data_write_guid"].clone();
+    t.ok(&["failback", "vm", "--to", s(&back)]);
+    let cmp = Command::new("qemu-img")
+        .args([
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "vhdx",
+            s(&recovered),
+            s(&back),
+        ])
+        .output()
+        .unwrap();
+    assert!(cmp.status.success(), "{cmp:?}");
+    let check = Command::new("qemu-img")
+        .args(["check", "-f", "vhdx", s(&back)])
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+    let guid_after = t.json(&["disk", "inspect", s(&back)])["data_write_guid"].clone();
+    assert_ne!(
+        guid_before, guid_after,
+        "the data write GUID did not change"
+    );
+    t.ok(&["reprotect", "vm"]);
+    let st = t.json(&["status", "vm"]);
+    assert_eq!(st[0]["disks"][0]["write_guid"], guid_after, "{st}");
+    assert_eq!(st[0]["state"], "protected", "{st}");
+
+    // A dynamic VHDX holding only some blocks cannot take a failback in place.
+    t.ok(&[
+        "failover",
+        "vm",
+        "--planned",
+        "--out",
+        s(&dir.path().join("rec2")),
+    ]);
+    t.ok(&["commit", "vm"]);
+    let sparse = dir.path().join("sparse.raw");
+    fs::write(&sparse, vec![0u8; 4 * MIB as usize]).unwrap();
+    let dynamic = dir.path().join("dynamic.vhdx");
+    let made = Command::new("qemu-img")
+        .args([
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vhdx",
+            s(&sparse),
+            s(&dynamic),
+        ])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let r = t.fails(&["failback", "vm", "--to", s(&dynamic)]);
+    assert!(r.contains("fail back to a fixed VHDX"), "{r}");
+    // Refused before it started: nothing to repair.
+    assert_eq!(t.state("vm"), "failover_committed");
+}
