@@ -344,6 +344,120 @@ async fn logs_must_name_the_disks_own_write_guid() {
     same(&w.replica_bytes().await, &w.source(), "replica after l3");
 }
 
+/// A VHDX image whose file reads are counted.
+#[derive(Debug)]
+struct CountedFile {
+    bytes: Vec<u8>,
+    read: AtomicU64,
+}
+
+impl lifeboat_resync::BlockSource for &'static CountedFile {
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.bytes.len() as u64)
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.bytes.as_slice().read_exact_at(buf, offset)
+    }
+}
+
+/// The host's one disk: that VHDX's virtual disk.
+#[derive(Debug)]
+struct VhdxHost(Arc<VhdxDisk>);
+
+struct VhdxDisk(lifeboat_vhdx::Vhdx<&'static CountedFile>);
+
+impl std::fmt::Debug for VhdxDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VhdxDisk")
+    }
+}
+
+impl lifeboat_resync::BlockSource for VhdxDisk {
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.0.info().virtual_size)
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset).map_err(std::io::Error::from)
+    }
+}
+
+impl crate::Disk for VhdxDisk {
+    fn write_at(&self, _: u64, _: &[u8]) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+
+    fn sync(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl crate::Host for VhdxHost {
+    fn open_disk(&self, _: &Path) -> std::io::Result<Arc<dyn crate::Disk>> {
+        Ok(self.0.clone())
+    }
+
+    fn create_disk(&self, _: &Path, _: u64) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+}
+
+/// Initial replication of a half-empty dynamic VHDX reads only its allocated blocks from
+/// the file (and its headers, metadata and BAT pages), and the replica is its virtual disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protecting_a_half_empty_vhdx_reads_only_its_allocated_blocks() {
+    use lifeboat_resync::BlockSource as _;
+    let mut virtual_disk = vec![0u8; 64 << 20];
+    for block in (0..64).step_by(2) {
+        let b = &mut virtual_disk[block << 20..(block + 1) << 20];
+        b.iter_mut()
+            .enumerate()
+            .for_each(|(i, x)| *x = (i % 253) as u8 | 1);
+    }
+    let mut image = std::io::Cursor::new(Vec::new());
+    let opts = lifeboat_vhdx::WriteOptions {
+        block_size: 1 << 20,
+        ..lifeboat_vhdx::WriteOptions::default()
+    };
+    lifeboat_vhdx::write_dynamic(&virtual_disk, opts, &mut image).unwrap();
+    let file: &'static CountedFile = Box::leak(Box::new(CountedFile {
+        bytes: image.into_inner(),
+        read: AtomicU64::new(0),
+    }));
+    let v = lifeboat_vhdx::Vhdx::open(file).unwrap();
+    assert_eq!(v.allocated().unwrap(), 32 << 20);
+    let host = Arc::new(VhdxHost(Arc::new(VhdxDisk(v))));
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn PageStore> = Arc::new(LocalStore::open(dir.path().join("store")).unwrap());
+    let mut e = Engine::builder(store.clone(), dir.path().join("site"))
+        .host(host)
+        .open()
+        .await
+        .unwrap();
+    let before = file.read.load(Ordering::Relaxed);
+    e.protect("vm", &[PathBuf::from("vm/d0.vhdx")], policy(), 64 << 10)
+        .await
+        .unwrap();
+    let read = file.read.load(Ordering::Relaxed) - before;
+    // The data blocks, once, and a little of the structures around them.
+    assert!(
+        (32 << 20..(32 << 20) + (1 << 20)).contains(&read),
+        "{read} bytes read from the file for 32 MiB allocated"
+    );
+    let replica = store
+        .read(
+            "lifeboat/items/vm/disk0",
+            None,
+            0,
+            virtual_disk.size().unwrap(),
+        )
+        .await
+        .unwrap();
+    assert!(replica[..] == virtual_disk[..], "the replica differs");
+}
+
 /// Names that would escape a path or collide are refused before anything is recorded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item_names_are_checked() {
