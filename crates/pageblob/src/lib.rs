@@ -83,7 +83,7 @@ pub use crate::{
         Condition, Doc, ETag, Expect, LeaseId, LeaseState, MAX_PUT, Metadata, PAGE, PageStore,
         Properties, check_blob_name, crc64, merge_ranges,
     },
-    writer::{BatchReport, Change, PageWriter, WriteError, WriterConfig, WriterProgress},
+    writer::{BatchReport, Change, PageWriter, Throttle, WriteError, WriterConfig, WriterProgress},
 };
 
 mod azure;

@@ -55,8 +55,52 @@ pub struct WriterConfig {
     /// Retries per request. The default is quick (0.1 s doubling to 1.6 s, then every
     /// 5 s, at most 8 retries): the replication layer owns the long Hyper-V schedule.
     pub retry: Policy,
-    /// Send at most this many bytes per second; `None` for no limit.
-    pub throttle: Option<u64>,
+    /// A bandwidth limit on Put Page bodies; `None` for none. Writers whose configs are
+    /// clones of one share it (an engine's writers: one limit for the site).
+    pub throttle: Option<Throttle>,
+}
+
+/// A limit of bytes per second shared by every writer holding a clone: each request waits
+/// for its turn, spaced by its size over the rate.
+#[derive(Clone, Debug)]
+pub struct Throttle {
+    rate: u64,
+    next: Arc<Mutex<Option<Instant>>>,
+}
+
+/// Two throttles are equal when they are one limit (clones of one).
+impl PartialEq for Throttle {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.next, &other.next)
+    }
+}
+
+impl Eq for Throttle {}
+
+impl Throttle {
+    /// At most `bytes_per_second` (at least 1).
+    pub fn new(bytes_per_second: u64) -> Self {
+        Throttle {
+            rate: bytes_per_second.max(1),
+            next: Arc::default(),
+        }
+    }
+
+    /// The limit, in bytes per second.
+    pub fn rate(&self) -> u64 {
+        self.rate
+    }
+
+    /// Waits until `len` bytes may be sent.
+    async fn admit(&self, len: u64) {
+        let at = {
+            let mut next = self.next.lock().await;
+            let at = next.map_or_else(Instant::now, |n| n.max(Instant::now()));
+            *next = Some(at + Duration::from_secs_f64(len as f64 / self.rate as f64));
+            at
+        };
+        tokio::time::sleep_until(at).await;
+    }
 }
 
 impl Default for WriterConfig {
@@ -186,7 +230,6 @@ pub struct PageWriter {
     config: WriterConfig,
     lease: Option<LeaseId>,
     counters: Arc<Counters>,
-    throttle: Arc<Mutex<Instant>>,
 }
 
 enum Op {
@@ -208,7 +251,6 @@ impl PageWriter {
             config,
             lease: None,
             counters: Arc::default(),
-            throttle: Arc::new(Mutex::new(Instant::now())),
         }
     }
 
@@ -252,15 +294,17 @@ impl PageWriter {
                 self.config.retry.clone(),
                 self.lease,
             );
-            let (counters, throttle, rate) = (
-                self.counters.clone(),
-                self.throttle.clone(),
-                self.config.throttle,
-            );
+            let (counters, throttle) = (self.counters.clone(), self.config.throttle.clone());
             let cond = Condition::sequence_number(seq).with_lease(lease);
             tasks.spawn(async move {
                 send(
-                    &*store, &blob, &policy, &counters, &throttle, rate, op, cond,
+                    &*store,
+                    &blob,
+                    &policy,
+                    &counters,
+                    throttle.as_ref(),
+                    op,
+                    cond,
                 )
                 .await
             });
@@ -339,22 +383,15 @@ async fn send(
     blob: &str,
     policy: &Policy,
     counters: &Counters,
-    throttle: &Mutex<Instant>,
-    rate: Option<u64>,
+    throttle: Option<&Throttle>,
     op: Op,
     cond: Condition,
 ) -> Result<(), WriteError> {
     let seq = cond.sequence_number_eq.unwrap_or_default();
     match op {
         Op::Put { offset, data } => {
-            if let Some(rate) = rate.filter(|r| *r > 0) {
-                let at = {
-                    let mut next = throttle.lock().await;
-                    let at = (*next).max(Instant::now());
-                    *next = at + Duration::from_secs_f64(data.len() as f64 / rate as f64);
-                    at
-                };
-                tokio::time::sleep_until(at).await;
+            if let Some(t) = throttle {
+                t.admit(data.len() as u64).await;
             }
             let crc = crc64(&data);
             let len = data.len() as u64;

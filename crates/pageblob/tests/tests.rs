@@ -11,7 +11,7 @@ use bytes::Bytes;
 use lifeboat_pageblob::conformance::{self, Skips};
 use lifeboat_pageblob::{
     Change, Condition, Fault, FaultyStore, LocalStore, MAX_PUT, PAGE, PageStore, PageWriter,
-    WriteError, WriterConfig, vhd,
+    Throttle, WriteError, WriterConfig, vhd,
 };
 
 const MIB: u64 = 1 << 20;
@@ -411,7 +411,7 @@ async fn throttle_spaces_requests_in_virtual_time() {
         .await
         .unwrap();
     let config = WriterConfig {
-        throttle: Some(4 * MIB),
+        throttle: Some(Throttle::new(4 * MIB)),
         in_flight: 1,
         ..WriterConfig::default()
     };
@@ -430,6 +430,44 @@ async fn throttle_spaces_requests_in_virtual_time() {
     // Three 4 MiB requests at 4 MiB/s: the third may start after 2 s.
     assert!(
         start.elapsed() >= std::time::Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+/// Writers whose configs are clones of one share its throttle: two blobs written at once
+/// take as long as their bytes at the one rate (virtual time).
+#[tokio::test(start_paused = true)]
+async fn writers_share_one_throttle() {
+    let (_d, s) = store();
+    for b in ["a", "b"] {
+        s.create(b, 16 * MIB, 0, &Default::default()).await.unwrap();
+    }
+    let config = WriterConfig {
+        throttle: Some(Throttle::new(4 * MIB)),
+        ..WriterConfig::default()
+    };
+    let batch = || {
+        vec![Change::Data {
+            offset: 0,
+            data: Bytes::from(vec![1u8; (8 * MIB) as usize]),
+        }]
+    };
+    let (a, b) = (
+        PageWriter::new(s.clone(), "a", config.clone()),
+        PageWriter::new(s.clone(), "b", config),
+    );
+    let start = tokio::time::Instant::now();
+    let (ra, rb) = tokio::join!(
+        a.apply_batch(0, batch(), None),
+        b.apply_batch(0, batch(), None)
+    );
+    ra.unwrap();
+    rb.unwrap();
+    // 16 MiB at 4 MiB/s: the last 4 MiB request may start after 3 s, not 1 s as with a
+    // limit per writer.
+    assert!(
+        start.elapsed() >= std::time::Duration::from_secs(3),
         "{:?}",
         start.elapsed()
     );

@@ -147,6 +147,7 @@ pub(crate) async fn open(store: &Store, site: &Path, quiet: bool) -> Result<Engi
         .and_then(|v| v.parse().ok());
     Ok(Engine::builder(store.store.clone(), site)
         .store_description(store.desc.clone())
+        .writer(store.writer.clone())
         .host(Arc::new(AgentHost {
             site: site.to_path_buf(),
         }))

@@ -75,6 +75,11 @@ pub(crate) struct Target {
     /// Storage account key, base64 (Shared Key).
     #[arg(long, global = true, env = "LIFEBOAT_KEY", hide_env_values = true)]
     pub(crate) key: Option<String>,
+    /// Send replicas at most this fast, for everything this process sends (a service: the
+    /// whole site): bytes per second with an IEC unit (`20M` = 20 MiB/s) or bits
+    /// (`100Mbit`).
+    #[arg(long, global = true, env = "LIFEBOAT_MAX_BANDWIDTH", value_parser = parse_rate)]
+    pub(crate) max_bandwidth: Option<u64>,
 }
 
 /// How often delta cycles run.
@@ -664,6 +669,28 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("not a size: {s}"))
 }
 
+/// Parses a rate: bytes per second as a size (`20M`), or bits per second with a decimal
+/// unit (`100Mbit`, `1Gbit`, `500kbit`).
+fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim().trim_end_matches("/s");
+    if let Some(n) = t.strip_suffix("bit") {
+        let (num, mul) = match n.char_indices().last() {
+            Some((i, 'k' | 'K')) => (&n[..i], 1_000),
+            Some((i, 'M')) => (&n[..i], 1_000_000),
+            Some((i, 'G')) => (&n[..i], 1_000_000_000),
+            _ => (n, 1),
+        };
+        return num
+            .parse::<u64>()
+            .ok()
+            .and_then(|v| v.checked_mul(mul))
+            .map(|bits| bits / 8)
+            .filter(|&b| b > 0)
+            .ok_or_else(|| format!("not a rate (e.g. 20M, 100Mbit): {s}"));
+    }
+    parse_size(t).map_err(|_| format!("not a rate (e.g. 20M, 100Mbit): {s}"))
+}
+
 /// Parses `90s`, `15m`, `2h` (a bare number is seconds).
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -911,11 +938,17 @@ pub(crate) struct Store {
     pub(crate) desc: String,
     /// Azure (machines there run on blobs) or the embedded store.
     pub(crate) azure: bool,
+    /// How replicas are written: the bandwidth limit, shared by every writer.
+    pub(crate) writer: lifeboat_pageblob::WriterConfig,
 }
 
 /// Opens the store a target names (creating the container on Azure when `create`; without
 /// it, nothing is sent until the first request).
 pub(crate) async fn open_store(target: &Target, create: bool) -> Result<Store> {
+    let writer = lifeboat_pageblob::WriterConfig {
+        throttle: target.max_bandwidth.map(lifeboat_pageblob::Throttle::new),
+        ..Default::default()
+    };
     match &target.azure {
         None => {
             let dir = target
@@ -929,6 +962,7 @@ pub(crate) async fn open_store(target: &Target, create: bool) -> Result<Store> {
                 store: Arc::new(store),
                 desc,
                 azure: false,
+                writer,
             })
         }
         Some(url) => {
@@ -958,6 +992,7 @@ pub(crate) async fn open_store(target: &Target, create: bool) -> Result<Store> {
                 store: Arc::new(store),
                 desc,
                 azure: true,
+                writer,
             })
         }
     }
@@ -965,6 +1000,17 @@ pub(crate) async fn open_store(target: &Target, create: bool) -> Result<Store> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rates_in_bytes_or_bits() {
+        assert_eq!(super::parse_rate("20M"), Ok(20 << 20));
+        assert_eq!(super::parse_rate("20M/s"), Ok(20 << 20));
+        assert_eq!(super::parse_rate("100Mbit"), Ok(12_500_000));
+        assert_eq!(super::parse_rate("1Gbit"), Ok(125_000_000));
+        assert_eq!(super::parse_rate("500kbit"), Ok(62_500));
+        assert!(super::parse_rate("fast").is_err());
+        assert!(super::parse_rate("0").is_err());
+    }
+
     /// Every command's help ends with examples (docs/cli.md promises them).
     #[test]
     fn every_command_has_an_example() {

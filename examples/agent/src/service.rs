@@ -115,6 +115,7 @@ pub(crate) async fn run(
     }
     let mut e = Engine::builder(store.store.clone(), site)
         .store_description(store.desc.clone())
+        .writer(store.writer.clone())
         .host(Arc::new(crate::host::AgentHost {
             site: site.to_path_buf(),
         }))
