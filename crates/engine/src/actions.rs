@@ -825,7 +825,7 @@ impl Engine {
                 // Full: compared with nothing, every block is sent (zero blocks cleared),
                 // without hashing the source or reading the target.
                 let delta = if full {
-                    lifeboat_resync::diff(Side::Local(&src), Side::Bytes(&[]))?
+                    lifeboat_resync::Delta::full(&src)?
                 } else {
                     lifeboat_resync::diff(Side::Local(&src), Side::Local(&*target))?
                 };

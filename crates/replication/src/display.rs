@@ -161,14 +161,27 @@ impl fmt::Display for ResyncReason {
     }
 }
 
-/// `90 s`, `12 min`, `1 h`, `3 h 5 min`.
-fn span(d: Duration) -> String {
+/// A duration as the messages and the agent say it: `90 s`, `12 min`, `1 h`, `3 h 5 min`,
+/// `2 d 4 h` (whole seconds, the two largest units).
+///
+/// ```
+/// use std::time::Duration;
+/// use lifeboat_replication::span;
+/// assert_eq!(span(Duration::from_secs(90)), "90 s");
+/// assert_eq!(span(Duration::from_secs(3 * 3600 + 300)), "3 h 5 min");
+/// assert_eq!(span(Duration::from_secs(2 * 86_400 + 4 * 3600)), "2 d 4 h");
+/// ```
+pub fn span(d: Duration) -> String {
     let s = d.as_secs();
-    match (s, s % 3600 / 60) {
-        (0..120, _) => format!("{s} s"),
-        (120..3600, _) => format!("{} min", s / 60),
-        (_, 0) => format!("{} h", s / 3600),
-        (_, m) => format!("{} h {m} min", s / 3600),
+    let (big, small) = match s {
+        0..120 => return format!("{s} s"),
+        120..3600 => return format!("{} min", s / 60),
+        3600..172_800 => ((s / 3600, "h"), (s % 3600 / 60, "min")),
+        _ => ((s / 86_400, "d"), (s % 86_400 / 3600, "h")),
+    };
+    match small.0 {
+        0 => format!("{} {}", big.0, big.1),
+        n => format!("{} {} {n} {}", big.0, big.1, small.1),
     }
 }
 

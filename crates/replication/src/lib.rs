@@ -120,6 +120,7 @@ None.
 
 pub use crate::{
     coordinator::{Coordinator, ItemRecord, ItemStatus, OpError},
+    display::span,
     jobs::allowed_actions,
     model::*,
     plan::PlanRecord,

@@ -141,6 +141,51 @@ impl Delta {
         }
     }
 
+    /// A full copy of `source` onto a target whose content is unknown (a failback's
+    /// `--full`): every block is an extent, data blocks as data and zero blocks as zeros,
+    /// and the target is taken to have the source's length already. The source is read
+    /// once (to tell zero blocks); the target never.
+    ///
+    /// ```
+    /// use lifeboat_resync::{Delta, ExtentKind, apply};
+    /// let disk = [vec![0u8; 65536], vec![7u8; 65536], vec![0u8; 65536]].concat();
+    /// let d = Delta::full(&disk)?;
+    /// let kinds: Vec<ExtentKind> = d.extents.iter().map(|e| e.kind).collect();
+    /// assert_eq!(kinds, [ExtentKind::Zero, ExtentKind::Data, ExtentKind::Zero]);
+    /// let mut old = vec![0xEEu8; disk.len()];
+    /// apply(&d, &disk, &mut old)?;
+    /// assert!(old == disk);
+    /// # Ok::<(), lifeboat_resync::Error>(())
+    /// ```
+    pub fn full(source: &dyn crate::BlockSource) -> Result<Delta, Error> {
+        // Against nothing, zero blocks are left to the grow from length 0; onto a target of
+        // the source's length with unknown content, they must be written as zeros.
+        let mut d = diff(Side::Local(source), Side::Bytes(&[]))?;
+        let mut extents = Vec::with_capacity(d.extents.len() * 2 + 1);
+        let mut at = 0;
+        for e in d.extents.drain(..) {
+            if e.offset > at {
+                extents.push(Extent {
+                    offset: at,
+                    len: e.offset - at,
+                    kind: ExtentKind::Zero,
+                });
+            }
+            at = e.offset + e.len;
+            extents.push(e);
+        }
+        if at < d.source_len {
+            extents.push(Extent {
+                offset: at,
+                len: d.source_len - at,
+                kind: ExtentKind::Zero,
+            });
+        }
+        d.extents = extents;
+        d.target_len = d.source_len;
+        Ok(d)
+    }
+
     /// Whether every block was compared (not interrupted).
     pub fn is_complete(&self) -> bool {
         self.next_block >= self.block_size.blocks(self.source_len)

@@ -17,8 +17,9 @@ pub trait BlockSource: Sync {
 
 /// Where a delta is applied: positional writes, zeroing, and a length.
 ///
-/// The page-blob crate implements this for replica blobs; here it is implemented for
-/// `Vec<u8>` and [`File`].
+/// Implemented here for `Vec<u8>` and [`File`]; the engine implements it for a host's
+/// disks (failback). Replica blobs are written through the page-blob crate's `PageWriter`,
+/// not this trait.
 pub trait BlockWriter {
     /// Writes `data` at `offset`.
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;

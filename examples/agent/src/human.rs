@@ -39,20 +39,8 @@ pub(crate) fn rfc3339(t: Duration) -> String {
     stamp(t).map_or_else(|| t.as_secs().to_string(), |ts| ts.to_string())
 }
 
-/// `90 s`, `12 min`, `1 h`, `3 h 5 min`, `2 d 4 h`.
-pub(crate) fn duration(d: Duration) -> String {
-    let s = d.as_secs();
-    let (big, small) = match s {
-        0..120 => return format!("{s} s"),
-        120..3600 => return format!("{} min", s / 60),
-        3600..172_800 => ((s / 3600, "h"), (s % 3600 / 60, "min")),
-        _ => ((s / 86_400, "d"), (s % 86_400 / 3600, "h")),
-    };
-    match small.0 {
-        0 => format!("{} {}", big.0, big.1),
-        n => format!("{} {} {n} {}", big.0, big.1, small.1),
-    }
-}
+/// `90 s`, `12 min`, `1 h`, `3 h 5 min`, `2 d 4 h`: as the core's messages say it.
+pub(crate) use lifeboat_replication::span as duration;
 
 /// `3 min ago` or `in 40 s`.
 pub(crate) fn ago(now: Duration, t: Duration) -> String {
