@@ -61,7 +61,8 @@ write order, and the salvage walk of §4.4.
 
 # Crate features
 
-None.
+- `fuzzing` (off by default): the model checks and input builders the fuzz targets share
+  with the property tests (not a stable API).
 
 [MS-HRL]: https://learn.microsoft.com/en-us/openspecs/windows_protocols/ms-hrl/
 */
@@ -84,6 +85,7 @@ mod changemap;
 mod checksum;
 mod error;
 mod format;
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
 mod reader;

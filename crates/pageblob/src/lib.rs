@@ -4,8 +4,8 @@ page blobs, object-safe), [`AzureStore`] (Azure Storage through the official SDK
 [`LocalStore`] (the embedded default: sparse files with copy-on-write snapshots,
 crash-safe state, shareable between processes), [`PageWriter`] (aligned, coalesced,
 fenced, retried page requests), the fixed-VHD [`vhd`] footer that makes a blob an
-attachable disk, a fault-injecting [`FaultyStore`] decorator and the [`conformance`] suite
-every backend passes.
+attachable disk; with the `testing` feature, a fault-injecting `FaultyStore` decorator and
+the `conformance` suite every backend passes.
 
 Besides pages, a store holds small documents written only if unchanged
 ([`PageStore::put_doc`] with [`Expect`]: ETag `If-Match` / `If-None-Match`, so two writers
@@ -70,6 +70,8 @@ ID `TokenCredential`, https only; tested against Azurite's OAuth mode with a tes
 
 - `azure_identity`: `Credential::managed_identity()` and `Credential::developer_tools()`
   (Azure CLI / Azure Developer CLI sign-in) from the official `azure_identity` crate.
+- `testing`: scaffolding for tests of stores and of their users: `FaultyStore` (a
+  decorator that injects faults into a real store) and the `conformance` suite.
 */
 #![doc(test(attr(deny(warnings))))]
 
@@ -77,7 +79,6 @@ pub use crate::{
     azure::{AZURITE_ACCOUNT, AZURITE_KEY, AzureStore, Credential, account_sas},
     digests::{BatchDigests, ReplicaDigests, digests_blob},
     error::{StoreError, Unreachable},
-    faults::{Fault, FaultyStore, Request, Seen},
     local::LocalStore,
     store::{
         Condition, Doc, ETag, Expect, LeaseId, LeaseState, MAX_PUT, Metadata, PAGE, PageStore,
@@ -87,11 +88,16 @@ pub use crate::{
 };
 
 mod azure;
+#[cfg(feature = "testing")]
 pub mod conformance;
 mod digests;
 mod error;
+#[cfg(feature = "testing")]
 mod faults;
 mod local;
 mod store;
 pub mod vhd;
 mod writer;
+
+#[cfg(feature = "testing")]
+pub use crate::faults::{Fault, FaultyStore, Request, Seen};

@@ -177,7 +177,7 @@ impl Condition {
 /// carry its lease ([`Condition::lease`]); snapshots are not leased (Azure deletes a
 /// snapshot without a lease id), so a writer fences its snapshot deletions itself. Blob
 /// names are `/`-separated paths of letters, digits, `-`, `_` and `.`. Every backend must
-/// pass [`conformance`](crate::conformance), which checks exactly these rules. The trait
+/// pass the `conformance` suite (feature `testing`), which checks exactly these rules. The trait
 /// is object-safe: `Arc<dyn PageStore>` works.
 #[async_trait]
 pub trait PageStore: Send + Sync + std::fmt::Debug {

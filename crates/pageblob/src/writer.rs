@@ -549,3 +549,103 @@ fn assemble(
     fill(at, end, &mut buf)?;
     Ok(buf.freeze())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const DISK: u64 = 16 * PAGE;
+
+    /// Non-overlapping changes at unaligned offsets: (start, len, zero?, fill byte).
+    fn changes() -> impl Strategy<Value = Vec<Change>> {
+        proptest::collection::vec((0..DISK, 1..3 * PAGE, any::<bool>(), 1..=255u8), 0..6).prop_map(
+            |raw| {
+                let mut taken: Vec<Range<u64>> = Vec::new();
+                let mut out = Vec::new();
+                for (start, len, zero, byte) in raw {
+                    let r = start..(start + len).min(DISK);
+                    if taken.iter().any(|t| t.start < r.end && r.start < t.end) {
+                        continue;
+                    }
+                    taken.push(r.clone());
+                    out.push(if zero {
+                        Change::Zero {
+                            offset: r.start,
+                            len: r.end - r.start,
+                        }
+                    } else {
+                        Change::Data {
+                            offset: r.start,
+                            data: Bytes::from(vec![byte; (r.end - r.start) as usize]),
+                        }
+                    });
+                }
+                out
+            },
+        )
+    }
+
+    proptest! {
+        /// Planning against a byte model: the requests, applied to the disk, give the disk
+        /// with the changes applied; every request is page-aligned, a Put is at most `max`
+        /// bytes, and no request touches a page no change touches.
+        #[test]
+        fn plans_equal_a_byte_model(changes in changes(), pages in 1..6u64, seed in any::<u8>()) {
+            let max = pages * PAGE;
+            let base: Vec<u8> = (0..DISK).map(|i| (i as u8) ^ seed | 0x80).collect();
+            let mut want = base.clone();
+            let mut touched = vec![false; (DISK / PAGE) as usize];
+            for c in &changes {
+                let r = c.range();
+                match c {
+                    Change::Data { data, .. } => {
+                        want[r.start as usize..r.end as usize].copy_from_slice(data)
+                    }
+                    Change::Zero { .. } => want[r.start as usize..r.end as usize].fill(0),
+                }
+                for p in r.start / PAGE..r.end.div_ceil(PAGE) {
+                    touched[p as usize] = true;
+                }
+            }
+            let ops = plan(changes, Some(&base), max).unwrap();
+            let mut got = base.clone();
+            for op in &ops {
+                let (offset, len) = match op {
+                    Op::Put { offset, data } => {
+                        prop_assert!(data.len() as u64 <= max);
+                        got[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+                        (*offset, data.len() as u64)
+                    }
+                    Op::Clear { offset, len } => {
+                        got[*offset as usize..(*offset + *len) as usize].fill(0);
+                        (*offset, *len)
+                    }
+                };
+                prop_assert!(offset % PAGE == 0 && len % PAGE == 0 && len > 0);
+                for p in offset / PAGE..(offset + len) / PAGE {
+                    prop_assert!(touched[p as usize], "page {} written, no change touches it", p);
+                }
+            }
+            prop_assert!(got == want);
+        }
+    }
+
+    #[test]
+    fn overlapping_changes_are_refused() {
+        let changes = vec![
+            Change::Zero {
+                offset: 100,
+                len: 1000,
+            },
+            Change::Data {
+                offset: 900,
+                data: Bytes::from(vec![1; 10]),
+            },
+        ];
+        assert!(matches!(
+            plan(changes, None, MAX_PUT),
+            Err(WriteError::Overlap { offset: 900 })
+        ));
+    }
+}

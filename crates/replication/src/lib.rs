@@ -114,7 +114,8 @@ c.check_invariants().unwrap();
 
 # Crate features
 
-None.
+- `fuzzing` (off by default): the model checks and input builders the fuzz targets share
+  with the property tests (not a stable API).
 */
 #![doc(test(attr(deny(warnings))))]
 
@@ -128,6 +129,7 @@ pub use crate::{
 
 mod coordinator;
 mod display;
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
 mod jobs;

@@ -43,6 +43,8 @@ assert_eq!(replica, source);
 
 - `parallel` (off by default): hash and compare the blocks of each 8 MiB chunk on all
   cores with rayon. Below one chunk (a disk under 8 MiB) it does not pay.
+- `fuzzing` (off by default): the model checks and input builders the fuzz targets share
+  with the property tests (not a stable API).
 */
 #![doc(test(attr(deny(warnings))))]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -65,6 +67,7 @@ pub use crate::{
 mod block;
 mod diff;
 mod error;
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
 mod io;

@@ -46,6 +46,8 @@ assert_eq!(r.next_delay(t0, &StorageFailure::status(403)), Decision::Stop(Stop::
 # Crate features
 
 - `tokio` (off by default): [`retry`], an async driver that sleeps on the tokio timer.
+- `fuzzing` (off by default): the model checks and input builders the fuzz targets share
+  with the property tests (not a stable API).
 */
 #![doc(test(attr(deny(warnings))))]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -63,6 +65,7 @@ pub use crate::driver::{RetryError, retry};
 mod classify;
 #[cfg(feature = "tokio")]
 mod driver;
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
 mod policy;
