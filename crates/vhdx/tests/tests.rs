@@ -299,24 +299,28 @@ fn log_entry(
     e
 }
 
-/// A VHDX not closed cleanly: its log holds updates (a payload sector, a zeroed range, a
-/// BAT page that drops one block and allocates another past the file's end) that never
-/// reached their place. It reads as the replayed disk; an older sequence and a torn entry
-/// after the head are ignored; the file is never written.
-#[test]
-fn a_dirty_log_is_replayed_in_memory_and_the_file_is_untouched() {
-    // 4 blocks of 1 MiB, all data: blocks at 4, 5, 6, 7 MiB; the log at 1 MiB; the BAT at 3.
-    let mut disk = vec![0u8; 4 * MIB as usize];
-    for (i, b) in disk.iter_mut().enumerate() {
-        *b = (i % 251) as u8 | 1;
-    }
+/// A 4 MiB disk of non-zero bytes (a pattern of period `period`) and its dynamic VHDX in
+/// 1 MiB blocks: the log at 1 MiB, the BAT at 3, the blocks at 4, 5, 6 and 7 MiB.
+fn four_full_blocks(period: usize) -> (Vec<u8>, Vec<u8>) {
+    let disk: Vec<u8> = (0..4 * MIB as usize)
+        .map(|i| (i % period) as u8 | 1)
+        .collect();
     let mut file = Cursor::new(Vec::new());
     let opts = WriteOptions {
         block_size: MIB as u32,
         ..WriteOptions::default()
     };
     write_dynamic(&disk, opts, &mut file).unwrap();
-    let mut img = file.into_inner();
+    (disk, file.into_inner())
+}
+
+/// A VHDX not closed cleanly: its log holds updates (a payload sector, a zeroed range, a
+/// BAT page that drops one block and allocates another past the file's end) that never
+/// reached their place. It reads as the replayed disk; an older sequence and a torn entry
+/// after the head are ignored; the file is never written.
+#[test]
+fn a_dirty_log_is_replayed_in_memory_and_the_file_is_untouched() {
+    let (disk, mut img) = four_full_blocks(251);
     assert_eq!(img.len() as u64, 8 * MIB);
     let (log, bat) = (MIB as usize, 3 * MIB as usize);
     let guid = [0x6C; 16];
@@ -412,17 +416,7 @@ fn a_dirty_log_is_replayed_in_memory_and_the_file_is_untouched() {
 #[test]
 fn qemu_replays_the_hand_made_log_to_the_same_disk() {
     let dir = tempfile::tempdir().unwrap();
-    let mut disk = vec![0u8; 4 * MIB as usize];
-    for (i, b) in disk.iter_mut().enumerate() {
-        *b = (i % 241) as u8 | 1;
-    }
-    let mut file = Cursor::new(Vec::new());
-    let opts = WriteOptions {
-        block_size: MIB as u32,
-        ..WriteOptions::default()
-    };
-    write_dynamic(&disk, opts, &mut file).unwrap();
-    let mut img = file.into_inner();
+    let (disk, mut img) = four_full_blocks(241);
     let (log, bat) = (MIB as usize, 3 * MIB as usize);
     let guid = [0x3D; 16];
     let mut bat_page = img[bat..bat + 4096].to_vec();

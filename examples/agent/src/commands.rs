@@ -225,26 +225,11 @@ pub(crate) async fn run(store: Store, cli: &Cli) -> Result<()> {
 /// service does in the background.
 fn foreground(cmd: &Cmd, e: &Engine) -> Vec<String> {
     match cmd {
-        Cmd::Protect { .. } | Cmd::Replicate { .. } | Cmd::GuestWrite { .. } => Vec::new(),
-        Cmd::Resync {
-            item,
-            pause,
-            cancel,
-            ..
-        } if *pause || *cancel => vec![item.clone()],
-        Cmd::Resync { .. } => Vec::new(),
-        Cmd::TestFailover { item, .. }
-        | Cmd::TestFailoverCleanup { item }
-        | Cmd::Failover { item, .. }
-        | Cmd::ChangePoint { item, .. }
-        | Cmd::Commit { item }
-        | Cmd::Cancel { item }
-        | Cmd::Failback { item, .. }
-        | Cmd::Reprotect { item }
-        | Cmd::Unprotect { item, .. }
-        | Cmd::Verify { item, .. }
-        | Cmd::TakeOver { item }
-        | Cmd::Repair { item } => vec![item.clone()],
+        Cmd::Protect { .. }
+        | Cmd::Replicate { .. }
+        | Cmd::GuestWrite { .. }
+        | Cmd::Policy { .. } => Vec::new(),
+        Cmd::Resync { pause, cancel, .. } if !*pause && !*cancel => Vec::new(),
         Cmd::Job { command } => {
             let id = match command {
                 JobCmd::Cancel { id } | JobCmd::Restart { id } | JobCmd::Resume { id } => id,
@@ -260,7 +245,7 @@ fn foreground(cmd: &Cmd, e: &Engine) -> Vec<String> {
             | PlanCmd::Failover { plan, .. }
             | PlanCmd::Cleanup { plan } => plan_items(e, plan).unwrap_or_default(),
         },
-        _ => Vec::new(),
+        other => other.item().map(|i| vec![i.to_owned()]).unwrap_or_default(),
     }
 }
 
