@@ -38,9 +38,38 @@ pub enum OpError {
         /// The choice.
         choice: PointChoice,
     },
-    /// The policy or disks are invalid.
-    #[error("{0}")]
-    Invalid(String),
+    /// The policy or disks are invalid (what is required, said).
+    #[error("invalid protection settings: {0}")]
+    InvalidPolicy(&'static str),
+    /// A recovery plan that cannot be: no group, an empty group, an item twice, an item's
+    /// name.
+    #[error("plan {plan}: {why}")]
+    InvalidPlan {
+        /// The plan.
+        plan: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// No such recovery plan.
+    #[error("no recovery plan {0} (`lifeboat plan list` lists them)")]
+    UnknownPlan(String),
+    /// The plan has a failover in progress (it cannot be replaced or started again).
+    #[error("plan {0} has a failover in progress")]
+    PlanRunning(String),
+    /// The plan is not waiting for a manual action (nothing to resume).
+    #[error("plan {0} is not waiting for a manual action")]
+    PlanNotWaiting(String),
+    /// No such job.
+    #[error("no job {0} (`lifeboat jobs` lists them)")]
+    UnknownJob(JobId),
+    /// A job action that does not apply to the job (its kind or its state).
+    #[error("job {job}: {why}")]
+    JobActionRefused {
+        /// The job.
+        job: JobId,
+        /// Why not.
+        why: String,
+    },
     /// The item belongs to a recovery plan (an operation that would leave the plan naming
     /// an item that is gone).
     #[error(
@@ -432,8 +461,8 @@ impl Coordinator {
                 return Err(OpError::AlreadyProtected(name));
             }
             if disks.is_empty() || !valid_policy(policy) {
-                return Err(OpError::Invalid(
-                    "at least one disk, retention in (0, 24 h], copy chunk > 0".into(),
+                return Err(OpError::InvalidPolicy(
+                    "at least one disk, retention in (0, 24 h], copy chunk > 0",
                 ));
             }
             self.items
@@ -810,8 +839,8 @@ impl Coordinator {
             }
             Command::ChangePolicy { policy, .. } => {
                 if !valid_policy(&policy) {
-                    return Err(OpError::Invalid(
-                        "retention in (0, 24 h], copy chunk > 0".into(),
+                    return Err(OpError::InvalidPolicy(
+                        "retention in (0, 24 h], copy chunk > 0",
                     ));
                 }
                 let job = self.new_job(now, JobKind::ChangePolicy, &name);

@@ -19,7 +19,10 @@ impl Coordinator {
     pub fn cancel_job(&mut self, now: Duration, job: &JobId) -> Result<(), OpError> {
         let j = self.job_or_err(job)?;
         if j.state.is_terminal() {
-            return Err(OpError::Invalid(format!("job {job} is over")));
+            return Err(OpError::JobActionRefused {
+                job: job.clone(),
+                why: "it is over".into(),
+            });
         }
         match j.kind {
             JobKind::Resynchronize => {
@@ -31,10 +34,13 @@ impl Coordinator {
                 self.cancel_plan(now, &job.item);
                 Ok(())
             }
-            kind => Err(OpError::Invalid(format!(
-                "a {} job cannot be cancelled",
-                kind.to_string().to_lowercase()
-            ))),
+            kind => Err(OpError::JobActionRefused {
+                job: job.clone(),
+                why: format!(
+                    "a {} job cannot be cancelled",
+                    kind.to_string().to_lowercase()
+                ),
+            }),
         }
     }
 
@@ -42,15 +48,18 @@ impl Coordinator {
     pub fn restart_job(&mut self, now: Duration, job: &JobId) -> Result<JobId, OpError> {
         let j = self.job_or_err(job)?;
         if !matches!(j.state, JobState::Failed | JobState::Cancelled) {
-            return Err(OpError::Invalid(format!(
-                "job {job} is {}: only a failed or cancelled job restarts",
-                j.state.to_string().to_lowercase()
-            )));
+            return Err(OpError::JobActionRefused {
+                job: job.clone(),
+                why: format!(
+                    "it is {}: only a failed or cancelled job restarts",
+                    j.state.to_string().to_lowercase()
+                ),
+            });
         }
-        let cmd = j
-            .command
-            .clone()
-            .ok_or_else(|| OpError::Invalid(format!("job {job} has no command to run again")))?;
+        let cmd = j.command.clone().ok_or_else(|| OpError::JobActionRefused {
+            job: job.clone(),
+            why: "it has no command to run again".into(),
+        })?;
         self.handle_command(now, cmd)
     }
 
@@ -59,10 +68,13 @@ impl Coordinator {
     pub fn resume_job(&mut self, now: Duration, job: &JobId) -> Result<(), OpError> {
         let j = self.job_or_err(job)?;
         if j.state != JobState::Suspended {
-            return Err(OpError::Invalid(format!(
-                "job {job} is {}, not suspended",
-                j.state.to_string().to_lowercase()
-            )));
+            return Err(OpError::JobActionRefused {
+                job: job.clone(),
+                why: format!(
+                    "it is {}, not suspended",
+                    j.state.to_string().to_lowercase()
+                ),
+            });
         }
         if j.kind == JobKind::RecoveryPlan {
             let plan = job.item.clone();
@@ -70,13 +82,16 @@ impl Coordinator {
         }
         let cmd = self
             .resume_command(j)
-            .ok_or_else(|| OpError::Invalid(format!("job {job} cannot be resumed")))?;
+            .ok_or_else(|| OpError::JobActionRefused {
+                job: job.clone(),
+                why: "it cannot be resumed".into(),
+            })?;
         self.handle_command(now, cmd).map(|_| ())
     }
 
     fn job_or_err(&self, job: &JobId) -> Result<&Job, OpError> {
         self.job(job)
-            .ok_or_else(|| OpError::Invalid(format!("no job {job}")))
+            .ok_or_else(|| OpError::UnknownJob(job.clone()))
     }
 
     /// The command that lets a suspended item job go on (plans resume through

@@ -53,18 +53,18 @@ impl PlanRecord {
     /// [`Coordinator::create_plan`] does.)
     pub fn new(plan: RecoveryPlan) -> Result<Self, OpError> {
         if plan.groups.is_empty() || plan.groups.iter().any(|g| g.items.is_empty()) {
-            return Err(OpError::Invalid(format!(
-                "plan {}: at least one group, and no empty group",
-                plan.name
-            )));
+            return Err(OpError::InvalidPlan {
+                plan: plan.name,
+                why: "at least one group, and no empty group".into(),
+            });
         }
         let mut seen = std::collections::BTreeSet::new();
         for i in plan.groups.iter().flat_map(|g| &g.items) {
             if !seen.insert(i) {
-                return Err(OpError::Invalid(format!(
-                    "plan {}: {i} appears twice",
-                    plan.name
-                )));
+                return Err(OpError::InvalidPlan {
+                    plan: plan.name.clone(),
+                    why: format!("{i} appears twice"),
+                });
             }
         }
         Ok(PlanRecord(PlanState {
@@ -79,10 +79,7 @@ impl PlanRecord {
     /// the plan is in progress.
     pub fn replaced(self, plan: RecoveryPlan) -> Result<Self, OpError> {
         if self.running() {
-            return Err(OpError::Invalid(format!(
-                "plan {} has a failover in progress",
-                plan.name
-            )));
+            return Err(OpError::PlanRunning(plan.name));
         }
         let fresh = PlanRecord::new(plan)?;
         Ok(PlanRecord(PlanState {
@@ -155,10 +152,10 @@ impl Coordinator {
     /// item's name (jobs are named after their item or plan).
     pub fn create_plan(&mut self, plan: RecoveryPlan) -> Result<(), OpError> {
         if self.items.contains_key(&plan.name) {
-            return Err(OpError::Invalid(format!(
-                "plan {}: an item has that name",
-                plan.name
-            )));
+            return Err(OpError::InvalidPlan {
+                plan: plan.name,
+                why: "an item has that name".into(),
+            });
         }
         if let Some(i) = plan
             .groups
@@ -227,11 +224,9 @@ impl Coordinator {
         let state = self
             .plans
             .get_mut(name)
-            .ok_or_else(|| OpError::Invalid(format!("no recovery plan {name}")))?;
+            .ok_or_else(|| OpError::UnknownPlan(name.to_owned()))?;
         if state.run.is_some() {
-            return Err(OpError::Invalid(format!(
-                "plan {name} has a failover in progress"
-            )));
+            return Err(OpError::PlanRunning(name.to_owned()));
         }
         let scope = failover.scope();
         let mut tasks = Vec::new();
@@ -272,9 +267,7 @@ impl Coordinator {
             .plans
             .get_mut(name)
             .filter(|p| p.run.as_ref().is_some_and(|r| r.manual))
-            .ok_or_else(|| {
-                OpError::Invalid(format!("plan {name} is not waiting for a manual action"))
-            })?;
+            .ok_or_else(|| OpError::PlanNotWaiting(name.to_owned()))?;
         let run = state.run.as_mut().expect("checked above");
         run.manual = false;
         run.phase = run.phase.next_action();

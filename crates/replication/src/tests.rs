@@ -809,7 +809,7 @@ fn refused_operations_name_the_state() {
             disks: vec![],
             policy: Sim::policy()
         }),
-        Err(OpError::Invalid(_))
+        Err(OpError::InvalidPolicy(_))
     ));
 }
 
@@ -1876,7 +1876,7 @@ fn a_policy_change_takes_effect_at_once() {
             ..Sim::policy()
         },
     });
-    assert!(matches!(bad, Err(OpError::Invalid(_))), "{bad:?}");
+    assert!(matches!(bad, Err(OpError::InvalidPolicy(_))), "{bad:?}");
 }
 
 #[test]
