@@ -692,7 +692,11 @@ impl Engine {
             }
             self.persist().await?;
             self.empty_trash();
-            self.forget_disabled().await?;
+            if self.c.status(&action.item, now).map(|s| s.state)
+                == Some(ProtectionState::ProtectionDisabled)
+            {
+                self.forget_disabled().await?;
+            }
         }
         Ok(true)
     }
@@ -737,6 +741,9 @@ impl Engine {
             }
             self.c.remove_item(&name);
             self.items.remove(&name);
+            for d in 0..disks {
+                self.forget_digests(&catalog::replica_blob(&name, d));
+            }
             self.site.uncache(&doc_name);
             let _ = std::fs::remove_dir_all(self.site.staging_dir(&name));
             self.generation = self.site.bump_generation();
