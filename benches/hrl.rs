@@ -24,11 +24,9 @@ fn log_bytes() -> Vec<u8> {
     )
     .expect("writer");
     let mut written = 0usize;
-    let mut state = 7u64;
+    let mut rng = lifeboat_source::SplitMix64::new(7);
     while written < target {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        let state = rng.next_u64();
         let len = 4096 * (1 + (state >> 33) as usize % 16);
         let at = (state >> 20) as usize % (pool.len() - len);
         let disk_offset = ((state >> 8) % (1 << 30)) * 512;

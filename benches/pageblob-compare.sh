@@ -21,18 +21,21 @@ AZ=$!
 trap 'kill $AZ 2>/dev/null || true; rm -rf "$WORK"' EXIT
 for _ in $(seq 1 150); do curl -s -o /dev/null "http://127.0.0.1:$PORT/devstoreaccount1?comp=list" && break; sleep 0.1; done
 
-# The same bytes the tool writes (its generator), for curl and for checking.
+# The same bytes the tool writes (lifeboat-source's SplitMix64, seed 42), for curl and for
+# checking.
 python3 - "$WORK/data.bin" "$SIZE_MIB" <<'PY'
-import sys
+import struct, sys
 path, mib = sys.argv[1], int(sys.argv[2])
-n = mib << 20
-s = 42
-out = bytearray(n)
 M = (1 << 64) - 1
-for i in range(n):
-    s = (s * 6364136223846793005 + 1442695040888963407) & M
-    out[i] = s >> 56
-open(path, "wb").write(out)
+s = 42
+words = []
+for _ in range((mib << 20) // 8):
+    s = (s + 0x9E3779B97F4A7C15) & M
+    z = s
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M
+    words.append(z ^ (z >> 31))
+open(path, "wb").write(struct.pack("<%dQ" % len(words), *words))
 PY
 split -b $CHUNK -d -a 4 "$WORK/data.bin" "$WORK/chunk."
 

@@ -10,7 +10,8 @@ use lifeboat_pageblob::{
     StoreError, vhd,
 };
 use lifeboat_replication::{Action, ActionKind, LogReport, Outcome, PointId, Purpose};
-use lifeboat_resync::{BlockSize, BlockSource, DiffOptions, ExtentKind, Side};
+use lifeboat_resync::{BlockSize, DiffOptions, ExtentKind, Side};
+use lifeboat_source::ReadAt;
 
 use crate::catalog::{self, Cycle, Location, SyncReport, replica_blob};
 use crate::data::{self, BlobSource, DiskWriter, EdgePages, LogChain, TakeSource};
@@ -277,7 +278,7 @@ impl Engine {
         name: &str,
         d: usize,
         changes: Vec<Change>,
-        edges: Option<&dyn BlockSource>,
+        edges: Option<&dyn ReadAt>,
         expect: Option<u64>,
     ) -> Result<Option<BatchReport>> {
         let doc = self.doc(name)?;
@@ -809,7 +810,7 @@ impl Engine {
             let target = self.open_disk(to, len)?;
             let handle = tokio::runtime::Handle::current();
             let report = tokio::task::spawn_blocking(move || -> Result<SyncReport> {
-                let src: Box<dyn BlockSource + Send> = match &from {
+                let src: Box<dyn ReadAt + Send> = match &from {
                     Location::File { path } => Box::new(
                         std::fs::File::open(path)
                             .map_err(Error::io(format!("opening {}", path.display())))?,

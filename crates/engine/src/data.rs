@@ -1,5 +1,5 @@
 //! The data path: disk bytes and logs into page-writer changes, blobs out to files, a blob
-//! read where a `BlockSource` is wanted.
+//! read where a `ReadAt` is wanted.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use lifeboat_hrl::{ChangeMap, Piece, ReadOptions, Reader};
 use lifeboat_pageblob::{Change, MAX_PUT, PAGE, PageStore};
-use lifeboat_resync::BlockSource;
+use lifeboat_source::ReadAt;
 
 use crate::error::{Error, Result};
 use crate::host::Disk;
@@ -243,7 +243,7 @@ impl EdgePages {
     }
 }
 
-impl BlockSource for EdgePages {
+impl ReadAt for EdgePages {
     fn size(&self) -> io::Result<u64> {
         Ok(self.size)
     }
@@ -266,7 +266,7 @@ impl BlockSource for EdgePages {
     }
 }
 
-/// A blob (or snapshot) read through the store as a [`BlockSource`], limited to its first
+/// A blob (or snapshot) read through the store as a [`ReadAt`], limited to its first
 /// `len` bytes (a replica's footer is not disk data). Call it from a blocking thread.
 pub(crate) struct BlobSource {
     pub(crate) store: Arc<dyn PageStore>,
@@ -275,7 +275,7 @@ pub(crate) struct BlobSource {
     pub(crate) handle: tokio::runtime::Handle,
 }
 
-impl BlockSource for BlobSource {
+impl ReadAt for BlobSource {
     fn size(&self) -> io::Result<u64> {
         Ok(self.len)
     }
@@ -303,11 +303,11 @@ impl BlockSource for BlobSource {
 
 /// A source limited to its first `len` bytes (a VHD file's footer is not disk data).
 pub(crate) struct TakeSource<'a> {
-    pub(crate) inner: &'a (dyn BlockSource + Send),
+    pub(crate) inner: &'a (dyn ReadAt + Send),
     pub(crate) len: u64,
 }
 
-impl BlockSource for TakeSource<'_> {
+impl ReadAt for TakeSource<'_> {
     fn size(&self) -> io::Result<u64> {
         Ok(self.len)
     }

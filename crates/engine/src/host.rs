@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use lifeboat_resync::BlockSource;
+use lifeboat_source::ReadAt;
 
 use crate::logs::LogOutcome;
 
@@ -33,7 +33,7 @@ impl Clock for SystemClock {
 
 /// A disk of the protected host: read at any offset (initial replication, resync), written
 /// at any offset (failback). Positional and shareable across threads.
-pub trait Disk: BlockSource + Send + Sync {
+pub trait Disk: ReadAt + Send {
     /// Writes `data` at `offset`.
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()>;
 
@@ -271,7 +271,7 @@ impl Host for MemoryHost {
     }
 }
 
-impl BlockSource for MemoryDisk {
+impl ReadAt for MemoryDisk {
     fn size(&self) -> io::Result<u64> {
         Ok(self.0.read().unwrap_or_else(|p| p.into_inner()).len() as u64)
     }

@@ -351,7 +351,7 @@ struct CountedFile {
     read: AtomicU64,
 }
 
-impl lifeboat_resync::BlockSource for &'static CountedFile {
+impl lifeboat_source::ReadAt for &'static CountedFile {
     fn size(&self) -> std::io::Result<u64> {
         Ok(self.bytes.len() as u64)
     }
@@ -374,7 +374,7 @@ impl std::fmt::Debug for VhdxDisk {
     }
 }
 
-impl lifeboat_resync::BlockSource for VhdxDisk {
+impl lifeboat_source::ReadAt for VhdxDisk {
     fn size(&self) -> std::io::Result<u64> {
         Ok(self.0.info().virtual_size)
     }
@@ -408,7 +408,7 @@ impl crate::Host for VhdxHost {
 /// the file (and its headers, metadata and BAT pages), and the replica is its virtual disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protecting_a_half_empty_vhdx_reads_only_its_allocated_blocks() {
-    use lifeboat_resync::BlockSource as _;
+    use lifeboat_source::ReadAt as _;
     let mut virtual_disk = vec![0u8; 64 << 20];
     for block in (0..64).step_by(2) {
         let b = &mut virtual_disk[block << 20..(block + 1) << 20];

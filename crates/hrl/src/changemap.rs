@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use crate::error::Error;
 use crate::reader::{Reader, WriteRef};
-use crate::source::ReadAt;
+use lifeboat_source::ReadAt;
 
 /// A disk range whose final bytes come from one place in one log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -3,9 +3,9 @@ Byte-exact reader and writer for Hyper-V Replica Log (`.hrl`) files, as publishe
 Microsoft's open specification [MS-HRL]: every write a virtual machine made to a disk,
 oldest first.
 
-This crate performs no I/O of its own and reads no clock: it reads through the
-[`ReadAt`] trait (implemented for byte slices, [`bytes::Bytes`] and [`std::fs::File`]),
-writes through any `Write + Seek`, and takes timestamps as arguments.
+This crate performs no I/O of its own and reads no clock: it reads through the [`ReadAt`]
+trait of `lifeboat-source` (implemented for byte slices, [`bytes::Bytes`] and
+[`std::fs::File`]), writes through any `Write + Seek`, and takes timestamps as arguments.
 
 # Overview
 
@@ -68,6 +68,9 @@ write order, and the salvage walk of §4.4.
 */
 #![doc(test(attr(deny(warnings))))]
 
+/// Where log bytes come from (the workspace's one positional-read trait).
+pub use lifeboat_source::ReadAt;
+
 pub use crate::{
     changemap::{ChangeMap, Extent, Piece},
     checksum::{byte_sum, checksum},
@@ -77,7 +80,6 @@ pub use crate::{
         MetadataHeader, OP_WRITE, RECORD_SIZE, VERSION_1, VERSION_2,
     },
     reader::{Block, ReadOptions, Reader, Salvage, WriteRef},
-    source::ReadAt,
     writer::{LogWriter, WriterConfig, reencode},
 };
 
@@ -89,7 +91,6 @@ mod format;
 #[doc(hidden)]
 pub mod fuzzing;
 mod reader;
-mod source;
 mod writer;
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use crate::format::{
     Entry, HEADER_SIZE, Header, MetadataHeader, OP_WRITE, RECORD_SIZE, VERSION_1,
     valid_metadata_size,
 };
-use crate::source::ReadAt;
+use lifeboat_source::ReadAt;
 
 /// How strictly to read, and what to verify.
 ///

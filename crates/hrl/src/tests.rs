@@ -40,15 +40,7 @@ fn checksum_unit_vectors() {
 
 #[test]
 fn byte_sum_matches_naive_loop_at_every_boundary() {
-    let mut state = 1u64;
-    let data: Vec<u8> = (0..100_000)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 56) as u8
-        })
-        .collect();
+    let data = lifeboat_source::SplitMix64::new(1).bytes(100_000);
     // Around the kernel's 32-byte rows and 8 KiB blocks.
     for len in [
         0, 1, 31, 32, 33, 255, 8191, 8192, 8193, 16384, 16385, 99_999, 100_000,

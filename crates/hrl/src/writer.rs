@@ -11,7 +11,7 @@ use crate::format::{
     valid_metadata_size,
 };
 use crate::reader::Reader;
-use crate::source::ReadAt;
+use lifeboat_source::ReadAt;
 
 /// What a new log says about itself. [`Default`] gives a Hyper-V-like log: MetadataSize
 /// 4096, creator `ct` version 10.0, DataChecksums computed, an empty first block, zero ids

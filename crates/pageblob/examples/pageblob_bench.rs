@@ -31,15 +31,7 @@ fn store(port: &str, container: &str) -> Result<AzureStore, Err> {
 }
 
 fn data(len: usize) -> Vec<u8> {
-    let mut s = 42u64;
-    (0..len)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (s >> 56) as u8
-        })
-        .collect()
+    lifeboat_source::SplitMix64::new(42).bytes(len)
 }
 
 #[tokio::main]

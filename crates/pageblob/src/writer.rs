@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use lifeboat_resync::BlockSource;
 use lifeboat_retry::{Budget, Policy, RetryError, retry};
+use lifeboat_source::ReadAt;
 use tokio::sync::Mutex;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -220,7 +220,7 @@ pub struct WriterProgress {
 /// short by a crash is simply applied again (page writes are idempotent).
 ///
 /// Changes are aligned to 512-byte pages (unaligned edges are completed from a
-/// caller-supplied [`BlockSource`], never guessed), coalesced into requests of at most
+/// caller-supplied [`ReadAt`], never guessed), coalesced into requests of at most
 /// 4 MiB, zero ranges sent as Clear Pages, each body checksummed with CRC-64, up to
 /// `in_flight` requests at a time, each retried through `lifeboat-retry`.
 #[derive(Debug)]
@@ -278,7 +278,7 @@ impl PageWriter {
         &self,
         seq: u64,
         changes: Vec<Change>,
-        edges: Option<&dyn BlockSource>,
+        edges: Option<&dyn ReadAt>,
     ) -> Result<BatchReport, WriteError> {
         let start = Instant::now();
         let before = self.progress();
@@ -435,7 +435,7 @@ fn ceil(x: u64) -> u64 {
 /// most `max` bytes.
 fn plan(
     mut changes: Vec<Change>,
-    edges: Option<&dyn BlockSource>,
+    edges: Option<&dyn ReadAt>,
     max: u64,
 ) -> Result<Vec<Op>, WriteError> {
     changes.retain(|c| {
@@ -522,7 +522,7 @@ fn assemble(
     run: &[(u64, Bytes)],
     start: u64,
     end: u64,
-    edges: Option<&dyn BlockSource>,
+    edges: Option<&dyn ReadAt>,
 ) -> Result<Bytes, WriteError> {
     let mut buf = BytesMut::zeroed((end - start) as usize);
     let mut at = start;

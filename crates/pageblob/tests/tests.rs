@@ -17,15 +17,7 @@ use lifeboat_pageblob::{
 const MIB: u64 = 1 << 20;
 
 fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed;
-    (0..len)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (s >> 56) as u8
-        })
-        .collect()
+    lifeboat_source::SplitMix64::new(seed).bytes(len)
 }
 
 fn store() -> (tempfile::TempDir, Arc<LocalStore>) {
@@ -740,13 +732,8 @@ async fn batch_digests_from_sent_bytes_equal_the_replica_as_it_lands() {
     s.create("d", len, 0, &Default::default()).await.unwrap();
     let mut digests = ReplicaDigests::zeroed(len, bs, 0);
     let mut edges = vec![0u8; len as usize];
-    let mut rng = 0x2545_F491_4F6C_DD1Du64;
-    let mut next = move |n: u64| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % n
-    };
+    let mut rng = lifeboat_source::SplitMix64::new(0x2545_F491_4F6C_DD1D);
+    let mut next = move |n: u64| rng.below(n);
     for seq in 0..40u64 {
         let mut changes = Vec::new();
         for _ in 0..1 + next(6) {
@@ -776,13 +763,9 @@ async fn batch_digests_from_sent_bytes_equal_the_replica_as_it_lands() {
         let batch = BatchDigests::of(&changes, bs, len);
         let w = PageWriter::new(s.clone(), "d", WriterConfig::default());
         let source: &[u8] = &edges;
-        w.apply_batch(
-            seq,
-            changes,
-            Some(&source as &dyn lifeboat_resync::BlockSource),
-        )
-        .await
-        .unwrap();
+        w.apply_batch(seq, changes, Some(&source as &dyn lifeboat_source::ReadAt))
+            .await
+            .unwrap();
         digests.update_with(&*s, "d", batch, seq + 1).await.unwrap();
         let replica = read_all(&*s, "d", len).await;
         assert_eq!(

@@ -5,8 +5,8 @@ use std::ops::{ControlFlow, Range};
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
-use crate::io::BlockSource;
 use crate::signature::Digest;
+use lifeboat_source::ReadAt;
 
 /// A block size: a power of two of at least 512 bytes (at most 1 GiB).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -150,7 +150,7 @@ pub(crate) struct Scratch {
 }
 
 /// Reads `len` bytes of `source` at `offset` into `buf`.
-pub(crate) fn read_into<'b, S: BlockSource + ?Sized>(
+pub(crate) fn read_into<'b, S: ReadAt + ?Sized>(
     source: &S,
     buf: &'b mut AlignedBuf,
     offset: u64,

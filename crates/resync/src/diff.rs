@@ -9,8 +9,9 @@ use crate::Error;
 use crate::block::{
     AlignedBuf, BlockSize, Progress, Scratch, digest_block, is_zero, read_into, run_chunks,
 };
-use crate::io::{BlockSource, BlockWriter};
+use crate::io::BlockWriter;
 use crate::signature::{Digest, Signature, SignatureReader};
+use lifeboat_source::ReadAt;
 
 /// One side of a comparison: bytes that can be read here, or the signature of bytes that
 /// live elsewhere.
@@ -18,7 +19,7 @@ use crate::signature::{Digest, Signature, SignatureReader};
 #[non_exhaustive]
 pub enum Side<'a> {
     /// A local source, read in large chunks.
-    Local(&'a dyn BlockSource),
+    Local(&'a dyn ReadAt),
     /// A local in-memory buffer.
     Bytes(&'a [u8]),
     /// A signature: the bytes are remote; only their digests are known.
@@ -60,8 +61,8 @@ impl<'a> From<&'a Signature> for Side<'a> {
 }
 
 impl<'a> Side<'a> {
-    /// Any [`BlockSource`] as a local side.
-    pub fn local(source: &'a dyn BlockSource) -> Self {
+    /// Any [`ReadAt`] as a local side.
+    pub fn local(source: &'a dyn ReadAt) -> Self {
         Side::Local(source)
     }
 
@@ -157,7 +158,7 @@ impl Delta {
     /// assert!(old == disk);
     /// # Ok::<(), lifeboat_resync::Error>(())
     /// ```
-    pub fn full(source: &dyn crate::BlockSource) -> Result<Delta, Error> {
+    pub fn full(source: &dyn crate::ReadAt) -> Result<Delta, Error> {
         // Against nothing, zero blocks are left to the grow from length 0; onto a target of
         // the source's length with unknown content, they must be written as zeros.
         let mut d = diff(Side::Local(source), Side::Bytes(&[]))?;
@@ -258,7 +259,7 @@ pub struct DiffOptions {
 
 /// The differing blocks of `target` against `source`, at 64 KiB blocks.
 ///
-/// Either side may be local bytes (a file, a buffer, any [`BlockSource`] via
+/// Either side may be local bytes (a file, a buffer, any [`ReadAt`] via
 /// [`Side::local`]) or a [`Signature`] of remote bytes. Two local sides are compared
 /// byte for byte (no hashing); a local side against a signature is hashed with BLAKE3 as
 /// it is read; two signatures compare digests. Lengths may differ: the delta records both,
@@ -571,7 +572,7 @@ pub struct ApplyStats {
 /// Makes `target` equal to `source` by writing only the delta's extents (data read from
 /// `source` in ≤ 4 MiB pieces, zero extents cleared) after resizing it to the source's
 /// length. Idempotent: after a crash, apply the same delta again (or diff again).
-pub fn apply<S: BlockSource + ?Sized, W: BlockWriter + ?Sized>(
+pub fn apply<S: ReadAt + ?Sized, W: BlockWriter + ?Sized>(
     delta: &Delta,
     source: &S,
     target: &mut W,

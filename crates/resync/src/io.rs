@@ -1,19 +1,8 @@
-//! The two seams to storage: something to read blocks from, something to write a delta to.
+//! The seam a delta is written through (sources are read through
+//! [`lifeboat_source::ReadAt`]).
 
 use std::fs::File;
 use std::io;
-
-/// Something with a length that can be read at an offset: a disk image, a device, a
-/// replica. Reads are positional, so one source can be shared by several workers.
-///
-/// Implemented for in-memory buffers (`[u8]`, `Vec<u8>`) and for [`File`].
-pub trait BlockSource: Sync {
-    /// The length in bytes.
-    fn size(&self) -> io::Result<u64>;
-
-    /// Fills `buf` from `offset`; reading past the end is an error.
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
-}
 
 /// Where a delta is applied: positional writes, zeroing, and a length.
 ///
@@ -29,75 +18,6 @@ pub trait BlockWriter {
 
     /// Truncates or extends (with zeros) to `len` bytes.
     fn set_len(&mut self, len: u64) -> io::Result<()>;
-}
-
-fn range_of(len: usize, offset: u64, n: usize) -> io::Result<std::ops::Range<usize>> {
-    usize::try_from(offset)
-        .ok()
-        .and_then(|s| Some(s..s.checked_add(n)?))
-        .filter(|r| r.end <= len)
-        .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))
-}
-
-impl BlockSource for [u8] {
-    fn size(&self) -> io::Result<u64> {
-        Ok(<[u8]>::len(self) as u64)
-    }
-
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let r = range_of(<[u8]>::len(self), offset, buf.len())?;
-        buf.copy_from_slice(&self[r]);
-        Ok(())
-    }
-}
-
-impl BlockSource for Vec<u8> {
-    fn size(&self) -> io::Result<u64> {
-        self.as_slice().size()
-    }
-
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.as_slice().read_exact_at(buf, offset)
-    }
-}
-
-impl BlockSource for File {
-    fn size(&self) -> io::Result<u64> {
-        Ok(self.metadata()?.len())
-    }
-
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        #[cfg(unix)]
-        {
-            std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
-        }
-        #[cfg(windows)]
-        {
-            let (mut buf, mut offset) = (buf, offset);
-            while !buf.is_empty() {
-                match std::os::windows::fs::FileExt::seek_read(self, buf, offset) {
-                    Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                    Ok(n) => {
-                        buf = &mut buf[n..];
-                        offset += n as u64;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            Ok(())
-        }
-    }
-}
-
-impl<T: BlockSource + ?Sized> BlockSource for &T {
-    fn size(&self) -> io::Result<u64> {
-        (**self).size()
-    }
-
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        (**self).read_exact_at(buf, offset)
-    }
 }
 
 impl BlockWriter for Vec<u8> {

@@ -4,8 +4,8 @@ the differing blocks, `apply` that writes only those, and a hash-tree exchange t
 them between two remote sides with few digests.
 
 This crate performs no I/O of its own and reads no clock: disks are read through the
-[`BlockSource`] trait and written through [`BlockWriter`] (both implemented for byte
-buffers and [`std::fs::File`]); the hash-tree exchange is a request/response state machine
+[`ReadAt`] trait of `lifeboat-source` and written through [`BlockWriter`] (both
+implemented for byte buffers and [`std::fs::File`]); the hash-tree exchange is a request/response state machine
 with no networking.
 
 # Overview
@@ -49,6 +49,9 @@ assert_eq!(replica, source);
 #![doc(test(attr(deny(warnings))))]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+/// What disks are read through (the workspace's one positional-read trait).
+pub use lifeboat_source::ReadAt;
+
 pub use crate::{
     block::{BlockSize, Progress, digest_block, is_zero},
     diff::{
@@ -56,7 +59,7 @@ pub use crate::{
         diff_with,
     },
     error::Error,
-    io::{BlockSource, BlockWriter},
+    io::BlockWriter,
     signature::{
         Digest, SIGNATURE_MAGIC, SIGNATURE_VERSION, Signature, SignatureReader, SignatureWriter,
         write_signature,

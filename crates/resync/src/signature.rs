@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::block::{BlockSize, Progress, Scratch, digest_block, read_into, run_chunks};
-use crate::io::BlockSource;
+use lifeboat_source::ReadAt;
 
 /// The digest of one block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -69,16 +69,13 @@ const TAG_HASH: u8 = 1;
 
 impl Signature {
     /// Computes the signature of `source` in one pass of large sequential reads.
-    pub fn compute<S: BlockSource + ?Sized>(
-        source: &S,
-        block_size: BlockSize,
-    ) -> Result<Self, Error> {
+    pub fn compute<S: ReadAt + ?Sized>(source: &S, block_size: BlockSize) -> Result<Self, Error> {
         Self::compute_with_progress(source, block_size, |_| ControlFlow::Continue(()))
     }
 
     /// Like [`Signature::compute`], reporting progress after each chunk; returning
     /// [`ControlFlow::Break`] abandons the computation with [`Error::Interrupted`].
-    pub fn compute_with_progress<S: BlockSource + ?Sized>(
+    pub fn compute_with_progress<S: ReadAt + ?Sized>(
         source: &S,
         block_size: BlockSize,
         mut progress: impl FnMut(Progress) -> ControlFlow<()>,
@@ -273,7 +270,7 @@ impl<W: Write> SignatureWriter<W> {
 }
 
 /// Computes `source`'s signature straight into `out`, holding one chunk in memory.
-pub fn write_signature<S: BlockSource + ?Sized, W: Write>(
+pub fn write_signature<S: ReadAt + ?Sized, W: Write>(
     source: &S,
     block_size: BlockSize,
     out: W,
@@ -296,7 +293,7 @@ pub fn write_signature<S: BlockSource + ?Sized, W: Write>(
 }
 
 /// Reads blocks `blocks` of `source` and digests each.
-fn chunk_digests<S: BlockSource + ?Sized>(
+fn chunk_digests<S: ReadAt + ?Sized>(
     source: &S,
     scratch: &mut Scratch,
     block_size: BlockSize,

@@ -10,15 +10,7 @@ use crate::fuzzing::{check_decode, check_diff_apply, naive_diff, tree_delta};
 use crate::*;
 
 fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed;
-    (0..len)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (s >> 56) as u8
-        })
-        .collect()
+    lifeboat_source::SplitMix64::new(seed).bytes(len)
 }
 
 const BS: u32 = 4096;
@@ -155,8 +147,8 @@ fn files_stream_through_with_the_same_result() {
 
     apply(&from_files, &fa, &mut fb).unwrap();
     let mut got = vec![0u8; a.len()];
-    BlockSource::read_exact_at(&fb, &mut got, 0).unwrap();
-    assert_eq!(BlockSource::size(&fb).unwrap(), a.len() as u64);
+    ReadAt::read_exact_at(&fb, &mut got, 0).unwrap();
+    assert_eq!(ReadAt::size(&fb).unwrap(), a.len() as u64);
     assert_eq!(got, a);
 }
 

@@ -52,9 +52,12 @@ assert_eq!(r.next_delay(t0, &StorageFailure::status(403)), Decision::Stop(Stop::
 #![doc(test(attr(deny(warnings))))]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+/// The default jitter source (re-exported from `lifeboat-source`).
+pub use lifeboat_source::SplitMix64;
+
 pub use crate::{
     classify::{Class, Classify, classify_io_kind},
-    policy::{Budget, Jitter, JitterSource, Policy, SplitMix64},
+    policy::{Budget, Jitter, JitterSource, Policy},
     retrier::{Decision, Retrier, Stop},
     storage::{StorageFailure, classify_status, parse_retry_after},
 };

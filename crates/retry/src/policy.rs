@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use lifeboat_source::SplitMix64;
 use serde::{Deserialize, Serialize};
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -141,28 +142,10 @@ pub trait JitterSource {
     fn next_u64(&mut self) -> u64;
 }
 
-/// A small, seedable, serialisable generator (SplitMix64); the default [`JitterSource`].
-///
-/// It is not cryptographic and does not need to be: it only spreads retries apart. Seed it
-/// differently per item (for example from the item's id) so items do not move in step.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SplitMix64 {
-    state: u64,
-}
-
-impl SplitMix64 {
-    /// A generator starting from `seed`.
-    pub fn new(seed: u64) -> Self {
-        SplitMix64 { state: seed }
-    }
-}
-
+/// The default [`JitterSource`]: the workspace's one seeded generator. Seed it differently
+/// per item (for example from the item's id) so items do not move in step.
 impl JitterSource for SplitMix64 {
     fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        SplitMix64::next_u64(self)
     }
 }

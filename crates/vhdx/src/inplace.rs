@@ -4,7 +4,7 @@
 
 use std::io;
 
-use lifeboat_resync::BlockSource;
+use lifeboat_source::ReadAt;
 
 use crate::error::{Error, Result};
 use crate::format::*;
@@ -49,7 +49,7 @@ impl WriteAt for Vec<u8> {
     }
 }
 
-impl<S: BlockSource> Vhdx<S> {
+impl<S: ReadAt> Vhdx<S> {
     /// Prepares writes in place through `file` (this file, opened for writing): refused
     /// for a differencing disk (a checkpoint's chain) and for a file whose log had to be
     /// replayed (whoever wrote it may still have it open). As [MS-VHDX] requires before

@@ -6,7 +6,7 @@ writer of new dynamic VHDX files.
 higher sequence number is current), both region tables, and the metadata items (block
 size, virtual size, sector sizes, disk id), refusing unknown *required* regions and items.
 The BAT is read a 4 KiB page at a time as the disk is read, never whole. The virtual disk
-reads through [`Vhdx::read_at`] or as a [`lifeboat_resync::BlockSource`] (what initial
+reads through [`Vhdx::read_at`] or as a [`lifeboat_source::ReadAt`] (what initial
 replication and resync read), and [`Vhdx::extents`] says which ranges hold data and which
 read as zeros, so a copy sends only allocated blocks. [`Info::data_write_guid`] is the
 `Vhd2DataWriteGuid` HRL logs of the disk name. A file not closed cleanly (a header with a
@@ -35,7 +35,7 @@ allocating blocks of a dynamic VHDX (it must go through the log to be crash-safe
 into a differencing disk. The `testing` feature adds hand-made differencing chains for
 tests (no Linux tool writes one).
 
-This crate performs no I/O of its own: it reads through `BlockSource` (files, byte slices)
+This crate performs no I/O of its own: it reads through `ReadAt` (files, byte slices)
 and writes through any `Write + Seek`.
 
 # Example

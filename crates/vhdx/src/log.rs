@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use lifeboat_resync::BlockSource;
+use lifeboat_source::ReadAt;
 
 use crate::error::{Error, Result};
 use crate::format::*;
@@ -40,7 +40,7 @@ impl Overlay {
     }
 
     /// Fills `buf` with the replayed file's bytes at `offset`.
-    pub(crate) fn read(&self, source: &dyn BlockSource, buf: &mut [u8], offset: u64) -> Result<()> {
+    pub(crate) fn read(&self, source: &dyn ReadAt, buf: &mut [u8], offset: u64) -> Result<()> {
         let end = offset + buf.len() as u64;
         // What the file holds (bytes past its end, below the replayed length, are zeros).
         let on_disk = end.min(self.file_len).saturating_sub(offset) as usize;
@@ -197,7 +197,7 @@ impl Ring<'_> {
 /// overlay of the file: the newest complete sequence of entries whose head's tail lies in
 /// it, from that tail to its head (spec 2.3.3). No valid entry: nothing to replay.
 pub(crate) fn replay(
-    source: &dyn BlockSource,
+    source: &dyn ReadAt,
     file_len: u64,
     header_at: u64,
     guid: [u8; 16],

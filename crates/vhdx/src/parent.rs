@@ -1,7 +1,7 @@
 //! Differencing disks ([MS-VHDX] 2.6.2.6): the parent locator, and a chain opened from a
 //! child down to its base, each link checked.
 
-use lifeboat_resync::BlockSource;
+use lifeboat_source::ReadAt;
 
 use crate::error::{Error, Result};
 use crate::format::*;
@@ -145,7 +145,7 @@ pub fn format_guid(g: &[u8; 16]) -> String {
 /// child's directory, on a volume, ...). Every link is checked (the parent's DataWriteGuid
 /// is the child's linkage, sizes agree); a loop or a chain deeper than [`MAX_CHAIN`] is
 /// refused.
-pub fn open_chain<S: BlockSource>(
+pub fn open_chain<S: ReadAt>(
     source: S,
     mut parent: impl FnMut(&ParentLocator) -> Result<S>,
 ) -> Result<Vhdx<S>> {

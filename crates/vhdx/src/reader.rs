@@ -4,7 +4,7 @@ use std::io;
 use std::ops::Range;
 use std::sync::Mutex;
 
-use lifeboat_resync::BlockSource;
+use lifeboat_source::ReadAt;
 
 use crate::error::{Error, Result};
 use crate::format::*;
@@ -89,7 +89,7 @@ pub struct Vhdx<S> {
     page: Mutex<Option<(u64, Vec<u64>)>>,
 }
 
-impl<S: BlockSource> Vhdx<S> {
+impl<S: ReadAt> Vhdx<S> {
     /// Opens and checks the file: its identifier, both headers (the valid one with the
     /// higher sequence number is current), the log (replayed in memory when the current
     /// header's LogGuid is set), both region tables, the metadata items. The BAT is read
@@ -470,7 +470,7 @@ impl<S: BlockSource> Vhdx<S> {
     }
 }
 
-impl<S: BlockSource> Vhdx<S> {
+impl<S: ReadAt> Vhdx<S> {
     /// Reads `part` (virtual offset `at`, `within` bytes into its block, at `data` in the
     /// file) from a partially present block: each sector from this file when its bit in
     /// the sector bitmap is set, else from the parent.
@@ -531,8 +531,8 @@ pub(crate) enum Place {
     },
 }
 
-/// The virtual disk, as a [`BlockSource`]: what initial replication and resync read.
-impl<S: BlockSource> BlockSource for Vhdx<S> {
+/// The virtual disk, as a [`ReadAt`]: what initial replication and resync read.
+impl<S: ReadAt> ReadAt for Vhdx<S> {
     fn size(&self) -> io::Result<u64> {
         Ok(self.info.virtual_size)
     }
@@ -552,7 +552,7 @@ impl<S> std::fmt::Debug for Vhdx<S> {
 
 /// The file, with a replayed log's changes over it.
 struct View<'a> {
-    source: &'a dyn BlockSource,
+    source: &'a dyn ReadAt,
     overlay: Option<&'a Overlay>,
 }
 
@@ -573,7 +573,7 @@ impl View<'_> {
     }
 }
 
-impl BlockSource for View<'_> {
+impl ReadAt for View<'_> {
     fn size(&self) -> io::Result<u64> {
         Ok(self.len(self.source.size()?))
     }
@@ -584,7 +584,7 @@ impl BlockSource for View<'_> {
 }
 
 /// Reads `buf.len()` bytes at `offset`, refusing reads past the file's end.
-fn read(source: &dyn BlockSource, buf: &mut [u8], offset: u64, file_len: u64) -> Result<()> {
+fn read(source: &dyn ReadAt, buf: &mut [u8], offset: u64, file_len: u64) -> Result<()> {
     if offset + buf.len() as u64 > file_len {
         return Err(Error::invalid(
             "file",
@@ -611,7 +611,7 @@ struct Header {
 }
 
 /// The current header: of the valid ones, the higher sequence number.
-fn current_header(source: &dyn BlockSource, file_len: u64) -> Result<Header> {
+fn current_header(source: &dyn ReadAt, file_len: u64) -> Result<Header> {
     let mut best: Option<Header> = None;
     let mut why = Vec::new();
     for (i, &at) in HEADERS.iter().enumerate() {
@@ -664,7 +664,7 @@ fn current_header(source: &dyn BlockSource, file_len: u64) -> Result<Header> {
 }
 
 /// The region table's entries (GUID, file offset, length), from the first valid copy.
-fn region_table(source: &dyn BlockSource, file_len: u64) -> Result<Vec<([u8; 16], u64, u64)>> {
+fn region_table(source: &dyn ReadAt, file_len: u64) -> Result<Vec<([u8; 16], u64, u64)>> {
     let mut first_error = None;
     for (i, &at) in REGION_TABLES.iter().enumerate() {
         let mut b = vec![0u8; REGION_TABLE_LEN];
@@ -732,7 +732,7 @@ struct Meta {
 }
 
 /// The metadata items this reader needs, checked; an unknown required item is refused.
-fn metadata(source: &dyn BlockSource, region: u64, region_len: u64) -> Result<Meta> {
+fn metadata(source: &dyn ReadAt, region: u64, region_len: u64) -> Result<Meta> {
     let mut t = vec![0u8; METADATA_TABLE_LEN.min(region_len as usize)];
     source
         .read_exact_at(&mut t, region)

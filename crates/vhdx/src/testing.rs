@@ -11,15 +11,9 @@ const MIB: u64 = 1 << 20;
 
 /// `len` bytes of a non-zero pattern that differs with `seed`.
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8 | 0x80
-        })
-        .collect()
+    let mut bytes = lifeboat_source::SplitMix64::new(seed).bytes(len);
+    bytes.iter_mut().for_each(|b| *b |= 0x80);
+    bytes
 }
 
 /// The VHDX parent locator type, B04AEFB7-D19E-4A81-B789-25B8E9445913, as stored.

@@ -3,7 +3,8 @@
 
 use std::io::{self, Seek, SeekFrom, Write};
 
-use lifeboat_resync::{BlockSource, is_zero};
+use lifeboat_resync::is_zero;
+use lifeboat_source::ReadAt;
 
 use crate::format::*;
 
@@ -36,7 +37,7 @@ fn invalid(what: String) -> io::Error {
 /// two region tables, an empty log, metadata, then every block holding data, then the BAT
 /// (the one seek back). Returns the bytes of data blocks written.
 pub fn write_dynamic<W: Write + Seek>(
-    disk: &dyn BlockSource,
+    disk: &dyn ReadAt,
     opts: WriteOptions,
     out: &mut W,
 ) -> io::Result<u64> {

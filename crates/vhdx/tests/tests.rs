@@ -5,7 +5,7 @@ use std::io::Cursor;
 use std::path::Path;
 use std::process::Command;
 
-use lifeboat_resync::BlockSource;
+use lifeboat_source::ReadAt;
 use lifeboat_vhdx::{Error, ExtentKind, Vhdx, WriteOptions, write_dynamic};
 
 const MIB: u64 = 1 << 20;
@@ -28,13 +28,8 @@ fn qemu_img(args: &[&str]) -> Option<std::process::Output> {
 /// A disk of `len` bytes: a few scattered data regions (unaligned to blocks), zeros else.
 fn raw_disk(len: u64, seed: u64) -> Vec<u8> {
     let mut d = vec![0u8; len as usize];
-    let mut x = seed | 1;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut rng = lifeboat_source::SplitMix64::new(seed);
+    let mut next = move || rng.next_u64();
     for _ in 0..6 {
         let at = (next() % len) as usize / 512 * 512;
         let n = ((next() % (3 * MIB)) as usize).min(len as usize - at);
@@ -45,7 +40,7 @@ fn raw_disk(len: u64, seed: u64) -> Vec<u8> {
     d
 }
 
-fn read_all<S: BlockSource>(v: &Vhdx<S>) -> Vec<u8> {
+fn read_all<S: ReadAt>(v: &Vhdx<S>) -> Vec<u8> {
     let mut out = vec![0u8; v.info().virtual_size as usize];
     // Odd-sized reads across block boundaries.
     for (i, chunk) in out.chunks_mut(700_000).enumerate() {

@@ -13,25 +13,22 @@ use lifeboat_engine::{Engine, Failover, Location};
 use lifeboat_hrl::{LogWriter, WriterConfig};
 use lifeboat_pageblob::{Condition, MAX_PUT, PageStore, crc64};
 use lifeboat_replication::{Command, PointChoice, ProtectionState};
+use lifeboat_source::SplitMix64;
 
 use crate::commands;
 use crate::host;
 use crate::{Store, Target, open_store};
 
-/// A small deterministic generator (SplitMix64).
-struct Rng(u64);
+/// The demo's data: the workspace's seeded generator, shaped like a file system's bytes.
+struct Rng(SplitMix64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.0.below(n)
     }
 
     /// Bytes that look like a file system's: text, structured records, random data.
@@ -65,12 +62,7 @@ impl Rng {
                     }
                 }
             }
-            _ => {
-                for c in buf.chunks_mut(8) {
-                    let v = self.next().to_le_bytes();
-                    c.copy_from_slice(&v[..c.len()]);
-                }
-            }
+            _ => self.0.fill(buf),
         }
     }
 }
@@ -145,7 +137,7 @@ pub(crate) fn guest_write(
     };
     let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let mut w = LogWriter::new(BufWriter::new(out), config)?;
-    let mut rng = Rng(seed ^ 0x5EED);
+    let mut rng = Rng(SplitMix64::new(seed ^ 0x5EED));
     let mut buf = vec![0u8; size as usize];
     let sectors = (len - size) / 512 + 1;
     for _ in 0..writes {
@@ -188,7 +180,7 @@ fn unhex(h: &str) -> Option<[u8; 16]> {
 fn make_disk(path: &Path, len: u64, seed: u64) -> Result<()> {
     let f = File::create(path)?;
     f.set_len(len)?;
-    let mut rng = Rng(seed);
+    let mut rng = Rng(SplitMix64::new(seed));
     let mut mbr = [0u8; 512];
     mbr[..16].copy_from_slice(b"LIFEBOAT DEMO VM");
     mbr[510] = 0x55;
@@ -436,7 +428,7 @@ async fn demo(store: &Store, dir: &Path, target: &Target) -> Result<()> {
     println!("   {points} recovery point");
 
     s.step("The recovered machine runs and writes; failback brings the on-premises disks up to it");
-    let mut rng = Rng(99);
+    let mut rng = Rng(SplitMix64::new(99));
     let mut buf = vec![0u8; 64 << 10];
     let lease = Condition::lease(e.site().id());
     for (d, l) in recovered.iter().enumerate() {

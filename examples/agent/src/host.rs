@@ -273,7 +273,7 @@ impl VhdxDisk {
     }
 }
 
-impl lifeboat_resync::BlockSource for VhdxDisk {
+impl lifeboat_resync::ReadAt for VhdxDisk {
     fn size(&self) -> io::Result<u64> {
         Ok(self
             .vhdx

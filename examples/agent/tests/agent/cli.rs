@@ -1102,16 +1102,11 @@ fn the_embedded_store_keeps_zeros_as_holes() {
     let d = dir.path().join("d.raw");
     // 64 MiB: every other MiB random, the rest zeros written out (not a hole in the source).
     let f = fs::File::create(&d).unwrap();
-    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let mut rng = lifeboat_source::SplitMix64::new(1);
     for i in 0..64u64 {
         let mut buf = vec![0u8; MIB as usize];
         if i % 2 == 0 {
-            for b in buf.iter_mut() {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                *b = rng as u8;
-            }
+            rng.fill(&mut buf);
         }
         f.write_all_at(&buf, i * MIB).unwrap();
     }

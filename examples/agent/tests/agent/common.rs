@@ -174,17 +174,13 @@ fn unique(name: &str) -> String {
 pub(crate) fn make_disk(path: &Path, len: u64, seed: u64) {
     let f = fs::File::create(path).unwrap();
     f.set_len(len).unwrap();
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rng = lifeboat_source::SplitMix64::new(seed);
     let mut buf = vec![0u8; 128 << 10];
     let mut at = 0;
     while at < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        if !x.is_multiple_of(3) {
-            for (i, b) in buf.iter_mut().enumerate() {
-                *b = (x >> (i % 8 * 8)) as u8 ^ i as u8;
-            }
+        // Two regions in three hold data.
+        if rng.below(3) != 0 {
+            rng.fill(&mut buf);
             f.write_all_at(&buf, at).unwrap();
         }
         at += buf.len() as u64;

@@ -60,8 +60,7 @@ fn assert_replica_is_source(site: &Site, item: &str, disks: &[PathBuf]) {
 
 /// A fraction in [0.05, 0.95) from a seed.
 fn frac(seed: u64) -> f64 {
-    let x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11;
-    0.05 + 0.9 * (x as f64 / (1u64 << 53) as f64)
+    0.05 + 0.9 * lifeboat_source::SplitMix64::new(seed).fraction()
 }
 
 /// Prepares a site with `setup`, then runs `op` killed at a seeded point and again to
