@@ -248,13 +248,27 @@ pub(crate) fn push_extent(extents: &mut Vec<Extent>, e: Extent) {
     }
 }
 
-/// How to diff: the block size for two local sides, and where to start.
+/// How to diff: the block size for two local sides, and which blocks.
+///
+/// A long diff can be cut into steps: diff `start_block..end_block`, then the next range
+/// from the delta's `next_block`, and join them with [`Delta::append`]; nothing is lost
+/// between steps.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DiffOptions {
     /// Block size when neither side is a signature (a signature brings its own).
     pub block_size: BlockSize,
-    /// The block to start at: a previous pass's `next_block` to resume it.
+    /// The block to start at: a previous step's `next_block` to go on from it.
     pub start_block: u64,
+    /// The block to stop before (`None`: the source's end).
+    pub end_block: Option<u64>,
+}
+
+impl DiffOptions {
+    /// The blocks to compare, of `total`.
+    fn range(&self, total: u64) -> std::ops::Range<u64> {
+        let end = self.end_block.map_or(total, |e| e.min(total));
+        self.start_block.min(end)..end
+    }
 }
 
 /// The differing blocks of `target` against `source`, at 64 KiB blocks.
@@ -286,9 +300,10 @@ pub fn diff<'a>(source: impl Into<Side<'a>>, target: impl Into<Side<'a>>) -> Res
     })
 }
 
-/// [`diff`] with options and a progress callback, called after each chunk (≈ 8 MiB);
-/// returning [`ControlFlow::Break`] stops early with a partial delta whose `next_block` is
-/// the cursor to resume from (see [`Delta::append`]).
+/// [`diff`] with options (a range of blocks, a block size) and a progress callback,
+/// called after each chunk (≈ 8 MiB). Returning [`ControlFlow::Break`] abandons the diff
+/// with [`Error::Interrupted`], as every progress callback of this crate does; to stop
+/// and go on without losing work, diff in ranges ([`DiffOptions::end_block`]).
 pub fn diff_with<'a>(
     source: impl Into<Side<'a>>,
     target: impl Into<Side<'a>>,
@@ -298,16 +313,14 @@ pub fn diff_with<'a>(
     let (src, tgt) = (source.into(), target.into());
     let bs = agreed_block_size(src.block_size(), tgt.block_size(), options.block_size)?;
     let (src_len, tgt_len) = (src.len()?, tgt.len()?);
-    let total = bs.blocks(src_len);
-    let start = options.start_block.min(total);
-    let mut delta = Delta::starting(bs, src_len, tgt_len, start);
+    let blocks = options.range(bs.blocks(src_len));
+    let mut delta = Delta::starting(bs, src_len, tgt_len, blocks.start);
     let mut differing = 0u64;
     let (src, tgt) = (Input::Side(src), Input::Side(tgt));
-    // An early stop is recorded in `delta.next_block`.
-    let _stopped = diff_blocks(
+    diff_blocks(
         &src,
         &tgt,
-        start..total,
+        blocks,
         &mut delta,
         &mut differing,
         &mut progress,
@@ -360,7 +373,7 @@ pub(crate) fn diff_streamed_windowed<R: std::io::Read>(
     )?;
     let (src_len, tgt_len) = (src.len()?, target.len());
     let (total, tgt_blocks) = (bs.blocks(src_len), bs.blocks(tgt_len));
-    let start = options.start_block.min(total);
+    let std::ops::Range { start, end } = options.range(total);
     let mut delta = Delta::starting(bs, src_len, tgt_len, start);
     let mut read = 0u64;
     let next = |target: &mut SignatureReader<R>, read: &mut u64| -> Result<Digest, Error> {
@@ -377,8 +390,8 @@ pub(crate) fn diff_streamed_windowed<R: std::io::Read>(
     let src = Input::Side(src);
     let mut digests = Vec::new();
     let mut first = start;
-    while first < total {
-        let last = (first + window).min(total);
+    while first < end {
+        let last = (first + window).min(end);
         digests.clear();
         while read < last.min(tgt_blocks) {
             digests.push(next(target, &mut read)?);
@@ -387,22 +400,20 @@ pub(crate) fn diff_streamed_windowed<R: std::io::Read>(
             digests: &digests,
             first,
         };
-        if diff_blocks(
+        diff_blocks(
             &src,
             &tgt,
             first..last,
             &mut delta,
             &mut differing,
             &mut progress,
-        )?
-        .is_break()
-        {
-            return Ok(delta);
-        }
+        )?;
         first = last;
     }
-    // Drain the rest (a target longer than the source) so the trailer is checked.
-    while target.next_digest()?.is_some() {}
+    if end == total {
+        // Drain the rest (a target longer than the source) so the trailer is checked.
+        while target.next_digest()?.is_some() {}
+    }
     Ok(delta)
 }
 
@@ -412,7 +423,8 @@ enum Input<'a> {
     Window { digests: &'a [Digest], first: u64 },
 }
 
-/// Compares `blocks`, appending to `delta`; stops early if `progress` says so.
+/// Compares `blocks`, appending to `delta`; [`Error::Interrupted`] if `progress` says
+/// to stop.
 fn diff_blocks(
     src: &Input<'_>,
     tgt: &Input<'_>,
@@ -420,10 +432,9 @@ fn diff_blocks(
     delta: &mut Delta,
     differing: &mut u64,
     progress: &mut impl FnMut(Progress) -> ControlFlow<()>,
-) -> Result<ControlFlow<()>, Error> {
+) -> Result<(), Error> {
     let (bs, src_len, tgt_len) = (delta.block_size, delta.source_len, delta.target_len);
     let total = bs.blocks(src_len);
-    let mut flow = ControlFlow::Continue(());
     run_chunks(
         bs,
         blocks,
@@ -452,11 +463,15 @@ fn diff_blocks(
             }
             delta.blocks_compared += blocks.end - blocks.start;
             delta.next_block = blocks.end;
-            flow = progress(Progress::new(blocks.end, total, *differing));
-            Ok(flow)
+            match progress(Progress::new(blocks.end, total, *differing)) {
+                ControlFlow::Continue(()) => Ok(ControlFlow::Continue(())),
+                ControlFlow::Break(()) => Err(Error::Interrupted {
+                    next_block: blocks.end,
+                }),
+            }
         },
     )?;
-    Ok(flow)
+    Ok(())
 }
 
 fn view_input<'b>(

@@ -14,8 +14,10 @@ with no networking.
   [`Digest::Zero`] for an all-zero block, detected before hashing). Compact versioned
   encoding, also streamed ([`SignatureWriter`], [`SignatureReader`], [`write_signature`]).
 - [`diff`] / [`diff_with`]: a [`Delta`] of coalesced data and zero [`Extent`]s plus
-  counters, from any pairing of local bytes and signatures, with progress and a resumable
-  cursor. [`apply`] writes it; `apply(diff(a, b), a → b)` makes `b` equal `a`.
+  counters, from any pairing of local bytes and signatures, with progress, in ranges of
+  blocks joined by [`Delta::append`]. Every progress callback of the crate stops the same
+  way: [`Error::Interrupted`] naming the next block. [`apply`] writes a delta;
+  `apply(diff(a, b), a → b)` makes `b` equal `a`.
 - [`HashTree`] / [`TreeSync`]: fan-out-64 tree over the digests; the exchange asks only
   for children of differing nodes.
 

@@ -62,7 +62,7 @@ fn zero_blocks_are_zero_extents_and_never_sent() {
         &b,
         DiffOptions {
             block_size: bs,
-            start_block: 0,
+            ..DiffOptions::default()
         },
         |_| ControlFlow::Continue(()),
     )
@@ -191,45 +191,54 @@ fn streamed_signature_diff_matches_and_checks_the_trailer() {
 }
 
 #[test]
-fn progress_reports_and_cursor_resumes() {
+fn progress_reports_a_stop_is_interrupted_and_ranges_join() {
     let a = random(40 << 20, 8);
     let mut b = a.clone();
     b[30 << 20] ^= 1;
     let mut seen = Vec::new();
-    let partial = diff_with(&a, &b, DiffOptions::default(), |p| {
+    let stopped = diff_with(&a, &b, DiffOptions::default(), |p| {
         seen.push(p);
         if p.blocks_done >= 256 {
             ControlFlow::Break(())
         } else {
             ControlFlow::Continue(())
         }
-    })
-    .unwrap();
-    assert!(!partial.is_complete());
-    assert_eq!(partial.next_block, 256); // 16 chunks of 1 MiB (16 blocks of 64 KiB)
+    });
+    // 16 chunks of 1 MiB (16 blocks of 64 KiB), then the stop: the same error as a
+    // signature's computation stopped.
+    assert!(matches!(
+        stopped,
+        Err(Error::Interrupted { next_block: 256 })
+    ));
+    let sig = Signature::compute_with_progress(&a, BlockSize::DEFAULT, |_| ControlFlow::Break(()));
+    assert!(matches!(sig, Err(Error::Interrupted { next_block: 16 })));
     assert_eq!(seen.len(), 16);
     assert!(
         seen.windows(2)
             .all(|w| w[1].blocks_done == w[0].blocks_done + 16)
     );
     assert_eq!(seen[15].blocks_total, 640);
-    assert_eq!(partial.bytes_differing(), 0);
-    let rest = diff_with(
-        &a,
-        &b,
-        DiffOptions {
-            start_block: partial.next_block,
+    // Cut into steps: nothing is lost between them.
+    let step = |start_block: u64, end_block: Option<u64>| {
+        let options = DiffOptions {
+            start_block,
+            end_block,
             ..DiffOptions::default()
-        },
-        |_| ControlFlow::Continue(()),
-    )
-    .unwrap();
-    let mut whole = partial.clone();
+        };
+        diff_with(&a, &b, options, |_| ControlFlow::Continue(())).unwrap()
+    };
+    let first = step(0, Some(256));
+    assert!(!first.is_complete());
+    assert_eq!((first.next_block, first.bytes_differing()), (256, 0));
+    let rest = step(first.next_block, None);
+    assert!(rest.is_complete());
+    let mut whole = first.clone();
     whole.append(rest.clone()).unwrap();
     assert_eq!(whole, diff(&a, &b).unwrap());
-    // Appending out of order is refused.
+    // Appending out of order is refused; an end past the source is its end.
     let mut wrong = rest;
-    assert!(matches!(wrong.append(partial), Err(Error::DeltaMismatch)));
+    assert!(matches!(wrong.append(first), Err(Error::DeltaMismatch)));
+    assert_eq!(step(0, Some(u64::MAX)), diff(&a, &b).unwrap());
 }
 
 #[test]
