@@ -16,7 +16,7 @@ use lifeboat_source::ReadAt;
 use crate::catalog::{self, Cycle, Location, SyncReport, replica_blob};
 use crate::data::{self, BlobSource, DiskWriter, EdgePages, LogChain, TakeSource};
 use crate::engine::{Engine, Event, Task};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, blocking};
 use crate::host::Disk;
 
 /// Data bytes per page-writer batch when resyncing (bounded memory).
@@ -131,18 +131,19 @@ impl Engine {
                     }
                 }
             }
-            ActionKind::RunHook { group, pre, hook } => {
-                let (host, plan, group, pre, hook) = (
-                    self.host.clone(),
-                    name.to_owned(),
-                    *group,
-                    *pre,
-                    hook.clone(),
-                );
-                tokio::task::spawn_blocking(move || host.run_hook(&plan, group, pre, &hook))
-                    .await
-                    .map_err(|e| Error::io("running a hook")(std::io::Error::other(e)))?
-                    .map_err(Error::io(format!("hook of plan {name}")))?;
+            ActionKind::RunHook {
+                plan,
+                group,
+                pre,
+                hook,
+            } => {
+                let (host, plan, group, pre, hook) =
+                    (self.host.clone(), plan.clone(), *group, *pre, hook.clone());
+                blocking("running a hook", move || {
+                    host.run_hook(&plan, group, pre, &hook)
+                })
+                .await?
+                .map_err(Error::io(format!("hook of plan {name}")))?;
             }
             other => {
                 return Err(Error::Invalid(format!(
@@ -313,7 +314,9 @@ impl Engine {
         // it is sent: only blocks it covers in part are read back afterwards.
         let hashed = {
             let changes = changes.clone();
-            tokio::task::spawn_blocking(move || BatchDigests::of(&changes, bs, len))
+            blocking("hashing a batch", move || {
+                BatchDigests::of(&changes, bs, len)
+            })
         };
         let (sent, hashed) = tokio::join!(writer.apply_batch(seq, changes, edges), hashed);
         let report = match sent {
@@ -345,7 +348,7 @@ impl Engine {
                     .update_with(&*self.store, &blob, batch, seq + 1)
                     .await?
             }
-            // The hashing thread failed: every touched block is read back instead.
+            // The runtime is shutting down: every touched block is read back instead.
             Err(_) => {
                 digests
                     .update(&*self.store, &blob, &touched, seq + 1)
@@ -809,7 +812,7 @@ impl Engine {
             let store = self.store.clone();
             let target = self.open_disk(to, len)?;
             let handle = tokio::runtime::Handle::current();
-            let report = tokio::task::spawn_blocking(move || -> Result<SyncReport> {
+            let report = blocking("syncing back", move || -> Result<SyncReport> {
                 let src: Box<dyn ReadAt + Send> = match &from {
                     Location::File { path } => Box::new(
                         std::fs::File::open(path)
@@ -840,8 +843,7 @@ impl Engine {
                     bytes_cleared: stats.zero_bytes,
                 })
             })
-            .await
-            .map_err(|e| Error::io("syncing back")(std::io::Error::other(e)))??;
+            .await??;
             reports.push(report);
         }
         // Passes add up: the report covers the whole failback.

@@ -17,7 +17,7 @@ use lifeboat_resync::BlockSize;
 use lifeboat_retry::Classify;
 
 use crate::catalog::{self, Disk, Export, Item, Materialized, PlanDoc, SCHEMA, Tracking};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, blocking};
 use crate::host::{Clock, FileHost, Host, SystemClock};
 use crate::site::Site;
 
@@ -786,9 +786,7 @@ impl Engine {
         let out = f.await;
         let lock = self.site.lock_handle()?;
         let dir = self.site.dir().to_path_buf();
-        tokio::task::spawn_blocking(move || crate::site::relock(&dir, &lock))
-            .await
-            .map_err(|e| Error::io("locking the site")(std::io::Error::other(e)))??;
+        blocking("locking the site", move || crate::site::relock(&dir, &lock)).await??;
         if self.site.generation() != self.generation {
             self.reload().await?;
         }
@@ -911,8 +909,27 @@ impl Engine {
     // ------------------------------------------------------------------ commands
 
     /// Starts an operation on an item this site acts for, drives it as far as it goes and
-    /// checks how its job ended.
+    /// checks how its job ended. A job action goes to [`Engine::job_action`], a plan's
+    /// resumption to [`Engine::resume_plan`]; a plan's start needs its outputs and hooks,
+    /// so [`Engine::start_plan`] is the way to it.
     pub async fn command(&mut self, cmd: Command) -> Result<JobId> {
+        let (job, action) = match cmd {
+            Command::CancelJob { job } => (job, JobAction::Cancel),
+            Command::RestartJob { job } => (job, JobAction::Restart),
+            Command::ResumeJob { job } => (job, JobAction::Resume),
+            Command::ResumePlan { plan } => return self.resume_plan(&plan).await,
+            Command::StartPlan { plan, .. } => {
+                return Err(Error::Invalid(format!(
+                    "plan {plan}: start it with Engine::start_plan (it names the outputs and the hooks)"
+                )));
+            }
+            cmd => return self.item_command(cmd).await,
+        };
+        self.job_action(&job, action).await
+    }
+
+    /// [`Engine::command`] for an item's own operation.
+    async fn item_command(&mut self, cmd: Command) -> Result<JobId> {
         let item = cmd.item().to_owned();
         self.require_owned(&item)?;
         let now = self.now();
@@ -1457,17 +1474,15 @@ impl Engine {
             self.require_owned(&id.item)?;
         }
         let now = self.now();
-        let job = match action {
-            JobAction::Cancel => {
-                self.c.cancel_job(now, id)?;
-                id.clone()
-            }
-            JobAction::Restart => self.c.restart_job(now, id)?,
-            JobAction::Resume => {
-                self.c.resume_job(now, id)?;
-                id.clone()
-            }
-        };
+        let job = id.clone();
+        let job = self.c.handle_command(
+            now,
+            match action {
+                JobAction::Cancel => Command::CancelJob { job },
+                JobAction::Restart => Command::RestartJob { job },
+                JobAction::Resume => Command::ResumeJob { job },
+            },
+        )?;
         self.persist().await?;
         self.drive().await?;
         Ok(job)
@@ -1629,14 +1644,18 @@ impl Engine {
             }
         }
         let now = self.now();
-        let job = self.c.start_plan(now, plan, failover)?;
+        let start = Command::StartPlan {
+            plan: plan.to_owned(),
+            failover,
+        };
+        let job = self.c.handle_command(now, start)?;
         self.persist().await?;
         self.drive().await?;
         Ok(job)
     }
 
     /// Lets a plan waiting for a manual action carry on.
-    pub async fn resume_plan(&mut self, plan: &str) -> Result<()> {
+    pub async fn resume_plan(&mut self, plan: &str) -> Result<JobId> {
         if self.c.plan(plan).is_none() {
             return Err(match self.plans.get(plan) {
                 None => Error::UnknownPlan(plan.to_owned()),
@@ -1646,9 +1665,11 @@ impl Engine {
             });
         }
         let now = self.now();
-        self.c.resume_plan(now, plan)?;
+        let plan = plan.to_owned();
+        let job = self.c.handle_command(now, Command::ResumePlan { plan })?;
         self.persist().await?;
-        self.drive().await
+        self.drive().await?;
+        Ok(job)
     }
 
     /// The plan's latest job.

@@ -130,6 +130,22 @@ impl Error {
     }
 }
 
+/// Runs `f` on tokio's blocking pool. A panic in `f` goes on panicking here: a bug is
+/// not an I/O error to retry. Only a runtime shutting down (the task cancelled) is an
+/// error, said as `what`.
+pub(crate) async fn blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Error> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => Ok(v),
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => Err(Error::io(what)(io::Error::other(e))),
+        },
+    }
+}
+
 impl Classify for Error {
     fn class(&self) -> Class {
         match self {

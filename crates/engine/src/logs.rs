@@ -20,7 +20,7 @@ use crate::Host;
 use crate::catalog::{self, Disk, Guid, StagedLog, Tracking};
 use crate::data::{self, Log};
 use crate::engine::{Engine, Event};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, blocking};
 
 /// What [`Engine::stage_logs`] did with the logs handed over.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -172,9 +172,8 @@ impl Engine {
     ) -> Result<Staged> {
         let host = self.host.clone();
         let (name, n) = (item.to_owned(), self.doc(item)?.disks.len());
-        let closed = tokio::task::spawn_blocking(move || host.close_logs(&name, n))
-            .await
-            .map_err(|e| Error::io("closing change logs")(std::io::Error::other(e)))?
+        let closed = blocking("closing change logs", move || host.close_logs(&name, n))
+            .await?
             .map_err(Error::io(format!("closing the change logs of {item}")))?;
         if closed.is_empty() {
             return Ok(Staged::default());
@@ -194,9 +193,8 @@ impl Engine {
         };
         staged.logs.extend(refused);
         let (host, name, report) = (self.host.clone(), item.to_owned(), staged.logs.clone());
-        tokio::task::spawn_blocking(move || host.logs_taken(&name, &report))
-            .await
-            .map_err(|e| Error::io("handing logs back")(std::io::Error::other(e)))?
+        blocking("handing logs back", move || host.logs_taken(&name, &report))
+            .await?
             .map_err(Error::io(format!("handing the change logs of {item} back")))?;
         Ok(staged)
     }

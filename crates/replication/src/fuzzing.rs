@@ -109,19 +109,34 @@ pub fn apply_op(
                 1 => PlanFailover::Planned,
                 _ => PlanFailover::Unplanned(PointChoice::LatestProcessed),
             };
-            let _ = c.start_plan(*now, "plan", failover);
+            let _ = c.handle_command(
+                *now,
+                Command::StartPlan {
+                    plan: "plan".into(),
+                    failover,
+                },
+            );
         }
         Op::Command(14, _) => {
-            let _ = c.resume_plan(*now, "plan");
+            let _ = c.handle_command(
+                *now,
+                Command::ResumePlan {
+                    plan: "plan".into(),
+                },
+            );
         }
         Op::Command(k @ 19..=21, p) => {
             let ids: Vec<JobId> = c.jobs().map(|j| j.id.clone()).collect();
             if let Some(job) = ids.get(p as usize % ids.len().max(1)) {
-                let _ = match k {
-                    19 => c.cancel_job(*now, job),
-                    20 => c.restart_job(*now, job).map(|_| ()),
-                    _ => c.resume_job(*now, job),
-                };
+                let job = job.clone();
+                let _ = c.handle_command(
+                    *now,
+                    match k {
+                        19 => Command::CancelJob { job },
+                        20 => Command::RestartJob { job },
+                        _ => Command::ResumeJob { job },
+                    },
+                );
             }
         }
         Op::Command(k, p) => {
@@ -186,7 +201,7 @@ pub fn apply_op(
         Op::Crash => {
             *c = persist(c)?;
             pending.clear();
-            c.resume(*now);
+            c.restore(*now);
         }
     }
     Ok(())

@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use crate::coordinator::{Coordinator, ItemStatus, OpError};
+use crate::coordinator::{Coordinator, ItemStatus};
+use crate::error::OpError;
 use crate::model::*;
 
 impl Coordinator {
@@ -16,7 +17,7 @@ impl Coordinator {
 
     /// Cancels a running resync (the item stays resync-required) or a recovery plan (no
     /// further group starts; failovers already started run to their end).
-    pub fn cancel_job(&mut self, now: Duration, job: &JobId) -> Result<(), OpError> {
+    pub(crate) fn cancel_job(&mut self, now: Duration, job: &JobId) -> Result<(), OpError> {
         let j = self.job_or_err(job)?;
         if j.state.is_terminal() {
             return Err(OpError::JobActionRefused {
@@ -27,7 +28,7 @@ impl Coordinator {
         match j.kind {
             JobKind::Resynchronize => {
                 let item = job.item.clone();
-                self.handle_command(now, Command::CancelResync { item })
+                self.command(now, Command::CancelResync { item })
                     .map(|_| ())
             }
             JobKind::RecoveryPlan => {
@@ -45,7 +46,7 @@ impl Coordinator {
     }
 
     /// Runs a failed or cancelled job's operation again, as a new job.
-    pub fn restart_job(&mut self, now: Duration, job: &JobId) -> Result<JobId, OpError> {
+    pub(crate) fn restart_job(&mut self, now: Duration, job: &JobId) -> Result<JobId, OpError> {
         let j = self.job_or_err(job)?;
         if !matches!(j.state, JobState::Failed | JobState::Cancelled) {
             return Err(OpError::JobActionRefused {
@@ -60,12 +61,12 @@ impl Coordinator {
             job: job.clone(),
             why: "it has no command to run again".into(),
         })?;
-        self.handle_command(now, cmd)
+        self.command(now, cmd)
     }
 
     /// Lets a suspended job continue: repairs a Critical item, resumes a paused resync, or
     /// resumes a plan waiting for a manual action.
-    pub fn resume_job(&mut self, now: Duration, job: &JobId) -> Result<(), OpError> {
+    pub(crate) fn resume_job(&mut self, now: Duration, job: &JobId) -> Result<(), OpError> {
         let j = self.job_or_err(job)?;
         if j.state != JobState::Suspended {
             return Err(OpError::JobActionRefused {
@@ -78,7 +79,7 @@ impl Coordinator {
         }
         if j.kind == JobKind::RecoveryPlan {
             let plan = job.item.clone();
-            return self.resume_plan(now, &plan);
+            return self.resume_plan(now, &plan).map(|_| ());
         }
         let cmd = self
             .resume_command(j)
@@ -86,7 +87,7 @@ impl Coordinator {
                 job: job.clone(),
                 why: "it cannot be resumed".into(),
             })?;
-        self.handle_command(now, cmd).map(|_| ())
+        self.command(now, cmd).map(|_| ())
     }
 
     fn job_or_err(&self, job: &JobId) -> Result<&Job, OpError> {
@@ -95,7 +96,7 @@ impl Coordinator {
     }
 
     /// The command that lets a suspended item job go on (plans resume through
-    /// [`Coordinator::resume_plan`]).
+    /// `Coordinator::resume_plan`).
     fn resume_command(&self, j: &Job) -> Option<Command> {
         resume_command(j, self.status(j.item(), Duration::ZERO).as_ref())
     }

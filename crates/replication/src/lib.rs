@@ -16,14 +16,15 @@ restarted agent resumes exactly where it stopped.
   cleanup, planned and unplanned failover (latest, latest processed, latest app-consistent,
   or a chosen point), change recovery point, commit, cancel, failback (protective snapshot
   first; complete or cancel), reprotect, repair.
-- Recovery plans ([`RecoveryPlan`], [`Coordinator::start_plan`]): ordered groups, the
+- Recovery plans ([`RecoveryPlan`], [`Command::StartPlan`]): ordered groups, the
   items of a group failing over in parallel, group N+1 after group N; pre/post actions per
-  group, manual (the plan's job is suspended until [`Coordinator::resume_plan`]) or
+  group, manual (the plan's job is suspended until [`Command::ResumePlan`]) or
   scripted ([`ActionKind::RunHook`]), scoped to test, planned or unplanned failover.
 - Jobs: every operation (and every plan run) is a [`Job`] with ordered tasks, state,
   progress and errors; [`Coordinator::allowed_actions`] says whether it can be cancelled,
-  restarted or resumed ([`Coordinator::cancel_job`], [`Coordinator::restart_job`],
-  [`Coordinator::resume_job`]).
+  restarted or resumed ([`Command::CancelJob`], [`Command::RestartJob`],
+  [`Command::ResumeJob`]). Every operation, an item's, a plan's or a job action, goes in
+  through [`Coordinator::handle_command`].
 - Records: each item's whole state, its jobs and points included, is an [`ItemRecord`] a
   driver can persist on its own and load into any coordinator
   ([`Coordinator::item_record`], [`Coordinator::insert_item`],
@@ -120,15 +121,25 @@ c.check_invariants().unwrap();
 #![doc(test(attr(deny(warnings))))]
 
 pub use crate::{
-    coordinator::{Coordinator, ItemRecord, ItemStatus, OpError},
+    coordinator::{Coordinator, ItemRecord, ItemStatus},
     display::span,
+    error::OpError,
     jobs::allowed_actions,
-    model::*,
     plan::PlanRecord,
+};
+// The vocabulary: items and their policy, states and health, points, actions and
+// outcomes, commands, jobs, recovery plans.
+pub use crate::model::{
+    Action, ActionId, ActionKind, Command, CopyFrequency, Health, HealthCause, ItemId, Job,
+    JobAction, JobId, JobKind, JobState, LogReport, Outcome, PlanAction, PlanActionKind,
+    PlanFailover, PlanGroup, PlanScope, PointChoice, PointId, ProtectionState, Purpose,
+    RecoveryPlan, RecoveryPoint, ReplicationPolicy, ResyncReason, ResyncWindow, Task,
+    TestFailoverState,
 };
 
 mod coordinator;
 mod display;
+mod error;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;

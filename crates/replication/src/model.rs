@@ -487,9 +487,11 @@ pub enum ActionKind {
     RestoreSourceDisks,
     /// Completed failback: drop the protective snapshot.
     DeleteProtectiveSnapshot,
-    /// A recovery plan's script hook (the action's `item` is the plan's name). Hooks may
-    /// be re-issued after a crash, so they should be idempotent.
+    /// A recovery plan's script hook. Hooks may be re-issued after a crash, so they
+    /// should be idempotent.
     RunHook {
+        /// The plan.
+        plan: String,
         /// The group (from 0).
         group: usize,
         /// Before (`true`) or after the group's failover.
@@ -504,7 +506,8 @@ pub enum ActionKind {
 pub struct Action {
     /// Report the outcome with this id.
     pub id: ActionId,
-    /// The item (the plan, for [`ActionKind::RunHook`]).
+    /// Whom the action is for: its item, or the plan for a plan's own action
+    /// ([`ActionKind::RunHook`]), as its job names them.
     pub item: ItemId,
     /// The job it belongs to, if any (delta cycles belong to none).
     pub job: Option<JobId>,
@@ -668,10 +671,41 @@ pub enum Command {
         /// The new policy.
         policy: ReplicationPolicy,
     },
+    /// Start a recovery plan's failover: its groups in order, the items of a group
+    /// together, its pre/post actions around each group. The job is the plan's.
+    StartPlan {
+        /// The plan.
+        plan: String,
+        /// Which failover every item gets.
+        failover: PlanFailover,
+    },
+    /// A plan waits for a manual action that an administrator has now done: carry on.
+    ResumePlan {
+        /// The plan.
+        plan: String,
+    },
+    /// Cancel a job: a running resync (the item stays resync-required) or a recovery
+    /// plan (no further group starts; failovers already started run to their end).
+    CancelJob {
+        /// The job.
+        job: JobId,
+    },
+    /// Run a failed or cancelled job's operation again, as a new job.
+    RestartJob {
+        /// The job.
+        job: JobId,
+    },
+    /// Let a suspended job go on: repair a Critical item, resume a paused resync, or
+    /// resume a plan waiting for a manual action.
+    ResumeJob {
+        /// The job.
+        job: JobId,
+    },
 }
 
 impl Command {
-    /// The item the command is for.
+    /// The item the command is for (the plan, for a plan's command; the job's item or
+    /// plan, for a job's).
     pub fn item(&self) -> &str {
         match self {
             Command::EnableProtection { item, .. }
@@ -695,6 +729,10 @@ impl Command {
             | Command::TakeOver { item }
             | Command::ChangePolicy { item, .. }
             | Command::DisableProtection { item, .. } => item,
+            Command::StartPlan { plan, .. } | Command::ResumePlan { plan } => plan,
+            Command::CancelJob { job }
+            | Command::RestartJob { job }
+            | Command::ResumeJob { job } => &job.item,
         }
     }
 }
@@ -746,11 +784,11 @@ pub enum JobKind {
 /// What an administrator may do with a job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JobAction {
-    /// Stop it ([`Coordinator::cancel_job`](crate::Coordinator::cancel_job)).
+    /// Stop it ([`Command::CancelJob`]).
     Cancel,
-    /// Run its operation again ([`Coordinator::restart_job`](crate::Coordinator::restart_job)).
+    /// Run its operation again ([`Command::RestartJob`]).
     Restart,
-    /// Let a suspended job continue ([`Coordinator::resume_job`](crate::Coordinator::resume_job)).
+    /// Let a suspended job continue ([`Command::ResumeJob`]).
     Resume,
 }
 
@@ -867,7 +905,7 @@ pub enum PlanScope {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PlanActionKind {
     /// An administrator does something by hand: the plan suspends until
-    /// [`Coordinator::resume_plan`](crate::Coordinator::resume_plan).
+    /// [`Command::ResumePlan`].
     Manual,
     /// A script the driver runs ([`ActionKind::RunHook`]).
     Script {
@@ -912,4 +950,49 @@ pub struct RecoveryPlan {
     pub name: String,
     /// The groups, in order.
     pub groups: Vec<PlanGroup>,
+}
+
+impl ActionKind {
+    /// The job task this action is, as the jobs view names it ("Initial replication of
+    /// disk 0").
+    pub fn task(&self) -> String {
+        task_name(self)
+    }
+}
+
+/// The job task an action is, as the jobs view names it.
+pub(crate) fn task_name(kind: &ActionKind) -> String {
+    match kind {
+        ActionKind::StartTracking => "Prerequisites check and change tracking".into(),
+        ActionKind::CopyDiskRange { disk, .. } => format!("Initial replication of disk {disk}"),
+        ActionKind::CloseLogs { .. } => "Close change logs".into(),
+        ActionKind::ApplyLogs { .. } => "Ship and apply change logs".into(),
+        ActionKind::DiscardLogs { .. } => "Discard change logs".into(),
+        ActionKind::ProcessPendingLogs => "Process pending data".into(),
+        ActionKind::ResyncDisk { disk } => format!("Resynchronize disk {disk}"),
+        ActionKind::CreateRecoveryPoint { .. } => "Create recovery point".into(),
+        ActionKind::DeleteRecoveryPoint { .. } => "Delete recovery point".into(),
+        ActionKind::MaterializeDisks {
+            purpose: Purpose::Test,
+            ..
+        } => "Create test disks".into(),
+        ActionKind::MaterializeDisks { .. } => "Create failover disks".into(),
+        ActionKind::DeleteTestDisks => "Delete test disks".into(),
+        ActionKind::StopTracking => "Stop change tracking".into(),
+        ActionKind::DeleteReplica => "Delete replica disks".into(),
+        ActionKind::ShutDownSource => "Shut down source machine".into(),
+        ActionKind::StartSource => "Start source machine".into(),
+        ActionKind::StartTarget { .. } => "Start recovered machine".into(),
+        ActionKind::StopTarget => "Stop recovered machine".into(),
+        ActionKind::ProtectSourceDisks { .. } => "Protective snapshot of on-premises disks".into(),
+        ActionKind::SyncBack {
+            final_pass: false, ..
+        } => "Sync recovered disks back".into(),
+        ActionKind::SyncBack { .. } => "Final sync back".into(),
+        ActionKind::RestoreSourceDisks => "Restore on-premises disks".into(),
+        ActionKind::DeleteProtectiveSnapshot => "Delete protective snapshot".into(),
+        ActionKind::RunHook {
+            group, pre, hook, ..
+        } => crate::plan::hook_task(*group, *pre, hook),
+    }
 }

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::coordinator::{Coordinator, OpError};
+use crate::coordinator::Coordinator;
+use crate::error::OpError;
 use crate::model::*;
 
 /// Where a running plan is.
@@ -151,7 +152,7 @@ impl Coordinator {
     /// a plan with a failover in progress cannot be replaced, and a plan may not take an
     /// item's name (jobs are named after their item or plan).
     pub fn create_plan(&mut self, plan: RecoveryPlan) -> Result<(), OpError> {
-        if self.items.contains_key(&plan.name) {
+        if self.has_item(&plan.name) {
             return Err(OpError::InvalidPlan {
                 plan: plan.name,
                 why: "an item has that name".into(),
@@ -161,7 +162,7 @@ impl Coordinator {
             .groups
             .iter()
             .flat_map(|g| &g.items)
-            .find(|i| !self.items.contains_key(*i))
+            .find(|i| !self.has_item(i))
         {
             return Err(OpError::UnknownItem(i.clone()));
         }
@@ -215,7 +216,7 @@ impl Coordinator {
 
     /// Starts a plan failover at `now`: group by group, pre actions, the items' failovers
     /// (in parallel), post actions. Returns the plan's job.
-    pub fn start_plan(
+    pub(crate) fn start_plan(
         &mut self,
         now: Duration,
         name: &str,
@@ -262,7 +263,7 @@ impl Coordinator {
     }
 
     /// An administrator finished the manual action the plan waits for: carry on.
-    pub fn resume_plan(&mut self, now: Duration, name: &str) -> Result<(), OpError> {
+    pub(crate) fn resume_plan(&mut self, now: Duration, name: &str) -> Result<JobId, OpError> {
         let state = self
             .plans
             .get_mut(name)
@@ -277,7 +278,7 @@ impl Coordinator {
             j.state = JobState::InProgress;
         }
         self.pump_plans(now);
-        Ok(())
+        Ok(JobId::new(name, job))
     }
 
     /// Cancels a plan's failover: no further group starts; failovers already started run
@@ -430,6 +431,7 @@ impl Coordinator {
                     self.next_action += 1;
                     let id = ActionId(self.next_action);
                     let kind = ActionKind::RunHook {
+                        plan: name.to_owned(),
                         group: run.group,
                         pre,
                         hook: hook.clone(),

@@ -100,7 +100,7 @@ impl Sim {
     fn crash(&mut self) {
         let json = serde_json::to_string(&self.c).unwrap();
         self.c = serde_json::from_str(&json).unwrap();
-        self.c.resume(self.now);
+        self.c.restore(self.now);
     }
 
     /// Performs every ready action until none is left (not advancing time).
@@ -966,9 +966,25 @@ fn three_tier(sim: &mut Sim) -> RecoveryPlan {
 
 /// Starts the three-tier plan, runs to its manual step, resumes and runs on; its job.
 fn through_the_manual_step(sim: &mut Sim, failover: PlanFailover) -> JobId {
-    let job = sim.c.start_plan(sim.now, "three-tier", failover).unwrap();
+    let job = sim
+        .c
+        .handle_command(
+            sim.now,
+            Command::StartPlan {
+                plan: "three-tier".into(),
+                failover,
+            },
+        )
+        .unwrap();
     sim.run();
-    sim.c.resume_plan(sim.now, "three-tier").unwrap();
+    sim.c
+        .handle_command(
+            sim.now,
+            Command::ResumePlan {
+                plan: "three-tier".into(),
+            },
+        )
+        .unwrap();
     sim.run();
     job
 }
@@ -995,7 +1011,13 @@ fn plan_runs_groups_in_order_with_hooks_and_a_manual_step() {
     sim.done.clear();
     let job = sim
         .c
-        .start_plan(sim.now, "three-tier", PlanFailover::Planned)
+        .handle_command(
+            sim.now,
+            Command::StartPlan {
+                plan: "three-tier".into(),
+                failover: PlanFailover::Planned,
+            },
+        )
         .unwrap();
     sim.run();
     // Group 1 ran (pre hook, db's failover), then the manual post action suspended the plan.
@@ -1021,7 +1043,14 @@ fn plan_runs_groups_in_order_with_hooks_and_a_manual_step() {
 
     // Resumed: group 2 fails over (app and web interleaved), then its post hook.
     sim.crash();
-    sim.c.resume_plan(sim.now, "three-tier").unwrap();
+    sim.c
+        .handle_command(
+            sim.now,
+            Command::ResumePlan {
+                plan: "three-tier".into(),
+            },
+        )
+        .unwrap();
     sim.run();
     let j = sim.c.job(&job).unwrap();
     assert_eq!(j.state, JobState::Succeeded, "{j:?}");
@@ -1040,7 +1069,16 @@ fn plan_runs_groups_in_order_with_hooks_and_a_manual_step() {
     let first_web = trace.iter().position(|t| t.starts_with("web")).unwrap();
     let last_app = trace.iter().rposition(|t| t.starts_with("app")).unwrap();
     assert!(first_web < last_app, "{trace:?}");
-    assert!(sim.c.resume_plan(sim.now, "three-tier").is_err());
+    assert!(
+        sim.c
+            .handle_command(
+                sim.now,
+                Command::ResumePlan {
+                    plan: "three-tier".into()
+                }
+            )
+            .is_err()
+    );
 }
 
 #[test]
@@ -1051,10 +1089,12 @@ fn plan_actions_are_scoped_and_test_failover_leaves_replication_alone() {
     sim.done.clear();
     let job = sim
         .c
-        .start_plan(
+        .handle_command(
             sim.now,
-            "three-tier",
-            PlanFailover::Test(PointChoice::Latest),
+            Command::StartPlan {
+                plan: "three-tier".into(),
+                failover: PlanFailover::Test(PointChoice::Latest),
+            },
         )
         .unwrap();
     sim.run();
@@ -1065,7 +1105,14 @@ fn plan_actions_are_scoped_and_test_failover_leaves_replication_alone() {
             .any(|t| t == "hook stop-app-writes")
     );
     assert_eq!(sim.c.job(&job).unwrap().state, JobState::Suspended);
-    sim.c.resume_plan(sim.now, "three-tier").unwrap();
+    sim.c
+        .handle_command(
+            sim.now,
+            Command::ResumePlan {
+                plan: "three-tier".into(),
+            },
+        )
+        .unwrap();
     sim.run();
     assert_eq!(sim.c.job(&job).unwrap().state, JobState::Succeeded);
     // switch-dns is scoped to planned and unplanned: not run.
@@ -1104,7 +1151,13 @@ fn plan_fails_when_a_hook_or_an_item_fails_and_refuses_bad_plans() {
     ));
     let job = sim
         .c
-        .start_plan(sim.now, "three-tier", PlanFailover::Planned)
+        .handle_command(
+            sim.now,
+            Command::StartPlan {
+                plan: "three-tier".into(),
+                failover: PlanFailover::Planned,
+            },
+        )
         .unwrap();
     sim.run();
     let j = sim.c.job(&job).unwrap();
@@ -1127,7 +1180,14 @@ fn plan_fails_when_a_hook_or_an_item_fails_and_refuses_bad_plans() {
         sim.c.status("app", sim.now).unwrap().state,
         ProtectionState::Resynchronizing
     );
-    sim.c.resume_plan(sim.now, "three-tier").unwrap_err();
+    sim.c
+        .handle_command(
+            sim.now,
+            Command::ResumePlan {
+                plan: "three-tier".into(),
+            },
+        )
+        .unwrap_err();
     let job = through_the_manual_step(&mut sim, PlanFailover::Test(PointChoice::Latest));
     let j = sim.c.job(&job).unwrap();
     assert_eq!(j.state, JobState::Failed, "{j:?}");
@@ -1197,7 +1257,8 @@ fn resync_pauses_resumes_where_it_stopped_and_cancels_to_resync_required() {
 
     // Resume (through the job's allowed action): disk 1 only, then Protected.
     s.crash();
-    s.c.resume_job(s.now, &job).unwrap();
+    s.c.handle_command(s.now, Command::ResumeJob { job: job.clone() })
+        .unwrap();
     s.run();
     assert_eq!(resync_disks(&s.done), [0, 1]);
     assert_eq!(s.status().state, ProtectionState::Protected);
@@ -1209,12 +1270,15 @@ fn resync_pauses_resumes_where_it_stopped_and_cancels_to_resync_required() {
         s.c.handle_command(s.now, Command::Resync { item: "vm".into() })
             .unwrap();
     assert!(s.step() && s.step());
-    s.c.cancel_job(s.now, &job).unwrap();
+    s.c.handle_command(s.now, Command::CancelJob { job: job.clone() })
+        .unwrap();
     s.run();
     assert_eq!(s.status().state, ProtectionState::ResyncRequired);
     assert_eq!(s.c.job(&job).unwrap().state, JobState::Cancelled);
     assert_eq!(s.c.allowed_actions(&job), [JobAction::Restart]);
-    let again = s.c.restart_job(s.now, &job).unwrap();
+    let again =
+        s.c.handle_command(s.now, Command::RestartJob { job: job.clone() })
+            .unwrap();
     s.run();
     assert_ne!(again, job);
     // The disk-1 compare already issued when the cancel came is performed (and ignored);
@@ -1329,14 +1393,27 @@ fn job_actions_follow_the_job_state() {
     let job = s.protect("vm", vec![4 * MIB]);
     assert_eq!(s.c.job(&job).unwrap().state, JobState::Suspended);
     assert_eq!(s.c.allowed_actions(&job), [JobAction::Resume]);
-    assert!(s.c.cancel_job(s.now, &job).is_err());
-    assert!(s.c.restart_job(s.now, &job).is_err());
-    s.c.resume_job(s.now, &job).unwrap();
+    assert!(
+        s.c.handle_command(s.now, Command::CancelJob { job: job.clone() })
+            .is_err()
+    );
+    assert!(
+        s.c.handle_command(s.now, Command::RestartJob { job: job.clone() })
+            .is_err()
+    );
+    s.c.handle_command(s.now, Command::ResumeJob { job: job.clone() })
+        .unwrap();
     s.run();
     assert_eq!(s.c.job(&job).unwrap().state, JobState::Succeeded);
     assert!(s.c.allowed_actions(&job).is_empty());
-    assert!(s.c.resume_job(s.now, &job).is_err());
-    assert!(s.c.restart_job(s.now, &job).is_err());
+    assert!(
+        s.c.handle_command(s.now, Command::ResumeJob { job: job.clone() })
+            .is_err()
+    );
+    assert!(
+        s.c.handle_command(s.now, Command::RestartJob { job: job.clone() })
+            .is_err()
+    );
 }
 
 #[test]

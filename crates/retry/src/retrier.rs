@@ -119,6 +119,28 @@ impl<J: JitterSource> Retrier<J> {
         self.next_at
     }
 
+    /// Whether the work may be tried at `now`: true when no retry is scheduled, or when
+    /// the scheduled one is due, which it then takes ([`Retrier::poll_timeout`] says
+    /// `None` until the next failure).
+    pub fn ready(&mut self, now: Duration) -> bool {
+        match self.next_at {
+            Some(at) if now < at => false,
+            _ => {
+                self.next_at = None;
+                true
+            }
+        }
+    }
+
+    /// An operator's "retry now": a retry scheduled later than `now` is due at `now`
+    /// (the schedule's position is kept, so the next failure waits as long as it would
+    /// have).
+    pub fn expedite(&mut self, now: Duration) {
+        if let Some(at) = self.next_at.as_mut() {
+            *at = (*at).min(now);
+        }
+    }
+
     /// Records a success: the next failure starts the schedule from the beginning.
     pub fn succeeded(&mut self) {
         self.first_failure = None;

@@ -45,6 +45,40 @@ fn poll_timeout_tracks_the_scheduled_retry() {
 }
 
 #[test]
+fn a_due_retry_is_taken_once_and_expedite_brings_it_forward() {
+    let mut r = Retrier::new(Policy::default());
+    let now = Duration::from_secs(7);
+    assert!(r.ready(now), "nothing scheduled: ready");
+    let _ = r.next_delay(now, &Class::Recoverable);
+    assert!(!r.ready(now + MIN / 2), "not due yet");
+    assert_eq!(
+        r.poll_timeout(),
+        Some(now + MIN),
+        "a refusal keeps the schedule"
+    );
+    assert!(r.ready(now + MIN));
+    assert_eq!(r.poll_timeout(), None, "taken: nothing to wake for");
+    // The schedule goes on where it was: the next failure waits twice as long.
+    let _ = r.next_delay(now + MIN, &Class::Recoverable);
+    assert_eq!(r.poll_timeout(), Some(now + MIN * 3));
+    r.expedite(now + MIN);
+    assert_eq!(r.poll_timeout(), Some(now + MIN));
+    assert!(r.ready(now + MIN));
+    let _ = r.next_delay(now + MIN, &Class::Recoverable);
+    assert_eq!(
+        r.poll_timeout(),
+        Some(now + MIN * 5),
+        "expedite kept the position"
+    );
+    r.expedite(now + MIN * 9);
+    assert_eq!(
+        r.poll_timeout(),
+        Some(now + MIN * 5),
+        "never later than scheduled"
+    );
+}
+
+#[test]
 fn success_restarts_the_schedule() {
     let mut r = Retrier::new(Policy::default());
     let _ = delays(&mut r, 4, &Class::Recoverable);

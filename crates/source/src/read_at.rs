@@ -100,20 +100,6 @@ impl<T: ReadAt + ?Sized> ReadAt for &T {
     }
 }
 
-impl<T: ReadAt + ?Sized + Send> ReadAt for Box<T> {
-    fn size(&self) -> io::Result<u64> {
-        (**self).size()
-    }
-
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        (**self).read_exact_at(buf, offset)
-    }
-
-    fn as_slice(&self) -> Option<&[u8]> {
-        (**self).as_slice()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::Write;
@@ -128,8 +114,7 @@ mod tests {
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(&data).unwrap();
         let bytes = Bytes::from(data.clone());
-        let boxed: Box<dyn ReadAt + Send> = Box::new(data.clone());
-        let sources: [&dyn ReadAt; 5] = [&data, &data.as_slice(), &bytes, &file, &boxed];
+        let sources: [&dyn ReadAt; 4] = [&data, &data.as_slice(), &bytes, &file];
         for s in sources {
             assert_eq!(s.size().unwrap(), 1000);
             let mut buf = [0u8; 10];
@@ -145,6 +130,5 @@ mod tests {
         }
         assert!(file.as_slice().is_none());
         assert_eq!(bytes.as_slice(), Some(&data[..]));
-        assert_eq!(ReadAt::as_slice(&boxed), Some(&data[..]));
     }
 }
