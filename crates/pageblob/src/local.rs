@@ -1,6 +1,7 @@
 //! `LocalStore`: page blobs as sparse files in a directory, with copy-on-write snapshots,
 //! documents and leases; safe to share between processes.
 
+use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
 use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
@@ -63,6 +64,19 @@ struct Inner {
     keys: RandomState,
     /// Whether anything is fsynced (always, but in simulations).
     fsync: bool,
+    /// Per blob directory, the state last read or written with the exact bytes of the
+    /// files it came from: a load that reads the same bytes skips parsing them (parsing
+    /// was most of a small page write's cost). Checked against the files on every load,
+    /// so another process's writes are always seen.
+    cache: Mutex<HashMap<PathBuf, Cached>>,
+}
+
+/// A parsed state and the bytes of `state.json` and `live.json` it was parsed from.
+#[derive(Debug)]
+struct Cached {
+    durable: Vec<u8>,
+    live: Option<Vec<u8>>,
+    state: State,
 }
 
 /// The store's lock, held; released on drop.
@@ -168,6 +182,7 @@ impl LocalStore {
                 etags: AtomicU64::new(0),
                 keys: RandomState::new(),
                 fsync,
+                cache: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -239,31 +254,47 @@ impl Inner {
 
     fn load(&self, blob: &str) -> Result<State, StoreError> {
         let dir = self.dir(blob)?;
-        let durable = Self::load_file(blob, &dir.join("state.json"))?;
-        // Page writes since the last sync point, if any. A `live.json` that does not parse
-        // was torn by a power loss: the state as of the sync point holds, as the contract
-        // says (the writer sends again what it has not seen made durable).
-        let live = fs::read(dir.join("live.json"))
-            .ok()
-            .and_then(|t| serde_json::from_slice::<State>(&t).ok())
-            .filter(|l| l.generation > durable.generation);
-        Ok(live.unwrap_or(durable))
-    }
-
-    fn load_file(blob: &str, path: &Path) -> Result<State, StoreError> {
-        let text = match fs::read(path) {
+        let path = dir.join("state.json");
+        let durable = match fs::read(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(StoreError::NotFound {
                     what: blob.to_owned(),
                 });
             }
-            Err(e) => return Err(io_err(path)(e)),
+            Err(e) => return Err(io_err(&path)(e)),
         };
-        serde_json::from_slice(&text).map_err(|e| StoreError::Corrupt {
+        // Page writes since the last sync point, if any.
+        let live = fs::read(dir.join("live.json")).ok();
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cache.get(&dir)
+            && c.durable == durable
+            && c.live == live
+        {
+            return Ok(c.state.clone());
+        }
+        let d: State = serde_json::from_slice(&durable).map_err(|e| StoreError::Corrupt {
             path: path.display().to_string(),
             reason: e.to_string(),
-        })
+        })?;
+        // A `live.json` that does not parse was torn by a power loss: the state as of the
+        // sync point holds, as the contract says (the writer sends again what it has not
+        // seen made durable).
+        let st = live
+            .as_deref()
+            .and_then(|t| serde_json::from_slice::<State>(t).ok())
+            .filter(|l| l.generation > d.generation)
+            .unwrap_or(d);
+        let state = st.clone();
+        cache.insert(
+            dir,
+            Cached {
+                durable,
+                live,
+                state,
+            },
+        );
+        Ok(st)
     }
 
     /// Loads a page blob (a document is not one).
@@ -323,6 +354,23 @@ impl Inner {
                 }
                 _ => {}
             }
+        }
+        // The files now hold `bytes`: what the next load will read, unless another
+        // process writes first (then the bytes differ and the files are parsed).
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if durable {
+            let (live, state) = (None, st.clone());
+            cache.insert(
+                dir,
+                Cached {
+                    durable: bytes,
+                    live,
+                    state,
+                },
+            );
+        } else if let Some(c) = cache.get_mut(&dir) {
+            c.live = Some(bytes);
+            c.state = st.clone();
         }
         Ok(())
     }

@@ -1094,6 +1094,45 @@ async fn replica_digests_save_writes_only_the_touched_slots() {
     assert!(s.inner().properties(&digests_blob("d")).await.is_ok());
 }
 
+/// Two stores on one root (as two processes) writing pages of one blob in turn, each with
+/// the state it last saw cached: every write and every sequence number of the other is
+/// seen, whether the other's last step was a page write (`live.json`) or a sync point.
+#[tokio::test]
+async fn local_stores_sharing_a_root_see_each_others_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        LocalStore::open(dir.path()).unwrap(),
+        LocalStore::open(dir.path()).unwrap(),
+    );
+    a.create("d", 64 * 512, 0, &Default::default())
+        .await
+        .unwrap();
+    let page = Bytes::from(vec![7u8; 512]);
+    let crc = lifeboat_pageblob::crc64(&page);
+    let mut seq = 0;
+    for i in 0..32u64 {
+        let (me, other) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        // A page write alone changes only `live.json`; every third step also moves the
+        // sequence number, every fifth makes a sync point.
+        let cond = Condition::sequence_number(seq);
+        me.write_pages("d", i * 1024, page.clone(), crc, cond)
+            .await
+            .unwrap();
+        let seen = other.page_ranges("d", None).await.unwrap();
+        assert_eq!(seen.len() as u64, i + 1, "after write {i}: {seen:?}");
+        if i % 3 == 0 {
+            seq += 1;
+            me.set_sequence_number("d", seq, Condition::default())
+                .await
+                .unwrap();
+        }
+        if i % 5 == 0 {
+            me.sync("d").await.unwrap();
+        }
+        assert_eq!(other.properties("d").await.unwrap().sequence_number, seq);
+    }
+}
+
 /// Two processes sharing one embedded store (each with its own handle, hence its own OS
 /// lock): of many writers replacing the same version of a document at once, exactly one
 /// wins, and no write is torn.
