@@ -75,16 +75,24 @@ impl Credential {
     /// identity set up as managed identity): the production credential for an agent that
     /// runs in Azure. Tokens are fetched and refreshed by `azure_identity`.
     pub fn managed_identity() -> Result<Self, StoreError> {
-        let c = azure_identity::ManagedIdentityCredential::new(None)
-            .map_err(|e| StoreError::Invalid(format!("managed identity: {e}")))?;
+        let c = azure_identity::ManagedIdentityCredential::new(None).map_err(|e| {
+            StoreError::Config {
+                what: "managed identity",
+                detail: e.to_string(),
+            }
+        })?;
         Ok(Credential::Token(c))
     }
 
     /// The Azure CLI or Azure Developer CLI sign-in of the current user (`az login`), for
     /// tools run from a workstation.
     pub fn developer_tools() -> Result<Self, StoreError> {
-        let c = azure_identity::DeveloperToolsCredential::new(None)
-            .map_err(|e| StoreError::Invalid(format!("developer tools credential: {e}")))?;
+        let c = azure_identity::DeveloperToolsCredential::new(None).map_err(|e| {
+            StoreError::Config {
+                what: "developer tools credential",
+                detail: e.to_string(),
+            }
+        })?;
         Ok(Credential::Token(c))
     }
 }
@@ -101,11 +109,14 @@ pub const AZURITE_KEY: &str =
 pub fn account_sas(account: &str, key_b64: &str, expiry: &str) -> Result<String, StoreError> {
     let (sp, ss, srt, spr, sv) = ("racwdlup", "b", "sco", "https,http", "2022-11-02");
     let sts = format!("{account}\n{sp}\n{ss}\n{srt}\n\n{expiry}\n\n{spr}\n{sv}\n\n");
-    let key = B64
-        .decode(key_b64.trim())
-        .map_err(|e| StoreError::Invalid(format!("account key is not base64: {e}")))?;
-    let mut mac =
-        Hmac::<Sha256>::new_from_slice(&key).map_err(|e| StoreError::Invalid(e.to_string()))?;
+    let key = B64.decode(key_b64.trim()).map_err(|e| StoreError::Config {
+        what: "account key",
+        detail: format!("not base64: {e}"),
+    })?;
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).map_err(|e| StoreError::Config {
+        what: "account key",
+        detail: e.to_string(),
+    })?;
     mac.update(sts.as_bytes());
     let sig = B64.encode(mac.finalize().into_bytes());
     let enc = |s: &str| -> String {
@@ -158,9 +169,11 @@ impl AzureStore {
         credential: Credential,
         transport: Option<Transport>,
     ) -> Result<Self, StoreError> {
-        let url = Url::parse(container_url.trim_end_matches('/')).map_err(|e| {
-            StoreError::Invalid(format!("container URL: {}", redact(&e.to_string())))
-        })?;
+        let url =
+            Url::parse(container_url.trim_end_matches('/')).map_err(|e| StoreError::Config {
+                what: "container URL",
+                detail: redact(&e.to_string()),
+            })?;
         let loopback = url.host_str().is_some_and(|h| {
             h == "localhost"
                 || h.trim_start_matches('[')
@@ -169,10 +182,13 @@ impl AzureStore {
                     .is_ok_and(|ip| ip.is_loopback())
         });
         if url.scheme() != "https" && !(url.scheme() == "http" && loopback) {
-            return Err(StoreError::Invalid(format!(
-                "container URL {}: use https (plain http only for an emulator on this machine)",
-                redact(url.as_str())
-            )));
+            return Err(StoreError::Config {
+                what: "container URL",
+                detail: format!(
+                    "{}: use https (plain http only for an emulator on this machine)",
+                    redact(url.as_str())
+                ),
+            });
         }
         let mut options = ClientOptions {
             retry: RetryOptions::none(),
@@ -181,9 +197,10 @@ impl AzureStore {
         };
         let token = match credential {
             Credential::SharedKey { account, key } => {
-                let key = B64
-                    .decode(key.trim())
-                    .map_err(|e| StoreError::Invalid(format!("account key is not base64: {e}")))?;
+                let key = B64.decode(key.trim()).map_err(|e| StoreError::Config {
+                    what: "account key",
+                    detail: format!("not base64: {e}"),
+                })?;
                 options
                     .per_try_policies
                     .push(Arc::new(SharedKeyPolicy { account, key }));
@@ -648,7 +665,7 @@ impl PageStore for AzureStore {
             .map_err(|e| from_azure(e, blob))?;
         r.snapshot()
             .map_err(|e| from_azure(e, blob))?
-            .ok_or_else(|| StoreError::Invalid("snapshot response without x-ms-snapshot".into()))
+            .ok_or_else(|| StoreError::Protocol("a snapshot response without x-ms-snapshot".into()))
     }
 
     async fn snapshots(&self, blob: &str) -> Result<Vec<String>, StoreError> {

@@ -532,7 +532,9 @@ async fn documents(s: &dyn PageStore, prefix: &str) -> Result<(), String> {
     }
     expect_err!(
         s.get_doc("bad//name").await,
-        StoreError::Invalid(_) | StoreError::Http { status: 400, .. } | StoreError::NotFound { .. },
+        StoreError::BadName { .. }
+            | StoreError::Http { status: 400, .. }
+            | StoreError::NotFound { .. },
         "a malformed name"
     );
     s.delete(&doc, Condition::lease(lease))

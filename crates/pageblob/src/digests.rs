@@ -157,7 +157,10 @@ impl ReplicaDigests {
     fn set(&mut self, block: u64, d: Digest) -> Result<(), StoreError> {
         self.signature
             .set_digest(block, d)
-            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+            .map_err(|e| StoreError::Corrupt {
+                path: "replica digests".into(),
+                reason: e.to_string(),
+            })?;
         if let Some(dirty) = &mut self.dirty {
             dirty.insert(block);
         }

@@ -127,9 +127,44 @@ pub enum StoreError {
         /// What is wrong.
         reason: String,
     },
-    /// An argument the caller should not have passed (a bad blob name, a bad size).
-    #[error("invalid argument: {0}")]
-    Invalid(String),
+    /// A blob name the store does not take.
+    #[error("blob name {name:?}: {why}")]
+    BadName {
+        /// The name.
+        name: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// A lease id that is not a GUID.
+    #[error("{0:?} is not a lease id (a GUID)")]
+    BadLeaseId(String),
+    /// A page operation on a document, or a document operation on a page blob.
+    #[error("{name} is not a {expected}")]
+    WrongKind {
+        /// The blob.
+        name: String,
+        /// What the operation needs: "page blob" or "document".
+        expected: &'static str,
+    },
+    /// Snapshots named in the wrong order (the earlier one after the later one).
+    #[error("snapshot {prev} is newer than snapshot {snapshot}")]
+    SnapshotOrder {
+        /// The one given as earlier.
+        prev: String,
+        /// The one given as later (`current` for the blob itself).
+        snapshot: String,
+    },
+    /// The store's settings are unusable: its URL, a key, a credential.
+    #[error("{what}: {detail}")]
+    Config {
+        /// Which setting.
+        what: &'static str,
+        /// What is wrong (secrets redacted).
+        detail: String,
+    },
+    /// The service answered without what the protocol requires of it.
+    #[error("the service broke the protocol: {0}")]
+    Protocol(String),
 }
 
 /// Why a service could not be reached ([`StoreError::Unreachable`]).
@@ -206,7 +241,10 @@ impl StoreError {
             StoreError::NotFound { .. } => 404,
             StoreError::AlreadyExists { .. } => 409,
             StoreError::Misaligned { .. } | StoreError::ChecksumMismatch { .. } => 400,
-            StoreError::Invalid(_) => 400,
+            StoreError::BadName { .. }
+            | StoreError::BadLeaseId(_)
+            | StoreError::WrongKind { .. }
+            | StoreError::SnapshotOrder { .. } => 400,
             StoreError::TooLarge { .. } => 413,
             StoreError::OutOfRange { .. } => 416,
             StoreError::ConditionFailed { .. }
@@ -217,7 +255,9 @@ impl StoreError {
             StoreError::Io { .. }
             | StoreError::Corrupt { .. }
             | StoreError::Unreachable { .. }
-            | StoreError::Client(_) => return None,
+            | StoreError::Client(_)
+            | StoreError::Config { .. }
+            | StoreError::Protocol(_) => return None,
         })
     }
 }
@@ -226,7 +266,10 @@ impl Classify for StoreError {
     fn class(&self) -> Class {
         match self {
             StoreError::Io { source, .. } => classify_io_kind(source.kind()),
-            StoreError::Corrupt { .. } | StoreError::Client(_) => Class::NonRecoverable,
+            StoreError::Corrupt { .. }
+            | StoreError::Client(_)
+            | StoreError::Config { .. }
+            | StoreError::Protocol(_) => Class::NonRecoverable,
             // A misconfigured endpoint does not heal; everything else on the way may.
             StoreError::Unreachable { why, .. } => match why {
                 Unreachable::Tls => Class::NonRecoverable,

@@ -238,9 +238,10 @@ impl Inner {
         check_blob_name(blob)?;
         let name = blob.replace('/', "%");
         if name.len() > 255 {
-            return Err(StoreError::Invalid(format!(
-                "blob name {blob:?} is too long for the local store"
-            )));
+            return Err(StoreError::BadName {
+                name: blob.to_owned(),
+                why: "too long for the local store (255 bytes at most)",
+            });
         }
         Ok(self.root.join(name))
     }
@@ -301,7 +302,10 @@ impl Inner {
     fn load_page(&self, blob: &str) -> Result<State, StoreError> {
         let st = self.load(blob)?;
         if st.kind != Kind::Page {
-            return Err(StoreError::Invalid(format!("{blob} is not a page blob")));
+            return Err(StoreError::WrongKind {
+                name: blob.to_owned(),
+                expected: "page blob",
+            });
         }
         Ok(st)
     }
@@ -334,8 +338,10 @@ impl Inner {
     fn replace_state(&self, blob: &str, st: &mut State, durable: bool) -> Result<(), StoreError> {
         let dir = self.dir(blob)?;
         st.generation += 1;
-        let bytes = serde_json::to_vec(&*st)
-            .map_err(|e| StoreError::Invalid(format!("state does not serialise: {e}")))?;
+        let bytes = serde_json::to_vec(&*st).map_err(|e| StoreError::Corrupt {
+            path: dir.join("state.json").display().to_string(),
+            reason: format!("the state does not serialise: {e}"),
+        })?;
         let name = if durable { "state.json" } else { "live.json" };
         if durable && self.fsync {
             write_atomic(&dir, name, &bytes)?;
@@ -649,9 +655,10 @@ impl Inner {
             None => st.snapshots.len(),
         };
         if s < p {
-            return Err(StoreError::Invalid(
-                "prev snapshot is newer than snapshot".into(),
-            ));
+            return Err(StoreError::SnapshotOrder {
+                prev: prev.to_owned(),
+                snapshot: snapshot.unwrap_or("current").to_owned(),
+            });
         }
         let mut out: Vec<Range<u64>> = st.snapshots[p..s]
             .iter()
@@ -805,10 +812,10 @@ impl Inner {
             Err(StoreError::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e),
         };
-        let text = st
-            .doc
-            .as_deref()
-            .ok_or_else(|| StoreError::Invalid(format!("{name} is not a document")))?;
+        let text = st.doc.as_deref().ok_or_else(|| StoreError::WrongKind {
+            name: name.to_owned(),
+            expected: "document",
+        })?;
         let data = B64.decode(text).map_err(|e| StoreError::Corrupt {
             path: name.to_owned(),
             reason: e.to_string(),
@@ -835,7 +842,10 @@ impl Inner {
             (Ok(st), Expect::Version(v)) if st.etag != v.0 => return Err(changed()),
             (Ok(st), Expect::Version(_)) => {
                 if st.kind != Kind::Doc {
-                    return Err(StoreError::Invalid(format!("{name} is not a document")));
+                    return Err(StoreError::WrongKind {
+                        name: name.to_owned(),
+                        expected: "document",
+                    });
                 }
                 Self::check_lease(&st, name, lease)?;
                 st

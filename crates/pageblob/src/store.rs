@@ -74,15 +74,13 @@ impl std::str::FromStr for LeaseId {
         let hex: Vec<u8> = s.bytes().filter(|&b| b != b'-').collect();
         let dashes_ok = s.len() == 36 && [8, 13, 18, 23].iter().all(|&i| s.as_bytes()[i] == b'-');
         if hex.len() != 32 || !dashes_ok {
-            return Err(StoreError::Invalid(format!(
-                "{s:?} is not a lease id (a GUID)"
-            )));
+            return Err(StoreError::BadLeaseId(s.to_owned()));
         }
         let mut out = [0u8; 16];
         for (i, pair) in hex.chunks(2).enumerate() {
             let text = std::str::from_utf8(pair).unwrap_or("");
-            out[i] = u8::from_str_radix(text, 16)
-                .map_err(|_| StoreError::Invalid(format!("{s:?} is not a lease id (a GUID)")))?;
+            out[i] =
+                u8::from_str_radix(text, 16).map_err(|_| StoreError::BadLeaseId(s.to_owned()))?;
         }
         Ok(LeaseId(out))
     }
@@ -380,8 +378,9 @@ pub fn check_blob_name(name: &str) -> Result<(), StoreError> {
     if ok {
         Ok(())
     } else {
-        Err(StoreError::Invalid(format!(
-            "blob name {name:?}: use /-separated segments of letters, digits, '-', '_', '.'"
-        )))
+        Err(StoreError::BadName {
+            name: name.to_owned(),
+            why: "use /-separated segments of letters, digits, '-', '_', '.'",
+        })
     }
 }

@@ -354,11 +354,16 @@ impl PageWriter {
 async fn join_one(tasks: &mut JoinSet<Result<(), WriteError>>, seq: u64) -> Result<(), WriteError> {
     match tasks.join_next().await {
         Some(Ok(r)) => r,
-        Some(Err(e)) => Err(WriteError::Store {
-            what: format!("request task of batch {seq}"),
-            attempts: 0,
-            source: StoreError::Invalid(e.to_string()),
-        }),
+        // A panic in a request is a bug: it goes on panicking here. A task is otherwise
+        // cancelled only when the runtime shuts down.
+        Some(Err(e)) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => Err(WriteError::Store {
+                what: format!("request task of batch {seq}"),
+                attempts: 0,
+                source: StoreError::Client(e.to_string()),
+            }),
+        },
         None => Ok(()),
     }
 }

@@ -101,7 +101,7 @@ async fn local_store_state_survives_reopen_and_snapshots_copy_nothing() {
     assert_eq!(s.read("d", None, 0, 512).await.unwrap()[..], [9u8; 512]);
     assert!(matches!(
         s.create("../escape", 512, 0, &Default::default()).await,
-        Err(lifeboat_pageblob::StoreError::Invalid(_))
+        Err(lifeboat_pageblob::StoreError::BadName { .. })
     ));
 }
 
@@ -1189,7 +1189,7 @@ async fn azure_store_requires_https_but_for_this_machine() {
     ] {
         let r = AzureStore::new(url, Credential::Sas);
         assert!(
-            matches!(&r, Err(lifeboat_pageblob::StoreError::Invalid(m)) if m.contains("https")),
+            matches!(&r, Err(lifeboat_pageblob::StoreError::Config { what: "container URL", detail }) if detail.contains("https")),
             "{url}: {r:?}"
         );
     }
