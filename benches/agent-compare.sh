@@ -3,6 +3,11 @@
 #   initial replication:  `lifeboat protect`  vs  `cp --sparse=always` + `sync -f` of the disk
 #   disk use after it:    the embedded store  vs  the sparse copy
 #   resync after 1 %:     `lifeboat resync`   vs  `rsync --inplace --no-whole-file --ignore-times`
+#   local diff:           `lifeboat diff A B` vs  reading A and B with two readers (the floor)
+#   signature hashing:    BLAKE3 signatures of A and B (both cores) vs `b3sum --num-threads 2`
+#   applying logs:        `lifeboat replicate` of logged writes (a quarter of the disk, in
+#                         four chained logs) vs `lifeboat hrl apply` of the same logs onto
+#                         a raw copy of the replica
 # The disk (default 1 GiB) is half random data, half zero regions. For the resync, 1 % of
 # the 64 KiB blocks are rewritten, then rewritten back, alternately: every timed run of
 # either tool has 1 % to send. Results are checked (the replica's test-failover export and
@@ -16,10 +21,14 @@ cd "$(dirname "$0")/.."
 SIZE_MIB=${1:-1024}
 WORK=${2:-$(mktemp -d /tmp/agent-compare.XXXXXX)}
 RUNS=3
-command -v rsync >/dev/null 2>&1 || { apt-get update -qq >/dev/null && apt-get install -y -qq rsync >/dev/null; }
+if ! command -v rsync >/dev/null 2>&1 || ! command -v b3sum >/dev/null 2>&1; then
+  apt-get update -qq >/dev/null && apt-get install -y -qq rsync b3sum >/dev/null
+fi
 
 cargo build --release --locked -q -p lifeboat-agent
+cargo build --release --locked -q -p lifeboat-benches --bin resync-bench
 LB=$PWD/target/release/lifeboat
+RB=$PWD/target/release/resync-bench
 cd "$WORK"
 
 python3 - "$SIZE_MIB" <<'PY'
@@ -94,8 +103,45 @@ t_resync=$(best "flip" "$LB" --site site resync vm)
 cmp disk.raw tf/disk0.raw
 "$LB" --site site test-failover-cleanup vm >/dev/null
 
-printf '\n%-34s %10s %10s %8s\n' "operation (${SIZE_MIB} MiB)" "lifeboat" "peer" "ratio"
-printf '%-34s %9.2fs %9.2fs %7.2fx\n' "initial copy (protect / cp)" "$t_protect" "$t_cp" "$(echo "$t_protect / $t_cp" | bc -l)"
-printf '%-34s %9.2fs %9.2fs %7.2fx\n' "1 % resync (resync / rsync)" "$t_resync" "$t_rsync" "$(echo "$t_resync / $t_rsync" | bc -l)"
-printf '%-34s %8.0fM %8.0fM %7.2fx\n' "disk use (store / sparse copy)" "$(echo "$used_store / 1048576" | bc -l)" "$(echo "$used_data / 1048576" | bc -l)" "$(echo "$used_store / $used_data" | bc -l)"
+echo "== local diff and signatures" >&2
+cp --sparse=never disk.raw other.raw
+python3 - <<'PY'
+import os
+blocks = [int(x) for x in open("changes").read().split()]
+with open("other.raw", "r+b") as f:
+    for b in blocks:
+        f.seek(b * 65536); f.write(os.urandom(65536))
+PY
+cat other.raw > /dev/null
+t_floor=$(best : sh -c "cat disk.raw > /dev/null & cat other.raw > /dev/null; wait")
+t_diff=$(best : "$LB" diff disk.raw other.raw)
+t_b3=$(best : b3sum --num-threads 2 disk.raw other.raw)
+t_sig=$(best : "$RB" signature disk.raw other.raw)
+
+echo "== applying logged writes" >&2
+# The replica as it stands (the disk as protected), then a quarter of the disk written in
+# 64 KiB writes, in four chained logs (each under half the disk: no resync).
+"$LB" --site site test-failover vm --out base >/dev/null
+cp --sparse=always base/disk0.raw base.raw   # the clean-up deletes the test disks
+"$LB" --site site test-failover-cleanup vm >/dev/null
+writes=$(( SIZE_MIB * 16 / 4 / 4 ))
+for i in 1 2 3 4; do
+  "$LB" --site site guest-write vm --disk 0 --log "l$i.hrl" --writes "$writes" --size 64K --seed "$i" >/dev/null
+done
+logged=$(( writes * 4 * 64 / 1024 ))
+rm -rf site.before && cp -a site site.before
+t_hrl=$(best "cp --sparse=always base.raw applied.raw" "$LB" hrl apply --disk applied.raw l1.hrl l2.hrl l3.hrl l4.hrl)
+cmp disk.raw applied.raw
+t_repl=$(best "rm -rf site && cp -a site.before site" "$LB" --site site replicate vm --log 0=l1.hrl --log 0=l2.hrl --log 0=l3.hrl --log 0=l4.hrl)
+"$LB" --site site test-failover vm --out tf2 >/dev/null
+cmp disk.raw tf2/disk0.raw
+
+printf '\n%-38s %10s %10s %8s\n' "operation (${SIZE_MIB} MiB)" "lifeboat" "peer" "ratio"
+row() { printf '%-38s %9.2fs %9.2fs %7.2fx\n' "$1" "$2" "$3" "$(echo "$2 / $3" | bc -l)"; }
+row "initial copy (protect / cp+sync)" "$t_protect" "$t_cp"
+row "1 % resync (resync / rsync)" "$t_resync" "$t_rsync"
+row "local diff (diff / two readers)" "$t_diff" "$t_floor"
+row "signatures (BLAKE3 / b3sum -j2)" "$t_sig" "$t_b3"
+row "${logged} MiB of logs (replicate / hrl apply)" "$t_repl" "$t_hrl"
+printf '%-38s %8.0fM %8.0fM %7.2fx\n' "disk use (store / sparse copy)" "$(echo "$used_store / 1048576" | bc -l)" "$(echo "$used_data / 1048576" | bc -l)" "$(echo "$used_store / $used_data" | bc -l)"
 echo "($(nproc) cores)"

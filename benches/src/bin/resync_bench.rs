@@ -7,6 +7,8 @@
 //!                                               (its side), diff SOURCE against it (ours)
 //! resync-bench remote-memory SOURCE TARGET       the same with the signature held in memory
 //! resync-bench tree   SOURCE TARGET             hash both, run the hash-tree exchange
+//! resync-bench signature FILE...                 the signatures of the files (what b3sum
+//!                                               of the same files is compared with)
 //! ```
 //! Prints one line of `key=value` counters.
 
@@ -32,6 +34,15 @@ fn main() -> ExitCode {
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [mode, files @ ..] = args.as_slice()
+        && mode == "signature"
+    {
+        for f in files {
+            let sig = Signature::compute(&File::open(f)?, BlockSize::DEFAULT)?;
+            println!("{f} blocks={}", sig.digests().len());
+        }
+        return Ok(());
+    }
     let (mode, src, tgt) = match args.as_slice() {
         [m, s, t, ..] => (m.as_str(), s, t),
         _ => {

@@ -467,7 +467,10 @@ impl Inner {
             .mode(0o600)
             .open(&snap_path)
             .map_err(io_err(&snap_path))?;
-        let mut buf = vec![0u8; MAX_PUT as usize];
+        // As large as the largest piece to copy (a 4 MiB zeroed buffer per small write
+        // was most of a scattered write's system time: page faults).
+        let largest = missing.iter().map(|r| r.end - r.start).max().unwrap_or(0);
+        let mut buf = vec![0u8; largest.min(MAX_PUT) as usize];
         for r in &missing {
             let mut at = r.start;
             while at < r.end {
