@@ -53,6 +53,13 @@ struct Sim {
 }
 
 impl Sim {
+    /// Resumes the three-tier plan (it waits for a manual action).
+    fn resume_plan(&mut self) -> Result<JobId, OpError> {
+        let plan = "three-tier".into();
+        self.c
+            .handle_command(self.now, Command::ResumePlan { plan })
+    }
+
     fn new() -> Self {
         Sim {
             c: Coordinator::new(),
@@ -977,14 +984,7 @@ fn through_the_manual_step(sim: &mut Sim, failover: PlanFailover) -> JobId {
         )
         .unwrap();
     sim.run();
-    sim.c
-        .handle_command(
-            sim.now,
-            Command::ResumePlan {
-                plan: "three-tier".into(),
-            },
-        )
-        .unwrap();
+    sim.resume_plan().unwrap();
     sim.run();
     job
 }
@@ -1043,14 +1043,7 @@ fn plan_runs_groups_in_order_with_hooks_and_a_manual_step() {
 
     // Resumed: group 2 fails over (app and web interleaved), then its post hook.
     sim.crash();
-    sim.c
-        .handle_command(
-            sim.now,
-            Command::ResumePlan {
-                plan: "three-tier".into(),
-            },
-        )
-        .unwrap();
+    sim.resume_plan().unwrap();
     sim.run();
     let j = sim.c.job(&job).unwrap();
     assert_eq!(j.state, JobState::Succeeded, "{j:?}");
@@ -1105,14 +1098,7 @@ fn plan_actions_are_scoped_and_test_failover_leaves_replication_alone() {
             .any(|t| t == "hook stop-app-writes")
     );
     assert_eq!(sim.c.job(&job).unwrap().state, JobState::Suspended);
-    sim.c
-        .handle_command(
-            sim.now,
-            Command::ResumePlan {
-                plan: "three-tier".into(),
-            },
-        )
-        .unwrap();
+    sim.resume_plan().unwrap();
     sim.run();
     assert_eq!(sim.c.job(&job).unwrap().state, JobState::Succeeded);
     // switch-dns is scoped to planned and unplanned: not run.
@@ -1180,14 +1166,7 @@ fn plan_fails_when_a_hook_or_an_item_fails_and_refuses_bad_plans() {
         sim.c.status("app", sim.now).unwrap().state,
         ProtectionState::Resynchronizing
     );
-    sim.c
-        .handle_command(
-            sim.now,
-            Command::ResumePlan {
-                plan: "three-tier".into(),
-            },
-        )
-        .unwrap_err();
+    sim.resume_plan().unwrap_err();
     let job = through_the_manual_step(&mut sim, PlanFailover::Test(PointChoice::Latest));
     let j = sim.c.job(&job).unwrap();
     assert_eq!(j.state, JobState::Failed, "{j:?}");
