@@ -337,7 +337,7 @@ impl Engine {
                     self.digests
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .insert(blob, digests);
+                        .put(blob, digests);
                 }
                 return Err(e.into());
             }
@@ -361,7 +361,7 @@ impl Engine {
         self.digests
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(blob, digests);
+            .put(blob, digests);
         Ok(Some(report))
     }
 
@@ -379,7 +379,7 @@ impl Engine {
             .digests
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(blob);
+            .take(blob);
         Ok(match cached {
             Some(d) if d.sequence_number() == seq => d,
             _ => match ReplicaDigests::load(&*self.store, blob).await? {
@@ -564,7 +564,7 @@ impl Engine {
         self.digests
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(blob, digests);
+            .put(blob, digests);
         let mut report = SyncReport {
             blocks_compared: delta.blocks_compared,
             ..SyncReport::default()
@@ -664,7 +664,7 @@ impl Engine {
         self.digests
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(blob);
+            .take(blob);
     }
 
     pub(crate) async fn delete_point(&mut self, name: &str, point: PointId) -> Result<()> {

@@ -6,9 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lifeboat_pageblob::{
-    Condition, ETag, Expect, LeaseId, PageStore, ReplicaDigests, StoreError, WriterConfig,
-};
+use lifeboat_pageblob::{Condition, ETag, Expect, LeaseId, PageStore, StoreError, WriterConfig};
 use lifeboat_replication::{
     Command, Coordinator, HealthCause, ItemStatus, Job, JobAction, JobId, JobState, Outcome,
     PlanFailover, PlanRecord, PointChoice, ProtectionState, RecoveryPlan, ReplicationPolicy,
@@ -17,6 +15,7 @@ use lifeboat_resync::BlockSize;
 use lifeboat_retry::Classify;
 
 use crate::catalog::{self, Disk, Export, Item, Materialized, PlanDoc, SCHEMA, Tracking};
+use crate::digest_cache::DigestCache;
 use crate::error::{Error, Result, blocking};
 use crate::host::{Clock, FileHost, Host, SystemClock};
 use crate::site::Site;
@@ -186,6 +185,7 @@ pub struct EngineBuilder {
     on_wait: Option<Box<dyn Fn() + Send + Sync>>,
     crash_after: Option<u64>,
     writer: WriterConfig,
+    digest_budget: usize,
 }
 
 impl std::fmt::Debug for EngineBuilder {
@@ -226,6 +226,14 @@ impl EngineBuilder {
     /// (the state machine owns the long schedule), a bandwidth limit.
     pub fn writer(mut self, config: WriterConfig) -> Self {
         self.writer = config;
+        self
+    }
+
+    /// How much memory replica digests may keep between batches (default 256 MiB: about
+    /// half a TiB of replicas). Past it the least recently used are dropped and read back
+    /// from the store when next needed.
+    pub fn digest_memory(mut self, bytes: usize) -> Self {
+        self.digest_budget = bytes;
         self
     }
 
@@ -271,7 +279,7 @@ impl EngineBuilder {
             behind: false,
             crash_after: self.crash_after,
             writer: self.writer,
-            digests: Mutex::default(),
+            digests: Mutex::new(DigestCache::with_budget(self.digest_budget)),
         };
         e.generation = e.site.generation();
         e.load().await?;
@@ -308,8 +316,8 @@ pub struct Engine {
     behind: bool,
     crash_after: Option<u64>,
     pub(crate) writer: WriterConfig,
-    /// Replica digests as last saved, by blob.
-    pub(crate) digests: Mutex<HashMap<String, ReplicaDigests>>,
+    /// Replica digests as last saved, by blob, within a memory budget.
+    pub(crate) digests: Mutex<DigestCache>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -334,6 +342,7 @@ impl Engine {
             on_wait: None,
             crash_after: None,
             writer: WriterConfig::default(),
+            digest_budget: crate::digest_cache::DEFAULT_BUDGET,
         }
     }
 

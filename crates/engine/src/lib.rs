@@ -106,6 +106,7 @@ pub use crate::{
 mod actions;
 pub mod catalog;
 mod data;
+mod digest_cache;
 mod engine;
 mod error;
 mod host;

@@ -11,7 +11,7 @@ use lifeboat_replication::{
     Command, HealthCause, PointId, ProtectionState, ReplicationPolicy, ResyncReason,
 };
 
-use crate::{Clock, Engine, Error, Export, Failover, MemoryHost, Replicated};
+use crate::{Clock, Engine, Error, Export, Failover, MemoryHost, Replicated, Verified};
 
 /// A clock the test moves.
 #[derive(Debug, Default)]
@@ -551,6 +551,41 @@ async fn logs_are_taken_in_chain_order() {
         e.replicate("vm", &[(0, l1)], false).await.unwrap(),
         Replicated::Nothing
     );
+}
+
+/// With room for one item's digests, two items replicate in turn: each batch reads back
+/// the digests the other evicted, the memory held stays within one item's, and the
+/// digests stay right (a verify against the source finds nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn digests_held_in_memory_stay_within_their_budget() {
+    let w = World::new();
+    w.host.add_disk("vm2/d0", vec![0u8; 2 << 20]);
+    let mut e = Engine::builder(w.store.clone(), w.dir.path().join("a"))
+        .host(w.host.clone())
+        .clock(w.clock.clone())
+        .digest_memory(1)
+        .open()
+        .await
+        .unwrap();
+    e.protect("vm", &[PathBuf::from("vm/d0")], policy(), 64 << 10)
+        .await
+        .unwrap();
+    e.protect("vm2", &[PathBuf::from("vm2/d0")], policy(), 64 << 10)
+        .await
+        .unwrap();
+    let one = e.digests.lock().unwrap().bytes();
+    assert!(one > 0, "the last item's digests are kept");
+    let l1 = w.log(&e, 1, w.chain(&e));
+    assert_eq!(
+        applied(e.replicate("vm", &[(0, l1)], false).await.unwrap()),
+        1
+    );
+    assert_eq!(e.digests.lock().unwrap().bytes(), one, "vm2's were evicted");
+    same(&w.replica_bytes().await, &w.source(), "replica");
+    for item in ["vm", "vm2"] {
+        let v = e.verify(item, None, true).await.unwrap();
+        assert!(v.iter().all(Verified::clean), "{item}: {v:?}");
+    }
 }
 
 /// After a lost log, a resync restarts the chain: the disk takes logs again, and a late
