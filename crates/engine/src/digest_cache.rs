@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 
 use lifeboat_pageblob::ReplicaDigests;
-use lifeboat_resync::Digest;
 
 /// What the engine keeps by default: the digests of about half a TiB of replicas (33
 /// bytes per 64 KiB block). Beyond it the least recently used go, and are read back from
@@ -22,7 +21,7 @@ pub(crate) struct DigestCache {
 
 /// The memory one entry holds (its digests; the rest is small).
 fn size(d: &ReplicaDigests) -> usize {
-    d.signature().digests().len() * std::mem::size_of::<Digest>()
+    std::mem::size_of_val(d.signature().digests())
 }
 
 impl Default for DigestCache {
