@@ -588,6 +588,41 @@ async fn digests_held_in_memory_stay_within_their_budget() {
     }
 }
 
+/// Job actions and plan commands given to `Engine::command` go where they belong: a job
+/// action to the job (an unknown one is said so, not taken for an item), a plan's start
+/// to `start_plan`, which names its outputs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_command_routes_job_and_plan_commands() {
+    use lifeboat_replication::{Command, JobId, PlanFailover};
+
+    let w = World::new();
+    let mut e = protected(&w, "a").await;
+    let done = e.jobs()[0].id.clone();
+    let r = e.command(Command::CancelJob { job: done.clone() }).await;
+    assert!(
+        matches!(&r, Err(Error::Refused(lifeboat_replication::OpError::JobActionRefused { job, .. })) if *job == done),
+        "{r:?}"
+    );
+    let r = e
+        .command(Command::ResumeJob {
+            job: JobId::new("nobody", 1),
+        })
+        .await;
+    assert!(
+        matches!(&r, Err(Error::Invalid(m)) if m.contains("no job nobody#1")),
+        "{r:?}"
+    );
+    let start = Command::StartPlan {
+        plan: "p".into(),
+        failover: PlanFailover::Planned,
+    };
+    let r = e.command(start).await;
+    assert!(
+        matches!(&r, Err(Error::Invalid(m)) if m.contains("start_plan")),
+        "{r:?}"
+    );
+}
+
 /// After a lost log, a resync restarts the chain: the disk takes logs again, and a late
 /// log of the old chain (covered by the resync) is skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
