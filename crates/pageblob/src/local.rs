@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::StoreError;
 use crate::store::{
     Condition, Doc, ETag, Expect, LeaseId, LeaseState, MAX_PUT, Metadata, PageStore, Properties,
-    check_blob_name, check_pages, check_size, crc64, merge_ranges,
+    check_blob_name, check_pages, check_size, crc64, merge_ranges, unless_panic,
 };
 
 /// The embedded default store: one directory per blob under a root (a `/` in a blob name
@@ -216,10 +216,9 @@ impl LocalStore {
         let blob = blob.to_owned();
         match tokio::task::spawn_blocking(move || f(&inner, &blob)).await {
             Ok(r) => r,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(e) => Err(StoreError::Io {
                 path: self.inner.root.display().to_string(),
-                source: io::Error::other(format!("store task cancelled: {e}")),
+                source: io::Error::other(format!("store task cancelled: {}", unless_panic(e))),
             }),
         }
     }
@@ -743,6 +742,11 @@ impl Inner {
         // Remove the state first: a crash part-way leaves no half-visible blob.
         let state = dir.join("state.json");
         fs::remove_file(&state).map_err(io_err(&state))?;
+        // Its cached state goes with it (a service deletes and makes many test disks).
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&dir);
         fs::remove_dir_all(&dir).map_err(io_err(&dir))
     }
 

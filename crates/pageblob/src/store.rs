@@ -384,3 +384,13 @@ pub fn check_blob_name(name: &str) -> Result<(), StoreError> {
         })
     }
 }
+
+/// A task that did not finish: a panic in it goes on panicking here (a bug is not an
+/// error to retry); otherwise it was cancelled (the runtime shutting down), and that is
+/// returned for the caller to say.
+pub(crate) fn unless_panic(e: tokio::task::JoinError) -> tokio::task::JoinError {
+    match e.try_into_panic() {
+        Ok(panic) => std::panic::resume_unwind(panic),
+        Err(e) => e,
+    }
+}

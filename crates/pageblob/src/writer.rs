@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::StoreError;
-use crate::store::{Condition, LeaseId, MAX_PUT, PAGE, PageStore, crc64};
+use crate::store::{Condition, LeaseId, MAX_PUT, PAGE, PageStore, crc64, unless_panic};
 
 /// One change to the replica: new bytes, or a range that now reads as zeros.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -354,16 +354,11 @@ impl PageWriter {
 async fn join_one(tasks: &mut JoinSet<Result<(), WriteError>>, seq: u64) -> Result<(), WriteError> {
     match tasks.join_next().await {
         Some(Ok(r)) => r,
-        // A panic in a request is a bug: it goes on panicking here. A task is otherwise
-        // cancelled only when the runtime shuts down.
-        Some(Err(e)) => match e.try_into_panic() {
-            Ok(panic) => std::panic::resume_unwind(panic),
-            Err(e) => Err(WriteError::Store {
-                what: format!("request task of batch {seq}"),
-                attempts: 0,
-                source: StoreError::Client(e.to_string()),
-            }),
-        },
+        Some(Err(e)) => Err(WriteError::Store {
+            what: format!("request task of batch {seq}"),
+            attempts: 0,
+            source: StoreError::Client(unless_panic(e).to_string()),
+        }),
         None => Ok(()),
     }
 }

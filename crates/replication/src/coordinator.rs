@@ -131,12 +131,8 @@ impl Coordinator {
             .find(|(_, it)| it.in_flight.as_ref().is_some_and(|(a, _)| *a == id))
             .map(|(n, _)| n.clone())
             .ok_or(OpError::UnknownAction(id))?;
-        let (_, step) = self
-            .item_mut(&name)
-            .in_flight
-            .take()
-            .ok_or(OpError::UnknownAction(id))?;
         let it = self.item_mut(&name);
+        let (_, step) = it.in_flight.take().ok_or(OpError::UnknownAction(id))?;
         match outcome {
             Outcome::Failed { class, message } => it.on_failed(now, step, class, message),
             Outcome::Done => it.on_done(now, step, Vec::new()),
