@@ -80,13 +80,21 @@ impl Engine {
         logs: &[(usize, PathBuf)],
         app_consistent: bool,
     ) -> Result<Staged> {
-        let doc = self.doc(item)?;
-        let mut disks = doc.disks.clone();
         let mut read: Vec<(usize, PathBuf, Log)> = Vec::new();
         for (d, path) in logs {
-            self.check_log(item, *d, path)?;
-            read.push((*d, path.clone(), data::read_log(path)?));
+            read.push((*d, path.clone(), self.check_log(item, *d, path)?));
         }
+        self.stage_checked(item, read, app_consistent).await
+    }
+
+    /// Stages logs already read and checked ([`Engine::check_log`]): each is read once.
+    async fn stage_checked(
+        &mut self,
+        item: &str,
+        read: Vec<(usize, PathBuf, Log)>,
+        app_consistent: bool,
+    ) -> Result<Staged> {
+        let mut disks = self.doc(item)?.disks.clone();
         let mut out = Staged::default();
         let mut staged = Vec::new();
         for (d, disk) in disks.iter_mut().enumerate() {
@@ -182,14 +190,14 @@ impl Engine {
         let mut refused = Vec::new();
         for (d, path) in closed {
             match self.check_log(item, d, &path) {
-                Ok(()) => valid.push((d, path)),
+                Ok(log) => valid.push((d, path, log)),
                 Err(e) => refused.push((d, path, LogOutcome::Refused(e.to_string()))),
             }
         }
         let mut staged = if valid.is_empty() {
             Staged::default()
         } else {
-            self.stage_logs(item, &valid, app_consistent).await?
+            self.stage_checked(item, valid, app_consistent).await?
         };
         staged.logs.extend(refused);
         let (host, name, report) = (self.host.clone(), item.to_owned(), staged.logs.clone());
@@ -199,8 +207,9 @@ impl Engine {
         Ok(staged)
     }
 
-    /// Checks that a log is a valid MS-HRL log whose writes fit disk `d` of the item.
-    fn check_log(&self, item: &str, d: usize, path: &std::path::Path) -> Result<()> {
+    /// Reads a log, checking that it is a valid MS-HRL log whose writes fit disk `d` of
+    /// the item.
+    fn check_log(&self, item: &str, d: usize, path: &std::path::Path) -> Result<Log> {
         let doc = self.doc(item)?;
         let n = doc.disks.len();
         let disk = doc.disks.get(d).ok_or_else(|| {
@@ -215,7 +224,7 @@ impl Engine {
                 disk.size
             )));
         }
-        Ok(())
+        Ok(log)
     }
 
     /// Copies a log into the site for its cycle.

@@ -276,6 +276,15 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
             .await
     }
 
+    async fn prepare_overwrite(
+        &self,
+        blob: &str,
+        ranges: &[Range<u64>],
+        c: Condition,
+    ) -> Result<(), StoreError> {
+        self.inner.prepare_overwrite(blob, ranges, c).await
+    }
+
     async fn read(
         &self,
         blob: &str,

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
 use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::ops::Range;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
+use journal::{Position, Record};
 use serde::{Deserialize, Serialize};
 
 use crate::StoreError;
@@ -23,6 +24,8 @@ use crate::store::{
     Condition, Doc, ETag, Expect, LeaseId, LeaseState, MAX_PUT, Metadata, PageStore, Properties,
     check_blob_name, check_pages, check_size, crc64, merge_ranges, unless_panic,
 };
+
+mod journal;
 
 /// The embedded default store: one directory per blob under a root (a `/` in a blob name
 /// is `%` in the directory's), holding
@@ -32,15 +35,18 @@ use crate::store::{
 ///   a snapshot, the page's old bytes are copied here, so taking a snapshot copies nothing;
 /// - `state.json`: size, sequence number, metadata, lease, entity tag, allocated ranges and
 ///   snapshots (a document's bytes too), replaced atomically (write, fsync, rename, fsync
-///   the directory);
-/// - `live.json`: the state after page writes since the last sync point, replaced by a
-///   rename without an fsync (a power loss may lose or tear it: `state.json` then holds).
+///   the directory) at each sync point;
+/// - `journal`: what page writes, clears and copy-on-write copies changed since then, one
+///   checksummed line appended per change (replayed onto `state.json` when read; a line
+///   torn by a power loss ends the replay), so a page write costs a line, not a rewrite
+///   of the whole range list.
 ///
-/// Durability: a snapshot's preserved pages are on disk before the page is overwritten;
-/// documents, leases, snapshots, metadata and sequence numbers are durable when the call
-/// returns. Page writes become durable (data fsynced, then the state that lists them) at
-/// the next *sync point*: `snapshot`, `set_sequence_number`, `set_metadata`, `resize`, or
-/// [`LocalStore::sync`]. The [`PageWriter`](crate::PageWriter) ends every batch with a
+/// Durability: a snapshot's preserved pages, and the journal line that lists them, are on
+/// disk before the page is overwritten (two fsyncs per first change of pages after a
+/// snapshot); documents, leases, snapshots, metadata and sequence numbers are durable when
+/// the call returns. Page writes become durable (data fsynced, then the state that lists
+/// them) at the next *sync point*: `snapshot`, `set_sequence_number`, `set_metadata`,
+/// `resize`, or [`LocalStore::sync`]. The [`PageWriter`](crate::PageWriter) ends every batch with a
 /// sequence-number update, so a crash loses at most the batch in flight, which is
 /// replayed.
 ///
@@ -64,20 +70,35 @@ struct Inner {
     keys: RandomState,
     /// Whether anything is fsynced (always, but in simulations).
     fsync: bool,
-    /// Per blob directory, the state last read or written with the exact bytes of the
-    /// files it came from: a load that reads the same bytes skips parsing them (parsing
-    /// was most of a small page write's cost). Checked against the files on every load,
-    /// so another process's writes are always seen.
+    /// Per blob directory, the state last read or written, with the stamp of the
+    /// `state.json` it came from and its place in the journal: a load that finds the same
+    /// stamp replays only what was appended to the journal since (parsing the state was
+    /// most of a small page write's cost). Checked against the files on every load, so
+    /// another process's writes are always seen.
     cache: Mutex<HashMap<PathBuf, Cached>>,
 }
 
-/// A parsed state and the bytes of `state.json` and `live.json` it was parsed from.
+/// A parsed state and the stamp of the `state.json` it was parsed from.
 #[derive(Debug)]
 struct Cached {
-    durable: Vec<u8>,
-    live: Option<Vec<u8>>,
+    stamp: Stamp,
     state: State,
 }
+
+/// What identifies a `state.json`'s content without reading all of it: its length and
+/// its first bytes, which hold the generation and entity tag (every durable state has a
+/// new generation; a blob deleted and made again, a new random entity tag). A file of
+/// another layout is identified by all of its bytes.
+#[derive(Debug, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    head: Vec<u8>,
+}
+
+/// How many leading bytes of `state.json` make its stamp.
+const STAMP_HEAD: usize = 256;
+/// How a `state.json` of this layout begins (generation, then entity tag).
+const STAMP_PREFIX: &[u8] = b"{\"generation\":";
 
 /// The store's lock, held; released on drop.
 struct Locked<'a>(MutexGuard<'a, File>);
@@ -95,8 +116,15 @@ enum Kind {
     Doc,
 }
 
+/// A blob's state. `generation` and `etag` come first: the head of the file identifies it
+/// (see [`Stamp`]).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct State {
+    /// Counts the durable state's versions.
+    #[serde(default)]
+    generation: u64,
+    #[serde(default)]
+    etag: String,
     #[serde(default)]
     kind: Kind,
     size: u64,
@@ -105,8 +133,6 @@ struct State {
     ranges: Vec<Range<u64>>,
     snapshots: Vec<Snap>,
     next_snapshot: u64,
-    #[serde(default)]
-    etag: String,
     /// The lease holding the blob, if any.
     #[serde(default)]
     lease: Option<LeaseId>,
@@ -116,9 +142,9 @@ struct State {
     /// A document's bytes, base64.
     #[serde(default)]
     doc: Option<String>,
-    /// Counts the state's versions: the newer of `state.json` and `live.json` holds.
-    #[serde(default)]
-    generation: u64,
+    /// How much of the blob's journal this state includes.
+    #[serde(skip)]
+    journal: Position,
 }
 
 impl State {
@@ -255,8 +281,8 @@ impl Inner {
     fn load(&self, blob: &str) -> Result<State, StoreError> {
         let dir = self.dir(blob)?;
         let path = dir.join("state.json");
-        let durable = match fs::read(&path) {
-            Ok(t) => t,
+        let (mut file, stamp) = match read_stamp(&path) {
+            Ok(x) => x,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(StoreError::NotFound {
                     what: blob.to_owned(),
@@ -264,36 +290,49 @@ impl Inner {
             }
             Err(e) => return Err(io_err(&path)(e)),
         };
-        // Page writes since the last sync point, if any.
-        let live = fs::read(dir.join("live.json")).ok();
+        let jpath = dir.join("journal");
+        let jlen = match fs::metadata(&jpath) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(io_err(&jpath)(e)),
+        };
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = cache.get(&dir)
-            && c.durable == durable
-            && c.live == live
+        if let Some(c) = cache.get_mut(&dir)
+            && c.stamp == stamp
         {
-            return Ok(c.state.clone());
+            let at = c.state.journal.end;
+            if jlen == at && !c.state.journal.dirty {
+                return Ok(c.state.clone());
+            }
+            // Another process appended: replay what is new (a journal that was emptied or
+            // begun afresh is read whole, below).
+            if at > 0 && jlen > at {
+                let mut tail = vec![0u8; (jlen - at) as usize];
+                File::open(&jpath)
+                    .and_then(|f| f.read_exact_at(&mut tail, at))
+                    .map_err(io_err(&jpath))?;
+                let pos = journal::replay_tail(&mut c.state, &tail);
+                c.state.journal = Position {
+                    end: at + pos.end,
+                    dirty: pos.dirty,
+                };
+                return Ok(c.state.clone());
+            }
         }
-        let d: State = serde_json::from_slice(&durable).map_err(|e| StoreError::Corrupt {
+        let mut bytes = stamp.head.clone();
+        file.read_to_end(&mut bytes).map_err(io_err(&path))?;
+        let mut st: State = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
             path: path.display().to_string(),
             reason: e.to_string(),
         })?;
-        // A `live.json` that does not parse was torn by a power loss: the state as of the
-        // sync point holds, as the contract says (the writer sends again what it has not
-        // seen made durable).
-        let st = live
-            .as_deref()
-            .and_then(|t| serde_json::from_slice::<State>(t).ok())
-            .filter(|l| l.generation > d.generation)
-            .unwrap_or(d);
+        let jbytes = match fs::read(&jpath) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io_err(&jpath)(e)),
+        };
+        st.journal = journal::replay_all(&mut st, &jbytes);
         let state = st.clone();
-        cache.insert(
-            dir,
-            Cached {
-                durable,
-                live,
-                state,
-            },
-        );
+        cache.insert(dir, Cached { stamp, state });
         Ok(st)
     }
 
@@ -309,72 +348,97 @@ impl Inner {
         Ok(st)
     }
 
-    /// Fsyncs the data file, then replaces the state atomically (with a new entity tag).
+    /// A sync point: replaces the state durably, with a new entity tag.
     fn save(&self, blob: &str, st: &mut State) -> Result<(), StoreError> {
+        st.etag = self.new_etag();
+        self.replace_state(blob, st)
+    }
+
+    /// Replaces the state durably as it is (lease changes keep the entity tag, as on
+    /// Azure): fsyncs the data file (the pages the state lists), writes `state.json`
+    /// atomically and durably, then empties the journal it now includes. A crash before
+    /// the journal is emptied leaves it naming the previous state: void.
+    fn replace_state(&self, blob: &str, st: &mut State) -> Result<(), StoreError> {
         let dir = self.dir(blob)?;
         let data = dir.join("data");
         if self.fsync
+            && st.kind == Kind::Page
             && let Ok(f) = File::open(&data)
         {
             f.sync_all().map_err(io_err(&data))?;
         }
-        self.write_state(blob, st, true).map(drop)
-    }
-
-    /// Replaces the state (with a new entity tag, which it returns); `durable` fsyncs it.
-    fn write_state(&self, blob: &str, st: &mut State, durable: bool) -> Result<String, StoreError> {
-        st.etag = self.new_etag();
-        self.replace_state(blob, st, durable)?;
-        Ok(st.etag.clone())
-    }
-
-    /// Replaces the state as it is (lease changes keep the entity tag, as on Azure).
-    ///
-    /// A durable state goes to `state.json` (fsynced, renamed, the directory fsynced), and
-    /// `live.json` goes. A state that is not durable (page writes between sync points)
-    /// goes to `live.json`, without an fsync: a power loss may lose or tear it, and the
-    /// state of the last sync point in `state.json`, snapshots included, then holds.
-    fn replace_state(&self, blob: &str, st: &mut State, durable: bool) -> Result<(), StoreError> {
-        let dir = self.dir(blob)?;
         st.generation += 1;
         let bytes = serde_json::to_vec(&*st).map_err(|e| StoreError::Corrupt {
             path: dir.join("state.json").display().to_string(),
             reason: format!("the state does not serialise: {e}"),
         })?;
-        let name = if durable { "state.json" } else { "live.json" };
-        if durable && self.fsync {
-            write_atomic(&dir, name, &bytes)?;
-        } else {
-            let tmp = dir.join(format!("{name}.tmp"));
-            private_file(&tmp)
-                .and_then(|mut f| f.write_all(&bytes))
-                .map_err(io_err(&tmp))?;
-            let path = dir.join(name);
-            fs::rename(&tmp, &path).map_err(io_err(&path))?;
-        }
-        if durable {
-            match fs::remove_file(dir.join("live.json")) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    return Err(io_err(&dir.join("live.json"))(e));
-                }
-                _ => {}
+        write_atomic(&dir, "state.json", &bytes, self.fsync)?;
+        if st.journal != Position::default() {
+            let jpath = dir.join("journal");
+            match OpenOptions::new().write(true).open(&jpath) {
+                Ok(f) => f.set_len(0).map_err(io_err(&jpath))?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&jpath)(e)),
             }
+            st.journal = Position::default();
         }
-        // The files now hold `bytes`: what the next load will read, unless another
-        // process writes first (then the bytes differ and the files are parsed).
+        // The file now holds `bytes`: what the next load will find, unless another process
+        // writes first (then the stamp differs and the files are read).
+        let stamp = Stamp::of(&bytes);
+        let state = st.clone();
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(dir, Cached { stamp, state });
+        Ok(())
+    }
+
+    /// Applies a change to `st` and appends it to the blob's journal; `durable` fsyncs the
+    /// journal (what it lists is then on disk: this line and every one before it).
+    fn append(
+        &self,
+        blob: &str,
+        st: &mut State,
+        rec: Record,
+        durable: bool,
+    ) -> Result<(), StoreError> {
+        let dir = self.dir(blob)?;
+        let jpath = dir.join("journal");
+        let mut line = Vec::new();
+        if st.journal.end == 0 {
+            line = journal::header(st);
+        }
+        journal::apply(st, &rec);
+        line.extend(journal::encode(&rec));
+        let f = match OpenOptions::new().write(true).open(&jpath) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Made once per blob (emptied, not removed, at sync points): its name is
+                // made durable with it.
+                let f = private_file(&jpath).map_err(io_err(&jpath))?;
+                if self.fsync {
+                    File::open(&dir)
+                        .and_then(|d| d.sync_all())
+                        .map_err(io_err(&dir))?;
+                }
+                f
+            }
+            Err(e) => return Err(io_err(&jpath)(e)),
+        };
+        let at = st.journal.end;
+        if st.journal.dirty || at == 0 {
+            f.set_len(at).map_err(io_err(&jpath))?;
+        }
+        f.write_all_at(&line, at).map_err(io_err(&jpath))?;
+        if durable && self.fsync {
+            f.sync_data().map_err(io_err(&jpath))?;
+        }
+        st.journal = Position {
+            end: at + line.len() as u64,
+            dirty: false,
+        };
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if durable {
-            let (live, state) = (None, st.clone());
-            cache.insert(
-                dir,
-                Cached {
-                    durable: bytes,
-                    live,
-                    state,
-                },
-            );
-        } else if let Some(c) = cache.get_mut(&dir) {
-            c.live = Some(bytes);
+        if let Some(c) = cache.get_mut(&dir) {
             c.state = st.clone();
         }
         Ok(())
@@ -445,20 +509,50 @@ impl Inner {
         self.save(blob, &mut st)
     }
 
-    /// Copies the current bytes of `range` into the newest snapshot's file, for the pages
-    /// it has not preserved yet, and records them durably. Returns whether state changed.
-    fn preserve(&self, blob: &str, st: &mut State, range: Range<u64>) -> Result<bool, StoreError> {
+    /// Copies the current bytes of `ranges` into the newest snapshot's file, for the pages
+    /// it has not preserved yet, and records them durably (one fsync of the copies, one of
+    /// the journal, however many ranges).
+    fn preserve(
+        &self,
+        blob: &str,
+        st: &mut State,
+        ranges: &[Range<u64>],
+    ) -> Result<(), StoreError> {
         let Some(snap) = st.snapshots.last_mut() else {
-            return Ok(false);
+            return Ok(());
         };
-        let range = range.start..range.end.min(snap.size);
-        let missing = subtract(&range, &snap.preserved);
+        let missing: Vec<Range<u64>> = ranges
+            .iter()
+            .flat_map(|r| subtract(&(r.start..r.end.min(snap.size)), &snap.preserved))
+            .collect();
+        let missing = merge_ranges(missing);
         if missing.is_empty() {
-            return Ok(false);
+            return Ok(());
         }
+        // Pages the snapshot holds no data for (never written or cleared when it was
+        // taken) read as zeros: the snapshot's sparse file already holds them as a hole.
+        let copy: Vec<Range<u64>> = missing
+            .iter()
+            .flat_map(|m| intersect(&snap.ranges, m))
+            .collect();
+        if !copy.is_empty() {
+            self.copy_out(blob, &snap.id, &copy)?;
+        }
+        // The copies are on disk; the journal lines that list them must be too before
+        // the pages change (the last append fsyncs them all).
+        let (id, last) = (snap.id.clone(), missing.len() - 1);
+        for (k, range) in missing.into_iter().enumerate() {
+            let snapshot = id.clone();
+            self.append(blob, st, Record::Preserve { range, snapshot }, k == last)?;
+        }
+        Ok(())
+    }
+
+    /// Copies the current bytes of `ranges` into snapshot `id`'s file, durably.
+    fn copy_out(&self, blob: &str, id: &str, ranges: &[Range<u64>]) -> Result<(), StoreError> {
         let dir = self.dir(blob)?;
         let (data, data_path) = self.data(blob)?;
-        let snap_path = dir.join(format!("snap-{}", snap.id));
+        let snap_path = dir.join(format!("snap-{id}"));
         let out = OpenOptions::new()
             .write(true)
             .create(true)
@@ -468,9 +562,9 @@ impl Inner {
             .map_err(io_err(&snap_path))?;
         // As large as the largest piece to copy (a 4 MiB zeroed buffer per small write
         // was most of a scattered write's system time: page faults).
-        let largest = missing.iter().map(|r| r.end - r.start).max().unwrap_or(0);
+        let largest = ranges.iter().map(|r| r.end - r.start).max().unwrap_or(0);
         let mut buf = vec![0u8; largest.min(MAX_PUT) as usize];
-        for r in &missing {
+        for r in ranges {
             let mut at = r.start;
             while at < r.end {
                 let n = (r.end - at).min(MAX_PUT) as usize;
@@ -481,12 +575,9 @@ impl Inner {
             }
         }
         if self.fsync {
-            out.sync_all().map_err(io_err(&snap_path))?;
+            out.sync_data().map_err(io_err(&snap_path))?;
         }
-        snap.preserved.extend(missing);
-        snap.preserved = merge_ranges(std::mem::take(&mut snap.preserved));
-        self.save(blob, st)?;
-        Ok(true)
+        Ok(())
     }
 
     fn write_pages(
@@ -506,14 +597,12 @@ impl Inner {
         if actual != crc {
             return Err(StoreError::ChecksumMismatch { sent: crc, actual });
         }
-        self.preserve(blob, &mut st, offset..offset + len)?;
+        self.preserve(blob, &mut st, std::slice::from_ref(&(offset..offset + len)))?;
         let (f, path) = self.data(blob)?;
         f.write_all_at(data, offset).map_err(io_err(&path))?;
-        st.ranges.push(offset..offset + len);
-        st.ranges = merge_ranges(std::mem::take(&mut st.ranges));
-        // Range bookkeeping is kept without an fsync of the data: the next sync point
-        // makes both durable.
-        self.write_state(blob, &mut st, false).map(drop)
+        // Listed without an fsync of the data: the next sync point makes both durable.
+        let (range, etag) = (offset..offset + len, self.new_etag());
+        self.append(blob, &mut st, Record::Write { range, etag }, false)
     }
 
     fn clear_pages(
@@ -527,11 +616,26 @@ impl Inner {
         let mut st = self.load_page(blob)?;
         check_pages(offset, len, st.size, u64::MAX)?;
         Self::check_condition(&st, blob, c)?;
-        self.preserve(blob, &mut st, offset..offset + len)?;
+        self.preserve(blob, &mut st, std::slice::from_ref(&(offset..offset + len)))?;
         let (f, path) = self.data(blob)?;
         zero_range(&f, offset, len, &path)?;
-        st.ranges = subtract_all(&st.ranges, &(offset..offset + len));
-        self.write_state(blob, &mut st, false).map(drop)
+        let (range, etag) = (offset..offset + len, self.new_etag());
+        self.append(blob, &mut st, Record::Clear { range, etag }, false)
+    }
+
+    fn prepare_overwrite(
+        &self,
+        blob: &str,
+        ranges: &[Range<u64>],
+        c: Condition,
+    ) -> Result<(), StoreError> {
+        let _g = self.guard()?;
+        let mut st = self.load_page(blob)?;
+        Self::check_condition(&st, blob, c)?;
+        for r in ranges {
+            check_pages(r.start, r.end - r.start, st.size, u64::MAX)?;
+        }
+        self.preserve(blob, &mut st, ranges)
     }
 
     fn snapshot_index(st: &State, blob: &str, id: &str) -> Result<usize, StoreError> {
@@ -570,10 +674,12 @@ impl Inner {
         for snap in st.snapshots[from..].iter().rev() {
             let spath = dir.join(format!("snap-{}", snap.id));
             for r in intersect(&snap.preserved, &want) {
-                let f = File::open(&spath).map_err(io_err(&spath))?;
                 let at = (r.start - offset) as usize;
-                f.read_exact_at(&mut buf[at..at + (r.end - r.start) as usize], r.start)
-                    .map_err(io_err(&spath))?;
+                read_preserved(
+                    &spath,
+                    &mut buf[at..at + (r.end - r.start) as usize],
+                    r.start,
+                )?;
             }
         }
         Ok(buf)
@@ -615,9 +721,7 @@ impl Inner {
             for r in &this[0].preserved {
                 for m in subtract(&(r.start..r.end.min(prev.size)), &prev.preserved) {
                     let mut buf = vec![0u8; (m.end - m.start) as usize];
-                    File::open(&path)
-                        .and_then(|f| f.read_exact_at(&mut buf, m.start))
-                        .map_err(io_err(&path))?;
+                    read_preserved(&path, &mut buf, m.start)?;
                     OpenOptions::new()
                         .write(true)
                         .create(true)
@@ -704,7 +808,7 @@ impl Inner {
         Self::check_lease(&st, blob, c.lease)?;
         let old = st.size;
         if size < old {
-            self.preserve(blob, &mut st, size..old)?;
+            self.preserve(blob, &mut st, std::slice::from_ref(&(size..old)))?;
             st.ranges = subtract_all(&st.ranges, &(size..old));
         }
         let (f, path) = self.data(blob)?;
@@ -780,7 +884,7 @@ impl Inner {
             None => {
                 st.lease = Some(lease);
                 st.broken = false;
-                self.replace_state(blob, &mut st, true)
+                self.replace_state(blob, &mut st)
             }
         }
     }
@@ -790,7 +894,7 @@ impl Inner {
         let mut st = self.load(blob)?;
         if st.lease.take().is_some() {
             st.broken = true;
-            self.replace_state(blob, &mut st, true)?;
+            self.replace_state(blob, &mut st)?;
         }
         Ok(())
     }
@@ -801,7 +905,7 @@ impl Inner {
         match st.lease {
             Some(held) if held == lease => {
                 st.lease = None;
-                self.replace_state(blob, &mut st, true)
+                self.replace_state(blob, &mut st)
             }
             Some(_) => Err(StoreError::Leased {
                 blob: blob.to_owned(),
@@ -871,20 +975,57 @@ impl Inner {
         };
         st.size = data.len() as u64;
         st.doc = Some(B64.encode(data));
-        self.write_state(name, &mut st, true).map(ETag)
+        self.save(name, &mut st)?;
+        Ok(ETag(st.etag))
     }
 }
 
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+/// Replaces `dir/name` with `bytes` atomically (a temporary file renamed over it); `fsync`
+/// makes it durable (the file before the rename, the directory after).
+fn write_atomic(dir: &Path, name: &str, bytes: &[u8], fsync: bool) -> Result<(), StoreError> {
     let tmp = dir.join(format!("{name}.tmp"));
     let mut f = private_file(&tmp).map_err(io_err(&tmp))?;
     f.write_all(bytes).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
+    if fsync {
+        f.sync_all().map_err(io_err(&tmp))?;
+    }
     let path = dir.join(name);
     fs::rename(&tmp, &path).map_err(io_err(&path))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
+    if fsync {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir))?;
+    }
+    Ok(())
+}
+
+/// Opens `state.json` and reads its stamp (the file is left positioned after the bytes
+/// read, for whoever reads the rest).
+fn read_stamp(path: &Path) -> io::Result<(File, Stamp)> {
+    let mut f = File::open(path)?;
+    let len = f.metadata()?.len();
+    let mut head = Vec::with_capacity(STAMP_HEAD);
+    (&mut f).take(STAMP_HEAD as u64).read_to_end(&mut head)?;
+    if !head.starts_with(STAMP_PREFIX) {
+        // Another layout: all of it identifies it.
+        f.read_to_end(&mut head)?;
+    }
+    Ok((f, Stamp { len, head }))
+}
+
+impl Stamp {
+    /// The stamp of a state file holding `bytes`.
+    fn of(bytes: &[u8]) -> Stamp {
+        let head = if bytes.starts_with(STAMP_PREFIX) {
+            &bytes[..bytes.len().min(STAMP_HEAD)]
+        } else {
+            bytes
+        };
+        Stamp {
+            len: bytes.len() as u64,
+            head: head.to_vec(),
+        }
+    }
 }
 
 /// Creates (or truncates) a file only its owner can read: replicas are the machine's data.
@@ -920,6 +1061,19 @@ fn read_zero_past_end(
             .map_err(io_err(path))?;
     }
     Ok(())
+}
+
+/// Reads preserved pages from a snapshot's file: pages preserved without a copy (they were
+/// zeros) are holes, or past the file's end, or the file was never made: all read as zeros.
+fn read_preserved(path: &Path, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
+    match File::open(path) {
+        Ok(f) => read_zero_past_end(&f, buf, offset, path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            buf.fill(0);
+            Ok(())
+        }
+        Err(e) => Err(io_err(path)(e)),
+    }
 }
 
 /// Makes `len` bytes at `offset` read as zeros: a hole punched in the file where the file
@@ -1040,6 +1194,17 @@ impl PageStore for LocalStore {
         condition: Condition,
     ) -> Result<(), StoreError> {
         self.run(blob, move |i, b| i.clear_pages(b, offset, len, condition))
+            .await
+    }
+
+    async fn prepare_overwrite(
+        &self,
+        blob: &str,
+        ranges: &[Range<u64>],
+        condition: Condition,
+    ) -> Result<(), StoreError> {
+        let ranges = ranges.to_vec();
+        self.run(blob, move |i, b| i.prepare_overwrite(b, &ranges, condition))
             .await
     }
 

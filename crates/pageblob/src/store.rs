@@ -213,6 +213,21 @@ pub trait PageStore: Send + Sync + std::fmt::Debug {
         condition: Condition,
     ) -> Result<(), StoreError>;
 
+    /// Announces that the pages of `ranges` (merged, in order) are about to be written or
+    /// cleared, if `condition` holds: a store whose snapshots copy pages on their first
+    /// change may copy them all now, durably in one go, instead of once per request (the
+    /// [`PageWriter`](crate::PageWriter) announces each batch). A hint, changing nothing
+    /// anyone reads; the default does nothing (Azure keeps snapshots itself).
+    async fn prepare_overwrite(
+        &self,
+        blob: &str,
+        ranges: &[Range<u64>],
+        condition: Condition,
+    ) -> Result<(), StoreError> {
+        let _ = (blob, ranges, condition);
+        Ok(())
+    }
+
     /// Reads `len` bytes at `offset` of the blob, or of one of its snapshots.
     async fn read(
         &self,

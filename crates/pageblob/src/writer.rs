@@ -13,7 +13,9 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::StoreError;
-use crate::store::{Condition, LeaseId, MAX_PUT, PAGE, PageStore, crc64, unless_panic};
+use crate::store::{
+    Condition, LeaseId, MAX_PUT, PAGE, PageStore, crc64, merge_ranges, unless_panic,
+};
 
 /// One change to the replica: new bytes, or a range that now reads as zeros.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -283,6 +285,7 @@ impl PageWriter {
         let start = Instant::now();
         let before = self.progress();
         let ops = plan(changes, edges, self.config.max_request)?;
+        self.announce(seq, &ops).await?;
         let mut tasks = JoinSet::new();
         for op in ops {
             while tasks.len() >= self.config.in_flight {
@@ -348,6 +351,34 @@ impl PageWriter {
             retries: after.retries - before.retries,
             elapsed: start.elapsed(),
         })
+    }
+}
+
+impl PageWriter {
+    /// Tells the store which pages the batch will change
+    /// ([`PageStore::prepare_overwrite`]), so copy-on-write happens once per batch.
+    async fn announce(&self, seq: u64, ops: &[Op]) -> Result<(), WriteError> {
+        let ranges = merge_ranges(
+            ops.iter()
+                .map(|op| match op {
+                    Op::Put { offset, data } => *offset..offset + data.len() as u64,
+                    Op::Clear { offset, len } => *offset..offset + len,
+                })
+                .collect(),
+        );
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        let cond = Condition::sequence_number(seq).with_lease(self.lease);
+        let (store, blob, ranges) = (&*self.store, self.blob.as_str(), &ranges[..]);
+        retry(&self.config.retry, |attempt| {
+            if attempt > 1 {
+                self.counters.retries.fetch_add(1, Ordering::Relaxed);
+            }
+            store.prepare_overwrite(blob, ranges, cond)
+        })
+        .await
+        .map_err(|e| store_error(format!("prepare batch {seq}"), e, seq))
     }
 }
 

@@ -105,10 +105,11 @@ async fn local_store_state_survives_reopen_and_snapshots_copy_nothing() {
     ));
 }
 
-/// Page writes between sync points are not fsynced; a power loss that tears the state they
-/// wrote leaves the blob as of its last sync point, its snapshots and sequence number whole.
+/// Page writes between sync points are not fsynced; a power loss that tears the journal
+/// they appended to leaves the blob as of its last sync point plus the whole lines before
+/// the tear: its snapshots, their preserved pages and its sequence number whole.
 #[tokio::test]
-async fn a_torn_state_after_page_writes_falls_back_to_the_last_sync_point() {
+async fn a_torn_journal_after_page_writes_falls_back_to_its_whole_lines() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("site");
     let s = LocalStore::open(&root).unwrap();
@@ -116,24 +117,29 @@ async fn a_torn_state_after_page_writes_falls_back_to_the_last_sync_point() {
         .await
         .unwrap();
     let data = random(MIB as usize, 2);
-    let put = |at: u64, bytes: Vec<u8>| {
+    let put = |s: &LocalStore, at: u64, bytes: Vec<u8>| {
         let crc = lifeboat_pageblob::crc64(&bytes);
-        s.write_pages("d", at, Bytes::from(bytes), crc, Condition::NONE)
+        let s = s.clone();
+        async move {
+            s.write_pages("d", at, Bytes::from(bytes), crc, Condition::NONE)
+                .await
+        }
     };
-    put(0, data.clone()).await.unwrap();
+    put(&s, 0, data.clone()).await.unwrap();
     s.set_sequence_number("d", 4, Condition::NONE)
         .await
         .unwrap();
     let snap = s.snapshot("d", Condition::NONE).await.unwrap();
-    put(MIB, data.clone()).await.unwrap();
-    // Between sync points the pages written are listed (live.json is newer).
-    assert_eq!(s.page_ranges("d", None).await.unwrap().len(), 1);
+    // Overwrites the snapshot's pages (preserved first), then writes new ones.
+    put(&s, 0, random(MIB as usize, 3)).await.unwrap();
+    put(&s, MIB, data.clone()).await.unwrap();
+    // Between sync points the pages written are listed (from the journal).
     let ranges = s.page_ranges("d", None).await.unwrap();
-    assert_eq!(ranges[0], 0..2 * MIB);
-    // A power loss tears live.json: the state of the sync point holds.
-    let live = root.join("d").join("live.json");
-    let torn = std::fs::read(&live).unwrap();
-    std::fs::write(&live, &torn[..torn.len() / 2]).unwrap();
+    assert_eq!(ranges, vec![0..2 * MIB]);
+    // A power loss tears the journal's last line (the second write's).
+    let journal = root.join("d").join("journal");
+    let bytes = std::fs::read(&journal).unwrap();
+    std::fs::write(&journal, &bytes[..bytes.len() - 10]).unwrap();
     drop(s);
     let s = LocalStore::open(&root).unwrap();
     assert_eq!(s.properties("d").await.unwrap().sequence_number, 4);
@@ -143,11 +149,126 @@ async fn a_torn_state_after_page_writes_falls_back_to_the_last_sync_point() {
         s.read("d", Some(&snap), 0, MIB).await.unwrap()[..],
         data[..]
     );
-    // A sync point supersedes live.json.
+    // Writes go on after the torn line (cut before the next one is appended).
+    put(&s, 2 * MIB, data.clone()).await.unwrap();
+    let s2 = LocalStore::open(&root).unwrap();
+    assert_eq!(
+        s2.page_ranges("d", None).await.unwrap(),
+        vec![0..MIB, 2 * MIB..3 * MIB]
+    );
+    // A sync point includes the journal and empties it.
     s.set_sequence_number("d", 5, Condition::NONE)
         .await
         .unwrap();
-    assert!(!live.exists());
+    assert_eq!(std::fs::metadata(&journal).unwrap().len(), 0);
+    let s3 = LocalStore::open(&root).unwrap();
+    assert_eq!(
+        s3.page_ranges("d", None).await.unwrap(),
+        vec![0..MIB, 2 * MIB..3 * MIB]
+    );
+    assert_eq!(
+        s3.read("d", Some(&snap), 0, MIB).await.unwrap()[..],
+        data[..]
+    );
+}
+
+/// One step of the embedded store's model test.
+#[derive(Clone, Debug)]
+enum StoreOp {
+    Write { page: u64, pages: u64, seed: u64 },
+    Clear { page: u64, pages: u64 },
+    Prepare { page: u64, pages: u64 },
+    Snapshot,
+    DeleteSnapshot(usize),
+    Reopen,
+}
+
+fn store_op() -> impl proptest::strategy::Strategy<Value = StoreOp> {
+    use proptest::prelude::*;
+    let span = (0u64..32).prop_flat_map(|p| (Just(p), 1..=(32 - p).min(8)));
+    prop_oneof![
+        4 => (span.clone(), any::<u64>())
+            .prop_map(|((page, pages), seed)| StoreOp::Write { page, pages, seed }),
+        1 => span.clone().prop_map(|(page, pages)| StoreOp::Clear { page, pages }),
+        1 => span.prop_map(|(page, pages)| StoreOp::Prepare { page, pages }),
+        1 => Just(StoreOp::Snapshot),
+        1 => (0usize..4).prop_map(StoreOp::DeleteSnapshot),
+        1 => Just(StoreOp::Reopen),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+    /// The embedded store against a byte model: after any mix of writes, clears,
+    /// announced overwrites, snapshots taken and deleted, and reopenings (the journal
+    /// replayed), the blob and every snapshot read exactly as the model says, the allocated
+    /// ranges cover every non-zero page, and a diff from each snapshot covers every page
+    /// that changed since it.
+    #[test]
+    fn local_store_matches_a_byte_model(ops in proptest::collection::vec(store_op(), 1..40)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            const PAGES: u64 = 32;
+            let dir = tempfile::tempdir().unwrap();
+            let mut s = LocalStore::open_unsynced(dir.path()).unwrap();
+            s.create("d", PAGES * PAGE, 0, &Default::default()).await.unwrap();
+            let mut now = vec![0u8; (PAGES * PAGE) as usize];
+            let mut snaps: Vec<(String, Vec<u8>)> = Vec::new();
+            let bytes = |page: u64, pages: u64| (page * PAGE) as usize..((page + pages) * PAGE) as usize;
+            for op in ops {
+                match op {
+                    StoreOp::Write { page, pages, seed } => {
+                        let data = random((pages * PAGE) as usize, seed);
+                        let crc = lifeboat_pageblob::crc64(&data);
+                        s.write_pages("d", page * PAGE, Bytes::from(data.clone()), crc, Condition::NONE)
+                            .await
+                            .unwrap();
+                        now[bytes(page, pages)].copy_from_slice(&data);
+                    }
+                    StoreOp::Clear { page, pages } => {
+                        s.clear_pages("d", page * PAGE, pages * PAGE, Condition::NONE).await.unwrap();
+                        now[bytes(page, pages)].fill(0);
+                    }
+                    StoreOp::Prepare { page, pages } => {
+                        let r = page * PAGE..(page + pages) * PAGE;
+                        s.prepare_overwrite("d", &[r], Condition::NONE).await.unwrap();
+                    }
+                    StoreOp::Snapshot => {
+                        let id = s.snapshot("d", Condition::NONE).await.unwrap();
+                        snaps.push((id, now.clone()));
+                    }
+                    StoreOp::DeleteSnapshot(k) => {
+                        if k < snaps.len() {
+                            let (id, _) = snaps.remove(k);
+                            s.delete_snapshot("d", &id).await.unwrap();
+                        }
+                    }
+                    StoreOp::Reopen => s = LocalStore::open_unsynced(dir.path()).unwrap(),
+                }
+                let len = PAGES * PAGE;
+                assert_eq!(read_all(&s, "d", len).await, now);
+                let ranges = s.page_ranges("d", None).await.unwrap();
+                for p in 0..PAGES {
+                    let nonzero = now[bytes(p, 1)].iter().any(|&b| b != 0);
+                    let listed = ranges.iter().any(|r| r.contains(&(p * PAGE)));
+                    assert!(!nonzero || listed, "page {p} holds data but is not listed");
+                }
+                for (id, then) in &snaps {
+                    let got = s.read("d", Some(id), 0, len).await.unwrap();
+                    assert_eq!(&got[..], &then[..], "snapshot {id}");
+                    let diff = s.diff_ranges("d", None, id).await.unwrap();
+                    for p in 0..PAGES {
+                        if then[bytes(p, 1)] != now[bytes(p, 1)] {
+                            assert!(
+                                diff.iter().any(|r| r.contains(&(p * PAGE))),
+                                "page {p} changed since {id} but is not in {diff:?}"
+                            );
+                        }
+                    }
+                }
+            }
+        });
+    }
 }
 
 #[tokio::test]
@@ -1096,7 +1217,7 @@ async fn replica_digests_save_writes_only_the_touched_slots() {
 
 /// Two stores on one root (as two processes) writing pages of one blob in turn, each with
 /// the state it last saw cached: every write and every sequence number of the other is
-/// seen, whether the other's last step was a page write (`live.json`) or a sync point.
+/// seen, whether the other's last step was a page write (the journal) or a sync point.
 #[tokio::test]
 async fn local_stores_sharing_a_root_see_each_others_writes() {
     let dir = tempfile::tempdir().unwrap();
@@ -1112,7 +1233,7 @@ async fn local_stores_sharing_a_root_see_each_others_writes() {
     let mut seq = 0;
     for i in 0..32u64 {
         let (me, other) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
-        // A page write alone changes only `live.json`; every third step also moves the
+        // A page write alone appends to the journal; every third step also moves the
         // sequence number, every fifth makes a sync point.
         let cond = Condition::sequence_number(seq);
         me.write_pages("d", i * 1024, page.clone(), crc, cond)
