@@ -475,18 +475,18 @@ impl Engine {
             self.persist().await?;
         }
         for (d, &expect) in c.expect_seq.iter().enumerate() {
-            let paths: Vec<&Path> = c
+            let logs: Vec<(&Path, &str)> = c
                 .logs
                 .iter()
                 .filter(|l| l.disk == d)
-                .map(|l| l.path.as_path())
+                .map(|l| (l.path.as_path(), l.id.as_str()))
                 .collect();
-            if paths.is_empty() {
+            if logs.is_empty() {
                 continue;
             }
             // Batch i of the cycle is fenced on sequence number expect + i: a crash resumes
             // at the first batch the blob has not taken.
-            let chain = LogChain::open(&paths, LOG_BATCH_BYTES)?;
+            let chain = LogChain::open(&logs, LOG_BATCH_BYTES)?;
             let blob = replica_blob(name, d);
             let size = self.doc(name)?.disks[d].size;
             let seq = self.store.properties(&blob).await?.sequence_number;

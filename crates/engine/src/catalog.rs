@@ -231,8 +231,12 @@ pub struct Tracking {
 pub struct StagedLog {
     /// The disk.
     pub disk: usize,
-    /// The staged copy.
+    /// The staged copy (or a hard link to the log handed over).
     pub path: PathBuf,
+    /// Its UniqueId, hex: checked against the file when it is applied (empty in
+    /// catalogues from before it was recorded).
+    #[serde(default)]
+    pub id: String,
     /// Bytes of writes it holds.
     pub logged_bytes: u64,
     /// EOLLocation set (closed cleanly).

@@ -136,14 +136,26 @@ pub(crate) struct LogChain {
 }
 
 impl LogChain {
-    /// Opens and folds the logs (chain order checked).
-    pub(crate) fn open(paths: &[&Path], batch: u64) -> Result<Self> {
-        let readers = paths
+    /// Opens and folds the logs (chain order checked), each checked to be the log its
+    /// UniqueId (hex) names when one is given.
+    pub(crate) fn open(logs: &[(&Path, &str)], batch: u64) -> Result<Self> {
+        let paths: Vec<&Path> = logs.iter().map(|(p, _)| *p).collect();
+        let readers = logs
             .iter()
-            .map(|p| Reader::new(open_log(p)?).map_err(log_err(p)))
+            .map(|&(p, id)| {
+                let r = Reader::new(open_log(p)?).map_err(log_err(p))?;
+                let found = crate::catalog::hex(&r.header().unique_id);
+                if !id.is_empty() && found != id {
+                    return Err(Error::Invalid(format!(
+                        "{}: the staged log changed (it is log {found}, not {id}): stage it again or resync",
+                        p.display()
+                    )));
+                }
+                Ok(r)
+            })
             .collect::<Result<Vec<_>>>()?;
         let mut map = ChangeMap::new();
-        for (r, p) in readers.iter().zip(paths) {
+        for (r, p) in readers.iter().zip(&paths) {
             map.add_log(r).map_err(log_err(p))?;
         }
         let mut batches: Vec<Vec<Piece>> = Vec::new();
@@ -434,6 +446,24 @@ pub(crate) fn copy_file_to(from: &Path, to: &Path) -> Result<()> {
     let mut dst = private_file(&tmp).map_err(err())?;
     std::io::copy(&mut src, &mut dst).map_err(err())?;
     dst.sync_all().map_err(err())?;
+    fs::rename(&tmp, to).map_err(err())
+}
+
+/// Puts the file `from` at `to` without copying its bytes where it can: a hard link (same
+/// file system) after fsyncing the file, else a copy ([`copy_file_to`]). For files nobody
+/// rewrites once handed over (closed logs); whoever reads `to` later checks it is still the
+/// file it was.
+pub(crate) fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
+    if let Some(dir) = to.parent() {
+        private_dir(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+    }
+    let tmp = tmp_path(to);
+    let _ = fs::remove_file(&tmp);
+    if fs::hard_link(from, &tmp).is_err() {
+        return copy_file_to(from, to);
+    }
+    let err = || Error::io(format!("staging {} as {}", from.display(), to.display()));
+    File::open(&tmp).and_then(|f| f.sync_all()).map_err(err())?;
     fs::rename(&tmp, to).map_err(err())
 }
 

@@ -227,7 +227,9 @@ impl Engine {
         Ok(log)
     }
 
-    /// Copies a log into the site for its cycle.
+    /// Stages a log in the site for its cycle: a hard link where the site shares the log's
+    /// file system (nothing copied; the log's bytes made durable), else a copy. Either way
+    /// the staged file is checked to be this log (its UniqueId) when it is applied.
     fn stage_one(
         &self,
         item: &str,
@@ -239,11 +241,12 @@ impl Engine {
     ) -> Result<StagedLog> {
         let id = catalog::hex(&log.unique_id);
         let dest = self.site.logs_dir(item).join(format!("disk{d}-{id}.hrl"));
-        data::copy_file_to(path, &dest)?;
+        data::link_or_copy(path, &dest)?;
         let disk: &Disk = &self.doc(item)?.disks[d];
         Ok(StagedLog {
             disk: d,
             path: dest,
+            id,
             logged_bytes: log.logged_bytes,
             clean: log.clean,
             guid_ok: log.write_guid == [0; 16] || log.write_guid == disk.tracking.write_guid,

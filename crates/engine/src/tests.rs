@@ -532,6 +532,33 @@ async fn a_log_whose_predecessor_is_missing_is_never_applied() {
     );
 }
 
+/// A log handed over is staged without a copy (a hard link on the site's file system); if
+/// the file is then rewritten in place with another log, applying it is refused, not done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_log_is_linked_and_checked_before_it_is_applied() {
+    use std::os::unix::fs::MetadataExt;
+    let w = World::new();
+    let mut e = protected(&w, "a").await;
+    let point1 = w.point_bytes(&e, 1).await;
+    let l1 = w.log(&e, 1, w.chain(&e));
+    e.stage_logs("vm", &[(0, l1.clone())], false).await.unwrap();
+    assert_eq!(
+        std::fs::metadata(&l1).unwrap().nlink(),
+        2,
+        "staged by a link"
+    );
+    // Rewritten in place (the same file, so the staged link too): another log.
+    let other = std::fs::read(w.log_naming(9, [7; 16], [0; 16])).unwrap();
+    std::fs::write(&l1, other).unwrap();
+    let err = e.replicate("vm", &[], false).await.unwrap_err().to_string();
+    assert!(err.contains("the staged log changed"), "{err}");
+    same(
+        &w.replica_bytes().await,
+        &point1,
+        "a changed log reached the replica",
+    );
+}
+
 /// Logs handed over together are taken in chain order, whatever order they are given in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_are_taken_in_chain_order() {
