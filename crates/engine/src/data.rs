@@ -53,8 +53,8 @@ pub(crate) fn split_zero_runs(offset: u64, data: Bytes) -> Vec<Change> {
 
 /// Reads `len` bytes at `offset` of a disk.
 pub(crate) fn read_at(disk: &dyn Disk, offset: u64, len: u64, what: &Path) -> Result<Bytes> {
-    let mut buf = vec![0u8; len as usize];
-    disk.read_exact_at(&mut buf, offset)
+    let buf = disk
+        .read_vec_at(offset, len as usize)
         .map_err(Error::io(format!("reading disk {}", what.display())))?;
     Ok(Bytes::from(buf))
 }
@@ -196,12 +196,15 @@ impl LogChain {
         self.batches[i]
             .iter()
             .map(|p| {
-                let mut buf = vec![0u8; p.len as usize];
-                FileExt::read_exact_at(self.readers[p.log].source(), &mut buf, p.file_offset)
-                    .map_err(Error::io(format!(
-                        "reading log {}",
-                        self.paths[p.log].display()
-                    )))?;
+                let buf = ReadAt::read_vec_at(
+                    self.readers[p.log].source(),
+                    p.file_offset,
+                    p.len as usize,
+                )
+                .map_err(Error::io(format!(
+                    "reading log {}",
+                    self.paths[p.log].display()
+                )))?;
                 Ok(Change::Data {
                     offset: p.disk_offset,
                     data: Bytes::from(buf),

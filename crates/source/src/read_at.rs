@@ -23,6 +23,15 @@ pub trait ReadAt: Sync {
     fn as_slice(&self) -> Option<&[u8]> {
         None
     }
+
+    /// `len` bytes from `offset` in a new buffer, as [`ReadAt::read_exact_at`] reads them.
+    /// A file reads straight into the new buffer's memory, without zeroing it first (on
+    /// Unix; zeroing was a tenth of the CPU time of copying a disk).
+    fn read_vec_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    }
 }
 
 /// `data[offset..offset + buf.len()]` into `buf`, or `UnexpectedEof`.
@@ -84,6 +93,24 @@ impl ReadAt for File {
             Ok(())
         }
     }
+
+    #[cfg(unix)]
+    fn read_vec_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        buf.reserve_exact(len);
+        while buf.len() < len {
+            let at = offset + buf.len() as u64;
+            match rustix::io::pread(self, rustix::buffer::spare_capacity(&mut buf), at) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // The allocation may hold more than asked for, and a read may fill it.
+        buf.truncate(len);
+        Ok(buf)
+    }
 }
 
 impl<T: ReadAt + ?Sized> ReadAt for &T {
@@ -97,6 +124,10 @@ impl<T: ReadAt + ?Sized> ReadAt for &T {
 
     fn as_slice(&self) -> Option<&[u8]> {
         (**self).as_slice()
+    }
+
+    fn read_vec_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        (**self).read_vec_at(offset, len)
     }
 }
 
@@ -127,6 +158,10 @@ mod tests {
             // An end past u64::MAX (the file says InvalidInput, the buffers UnexpectedEof).
             assert!(s.read_exact_at(&mut buf, u64::MAX).is_err());
             s.read_exact_at(&mut [], 1000).unwrap();
+            assert_eq!(s.read_vec_at(3, 997).unwrap(), data[3..]);
+            assert_eq!(s.read_vec_at(1000, 0).unwrap(), b"");
+            let e = s.read_vec_at(500, 501).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
         }
         assert!(file.as_slice().is_none());
         assert_eq!(bytes.as_slice(), Some(&data[..]));
