@@ -407,6 +407,19 @@ impl Sim {
         self.high = self.clock.now().as_secs();
         self.host.tracking().now = self.high;
         self.remember();
+        self.protect().await?;
+        self.check().await?;
+        for _ in 0..steps {
+            self.tick();
+            self.step().await?;
+            self.check().await?;
+        }
+        Ok(())
+    }
+
+    /// Protects the item (again, after its protection was disabled: a new replica, or
+    /// the released one replaced).
+    async fn protect(&mut self) -> Result<(), String> {
         let policy = ReplicationPolicy {
             copy_frequency: CopyFrequency::Minutes5,
             retention: Duration::from_secs(3600 * (1 + self.rng.below(3))),
@@ -417,14 +430,7 @@ impl Sim {
         self.note(format!("protect (auto resync {})", policy.auto_resync));
         let disks: Vec<PathBuf> = self.sources();
         let r = self.e().protect(ITEM, &disks, policy, BLOCK).await;
-        self.expect_ok("protect", r.map(drop))?;
-        self.check().await?;
-        for _ in 0..steps {
-            self.tick();
-            self.step().await?;
-            self.check().await?;
-        }
-        Ok(())
+        self.expect_ok("protect", r.map(drop))
     }
 
     fn expect_ok(&mut self, what: &str, r: Result<(), Error>) -> Result<(), String> {
@@ -605,7 +611,8 @@ impl Sim {
 
     async fn operate(&mut self) -> Result<(), String> {
         let Ok(v) = self.e().item(ITEM) else {
-            return Ok(());
+            // Protection was disabled (or protecting again failed): protect again.
+            return self.protect().await;
         };
         let (state, health) = (v.status.state, v.status.health);
         let test = v.status.test_failover;
@@ -726,6 +733,12 @@ impl Sim {
                 self.note(format!("{cmd:?}"));
                 let r = self.e().command(cmd).await;
                 self.expect_ok("commit/cancel", r.map(drop))
+            }
+            (S::Protected | S::ResyncRequired, 10) if self.rng.chance(30) => {
+                let delete = self.rng.chance(50);
+                self.note(format!("disable protection (delete replica {delete})"));
+                let r = self.e().unprotect(ITEM, delete).await;
+                self.expect_ok("disable protection", r.map(drop))
             }
             (S::FailoverCommitted, _) => self.failback().await,
             (S::FailbackCompleted, _) => {
