@@ -393,13 +393,14 @@ impl Inner {
         Ok(())
     }
 
-    /// Applies a change to `st` and appends it to the blob's journal; `durable` fsyncs the
-    /// journal (what it lists is then on disk: this line and every one before it).
+    /// Applies changes to `st` and appends them to the blob's journal in one write;
+    /// `durable` fsyncs the journal (what it lists is then on disk: these lines and every
+    /// one before them).
     fn append(
         &self,
         blob: &str,
         st: &mut State,
-        rec: Record,
+        recs: impl IntoIterator<Item = Record>,
         durable: bool,
     ) -> Result<(), StoreError> {
         let dir = self.dir(blob)?;
@@ -408,8 +409,10 @@ impl Inner {
         if st.journal.end == 0 {
             line = journal::header(st);
         }
-        journal::apply(st, &rec);
-        line.extend(journal::encode(&rec));
+        for rec in recs {
+            journal::apply(st, &rec);
+            line.extend(journal::encode(&rec));
+        }
         let f = match OpenOptions::new().write(true).open(&jpath) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -539,13 +542,13 @@ impl Inner {
             self.copy_out(blob, &snap.id, &copy)?;
         }
         // The copies are on disk; the journal lines that list them must be too before
-        // the pages change (the last append fsyncs them all).
-        let (id, last) = (snap.id.clone(), missing.len() - 1);
-        for (k, range) in missing.into_iter().enumerate() {
-            let snapshot = id.clone();
-            self.append(blob, st, Record::Preserve { range, snapshot }, k == last)?;
-        }
-        Ok(())
+        // the pages change.
+        let id = snap.id.clone();
+        let recs = missing.into_iter().map(|range| Record::Preserve {
+            range,
+            snapshot: id.clone(),
+        });
+        self.append(blob, st, recs, true)
     }
 
     /// Copies the current bytes of `ranges` into snapshot `id`'s file, durably.
@@ -602,7 +605,7 @@ impl Inner {
         f.write_all_at(data, offset).map_err(io_err(&path))?;
         // Listed without an fsync of the data: the next sync point makes both durable.
         let (range, etag) = (offset..offset + len, self.new_etag());
-        self.append(blob, &mut st, Record::Write { range, etag }, false)
+        self.append(blob, &mut st, [Record::Write { range, etag }], false)
     }
 
     fn clear_pages(
@@ -620,7 +623,7 @@ impl Inner {
         let (f, path) = self.data(blob)?;
         zero_range(&f, offset, len, &path)?;
         let (range, etag) = (offset..offset + len, self.new_etag());
-        self.append(blob, &mut st, Record::Clear { range, etag }, false)
+        self.append(blob, &mut st, [Record::Clear { range, etag }], false)
     }
 
     fn prepare_overwrite(
