@@ -812,7 +812,7 @@ impl Inner {
         let old = st.size;
         if size < old {
             self.preserve(blob, &mut st, std::slice::from_ref(&(size..old)))?;
-            st.ranges = subtract_all(&st.ranges, &(size..old));
+            journal::cut_range(&mut st.ranges, &(size..old));
         }
         let (f, path) = self.data(blob)?;
         f.set_len(size).map_err(io_err(&path))?;
@@ -1124,14 +1124,6 @@ fn subtract(range: &Range<u64>, have: &[Range<u64>]) -> Vec<Range<u64>> {
         out.push(at..range.end);
     }
     out
-}
-
-/// Every range of `ranges` minus `cut`.
-fn subtract_all(ranges: &[Range<u64>], cut: &Range<u64>) -> Vec<Range<u64>> {
-    ranges
-        .iter()
-        .flat_map(|r| subtract(r, std::slice::from_ref(cut)))
-        .collect()
 }
 
 /// The parts of `ranges` inside `want`.

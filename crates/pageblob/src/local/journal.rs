@@ -63,8 +63,11 @@ fn line(kind: char, a: u64, b: u64, tag: &str) -> Vec<u8> {
     format!("{body} {:016x}\n", crc64(body.as_bytes())).into_bytes()
 }
 
+/// One parsed line: kind, two numbers, tag.
+type Line<'a> = (char, u64, u64, &'a str);
+
 /// Parses one line (without its newline); `None` if it is not a whole, valid line.
-fn parse_line(text: &[u8]) -> Option<(char, u64, u64, &str)> {
+fn parse_line(text: &[u8]) -> Option<Line<'_>> {
     let text = std::str::from_utf8(text).ok()?;
     let (body, crc) = text.rsplit_once(' ')?;
     if crc.len() != 16 || u64::from_str_radix(crc, 16).ok()? != crc64(body.as_bytes()) {
@@ -81,79 +84,73 @@ fn parse_line(text: &[u8]) -> Option<(char, u64, u64, &str)> {
     Some((kind.chars().next()?, a, b, tag))
 }
 
-/// Splits `bytes` into whole lines and parses each, stopping at the first that is not
-/// valid; returns the parsed lines and the bytes they span.
-fn lines(bytes: &[u8]) -> (Vec<(char, u64, u64, &str)>, usize) {
+/// The whole, valid lines at the start of `bytes`, each with the offset just past it;
+/// the first line that is not whole and valid ends them.
+fn lines(bytes: &[u8]) -> Vec<(Line<'_>, usize)> {
     let mut out = Vec::new();
     let mut at = 0;
     while let Some(n) = bytes[at..].iter().position(|&b| b == b'\n') {
         let Some(parsed) = parse_line(&bytes[at..at + n]) else {
             break;
         };
-        out.push(parsed);
         at += n + 1;
-    }
-    (out, at)
-}
-
-/// Records from parsed lines: a header or an unknown kind ends them, as does an empty or
-/// reversed range (none of which a store writes after the header).
-fn records<'a>(parsed: impl Iterator<Item = &'a (char, u64, u64, &'a str)>) -> Vec<Record> {
-    let mut out = Vec::new();
-    for &(kind, a, b, tag) in parsed {
-        if a >= b {
-            break;
-        }
-        let (range, tag) = (a..b, tag.to_owned());
-        out.push(match kind {
-            'W' => Record::Write { range, etag: tag },
-            'C' => Record::Clear { range, etag: tag },
-            'P' => Record::Preserve {
-                range,
-                snapshot: tag,
-            },
-            _ => break,
-        });
+        out.push((parsed, at));
     }
     out
+}
+
+/// A line's record; `None` for a header, an unknown kind, or an empty or reversed range
+/// (none of which a store writes after the header).
+fn record(&(kind, a, b, tag): &Line<'_>) -> Option<Record> {
+    if a >= b {
+        return None;
+    }
+    let (range, tag) = (a..b, tag.to_owned());
+    Some(match kind {
+        'W' => Record::Write { range, etag: tag },
+        'C' => Record::Clear { range, etag: tag },
+        'P' => Record::Preserve {
+            range,
+            snapshot: tag,
+        },
+        _ => return None,
+    })
+}
+
+/// Applies the records that lead `lines` (up to the first line that is not one); returns
+/// the offset just past the last one applied, `start` if none.
+fn apply_lines(st: &mut State, lines: &[(Line<'_>, usize)], start: usize) -> usize {
+    let mut end = start;
+    for (line, after) in lines {
+        let Some(rec) = record(line) else {
+            break;
+        };
+        apply(st, &rec);
+        end = *after;
+    }
+    end
 }
 
 /// Replays a whole journal file onto `st`, the durable state it should follow; returns
 /// the state's position in the file. A journal whose header names another state is void.
 pub(super) fn replay_all(st: &mut State, bytes: &[u8]) -> Position {
-    let (parsed, _) = lines(bytes);
-    let follows =
-        matches!(parsed.first(), Some(&('H', g, 0, etag)) if g == st.generation && etag == st.etag);
-    if !follows {
-        return Position {
-            end: 0,
-            dirty: !bytes.is_empty(),
-        };
-    }
-    let header_len = bytes.iter().position(|&b| b == b'\n').map_or(0, |n| n + 1);
-    let tail = replay_tail(st, &bytes[header_len..]);
+    let lines = lines(bytes);
+    let end = match lines.first() {
+        Some(&(('H', g, 0, etag), header_end)) if g == st.generation && etag == st.etag => {
+            apply_lines(st, &lines[1..], header_end)
+        }
+        _ => 0,
+    };
     Position {
-        end: (header_len + tail.end as usize) as u64,
-        dirty: tail.dirty,
+        end: end as u64,
+        dirty: end < bytes.len(),
     }
 }
 
 /// Replays records (no header) appended after the state's position; returns how many of
 /// `bytes` were valid records applied, and whether any were not.
 pub(super) fn replay_tail(st: &mut State, bytes: &[u8]) -> Position {
-    let (parsed, _) = lines(bytes);
-    let recs = records(parsed.iter());
-    // The bytes the applied records span: as many whole lines as records.
-    let mut end = 0;
-    for _ in &recs {
-        end += bytes[end..]
-            .iter()
-            .position(|&b| b == b'\n')
-            .map_or(0, |n| n + 1);
-    }
-    for rec in &recs {
-        apply(st, rec);
-    }
+    let end = apply_lines(st, &lines(bytes), 0);
     Position {
         end: end as u64,
         dirty: end < bytes.len(),
