@@ -537,6 +537,7 @@ impl Engine {
             .take_digests(&blob, disk.size, BlockSize::new(bs)?, seq)
             .await?;
         let src = self.open_disk(&disk.source, disk.size)?;
+        let signature = digests.signature(&*self.store).await?;
         let delta = {
             let (observer, item, size, bsz) = (
                 self.observer.clone(),
@@ -546,7 +547,7 @@ impl Engine {
             );
             lifeboat_resync::diff_with(
                 Side::Local(&*src),
-                Side::Signature(digests.signature()),
+                Side::Signature(&signature),
                 DiffOptions::default(),
                 move |p| {
                     observer.event(&Event::Progress {

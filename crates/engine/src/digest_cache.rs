@@ -1,13 +1,15 @@
-//! Replica digests kept in memory between batches, within a budget.
+//! Replica digests kept in memory between batches, within a budget: each holds the slot
+//! pages its last batch wrote (the rest stay in the store, read when a batch touches them).
 
 use std::collections::HashMap;
 
 use lifeboat_pageblob::ReplicaDigests;
 
-/// What the engine keeps by default: the digests of about half a TiB of replicas (33
-/// bytes per 64 KiB block). Beyond it the least recently used go, and are read back from
-/// the store when next needed.
-pub(crate) const DEFAULT_BUDGET: usize = 256 << 20;
+/// What the engine keeps by default. A disk's digests hold the slot pages of its last
+/// batch (32 bytes per 64 KiB block: 32 KiB for a 64 MiB copy piece), so this is room for
+/// a few thousand disks; beyond it the least recently used go (their slots stay in the
+/// store).
+pub(crate) const DEFAULT_BUDGET: usize = 64 << 20;
 
 /// Replica digests by blob, the least recently used evicted first once their memory
 /// passes the budget. The entry just put always stays, whatever its size.
@@ -21,7 +23,7 @@ pub(crate) struct DigestCache {
 
 /// The memory one entry holds (its digests; the rest is small).
 fn size(d: &ReplicaDigests) -> usize {
-    std::mem::size_of_val(d.signature().digests())
+    d.memory()
 }
 
 impl Default for DigestCache {
@@ -77,30 +79,46 @@ impl DigestCache {
 
 #[cfg(test)]
 mod tests {
+    use lifeboat_pageblob::PageStore;
     use lifeboat_resync::BlockSize;
 
     use super::*;
 
-    #[test]
-    fn the_least_recently_put_go_first_and_the_last_put_stays() {
-        let bs = BlockSize::DEFAULT;
-        let one = |blocks: u64| ReplicaDigests::zeroed(blocks * u64::from(bs.get()), bs, 0);
-        let per = size(&one(100));
+    #[tokio::test]
+    async fn the_least_recently_put_go_first_and_the_last_put_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = lifeboat_pageblob::LocalStore::open(dir.path()).unwrap();
+        let bs = BlockSize::new(4096).unwrap();
+        // Scanned digests hold a slot for every block until they are saved.
+        let mut made = 0;
+        let mut one = async |blocks: u64| {
+            made += 1;
+            let (blob, len) = (format!("b{made}"), blocks * u64::from(bs.get()));
+            store
+                .create(&blob, len, 0, &Default::default())
+                .await
+                .unwrap();
+            ReplicaDigests::scan_at(&store, &blob, None, len, bs, 0)
+                .await
+                .unwrap()
+        };
+        let per = size(&one(100).await);
+        assert!(per > 0);
         let mut c = DigestCache::with_budget(2 * per);
-        c.put("a".into(), one(100));
-        c.put("b".into(), one(100));
+        c.put("a".into(), one(100).await);
+        c.put("b".into(), one(100).await);
         assert_eq!(c.bytes(), 2 * per);
         // Using "a" again makes "b" the oldest.
         let a = c.take("a").unwrap();
         c.put("a".into(), a);
-        c.put("c".into(), one(100));
+        c.put("c".into(), one(100).await);
         assert!(c.take("b").is_none(), "b was the least recently used");
         assert!(c.take("a").is_some() && c.take("c").is_some());
         assert_eq!(c.bytes(), 0);
         // One entry larger than the budget still stays (the batch in hand needs it).
-        c.put("big".into(), one(1000));
+        c.put("big".into(), one(1000).await);
         assert!(c.bytes() > 2 * per);
-        c.put("small".into(), one(1));
+        c.put("small".into(), one(1).await);
         assert!(c.take("big").is_none() && c.take("small").is_some());
     }
 }

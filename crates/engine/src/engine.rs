@@ -229,9 +229,10 @@ impl EngineBuilder {
         self
     }
 
-    /// How much memory replica digests may keep between batches (default 256 MiB: about
-    /// half a TiB of replicas). Past it the least recently used are dropped and read back
-    /// from the store when next needed.
+    /// How much memory replica digests may keep between batches (default 64 MiB). Each
+    /// disk's hold the slot pages its last batch wrote (32 bytes per block: 32 KiB for a
+    /// 64 MiB batch of 64 KiB blocks), whatever the disk's size; past the budget the least
+    /// recently used are dropped (their slots stay in the store).
     pub fn digest_memory(mut self, bytes: usize) -> Self {
         self.digest_budget = bytes;
         self

@@ -97,7 +97,7 @@ impl Engine {
             )
             .await?;
             match &stored {
-                Some(stored) => v.damaged = stored.differing(&actual),
+                Some(stored) => v.damaged = stored.differing(&*self.store, &actual).await?,
                 None => {
                     v.note = Some("the stored digests are stale (a batch was cut short)".into())
                 }
@@ -105,10 +105,11 @@ impl Engine {
             if against_source && point.is_none() {
                 let src = self.open_disk(&disk.source, disk.size)?;
                 let sig = Signature::compute(&*src, bs)?;
+                let replica = actual.signature(&*self.store).await?;
                 v.unlike_source = Some(
                     sig.digests()
                         .iter()
-                        .zip(actual.signature().digests())
+                        .zip(replica.digests())
                         .enumerate()
                         .filter(|(_, (a, b))| a != b)
                         .map(|(i, _)| i as u64)

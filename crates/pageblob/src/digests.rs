@@ -1,7 +1,8 @@
 //! `ReplicaDigests`: the replica's block signature, kept current as batches land and stored
 //! beside the blob, so a resync or failback never reads the whole replica back.
 
-use std::collections::BTreeSet;
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 
 use bytes::Bytes;
@@ -24,22 +25,73 @@ const FORMAT_KEY: &str = "digestformat";
 const FORMAT: &str = "slots32";
 const SLOT: u64 = 32;
 
+/// One page of the digests blob: [`SLOTS_PER_PAGE`] slots.
+type Page = Box<[u8; PAGE as usize]>;
+const SLOTS_PER_PAGE: u64 = PAGE / SLOT;
+
+fn zero_page() -> Page {
+    Box::new([0u8; PAGE as usize])
+}
+
+/// The digest a stored slot holds (all zeros: a zero block).
+fn decode(slot: &[u8]) -> Digest {
+    let mut h = [0u8; SLOT as usize];
+    h.copy_from_slice(slot);
+    if h == [0; SLOT as usize] {
+        Digest::Zero
+    } else {
+        Digest::Hash(h)
+    }
+}
+
+/// Runs of consecutive values in `sorted` (ascending, no repeats), each at most `max` long.
+fn runs(sorted: &[u64], max: u64) -> Vec<Range<u64>> {
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for &v in sorted {
+        match out.last_mut() {
+            Some(r) if r.end == v && r.end - r.start < max => r.end += 1,
+            _ => out.push(v..v + 1),
+        }
+    }
+    out
+}
+
+/// Where the slots not held in memory are read from: the digests blob, or a snapshot of it.
+#[derive(Clone, Debug)]
+struct Backing {
+    name: String,
+    snapshot: Option<String>,
+}
+
 /// The BLAKE3 block signature (as `lifeboat-resync` computes it) of the first `len` bytes
 /// of a replica blob, with the blob sequence number it describes.
 ///
-/// After each batch, [`ReplicaDigests::update`] re-hashes only the blocks the batch
-/// touched (read back from the store), and [`ReplicaDigests::save`] writes only the pages
-/// of the [`digests_blob`] that hold those blocks' slots (32 bytes per block, all zeros for
-/// a zero block), then records the sequence number in its metadata: the cost of a save
-/// follows the batch, not the disk. Digests whose sequence number is not the blob's (a
-/// crash between the batch and the save) are stale: [`ReplicaDigests::load`] reports it so
-/// the caller can [`rebuild`](ReplicaDigests::rebuild).
+/// The digests live in the [`digests_blob`] (32 bytes per block, all zeros for a zero
+/// block); memory holds only the slot pages the last batch touched. After each batch,
+/// [`ReplicaDigests::update_with`] reads the slot pages of the blocks the batch touched
+/// (none for pages whose every block it covers whole), and re-hashes only blocks it covered
+/// in part (read back from the store); [`ReplicaDigests::save`] writes only those slot
+/// pages, then records the sequence number in its metadata: the cost of a batch follows
+/// the batch, not the disk, and so does the memory. Digests whose sequence number is not
+/// the blob's (a crash between the batch and the save) are stale:
+/// [`ReplicaDigests::load`] reports it so the caller can
+/// [`rebuild`](ReplicaDigests::rebuild).
+///
+/// New, rebuilt and scanned digests are held whole (absent pages are zero slots) until
+/// their first save; [`ReplicaDigests::signature`] reads every slot (a resync's whole
+/// signature).
 #[derive(Clone, Debug)]
 pub struct ReplicaDigests {
-    signature: Signature,
+    len: u64,
+    block_size: BlockSize,
     sequence_number: u64,
-    /// Blocks changed since the last save or load; `None`: every slot must be written.
-    dirty: Option<BTreeSet<u64>>,
+    /// Slot pages held, by page index in the digests blob.
+    pages: BTreeMap<u64, Page>,
+    /// Where pages not held are; `None`: every page is held or all zeros, and none is
+    /// stored yet (a save writes them all).
+    backing: Option<Backing>,
+    /// Pages changed since the last save or load (of backed digests).
+    dirty: BTreeSet<u64>,
 }
 
 /// A batch's block digests computed from the bytes it sends ([`BatchDigests::of`]), and
@@ -108,35 +160,173 @@ impl BatchDigests {
     }
 }
 
-impl PartialEq for ReplicaDigests {
-    fn eq(&self, other: &Self) -> bool {
-        self.signature == other.signature && self.sequence_number == other.sequence_number
-    }
-}
-
-impl Eq for ReplicaDigests {}
-
 impl ReplicaDigests {
     /// The digests of a new, all-zero replica of `len` bytes at sequence number `seq`.
     pub fn zeroed(len: u64, block_size: BlockSize, seq: u64) -> Self {
-        let n = block_size.blocks(len) as usize;
-        let signature = Signature::from_parts(block_size, len, vec![Digest::Zero; n])
-            .expect("one digest per block by construction");
         ReplicaDigests {
-            signature,
+            len,
+            block_size,
             sequence_number: seq,
-            dirty: None,
+            pages: BTreeMap::new(),
+            backing: None,
+            dirty: BTreeSet::new(),
         }
     }
 
-    /// The signature.
-    pub fn signature(&self) -> &Signature {
-        &self.signature
+    /// The replica length the digests describe.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether they describe an empty replica.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The block size.
+    pub fn block_size(&self) -> BlockSize {
+        self.block_size
     }
 
     /// The blob sequence number the digests describe.
     pub fn sequence_number(&self) -> u64 {
         self.sequence_number
+    }
+
+    /// Bytes of slots held in memory (the rest stays in the store).
+    pub fn memory(&self) -> usize {
+        self.pages.len() * PAGE as usize
+    }
+
+    fn blocks(&self) -> u64 {
+        self.block_size.blocks(self.len)
+    }
+
+    /// Pages of slots: the digests blob's size in pages (at least one).
+    fn page_count(&self) -> u64 {
+        (self.blocks() * SLOT).div_ceil(PAGE).max(1)
+    }
+
+    fn corrupt(&self, reason: String) -> StoreError {
+        StoreError::Corrupt {
+            path: self
+                .backing
+                .as_ref()
+                .map_or_else(|| "replica digests".into(), |b| b.name.clone()),
+            reason,
+        }
+    }
+
+    /// Reads pages `run` of the backing store (at most 4 MiB).
+    async fn fetch(
+        &self,
+        store: &dyn PageStore,
+        backing: &Backing,
+        run: Range<u64>,
+    ) -> Result<Bytes, StoreError> {
+        let len = (run.end - run.start) * PAGE;
+        let bytes = store
+            .read(
+                &backing.name,
+                backing.snapshot.as_deref(),
+                run.start * PAGE,
+                len,
+            )
+            .await?;
+        if bytes.len() as u64 != len {
+            return Err(self.corrupt(format!(
+                "read {} bytes of slots at {}, asked for {len}",
+                bytes.len(),
+                run.start * PAGE
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// Reads the pages among `wanted` (ascending, no repeats) that are not held.
+    async fn hold(&mut self, store: &dyn PageStore, wanted: &[u64]) -> Result<(), StoreError> {
+        let Some(backing) = self.backing.clone() else {
+            return Ok(()); // absent pages are zero slots
+        };
+        let missing: Vec<u64> = wanted
+            .iter()
+            .copied()
+            .filter(|p| !self.pages.contains_key(p))
+            .collect();
+        for run in runs(&missing, MAX_PUT / PAGE) {
+            let bytes = self.fetch(store, &backing, run.clone()).await?;
+            for (p, chunk) in run.zip(bytes.chunks(PAGE as usize)) {
+                let mut page = zero_page();
+                page.copy_from_slice(chunk);
+                self.pages.insert(p, page);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets one block's digest, marking its page for the next save.
+    fn set(&mut self, block: u64, d: Digest) -> Result<(), StoreError> {
+        if block >= self.blocks() {
+            return Err(self.corrupt(format!(
+                "block {block} is past the last of {}",
+                self.blocks()
+            )));
+        }
+        let p = block / SLOTS_PER_PAGE;
+        let backed = self.backing.is_some();
+        let page = match self.pages.entry(p) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) if !backed => e.insert(zero_page()),
+            Entry::Vacant(_) => {
+                return Err(self.corrupt(format!("slot page {p} was set before it was read")));
+            }
+        };
+        let at = ((block % SLOTS_PER_PAGE) * SLOT) as usize;
+        let slot = &mut page[at..at + SLOT as usize];
+        match d {
+            Digest::Zero => slot.fill(0),
+            Digest::Hash(h) => slot.copy_from_slice(&h),
+        }
+        self.dirty.insert(p);
+        Ok(())
+    }
+
+    /// The whole signature, reading the slots not held (memory for every block, until it
+    /// is dropped).
+    pub async fn signature(&self, store: &dyn PageStore) -> Result<Signature, StoreError> {
+        let n = self.blocks();
+        let mut digests = Vec::with_capacity(n as usize);
+        let push = |page: &[u8], digests: &mut Vec<Digest>| {
+            for slot in page.chunks(SLOT as usize) {
+                if digests.len() as u64 == n {
+                    break;
+                }
+                digests.push(decode(slot));
+            }
+        };
+        let pages = self.page_count();
+        let mut p = 0;
+        while p < pages {
+            if let Some(page) = self.pages.get(&p) {
+                push(&page[..], &mut digests);
+                p += 1;
+                continue;
+            }
+            let Some(backing) = &self.backing else {
+                push(&[0u8; PAGE as usize], &mut digests);
+                p += 1;
+                continue;
+            };
+            let mut q = p + 1;
+            while q < pages && q - p < MAX_PUT / PAGE && !self.pages.contains_key(&q) {
+                q += 1;
+            }
+            let bytes = self.fetch(store, backing, p..q).await?;
+            push(&bytes, &mut digests);
+            p = q;
+        }
+        Signature::from_parts(self.block_size, self.len, digests)
+            .map_err(|e| self.corrupt(e.to_string()))
     }
 
     /// Re-hashes the blocks that `touched` ranges overlap, reading them back from the
@@ -153,23 +343,9 @@ impl ReplicaDigests {
         Ok(())
     }
 
-    /// Sets one block's digest, marking it for the next save.
-    fn set(&mut self, block: u64, d: Digest) -> Result<(), StoreError> {
-        self.signature
-            .set_digest(block, d)
-            .map_err(|e| StoreError::Corrupt {
-                path: "replica digests".into(),
-                reason: e.to_string(),
-            })?;
-        if let Some(dirty) = &mut self.dirty {
-            dirty.insert(block);
-        }
-        Ok(())
-    }
-
     /// Records a landed batch's digests: those computed from its bytes as they are, the
     /// blocks it covered in part read back from the store; and `seq` (the blob's sequence
-    /// number after the batch).
+    /// number after the batch). Reads the slot pages the batch touched in part.
     pub async fn update_with(
         &mut self,
         store: &dyn PageStore,
@@ -177,6 +353,24 @@ impl ReplicaDigests {
         batch: BatchDigests,
         seq: u64,
     ) -> Result<(), StoreError> {
+        // A page whose every slot the batch sets is not read first.
+        let n = self.blocks();
+        let mut set_in: BTreeMap<u64, u64> = BTreeMap::new();
+        for (b, _) in &batch.known {
+            *set_in.entry(b / SLOTS_PER_PAGE).or_default() += 1;
+        }
+        let (mut whole, mut part) = (Vec::new(), Vec::new());
+        for (&p, &count) in &set_in {
+            if count == SLOTS_PER_PAGE.min(n.saturating_sub(p * SLOTS_PER_PAGE)) {
+                whole.push(p);
+            } else {
+                part.push(p);
+            }
+        }
+        self.hold(store, &part).await?;
+        for p in whole {
+            self.pages.entry(p).or_insert_with(zero_page);
+        }
         for (block, d) in batch.known {
             self.set(block, d)?;
         }
@@ -194,32 +388,26 @@ impl ReplicaDigests {
         snapshot: Option<&str>,
         touched: &[Range<u64>],
     ) -> Result<(), StoreError> {
-        let bs = self.signature.block_size();
-        let len = self.signature.len();
+        let (bs, len) = (self.block_size, self.len);
+        let size = u64::from(bs.get());
         let mut blocks: Vec<u64> = touched
             .iter()
             .filter(|r| r.start < r.end && r.start < len)
-            .flat_map(|r| {
-                r.start / u64::from(bs.get())..=(r.end.min(len) - 1) / u64::from(bs.get())
-            })
+            .flat_map(|r| r.start / size..=(r.end.min(len) - 1) / size)
             .collect();
         blocks.sort_unstable();
         blocks.dedup();
+        let mut pages: Vec<u64> = blocks.iter().map(|b| b / SLOTS_PER_PAGE).collect();
+        pages.dedup();
+        self.hold(store, &pages).await?;
         // Read runs of adjacent blocks in requests of at most 4 MiB.
-        let mut i = 0;
-        while i < blocks.len() {
-            let mut j = i + 1;
-            let per = (MAX_PUT / u64::from(bs.get())).max(1);
-            while j < blocks.len() && blocks[j] == blocks[j - 1] + 1 && (j - i) as u64 <= per {
-                j += 1;
-            }
-            let start = bs.range(blocks[i], len).start;
-            let end = bs.range(blocks[j - 1], len).end;
+        for run in runs(&blocks, (MAX_PUT / size).max(1)) {
+            let start = bs.range(run.start, len).start;
+            let end = bs.range(run.end - 1, len).end;
             let data = store.read(blob, snapshot, start, end - start).await?;
-            for (k, chunk) in data.chunks(bs.get() as usize).enumerate() {
-                self.set(blocks[i] + k as u64, lifeboat_resync::digest_block(chunk))?;
+            for (b, chunk) in run.zip(data.chunks(size as usize)) {
+                self.set(b, lifeboat_resync::digest_block(chunk))?;
             }
-            i = j;
         }
         Ok(())
     }
@@ -285,24 +473,29 @@ impl ReplicaDigests {
             store,
             blob,
             snapshot,
-            self.signature.len(),
-            self.signature.block_size(),
+            self.len,
+            self.block_size,
             self.sequence_number,
         )
         .await?;
-        Ok(self.differing(&fresh))
+        self.differing(store, &fresh).await
     }
 
-    /// Blocks whose digests differ between these and `other` (of the same geometry).
-    pub fn differing(&self, other: &ReplicaDigests) -> Vec<u64> {
-        self.signature
-            .digests()
+    /// Blocks whose digests differ between these and `other` (of the same geometry),
+    /// reading the slots neither holds.
+    pub async fn differing(
+        &self,
+        store: &dyn PageStore,
+        other: &ReplicaDigests,
+    ) -> Result<Vec<u64>, StoreError> {
+        let (a, b) = (self.signature(store).await?, other.signature(store).await?);
+        Ok(a.digests()
             .iter()
-            .zip(other.signature.digests())
+            .zip(b.digests())
             .enumerate()
             .filter(|(_, (a, b))| a != b)
             .map(|(i, _)| i as u64)
-            .collect()
+            .collect())
     }
 
     /// Re-hashes `blocks` from the blob's current bytes (the digests then describe what the
@@ -314,9 +507,10 @@ impl ReplicaDigests {
         blob: &str,
         blocks: &[u64],
     ) -> Result<(), StoreError> {
-        let bs = self.signature.block_size();
-        let len = self.signature.len();
-        let ranges: Vec<Range<u64>> = blocks.iter().map(|&b| bs.range(b, len)).collect();
+        let ranges: Vec<Range<u64>> = blocks
+            .iter()
+            .map(|&b| self.block_size.range(b, self.len))
+            .collect();
         self.rehash(store, blob, None, &ranges).await
     }
 
@@ -335,9 +529,10 @@ impl ReplicaDigests {
         )
     }
 
-    /// Writes the slots changed since the last save (all of them for new or rebuilt
-    /// digests) into the [`digests_blob`], then its metadata, as the holder of `lease` (a
-    /// digests blob this creates is leased to it).
+    /// Writes the slot pages changed since the last save (all of them for new, rebuilt
+    /// or scanned digests) into the [`digests_blob`], then its metadata, as the holder of
+    /// `lease` (a digests blob this creates is leased to it). Afterwards only the pages
+    /// just written stay in memory.
     pub async fn save(
         &mut self,
         store: &dyn PageStore,
@@ -346,16 +541,22 @@ impl ReplicaDigests {
     ) -> Result<(), StoreError> {
         let name = digests_blob(blob);
         let cond = Condition::NONE.with_lease(lease);
-        let n = self.signature.digests().len() as u64;
-        let size = (n * SLOT).div_ceil(PAGE).max(1) * PAGE;
-        match store.properties(&name).await {
-            Ok(p) if p.size == size => {}
-            Ok(_) => {
-                store.resize(&name, size, cond).await?;
-                self.dirty = None;
+        let count = self.page_count();
+        if self.backing.as_ref().is_some_and(|b| b.snapshot.is_some()) {
+            // Loaded from a snapshot: the live blob does not hold the pages not read.
+            let all: Vec<u64> = (0..count).collect();
+            self.hold(store, &all).await?;
+            self.backing = None;
+        }
+        let size = count * PAGE;
+        let existing = match store.properties(&name).await {
+            Ok(p) => {
+                if p.size != size {
+                    store.resize(&name, size, cond).await?;
+                }
+                true
             }
-            Err(StoreError::NotFound { .. }) => {
-                // A new blob reads as zeros: only non-zero slots need writing.
+            Err(StoreError::NotFound { .. }) if self.backing.is_none() => {
                 match store.create(&name, size, 0, &Metadata::new()).await {
                     Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
                     Err(e) => return Err(e),
@@ -363,52 +564,50 @@ impl ReplicaDigests {
                 if let Some(l) = lease {
                     store.acquire_lease(&name, l).await?;
                 }
-                if self.dirty.is_none() {
-                    self.dirty = Some(
-                        (0..n)
-                            .filter(|&i| self.signature.digests()[i as usize] != Digest::Zero)
-                            .collect(),
-                    );
-                }
+                false
             }
             Err(e) => return Err(e),
-        }
-        // Pages to write: those holding dirty slots, in runs of at most 4 MiB.
-        let per_page = PAGE / SLOT;
-        let pages: Vec<u64> = match &self.dirty {
-            None => (0..size / PAGE).collect(),
-            Some(d) => {
-                let mut p: Vec<u64> = d.iter().map(|b| b / per_page).collect();
-                p.dedup();
-                p
-            }
         };
-        let mut i = 0;
-        while i < pages.len() {
-            let mut j = i + 1;
-            while j < pages.len()
-                && pages[j] == pages[j - 1] + 1
-                && (j - i + 1) as u64 * PAGE <= MAX_PUT
-            {
-                j += 1;
-            }
-            let (first, count) = (pages[i], (j - i) as u64);
-            let mut body = vec![0u8; (count * PAGE) as usize];
-            for (k, slot) in body.chunks_mut(SLOT as usize).enumerate() {
-                let block = first * per_page + k as u64;
-                if let Some(Digest::Hash(h)) = self.signature.digests().get(block as usize) {
-                    slot.copy_from_slice(h);
+        let pages: Vec<u64> = match (&self.backing, existing) {
+            (Some(_), _) => self.dirty.iter().copied().collect(),
+            // Everything, over whatever the blob held.
+            (None, true) => (0..count).collect(),
+            // A new blob reads as zeros: only non-zero pages.
+            (None, false) => self
+                .pages
+                .iter()
+                .filter(|(_, page)| page.iter().any(|&b| b != 0))
+                .map(|(&p, _)| p)
+                .collect(),
+        };
+        for run in runs(&pages, MAX_PUT / PAGE) {
+            let mut body = Vec::with_capacity(((run.end - run.start) * PAGE) as usize);
+            for p in run.clone() {
+                match self.pages.get(&p) {
+                    Some(page) => body.extend_from_slice(&page[..]),
+                    None => body.resize(body.len() + PAGE as usize, 0),
                 }
             }
             let crc = crc64(&body);
             store
-                .write_pages(&name, first * PAGE, Bytes::from(body), crc, cond)
+                .write_pages(&name, run.start * PAGE, Bytes::from(body), crc, cond)
                 .await?;
-            i = j;
         }
         let md = self.metadata(Some(self.sequence_number));
         store.set_metadata(&name, &md, cond).await?;
-        self.dirty = Some(BTreeSet::new());
+        // The store holds every slot now: keep only the pages this save wrote for a
+        // backed batch (the next batch often touches them again).
+        if self.backing.is_some() {
+            let dirty = std::mem::take(&mut self.dirty);
+            self.pages.retain(|p, _| dirty.contains(p));
+        } else {
+            self.pages.clear();
+            self.dirty.clear();
+        }
+        self.backing = Some(Backing {
+            name,
+            snapshot: None,
+        });
         Ok(())
     }
 
@@ -437,11 +636,8 @@ impl ReplicaDigests {
     fn metadata(&self, seq: Option<u64>) -> Metadata {
         let mut md: Metadata = [
             (FORMAT_KEY.to_string(), FORMAT.to_string()),
-            (LEN_KEY.to_string(), self.signature.len().to_string()),
-            (
-                BS_KEY.to_string(),
-                self.signature.block_size().get().to_string(),
-            ),
+            (LEN_KEY.to_string(), self.len.to_string()),
+            (BS_KEY.to_string(), self.block_size.get().to_string()),
         ]
         .into();
         if let Some(seq) = seq {
@@ -450,8 +646,9 @@ impl ReplicaDigests {
         md
     }
 
-    /// Loads the stored digests of `blob`: `Ok(None)` if there are none, or if they
-    /// describe another sequence number than the blob's (stale).
+    /// The stored digests of `blob` (reads metadata only: slots are read when a batch
+    /// touches them): `Ok(None)` if there are none, or if they describe another sequence
+    /// number than the blob's (stale).
     pub async fn load(store: &dyn PageStore, blob: &str) -> Result<Option<Self>, StoreError> {
         let seq = store.properties(blob).await?.sequence_number;
         Self::load_from(store, blob, None)
@@ -459,7 +656,7 @@ impl ReplicaDigests {
             .map(|d| d.filter(|d| d.sequence_number == seq))
     }
 
-    /// Loads the digests a snapshot of the [`digests_blob`] holds (taken with a recovery
+    /// The digests a snapshot of the [`digests_blob`] holds (taken with a recovery
     /// point: they describe the replica's snapshot of the same moment).
     pub async fn load_at(
         store: &dyn PageStore,
@@ -508,28 +705,28 @@ impl ReplicaDigests {
                 p.size
             )));
         }
-        let mut digests = Vec::with_capacity(n as usize);
-        let mut at = 0;
-        while at < n * SLOT {
-            let chunk = (n * SLOT - at).min(MAX_PUT);
-            let bytes = store.read(&name, snapshot, at, chunk).await?;
-            for slot in bytes.chunks(SLOT as usize) {
-                let mut h = [0u8; 32];
-                h.copy_from_slice(slot);
-                digests.push(if h == [0; 32] {
-                    Digest::Zero
-                } else {
-                    Digest::Hash(h)
-                });
-            }
-            at += chunk;
-        }
-        let signature =
-            Signature::from_parts(bs, len, digests).map_err(|e| corrupt(e.to_string()))?;
         Ok(Some(ReplicaDigests {
-            signature,
+            len,
+            block_size: bs,
             sequence_number: seq,
-            dirty: Some(BTreeSet::new()),
+            pages: BTreeMap::new(),
+            backing: Some(Backing {
+                name,
+                snapshot: snapshot.map(str::to_owned),
+            }),
+            dirty: BTreeSet::new(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs;
+
+    #[test]
+    fn runs_split_at_gaps_and_at_their_limit() {
+        assert_eq!(runs(&[], 4), []);
+        assert_eq!(runs(&[1, 2, 3, 7, 8, 20], 4), [1..4, 7..9, 20..21]);
+        assert_eq!(runs(&[0, 1, 2, 3, 4, 5], 4), [0..4, 4..6]);
     }
 }

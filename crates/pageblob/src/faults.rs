@@ -81,10 +81,21 @@ pub struct Seen {
     pub len: u64,
 }
 
+/// A read the decorator saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeenRead {
+    /// The blob read.
+    pub blob: String,
+    /// Offset.
+    pub offset: u64,
+    /// Length.
+    pub len: u64,
+}
+
 /// Wraps any [`PageStore`]: the Nth page request (writes and clears, counted from 1)
 /// fails with the fault planned for it, and the next requests of a kind fail as planned
-/// ([`FaultyStore::fail_next`]); every page request is recorded, so tests can check sizes
-/// and alignment of what was actually sent.
+/// ([`FaultyStore::fail_next`]); every page request and every read is recorded, so tests
+/// can check sizes and alignment of what was actually sent, and what was read.
 #[derive(Debug)]
 pub struct FaultyStore<S> {
     inner: S,
@@ -92,6 +103,7 @@ pub struct FaultyStore<S> {
     by_kind: Mutex<BTreeMap<Request, (u32, Fault)>>,
     count: Mutex<u64>,
     seen: Mutex<Vec<Seen>>,
+    reads: Mutex<Vec<SeenRead>>,
     /// Requests left before the caller "dies": every later one fails.
     lives: Mutex<Option<u64>>,
 }
@@ -105,6 +117,7 @@ impl<S> FaultyStore<S> {
             by_kind: Mutex::new(BTreeMap::new()),
             count: Mutex::new(0),
             seen: Mutex::new(Vec::new()),
+            reads: Mutex::new(Vec::new()),
             lives: Mutex::new(None),
         }
     }
@@ -145,6 +158,11 @@ impl<S> FaultyStore<S> {
     /// The page requests seen so far (including failed ones).
     pub fn seen(&self) -> Vec<Seen> {
         lock(&self.seen).clone()
+    }
+
+    /// The reads seen so far (including failed ones).
+    pub fn reads(&self) -> Vec<SeenRead> {
+        lock(&self.reads).clone()
     }
 
     /// The wrapped store.
@@ -292,6 +310,11 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         offset: u64,
         len: u64,
     ) -> Result<Bytes, StoreError> {
+        lock(&self.reads).push(SeenRead {
+            blob: blob.to_owned(),
+            offset,
+            len,
+        });
         let f = self.planned(Request::Read);
         self.run(f, self.inner.read(blob, snapshot, offset, len))
             .await

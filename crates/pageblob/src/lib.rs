@@ -100,4 +100,4 @@ pub mod vhd;
 mod writer;
 
 #[cfg(feature = "testing")]
-pub use crate::faults::{Fault, FaultyStore, Request, Seen};
+pub use crate::faults::{Fault, FaultyStore, Request, Seen, SeenRead};

@@ -890,10 +890,21 @@ async fn batch_digests_from_sent_bytes_equal_the_replica_as_it_lands() {
         digests.update_with(&*s, "d", batch, seq + 1).await.unwrap();
         let replica = read_all(&*s, "d", len).await;
         assert_eq!(
-            digests.signature(),
-            &Signature::compute(&replica, bs).unwrap(),
+            digests.signature(&*s).await.unwrap(),
+            Signature::compute(&replica, bs).unwrap(),
             "batch {seq}"
         );
+        // Saved digests hold only the pages just written (the next batch reads the slot
+        // pages it touches in part); loaded ones hold none.
+        match seq % 4 {
+            1 => digests.save(&*s, "d", None).await.unwrap(),
+            3 => {
+                digests.save(&*s, "d", None).await.unwrap();
+                digests = ReplicaDigests::load(&*s, "d").await.unwrap().unwrap();
+                assert_eq!(digests.memory(), 0);
+            }
+            _ => {}
+        }
         edges = replica;
     }
 }
@@ -926,15 +937,12 @@ async fn replica_digests_follow_batches_persist_and_drive_a_resync() {
     w.apply_batch(0, changes, None).await.unwrap();
     digests.update(&*s, "d", &touched, 1).await.unwrap();
     let replica = read_all(&*s, "d", len).await;
-    assert_eq!(
-        digests.signature(),
-        &Signature::compute(&replica, bs).unwrap()
-    );
+    let want = Signature::compute(&replica, bs).unwrap();
+    assert_eq!(digests.signature(&*s).await.unwrap(), want);
     digests.save(&*s, "d", None).await.unwrap();
-    assert_eq!(
-        ReplicaDigests::load(&*s, "d").await.unwrap().as_ref(),
-        Some(&digests)
-    );
+    let loaded = ReplicaDigests::load(&*s, "d").await.unwrap().unwrap();
+    assert_eq!(loaded.signature(&*s).await.unwrap(), want);
+    assert_eq!(loaded.sequence_number(), 1);
 
     // A batch without a digest update leaves the stored digests stale: load says so.
     w.apply_batch(
@@ -947,7 +955,7 @@ async fn replica_digests_follow_batches_persist_and_drive_a_resync() {
     )
     .await
     .unwrap();
-    assert_eq!(ReplicaDigests::load(&*s, "d").await.unwrap(), None);
+    assert!(ReplicaDigests::load(&*s, "d").await.unwrap().is_none());
     assert_eq!(digests.verify(&*s, "d").await.unwrap(), [7 * MIB / 65536]);
     let rebuilt = ReplicaDigests::rebuild(&*s, "d", len, bs).await.unwrap();
     assert!(rebuilt.verify(&*s, "d").await.unwrap().is_empty());
@@ -970,14 +978,14 @@ async fn replica_digests_follow_batches_persist_and_drive_a_resync() {
     .unwrap();
     assert_eq!(s.properties("d").await.unwrap().sequence_number, 2);
     assert!(!ReplicaDigests::is_current(&*s, "d").await.unwrap());
-    assert_eq!(ReplicaDigests::load(&*s, "d").await.unwrap(), None);
+    assert!(ReplicaDigests::load(&*s, "d").await.unwrap().is_none());
     let rebuilt = ReplicaDigests::rebuild(&*s, "d", len, bs).await.unwrap();
 
     // Resync a source disk against the stored digests without reading the replica.
     let mut source = read_all(&*s, "d", len).await;
     source[3 * MIB as usize..3 * MIB as usize + 10].fill(0xEE);
     source[6 * MIB as usize..7 * MIB as usize].fill(0);
-    let delta = diff(&source, rebuilt.signature()).unwrap();
+    let delta = diff(&source, &rebuilt.signature(&*s).await.unwrap()).unwrap();
     let changes: Vec<Change> = delta
         .extents
         .iter()
@@ -1206,12 +1214,11 @@ async fn replica_digests_save_writes_only_the_touched_slots() {
     );
     assert_eq!(writes.len(), 2, "{writes:?}");
     let loaded = ReplicaDigests::load(&*s, "d").await.unwrap().unwrap();
-    assert_eq!(loaded, digests);
+    assert_eq!(loaded.sequence_number(), 2);
     let replica = read_all(&*s, "d", len).await;
-    assert_eq!(
-        loaded.signature(),
-        &Signature::compute(&replica, bs).unwrap()
-    );
+    let want = Signature::compute(&replica, bs).unwrap();
+    assert_eq!(loaded.signature(&*s).await.unwrap(), want);
+    assert_eq!(digests.signature(&*s).await.unwrap(), want);
     assert!(s.inner().properties(&digests_blob("d")).await.is_ok());
 }
 
@@ -1359,4 +1366,88 @@ async fn a_lost_set_sequence_number_reply_is_not_a_failed_batch() {
         w2.apply_batch(0, change(), None).await,
         Err(lifeboat_pageblob::WriteError::Fenced { .. })
     ));
+}
+
+/// The digests of a 1 TiB replica cost memory and reads by batch, not by disk (the slots
+/// blob is 512 MiB): loading them reads metadata only; a batch reads the slot pages of the
+/// blocks it covers in part (a slot page whose every block it covers whole is not read),
+/// reads back only the block it covers in part, and saves the pages it touched; memory
+/// holds those pages and nothing else; every slot it wrote is the block's digest.
+#[tokio::test]
+async fn digests_of_a_large_replica_read_and_hold_only_the_slots_a_batch_touches() {
+    use lifeboat_pageblob::{BatchDigests, FaultyStore, ReplicaDigests, digests_blob};
+    use lifeboat_resync::{BlockSize, Digest, digest_block};
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(FaultyStore::new(LocalStore::open(dir.path()).unwrap()));
+    let len = 1u64 << 40;
+    let bs = BlockSize::DEFAULT;
+    const GIB: u64 = 1 << 30;
+    s.create("d", len, 0, &Default::default()).await.unwrap();
+    let mut digests = ReplicaDigests::zeroed(len, bs, 0);
+    digests.save(&*s, "d", None).await.unwrap();
+    assert_eq!(digests.memory(), 0);
+    let mut digests = ReplicaDigests::load(&*s, "d").await.unwrap().unwrap();
+    assert!(s.reads().is_empty(), "loading reads no slot");
+
+    let (part, whole, zeros) = (300 * GIB + 4096, 700 * GIB, 900 * GIB);
+    let changes = vec![
+        // In part: block 300 GiB / 64 KiB is read back and re-hashed.
+        Change::Data {
+            offset: part,
+            data: Bytes::from(random(4096, 1)),
+        },
+        // One whole block: hashed from the bytes sent; its slot page (16 blocks) is read.
+        Change::Data {
+            offset: whole,
+            data: Bytes::from(random(65536, 2)),
+        },
+        // 16 whole zero blocks filling one slot page: that page is not read.
+        Change::Zero {
+            offset: zeros,
+            len: MIB,
+        },
+    ];
+    let batch = BatchDigests::of(&changes, bs, len);
+    let w = PageWriter::new(s.clone(), "d", WriterConfig::default());
+    w.apply_batch(0, changes, None).await.unwrap();
+    let before = s.reads().len();
+    digests.update_with(&*s, "d", batch, 1).await.unwrap();
+    digests.save(&*s, "d", None).await.unwrap();
+    let reads = &s.reads()[before..];
+    let slot_page = |at: u64| at / 65536 * 32 / 512 * 512;
+    let name = digests_blob("d");
+    let mut slot_reads: Vec<_> = reads
+        .iter()
+        .filter(|r| r.blob == name)
+        .map(|r| (r.offset, r.len))
+        .collect();
+    slot_reads.sort_unstable();
+    assert_eq!(
+        slot_reads,
+        [(slot_page(part), 512), (slot_page(whole), 512)],
+        "{reads:?}"
+    );
+    let data_reads: Vec<_> = reads.iter().filter(|r| r.blob == "d").collect();
+    assert_eq!(data_reads.len(), 1, "{reads:?}");
+    assert_eq!(
+        (data_reads[0].offset, data_reads[0].len),
+        (300 * GIB, 65536)
+    );
+    assert_eq!(digests.memory(), 3 * 512, "the three slot pages written");
+    assert!(ReplicaDigests::is_current(&*s, "d").await.unwrap());
+
+    // Every slot of the three pages is the digest of its block as the replica holds it.
+    for at in [part, whole, zeros] {
+        let page = s.read(&name, None, slot_page(at), 512).await.unwrap();
+        let first = slot_page(at) / 32;
+        for (k, slot) in page.chunks(32).enumerate() {
+            let block = first + k as u64;
+            let bytes = s.read("d", None, block * 65536, 65536).await.unwrap();
+            let want = match digest_block(&bytes) {
+                Digest::Zero => [0u8; 32],
+                Digest::Hash(h) => h,
+            };
+            assert_eq!(slot, want, "block {block}");
+        }
+    }
 }
