@@ -24,6 +24,20 @@ const BATCH_BYTES: u64 = 32 << 20;
 /// Data bytes per batch when applying logs (each batch one sequence number).
 const LOG_BATCH_BYTES: u64 = 8 << 20;
 
+/// Opens a disk of `host`, checking it is `len` bytes.
+fn open_disk(host: &dyn crate::host::Host, path: &Path, len: u64) -> Result<Arc<dyn Disk>> {
+    let what = || format!("disk {}", path.display());
+    let disk = host.open_disk(path).map_err(Error::io(what()))?;
+    let have = disk.size().map_err(Error::io(what()))?;
+    if have != len {
+        return Err(Error::Invalid(format!(
+            "disk {} is {have} bytes, expected {len} (the protected disk's size)",
+            path.display()
+        )));
+    }
+    Ok(disk)
+}
+
 impl Engine {
     /// The lease this site writes the blobs it owns with.
     fn lease(&self) -> Condition {
@@ -32,25 +46,14 @@ impl Engine {
 
     /// Opens a host disk, checking it is `len` bytes.
     pub(crate) fn open_disk(&self, path: &Path, len: u64) -> Result<Arc<dyn Disk>> {
-        let what = || format!("disk {}", path.display());
-        let disk = self.host.open_disk(path).map_err(Error::io(what()))?;
-        let have = disk.size().map_err(Error::io(what()))?;
-        if have != len {
-            return Err(Error::Invalid(format!(
-                "disk {} is {have} bytes, expected {len} (the protected disk's size)",
-                path.display()
-            )));
-        }
-        Ok(disk)
+        open_disk(&*self.host, path, len)
     }
 
     pub(crate) async fn perform(&mut self, a: &Action) -> Result<Outcome> {
         let name = a.item.as_str();
         match &a.kind {
             ActionKind::StartTracking => self.start_tracking(name).await?,
-            ActionKind::CopyDiskRange { disk, offset, len } => {
-                self.copy_range(name, *disk, *offset, *len).await?
-            }
+            ActionKind::CopyDiskRange { .. } => return self.transfer(a).await,
             ActionKind::CloseLogs { cycle } => return self.close_logs(name, *cycle).await,
             ActionKind::ApplyLogs { cycle } => self.apply_cycle(name, *cycle).await?,
             ActionKind::DiscardLogs { cycle } => {
@@ -389,11 +392,32 @@ impl Engine {
         })
     }
 
-    async fn copy_range(&mut self, name: &str, d: usize, offset: u64, len: u64) -> Result<()> {
+    /// Performs an action that needs only shared access (a copy piece): several items'
+    /// run at once.
+    pub(crate) async fn transfer(&self, a: &Action) -> Result<Outcome> {
+        match &a.kind {
+            ActionKind::CopyDiskRange { disk, offset, len } => {
+                self.copy_range(&a.item, *disk, *offset, *len).await?;
+                Ok(Outcome::Done)
+            }
+            other => Err(Error::Invalid(format!(
+                "{other:?} is not performed beside other actions"
+            ))),
+        }
+    }
+
+    async fn copy_range(&self, name: &str, d: usize, offset: u64, len: u64) -> Result<()> {
         let disk = self.doc(name)?.disks[d].clone();
-        let src = self.open_disk(&disk.source, disk.size)?;
-        let bytes = data::read_at(&*src, offset, len, &disk.source)?;
-        let changes = data::split_zero_runs(offset, bytes);
+        // Read and split off a worker thread: other items' pieces go on meanwhile.
+        let changes = {
+            let (host, path, size) = (self.host.clone(), disk.source.clone(), disk.size);
+            blocking("reading a disk", move || {
+                let src = open_disk(&*host, &path, size)?;
+                let bytes = data::read_at(&*src, offset, len, &path)?;
+                Ok::<_, Error>(data::split_zero_runs(offset, bytes))
+            })
+            .await??
+        };
         self.write_batch(name, d, changes, None, None).await?;
         self.observer.event(&Event::Progress {
             item: name.to_owned(),

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use lifeboat_pageblob::{Condition, ETag, Expect, LeaseId, PageStore, StoreError, WriterConfig};
 use lifeboat_replication::{
-    Command, Coordinator, HealthCause, ItemStatus, Job, JobAction, JobId, JobState, Outcome,
-    PlanFailover, PlanRecord, PointChoice, ProtectionState, RecoveryPlan, ReplicationPolicy,
+    Action, ActionKind, Command, Coordinator, HealthCause, ItemStatus, Job, JobAction, JobId,
+    JobState, Outcome, PlanFailover, PlanRecord, PointChoice, ProtectionState, RecoveryPlan,
+    ReplicationPolicy,
 };
 use lifeboat_resync::BlockSize;
 use lifeboat_retry::Classify;
@@ -186,6 +187,7 @@ pub struct EngineBuilder {
     crash_after: Option<u64>,
     writer: WriterConfig,
     digest_budget: usize,
+    transfers: usize,
 }
 
 impl std::fmt::Debug for EngineBuilder {
@@ -238,6 +240,14 @@ impl EngineBuilder {
         self
     }
 
+    /// How many items' copy pieces may be sent at once (default 1: one action at a time).
+    /// Each piece in flight holds its bytes in memory (the policy's `copy_chunk`), and
+    /// shares the writer's bandwidth limit.
+    pub fn transfers(mut self, n: usize) -> Self {
+        self.transfers = n.max(1);
+        self
+    }
+
     /// Called before waiting for another engine that holds the site.
     pub fn on_wait(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
         self.on_wait = Some(Box::new(f));
@@ -281,6 +291,7 @@ impl EngineBuilder {
             crash_after: self.crash_after,
             writer: self.writer,
             digests: Mutex::new(DigestCache::with_budget(self.digest_budget)),
+            transfers: self.transfers,
         };
         e.generation = e.site.generation();
         e.load().await?;
@@ -319,6 +330,8 @@ pub struct Engine {
     pub(crate) writer: WriterConfig,
     /// Replica digests as last saved, by blob, within a memory budget.
     pub(crate) digests: Mutex<DigestCache>,
+    /// Copy pieces of different items performed at once, at most.
+    transfers: usize,
 }
 
 impl std::fmt::Debug for Engine {
@@ -344,6 +357,7 @@ impl Engine {
             crash_after: None,
             writer: WriterConfig::default(),
             digest_budget: crate::digest_cache::DEFAULT_BUDGET,
+            transfers: 1,
         }
     }
 
@@ -650,39 +664,80 @@ impl Engine {
         self.focus = items;
     }
 
+    /// The next ready action of the focused items that `wanted` accepts.
+    fn poll(&mut self, wanted: impl Fn(&Action) -> bool) -> Option<Action> {
+        match &self.focus {
+            None => self.c.poll_action_where(wanted),
+            Some(items) => self
+                .c
+                .poll_action_where(|a| items.contains(&a.item) && wanted(a)),
+        }
+    }
+
     /// Performs the next ready action and saves its outcome; `false` if none was ready.
+    /// When it is a copy piece and [`EngineBuilder::transfers`] allows, ready copy pieces
+    /// of other items are performed beside it.
     async fn perform_next(&mut self) -> Result<bool> {
-        let next = match &self.focus {
-            None => self.c.poll_action(),
-            Some(items) => {
-                let names: Vec<&str> = items.iter().map(String::as_str).collect();
-                self.c.poll_action_for(&names)
-            }
-        };
-        let Some(action) = next else {
+        let Some(first) = self.poll(|_| true) else {
             return Ok(false);
         };
-        {
-            self.performed += 1;
-            // Write-ahead: nothing is done that the store's catalogue does not know is
-            // under way (a command whose write failed must not act, and then be forgotten
-            // by a crash).
-            let ready = match self.behind {
-                true => self.persist().await,
-                false => Ok(()),
-            };
+        let copy = |a: &Action| matches!(a.kind, ActionKind::CopyDiskRange { .. });
+        let mut actions = vec![first];
+        if copy(&actions[0]) {
+            while actions.len() < self.transfers {
+                let taken: Vec<String> = actions.iter().map(|a| a.item.clone()).collect();
+                match self.poll(|a| copy(a) && !taken.contains(&a.item)) {
+                    Some(a) => actions.push(a),
+                    None => break,
+                }
+            }
+        }
+        // Write-ahead: nothing is done that the store's catalogue does not know is under
+        // way (a command whose write failed must not act, and then be forgotten by a
+        // crash).
+        let ready = match self.behind {
+            true => self.persist().await,
+            false => Ok(()),
+        };
+        for a in &actions {
             self.observer.event(&Event::Performing {
-                item: action.item.clone(),
-                task: action.kind.task(),
-                detail: format!("{:?}", action.kind),
+                item: a.item.clone(),
+                task: a.kind.task(),
+                detail: format!("{:?}", a.kind),
             });
-            let done = match ready {
-                Ok(()) => self.perform(&action).await,
-                Err(e) => Err(e),
-            };
+        }
+        let done: Vec<Result<Outcome>> = match ready {
+            Ok(()) if actions.len() == 1 => vec![self.perform(&actions[0]).await],
+            Ok(()) => {
+                let this = &*self;
+                futures::future::join_all(actions.iter().map(|a| this.transfer(a))).await
+            }
+            Err(e @ Error::Fenced { .. }) => return Err(e),
+            Err(e) => {
+                let (class, message) = (e.class(), e.to_string());
+                let mut done = vec![Err(e)];
+                done.extend(actions[1..].iter().map(|a| {
+                    self.observer.event(&Event::Failed {
+                        item: a.item.clone(),
+                        action: format!("{:?}", a.kind),
+                        message: message.clone(),
+                    });
+                    Ok(Outcome::Failed {
+                        class,
+                        message: message.clone(),
+                    })
+                }));
+                done
+            }
+        };
+        let mut fenced = None;
+        for (action, done) in actions.iter().zip(done) {
             let outcome = match done {
                 Ok(o) => o,
-                Err(e @ Error::Fenced { .. }) => return Err(e),
+                Err(e @ Error::Fenced { .. }) => {
+                    fenced.get_or_insert(e);
+                    continue;
+                }
                 Err(e) => {
                     self.observer.event(&Event::Failed {
                         item: action.item.clone(),
@@ -697,16 +752,25 @@ impl Engine {
             };
             let now = self.now();
             self.c.handle_outcome(now, action.id, outcome)?;
+            self.performed += 1;
             if self.crash_after == Some(self.performed) {
                 std::process::abort();
             }
-            self.persist().await?;
-            self.empty_trash();
-            if self.c.status(&action.item, now).map(|s| s.state)
-                == Some(ProtectionState::ProtectionDisabled)
-            {
-                self.forget_disabled().await?;
+        }
+        if let Some(e) = fenced {
+            if actions.len() > 1 {
+                self.persist().await?;
             }
+            return Err(e);
+        }
+        self.persist().await?;
+        self.empty_trash();
+        let now = self.now();
+        if actions.iter().any(|a| {
+            self.c.status(&a.item, now).map(|s| s.state)
+                == Some(ProtectionState::ProtectionDisabled)
+        }) {
+            self.forget_disabled().await?;
         }
         Ok(true)
     }

@@ -852,3 +852,127 @@ fn simulation() {
         .unwrap_or(200);
     simulate(100_000..100_000 + n);
 }
+
+/// A host whose disks' large reads wait until `n` of them are under way at once (or fail
+/// after a few seconds): a protect that copies items one at a time cannot pass it.
+#[derive(Debug)]
+struct Rendezvous {
+    inner: Arc<MemoryHost>,
+    n: usize,
+    arrived: Arc<(std::sync::Mutex<usize>, std::sync::Condvar)>,
+}
+
+struct MeetingDisk {
+    inner: Arc<dyn crate::Disk>,
+    n: usize,
+    arrived: Arc<(std::sync::Mutex<usize>, std::sync::Condvar)>,
+}
+
+impl lifeboat_source::ReadAt for MeetingDisk {
+    fn size(&self) -> std::io::Result<u64> {
+        self.inner.size()
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if buf.len() >= 1 << 20 {
+            let (count, cv) = &*self.arrived;
+            let mut c = count.lock().unwrap();
+            *c += 1;
+            cv.notify_all();
+            let (c, waited) = cv
+                .wait_timeout_while(c, Duration::from_secs(5), |c| *c < self.n)
+                .unwrap();
+            if waited.timed_out() {
+                return Err(std::io::Error::other(format!(
+                    "{} of {} copy reads under way at once",
+                    *c, self.n
+                )));
+            }
+        }
+        self.inner.read_exact_at(buf, offset)
+    }
+}
+
+impl crate::Disk for MeetingDisk {
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.inner.write_at(offset, data)
+    }
+
+    fn sync(&self) -> std::io::Result<()> {
+        self.inner.sync()
+    }
+}
+
+impl crate::Host for Rendezvous {
+    fn open_disk(&self, path: &Path) -> std::io::Result<Arc<dyn crate::Disk>> {
+        Ok(Arc::new(MeetingDisk {
+            inner: self.inner.open_disk(path)?,
+            n: self.n,
+            arrived: self.arrived.clone(),
+        }))
+    }
+
+    fn create_disk(&self, path: &Path, len: u64) -> std::io::Result<()> {
+        self.inner.create_disk(path, len)
+    }
+}
+
+/// With `transfers(3)`, three items' initial copies run at once: each copy piece's read
+/// waits until all three are reading (it fails after a few seconds otherwise, as a copy of
+/// one item at a time would), and every replica ends equal to its source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_copy_their_disks_at_once_up_to_the_transfer_limit() {
+    let w = World::new();
+    let items = ["vm", "vm2", "vm3"];
+    for (i, item) in items.iter().enumerate() {
+        let mut data = vec![0u8; 4 << 20];
+        for (j, b) in data.iter_mut().enumerate().step_by(512) {
+            *b = (i * 7 + j / 512) as u8 | 1;
+        }
+        w.host.add_disk(format!("{item}/d1"), data);
+    }
+    let host = Arc::new(Rendezvous {
+        inner: w.host.clone(),
+        n: items.len(),
+        arrived: Arc::default(),
+    });
+    let mut e = Engine::builder(w.store.clone(), w.dir.path().join("a"))
+        .host(host)
+        .clock(w.clock.clone())
+        .transfers(items.len())
+        .open()
+        .await
+        .unwrap();
+    let pieces = ReplicationPolicy {
+        copy_chunk: 1 << 20,
+        ..policy()
+    };
+    // Registered first, copied together.
+    e.focus(Some(Vec::new()));
+    for item in items {
+        e.protect(
+            item,
+            &[PathBuf::from(format!("{item}/d1"))],
+            pieces.clone(),
+            64 << 10,
+        )
+        .await
+        .unwrap();
+    }
+    e.focus(None);
+    e.drive().await.unwrap();
+    for (i, item) in items.iter().enumerate() {
+        let st = e.item(item).unwrap().status;
+        assert_eq!(st.state, ProtectionState::Protected, "{item}: {st:?}");
+        assert!(st.causes.is_empty(), "{item}: {:?}", st.causes);
+        let replica = w
+            .store
+            .read(&format!("lifeboat/items/{item}/disk0"), None, 0, 4 << 20)
+            .await
+            .unwrap();
+        assert!(
+            replica[..] == w.host.disk(format!("{item}/d1")).unwrap()[..],
+            "{item} (#{i}) differs from its source"
+        );
+    }
+}

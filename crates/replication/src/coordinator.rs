@@ -210,10 +210,14 @@ impl Coordinator {
     /// others stay ready. For a driver acting for some items while another one, beside
     /// it, acts for the rest.
     pub fn poll_action_for(&mut self, items: &[&str]) -> Option<Action> {
-        let i = self
-            .ready
-            .iter()
-            .position(|a| items.contains(&a.item.as_str()))?;
+        self.poll_action_where(|a| items.contains(&a.item.as_str()))
+    }
+
+    /// The first ready action `wanted` accepts; the others stay ready, in order. For a
+    /// driver performing several items' transfers at once (each item has one action out
+    /// at a time, so actions of different items are independent).
+    pub fn poll_action_where(&mut self, wanted: impl Fn(&Action) -> bool) -> Option<Action> {
+        let i = self.ready.iter().position(wanted)?;
         self.ready.remove(i)
     }
 

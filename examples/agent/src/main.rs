@@ -150,6 +150,10 @@ pub(crate) enum Cmd {
         /// The log's format (on stderr; LIFEBOAT_LOG filters it, default info).
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
+        /// How many items' copy pieces (initial replication) are sent at once; each holds
+        /// one piece in memory (the policy's copy chunk, 64 MiB by default).
+        #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+        transfers: u16,
     },
     /// The main job: a small VM through every workflow, verified by BLAKE3 at each step.
     #[command(after_help = "Examples:\n  lifeboat demo\n  lifeboat demo --dir /tmp/lifeboat-demo")]
@@ -924,8 +928,19 @@ async fn run(cli: Cli) -> Result<()> {
         _ => {}
     }
     let store = open_store(&cli.target, true).await?;
-    if let Cmd::Run { once, metrics, .. } = &cli.command {
-        return service::run(&store, &cli.target.site, *once, *metrics).await;
+    if let Cmd::Run {
+        once,
+        metrics,
+        transfers,
+        ..
+    } = &cli.command
+    {
+        let opts = service::Options {
+            once: *once,
+            metrics: *metrics,
+            transfers: usize::from(*transfers),
+        };
+        return service::run(&store, &cli.target.site, opts).await;
     }
     commands::run(store, &cli).await
 }

@@ -98,14 +98,25 @@ impl Observer for ServiceLog {
     }
 }
 
+/// How the service runs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Options {
+    /// Do the work that is due, then exit.
+    pub(crate) once: bool,
+    /// Where to serve metrics.
+    pub(crate) metrics: Option<SocketAddr>,
+    /// Items' copy pieces sent at once.
+    pub(crate) transfers: usize,
+}
+
 /// Runs the service until SIGTERM or SIGINT (or, with `once`, until the work that is due
 /// is done).
-pub(crate) async fn run(
-    store: &Store,
-    site: &Path,
-    once: bool,
-    metrics: Option<SocketAddr>,
-) -> Result<()> {
+pub(crate) async fn run(store: &Store, site: &Path, opts: Options) -> Result<()> {
+    let Options {
+        once,
+        metrics,
+        transfers,
+    } = opts;
     let lock = service_lock(site)?;
     if lock.try_lock().is_err() {
         bail!(
@@ -120,6 +131,7 @@ pub(crate) async fn run(
             site: site.to_path_buf(),
         }))
         .observer(Arc::new(ServiceLog))
+        .transfers(transfers)
         .open()
         .await?;
     let stop = Arc::new((AtomicBool::new(false), Notify::new()));
