@@ -38,6 +38,28 @@ fn open_disk(host: &dyn crate::host::Host, path: &Path, len: u64) -> Result<Arc<
     Ok(disk)
 }
 
+/// What a transfer did, for [`Engine::settle`] to record.
+#[derive(Debug)]
+pub(crate) enum Transferred {
+    /// A piece of a disk was copied.
+    Copied,
+    /// A disk was resynchronised.
+    Resynced {
+        /// Which.
+        disk: usize,
+        /// What was compared and sent.
+        report: SyncReport,
+    },
+}
+
+/// Whether an action is a transfer that runs beside other items' ([`Engine::transfer`]).
+pub(crate) fn is_transfer(a: &Action) -> bool {
+    matches!(
+        a.kind,
+        ActionKind::CopyDiskRange { .. } | ActionKind::ResyncDisk { .. }
+    )
+}
+
 impl Engine {
     /// The lease this site writes the blobs it owns with.
     fn lease(&self) -> Condition {
@@ -53,7 +75,10 @@ impl Engine {
         let name = a.item.as_str();
         match &a.kind {
             ActionKind::StartTracking => self.start_tracking(name).await?,
-            ActionKind::CopyDiskRange { .. } => return self.transfer(a).await,
+            ActionKind::CopyDiskRange { .. } | ActionKind::ResyncDisk { .. } => {
+                let done = self.transfer(a).await?;
+                return self.settle(name, done);
+            }
             ActionKind::CloseLogs { cycle } => return self.close_logs(name, *cycle).await,
             ActionKind::ApplyLogs { cycle } => self.apply_cycle(name, *cycle).await?,
             ActionKind::DiscardLogs { cycle } => {
@@ -68,7 +93,6 @@ impl Engine {
                     self.apply_cycle(name, c).await?;
                 }
             }
-            ActionKind::ResyncDisk { disk } => self.resync_disk(name, *disk).await?,
             ActionKind::CreateRecoveryPoint { point, .. } => {
                 self.create_point(name, *point).await?
             }
@@ -392,18 +416,35 @@ impl Engine {
         })
     }
 
-    /// Performs an action that needs only shared access (a copy piece): several items'
-    /// run at once.
-    pub(crate) async fn transfer(&self, a: &Action) -> Result<Outcome> {
+    /// Performs a transfer (a copy piece, a disk's resync) with shared access only:
+    /// several items' run at once; [`Engine::settle`] records what it did.
+    pub(crate) async fn transfer(&self, a: &Action) -> Result<Transferred> {
         match &a.kind {
             ActionKind::CopyDiskRange { disk, offset, len } => {
                 self.copy_range(&a.item, *disk, *offset, *len).await?;
-                Ok(Outcome::Done)
+                Ok(Transferred::Copied)
             }
+            ActionKind::ResyncDisk { disk } => Ok(Transferred::Resynced {
+                disk: *disk,
+                report: self.resync_disk(&a.item, *disk).await?,
+            }),
             other => Err(Error::Invalid(format!(
                 "{other:?} is not performed beside other actions"
             ))),
         }
+    }
+
+    /// Records a transfer's result in its item's document.
+    pub(crate) fn settle(&mut self, item: &str, done: Transferred) -> Result<Outcome> {
+        if let Transferred::Resynced { disk, report } = done {
+            let doc = self.doc_mut(item)?;
+            let n = doc.disks.len();
+            doc.last_resync.resize(n, SyncReport::default());
+            if let Some(r) = doc.last_resync.get_mut(disk) {
+                *r = report;
+            }
+        }
+        Ok(Outcome::Done)
     }
 
     async fn copy_range(&self, name: &str, d: usize, offset: u64, len: u64) -> Result<()> {
@@ -552,7 +593,10 @@ impl Engine {
         Ok(())
     }
 
-    async fn resync_disk(&mut self, name: &str, d: usize) -> Result<()> {
+    /// Compares disk `d` with its replica's digests and sends the blocks that differ; the
+    /// caller records the report. Shared access only: several items' resyncs run at once
+    /// (the comparison off the runtime's threads).
+    async fn resync_disk(&self, name: &str, d: usize) -> Result<SyncReport> {
         let doc = self.doc(name)?;
         let (disk, bs) = (doc.disks[d].clone(), doc.block_size);
         let blob = replica_blob(name, d);
@@ -560,7 +604,6 @@ impl Engine {
         let digests = self
             .take_digests(&blob, disk.size, BlockSize::new(bs)?, seq)
             .await?;
-        let src = self.open_disk(&disk.source, disk.size)?;
         let signature = digests.signature(&*self.store).await?;
         let delta = {
             let (observer, item, size, bsz) = (
@@ -569,22 +612,29 @@ impl Engine {
                 disk.size,
                 u64::from(bs),
             );
-            lifeboat_resync::diff_with(
-                Side::Local(&*src),
-                Side::Signature(&signature),
-                DiffOptions::default(),
-                move |p| {
-                    observer.event(&Event::Progress {
-                        item: item.clone(),
-                        disk: d,
-                        task: Task::ResyncCompare,
-                        done: (p.blocks_done * bsz).min(size),
-                        total: size,
-                    });
-                    ControlFlow::Continue(())
-                },
-            )?
+            let (host, path) = (self.host.clone(), disk.source.clone());
+            blocking("comparing a disk", move || {
+                let src = open_disk(&*host, &path, size)?;
+                let delta = lifeboat_resync::diff_with(
+                    Side::Local(&*src),
+                    Side::Signature(&signature),
+                    DiffOptions::default(),
+                    move |p| {
+                        observer.event(&Event::Progress {
+                            item: item.clone(),
+                            disk: d,
+                            task: Task::ResyncCompare,
+                            done: (p.blocks_done * bsz).min(size),
+                            total: size,
+                        });
+                        ControlFlow::Continue(())
+                    },
+                )?;
+                Ok::<_, Error>(delta)
+            })
+            .await??
         };
+        let src = self.open_disk(&disk.source, disk.size)?;
         // The batches below start from these digests (no second load).
         self.digests
             .lock()
@@ -629,11 +679,7 @@ impl Engine {
         if !batch.is_empty() {
             self.write_batch(name, d, batch, None, None).await?;
         }
-        let doc = self.doc_mut(name)?;
-        let n = doc.disks.len();
-        doc.last_resync.resize(n, SyncReport::default());
-        doc.last_resync[d] = report;
-        Ok(())
+        Ok(report)
     }
 
     /// One snapshot per disk, and one of its digests beside it (what `verify` checks the

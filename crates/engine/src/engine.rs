@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use lifeboat_pageblob::{Condition, ETag, Expect, LeaseId, PageStore, StoreError, WriterConfig};
 use lifeboat_replication::{
-    Action, ActionKind, Command, Coordinator, HealthCause, ItemStatus, Job, JobAction, JobId,
-    JobState, Outcome, PlanFailover, PlanRecord, PointChoice, ProtectionState, RecoveryPlan,
+    Action, Command, Coordinator, HealthCause, ItemStatus, Job, JobAction, JobId, JobState,
+    Outcome, PlanFailover, PlanRecord, PointChoice, ProtectionState, RecoveryPlan,
     ReplicationPolicy,
 };
 use lifeboat_resync::BlockSize;
 use lifeboat_retry::Classify;
 
+use crate::actions::is_transfer;
 use crate::catalog::{self, Disk, Export, Item, Materialized, PlanDoc, SCHEMA, Tracking};
 use crate::digest_cache::DigestCache;
 use crate::error::{Error, Result, blocking};
@@ -240,9 +241,10 @@ impl EngineBuilder {
         self
     }
 
-    /// How many items' copy pieces may be sent at once (default 1: one action at a time).
-    /// Each piece in flight holds its bytes in memory (the policy's `copy_chunk`), and
-    /// shares the writer's bandwidth limit.
+    /// How many items' transfers (copy pieces, resyncs) may run at once (default 1: one
+    /// action at a time). Each copy piece in flight holds its bytes in memory (the
+    /// policy's `copy_chunk`), each resync its disk's digests while it compares; all share
+    /// the writer's bandwidth limit.
     pub fn transfers(mut self, n: usize) -> Self {
         self.transfers = n.max(1);
         self
@@ -675,18 +677,17 @@ impl Engine {
     }
 
     /// Performs the next ready action and saves its outcome; `false` if none was ready.
-    /// When it is a copy piece and [`EngineBuilder::transfers`] allows, ready copy pieces
-    /// of other items are performed beside it.
+    /// When it is a transfer (a copy piece, a resync) and [`EngineBuilder::transfers`]
+    /// allows, other items' ready transfers are performed beside it.
     async fn perform_next(&mut self) -> Result<bool> {
         let Some(first) = self.poll(|_| true) else {
             return Ok(false);
         };
-        let copy = |a: &Action| matches!(a.kind, ActionKind::CopyDiskRange { .. });
         let mut actions = vec![first];
-        if copy(&actions[0]) {
+        if is_transfer(&actions[0]) {
             while actions.len() < self.transfers {
                 let taken: Vec<String> = actions.iter().map(|a| a.item.clone()).collect();
-                match self.poll(|a| copy(a) && !taken.contains(&a.item)) {
+                match self.poll(|a| is_transfer(a) && !taken.contains(&a.item)) {
                     Some(a) => actions.push(a),
                     None => break,
                 }
@@ -710,7 +711,13 @@ impl Engine {
             Ok(()) if actions.len() == 1 => vec![self.perform(&actions[0]).await],
             Ok(()) => {
                 let this = &*self;
-                futures::future::join_all(actions.iter().map(|a| this.transfer(a))).await
+                let done =
+                    futures::future::join_all(actions.iter().map(|a| this.transfer(a))).await;
+                actions
+                    .iter()
+                    .zip(done)
+                    .map(|(a, done)| done.and_then(|t| self.settle(&a.item, t)))
+                    .collect()
             }
             Err(e @ Error::Fenced { .. }) => return Err(e),
             Err(e) => {

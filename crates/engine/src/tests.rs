@@ -917,11 +917,12 @@ impl crate::Host for Rendezvous {
     }
 }
 
-/// With `transfers(3)`, three items' initial copies run at once: each copy piece's read
-/// waits until all three are reading (it fails after a few seconds otherwise, as a copy of
-/// one item at a time would), and every replica ends equal to its source.
+/// With `transfers(3)`, three items' initial copies run at once, and then their resyncs:
+/// each copy's large read waits until all three are reading, each resync's first replica
+/// write until all three are writing (either fails after a few seconds otherwise, as one
+/// item at a time would), and every replica ends equal to its source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn items_copy_their_disks_at_once_up_to_the_transfer_limit() {
+async fn items_copy_and_resync_their_disks_at_once_up_to_the_transfer_limit() {
     let w = World::new();
     let items = ["vm", "vm2", "vm3"];
     for (i, item) in items.iter().enumerate() {
@@ -961,18 +962,47 @@ async fn items_copy_their_disks_at_once_up_to_the_transfer_limit() {
     }
     e.focus(None);
     e.drive().await.unwrap();
+    let same_as_source = async |e: &Engine| {
+        for (i, item) in items.iter().enumerate() {
+            let st = e.item(item).unwrap().status;
+            assert_eq!(st.state, ProtectionState::Protected, "{item}: {st:?}");
+            assert!(st.causes.is_empty(), "{item}: {:?}", st.causes);
+            let replica = w
+                .store
+                .read(&format!("lifeboat/items/{item}/disk0"), None, 0, 4 << 20)
+                .await
+                .unwrap();
+            assert!(
+                replica[..] == w.host.disk(format!("{item}/d1")).unwrap()[..],
+                "{item} (#{i}) differs from its source"
+            );
+        }
+    };
+    same_as_source(&e).await;
+
+    // Each disk changes outside tracking; the three resyncs send together (the store holds
+    // each replica's first data write until all three are writing; with `parallel` the
+    // comparisons share one pool of readers, so reads do not tell).
+    w.faults
+        .meet(items.len(), Duration::from_secs(5), |blob, at| {
+            blob.ends_with("/disk0") && at < 4 << 20
+        });
+    e.focus(Some(Vec::new()));
     for (i, item) in items.iter().enumerate() {
-        let st = e.item(item).unwrap().status;
-        assert_eq!(st.state, ProtectionState::Protected, "{item}: {st:?}");
-        assert!(st.causes.is_empty(), "{item}: {:?}", st.causes);
-        let replica = w
-            .store
-            .read(&format!("lifeboat/items/{item}/disk0"), None, 0, 4 << 20)
-            .await
+        w.host
+            .write(format!("{item}/d1"), (i as u64 + 1) << 20, &[0xAB; 8192])
             .unwrap();
-        assert!(
-            replica[..] == w.host.disk(format!("{item}/d1")).unwrap()[..],
-            "{item} (#{i}) differs from its source"
-        );
+        e.command(Command::Resync {
+            item: item.to_string(),
+        })
+        .await
+        .unwrap();
+    }
+    e.focus(None);
+    e.drive().await.unwrap();
+    same_as_source(&e).await;
+    for item in items {
+        let report = &e.item(item).unwrap().item.last_resync[0];
+        assert_eq!(report.bytes_sent, 65536, "{item}: {report:?}");
     }
 }

@@ -1,6 +1,6 @@
 //! `FaultyStore`: a decorator that makes a real store fail on cue and records requests.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::ops::Range;
 use std::sync::Mutex;
@@ -92,6 +92,16 @@ pub struct SeenRead {
     pub len: u64,
 }
 
+/// Writes to several blobs waiting for each other ([`FaultyStore::meet`]).
+#[derive(Debug)]
+struct Meeting {
+    n: usize,
+    within: Duration,
+    select: fn(&str, u64) -> bool,
+    blobs: BTreeSet<String>,
+    arrived: tokio::sync::watch::Sender<usize>,
+}
+
 /// Wraps any [`PageStore`]: the Nth page request (writes and clears, counted from 1)
 /// fails with the fault planned for it, and the next requests of a kind fail as planned
 /// ([`FaultyStore::fail_next`]); every page request and every read is recorded, so tests
@@ -104,6 +114,7 @@ pub struct FaultyStore<S> {
     count: Mutex<u64>,
     seen: Mutex<Vec<Seen>>,
     reads: Mutex<Vec<SeenRead>>,
+    meeting: Mutex<Option<Meeting>>,
     /// Requests left before the caller "dies": every later one fails.
     lives: Mutex<Option<u64>>,
 }
@@ -118,6 +129,7 @@ impl<S> FaultyStore<S> {
             count: Mutex::new(0),
             seen: Mutex::new(Vec::new()),
             reads: Mutex::new(Vec::new()),
+            meeting: Mutex::new(None),
             lives: Mutex::new(None),
         }
     }
@@ -158,6 +170,48 @@ impl<S> FaultyStore<S> {
     /// The page requests seen so far (including failed ones).
     pub fn seen(&self) -> Vec<Seen> {
         lock(&self.seen).clone()
+    }
+
+    /// Page writes that `select` picks (by blob and offset) wait until such writes to `n`
+    /// blobs are under way at once (shows that writers run concurrently); a write still
+    /// waiting after `within` fails (HTTP 400, not retried). Once they met, writes go
+    /// through.
+    pub fn meet(&self, n: usize, within: Duration, select: fn(&str, u64) -> bool) {
+        *lock(&self.meeting) = Some(Meeting {
+            n,
+            within,
+            select,
+            blobs: BTreeSet::new(),
+            arrived: tokio::sync::watch::channel(0).0,
+        });
+    }
+
+    /// Waits at the meeting, if one is planned for `blob`.
+    async fn arrive(&self, blob: &str, offset: u64) -> Result<(), StoreError> {
+        let (mut rx, n, within) = {
+            let mut m = lock(&self.meeting);
+            let Some(meet) = m.as_mut().filter(|m| (m.select)(blob, offset)) else {
+                return Ok(());
+            };
+            meet.blobs.insert(blob.to_owned());
+            meet.arrived.send_replace(meet.blobs.len());
+            (meet.arrived.subscribe(), meet.n, meet.within)
+        };
+        let met = matches!(
+            tokio::time::timeout(within, rx.wait_for(|&c| c >= n)).await,
+            Ok(Ok(_))
+        );
+        match met {
+            true => Ok(()),
+            false => Err(StoreError::Http {
+                status: 400,
+                message: format!(
+                    "injected: {} of {n} blobs were written at once",
+                    *rx.borrow()
+                ),
+                retry_after: None,
+            }),
+        }
     }
 
     /// The reads seen so far (including failed ones).
@@ -273,6 +327,7 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         crc64: u64,
         c: Condition,
     ) -> Result<(), StoreError> {
+        self.arrive(blob, offset).await?;
         let f = self
             .next("put", offset, data.len() as u64)
             .or_else(|| self.planned(Request::Put));
