@@ -50,14 +50,24 @@ pub(crate) enum Transferred {
         /// What was compared and sent.
         report: SyncReport,
     },
+    /// A cycle's logs were applied.
+    Applied {
+        /// Which.
+        cycle: u64,
+    },
 }
 
-/// Whether an action is a transfer that runs beside other items' ([`Engine::transfer`]).
-pub(crate) fn is_transfer(a: &Action) -> bool {
-    matches!(
-        a.kind,
-        ActionKind::CopyDiskRange { .. } | ActionKind::ResyncDisk { .. }
-    )
+/// Whether `a`, an action of the item whose document is `doc`, is a transfer that may run
+/// beside other items' ([`Engine::transfer`]): a copy piece, a disk's resync, a cycle with
+/// no earlier one waiting.
+pub(crate) fn is_transfer(doc: Option<&catalog::Item>, a: &Action) -> bool {
+    match a.kind {
+        ActionKind::CopyDiskRange { .. } | ActionKind::ResyncDisk { .. } => true,
+        ActionKind::ApplyLogs { cycle } => {
+            doc.is_some_and(|d| d.cycles.range(..cycle).next().is_none())
+        }
+        _ => false,
+    }
 }
 
 impl Engine {
@@ -76,7 +86,7 @@ impl Engine {
         match &a.kind {
             ActionKind::StartTracking => self.start_tracking(name).await?,
             ActionKind::CopyDiskRange { .. } | ActionKind::ResyncDisk { .. } => {
-                let done = self.transfer(a).await?;
+                let done = self.transfer(a, None).await?;
                 return self.settle(name, done);
             }
             ActionKind::CloseLogs { cycle } => return self.close_logs(name, *cycle).await,
@@ -416,10 +426,26 @@ impl Engine {
         })
     }
 
-    /// Performs a transfer (a copy piece, a disk's resync) with shared access only:
-    /// several items' run at once; [`Engine::settle`] records what it did.
-    pub(crate) async fn transfer(&self, a: &Action) -> Result<Transferred> {
+    /// What a transfer needs done first, with exclusive access: a cycle's starting
+    /// points, recorded.
+    pub(crate) async fn prepare(&mut self, a: &Action) -> Result<Option<Cycle>> {
+        match a.kind {
+            ActionKind::ApplyLogs { cycle } => self.begin_cycle(&a.item, cycle).await,
+            _ => Ok(None),
+        }
+    }
+
+    /// Performs a transfer (a copy piece, a disk's resync, a begun cycle: `cycle` from
+    /// [`Engine::prepare`]) with shared access only: several items' run at once;
+    /// [`Engine::settle`] records what it did.
+    pub(crate) async fn transfer(&self, a: &Action, cycle: Option<&Cycle>) -> Result<Transferred> {
         match &a.kind {
+            ActionKind::ApplyLogs { cycle: n } => {
+                if let Some(c) = cycle {
+                    self.send_cycle(&a.item, *n, c).await?;
+                }
+                Ok(Transferred::Applied { cycle: *n })
+            }
             ActionKind::CopyDiskRange { disk, offset, len } => {
                 self.copy_range(&a.item, *disk, *offset, *len).await?;
                 Ok(Transferred::Copied)
@@ -436,13 +462,17 @@ impl Engine {
 
     /// Records a transfer's result in its item's document.
     pub(crate) fn settle(&mut self, item: &str, done: Transferred) -> Result<Outcome> {
-        if let Transferred::Resynced { disk, report } = done {
-            let doc = self.doc_mut(item)?;
-            let n = doc.disks.len();
-            doc.last_resync.resize(n, SyncReport::default());
-            if let Some(r) = doc.last_resync.get_mut(disk) {
-                *r = report;
+        match done {
+            Transferred::Copied => {}
+            Transferred::Resynced { disk, report } => {
+                let doc = self.doc_mut(item)?;
+                let n = doc.disks.len();
+                doc.last_resync.resize(n, SyncReport::default());
+                if let Some(r) = doc.last_resync.get_mut(disk) {
+                    *r = report;
+                }
             }
+            Transferred::Applied { cycle } => self.end_cycle(item, cycle)?,
         }
         Ok(Outcome::Done)
     }
@@ -522,8 +552,17 @@ impl Engine {
     }
 
     async fn apply_one_cycle(&mut self, name: &str, cycle: u64) -> Result<()> {
+        if let Some(c) = self.begin_cycle(name, cycle).await? {
+            self.send_cycle(name, cycle, &c).await?;
+        }
+        self.end_cycle(name, cycle)
+    }
+
+    /// The cycle to apply, with where each replica starts from recorded (durably) first;
+    /// `None` if it was applied before (and removed before a crash).
+    pub(crate) async fn begin_cycle(&mut self, name: &str, cycle: u64) -> Result<Option<Cycle>> {
         let Some(mut c) = self.doc(name)?.cycles.get(&cycle).cloned() else {
-            return Ok(()); // applied and removed before a crash
+            return Ok(None);
         };
         if c.expect_seq.is_empty() {
             // Where each replica starts from, recorded (durably) before the first batch:
@@ -539,6 +578,11 @@ impl Engine {
             }
             self.persist().await?;
         }
+        Ok(Some(c))
+    }
+
+    /// Sends a begun cycle's batches (shared access: several items' cycles run at once).
+    async fn send_cycle(&self, name: &str, cycle: u64, c: &Cycle) -> Result<()> {
         for (d, &expect) in c.expect_seq.iter().enumerate() {
             let logs: Vec<(&Path, &str)> = c
                 .logs
@@ -586,6 +630,11 @@ impl Engine {
                 });
             }
         }
+        Ok(())
+    }
+
+    /// A cycle was applied: it leaves the catalogue, its logs go to the trash.
+    fn end_cycle(&mut self, name: &str, cycle: u64) -> Result<()> {
         let doc = self.doc_mut(name)?;
         if let Some(c) = doc.cycles.remove(&cycle) {
             doc.trash.extend(c.logs.into_iter().map(|l| l.path));

@@ -241,8 +241,8 @@ impl EngineBuilder {
         self
     }
 
-    /// How many items' transfers (copy pieces, resyncs) may run at once (default 1: one
-    /// action at a time). Each copy piece in flight holds its bytes in memory (the
+    /// How many items' transfers (copy pieces, resyncs, cycles' log applies) may run at
+    /// once (default 1: one action at a time). Each copy piece in flight holds its bytes in memory (the
     /// policy's `copy_chunk`), each resync its disk's digests while it compares; all share
     /// the writer's bandwidth limit.
     pub fn transfers(mut self, n: usize) -> Self {
@@ -677,17 +677,25 @@ impl Engine {
     }
 
     /// Performs the next ready action and saves its outcome; `false` if none was ready.
-    /// When it is a transfer (a copy piece, a resync) and [`EngineBuilder::transfers`]
-    /// allows, other items' ready transfers are performed beside it.
+    /// When it is a transfer (a copy piece, a resync, a cycle's logs) and
+    /// [`EngineBuilder::transfers`] allows, other items' ready transfers are performed
+    /// beside it.
     async fn perform_next(&mut self) -> Result<bool> {
         let Some(first) = self.poll(|_| true) else {
             return Ok(false);
         };
         let mut actions = vec![first];
-        if is_transfer(&actions[0]) {
+        if self.transfers > 1 && is_transfer(doc_of(&self.items, &actions[0]), &actions[0]) {
+            // Other items' ready transfers, in order (each item has one action out).
             while actions.len() < self.transfers {
                 let taken: Vec<String> = actions.iter().map(|a| a.item.clone()).collect();
-                match self.poll(|a| is_transfer(a) && !taken.contains(&a.item)) {
+                let (items, focus) = (&self.items, &self.focus);
+                let next = self.c.poll_action_where(|a| {
+                    !taken.contains(&a.item)
+                        && focus.as_ref().is_none_or(|f| f.contains(&a.item))
+                        && is_transfer(doc_of(items, a), a)
+                });
+                match next {
                     Some(a) => actions.push(a),
                     None => break,
                 }
@@ -710,13 +718,28 @@ impl Engine {
         let done: Vec<Result<Outcome>> = match ready {
             Ok(()) if actions.len() == 1 => vec![self.perform(&actions[0]).await],
             Ok(()) => {
+                // What each needs first, one by one (a cycle's starting points, saved).
+                let mut prepared = Vec::new();
+                for a in &actions {
+                    prepared.push(self.prepare(a).await);
+                }
                 let this = &*self;
-                let done =
-                    futures::future::join_all(actions.iter().map(|a| this.transfer(a))).await;
+                let sent =
+                    futures::future::join_all(actions.iter().zip(&prepared).filter_map(
+                        |(a, p)| p.as_ref().ok().map(|c| this.transfer(a, c.as_ref())),
+                    ))
+                    .await;
+                let mut sent = sent.into_iter();
                 actions
                     .iter()
-                    .zip(done)
-                    .map(|(a, done)| done.and_then(|t| self.settle(&a.item, t)))
+                    .zip(prepared)
+                    .map(|(a, p)| match p {
+                        Err(e) => Err(e),
+                        Ok(_) => match sent.next() {
+                            Some(r) => r.and_then(|t| self.settle(&a.item, t)),
+                            None => Err(Error::Invalid(format!("{:?} was not performed", a.kind))),
+                        },
+                    })
                     .collect()
             }
             Err(e @ Error::Fenced { .. }) => return Err(e),
@@ -1775,6 +1798,11 @@ impl Engine {
 }
 
 /// Breaks whatever lease holds `blob` (unless it is ours) and takes it.
+/// The document of the item an action is for, if the catalogue has it.
+fn doc_of<'a>(items: &'a BTreeMap<String, Entry>, a: &Action) -> Option<&'a Item> {
+    items.get(&a.item).map(|e| &e.doc)
+}
+
 async fn take_lease(store: &dyn PageStore, blob: &str, me: LeaseId) -> Result<()> {
     match store.acquire_lease(blob, me).await {
         Ok(()) => Ok(()),

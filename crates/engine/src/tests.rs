@@ -77,9 +77,17 @@ impl World {
 
     /// [`World::log`] for a disk whose DataWriteGuid is `guid`.
     fn log_naming(&self, n: u8, previous: [u8; 16], guid: [u8; 16]) -> PathBuf {
+        self.log_on("vm/d0", n, previous, guid)
+    }
+
+    /// [`World::log_naming`] for the host disk `disk`.
+    fn log_on(&self, disk: &str, n: u8, previous: [u8; 16], guid: [u8; 16]) -> PathBuf {
         let at = u64::from(n) * 8192;
-        self.host.write("vm/d0", at, &[n; 4096]).unwrap();
-        let path = self.dir.path().join(format!("l{n}.hrl"));
+        self.host.write(disk, at, &[n; 4096]).unwrap();
+        let path = self
+            .dir
+            .path()
+            .join(format!("{}-l{n}.hrl", disk.replace('/', "-")));
         // Closed now, by the test's clock, in the HRL epoch.
         let now = (self.clock.now().as_secs() - lifeboat_hrl::HRL_EPOCH_UNIX_SECS) as u32;
         let config = WriterConfig2 {
@@ -917,12 +925,13 @@ impl crate::Host for Rendezvous {
     }
 }
 
-/// With `transfers(3)`, three items' initial copies run at once, and then their resyncs:
-/// each copy's large read waits until all three are reading, each resync's first replica
-/// write until all three are writing (either fails after a few seconds otherwise, as one
-/// item at a time would), and every replica ends equal to its source.
+/// With `transfers(3)`, three items' initial copies run at once, then their resyncs, then
+/// their cycles: each copy's large read waits until all three are reading, each resync's
+/// and each cycle's first replica write until all three are writing (either fails after a
+/// few seconds otherwise, as one item at a time would), and every replica ends equal to
+/// its source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn items_copy_and_resync_their_disks_at_once_up_to_the_transfer_limit() {
+async fn items_copy_resync_and_apply_logs_at_once_up_to_the_transfer_limit() {
     let w = World::new();
     let items = ["vm", "vm2", "vm3"];
     for (i, item) in items.iter().enumerate() {
@@ -1004,5 +1013,33 @@ async fn items_copy_and_resync_their_disks_at_once_up_to_the_transfer_limit() {
     for item in items {
         let report = &e.item(item).unwrap().item.last_resync[0];
         assert_eq!(report.bytes_sent, 65536, "{item}: {report:?}");
+    }
+
+    // A log for each; the three cycles apply together.
+    let applied_before: Vec<u64> = items
+        .iter()
+        .map(|i| e.item(i).unwrap().status.cycles_applied)
+        .collect();
+    w.faults
+        .meet(items.len(), Duration::from_secs(5), |blob, at| {
+            blob.ends_with("/disk0") && at < 4 << 20
+        });
+    e.focus(Some(Vec::new()));
+    for (i, item) in items.iter().enumerate() {
+        let t = &e.item(item).unwrap().item.disks[0].tracking;
+        let log = w.log_on(
+            &format!("{item}/d1"),
+            40 + i as u8,
+            t.last_log,
+            t.write_guid,
+        );
+        e.replicate(item, &[(0, log)], false).await.unwrap();
+    }
+    e.focus(None);
+    e.drive().await.unwrap();
+    same_as_source(&e).await;
+    for (item, before) in items.iter().zip(applied_before) {
+        let after = e.item(item).unwrap().status.cycles_applied;
+        assert_eq!(after, before + 1, "{item}");
     }
 }

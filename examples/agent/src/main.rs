@@ -150,9 +150,9 @@ pub(crate) enum Cmd {
         /// The log's format (on stderr; LIFEBOAT_LOG filters it, default info).
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
-        /// How many items copy a piece of a disk (initial replication) or resynchronise a
-        /// disk at once; each copy piece in flight is held in memory (the policy's copy
-        /// chunk, 64 MiB by default).
+        /// How many items copy a piece of a disk (initial replication), resynchronise a disk
+        /// or apply a cycle's logs at once; each copy piece in flight is held in memory (the
+        /// policy's copy chunk, 64 MiB by default).
         #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
         transfers: u16,
     },
