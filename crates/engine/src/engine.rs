@@ -1229,6 +1229,8 @@ impl Engine {
         };
         self.store.acquire_lease(&doc_name, self.site.id()).await?;
         self.site.cache(&doc_name, &bytes);
+        // Another engine on the site (a service) reads the catalogue again.
+        self.generation = self.site.bump_generation();
         self.items.insert(
             item.to_owned(),
             Entry {
@@ -1641,6 +1643,7 @@ impl Engine {
                 saved: bytes,
             },
         );
+        self.generation = self.site.bump_generation();
         self.load_plan_if_mine(&name);
         Ok(())
     }

@@ -1043,3 +1043,34 @@ async fn items_copy_resync_and_apply_logs_at_once_up_to_the_transfer_limit() {
         assert_eq!(after, before + 1, "{item}");
     }
 }
+
+/// An item protected by another engine on the site while this one (a service) waits
+/// unlocked is read back and copied by this one: the new catalogue document counts as a
+/// catalogue write (a service started before the item was protected used to never see it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_item_protected_beside_a_waiting_engine_is_picked_up_by_it() {
+    let w = World::new();
+    let mut service = w.engine("a").await;
+    service
+        .unlocked(async {
+            let mut command = w.engine("a").await;
+            // As a command beside a service: it registers, the service copies.
+            command.focus(Some(Vec::new()));
+            command
+                .protect("vm", &[PathBuf::from("vm/d0")], policy(), 64 << 10)
+                .await
+                .unwrap();
+            assert_eq!(
+                command.protection("vm").unwrap(),
+                ProtectionState::EnablingProtection
+            );
+        })
+        .await
+        .unwrap();
+    service.drive().await.unwrap();
+    assert_eq!(
+        service.protection("vm").unwrap(),
+        ProtectionState::Protected
+    );
+    same(&w.replica_bytes().await, &w.source(), "replica");
+}
