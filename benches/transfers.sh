@@ -12,6 +12,7 @@
 # Usage: benches/transfers.sh [N_ITEMS] [SIZE_MIB] [WORK_DIR]
 # Not part of CI.
 set -euo pipefail
+shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 
 N=${1:-4}
@@ -22,7 +23,7 @@ AZ_PORT=${AZ_PORT:-10777}
 cargo build --release --locked -q -p lifeboat-agent
 LB=$PWD/target/release/lifeboat
 AZURITE_BIN=$PWD/tools/azurite/node_modules/.bin/azurite-blob
-cd "$WORK"
+mkdir -p "$WORK" && cd "$WORK"
 
 python3 - "$N" "$SIZE_MIB" <<'PY'
 import os, random, sys
@@ -47,7 +48,7 @@ run() {
     rm -rf "site-$tag" "store-$tag"
     local target=(--site "$WORK/site-$tag")
     if [ "${AZURITE:-0}" = 1 ]; then
-        target+=(--azure "http://127.0.0.1:$AZ_PORT/devstoreaccount1/t$tag"
+        target+=(--azure "http://127.0.0.1:$AZ_PORT/devstoreaccount1/bench-$tag"
                  --account devstoreaccount1
                  --key "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==")
     else
@@ -60,12 +61,16 @@ run() {
     for i in $(seq 1 "$N"); do
         "$LB" "${target[@]}" -q protect "vm$i" --disk "d$i.raw" >/dev/null
     done
+    local deadline=$((SECONDS + 1800)) done
     while :; do
-        local done
         done=$("$LB" "${target[@]}" --json status | python3 -c '
 import json, sys
 print(sum(1 for s in json.load(sys.stdin) if s.get("state") == "protected"))')
         [ "$done" = "$N" ] && break
+        if [ "$SECONDS" -gt "$deadline" ]; then
+            echo "not every item protected after 30 min: see service-$tag.log" >&2
+            exit 1
+        fi
         sleep 0.2
     done
     local t1; t1=$(date +%s.%N)

@@ -242,9 +242,9 @@ impl EngineBuilder {
     }
 
     /// How many items' transfers (copy pieces, resyncs, cycles' log applies) may run at
-    /// once (default 1: one action at a time). Each copy piece in flight holds its bytes in memory (the
-    /// policy's `copy_chunk`), each resync its disk's digests while it compares; all share
-    /// the writer's bandwidth limit.
+    /// once (default 1: one action at a time). Each copy piece in flight holds its bytes
+    /// in memory (the policy's `copy_chunk`), each resync its disk's digests while it
+    /// compares; all share the writer's bandwidth limit.
     pub fn transfers(mut self, n: usize) -> Self {
         self.transfers = n.max(1);
         self
@@ -332,7 +332,7 @@ pub struct Engine {
     pub(crate) writer: WriterConfig,
     /// Replica digests as last saved, by blob, within a memory budget.
     pub(crate) digests: Mutex<DigestCache>,
-    /// Copy pieces of different items performed at once, at most.
+    /// Transfers of different items performed at once, at most.
     transfers: usize,
 }
 
@@ -666,14 +666,15 @@ impl Engine {
         self.focus = items;
     }
 
-    /// The next ready action of the focused items that `wanted` accepts.
-    fn poll(&mut self, wanted: impl Fn(&Action) -> bool) -> Option<Action> {
-        match &self.focus {
-            None => self.c.poll_action_where(wanted),
-            Some(items) => self
-                .c
-                .poll_action_where(|a| items.contains(&a.item) && wanted(a)),
-        }
+    /// The next ready action of a focused item not `taken`, only a transfer if
+    /// `transfer`.
+    fn poll(&mut self, taken: &[Action], transfer: bool) -> Option<Action> {
+        let (items, focus) = (&self.items, &self.focus);
+        self.c.poll_action_where(|a| {
+            !taken.iter().any(|t| t.item == a.item)
+                && focus.as_ref().is_none_or(|f| f.contains(&a.item))
+                && (!transfer || is_transfer(doc_of(items, a), a))
+        })
     }
 
     /// Performs the next ready action and saves its outcome; `false` if none was ready.
@@ -681,21 +682,14 @@ impl Engine {
     /// [`EngineBuilder::transfers`] allows, other items' ready transfers are performed
     /// beside it.
     async fn perform_next(&mut self) -> Result<bool> {
-        let Some(first) = self.poll(|_| true) else {
+        let Some(first) = self.poll(&[], false) else {
             return Ok(false);
         };
         let mut actions = vec![first];
         if self.transfers > 1 && is_transfer(doc_of(&self.items, &actions[0]), &actions[0]) {
             // Other items' ready transfers, in order (each item has one action out).
             while actions.len() < self.transfers {
-                let taken: Vec<String> = actions.iter().map(|a| a.item.clone()).collect();
-                let (items, focus) = (&self.items, &self.focus);
-                let next = self.c.poll_action_where(|a| {
-                    !taken.contains(&a.item)
-                        && focus.as_ref().is_none_or(|f| f.contains(&a.item))
-                        && is_transfer(doc_of(items, a), a)
-                });
-                match next {
+                match self.poll(&actions, true) {
                     Some(a) => actions.push(a),
                     None => break,
                 }
