@@ -38,6 +38,30 @@ fn open_disk(host: &dyn crate::host::Host, path: &Path, len: u64) -> Result<Arc<
     Ok(disk)
 }
 
+/// A piece of a disk: its bytes as changes, zero runs split off.
+fn read_piece(
+    host: &dyn crate::host::Host,
+    path: &Path,
+    size: u64,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<Change>> {
+    let src = open_disk(host, path, size)?;
+    let bytes = data::read_at(&*src, offset, len, path)?;
+    Ok(data::split_zero_runs(offset, bytes))
+}
+
+/// The next copy piece of a disk, being read while the current one is sent.
+#[derive(Debug)]
+pub(crate) struct ReadAhead {
+    /// Item, disk, offset and length of the piece.
+    key: (String, usize, u64, u64),
+    /// The count of actions performed when it was started: it serves the next one only.
+    after: u64,
+    /// The read.
+    piece: tokio::task::JoinHandle<Result<Vec<Change>>>,
+}
+
 /// What a transfer did, for [`Engine::settle`] to record.
 #[derive(Debug)]
 pub(crate) enum Transferred {
@@ -479,16 +503,37 @@ impl Engine {
 
     async fn copy_range(&self, name: &str, d: usize, offset: u64, len: u64) -> Result<()> {
         let disk = self.doc(name)?.disks[d].clone();
-        // Read and split off a worker thread: other items' pieces go on meanwhile.
-        let changes = {
-            let (host, path, size) = (self.host.clone(), disk.source.clone(), disk.size);
-            blocking("reading a disk", move || {
-                let src = open_disk(&*host, &path, size)?;
-                let bytes = data::read_at(&*src, offset, len, &path)?;
-                Ok::<_, Error>(data::split_zero_runs(offset, bytes))
-            })
-            .await??
+        let key = (name.to_owned(), d, offset, len);
+        // The piece read ahead while the last one was sent, if this action is the one
+        // right after it (no other action of the item came between: a read after the
+        // last piece's is as good as one now, tracking having started before both).
+        let ahead = self
+            .read_ahead
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .filter(|r| r.key == key && r.after + 1 == self.performed);
+        let changes = match ahead {
+            Some(r) => match r.piece.await {
+                Ok(piece) => piece?,
+                Err(_) => self.read_piece(&disk, offset, len).await?,
+            },
+            None => self.read_piece(&disk, offset, len).await?,
         };
+        // The next piece (as long as this one, up to the disk's end) is read while this
+        // one is sent.
+        let next = offset + len;
+        if next < disk.size {
+            let n = len.min(disk.size - next);
+            let (host, path, size) = (self.host.clone(), disk.source.clone(), disk.size);
+            let piece =
+                tokio::task::spawn_blocking(move || read_piece(&*host, &path, size, next, n));
+            *self.read_ahead.lock().unwrap_or_else(|p| p.into_inner()) = Some(ReadAhead {
+                key: (name.to_owned(), d, next, n),
+                after: self.performed,
+                piece,
+            });
+        }
         self.write_batch(name, d, changes, None, None).await?;
         self.observer.event(&Event::Progress {
             item: name.to_owned(),
@@ -498,6 +543,16 @@ impl Engine {
             total: disk.size,
         });
         Ok(())
+    }
+
+    /// Reads a piece of a disk and splits off its zero runs, off the runtime's threads
+    /// (other items' pieces go on meanwhile).
+    async fn read_piece(&self, disk: &catalog::Disk, offset: u64, len: u64) -> Result<Vec<Change>> {
+        let (host, path, size) = (self.host.clone(), disk.source.clone(), disk.size);
+        blocking("reading a disk", move || {
+            read_piece(&*host, &path, size, offset, len)
+        })
+        .await?
     }
 
     async fn close_logs(&mut self, name: &str, cycle: u64) -> Result<Outcome> {

@@ -294,6 +294,7 @@ impl EngineBuilder {
             writer: self.writer,
             digests: Mutex::new(DigestCache::with_budget(self.digest_budget)),
             transfers: self.transfers,
+            read_ahead: Mutex::new(None),
         };
         e.generation = e.site.generation();
         e.load().await?;
@@ -318,7 +319,7 @@ pub struct Engine {
     plans: BTreeMap<String, PlanEntry>,
     /// The last time handed to the state machine (never goes backwards).
     last: Duration,
-    performed: u64,
+    pub(crate) performed: u64,
     /// Act only for these items (see [`Engine::focus`]).
     focus: Option<Vec<String>>,
     /// Documents whose last write's reply was lost: the bytes it wrote.
@@ -334,6 +335,8 @@ pub struct Engine {
     pub(crate) digests: Mutex<DigestCache>,
     /// Transfers of different items performed at once, at most.
     transfers: usize,
+    /// The next copy piece, read while the current one is sent.
+    pub(crate) read_ahead: Mutex<Option<crate::actions::ReadAhead>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -879,6 +882,8 @@ impl Engine {
     /// wrote the catalogue meanwhile (it is then read back); the save's error is returned
     /// after `f`.
     pub async fn unlocked<F: std::future::Future>(&mut self, f: F) -> Result<F::Output> {
+        // Another process may act on the items meanwhile: a piece read ahead is stale.
+        *self.read_ahead.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let saved = self.persist().await;
         self.site.unlock()?;
         let out = f.await;
