@@ -110,7 +110,7 @@ impl Engine {
         match &a.kind {
             ActionKind::StartTracking => self.start_tracking(name).await?,
             ActionKind::CopyDiskRange { .. } | ActionKind::ResyncDisk { .. } => {
-                let done = self.transfer(a, None).await?;
+                let done = self.transfer(a, None, true).await?;
                 return self.settle(name, done);
             }
             ActionKind::CloseLogs { cycle } => return self.close_logs(name, *cycle).await,
@@ -461,8 +461,14 @@ impl Engine {
 
     /// Performs a transfer (a copy piece, a disk's resync, a begun cycle: `cycle` from
     /// [`Engine::prepare`]) with shared access only: several items' run at once;
-    /// [`Engine::settle`] records what it did.
-    pub(crate) async fn transfer(&self, a: &Action, cycle: Option<&Cycle>) -> Result<Transferred> {
+    /// [`Engine::settle`] records what it did. `alone`: no other action is performed
+    /// beside it (a copy piece then reads the next one ahead).
+    pub(crate) async fn transfer(
+        &self,
+        a: &Action,
+        cycle: Option<&Cycle>,
+        alone: bool,
+    ) -> Result<Transferred> {
         match &a.kind {
             ActionKind::ApplyLogs { cycle: n } => {
                 if let Some(c) = cycle {
@@ -471,7 +477,8 @@ impl Engine {
                 Ok(Transferred::Applied { cycle: *n })
             }
             ActionKind::CopyDiskRange { disk, offset, len } => {
-                self.copy_range(&a.item, *disk, *offset, *len).await?;
+                self.copy_range(&a.item, *disk, *offset, *len, alone)
+                    .await?;
                 Ok(Transferred::Copied)
             }
             ActionKind::ResyncDisk { disk } => Ok(Transferred::Resynced {
@@ -501,7 +508,14 @@ impl Engine {
         Ok(Outcome::Done)
     }
 
-    async fn copy_range(&self, name: &str, d: usize, offset: u64, len: u64) -> Result<()> {
+    async fn copy_range(
+        &self,
+        name: &str,
+        d: usize,
+        offset: u64,
+        len: u64,
+        read_ahead: bool,
+    ) -> Result<()> {
         let disk = self.doc(name)?.disks[d].clone();
         let key = (name.to_owned(), d, offset, len);
         // The piece read ahead while the last one was sent, if this action is the one
@@ -521,9 +535,10 @@ impl Engine {
             None => self.read_piece(&disk, offset, len).await?,
         };
         // The next piece (as long as this one, up to the disk's end) is read while this
-        // one is sent.
+        // one is sent. Not beside other items' transfers: the count of actions then moves
+        // by more than one before the next piece, which would drop the read unused.
         let next = offset + len;
-        if next < disk.size {
+        if read_ahead && next < disk.size {
             let n = len.min(disk.size - next);
             let (host, path, size) = (self.host.clone(), disk.source.clone(), disk.size);
             let piece =

@@ -721,11 +721,10 @@ impl Engine {
                     prepared.push(self.prepare(a).await);
                 }
                 let this = &*self;
-                let sent =
-                    futures::future::join_all(actions.iter().zip(&prepared).filter_map(
-                        |(a, p)| p.as_ref().ok().map(|c| this.transfer(a, c.as_ref())),
-                    ))
-                    .await;
+                let sent = futures::future::join_all(actions.iter().zip(&prepared).filter_map(
+                    |(a, p)| p.as_ref().ok().map(|c| this.transfer(a, c.as_ref(), false)),
+                ))
+                .await;
                 let mut sent = sent.into_iter();
                 actions
                     .iter()

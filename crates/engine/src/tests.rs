@@ -868,12 +868,15 @@ struct Rendezvous {
     inner: Arc<MemoryHost>,
     n: usize,
     arrived: Arc<(std::sync::Mutex<usize>, std::sync::Condvar)>,
+    /// Large reads, counted.
+    reads: Arc<AtomicU64>,
 }
 
 struct MeetingDisk {
     inner: Arc<dyn crate::Disk>,
     n: usize,
     arrived: Arc<(std::sync::Mutex<usize>, std::sync::Condvar)>,
+    reads: Arc<AtomicU64>,
 }
 
 impl lifeboat_source::ReadAt for MeetingDisk {
@@ -886,6 +889,7 @@ impl lifeboat_source::ReadAt for MeetingDisk {
             let (count, cv) = &*self.arrived;
             let mut c = count.lock().unwrap();
             *c += 1;
+            self.reads.fetch_add(1, Ordering::SeqCst);
             cv.notify_all();
             let (c, waited) = cv
                 .wait_timeout_while(c, Duration::from_secs(5), |c| *c < self.n)
@@ -917,6 +921,7 @@ impl crate::Host for Rendezvous {
             inner: self.inner.open_disk(path)?,
             n: self.n,
             arrived: self.arrived.clone(),
+            reads: self.reads.clone(),
         }))
     }
 
@@ -945,9 +950,10 @@ async fn items_copy_resync_and_apply_logs_at_once_up_to_the_transfer_limit() {
         inner: w.host.clone(),
         n: items.len(),
         arrived: Arc::default(),
+        reads: Arc::default(),
     });
     let mut e = Engine::builder(w.store.clone(), w.dir.path().join("a"))
-        .host(host)
+        .host(host.clone())
         .clock(w.clock.clone())
         .transfers(items.len())
         .open()
@@ -988,6 +994,8 @@ async fn items_copy_resync_and_apply_logs_at_once_up_to_the_transfer_limit() {
         }
     };
     same_as_source(&e).await;
+    // Each piece read once: none read ahead beside other items' pieces (unused there).
+    assert_eq!(host.reads.load(Ordering::SeqCst), 3 * 4);
 
     // Each disk changes outside tracking; the three resyncs send together (the store holds
     // each replica's first data write until all three are writing; with `parallel` the
