@@ -9,7 +9,7 @@ use bytes::Bytes;
 use lifeboat_resync::{BlockSize, Digest, Signature};
 
 use crate::StoreError;
-use crate::store::{Condition, LeaseId, MAX_PUT, Metadata, PAGE, PageStore, crc64};
+use crate::store::{Condition, LeaseId, MAX_PUT, Metadata, PAGE, PageStore, crc64, merge_ranges};
 use crate::writer::Change;
 
 /// The blob beside `blob` that holds its digests.
@@ -580,7 +580,14 @@ impl ReplicaDigests {
                 .map(|(&p, _)| p)
                 .collect(),
         };
-        for run in runs(&pages, MAX_PUT / PAGE) {
+        let runs = runs(&pages, MAX_PUT / PAGE);
+        // One copy-on-write of every page the runs change (a store with snapshots would
+        // otherwise preserve them run by run, two fsyncs each).
+        let ranges = merge_ranges(runs.iter().map(|r| r.start * PAGE..r.end * PAGE).collect());
+        if existing && !ranges.is_empty() {
+            store.prepare_overwrite(&name, &ranges, cond).await?;
+        }
+        for run in runs {
             let mut body = Vec::with_capacity(((run.end - run.start) * PAGE) as usize);
             for p in run.clone() {
                 match self.pages.get(&p) {

@@ -114,6 +114,7 @@ pub struct FaultyStore<S> {
     count: Mutex<u64>,
     seen: Mutex<Vec<Seen>>,
     reads: Mutex<Vec<SeenRead>>,
+    prepared: Mutex<Vec<(String, Vec<Range<u64>>)>>,
     meeting: Mutex<Option<Meeting>>,
     /// Requests left before the caller "dies": every later one fails.
     lives: Mutex<Option<u64>>,
@@ -129,6 +130,7 @@ impl<S> FaultyStore<S> {
             count: Mutex::new(0),
             seen: Mutex::new(Vec::new()),
             reads: Mutex::new(Vec::new()),
+            prepared: Mutex::new(Vec::new()),
             meeting: Mutex::new(None),
             lives: Mutex::new(None),
         }
@@ -217,6 +219,12 @@ impl<S> FaultyStore<S> {
     /// The reads seen so far (including failed ones).
     pub fn reads(&self) -> Vec<SeenRead> {
         lock(&self.reads).clone()
+    }
+
+    /// The overwrites announced so far ([`PageStore::prepare_overwrite`]): each blob with
+    /// its ranges, in order.
+    pub fn prepared(&self) -> Vec<(String, Vec<Range<u64>>)> {
+        lock(&self.prepared).clone()
     }
 
     /// The wrapped store.
@@ -355,6 +363,7 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         ranges: &[Range<u64>],
         c: Condition,
     ) -> Result<(), StoreError> {
+        lock(&self.prepared).push((blob.to_owned(), ranges.to_vec()));
         self.inner.prepare_overwrite(blob, ranges, c).await
     }
 

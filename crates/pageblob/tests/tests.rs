@@ -909,6 +909,60 @@ async fn batch_digests_from_sent_bytes_equal_the_replica_as_it_lands() {
     }
 }
 
+/// Saving digests over a snapshot of them (every recovery point takes one) announces
+/// every slot page it rewrites in one `prepare_overwrite` before the first write: a store
+/// whose snapshots copy pages on their first change preserves them all at once (two
+/// fsyncs), not once per run of pages.
+#[tokio::test]
+async fn digests_saved_over_a_snapshot_announce_every_rewritten_page_at_once() {
+    use lifeboat_pageblob::{ReplicaDigests, digests_blob};
+    use lifeboat_resync::BlockSize;
+    let (_d, local) = store();
+    let s = Arc::new(FaultyStore::new(LocalStore::clone(&local)));
+    let len = 64 * MIB;
+    let bs = BlockSize::DEFAULT;
+    s.create("d", len, 0, &Default::default()).await.unwrap();
+    let mut digests = ReplicaDigests::zeroed(len, bs, 0);
+    digests.save(&*s, "d", None).await.unwrap();
+    s.snapshot(&digests_blob("d"), Condition::NONE)
+        .await
+        .unwrap();
+    // Writes far apart: their slot pages make separate runs.
+    let w = PageWriter::new(s.clone(), "d", WriterConfig::default());
+    let touched: Vec<Range<u64>> = (0..6).map(|k| k * 10 * MIB..k * 10 * MIB + 4096).collect();
+    let changes = touched
+        .iter()
+        .map(|r| Change::Data {
+            offset: r.start,
+            data: Bytes::from(vec![1u8; 4096]),
+        })
+        .collect();
+    w.apply_batch(0, changes, None).await.unwrap();
+    digests.update(&*s, "d", &touched, 1).await.unwrap();
+    let (puts_before, prepared_before) = (s.seen().len(), s.prepared().len());
+    digests.save(&*s, "d", None).await.unwrap();
+    let name = digests_blob("d");
+    let prepared: Vec<_> = s.prepared()[prepared_before..]
+        .iter()
+        .filter(|(b, _)| *b == name)
+        .cloned()
+        .collect();
+    assert_eq!(prepared.len(), 1, "one announcement: {prepared:?}");
+    let puts = &s.seen()[puts_before..];
+    assert_eq!(puts.len(), 6, "one slot page per write: {puts:?}");
+    for p in puts {
+        let covered = prepared[0]
+            .1
+            .iter()
+            .any(|r| r.start <= p.offset && p.offset + p.len <= r.end);
+        assert!(covered, "{p:?} was not announced in {:?}", prepared[0].1);
+    }
+    let loaded = ReplicaDigests::load(&*s, "d").await.unwrap().unwrap();
+    let replica = read_all(&*s, "d", len).await;
+    let want = lifeboat_resync::Signature::compute(&replica, bs).unwrap();
+    assert_eq!(loaded.signature(&*s).await.unwrap(), want);
+}
+
 #[tokio::test]
 async fn replica_digests_follow_batches_persist_and_drive_a_resync() {
     use lifeboat_pageblob::ReplicaDigests;
