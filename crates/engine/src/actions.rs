@@ -40,7 +40,8 @@ fn open_disk(host: &dyn crate::host::Host, path: &Path, len: u64) -> Result<Arc<
     Ok(disk)
 }
 
-/// A piece of a disk: its bytes as changes, zero runs split off.
+/// A piece of a disk: its bytes as changes, zero runs split off. What the disk says holds
+/// no data (a sparse file's holes) is a zero run without being read.
 fn read_piece(
     host: &dyn crate::host::Host,
     path: &Path,
@@ -49,8 +50,30 @@ fn read_piece(
     len: u64,
 ) -> Result<Vec<Change>> {
     let src = open_disk(host, path, size)?;
-    let bytes = data::read_at(&*src, offset, len, path)?;
-    Ok(data::split_zero_runs(offset, bytes))
+    let end = offset + len;
+    let named = src
+        .data_ranges(offset, len)
+        .map_err(Error::io(format!("reading disk {}", path.display())))?;
+    let mut out = Vec::new();
+    let mut at = offset;
+    for r in data::page_aligned(&named, offset..end) {
+        if at < r.start {
+            out.push(Change::Zero {
+                offset: at,
+                len: r.start - at,
+            });
+        }
+        let bytes = data::read_at(&*src, r.start, r.end - r.start, path)?;
+        out.extend(data::split_zero_runs(r.start, bytes));
+        at = r.end;
+    }
+    if at < end {
+        out.push(Change::Zero {
+            offset: at,
+            len: end - at,
+        });
+    }
+    Ok(out)
 }
 
 /// The next copy piece of a disk, being read while the current one is sent.

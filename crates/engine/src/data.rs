@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io;
+use std::ops::Range;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -47,6 +48,24 @@ pub(crate) fn split_zero_runs(offset: u64, data: Bytes) -> Vec<Change> {
             }
         });
         i = j;
+    }
+    out
+}
+
+/// `ranges` (in order, apart) widened to whole 512-byte pages, merged where they then
+/// meet, and kept within `within` (whose ends are page-aligned).
+pub(crate) fn page_aligned(ranges: &[Range<u64>], within: Range<u64>) -> Vec<Range<u64>> {
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for r in ranges {
+        let start = (r.start / PAGE * PAGE).max(within.start);
+        let end = r.end.div_ceil(PAGE).saturating_mul(PAGE).min(within.end);
+        if start >= end {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if last.end >= start => last.end = last.end.max(end),
+            _ => out.push(start..end),
+        }
     }
     out
 }

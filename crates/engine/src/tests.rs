@@ -390,6 +390,10 @@ impl lifeboat_source::ReadAt for VhdxDisk {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         self.0.read_at(buf, offset).map_err(std::io::Error::from)
     }
+
+    fn data_ranges(&self, offset: u64, len: u64) -> std::io::Result<Vec<std::ops::Range<u64>>> {
+        self.0.data_ranges(offset, len)
+    }
 }
 
 impl crate::Disk for VhdxDisk {
@@ -464,6 +468,115 @@ async fn protecting_a_half_empty_vhdx_reads_only_its_allocated_blocks() {
         .await
         .unwrap();
     assert!(replica[..] == virtual_disk[..], "the replica differs");
+}
+
+/// A sparse raw file whose reads are counted (data segments as the file reports them).
+#[derive(Debug)]
+struct SparseDisk {
+    file: std::fs::File,
+    read: AtomicU64,
+}
+
+impl lifeboat_source::ReadAt for SparseDisk {
+    fn size(&self) -> std::io::Result<u64> {
+        self.file.size()
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn data_ranges(&self, offset: u64, len: u64) -> std::io::Result<Vec<std::ops::Range<u64>>> {
+        self.file.data_ranges(offset, len)
+    }
+}
+
+impl crate::Disk for SparseDisk {
+    fn write_at(&self, _: u64, _: &[u8]) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+
+    fn sync(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct SparseHost(Arc<SparseDisk>);
+
+impl crate::Host for SparseHost {
+    fn open_disk(&self, _: &Path) -> std::io::Result<Arc<dyn crate::Disk>> {
+        Ok(self.0.clone())
+    }
+
+    fn create_disk(&self, _: &Path, _: u64) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+}
+
+/// Initial replication of a sparse raw disk reads its data segments only: its holes
+/// (which read as zeros) are cleared in the replica without being read, and the replica
+/// equals the disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protecting_a_sparse_disk_reads_only_its_data() {
+    use lifeboat_source::ReadAt as _;
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let file = tempfile::tempfile_in(dir.path()).unwrap();
+    let len = 40 * MIB;
+    file.set_len(len).unwrap();
+    let mut want = vec![0u8; len as usize];
+    // Data in MiB 0, 3, 4, 17, 39 (the last chunk), and 4 KiB in the middle of MiB 25.
+    let mut rng = lifeboat_source::SplitMix64::new(3);
+    for (at, n) in [
+        (0, MIB),
+        (3 * MIB, 2 * MIB),
+        (17 * MIB, MIB),
+        (39 * MIB, MIB),
+        (25 * MIB + 8192, 4096),
+    ] {
+        let bytes = rng.bytes(n as usize);
+        std::os::unix::fs::FileExt::write_all_at(&file, &bytes, at).unwrap();
+        want[at as usize..(at + n) as usize].copy_from_slice(&bytes);
+    }
+    let data: u64 = file
+        .data_ranges(0, len)
+        .unwrap()
+        .iter()
+        .map(|r| r.end - r.start)
+        .sum();
+    assert!(
+        data < 8 * MIB,
+        "the test needs a file system that reports holes ({data})"
+    );
+    let disk = Arc::new(SparseDisk {
+        file,
+        read: AtomicU64::new(0),
+    });
+    let store: Arc<dyn PageStore> = Arc::new(LocalStore::open(dir.path().join("store")).unwrap());
+    let mut e = Engine::builder(store.clone(), dir.path().join("site"))
+        .host(Arc::new(SparseHost(disk.clone())))
+        .open()
+        .await
+        .unwrap();
+    let p = ReplicationPolicy {
+        copy_chunk: 16 * MIB,
+        ..policy()
+    };
+    e.protect("vm", &[PathBuf::from("vm/d0.raw")], p, 64 << 10)
+        .await
+        .unwrap();
+    let read = disk.read.load(Ordering::Relaxed);
+    assert_eq!(read, data, "bytes read from the disk");
+    let replica = store
+        .read("lifeboat/items/vm/disk0", None, 0, len)
+        .await
+        .unwrap();
+    assert!(replica[..] == want[..], "the replica differs");
+    // The digests (hashed from what was sent, holes included) describe the replica.
+    let v = e.verify("vm", None, false).await.unwrap();
+    assert!(v.iter().all(Verified::clean), "{v:?}");
 }
 
 /// Names that would escape a path or collide are refused before anything is recorded.

@@ -613,14 +613,16 @@ impl Inner {
         c: Condition,
     ) -> Result<(), StoreError> {
         let len = data.len() as u64;
-        let _g = self.guard()?;
-        let mut st = self.load_page(blob)?;
-        check_pages(offset, len, st.size, MAX_PUT)?;
-        Self::check_condition(&st, blob, c)?;
+        // Checked before the lock: writers to other blobs (or other requests of this
+        // one) proceed meanwhile.
         let actual = crc64(data);
         if actual != crc {
             return Err(StoreError::ChecksumMismatch { sent: crc, actual });
         }
+        let _g = self.guard()?;
+        let mut st = self.load_page(blob)?;
+        check_pages(offset, len, st.size, MAX_PUT)?;
+        Self::check_condition(&st, blob, c)?;
         self.preserve(blob, &mut st, std::slice::from_ref(&(offset..offset + len)))?;
         let (f, path) = self.data(blob)?;
         f.write_all_at(data, offset).map_err(io_err(&path))?;

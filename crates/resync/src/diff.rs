@@ -495,6 +495,8 @@ fn view_input<'b>(
 enum View<'a> {
     Bytes(&'a [u8]),
     Digests(&'a [Digest]),
+    /// Zeros, not read: the source says the chunk holds no data (a sparse file's hole).
+    Zeros,
 }
 
 fn view<'b>(
@@ -508,7 +510,16 @@ fn view<'b>(
     let end = bs.range(blocks.end.saturating_sub(1), len).end.max(start);
     Ok(match side {
         Side::Bytes(b) => View::Bytes(&b[start as usize..end as usize]),
-        Side::Local(s) => View::Bytes(read_into(*s, buf, start, end - start)?),
+        Side::Local(s) => {
+            let named = s
+                .data_ranges(start, end - start)
+                .map_err(|e| Error::io(start, e))?;
+            if named.is_empty() && end > start {
+                View::Zeros
+            } else {
+                View::Bytes(read_into(*s, buf, start, end - start)?)
+            }
+        }
         Side::Signature(sig) => {
             let d = sig.digests();
             let lo = (blocks.start as usize).min(d.len());
@@ -543,6 +554,7 @@ fn classify(
     let src_zero = || match s {
         View::Bytes(b) => is_zero(&b[at..at + s_len as usize]),
         View::Digests(d) => d[j as usize] == Digest::Zero,
+        View::Zeros => true,
     };
     if t_len == 0 {
         // Past the target's end: the resize reads as zeros.
@@ -557,6 +569,13 @@ fn classify(
             let (a, b) = (&a[at..at + s_len as usize], &b[at..at + t_len as usize]);
             (a != b).then(|| kind(is_zero(a)))
         }
+        (View::Zeros, View::Zeros) => None,
+        (View::Zeros, View::Bytes(b)) => {
+            (!is_zero(&b[at..at + t_len as usize])).then_some(ExtentKind::Zero)
+        }
+        (View::Bytes(a), View::Zeros) => {
+            (!is_zero(&a[at..at + s_len as usize])).then_some(ExtentKind::Data)
+        }
         _ => {
             let sd = view_digest(s, at, s_len, j);
             (sd != view_digest(t, at, t_len, j)).then(|| kind(sd == Digest::Zero))
@@ -569,6 +588,7 @@ fn view_digest(v: &View<'_>, at: usize, n: u64, j: u64) -> Digest {
     match v {
         View::Bytes(b) => digest_block(&b[at..at + n as usize]),
         View::Digests(d) => d[j as usize],
+        View::Zeros => Digest::Zero,
     }
 }
 

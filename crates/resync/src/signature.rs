@@ -302,6 +302,13 @@ fn chunk_digests<S: ReadAt + ?Sized>(
 ) -> Result<Vec<Digest>, Error> {
     let start = block_size.range(blocks.start, len).start;
     let end = block_size.range(blocks.end - 1, len).end;
+    // A chunk the source says holds no data (a sparse file's hole) is not read.
+    let named = source
+        .data_ranges(start, end - start)
+        .map_err(|e| Error::io(start, e))?;
+    if named.is_empty() && end > start {
+        return Ok(vec![Digest::Zero; (blocks.end - blocks.start) as usize]);
+    }
     let data = read_into(source, &mut scratch.a, start, end - start)?;
     Ok(data
         .chunks(block_size.get() as usize)

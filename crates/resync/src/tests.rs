@@ -152,6 +152,55 @@ fn files_stream_through_with_the_same_result() {
     assert_eq!(got, a);
 }
 
+/// Sparse files: chunks that are holes on one side, both, or neither (and chunks half
+/// hole) diff and hash as their bytes do, whether or not the holes are read.
+#[test]
+fn sparse_files_diff_and_hash_as_their_bytes() {
+    const MIB: usize = 1 << 20;
+    let bs = BlockSize::DEFAULT;
+    let len = 12 * MIB + 4096; // a last chunk shorter than the others
+    // Which MiB of each side hold data (the rest are holes); the last data in both.
+    let (a_data, b_data) = ([0, 2, 3, 5, 8, 12], [0, 1, 3, 6, 8, 12]);
+    let make = |data: &[usize], seed: u64| {
+        let mut bytes = vec![0u8; len];
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(len as u64).unwrap();
+        for &m in data {
+            let end = ((m + 1) * MIB).min(len);
+            let chunk = random(end - m * MIB, seed + m as u64);
+            bytes[m * MIB..end].copy_from_slice(&chunk);
+            std::os::unix::fs::FileExt::write_all_at(&file, &chunk, (m * MIB) as u64).unwrap();
+        }
+        (bytes, file)
+    };
+    let (a, fa) = make(&a_data, 1);
+    let (mut b, fb) = make(&b_data, 1);
+    // MiB 8 differs in one block only; MiB 0 and 12 are equal.
+    b[8 * MIB + 70_000] ^= 1;
+    std::os::unix::fs::FileExt::write_all_at(
+        &fb,
+        &b[8 * MIB + 70_000..][..1],
+        (8 * MIB + 70_000) as u64,
+    )
+    .unwrap();
+    // A hole on one side in the middle of data written as zeros on the other.
+    let zeros = vec![0u8; MIB];
+    std::os::unix::fs::FileExt::write_all_at(&fa, &zeros, (10 * MIB) as u64).unwrap();
+    assert!(
+        ReadAt::data_ranges(&fa, 0, len as u64).unwrap().len() > 1,
+        "the test needs a file system that reports holes"
+    );
+    let want = naive_diff(&a, &b, bs);
+    assert_eq!(diff(&fa, &fb).unwrap().extents, want);
+    assert_eq!(diff(&a, &fb).unwrap().extents, want);
+    assert_eq!(diff(&fa, &b).unwrap().extents, want);
+    for (bytes, file) in [(&a, &fa), (&b, &fb)] {
+        let sig = Signature::compute(file, bs).unwrap();
+        assert_eq!(sig, Signature::compute(bytes, bs).unwrap());
+        assert_eq!(diff(&a, &sig).unwrap(), diff(&a, bytes).unwrap());
+    }
+}
+
 #[test]
 fn streamed_signature_diff_matches_and_checks_the_trailer() {
     let bs = BlockSize::new(512).unwrap();

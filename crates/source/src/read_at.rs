@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io;
+use std::ops::Range;
 
 use bytes::Bytes;
 
@@ -32,6 +33,20 @@ pub trait ReadAt: Sync {
         self.read_exact_at(&mut buf, offset)?;
         Ok(buf)
     }
+
+    /// The parts of `offset..offset + len` that may hold data, in order and apart; the
+    /// rest reads as zeros and need not be read (a sparse file's holes, on Linux). A hint
+    /// for skipping reads, not a promise that what it names holds anything but zeros: the
+    /// default (and any source that cannot tell) names the whole range.
+    fn data_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<Range<u64>>> {
+        Ok(whole(offset, len))
+    }
+}
+
+/// `offset..offset + len` as the one range that may hold data (none when empty).
+fn whole(offset: u64, len: u64) -> Vec<Range<u64>> {
+    let range = offset..offset.saturating_add(len);
+    (len > 0).then_some(range).into_iter().collect()
 }
 
 /// `data[offset..offset + buf.len()]` into `buf`, or `UnexpectedEof`.
@@ -111,6 +126,40 @@ impl ReadAt for File {
         buf.truncate(len);
         Ok(buf)
     }
+
+    /// The file's data segments (`SEEK_DATA` / `SEEK_HOLE`) within the range; the whole
+    /// range where the file system cannot tell. Positional reads are unaffected by the
+    /// seeks (they move the file's offset).
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    fn data_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<Range<u64>>> {
+        use rustix::fs::{SeekFrom, seek};
+        let end = offset.saturating_add(len);
+        let mut out = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let data = match seek(self, SeekFrom::Data(at)) {
+                Ok(d) => d,
+                // No data from `at` to the end of the file.
+                Err(rustix::io::Errno::NXIO) => break,
+                Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOTSUP) => {
+                    return Ok(whole(offset, len));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if data >= end {
+                break;
+            }
+            let hole = seek(self, SeekFrom::Hole(data))?.min(end);
+            if hole <= data {
+                // A file changing under us: claim the rest rather than guess.
+                out.push(data..end);
+                break;
+            }
+            out.push(data..hole);
+            at = hole;
+        }
+        Ok(out)
+    }
 }
 
 impl<T: ReadAt + ?Sized> ReadAt for &T {
@@ -128,6 +177,10 @@ impl<T: ReadAt + ?Sized> ReadAt for &T {
 
     fn read_vec_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         (**self).read_vec_at(offset, len)
+    }
+
+    fn data_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<Range<u64>>> {
+        (**self).data_ranges(offset, len)
     }
 }
 
@@ -165,5 +218,58 @@ mod tests {
         }
         assert!(file.as_slice().is_none());
         assert_eq!(bytes.as_slice(), Some(&data[..]));
+    }
+
+    /// A sparse file names its data segments and skips its holes; every other source,
+    /// and a file system that cannot tell, names the whole range. Whatever is named,
+    /// everything outside it reads as zeros.
+    #[test]
+    fn data_ranges_name_what_may_hold_data() {
+        const MIB: u64 = 1 << 20;
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(8 * MIB).unwrap();
+        let chunk = vec![0xA5u8; MIB as usize];
+        for at in [MIB, 2 * MIB, 6 * MIB] {
+            std::os::unix::fs::FileExt::write_all_at(&file, &chunk, at).unwrap();
+        }
+        file.sync_all().unwrap();
+        let all = file.read_vec_at(0, (8 * MIB) as usize).unwrap();
+        for (offset, len) in [(0, 8 * MIB), (MIB / 2, 5 * MIB), (3 * MIB, 3 * MIB), (0, 0)] {
+            let named = file.data_ranges(offset, len).unwrap();
+            let mut at = offset;
+            for r in &named {
+                assert!(
+                    at <= r.start && r.start < r.end && r.end <= offset + len,
+                    "{named:?}"
+                );
+                assert!(all[at as usize..r.start as usize].iter().all(|&b| b == 0));
+                at = r.end;
+            }
+            assert!(
+                all[at as usize..(offset + len) as usize]
+                    .iter()
+                    .all(|&b| b == 0)
+            );
+            // Every byte of data is named.
+            let data = (offset..offset + len)
+                .filter(|&i| all[i as usize] != 0)
+                .count() as u64;
+            let in_named: u64 = named
+                .iter()
+                .map(|r| (r.start..r.end).filter(|&i| all[i as usize] != 0).count() as u64)
+                .sum();
+            assert_eq!(in_named, data);
+            if cfg!(target_os = "linux") {
+                // ext4, xfs, btrfs and tmpfs report holes: the named bytes are the data.
+                let named_len: u64 = named.iter().map(|r| r.end - r.start).sum();
+                assert_eq!(named_len, data, "{offset}+{len}: {named:?}");
+            }
+        }
+        let v = all.clone();
+        let one = |r: Range<u64>| -> Vec<Range<u64>> { std::iter::once(r).collect() };
+        assert_eq!(v.data_ranges(5, 10).unwrap(), one(5..15));
+        assert!(v.data_ranges(5, 0).unwrap().is_empty());
+        let by_ref = <&File as ReadAt>::data_ranges(&&file, 0, 2 * MIB).unwrap();
+        assert_eq!(by_ref, one(MIB..2 * MIB));
     }
 }

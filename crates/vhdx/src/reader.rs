@@ -540,6 +540,34 @@ impl<S: ReadAt> ReadAt for Vhdx<S> {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.read_at(buf, offset).map_err(io::Error::from)
     }
+
+    /// The blocks of the range that hold data (here or, for a differencing disk, in a
+    /// parent), from the BAT: unallocated and zero blocks are left out.
+    fn data_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<Range<u64>>> {
+        let bs = u64::from(self.info.block_size);
+        let end = offset.saturating_add(len).min(self.info.virtual_size);
+        let mut out: Vec<Range<u64>> = Vec::new();
+        let mut push = |r: Range<u64>| match out.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end,
+            _ => out.push(r),
+        };
+        let mut at = offset;
+        while at < end {
+            let block = at / bs;
+            let stop = (block + 1).saturating_mul(bs).min(end);
+            match self.place(block)? {
+                Place::Zero => {}
+                Place::Parent => {
+                    for r in self.parent(at)?.data_ranges(at, stop - at)? {
+                        push(r);
+                    }
+                }
+                Place::File(_) | Place::Partial { .. } => push(at..stop),
+            }
+            at = stop;
+        }
+        Ok(out)
+    }
 }
 
 impl<S> std::fmt::Debug for Vhdx<S> {

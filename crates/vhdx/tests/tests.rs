@@ -49,6 +49,37 @@ fn read_all<S: ReadAt>(v: &Vhdx<S>) -> Vec<u8> {
     out
 }
 
+/// `ReadAt::data_ranges` of the whole virtual disk, asked for in uneven pieces and joined.
+fn data_ranges<S: lifeboat_source::ReadAt>(v: &Vhdx<S>) -> Vec<std::ops::Range<u64>> {
+    let size = v.info().virtual_size;
+    let mut out: Vec<std::ops::Range<u64>> = Vec::new();
+    let mut at = 0;
+    while at < size {
+        let len = (3 * MIB / 2 + 4096).min(size - at);
+        for r in lifeboat_source::ReadAt::data_ranges(v, at, len).unwrap() {
+            assert!(
+                at <= r.start && r.end <= at + len,
+                "{r:?} outside {at}+{len}"
+            );
+            match out.last_mut() {
+                Some(l) if l.end == r.start => l.end = r.end,
+                _ => out.push(r),
+            }
+        }
+        at += len;
+    }
+    out
+}
+
+/// The data extents' ranges.
+fn data_extents(extents: &[lifeboat_vhdx::Extent]) -> Vec<std::ops::Range<u64>> {
+    extents
+        .iter()
+        .filter(|e| e.kind == ExtentKind::Data)
+        .map(|e| e.range.clone())
+        .collect()
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -96,6 +127,7 @@ fn qemu_img_vhdx_files_read_as_their_raw_images() {
         // Every byte of data lies in a data extent; a dynamic file allocates at most what
         // the data's blocks need.
         let extents = v.extents().unwrap();
+        assert_eq!(data_ranges(&v), data_extents(&extents), "{opts}");
         for e in extents.iter().filter(|e| e.kind == ExtentKind::Zero) {
             assert!(
                 bytes[e.range.start as usize..e.range.end as usize]
@@ -466,6 +498,8 @@ fn a_differencing_chain_reads_as_the_child_over_its_parent() {
     assert!(v.info().differencing && v.parent_disk().is_some());
     assert!(read_all(&v) == want, "the chain reads other bytes");
     assert_eq!(v.allocated().unwrap(), 8 * MIB);
+    // What may hold data, block by block through the chain, is what the extents say.
+    assert_eq!(data_ranges(&v), data_extents(&v.extents().unwrap()));
     assert!(
         std::fs::read(&child).unwrap() == img,
         "the child was written"

@@ -528,7 +528,7 @@ pub(crate) fn policy(f: Frequency, retention_hours: u64) -> Result<ReplicationPo
         retention: Duration::from_secs(retention_hours * 3600),
         // Resyncs start when asked (`lifeboat resync`) unless `protect --auto-resync`.
         auto_resync: false,
-        copy_chunk: 16 << 20,
+        copy_chunk: 32 << 20,
         ..ReplicationPolicy::default()
     })
 }

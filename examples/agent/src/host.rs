@@ -287,6 +287,11 @@ impl lifeboat_resync::ReadAt for VhdxDisk {
         let v = self.vhdx.read().unwrap_or_else(|p| p.into_inner());
         v.read_at(buf, offset).map_err(io::Error::from)
     }
+
+    fn data_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<std::ops::Range<u64>>> {
+        let v = self.vhdx.read().unwrap_or_else(|p| p.into_inner());
+        v.data_ranges(offset, len)
+    }
 }
 
 impl Disk for VhdxDisk {
