@@ -133,7 +133,7 @@ struct State {
     sequence_number: u64,
     metadata: Metadata,
     ranges: Vec<Range<u64>>,
-    snapshots: Vec<Snap>,
+    snapshots: Snaps,
     next_snapshot: u64,
     /// The lease holding the blob, if any.
     #[serde(default)]
@@ -156,6 +156,39 @@ impl State {
             (None, true) => LeaseState::Broken,
             (None, false) => LeaseState::Available,
         }
+    }
+}
+
+/// A blob's snapshots, shared between the cached state and the copies loads hand out:
+/// every page write loads the state, and copying each snapshot's range lists was most of
+/// a scattered write's memory traffic. Written through (`DerefMut`), they are copied
+/// first if shared: once per batch's copy-on-write, not per write.
+#[derive(Clone, Debug, Default)]
+struct Snaps(Arc<Vec<Snap>>);
+
+impl std::ops::Deref for Snaps {
+    type Target = Vec<Snap>;
+
+    fn deref(&self) -> &Vec<Snap> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Snaps {
+    fn deref_mut(&mut self) -> &mut Vec<Snap> {
+        Arc::make_mut(&mut self.0)
+    }
+}
+
+impl Serialize for Snaps {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Snaps {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Vec::<Snap>::deserialize(d).map(|v| Snaps(Arc::new(v)))
     }
 }
 
@@ -542,7 +575,9 @@ impl Inner {
         st: &mut State,
         ranges: &[Range<u64>],
     ) -> Result<(), StoreError> {
-        let Some(snap) = st.snapshots.last_mut() else {
+        // Read-only until there is something to preserve (a write must not copy the
+        // shared snapshot list).
+        let Some(snap) = st.snapshots.last() else {
             return Ok(());
         };
         let missing: Vec<Range<u64>> = ranges
@@ -1281,8 +1316,8 @@ impl PageStore for LocalStore {
             let _g = i.guard()?;
             Ok(i.load_page(b)?
                 .snapshots
-                .into_iter()
-                .map(|s| s.id)
+                .iter()
+                .map(|s| s.id.clone())
                 .collect())
         })
         .await
