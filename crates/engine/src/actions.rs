@@ -40,30 +40,39 @@ fn open_disk(host: &dyn crate::host::Host, path: &Path, len: u64) -> Result<Arc<
     Ok(disk)
 }
 
-/// A piece of a disk: its bytes as changes, zero runs split off. What the disk says holds
-/// no data (a sparse file's holes) is a zero run without being read.
+/// A piece of a disk: its bytes as changes, zero runs split off, read into `buf` (the
+/// piece's length; returned whole, for [`data::Buffers::give`] once the changes are sent).
+/// What the disk says holds no data (a sparse file's holes) is a zero run without being
+/// read.
 fn read_piece(
     host: &dyn crate::host::Host,
     path: &Path,
     size: u64,
     offset: u64,
     len: u64,
-) -> Result<Vec<Change>> {
+    mut buf: Vec<u8>,
+) -> Result<(Vec<Change>, Bytes)> {
     let src = open_disk(host, path, size)?;
     let end = offset + len;
-    let named = src
-        .data_ranges(offset, len)
-        .map_err(Error::io(format!("reading disk {}", path.display())))?;
+    let what = || format!("reading disk {}", path.display());
+    let named = src.data_ranges(offset, len).map_err(Error::io(what()))?;
+    let ranges = data::page_aligned(&named, offset..end);
+    for r in &ranges {
+        let at = (r.start - offset) as usize..(r.end - offset) as usize;
+        src.read_exact_at(&mut buf[at], r.start)
+            .map_err(Error::io(what()))?;
+    }
+    let all = Bytes::from(buf);
     let mut out = Vec::new();
     let mut at = offset;
-    for r in data::page_aligned(&named, offset..end) {
+    for r in ranges {
         if at < r.start {
             out.push(Change::Zero {
                 offset: at,
                 len: r.start - at,
             });
         }
-        let bytes = data::read_at(&*src, r.start, r.end - r.start, path)?;
+        let bytes = all.slice((r.start - offset) as usize..(r.end - offset) as usize);
         out.extend(data::split_zero_runs(r.start, bytes));
         at = r.end;
     }
@@ -73,7 +82,7 @@ fn read_piece(
             len: end - at,
         });
     }
-    Ok(out)
+    Ok((out, all))
 }
 
 /// The next copy piece of a disk, being read while the current one is sent.
@@ -83,8 +92,8 @@ pub(crate) struct ReadAhead {
     key: (String, usize, u64, u64),
     /// The count of actions performed when it was started: it serves the next one only.
     after: u64,
-    /// The read.
-    piece: tokio::task::JoinHandle<Result<Vec<Change>>>,
+    /// The read (changes, and the buffer they slice).
+    piece: tokio::task::JoinHandle<Result<(Vec<Change>, Bytes)>>,
 }
 
 /// What a transfer did, for [`Engine::settle`] to record.
@@ -552,7 +561,7 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner())
             .take()
             .filter(|r| r.key == key && r.after + 1 == self.performed);
-        let changes = match ahead {
+        let (changes, buffer) = match ahead {
             Some(r) => match r.piece.await {
                 Ok(piece) => piece?,
                 Err(_) => self.read_piece(&disk, offset, len).await?,
@@ -566,8 +575,11 @@ impl Engine {
         if read_ahead && next < disk.size {
             let n = len.min(disk.size - next);
             let (host, path, size) = (self.host.clone(), disk.source.clone(), disk.size);
-            let piece =
-                tokio::task::spawn_blocking(move || read_piece(&*host, &path, size, next, n));
+            let buffers = self.buffers.clone();
+            let piece = tokio::task::spawn_blocking(move || {
+                let buf = buffers.take(n as usize);
+                read_piece(&*host, &path, size, next, n, buf)
+            });
             *self.read_ahead.lock().unwrap_or_else(|p| p.into_inner()) = Some(ReadAhead {
                 key: (name.to_owned(), d, next, n),
                 after: self.performed,
@@ -575,6 +587,7 @@ impl Engine {
             });
         }
         self.write_batch(name, d, changes, None, None).await?;
+        self.buffers.give(buffer);
         self.observer.event(&Event::Progress {
             item: name.to_owned(),
             disk: d,
@@ -587,10 +600,17 @@ impl Engine {
 
     /// Reads a piece of a disk and splits off its zero runs, off the runtime's threads
     /// (other items' pieces go on meanwhile).
-    async fn read_piece(&self, disk: &catalog::Disk, offset: u64, len: u64) -> Result<Vec<Change>> {
+    async fn read_piece(
+        &self,
+        disk: &catalog::Disk,
+        offset: u64,
+        len: u64,
+    ) -> Result<(Vec<Change>, Bytes)> {
         let (host, path, size) = (self.host.clone(), disk.source.clone(), disk.size);
+        let buffers = self.buffers.clone();
         blocking("reading a disk", move || {
-            read_piece(&*host, &path, size, offset, len)
+            let buf = buffers.take(len as usize);
+            read_piece(&*host, &path, size, offset, len, buf)
         })
         .await?
     }

@@ -295,6 +295,7 @@ impl EngineBuilder {
             digests: Mutex::new(DigestCache::with_budget(self.digest_budget)),
             transfers: self.transfers,
             read_ahead: Mutex::new(None),
+            buffers: Arc::new(crate::data::Buffers::default()),
         };
         e.generation = e.site.generation();
         e.load().await?;
@@ -337,6 +338,8 @@ pub struct Engine {
     transfers: usize,
     /// The next copy piece, read while the current one is sent.
     pub(crate) read_ahead: Mutex<Option<crate::actions::ReadAhead>>,
+    /// Copy pieces' buffers, reused from one piece to the next.
+    pub(crate) buffers: Arc<crate::data::Buffers>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -883,6 +886,8 @@ impl Engine {
     pub async fn unlocked<F: std::future::Future>(&mut self, f: F) -> Result<F::Output> {
         // Another process may act on the items meanwhile: a piece read ahead is stale.
         *self.read_ahead.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        // A service waiting holds no copy buffers.
+        self.buffers.clear();
         let saved = self.persist().await;
         self.site.unlock()?;
         let out = f.await;

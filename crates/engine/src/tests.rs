@@ -1195,3 +1195,26 @@ async fn an_item_protected_beside_a_waiting_engine_is_picked_up_by_it() {
     );
     same(&w.replica_bytes().await, &w.source(), "replica");
 }
+
+/// A copy piece's buffer is taken back once nothing holds a slice of it (then the next
+/// piece reads into the same memory), never while something does.
+#[test]
+fn copy_buffers_are_reused_only_when_nothing_else_holds_them() {
+    let pool = crate::data::Buffers::default();
+    let buf = pool.take(1 << 20);
+    let at = buf.as_ptr();
+    let bytes = bytes::Bytes::from(buf);
+    let slice = bytes.slice(10..20);
+    pool.give(bytes.clone());
+    let other = pool.take(1 << 20);
+    assert_ne!(other.as_ptr(), at, "a buffer still sliced was handed out");
+    drop(slice);
+    pool.give(bytes);
+    let again = pool.take(1 << 20);
+    assert_eq!(again.as_ptr(), at, "the buffer was not reused");
+    assert_eq!(again.len(), 1 << 20);
+    // A shorter last piece reuses it too.
+    pool.give(bytes::Bytes::from(again));
+    let last = pool.take(4096);
+    assert_eq!(last.as_ptr(), at);
+}

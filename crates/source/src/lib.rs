@@ -4,7 +4,9 @@ Where Lifeboat's bytes come from, in one place the other crates share.
 - [`ReadAt`]: a length and positional reads. The HRL reader walks logs through it, resync
   hashes and compares disks through it, the VHDX reader reads its file through it, and the
   engine's disks and blobs implement it. Implemented here for byte slices, `Vec<u8>`,
-  [`bytes::Bytes`] and [`std::fs::File`].
+  [`bytes::Bytes`] and [`std::fs::File`]. [`ReadAt::data_ranges`] says what may hold data
+  (a sparse file's data segments on Linux, a VHDX's allocated blocks): readers skip the
+  rest, which reads as zeros.
 - [`SplitMix64`]: a small seeded generator, the one used for retry jitter, for test and
   bench inputs, and for the demo's data: the same seed gives the same bytes everywhere.
 
@@ -26,6 +28,8 @@ assert_eq!(data.size()?, 4096);
 assert!(data.read_exact_at(&mut buf, 4090).is_err());
 // The same seed, the same bytes.
 assert_eq!(SplitMix64::new(7).bytes(4096), data);
+// A buffer cannot tell where its zeros are: all of it may hold data.
+assert_eq!(data.data_ranges(1000, 24)?, std::iter::once(1000..1024).collect::<Vec<_>>());
 # Ok::<(), std::io::Error>(())
 ```
 */
