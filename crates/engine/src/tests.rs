@@ -370,9 +370,15 @@ impl lifeboat_source::ReadAt for &'static CountedFile {
     }
 }
 
-/// The host's one disk: that VHDX's virtual disk.
-#[derive(Debug)]
-struct VhdxHost(Arc<VhdxDisk>);
+/// A host with one disk (whatever path is asked for), which tests cannot write through
+/// the host.
+struct OneDiskHost(Arc<dyn crate::Disk>);
+
+impl std::fmt::Debug for OneDiskHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OneDiskHost")
+    }
+}
 
 struct VhdxDisk(lifeboat_vhdx::Vhdx<&'static CountedFile>);
 
@@ -406,7 +412,7 @@ impl crate::Disk for VhdxDisk {
     }
 }
 
-impl crate::Host for VhdxHost {
+impl crate::Host for OneDiskHost {
     fn open_disk(&self, _: &Path) -> std::io::Result<Arc<dyn crate::Disk>> {
         Ok(self.0.clone())
     }
@@ -440,7 +446,7 @@ async fn protecting_a_half_empty_vhdx_reads_only_its_allocated_blocks() {
     }));
     let v = lifeboat_vhdx::Vhdx::open(file).unwrap();
     assert_eq!(v.allocated().unwrap(), 32 << 20);
-    let host = Arc::new(VhdxHost(Arc::new(VhdxDisk(v))));
+    let host = Arc::new(OneDiskHost(Arc::new(VhdxDisk(v))));
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn PageStore> = Arc::new(LocalStore::open(dir.path().join("store")).unwrap());
     let mut e = Engine::builder(store.clone(), dir.path().join("site"))
@@ -502,19 +508,6 @@ impl crate::Disk for SparseDisk {
     }
 }
 
-#[derive(Debug)]
-struct SparseHost(Arc<SparseDisk>);
-
-impl crate::Host for SparseHost {
-    fn open_disk(&self, _: &Path) -> std::io::Result<Arc<dyn crate::Disk>> {
-        Ok(self.0.clone())
-    }
-
-    fn create_disk(&self, _: &Path, _: u64) -> std::io::Result<()> {
-        Err(std::io::ErrorKind::Unsupported.into())
-    }
-}
-
 /// Initial replication of a sparse raw disk reads its data segments only: its holes
 /// (which read as zeros) are cleared in the replica without being read, and the replica
 /// equals the disk.
@@ -556,7 +549,7 @@ async fn protecting_a_sparse_disk_reads_only_its_data() {
     });
     let store: Arc<dyn PageStore> = Arc::new(LocalStore::open(dir.path().join("store")).unwrap());
     let mut e = Engine::builder(store.clone(), dir.path().join("site"))
-        .host(Arc::new(SparseHost(disk.clone())))
+        .host(Arc::new(OneDiskHost(disk.clone())))
         .open()
         .await
         .unwrap();
