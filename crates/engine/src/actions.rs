@@ -574,12 +574,7 @@ impl Engine {
         let next = offset + len;
         if read_ahead && next < disk.size {
             let n = len.min(disk.size - next);
-            let (host, path, size) = (self.host.clone(), disk.source.clone(), disk.size);
-            let buffers = self.buffers.clone();
-            let piece = tokio::task::spawn_blocking(move || {
-                let buf = buffers.take(n as usize);
-                read_piece(&*host, &path, size, next, n, buf)
-            });
+            let piece = tokio::task::spawn_blocking(self.piece_reader(&disk, next, n));
             *self.read_ahead.lock().unwrap_or_else(|p| p.into_inner()) = Some(ReadAhead {
                 key: (name.to_owned(), d, next, n),
                 after: self.performed,
@@ -606,13 +601,19 @@ impl Engine {
         offset: u64,
         len: u64,
     ) -> Result<(Vec<Change>, Bytes)> {
+        blocking("reading a disk", self.piece_reader(disk, offset, len)).await?
+    }
+
+    /// The read of a piece of `disk` into a reused buffer, to run on a blocking thread.
+    fn piece_reader(
+        &self,
+        disk: &catalog::Disk,
+        offset: u64,
+        len: u64,
+    ) -> impl FnOnce() -> Result<(Vec<Change>, Bytes)> + Send + 'static {
         let (host, path, size) = (self.host.clone(), disk.source.clone(), disk.size);
         let buffers = self.buffers.clone();
-        blocking("reading a disk", move || {
-            let buf = buffers.take(len as usize);
-            read_piece(&*host, &path, size, offset, len, buf)
-        })
-        .await?
+        move || read_piece(&*host, &path, size, offset, len, buffers.take(len as usize))
     }
 
     async fn close_logs(&mut self, name: &str, cycle: u64) -> Result<Outcome> {

@@ -149,6 +149,19 @@ pub(crate) struct Scratch {
     pub(crate) b: AlignedBuf,
 }
 
+/// Whether `source` says `len` bytes at `offset` hold no data (a sparse file's hole):
+/// they read as zeros and need not be read.
+pub(crate) fn holds_no_data<S: ReadAt + ?Sized>(
+    source: &S,
+    offset: u64,
+    len: u64,
+) -> Result<bool, Error> {
+    let named = source
+        .data_ranges(offset, len)
+        .map_err(|e| Error::io(offset, e))?;
+    Ok(named.is_empty() && len > 0)
+}
+
 /// Reads `len` bytes of `source` at `offset` into `buf`.
 pub(crate) fn read_into<'b, S: ReadAt + ?Sized>(
     source: &S,

@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::block::{
-    AlignedBuf, BlockSize, Progress, Scratch, digest_block, is_zero, read_into, run_chunks,
+    AlignedBuf, BlockSize, Progress, Scratch, digest_block, holds_no_data, is_zero, read_into,
+    run_chunks,
 };
 use crate::io::BlockWriter;
 use crate::signature::{Digest, Signature, SignatureReader};
@@ -510,16 +511,8 @@ fn view<'b>(
     let end = bs.range(blocks.end.saturating_sub(1), len).end.max(start);
     Ok(match side {
         Side::Bytes(b) => View::Bytes(&b[start as usize..end as usize]),
-        Side::Local(s) => {
-            let named = s
-                .data_ranges(start, end - start)
-                .map_err(|e| Error::io(start, e))?;
-            if named.is_empty() && end > start {
-                View::Zeros
-            } else {
-                View::Bytes(read_into(*s, buf, start, end - start)?)
-            }
-        }
+        Side::Local(s) if holds_no_data(*s, start, end - start)? => View::Zeros,
+        Side::Local(s) => View::Bytes(read_into(*s, buf, start, end - start)?),
         Side::Signature(sig) => {
             let d = sig.digests();
             let lo = (blocks.start as usize).min(d.len());

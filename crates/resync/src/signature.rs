@@ -6,7 +6,9 @@ use std::ops::ControlFlow;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
-use crate::block::{BlockSize, Progress, Scratch, digest_block, read_into, run_chunks};
+use crate::block::{
+    BlockSize, Progress, Scratch, digest_block, holds_no_data, read_into, run_chunks,
+};
 use lifeboat_source::ReadAt;
 
 /// The digest of one block.
@@ -303,10 +305,7 @@ fn chunk_digests<S: ReadAt + ?Sized>(
     let start = block_size.range(blocks.start, len).start;
     let end = block_size.range(blocks.end - 1, len).end;
     // A chunk the source says holds no data (a sparse file's hole) is not read.
-    let named = source
-        .data_ranges(start, end - start)
-        .map_err(|e| Error::io(start, e))?;
-    if named.is_empty() && end > start {
+    if holds_no_data(source, start, end - start)? {
         return Ok(vec![Digest::Zero; (blocks.end - blocks.start) as usize]);
     }
     let data = read_into(source, &mut scratch.a, start, end - start)?;
