@@ -406,12 +406,17 @@ impl Engine {
         let writer = PageWriter::new(self.store.clone(), blob.clone(), self.writer.clone())
             .leased(Some(self.site.id()));
         // The batch's digests are hashed from the bytes it sends, on another thread while
-        // it is sent: only blocks it covers in part are read back afterwards.
+        // it is sent; the blocks it covers in part are completed meanwhile from the bytes
+        // it does not change (read back after it lands only if that read failed).
         let hashed = {
-            let changes = changes.clone();
-            blocking("hashing a batch", move || {
-                BatchDigests::of(&changes, bs, len)
-            })
+            let (changes, store, blob) = (changes.clone(), self.store.clone(), blob.clone());
+            async move {
+                let whole = changes.clone();
+                let mut batch =
+                    blocking("hashing a batch", move || BatchDigests::of(&whole, bs, len)).await?;
+                let _ = batch.read_rest(&*store, &blob, &changes).await;
+                Ok::<_, Error>(batch)
+            }
         };
         let (sent, hashed) = tokio::join!(writer.apply_batch(seq, changes, edges), hashed);
         let report = match sent {

@@ -151,7 +151,9 @@ fn log_err(path: &Path) -> impl FnOnce(lifeboat_hrl::Error) -> Error + '_ {
 /// Reads and validates a log: strictly when it was closed cleanly, otherwise by salvage
 /// (so the engine can still say what it held and ask for a resync).
 pub(crate) fn read_log(path: &Path) -> Result<Log> {
-    let (reader, clean) = match Reader::with_options(open_log(path)?, ReadOptions::strict()) {
+    // Metadata first; the payloads are checked once below.
+    let strict = ReadOptions::strict().verify_data(false);
+    let (reader, clean) = match Reader::with_options(open_log(path)?, strict) {
         Ok(r) => (r, true),
         Err(strict) => {
             match Reader::with_options(open_log(path)?, ReadOptions::strict().salvage(true)) {

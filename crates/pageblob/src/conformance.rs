@@ -125,6 +125,35 @@ pub async fn run(store: &dyn PageStore, prefix: &str, skips: Skips) -> Result<()
     if got[..] != a[..] {
         return Err("read back differs from what was written".into());
     }
+    // Many reads at once: any alignment, in the order asked, each as `read` gives it.
+    let want = [
+        mib + 100..mib + 700,
+        0..512,
+        mib + 65_000..mib + 66_000,
+        mib..mib,
+    ];
+    let got = s
+        .read_ranges(&blob, None, &want)
+        .await
+        .map_err(|e| fail("read_ranges", e))?;
+    for (r, g) in want.iter().zip(&got) {
+        let one = s
+            .read(&blob, None, r.start, r.end - r.start)
+            .await
+            .map_err(|e| fail("read of an unaligned range", e))?;
+        if g[..] != one[..] {
+            return Err(format!("read_ranges of {r:?} differs from read"));
+        }
+    }
+    if got.len() != want.len() || got[0][..] != a[100..700] {
+        return Err("read_ranges did not answer each range in order".into());
+    }
+    expect_err!(
+        s.read_ranges(&blob, None, &[0..512, 16 * mib - 512..16 * mib + 512])
+            .await,
+        StoreError::OutOfRange { .. } | StoreError::Http { status: 416, .. },
+        "read_ranges past the end"
+    );
     s.clear_pages(&blob, mib, 4096, Condition::NONE)
         .await
         .map_err(|e| fail("clear", e))?;

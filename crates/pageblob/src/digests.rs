@@ -95,11 +95,16 @@ pub struct ReplicaDigests {
 }
 
 /// A batch's block digests computed from the bytes it sends ([`BatchDigests::of`]), and
-/// the ranges that must be read back after it lands (blocks it covers only in part).
+/// the ranges that must be read back after it lands (blocks it covers only in part), unless
+/// [`BatchDigests::read_rest`] completed those blocks while the batch was sent.
 #[derive(Clone, Debug, Default)]
 pub struct BatchDigests {
     known: Vec<(u64, Digest)>,
     rest: Vec<Range<u64>>,
+    /// The replica's block size and length (`None`: no block is covered in part).
+    geometry: Option<(BlockSize, u64)>,
+    /// The changes overlap each other: their blocks are only read back after the batch.
+    overlapping: bool,
 }
 
 impl BatchDigests {
@@ -112,12 +117,16 @@ impl BatchDigests {
         ranges.sort_by_key(|r| r.start);
         if ranges.windows(2).any(|w| w[0].end > w[1].start) {
             return BatchDigests {
-                known: Vec::new(),
                 rest: ranges,
+                overlapping: true,
+                ..BatchDigests::default()
             };
         }
         let bs = u64::from(block_size.get());
-        let mut out = BatchDigests::default();
+        let mut out = BatchDigests {
+            geometry: Some((block_size, len)),
+            ..BatchDigests::default()
+        };
         for c in changes {
             let r = c.range();
             let first = r.start.div_ceil(bs);
@@ -157,6 +166,101 @@ impl BatchDigests {
             }
         }
         out
+    }
+
+    /// Completes the digests of the blocks the batch covers only in part, from the
+    /// batch's bytes (`changes`, the same as given to [`BatchDigests::of`]) and the rest of
+    /// each such block read from `blob`: then nothing is read back after the batch lands.
+    ///
+    /// Reads only bytes the batch does not change (its writer rewrites the rest of a
+    /// partial 512-byte page with the bytes it holds), so it may run while the batch is
+    /// sent, as long as nobody else writes the blob (its lease holder is the only writer).
+    /// Does nothing when the changes overlap each other (which lands last is the writer's
+    /// business: those blocks are read back after). On an error nothing is changed and the
+    /// blocks are read back after the batch as before.
+    pub async fn read_rest(
+        &mut self,
+        store: &dyn PageStore,
+        blob: &str,
+        changes: &[Change],
+    ) -> Result<(), StoreError> {
+        let Some((block_size, len)) = self.geometry else {
+            return Ok(());
+        };
+        if self.overlapping || self.rest.is_empty() {
+            return Ok(());
+        }
+        let size = u64::from(block_size.get());
+        let mut blocks: Vec<u64> = self
+            .rest
+            .iter()
+            .filter(|r| r.start < r.end && r.start < len)
+            .flat_map(|r| r.start / size..=(r.end.min(len) - 1) / size)
+            .collect();
+        blocks.sort_unstable();
+        blocks.dedup();
+        let mut sorted: Vec<&Change> = changes.iter().collect();
+        sorted.sort_by_key(|c| c.range().start);
+        // Each block's changes, in disk order (they do not overlap), and the gaps between
+        // them: read in one go.
+        let mut parts = Vec::with_capacity(blocks.len());
+        let mut gaps = Vec::new();
+        for b in blocks {
+            let br = block_size.range(b, len);
+            let first = sorted.partition_point(|c| c.range().end <= br.start);
+            let inside: Vec<&Change> = sorted[first..]
+                .iter()
+                .take_while(|c| c.range().start < br.end)
+                .copied()
+                .collect();
+            let mut at = br.start;
+            for c in &inside {
+                let r = c.range();
+                if at < r.start {
+                    gaps.push(at..r.start);
+                }
+                at = r.end;
+            }
+            if at < br.end {
+                gaps.push(at..br.end);
+            }
+            parts.push((b, br, inside));
+        }
+        let read = store.read_ranges(blob, None, &gaps).await?;
+        if read.len() != gaps.len()
+            || gaps
+                .iter()
+                .zip(&read)
+                .any(|(g, b)| b.len() as u64 != g.end - g.start)
+        {
+            return Err(StoreError::Corrupt {
+                path: blob.to_owned(),
+                reason: "the store answered reads with other lengths than asked".into(),
+            });
+        }
+        let mut read = gaps.iter().zip(&read).peekable();
+        let mut known = Vec::with_capacity(parts.len());
+        let mut buf = Vec::new();
+        for (b, br, inside) in parts {
+            buf.clear();
+            buf.resize((br.end - br.start) as usize, 0);
+            while let Some((g, bytes)) = read.next_if(|(g, _)| g.start < br.end) {
+                buf[(g.start - br.start) as usize..(g.end - br.start) as usize]
+                    .copy_from_slice(bytes);
+            }
+            for c in inside {
+                if let Change::Data { offset, data } = c {
+                    let r = c.range();
+                    let (from, to) = (r.start.max(br.start), r.end.min(br.end));
+                    buf[(from - br.start) as usize..(to - br.start) as usize]
+                        .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
+                }
+            }
+            known.push((b, lifeboat_resync::digest_block(&buf)));
+        }
+        self.known.extend(known);
+        self.rest.clear();
+        Ok(())
     }
 }
 

@@ -708,13 +708,14 @@ impl Inner {
             })
     }
 
+    /// Reads each of `reads` (offset, length) of the blob or of snapshot `snapshot` (one
+    /// state load, one open of the data file).
     fn read_locked(
         &self,
         blob: &str,
         snapshot: Option<&str>,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<u8>, StoreError> {
+        reads: &[(u64, u64)],
+    ) -> Result<Vec<Bytes>, StoreError> {
         let st = self.load_page(blob)?;
         let (from, size) = match snapshot {
             Some(id) => {
@@ -723,27 +724,34 @@ impl Inner {
             }
             None => (st.snapshots.len(), st.size),
         };
-        if offset.checked_add(len).is_none_or(|e| e > size) {
+        if let Some(&(offset, len)) = reads
+            .iter()
+            .find(|(o, l)| o.checked_add(*l).is_none_or(|e| e > size))
+        {
             return Err(StoreError::OutOfRange { offset, len, size });
         }
-        let mut buf = vec![0u8; len as usize];
         let (data, path) = self.data(blob)?;
-        read_zero_past_end(&data, &mut buf, offset, &path)?;
-        // Overlay preserved pages, newest snapshot first, so the nearest one wins.
         let dir = self.dir(blob)?;
-        let want = offset..offset + len;
-        for snap in st.snapshots[from..].iter().rev() {
-            let spath = dir.join(format!("snap-{}", snap.id));
-            for r in intersect(&snap.preserved, &want) {
-                let at = (r.start - offset) as usize;
-                read_preserved(
-                    &spath,
-                    &mut buf[at..at + (r.end - r.start) as usize],
-                    r.start,
-                )?;
+        let mut out = Vec::with_capacity(reads.len());
+        for &(offset, len) in reads {
+            let want = &(offset..offset + len);
+            let mut buf = vec![0u8; len as usize];
+            read_zero_past_end(&data, &mut buf, offset, &path)?;
+            // Overlay preserved pages, newest snapshot first, so the nearest one wins.
+            for snap in st.snapshots[from..].iter().rev() {
+                let spath = dir.join(format!("snap-{}", snap.id));
+                for r in intersect(&snap.preserved, want) {
+                    let at = (r.start - offset) as usize;
+                    read_preserved(
+                        &spath,
+                        &mut buf[at..at + (r.end - r.start) as usize],
+                        r.start,
+                    )?;
+                }
             }
+            out.push(Bytes::from(buf));
         }
-        Ok(buf)
+        Ok(out)
     }
 
     fn snapshot(&self, blob: &str, c: Condition) -> Result<String, StoreError> {
@@ -889,7 +897,10 @@ impl Inner {
             let mut at = r.start;
             while at < r.end {
                 let n = (r.end - at).min(MAX_PUT);
-                let buf = self.read_locked(blob, Some(id), at, n)?;
+                let buf = self
+                    .read_locked(blob, Some(id), &[(at, n)])?
+                    .pop()
+                    .unwrap_or_default();
                 out.write_all_at(&buf, at).map_err(io_err(&out_path))?;
                 at += n;
             }
@@ -1271,8 +1282,26 @@ impl PageStore for LocalStore {
         let snap = snapshot.map(str::to_owned);
         self.run(blob, move |i, b| {
             let _g = i.guard()?;
-            i.read_locked(b, snap.as_deref(), offset, len)
-                .map(Bytes::from)
+            let mut one = i.read_locked(b, snap.as_deref(), &[(offset, len)])?;
+            Ok(one.pop().unwrap_or_default())
+        })
+        .await
+    }
+
+    async fn read_ranges(
+        &self,
+        blob: &str,
+        snapshot: Option<&str>,
+        ranges: &[Range<u64>],
+    ) -> Result<Vec<Bytes>, StoreError> {
+        let snap = snapshot.map(str::to_owned);
+        let reads: Vec<(u64, u64)> = ranges
+            .iter()
+            .map(|r| (r.start, r.end.saturating_sub(r.start)))
+            .collect();
+        self.run(blob, move |i, b| {
+            let _g = i.guard()?;
+            i.read_locked(b, snap.as_deref(), &reads)
         })
         .await
     }
@@ -1460,8 +1489,11 @@ mod tests {
         // What each sync point claims is there after a reopen.
         let again = LocalStore::open(dir.path()).unwrap();
         let again = &again.inner;
-        let back = again.read_locked("b", None, 4096, 512).unwrap();
-        assert_eq!(back, page);
+        let back = again
+            .read_locked("b", None, &[(4096, 512)])
+            .unwrap()
+            .remove(0);
+        assert_eq!(back[..], page[..]);
         assert_eq!(again.load_page("b").unwrap().sequence_number, 2);
     }
 }

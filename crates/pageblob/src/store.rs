@@ -237,6 +237,23 @@ pub trait PageStore: Send + Sync + std::fmt::Debug {
         len: u64,
     ) -> Result<Bytes, StoreError>;
 
+    /// Reads each of `ranges` (byte ranges, any alignment) of the blob or of one of its
+    /// snapshots, in the order given: what [`read`](PageStore::read) gives for each. For
+    /// many small reads: the default reads them one by one; a store may serve them all in
+    /// one go (the embedded store takes its lock and opens its file once).
+    async fn read_ranges(
+        &self,
+        blob: &str,
+        snapshot: Option<&str>,
+        ranges: &[Range<u64>],
+    ) -> Result<Vec<Bytes>, StoreError> {
+        let mut out = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            out.push(self.read(blob, snapshot, r.start, r.end - r.start).await?);
+        }
+        Ok(out)
+    }
+
     /// The allocated (written, not cleared) ranges, merged and in order.
     async fn page_ranges(
         &self,

@@ -839,15 +839,18 @@ async fn azure_writer_retries_faults_and_fences_on_azurite() {
     ));
 }
 
-/// The digests a batch computes from the bytes it sends (reading back only blocks it
-/// covers in part) equal those of the replica as it lands: random batches of aligned,
-/// unaligned, adjacent and zero changes (a batch never overlaps itself: the writer refuses
-/// that), in a disk whose last block is short.
+/// The digests a batch computes from the bytes it sends equal those of the replica as it
+/// lands: random batches of aligned, unaligned, adjacent and zero changes (a batch never
+/// overlaps itself: the writer refuses that), in a disk whose last block is short. Blocks
+/// covered in part are read back after the batch on even batches, and completed by
+/// `read_rest` while the batch is sent on odd ones: then no byte of the replica is read
+/// after it lands.
 #[tokio::test]
 async fn batch_digests_from_sent_bytes_equal_the_replica_as_it_lands() {
     use lifeboat_pageblob::{BatchDigests, ReplicaDigests};
     use lifeboat_resync::{BlockSize, Signature};
-    let (_d, s) = store();
+    let (_d, local) = store();
+    let s = Arc::new(FaultyStore::new(LocalStore::clone(&local)));
     let len = 4 * MIB + 8192;
     let bs = BlockSize::new(16384).unwrap();
     s.create("d", len, 0, &Default::default()).await.unwrap();
@@ -881,13 +884,32 @@ async fn batch_digests_from_sent_bytes_equal_the_replica_as_it_lands() {
             }
             keep
         });
-        let batch = BatchDigests::of(&changes, bs, len);
+        let mut batch = BatchDigests::of(&changes, bs, len);
         let w = PageWriter::new(s.clone(), "d", WriterConfig::default());
         let source: &[u8] = &edges;
-        w.apply_batch(seq, changes, Some(&source as &dyn lifeboat_source::ReadAt))
-            .await
-            .unwrap();
+        if seq % 2 == 0 {
+            w.apply_batch(seq, changes, Some(&source as &dyn lifeboat_source::ReadAt))
+                .await
+                .unwrap();
+        } else {
+            let all = changes.clone();
+            let (sent, rest) = tokio::join!(
+                w.apply_batch(seq, changes, Some(&source as &dyn lifeboat_source::ReadAt)),
+                batch.read_rest(&*s, "d", &all)
+            );
+            sent.unwrap();
+            rest.unwrap();
+        }
+        let reads_before = s.reads().len();
         digests.update_with(&*s, "d", batch, seq + 1).await.unwrap();
+        if seq % 2 == 1 {
+            let back: Vec<_> = s.reads()[reads_before..]
+                .iter()
+                .filter(|r| r.blob == "d")
+                .cloned()
+                .collect();
+            assert!(back.is_empty(), "batch {seq} read back {back:?}");
+        }
         let replica = read_all(&*s, "d", len).await;
         assert_eq!(
             digests.signature(&*s).await.unwrap(),
