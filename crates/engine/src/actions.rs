@@ -16,7 +16,7 @@ use lifeboat_source::ReadAt;
 use crate::catalog::{self, Cycle, Location, SyncReport, replica_blob};
 use crate::data::{self, BlobSource, DiskWriter, EdgePages, LogChain, TakeSource};
 use crate::engine::{Engine, Event, Task};
-use crate::error::{Error, Result, blocking};
+use crate::error::{Error, Result, blocking, joined};
 use crate::host::Disk;
 
 /// Data bytes per page-writer batch when resyncing (bounded memory).
@@ -716,7 +716,7 @@ impl Engine {
             }
             // Batch i of the cycle is fenced on sequence number expect + i: a crash resumes
             // at the first batch the blob has not taken.
-            let chain = LogChain::open(&logs, LOG_BATCH_BYTES)?;
+            let chain = Arc::new(LogChain::open(&logs, LOG_BATCH_BYTES)?);
             let blob = replica_blob(name, d);
             let size = self.doc(name)?.disks[d].size;
             let seq = self.store.properties(&blob).await?.sequence_number;
@@ -725,9 +725,28 @@ impl Engine {
                     "replica {blob} is at sequence number {seq}, before cycle {cycle} ({expect})"
                 )));
             }
+            // The payloads are checked on another thread while the batches are sent: the
+            // staged file may be a hard link to a log changed in place since it was handed
+            // over. A bad one fails the cycle before it ends (no recovery point holds a
+            // batch of it; the item needs a resync, as after a crash mid-cycle).
+            let mut verified = Some({
+                let chain = chain.clone();
+                tokio::task::spawn_blocking(move || chain.verify())
+            });
+            // The next batch is read from the logs while this one is sent (two in memory).
+            let read = |i: usize| {
+                let chain = chain.clone();
+                tokio::task::spawn_blocking(move || chain.changes(i))
+            };
+            let first = (seq - expect) as usize;
+            let mut ahead = (first < chain.len()).then(|| read(first));
             let (mut sent, mut requests, mut batches) = (0, 0, 0);
-            for i in (seq - expect) as usize..chain.len() {
-                let changes = chain.changes(i)?;
+            for i in first..chain.len() {
+                let Some(reading) = ahead.take() else { break };
+                let changes = joined(reading.await, "reading logs")??;
+                if i + 1 < chain.len() {
+                    ahead = Some(read(i + 1));
+                }
                 let edges =
                     EdgePages::fetch(&*self.store, &blob, &data::edge_pages(&changes), size)
                         .await?;
@@ -739,6 +758,13 @@ impl Engine {
                     requests += r.put_requests;
                     batches += 1;
                 }
+                // A bad payload found already stops the cycle here.
+                if let Some(v) = verified.take_if(|v| v.is_finished()) {
+                    joined(v.await, "checking logs")??;
+                }
+            }
+            if let Some(v) = verified {
+                joined(v.await, "checking logs")??;
             }
             if requests > 0 {
                 self.observer.event(&Event::CycleApplied {

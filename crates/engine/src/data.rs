@@ -197,13 +197,15 @@ pub(crate) struct LogChain {
 
 impl LogChain {
     /// Opens and folds the logs (chain order checked), each checked to be the log its
-    /// UniqueId (hex) names when one is given.
+    /// UniqueId (hex) names when one is given. Their payloads are checked by
+    /// [`LogChain::verify`] (the caller runs it beside the batches).
     pub(crate) fn open(logs: &[(&Path, &str)], batch: u64) -> Result<Self> {
         let paths: Vec<&Path> = logs.iter().map(|(p, _)| *p).collect();
+        let metadata = ReadOptions::strict().verify_data(false);
         let readers = logs
             .iter()
             .map(|&(p, id)| {
-                let r = Reader::new(open_log(p)?).map_err(log_err(p))?;
+                let r = Reader::with_options(open_log(p)?, metadata).map_err(log_err(p))?;
                 let found = crate::catalog::hex(&r.header().unique_id);
                 if !id.is_empty() && found != id {
                     return Err(Error::Invalid(format!(
@@ -244,6 +246,14 @@ impl LogChain {
             paths: paths.iter().map(|p| p.to_path_buf()).collect(),
             batches,
         })
+    }
+
+    /// Checks every payload of every log against its DataChecksum (one sequential read).
+    pub(crate) fn verify(&self) -> Result<()> {
+        for (r, p) in self.readers.iter().zip(&self.paths) {
+            r.verify_data().map_err(log_err(p))?;
+        }
+        Ok(())
     }
 
     /// How many batches.

@@ -137,7 +137,12 @@ pub(crate) async fn blocking<T: Send + 'static>(
     what: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, Error> {
-    match tokio::task::spawn_blocking(f).await {
+    joined(tokio::task::spawn_blocking(f).await, what)
+}
+
+/// What a task spawned on tokio's blocking pool gave, as [`blocking`] says it.
+pub(crate) fn joined<T>(r: Result<T, tokio::task::JoinError>, what: &str) -> Result<T, Error> {
+    match r {
         Ok(v) => Ok(v),
         Err(e) => match e.try_into_panic() {
             Ok(panic) => std::panic::resume_unwind(panic),

@@ -673,6 +673,33 @@ async fn a_staged_log_is_linked_and_checked_before_it_is_applied() {
     );
 }
 
+/// A staged log whose payload is changed in place after it was handed over (the same
+/// header: the UniqueId check passes) fails its cycle on the DataChecksum: no recovery
+/// point holds its bytes and the item is not Normal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_log_changed_in_place_fails_its_cycle() {
+    use std::os::unix::fs::FileExt;
+    let w = World::new();
+    let mut e = protected(&w, "a").await;
+    let point1 = w.point_bytes(&e, 1).await;
+    let l1 = w.log(&e, 1, w.chain(&e));
+    e.stage_logs("vm", &[(0, l1.clone())], false).await.unwrap();
+    let bytes = std::fs::read(&l1).unwrap();
+    let at = bytes.windows(4096).position(|p| p == [1u8; 4096]).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&l1).unwrap();
+    f.write_all_at(&[2], (at + 100) as u64).unwrap();
+    let err = e.replicate("vm", &[], false).await.unwrap_err().to_string();
+    assert!(err.to_lowercase().contains("checksum"), "{err}");
+    let status = &e.item("vm").unwrap().status;
+    assert_eq!(status.points.len(), 1, "a point holds the changed log");
+    assert_ne!(status.health, lifeboat_replication::Health::Normal);
+    same(
+        &w.point_bytes(&e, 1).await,
+        &point1,
+        "the recovery point changed",
+    );
+}
+
 /// Logs handed over together are taken in chain order, whatever order they are given in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_are_taken_in_chain_order() {

@@ -620,11 +620,26 @@ impl Inner {
             .open(&snap_path)
             .map_err(io_err(&snap_path))?;
         // As large as the largest piece to copy (a 4 MiB zeroed buffer per small write
-        // was most of a scattered write's system time: page faults).
+        // was most of a scattered write's system time: page faults); made only if needed.
         let largest = ranges.iter().map(|r| r.end - r.start).max().unwrap_or(0);
-        let mut buf = vec![0u8; largest.min(MAX_PUT) as usize];
+        let mut buf = Vec::new();
         for r in ranges {
             let mut at = r.start;
+            // In the kernel where it can (nothing copied through this process; a reflink
+            // where the file system shares extents); it stops at the data file's end.
+            while at < r.end {
+                let (mut from, mut to) = (at, at);
+                let n = (r.end - at).min(MAX_PUT) as usize;
+                match rustix::fs::copy_file_range(&data, Some(&mut from), &out, Some(&mut to), n) {
+                    Ok(done) if done > 0 => at += done as u64,
+                    // The data file's end (the rest reads as zeros), or no such copy here
+                    // (a real I/O error shows again below).
+                    _ => break,
+                }
+            }
+            if at < r.end && buf.is_empty() {
+                buf = vec![0u8; largest.min(MAX_PUT) as usize];
+            }
             while at < r.end {
                 let n = (r.end - at).min(MAX_PUT) as usize;
                 read_zero_past_end(&data, &mut buf[..n], at, &data_path)?;
