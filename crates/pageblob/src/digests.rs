@@ -70,7 +70,8 @@ struct Backing {
 /// block); memory holds only the slot pages the last batch touched. After each batch,
 /// [`ReplicaDigests::update_with`] reads the slot pages of the blocks the batch touched
 /// (none for pages whose every block it covers whole), and re-hashes only blocks it covered
-/// in part (read back from the store); [`ReplicaDigests::save`] writes only those slot
+/// in part (read back from the store, unless [`BatchDigests::read_rest`] completed them
+/// while the batch was sent); [`ReplicaDigests::save`] writes only those slot
 /// pages, then records the sequence number in its metadata: the cost of a batch follows
 /// the batch, not the disk, and so does the memory. Digests whose sequence number is not
 /// the blob's (a crash between the batch and the save) are stale:
