@@ -56,6 +56,20 @@ fn runs(sorted: &[u64], max: u64) -> Vec<Range<u64>> {
     out
 }
 
+/// The blocks (of `block_size`, in a replica of `len` bytes) that `ranges` overlap, in
+/// order, each once.
+fn touched_blocks(ranges: &[Range<u64>], block_size: BlockSize, len: u64) -> Vec<u64> {
+    let size = u64::from(block_size.get());
+    let mut blocks: Vec<u64> = ranges
+        .iter()
+        .filter(|r| r.start < r.end && r.start < len)
+        .flat_map(|r| r.start / size..=(r.end.min(len) - 1) / size)
+        .collect();
+    blocks.sort_unstable();
+    blocks.dedup();
+    blocks
+}
+
 /// Where the slots not held in memory are read from: the digests blob, or a snapshot of it.
 #[derive(Clone, Debug)]
 struct Backing {
@@ -191,15 +205,7 @@ impl BatchDigests {
         if self.overlapping || self.rest.is_empty() {
             return Ok(());
         }
-        let size = u64::from(block_size.get());
-        let mut blocks: Vec<u64> = self
-            .rest
-            .iter()
-            .filter(|r| r.start < r.end && r.start < len)
-            .flat_map(|r| r.start / size..=(r.end.min(len) - 1) / size)
-            .collect();
-        blocks.sort_unstable();
-        blocks.dedup();
+        let blocks = touched_blocks(&self.rest, block_size, len);
         let mut sorted: Vec<&Change> = changes.iter().collect();
         sorted.sort_by_key(|c| c.range().start);
         // Each block's changes, in disk order (they do not overlap), and the gaps between
@@ -495,13 +501,7 @@ impl ReplicaDigests {
     ) -> Result<(), StoreError> {
         let (bs, len) = (self.block_size, self.len);
         let size = u64::from(bs.get());
-        let mut blocks: Vec<u64> = touched
-            .iter()
-            .filter(|r| r.start < r.end && r.start < len)
-            .flat_map(|r| r.start / size..=(r.end.min(len) - 1) / size)
-            .collect();
-        blocks.sort_unstable();
-        blocks.dedup();
+        let blocks = touched_blocks(touched, bs, len);
         let mut pages: Vec<u64> = blocks.iter().map(|b| b / SLOTS_PER_PAGE).collect();
         pages.dedup();
         self.hold(store, &pages).await?;
