@@ -214,10 +214,13 @@ impl Item {
                 job
             }
             Command::Commit { .. } => {
+                // Not while a change of recovery point is under way: which point is
+                // committed is only known once it ends.
                 if !matches!(
                     state,
                     S::PlannedFailoverCompleted | S::UnplannedFailoverCompleted
-                ) {
+                ) || self.changing_point()
+                {
                     return Err(deny(None));
                 }
                 let job = self.new_job(now, JobKind::Commit);

@@ -151,6 +151,13 @@ impl Item {
             .map(|j| j.id.n)
     }
 
+    /// Whether a change of recovery point is under way (its job not ended).
+    pub(super) fn changing_point(&self) -> bool {
+        self.jobs
+            .values()
+            .any(|j| j.kind == JobKind::ChangeRecoveryPoint && !j.state.is_terminal())
+    }
+
     /// A paused resync holds the item's queue (derived from the state, never stored).
     pub(super) fn paused(&self) -> bool {
         self.state == ProtectionState::ResyncPaused
