@@ -187,11 +187,12 @@ impl BatchDigests {
     /// batch's bytes (`changes`, the same as given to [`BatchDigests::of`]) and the rest of
     /// each such block read from `blob`: then nothing is read back after the batch lands.
     ///
-    /// Reads those blocks whole, in runs of adjacent blocks, and lays the batch's bytes
-    /// over them: what it keeps from the read are bytes the batch does not change (its
-    /// writer rewrites the rest of a partial 512-byte page with the bytes it holds), so it
-    /// may run while the batch is sent, as long as nobody else writes the blob (its lease
-    /// holder is the only writer).
+    /// Reads only bytes the batch does not change, in one
+    /// [`read_ranges`](PageStore::read_ranges) call (the embedded store reads just those;
+    /// a remote store merges nearby ones into one request). The batch's writer rewrites the
+    /// rest of a partial 512-byte page with the bytes it holds, so this may run while the
+    /// batch is sent, as long as nobody else writes the blob (its lease holder is the only
+    /// writer).
     /// Does nothing when the changes overlap each other (which lands last is the writer's
     /// business: those blocks are read back after). On an error nothing is changed and the
     /// blocks are read back after the batch as before.
@@ -208,56 +209,62 @@ impl BatchDigests {
             return Ok(());
         }
         let blocks = touched_blocks(&self.rest, block_size, len);
-        // Runs of adjacent blocks in requests of at most 4 MiB, as a read-back reads them
-        // (one request per run, not per gap: a remote store's cost is per request).
-        let size = u64::from(block_size.get());
-        let runs = runs(&blocks, (MAX_PUT / size).max(1));
-        let ranges: Vec<Range<u64>> = runs
-            .iter()
-            .map(|r| block_size.range(r.start, len).start..block_size.range(r.end - 1, len).end)
-            .collect();
-        let read = store.read_ranges(blob, None, &ranges).await?;
-        if read.len() != ranges.len()
-            || ranges
+        let mut sorted: Vec<&Change> = changes.iter().collect();
+        sorted.sort_by_key(|c| c.range().start);
+        // Each block's changes, in disk order (they do not overlap), and the gaps between
+        // them: all read in one call (a remote store merges nearby gaps into one request).
+        let mut parts = Vec::with_capacity(blocks.len());
+        let mut gaps = Vec::new();
+        for b in blocks {
+            let br = block_size.range(b, len);
+            let first = sorted.partition_point(|c| c.range().end <= br.start);
+            let inside = &sorted[first..];
+            let inside = &inside[..inside.partition_point(|c| c.range().start < br.end)];
+            let mut at = br.start;
+            for c in inside {
+                let r = c.range();
+                if at < r.start {
+                    gaps.push(at..r.start);
+                }
+                at = at.max(r.end);
+            }
+            if at < br.end {
+                gaps.push(at..br.end);
+            }
+            parts.push((b, br, inside));
+        }
+        let read = store.read_ranges(blob, None, &gaps).await?;
+        if read.len() != gaps.len()
+            || gaps
                 .iter()
                 .zip(&read)
-                .any(|(r, b)| b.len() as u64 != r.end - r.start)
+                .any(|(g, b)| b.len() as u64 != g.end - g.start)
         {
             return Err(StoreError::Corrupt {
                 path: blob.to_owned(),
                 reason: "the store answered reads with other lengths than asked".into(),
             });
         }
-        let mut sorted: Vec<&Change> = changes.iter().collect();
-        sorted.sort_by_key(|c| c.range().start);
-        let mut known = Vec::with_capacity(blocks.len());
+        let mut read = gaps.iter().zip(&read).peekable();
+        let mut known = Vec::with_capacity(parts.len());
         let mut buf = Vec::new();
-        for ((run, range), bytes) in runs.into_iter().zip(&ranges).zip(&read) {
-            for b in run {
-                let br = block_size.range(b, len);
-                buf.clear();
-                buf.extend_from_slice(
-                    &bytes[(br.start - range.start) as usize..(br.end - range.start) as usize],
-                );
-                // The batch's bytes over what was read (those the batch writes may have
-                // been read before, during or after it landed).
-                let first = sorted.partition_point(|c| c.range().end <= br.start);
-                for c in sorted[first..]
-                    .iter()
-                    .take_while(|c| c.range().start < br.end)
-                {
+        for (b, br, inside) in parts {
+            buf.clear();
+            buf.resize((br.end - br.start) as usize, 0);
+            while let Some((g, bytes)) = read.next_if(|(g, _)| g.start < br.end) {
+                buf[(g.start - br.start) as usize..(g.end - br.start) as usize]
+                    .copy_from_slice(bytes);
+            }
+            // The batch's bytes in the rest (a clear's are the zeros already there).
+            for c in inside {
+                if let Change::Data { offset, data } = c {
                     let r = c.range();
                     let (from, to) = (r.start.max(br.start), r.end.min(br.end));
-                    let at = (from - br.start) as usize..(to - br.start) as usize;
-                    match c {
-                        Change::Data { offset, data } => buf[at].copy_from_slice(
-                            &data[(from - offset) as usize..(to - offset) as usize],
-                        ),
-                        Change::Zero { .. } => buf[at].fill(0),
-                    }
+                    buf[(from - br.start) as usize..(to - br.start) as usize]
+                        .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
                 }
-                known.push((b, lifeboat_resync::digest_block(&buf)));
             }
+            known.push((b, lifeboat_resync::digest_block(&buf)));
         }
         self.known.extend(known);
         self.rest.clear();

@@ -82,7 +82,7 @@ pub use crate::{
     local::LocalStore,
     store::{
         Condition, Doc, ETag, Expect, LeaseId, LeaseState, MAX_PUT, Metadata, PAGE, PageStore,
-        Properties, check_blob_name, crc64, merge_ranges,
+        Properties, READ_MERGE_GAP, READS_IN_FLIGHT, check_blob_name, crc64, merge_ranges,
     },
     writer::{BatchReport, Change, PageWriter, Throttle, WriteError, WriterConfig, WriterProgress},
 };

@@ -14,6 +14,38 @@ pub const PAGE: u64 = 512;
 /// The largest body one Put Page request may carry (Azure's limit).
 pub const MAX_PUT: u64 = 4 << 20;
 
+/// How far apart two ranges of one [`PageStore::read_ranges`] call may be and still be
+/// read in one request by its default (the bytes between are read and dropped: over a
+/// network, cheaper than another request's round trip).
+pub const READ_MERGE_GAP: u64 = 1 << 20;
+
+/// How many requests the default [`PageStore::read_ranges`] has in flight at once.
+pub const READS_IN_FLIGHT: usize = 4;
+
+/// The reads [`PageStore::read_ranges`]'s default makes for `ranges`: spans in order of
+/// offset, each of ranges less than [`READ_MERGE_GAP`] apart and at most [`MAX_PUT`] long
+/// (or one range alone), and for each range the span holding it.
+fn merge_reads(ranges: &[Range<u64>]) -> (Vec<Range<u64>>, Vec<usize>) {
+    let mut order: Vec<usize> = (0..ranges.len()).collect();
+    order.sort_by_key(|&i| (ranges[i].start, ranges[i].end));
+    let mut spans: Vec<Range<u64>> = Vec::new();
+    let mut of = vec![0; ranges.len()];
+    for i in order {
+        let r = ranges[i].start..ranges[i].end.max(ranges[i].start);
+        match spans.last_mut() {
+            Some(s)
+                if r.start <= s.end.saturating_add(READ_MERGE_GAP)
+                    && r.end.max(s.end) - s.start <= MAX_PUT =>
+            {
+                s.end = s.end.max(r.end);
+            }
+            _ => spans.push(r),
+        }
+        of[i] = spans.len() - 1;
+    }
+    (spans, of)
+}
+
 /// Blob metadata: name/value pairs.
 pub type Metadata = BTreeMap<String, String>;
 
@@ -239,19 +271,50 @@ pub trait PageStore: Send + Sync + std::fmt::Debug {
 
     /// Reads each of `ranges` (byte ranges, any alignment) of the blob or of one of its
     /// snapshots, in the order given: what [`read`](PageStore::read) gives for each. For
-    /// many small reads: the default reads them one by one; a store may serve them all in
-    /// one go (the embedded store takes its lock and opens its file once).
+    /// many small reads. The default is for a remote store, whose cost is per request:
+    /// ranges less than [`READ_MERGE_GAP`] apart are read in one request of at most
+    /// [`MAX_PUT`] bytes (unless one range is larger), up to [`READS_IN_FLIGHT`] requests
+    /// at a time. A local store may read just the ranges (the embedded store does, under
+    /// one lock and one open of its file).
     async fn read_ranges(
         &self,
         blob: &str,
         snapshot: Option<&str>,
         ranges: &[Range<u64>],
     ) -> Result<Vec<Bytes>, StoreError> {
-        let mut out = Vec::with_capacity(ranges.len());
-        for r in ranges {
-            out.push(self.read(blob, snapshot, r.start, r.end - r.start).await?);
+        use futures::StreamExt;
+        let (spans, of) = merge_reads(ranges);
+        let mut read = Vec::with_capacity(spans.len());
+        let mut pending = futures::stream::FuturesOrdered::new();
+        let mut next = spans.iter();
+        loop {
+            while pending.len() < READS_IN_FLIGHT {
+                let Some(s) = next.next() else { break };
+                pending.push_back(self.read(blob, snapshot, s.start, s.end - s.start));
+            }
+            match pending.next().await {
+                Some(got) => read.push(got?),
+                None => break,
+            }
         }
-        Ok(out)
+        ranges
+            .iter()
+            .zip(of)
+            .map(|(r, k)| {
+                let (span, bytes) = (&spans[k], &read[k]);
+                if bytes.len() as u64 != span.end - span.start {
+                    return Err(StoreError::Corrupt {
+                        path: blob.to_owned(),
+                        reason: format!(
+                            "a read of {} bytes answered {}",
+                            span.end - span.start,
+                            bytes.len()
+                        ),
+                    });
+                }
+                Ok(bytes.slice((r.start - span.start) as usize..(r.end - span.start) as usize))
+            })
+            .collect()
     }
 
     /// The allocated (written, not cleared) ranges, merged and in order.

@@ -1527,3 +1527,58 @@ async fn digests_of_a_large_replica_read_and_hold_only_the_slots_a_batch_touches
         }
     }
 }
+
+/// The default `read_ranges` (a remote store's) reads ranges less than a MiB apart in one
+/// request of at most 4 MiB, a few requests at a time, and answers each range as `read`
+/// would, in the order asked: unsorted, overlapping, nested, empty and oversized ranges.
+#[tokio::test]
+async fn default_read_ranges_merges_nearby_ranges_into_few_requests() {
+    use lifeboat_pageblob::{MAX_PUT, READ_MERGE_GAP};
+    let (_d, local) = store();
+    let s = FaultyStore::new(LocalStore::clone(&local));
+    let len = 16 * MIB;
+    s.create("d", len, 0, &Default::default()).await.unwrap();
+    let data = random(len as usize, 7);
+    for at in (0..len).step_by(MAX_PUT as usize) {
+        let chunk = Bytes::copy_from_slice(&data[at as usize..(at + MAX_PUT) as usize]);
+        let crc = lifeboat_pageblob::crc64(&chunk);
+        s.write_pages("d", at, chunk, crc, Condition::NONE)
+            .await
+            .unwrap();
+    }
+    let want = [
+        5 * MIB..5 * MIB + 100,
+        0..512,
+        100..700,
+        700..700,
+        600_000..600_100,
+        600_000 + READ_MERGE_GAP + 200..600_000 + READ_MERGE_GAP + 300,
+        2 * MIB + 500_000..2 * MIB + 500_010,
+        5 * MIB + 50..5 * MIB + 60,
+        8 * MIB..12 * MIB + 512,
+        12 * MIB + 1024..12 * MIB + 2048,
+    ];
+    let before = s.reads().len();
+    let got = s.read_ranges("d", None, &want).await.unwrap();
+    assert_eq!(got.len(), want.len());
+    for (r, g) in want.iter().zip(&got) {
+        assert_eq!(g[..], data[r.start as usize..r.end as usize], "{r:?}");
+    }
+    let spans: Vec<Range<u64>> = s.reads()[before..]
+        .iter()
+        .map(|r| r.offset..r.offset + r.len)
+        .collect();
+    assert_eq!(
+        spans,
+        [
+            // Gaps under a MiB: one request.
+            0..600_100,
+            // A MiB or more past the last: another, which then takes what is near it.
+            600_000 + READ_MERGE_GAP + 200..2 * MIB + 500_010,
+            5 * MIB..5 * MIB + 100,
+            // Over 4 MiB alone, and what follows would make it longer still.
+            8 * MIB..12 * MIB + 512,
+            12 * MIB + 1024..12 * MIB + 2048,
+        ]
+    );
+}
