@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 
 use bytes::Bytes;
-use lifeboat_resync::{BlockSize, Digest, Signature};
+use lifeboat_resync::{BlockDigester, BlockSize, Digest, Signature};
 
 use crate::StoreError;
 use crate::store::{Condition, LeaseId, MAX_PUT, Metadata, PAGE, PageStore, crc64, merge_ranges};
@@ -122,6 +122,16 @@ pub struct BatchDigests {
     overlapping: bool,
 }
 
+/// A piece of a block [`BatchDigests::read_rest`] completes, in disk order.
+enum Piece<'a> {
+    /// Bytes the batch leaves: the gap read at this index.
+    Gap(usize),
+    /// Bytes the batch writes.
+    Data(&'a [u8]),
+    /// Bytes the batch clears.
+    Zeros(u64),
+}
+
 impl BatchDigests {
     /// The digests of every block that one of `changes` covers whole, for a replica of
     /// `len` bytes in blocks of `block_size`; the rest of the touched ranges are left to
@@ -211,8 +221,9 @@ impl BatchDigests {
         let blocks = touched_blocks(&self.rest, block_size, len);
         let mut sorted: Vec<&Change> = changes.iter().collect();
         sorted.sort_by_key(|c| c.range().start);
-        // Each block's changes, in disk order (they do not overlap), and the gaps between
-        // them: all read in one call (a remote store merges nearby gaps into one request).
+        // Each block as pieces in disk order: the batch's changes inside it (they do not
+        // overlap) and the gaps between them, all read in one call (a remote store merges
+        // nearby gaps into one request).
         let mut parts = Vec::with_capacity(blocks.len());
         let mut gaps = Vec::new();
         for b in blocks {
@@ -220,18 +231,30 @@ impl BatchDigests {
             let first = sorted.partition_point(|c| c.range().end <= br.start);
             let inside = &sorted[first..];
             let inside = &inside[..inside.partition_point(|c| c.range().start < br.end)];
+            let mut pieces = Vec::with_capacity(2 * inside.len() + 1);
             let mut at = br.start;
             for c in inside {
                 let r = c.range();
-                if at < r.start {
-                    gaps.push(at..r.start);
+                let (from, to) = (r.start.max(at), r.end.min(br.end));
+                if at < from {
+                    pieces.push(Piece::Gap(gaps.len()));
+                    gaps.push(at..from);
                 }
-                at = at.max(r.end);
+                if from < to {
+                    pieces.push(match c {
+                        Change::Data { offset, data } => {
+                            Piece::Data(&data[(from - offset) as usize..(to - offset) as usize])
+                        }
+                        Change::Zero { .. } => Piece::Zeros(to - from),
+                    });
+                }
+                at = at.max(to);
             }
             if at < br.end {
+                pieces.push(Piece::Gap(gaps.len()));
                 gaps.push(at..br.end);
             }
-            parts.push((b, br, inside));
+            parts.push((b, pieces));
         }
         let read = store.read_ranges(blob, None, &gaps).await?;
         if read.len() != gaps.len()
@@ -245,27 +268,21 @@ impl BatchDigests {
                 reason: "the store answered reads with other lengths than asked".into(),
             });
         }
-        let mut read = gaps.iter().zip(&read).peekable();
-        let mut known = Vec::with_capacity(parts.len());
-        let mut buf = Vec::new();
-        for (b, br, inside) in parts {
-            buf.clear();
-            buf.resize((br.end - br.start) as usize, 0);
-            while let Some((g, bytes)) = read.next_if(|(g, _)| g.start < br.end) {
-                buf[(g.start - br.start) as usize..(g.end - br.start) as usize]
-                    .copy_from_slice(bytes);
-            }
-            // The batch's bytes in the rest (a clear's are the zeros already there).
-            for c in inside {
-                if let Change::Data { offset, data } = c {
-                    let r = c.range();
-                    let (from, to) = (r.start.max(br.start), r.end.min(br.end));
-                    buf[(from - br.start) as usize..(to - br.start) as usize]
-                        .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
+        // Hashed piece by piece (nothing gathered into a block buffer).
+        let known: Vec<(u64, Digest)> = parts
+            .into_iter()
+            .map(|(b, pieces)| {
+                let mut d = BlockDigester::new();
+                for p in pieces {
+                    match p {
+                        Piece::Gap(i) => d.update(&read[i]),
+                        Piece::Data(bytes) => d.update(bytes),
+                        Piece::Zeros(n) => d.zeros(n),
+                    }
                 }
-            }
-            known.push((b, lifeboat_resync::digest_block(&buf)));
-        }
+                (b, d.finish())
+            })
+            .collect();
         self.known.extend(known);
         self.rest.clear();
         Ok(())

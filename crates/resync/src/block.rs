@@ -123,6 +123,85 @@ pub fn digest_block(block: &[u8]) -> Digest {
     }
 }
 
+/// [`digest_block`] of a block given in pieces, in order, without gathering them into one
+/// buffer: the digest of their concatenation (zero when every piece is).
+///
+/// ```
+/// use lifeboat_resync::{BlockDigester, digest_block};
+/// let mut d = BlockDigester::new();
+/// d.update(&[7; 1000]);
+/// d.zeros(24);
+/// let mut whole = vec![7; 1000];
+/// whole.extend([0; 24]);
+/// assert_eq!(d.finish(), digest_block(&whole));
+/// ```
+#[derive(Clone, Debug)]
+pub struct BlockDigester {
+    hasher: blake3::Hasher,
+    /// Bytes given, all zero so far (hashed only once a piece is not: an all-zero block's
+    /// digest needs no hash).
+    zeros: u64,
+    nonzero: bool,
+}
+
+impl Default for BlockDigester {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BlockDigester {
+    /// A digester with no bytes yet.
+    pub fn new() -> Self {
+        BlockDigester {
+            hasher: blake3::Hasher::new(),
+            zeros: 0,
+            nonzero: false,
+        }
+    }
+
+    /// The next piece of the block.
+    pub fn update(&mut self, piece: &[u8]) {
+        if !self.nonzero {
+            if is_zero(piece) {
+                self.zeros += piece.len() as u64;
+                return;
+            }
+            self.nonzero = true;
+            let zeros = std::mem::take(&mut self.zeros);
+            self.hash_zeros(zeros);
+        }
+        self.hasher.update(piece);
+    }
+
+    /// The next `n` bytes of the block are zeros.
+    pub fn zeros(&mut self, n: u64) {
+        if self.nonzero {
+            self.hash_zeros(n);
+        } else {
+            self.zeros += n;
+        }
+    }
+
+    fn hash_zeros(&mut self, mut n: u64) {
+        const ZEROS: [u8; 4096] = [0; 4096];
+        while n > 0 {
+            let k = n.min(ZEROS.len() as u64);
+            self.hasher.update(&ZEROS[..k as usize]);
+            n -= k;
+        }
+    }
+
+    /// The block's digest, as [`digest_block`] gives it for all the pieces at once.
+    pub fn finish(&self) -> Digest {
+        if self.nonzero {
+            Digest::Hash(*self.hasher.finalize().as_bytes())
+        } else {
+            Digest::Zero
+        }
+    }
+}
+
 /// A reusable read buffer whose slices start on a page boundary. Measured here: the
 /// kernel copies a page-cache read into a page-aligned buffer about 4x faster than into
 /// the 16-byte-offset buffer a large `Vec` gets from malloc.

@@ -55,7 +55,7 @@ assert_eq!(replica, source);
 pub use lifeboat_source::ReadAt;
 
 pub use crate::{
-    block::{BlockSize, Progress, digest_block, is_zero},
+    block::{BlockDigester, BlockSize, Progress, digest_block, is_zero},
     diff::{
         ApplyStats, Delta, DiffOptions, Extent, ExtentKind, Side, apply, diff, diff_streamed,
         diff_with,

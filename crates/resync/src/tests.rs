@@ -509,6 +509,28 @@ proptest! {
         prop_assert_eq!(check_diff_apply(&a, &b, bs), Ok(()));
     }
 
+    /// A block digested in pieces (data, zeros given as data or as a count, in any
+    /// split) has the digest of the whole block: zero or not alike.
+    #[test]
+    fn prop_block_digested_in_pieces_equals_digest_block(
+        pieces in proptest::collection::vec(
+            (prop_oneof![Just(0u8), any::<u8>()], 0usize..3000, any::<bool>()),
+            0..8,
+        ),
+    ) {
+        let mut d = crate::BlockDigester::new();
+        let mut whole = Vec::new();
+        for &(byte, n, as_count) in &pieces {
+            if byte == 0 && as_count {
+                d.zeros(n as u64);
+            } else {
+                d.update(&vec![byte; n]);
+            }
+            whole.resize(whole.len() + n, byte);
+        }
+        prop_assert_eq!(d.finish(), crate::digest_block(&whole));
+    }
+
     #[test]
     fn prop_fuzz_split_inputs_hold(data in proptest::collection::vec(any::<u8>(), 0..300)) {
         let (a, b, bs) = crate::fuzzing::split(&data);
