@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
 use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::ops::Range;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -53,7 +53,11 @@ mod journal;
 /// It checks what Azure checks: 512-byte alignment, the 4 MiB body cap, the CRC-64,
 /// sequence-number conditions, leases, entity tags, snapshot isolation. Every operation
 /// holds the store's lock file (`.lock`, an OS file lock), so processes sharing a store
-/// see each operation whole, as they would a service's.
+/// see each operation whole, as they would a service's; but a read of a blob itself (not
+/// of a snapshot) holds it only to check the read and open the data file, so writes to
+/// other pages proceed meanwhile: a read racing a write to the same pages may see part of
+/// each, as a file's reader would. Pages never written, or cleared, read as zeros without
+/// the data file being read.
 #[derive(Clone, Debug)]
 pub struct LocalStore {
     inner: Arc<Inner>,
@@ -739,19 +743,15 @@ impl Inner {
             }
             None => (st.snapshots.len(), st.size),
         };
-        if let Some(&(offset, len)) = reads
-            .iter()
-            .find(|(o, l)| o.checked_add(*l).is_none_or(|e| e > size))
-        {
-            return Err(StoreError::OutOfRange { offset, len, size });
-        }
+        check_reads(reads, size)?;
         let (data, path) = self.data(blob)?;
         let dir = self.dir(blob)?;
+        let file_len = data.metadata().map_err(io_err(&path))?.len();
         let mut out = Vec::with_capacity(reads.len());
         for &(offset, len) in reads {
             let want = &(offset..offset + len);
             let mut buf = vec![0u8; len as usize];
-            read_zero_past_end(&data, &mut buf, offset, &path)?;
+            read_file(&data, file_len, &mut buf, offset, &path)?;
             // Overlay preserved pages, newest snapshot first, so the nearest one wins.
             for snap in st.snapshots[from..].iter().rev() {
                 let spath = dir.join(format!("snap-{}", snap.id));
@@ -767,6 +767,44 @@ impl Inner {
             out.push(Bytes::from(buf));
         }
         Ok(out)
+    }
+
+    /// Reads of the blob itself (not of a snapshot): the lock is held to check them
+    /// against its state and to open its data file, not while the bytes are read, so page
+    /// writes to other bytes proceed meanwhile (a read racing a write to the same bytes
+    /// may see part of each, as a file's reader does).
+    fn read_current(&self, blob: &str, reads: &[(u64, u64)]) -> Result<Vec<Bytes>, StoreError> {
+        // What each read finds allocated (the rest reads as zeros without reading the
+        // file: no page cache filled with a hole's zeros).
+        let (data, path, allocated) = {
+            let _g = self.guard()?;
+            let st = self.load_page(blob)?;
+            check_reads(reads, st.size)?;
+            let allocated: Vec<Vec<Range<u64>>> = reads
+                .iter()
+                .map(|&(o, l)| intersect(&st.ranges, &(o..o + l)))
+                .collect();
+            let (data, path) = self.data(blob)?;
+            (data, path, allocated)
+        };
+        let mut file = &data;
+        reads
+            .iter()
+            .zip(allocated)
+            .map(|(&(offset, len), allocated)| {
+                // Read into memory not zeroed first; only what is not allocated is (or
+                // lies past the data file's end).
+                let mut buf = Vec::with_capacity(len as usize);
+                for r in allocated {
+                    buf.resize((r.start - offset) as usize, 0);
+                    file.seek(SeekFrom::Start(r.start))
+                        .and_then(|_| (&mut file).take(r.end - r.start).read_to_end(&mut buf))
+                        .map_err(io_err(&path))?;
+                }
+                buf.resize(len as usize, 0);
+                Ok(Bytes::from(buf))
+            })
+            .collect()
     }
 
     fn snapshot(&self, blob: &str, c: Condition) -> Result<String, StoreError> {
@@ -1141,6 +1179,17 @@ fn read_zero_past_end(
     path: &Path,
 ) -> Result<(), StoreError> {
     let len = f.metadata().map_err(io_err(path))?.len();
+    read_file(f, len, buf, offset, path)
+}
+
+/// Reads `buf.len()` bytes at `offset` of a file `len` bytes long: zeros past its end.
+fn read_file(
+    f: &File,
+    len: u64,
+    buf: &mut [u8],
+    offset: u64,
+    path: &Path,
+) -> Result<(), StoreError> {
     // Only what lies past the end is zeroed (zeroing all first doubled a large read's
     // memory traffic).
     let n = (len.saturating_sub(offset) as usize).min(buf.len());
@@ -1148,6 +1197,17 @@ fn read_zero_past_end(
         .map_err(io_err(path))?;
     buf[n..].fill(0);
     Ok(())
+}
+
+/// Refuses reads that pass the end of a blob (or snapshot) of `size` bytes.
+fn check_reads(reads: &[(u64, u64)], size: u64) -> Result<(), StoreError> {
+    match reads
+        .iter()
+        .find(|(o, l)| o.checked_add(*l).is_none_or(|e| e > size))
+    {
+        Some(&(offset, len)) => Err(StoreError::OutOfRange { offset, len, size }),
+        None => Ok(()),
+    }
 }
 
 /// Reads preserved pages from a snapshot's file: pages preserved without a copy (they were
@@ -1191,14 +1251,19 @@ fn write_zeros(f: &File, offset: u64, len: u64, path: &Path) -> Result<(), Store
     Ok(())
 }
 
+/// The ranges of `ranges` (merged and sorted) that meet `want`: found by binary search
+/// (a blob's lists hold thousands of ranges; a batch asks about hundreds).
+fn meeting<'a>(ranges: &'a [Range<u64>], want: &Range<u64>) -> &'a [Range<u64>] {
+    let from = ranges.partition_point(|r| r.end <= want.start);
+    let rest = &ranges[from..];
+    &rest[..rest.partition_point(|r| r.start < want.end)]
+}
+
 /// `range` minus every range of `have` (which is merged and sorted).
 fn subtract(range: &Range<u64>, have: &[Range<u64>]) -> Vec<Range<u64>> {
     let mut out = Vec::new();
     let mut at = range.start;
-    for h in have {
-        if h.end <= at || h.start >= range.end {
-            continue;
-        }
+    for h in meeting(have, range) {
         if h.start > at {
             out.push(at..h.start);
         }
@@ -1212,7 +1277,7 @@ fn subtract(range: &Range<u64>, have: &[Range<u64>]) -> Vec<Range<u64>> {
 
 /// The parts of `ranges` inside `want`.
 fn intersect(ranges: &[Range<u64>], want: &Range<u64>) -> Vec<Range<u64>> {
-    ranges
+    meeting(ranges, want)
         .iter()
         .map(|r| r.start.max(want.start)..r.end.min(want.end))
         .filter(|r| r.start < r.end)
@@ -1314,9 +1379,12 @@ impl PageStore for LocalStore {
             .iter()
             .map(|r| (r.start, r.end.saturating_sub(r.start)))
             .collect();
-        self.run(blob, move |i, b| {
-            let _g = i.guard()?;
-            i.read_locked(b, snap.as_deref(), &reads)
+        self.run(blob, move |i, b| match snap {
+            Some(id) => {
+                let _g = i.guard()?;
+                i.read_locked(b, Some(&id), &reads)
+            }
+            None => i.read_current(b, &reads),
         })
         .await
     }
