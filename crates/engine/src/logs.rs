@@ -81,8 +81,8 @@ impl Engine {
         app_consistent: bool,
     ) -> Result<Staged> {
         let mut read: Vec<(usize, PathBuf, Log)> = Vec::new();
-        for (d, path) in logs {
-            read.push((*d, path.clone(), self.check_log(item, *d, path)?));
+        for (d, path, log) in self.check_logs(item, logs.to_vec()).await? {
+            read.push((d, path, log?));
         }
         self.stage_checked(item, read, app_consistent).await
     }
@@ -188,8 +188,8 @@ impl Engine {
         }
         let mut valid = Vec::new();
         let mut refused = Vec::new();
-        for (d, path) in closed {
-            match self.check_log(item, d, &path) {
+        for (d, path, log) in self.check_logs(item, closed).await? {
+            match log {
                 Ok(log) => valid.push((d, path, log)),
                 Err(e) => refused.push((d, path, LogOutcome::Refused(e.to_string()))),
             }
@@ -207,24 +207,41 @@ impl Engine {
         Ok(staged)
     }
 
-    /// Reads a log, checking that it is a valid MS-HRL log whose writes fit disk `d` of
-    /// the item.
-    fn check_log(&self, item: &str, d: usize, path: &std::path::Path) -> Result<Log> {
+    /// Reads logs (disk index, file), checking that each is a valid MS-HRL log whose
+    /// writes fit disk `d` of the item: each log's answer, in the order given. The logs
+    /// are read at once on the blocking pool (reading and summing a log's payloads is a
+    /// core's work; a hand-over of several waited for each in turn).
+    async fn check_logs(
+        &self,
+        item: &str,
+        logs: Vec<(usize, PathBuf)>,
+    ) -> Result<Vec<(usize, PathBuf, Result<Log>)>> {
         let doc = self.doc(item)?;
         let n = doc.disks.len();
-        let disk = doc.disks.get(d).ok_or_else(|| {
-            Error::Invalid(format!("{item} has {n} disk(s); there is no disk {d}"))
-        })?;
-        let log = data::read_log(path)?;
-        if log.disk_end > disk.size {
-            return Err(Error::Invalid(format!(
-                "{}: writes reach byte {} but disk {d} is {} bytes",
-                path.display(),
-                log.disk_end,
-                disk.size
-            )));
+        let checks = logs.into_iter().map(|(d, path)| {
+            let size = doc.disks.get(d).map(|disk| disk.size);
+            let (p, item) = (path.clone(), item.to_owned());
+            let check = move || -> Result<Log> {
+                let size = size.ok_or_else(|| {
+                    Error::Invalid(format!("{item} has {n} disk(s); there is no disk {d}"))
+                })?;
+                let log = data::read_log(&p)?;
+                if log.disk_end > size {
+                    return Err(Error::Invalid(format!(
+                        "{}: writes reach byte {} but disk {d} is {size} bytes",
+                        p.display(),
+                        log.disk_end,
+                    )));
+                }
+                Ok(log)
+            };
+            async move { (d, path, blocking("checking a change log", check).await) }
+        });
+        let mut out = Vec::new();
+        for (d, path, log) in futures::future::join_all(checks).await {
+            out.push((d, path, log?));
         }
-        Ok(log)
+        Ok(out)
     }
 
     /// Stages a log in the site for its cycle: a hard link where the site shares the log's
