@@ -451,6 +451,7 @@ impl Inner {
         {
             f.sync_all().map_err(io_err(&data))?;
             self.data_syncs.fetch_add(1, Ordering::Relaxed);
+            self.behind.dirty.store(0, Ordering::Relaxed);
         }
         if let Some(e) = self.behind.take_failure(&data) {
             return Err(io_err(&data)(io::Error::other(format!(
@@ -719,7 +720,8 @@ impl Inner {
         Ok(())
     }
 
-    /// Counts bytes written since the last sync point; past [`WRITE_BEHIND`], starts
+    /// Counts bytes written since the last flush (a sync point's or a background one's
+    /// start; one count for the store); past [`WRITE_BEHIND`], starts
     /// flushing the data file on another thread (at most one at a time), so the sync
     /// point's fsync finds less to write: the disk works while the batch is still sent.
     /// Only ever an extra fsync: what is durable, and when, is as before.
@@ -1422,8 +1424,13 @@ impl PageStore for LocalStore {
     ) -> Result<Bytes, StoreError> {
         let snap = snapshot.map(str::to_owned);
         self.run(blob, move |i, b| {
-            let _g = i.guard()?;
-            let mut one = i.read_locked(b, snap.as_deref(), &[(offset, len)])?;
+            let mut one = match snap {
+                Some(id) => {
+                    let _g = i.guard()?;
+                    i.read_locked(b, Some(&id), &[(offset, len)])?
+                }
+                None => i.read_current(b, &[(offset, len)])?,
+            };
             Ok(one.pop().unwrap_or_default())
         })
         .await
