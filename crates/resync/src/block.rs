@@ -255,9 +255,14 @@ pub(crate) fn read_into<'b, S: ReadAt + ?Sized>(
     Ok(out)
 }
 
+/// Chunks each worker takes per round of [`run_chunks`]: rounds of one chunk per worker
+/// waited at each round for the slowest (a hole beside a chunk of data).
+const CHUNKS_PER_WORKER: u64 = 8;
+
 /// Walks `blocks` in chunks of [`chunk_len`] bytes. `work` runs on each chunk (on all
-/// cores with `parallel`, each worker reading into its own [`Scratch`]); `sink` gets the
-/// results in disk order and may stop the walk.
+/// cores with `parallel`, in rounds of [`CHUNKS_PER_WORKER`] chunks per worker taken as
+/// workers come free, each reading into a [`Scratch`] of its own); `sink` gets the
+/// results in disk order and may stop the walk. Memory: one scratch per worker.
 pub(crate) fn run_chunks<R: Send>(
     block_size: BlockSize,
     blocks: Range<u64>,
@@ -269,10 +274,24 @@ pub(crate) fn run_chunks<R: Send>(
     let workers = rayon::current_num_threads().max(1);
     #[cfg(not(feature = "parallel"))]
     let workers = 1;
-    let mut scratch: Vec<Scratch> = (0..workers).map(|_| Scratch::default()).collect();
+    let per_round = if workers > 1 {
+        workers as u64 * CHUNKS_PER_WORKER
+    } else {
+        1
+    };
+    let scratch: std::sync::Mutex<Vec<Scratch>> =
+        std::sync::Mutex::new((0..workers).map(|_| Scratch::default()).collect());
+    // A scratch from the pool for one chunk's work (one per worker at a time).
+    let run = |r: Range<u64>| {
+        let take = || scratch.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut s = take().unwrap_or_default();
+        let out = work(&mut s, r);
+        scratch.lock().unwrap_or_else(|p| p.into_inner()).push(s);
+        out
+    };
     let mut first = blocks.start;
     while first < blocks.end {
-        let ranges: Vec<Range<u64>> = (0..workers as u64)
+        let ranges: Vec<Range<u64>> = (0..per_round)
             .map(|k| first + k * per_chunk)
             .take_while(|&s| s < blocks.end)
             .map(|s| s..(s + per_chunk).min(blocks.end))
@@ -280,18 +299,14 @@ pub(crate) fn run_chunks<R: Send>(
         #[cfg(feature = "parallel")]
         let results: Vec<Result<R, Error>> = {
             use rayon::prelude::*;
-            scratch
-                .par_iter_mut()
-                .zip(ranges.par_iter())
-                .map(|(s, r)| work(s, r.clone()))
+            ranges
+                .par_iter()
+                .with_max_len(1)
+                .map(|r| run(r.clone()))
                 .collect()
         };
         #[cfg(not(feature = "parallel"))]
-        let results: Vec<Result<R, Error>> = scratch
-            .iter_mut()
-            .zip(&ranges)
-            .map(|(s, r)| work(s, r.clone()))
-            .collect();
+        let results: Vec<Result<R, Error>> = ranges.iter().map(|r| run(r.clone())).collect();
         for (r, result) in ranges.into_iter().zip(results) {
             first = r.end;
             if sink(r, result?)?.is_break() {
