@@ -312,7 +312,9 @@ pub trait PageStore: Send + Sync + std::fmt::Debug {
                         ),
                     });
                 }
-                Ok(bytes.slice((r.start - span.start) as usize..(r.end - span.start) as usize))
+                // A reversed range reads as empty (as the embedded store reads it).
+                let end = r.end.max(r.start);
+                Ok(bytes.slice((r.start - span.start) as usize..(end - span.start) as usize))
             })
             .collect()
     }
