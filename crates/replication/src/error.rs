@@ -18,6 +18,19 @@ pub enum OpError {
         /// Its test-failover state, when that is what forbids the operation.
         test: Option<TestFailoverState>,
     },
+    /// The operation must wait for a job of the item to end (a commit keeps the point a
+    /// change of recovery point ends on, known only once it ends).
+    #[error("{op} must wait: {item}'s {what} (job {job}) has not ended (`lifeboat jobs` shows it)")]
+    Busy {
+        /// The operation.
+        op: &'static str,
+        /// The item.
+        item: ItemId,
+        /// The job to wait for.
+        job: JobId,
+        /// What that job does.
+        what: &'static str,
+    },
     /// No such item.
     #[error("no protected item {0}")]
     UnknownItem(ItemId),

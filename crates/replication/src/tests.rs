@@ -1283,6 +1283,45 @@ fn resync_pauses_resumes_where_it_stopped_and_cancels_to_resync_required() {
     );
 }
 
+/// A commit waits for a change of recovery point to end (which point it keeps is known
+/// only then): refused while the change's steps are queued, naming its job, admitted once
+/// it ended.
+#[test]
+fn commit_waits_for_a_change_of_recovery_point_to_end() {
+    let mut s = Sim::new();
+    s.protect("vm", vec![4 * MIB]);
+    s.tick();
+    s.tick();
+    let points: Vec<PointId> = s.status().points.iter().map(|p| p.id).collect();
+    s.cmd(Command::UnplannedFailover {
+        item: "vm".into(),
+        point: PointChoice::Id(points[0]),
+    })
+    .unwrap();
+    // Admitted, its steps not yet performed.
+    let change =
+        s.c.handle_command(
+            s.now,
+            Command::ChangeRecoveryPoint {
+                item: "vm".into(),
+                point: PointChoice::Id(points[1]),
+            },
+        )
+        .unwrap();
+    let e =
+        s.c.handle_command(s.now, Command::Commit { item: "vm".into() })
+            .unwrap_err();
+    assert!(
+        matches!(&e, OpError::Busy { job, .. } if *job == change),
+        "{e}"
+    );
+    assert!(e.to_string().contains(&change.to_string()), "{e}");
+    s.run();
+    assert_eq!(s.c.job(&change).unwrap().state, JobState::Succeeded);
+    s.cmd(Command::Commit { item: "vm".into() }).unwrap();
+    assert_eq!(s.status().state, ProtectionState::FailoverCommitted);
+}
+
 #[test]
 fn change_recovery_point_before_commit() {
     let mut s = Sim::new();

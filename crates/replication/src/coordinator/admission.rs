@@ -219,9 +219,16 @@ impl Item {
                 if !matches!(
                     state,
                     S::PlannedFailoverCompleted | S::UnplannedFailoverCompleted
-                ) || self.changing_point()
-                {
+                ) {
                     return Err(deny(None));
+                }
+                if let Some(job) = self.changing_point() {
+                    return Err(OpError::Busy {
+                        op,
+                        item: name.clone(),
+                        job: job.clone(),
+                        what: "change of recovery point",
+                    });
                 }
                 let job = self.new_job(now, JobKind::Commit);
                 self.state = S::CommitFailoverInProgress;

@@ -152,10 +152,11 @@ impl Item {
     }
 
     /// Whether a change of recovery point is under way (its job not ended).
-    pub(super) fn changing_point(&self) -> bool {
+    pub(super) fn changing_point(&self) -> Option<&JobId> {
         self.jobs
             .values()
-            .any(|j| j.kind == JobKind::ChangeRecoveryPoint && !j.state.is_terminal())
+            .find(|j| j.kind == JobKind::ChangeRecoveryPoint && !j.state.is_terminal())
+            .map(|j| &j.id)
     }
 
     /// A paused resync holds the item's queue (derived from the state, never stored).
