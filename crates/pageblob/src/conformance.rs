@@ -116,6 +116,41 @@ pub async fn run(store: &dyn PageStore, prefix: &str, skips: Skips) -> Result<()
         StoreError::OutOfRange { .. } | StoreError::Http { status: 416, .. },
         "write past the end"
     );
+    // Several writes in one call (on a blob of their own): each as write_pages writes it.
+    let many_blob = format!("{prefix}-conf-many");
+    s.create(&many_blob, 4 * mib, 0, &md)
+        .await
+        .map_err(|e| fail("create", e))?;
+    let b: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
+    let many = [
+        (mib, Bytes::copy_from_slice(&a), crc64(&a)),
+        (3 * mib + 4096, Bytes::copy_from_slice(&b), crc64(&b)),
+    ];
+    s.write_pages_many(&many_blob, &many, Condition::NONE)
+        .await
+        .map_err(|e| fail("write_pages_many", e))?;
+    for (offset, data, _) in &many {
+        let got = s
+            .read(&many_blob, None, *offset, data.len() as u64)
+            .await
+            .map_err(|e| fail("read after write_pages_many", e))?;
+        if got[..] != data[..] {
+            return Err("write_pages_many wrote other bytes than given".into());
+        }
+    }
+    expect_err!(
+        s.write_pages_many(
+            &many_blob,
+            &[(0, Bytes::copy_from_slice(&b), crc64(&b) ^ 1)],
+            Condition::NONE
+        )
+        .await,
+        StoreError::ChecksumMismatch { .. } | StoreError::Http { status: 400, .. },
+        "write_pages_many with a wrong CRC-64"
+    );
+    s.delete(&many_blob, Condition::NONE)
+        .await
+        .map_err(|e| fail("delete", e))?;
 
     // Reads, clears, page ranges (merged).
     let got = s

@@ -118,6 +118,8 @@ pub struct FaultyStore<S> {
     meeting: Mutex<Option<Meeting>>,
     /// Requests left before the caller "dies": every later one fails.
     lives: Mutex<Option<u64>>,
+    /// What it reports as its `write_group_bytes`.
+    group: Mutex<u64>,
 }
 
 impl<S> FaultyStore<S> {
@@ -133,7 +135,16 @@ impl<S> FaultyStore<S> {
             prepared: Mutex::new(Vec::new()),
             meeting: Mutex::new(None),
             lives: Mutex::new(None),
+            group: Mutex::new(0),
         }
+    }
+
+    /// Reports `bytes` as its [`PageStore::write_group_bytes`], so a writer sends it
+    /// page writes in groups (0, the default: one by one, as a remote store takes them).
+    /// Each write of a group still passes through this store's `write_pages` (recorded,
+    /// faults injected).
+    pub fn group_writes(&self, bytes: u64) {
+        *lock(&self.group) = bytes;
     }
 
     /// A process crash, as the store sees it: the next `n` requests (of any kind) are
@@ -325,6 +336,10 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
     async fn properties(&self, blob: &str) -> Result<Properties, StoreError> {
         let f = self.planned(Request::Properties);
         self.run(f, self.inner.properties(blob)).await
+    }
+
+    fn write_group_bytes(&self) -> u64 {
+        *lock(&self.group)
     }
 
     async fn write_pages(

@@ -235,6 +235,32 @@ pub trait PageStore: Send + Sync + std::fmt::Debug {
         condition: Condition,
     ) -> Result<(), StoreError>;
 
+    /// How many bytes of page writes the store takes best in one
+    /// [`write_pages_many`](PageStore::write_pages_many) call; 0 (the default): one write
+    /// per request, as a remote store takes them (each is a Put Page).
+    fn write_group_bytes(&self) -> u64 {
+        0
+    }
+
+    /// Writes several ranges of the blob (offset, bytes, CRC-64 of the bytes), each as
+    /// [`write_pages`](PageStore::write_pages) writes it, if `condition` holds: for a store
+    /// that takes them cheaper together ([`write_group_bytes`](PageStore::write_group_bytes);
+    /// the embedded store checks the state, opens its files and appends to its journal
+    /// once for all). The default writes them one after another. On an error some may
+    /// have landed, as with separate requests; writing them again is harmless.
+    async fn write_pages_many(
+        &self,
+        blob: &str,
+        writes: &[(u64, Bytes, u64)],
+        condition: Condition,
+    ) -> Result<(), StoreError> {
+        for (offset, data, crc) in writes {
+            self.write_pages(blob, *offset, data.clone(), *crc, condition)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Makes `len` bytes at `offset` read as zeros (and no longer allocated) if
     /// `condition` holds.
     async fn clear_pages(

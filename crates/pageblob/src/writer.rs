@@ -235,8 +235,17 @@ pub struct PageWriter {
 }
 
 enum Op {
-    Put { offset: u64, data: Bytes },
-    Clear { offset: u64, len: u64 },
+    Put {
+        offset: u64,
+        data: Bytes,
+    },
+    /// Puts sent together, to a store that takes them so
+    /// ([`PageStore::write_group_bytes`]); each counts as a request.
+    Puts(Vec<(u64, Bytes)>),
+    Clear {
+        offset: u64,
+        len: u64,
+    },
 }
 
 impl PageWriter {
@@ -287,7 +296,7 @@ impl PageWriter {
         let ops = plan(changes, edges, self.config.max_request)?;
         self.announce(seq, &ops).await?;
         let mut tasks = JoinSet::new();
-        for op in ops {
+        for op in group(ops, self.store.write_group_bytes()) {
             while tasks.len() >= self.config.in_flight {
                 join_one(&mut tasks, seq).await?;
             }
@@ -360,10 +369,12 @@ impl PageWriter {
     async fn announce(&self, seq: u64, ops: &[Op]) -> Result<(), WriteError> {
         let ranges = merge_ranges(
             ops.iter()
-                .map(|op| match op {
-                    Op::Put { offset, data } => *offset..offset + data.len() as u64,
-                    Op::Clear { offset, len } => *offset..offset + len,
+                .flat_map(|op| match op {
+                    Op::Put { offset, data } => vec![(*offset, data.len())],
+                    Op::Puts(puts) => puts.iter().map(|(o, d)| (*o, d.len())).collect(),
+                    Op::Clear { offset, len } => vec![(*offset, *len as usize)],
                 })
+                .map(|(offset, len)| offset..offset + len as u64)
                 .collect(),
         );
         if ranges.is_empty() {
@@ -409,6 +420,44 @@ fn store_error(what: String, e: RetryError<StoreError>, seq: u64) -> WriteError 
 }
 
 #[allow(clippy::too_many_arguments)]
+/// Consecutive puts in groups of at most `bytes` (one request each when 0: a remote
+/// store's); a clear stands alone.
+fn group(ops: Vec<Op>, bytes: u64) -> Vec<Op> {
+    if bytes == 0 {
+        return ops;
+    }
+    let mut out = Vec::new();
+    let mut puts: Vec<(u64, Bytes)> = Vec::new();
+    let mut size = 0;
+    let flush = |puts: &mut Vec<(u64, Bytes)>, out: &mut Vec<Op>| match puts.len() {
+        0 => {}
+        1 => {
+            let (offset, data) = puts.pop().unwrap_or_default();
+            out.push(Op::Put { offset, data });
+        }
+        _ => out.push(Op::Puts(std::mem::take(puts))),
+    };
+    for op in ops {
+        match op {
+            Op::Put { offset, data } => {
+                if size + data.len() as u64 > bytes {
+                    flush(&mut puts, &mut out);
+                    size = 0;
+                }
+                size += data.len() as u64;
+                puts.push((offset, data));
+            }
+            other => {
+                flush(&mut puts, &mut out);
+                size = 0;
+                out.push(other);
+            }
+        }
+    }
+    flush(&mut puts, &mut out);
+    out
+}
+
 async fn send(
     store: &dyn PageStore,
     blob: &str,
@@ -420,6 +469,34 @@ async fn send(
 ) -> Result<(), WriteError> {
     let seq = cond.sequence_number_eq.unwrap_or_default();
     match op {
+        Op::Puts(puts) => {
+            let total: u64 = puts.iter().map(|(_, d)| d.len() as u64).sum();
+            if let Some(t) = throttle {
+                // Admitted request by request, as if sent alone (the rate is the same).
+                for (_, data) in &puts {
+                    t.admit(data.len() as u64).await;
+                }
+            }
+            let n = puts.len() as u64;
+            let first = puts.first().map_or(0, |p| p.0);
+            let writes: Vec<(u64, Bytes, u64)> = puts
+                .into_iter()
+                .map(|(offset, data)| {
+                    let crc = crc64(&data);
+                    (offset, data, crc)
+                })
+                .collect();
+            retry(policy, |attempt| {
+                if attempt > 1 {
+                    counters.retries.fetch_add(1, Ordering::Relaxed);
+                }
+                store.write_pages_many(blob, &writes, cond)
+            })
+            .await
+            .map_err(|e| store_error(format!("{n} Put Pages from {first}"), e, seq))?;
+            counters.bytes.fetch_add(total, Ordering::Relaxed);
+            counters.puts.fetch_add(n, Ordering::Relaxed);
+        }
         Op::Put { offset, data } => {
             if let Some(t) = throttle {
                 t.admit(data.len() as u64).await;
@@ -639,23 +716,36 @@ mod tests {
                     touched[p as usize] = true;
                 }
             }
-            let ops = plan(changes, Some(&base), max).unwrap();
+            // Sent one by one, or grouped for a store that takes groups (the same pages).
+            let grouping = if seed % 2 == 0 { 0 } else { 2 * max };
+            let ops = group(plan(changes, Some(&base), max).unwrap(), grouping);
             let mut got = base.clone();
+            let put = |offset: u64, data: &Bytes, got: &mut Vec<u8>| {
+                got[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+                vec![(offset, data.len() as u64)]
+            };
             for op in &ops {
-                let (offset, len) = match op {
+                let written = match op {
                     Op::Put { offset, data } => {
                         prop_assert!(data.len() as u64 <= max);
-                        got[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
-                        (*offset, data.len() as u64)
+                        put(*offset, data, &mut got)
+                    }
+                    Op::Puts(puts) => {
+                        prop_assert!(grouping > 0 && puts.len() > 1);
+                        let total: u64 = puts.iter().map(|(_, d)| d.len() as u64).sum();
+                        prop_assert!(total <= grouping);
+                        puts.iter().flat_map(|(o, d)| put(*o, d, &mut got)).collect()
                     }
                     Op::Clear { offset, len } => {
                         got[*offset as usize..(*offset + *len) as usize].fill(0);
-                        (*offset, *len)
+                        vec![(*offset, *len)]
                     }
                 };
-                prop_assert!(offset % PAGE == 0 && len % PAGE == 0 && len > 0);
-                for p in offset / PAGE..(offset + len) / PAGE {
-                    prop_assert!(touched[p as usize], "page {} written, no change touches it", p);
+                for (offset, len) in written {
+                    prop_assert!(offset % PAGE == 0 && len % PAGE == 0 && len > 0);
+                    for p in offset / PAGE..(offset + len) / PAGE {
+                        prop_assert!(touched[p as usize], "page {} written, no change touches it", p);
+                    }
                 }
             }
             prop_assert!(got == want);

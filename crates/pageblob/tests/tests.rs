@@ -387,14 +387,20 @@ fn fast_retries() -> WriterConfig {
 
 #[tokio::test]
 async fn recoverable_faults_are_retried_and_the_blob_ends_exact() {
-    for fault in [
+    // Writes one by one (a remote store's way) and in groups (the embedded store's: a
+    // fault inside a group retries the whole group).
+    for (fault, group) in [
         Fault::Status(500),
         Fault::Status(503),
         Fault::Timeout,
         Fault::ResetAfterApply,
-    ] {
+    ]
+    .into_iter()
+    .flat_map(|f| [(f, 0), (f, 8 * MIB)])
+    {
         let (_d, s) = store();
         let f = Arc::new(FaultyStore::new(LocalStore::clone(&s)));
+        f.group_writes(group);
         f.create("d", 16 * MIB, 0, &Default::default())
             .await
             .unwrap();
@@ -413,9 +419,11 @@ async fn recoverable_faults_are_retried_and_the_blob_ends_exact() {
             )
             .await
             .unwrap_or_else(|e| panic!("{fault:?}: {e}"));
-        assert_eq!(report.retries, 2, "{fault:?}");
+        assert_eq!(report.retries, 2, "{fault:?} {group}");
+        // Three Put Pages (4 + 4 + 1 MiB), whether sent alone or in groups.
+        assert_eq!(report.put_requests, 3, "{fault:?} {group}");
         let got = f.read("d", None, MIB, data.len() as u64).await.unwrap();
-        assert_eq!(got[..], data[..], "{fault:?}");
+        assert_eq!(got[..], data[..], "{fault:?} {group}");
         assert!(
             f.seen()
                 .iter()
