@@ -419,7 +419,6 @@ fn store_error(what: String, e: RetryError<StoreError>, seq: u64) -> WriteError 
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 /// Consecutive puts in groups of at most `bytes` (one request each when 0: a remote
 /// store's); a clear stands alone.
 fn group(ops: Vec<Op>, bytes: u64) -> Vec<Op> {
@@ -458,6 +457,7 @@ fn group(ops: Vec<Op>, bytes: u64) -> Vec<Op> {
     out
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn send(
     store: &dyn PageStore,
     blob: &str,
