@@ -293,7 +293,10 @@ impl PageWriter {
     ) -> Result<BatchReport, WriteError> {
         let start = Instant::now();
         let before = self.progress();
-        let ops = plan(changes, edges, self.config.max_request)?;
+        // A store that takes groups pays nothing per put: touching changes go as they
+        // are, not copied into one body.
+        let split = self.store.write_group_bytes() > 0;
+        let ops = plan(changes, edges, self.config.max_request, split)?;
         self.announce(seq, &ops).await?;
         let mut tasks = JoinSet::new();
         for op in group(ops, self.store.write_group_bytes()) {
@@ -540,11 +543,13 @@ fn ceil(x: u64) -> u64 {
 /// Turns changes into aligned requests: aligned zero ranges become Clear Pages; data (and
 /// the unaligned edge pages of zero ranges) is grouped into runs of touching pages,
 /// completed from `edges` where a page is only partly covered, and cut into bodies of at
-/// most `max` bytes.
+/// most `max` bytes. With `split`, a run is also cut where two changes meet on a page
+/// boundary: a change covering whole pages is then sent as it is (no copy).
 fn plan(
     mut changes: Vec<Change>,
     edges: Option<&dyn ReadAt>,
     max: u64,
+    split: bool,
 ) -> Result<Vec<Op>, WriteError> {
     changes.retain(|c| {
         let r = c.range();
@@ -602,27 +607,49 @@ fn plan(
             run_end = run_end.max(ceil(data[j].0 + data[j].1.len() as u64));
             j += 1;
         }
-        let run = &data[i..j];
-        let body = if run.len() == 1
-            && run[0].0 == run_start
-            && run[0].1.len() as u64 == run_end - run_start
-        {
-            run[0].1.clone() // aligned already: no copy
+        if split {
+            let mut from = i;
+            for k in i + 1..=j {
+                let end = data[k - 1].0 + data[k - 1].1.len() as u64;
+                if k == j || (data[k].0 == end && end.is_multiple_of(PAGE)) {
+                    let run = &data[from..k];
+                    let (start, end) = (floor(run[0].0), ceil(end));
+                    put_run(run, start, end, edges, max, &mut ops)?;
+                    from = k;
+                }
+            }
         } else {
-            assemble(run, run_start, run_end, edges)?
-        };
-        let mut at = 0;
-        while at < body.len() as u64 {
-            let n = (body.len() as u64 - at).min(max);
-            ops.push(Op::Put {
-                offset: run_start + at,
-                data: body.slice(at as usize..(at + n) as usize),
-            });
-            at += n;
+            put_run(&data[i..j], run_start, run_end, edges, max, &mut ops)?;
         }
         i = j;
     }
     Ok(ops)
+}
+
+/// Puts of at most `max` bytes for a run of changes covering pages `start..end`.
+fn put_run(
+    run: &[(u64, Bytes)],
+    start: u64,
+    end: u64,
+    edges: Option<&dyn ReadAt>,
+    max: u64,
+    ops: &mut Vec<Op>,
+) -> Result<(), WriteError> {
+    let body = if run.len() == 1 && run[0].0 == start && run[0].1.len() as u64 == end - start {
+        run[0].1.clone() // aligned already: no copy
+    } else {
+        assemble(run, start, end, edges)?
+    };
+    let mut at = 0;
+    while at < body.len() as u64 {
+        let n = (body.len() as u64 - at).min(max);
+        ops.push(Op::Put {
+            offset: start + at,
+            data: body.slice(at as usize..(at + n) as usize),
+        });
+        at += n;
+    }
+    Ok(())
 }
 
 /// Builds the body of a run: edge bytes where no change covers, change bytes elsewhere.
@@ -665,14 +692,18 @@ mod tests {
 
     const DISK: u64 = 16 * PAGE;
 
-    /// Non-overlapping changes at unaligned offsets: (start, len, zero?, fill byte).
+    /// Non-overlapping changes: (start, len, zero?, fill byte); those with an even fill
+    /// byte cover whole pages (so that some meet on a page boundary), the rest need not.
     fn changes() -> impl Strategy<Value = Vec<Change>> {
         proptest::collection::vec((0..DISK, 1..3 * PAGE, any::<bool>(), 1..=255u8), 0..6).prop_map(
             |raw| {
                 let mut taken: Vec<Range<u64>> = Vec::new();
                 let mut out = Vec::new();
                 for (start, len, zero, byte) in raw {
-                    let r = start..(start + len).min(DISK);
+                    let mut r = start..(start + len).min(DISK);
+                    if byte % 2 == 0 {
+                        r = floor(r.start)..ceil(r.end);
+                    }
                     if taken.iter().any(|t| t.start < r.end && r.start < t.end) {
                         continue;
                     }
@@ -718,7 +749,7 @@ mod tests {
             }
             // Sent one by one, or grouped for a store that takes groups (the same pages).
             let grouping = if seed % 2 == 0 { 0 } else { 2 * max };
-            let ops = group(plan(changes, Some(&base), max).unwrap(), grouping);
+            let ops = group(plan(changes, Some(&base), max, grouping > 0).unwrap(), grouping);
             let mut got = base.clone();
             let put = |offset: u64, data: &Bytes, got: &mut Vec<u8>| {
                 got[offset as usize..offset as usize + data.len()].copy_from_slice(data);
@@ -753,6 +784,51 @@ mod tests {
     }
 
     #[test]
+    fn split_plans_send_whole_page_changes_without_copying_them() {
+        let piece = |offset: u64, len: u64, byte: u8| Change::Data {
+            offset,
+            data: Bytes::from(vec![byte; len as usize]),
+        };
+        // Three changes meeting on page boundaries, then one ending inside a page and
+        // one starting inside that page (they share it: one body).
+        let changes = vec![
+            piece(0, PAGE, 1),
+            piece(PAGE, 2 * PAGE, 2),
+            piece(3 * PAGE, PAGE, 3),
+            piece(4 * PAGE, 100, 4),
+            piece(4 * PAGE + 100, PAGE, 5),
+        ];
+        let at: Vec<*const u8> = changes
+            .iter()
+            .map(|c| match c {
+                Change::Data { data, .. } => data.as_ptr(),
+                Change::Zero { .. } => unreachable!(),
+            })
+            .collect();
+        let base = vec![9u8; (8 * PAGE) as usize];
+        let ops = plan(changes.clone(), Some(&base), MAX_PUT, true).unwrap();
+        let puts: Vec<(u64, usize, *const u8)> = ops
+            .iter()
+            .map(|op| match op {
+                Op::Put { offset, data } => (*offset, data.len(), data.as_ptr()),
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(puts.len(), 4, "{puts:?}");
+        for (k, &(offset, len, ptr)) in puts[..3].iter().enumerate() {
+            assert_eq!(ptr, at[k], "change {k} was copied");
+            assert_eq!(
+                (offset, len as u64),
+                (changes[k].range().start, changes[k].range().end - offset)
+            );
+        }
+        assert_eq!((puts[3].0, puts[3].1 as u64), (4 * PAGE, 2 * PAGE));
+        // Not split (a remote store's): one body for the run.
+        let ops = plan(changes, Some(&base), MAX_PUT, false).unwrap();
+        assert_eq!(ops.len(), 1);
+    }
+
+    #[test]
     fn overlapping_changes_are_refused() {
         let changes = vec![
             Change::Zero {
@@ -765,7 +841,7 @@ mod tests {
             },
         ];
         assert!(matches!(
-            plan(changes, None, MAX_PUT),
+            plan(changes, None, MAX_PUT, false),
             Err(WriteError::Overlap { offset: 900 })
         ));
     }
