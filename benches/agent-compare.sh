@@ -8,6 +8,7 @@
 #   applying logs:        `lifeboat replicate` of logged writes (a quarter of the disk, in
 #                         four chained logs) vs `lifeboat hrl apply` of the same logs onto
 #                         a raw copy of the replica
+#   CPU of the initial copy: user + sys seconds per GiB of data, protect vs cp + sync
 # The disk (default 1 GiB) is half random data, half zero regions. For the resync, 1 % of
 # the 64 KiB blocks are rewritten, then rewritten back, alternately: every timed run of
 # either tool has 1 % to send. Results are checked (the replica's test-failover export and
@@ -62,6 +63,13 @@ best() { # best-of-N seconds of "$@", after running the reset command $1 and syn
   echo "$b"
 }
 
+cpu() { # user + sys seconds of one run of "$@", after the reset command $1 and sync
+  local reset=$1; shift
+  eval "$reset"; sync
+  /usr/bin/time -f "%U %S" -o cpu.time "$@" >/dev/null 2>&1
+  awk '{print $1 + $2}' cpu.time
+}
+
 # Rewrites the chosen blocks with fresh bytes (toggle 0) or their saved originals (1).
 toggle() {
   python3 - "$1" <<'PY'
@@ -89,6 +97,8 @@ flip() { toggle "$STATE"; if [ "$STATE" = new ]; then STATE=old; else STATE=new;
 echo "== initial replication of ${SIZE_MIB} MiB" >&2
 t_cp=$(best "rm -f copy.raw" sh -c "cp --sparse=always disk.raw copy.raw && sync -f copy.raw")
 t_protect=$(best "rm -rf site" "$LB" --site site protect vm --disk disk.raw)
+c_cp=$(cpu "rm -f copy.raw" sh -c "cp --sparse=always disk.raw copy.raw && sync -f copy.raw")
+c_protect=$(cpu "rm -rf site" "$LB" --site site protect vm --disk disk.raw)
 # Disk use: the store after protect, against the data (what the sparse copy allocates).
 used_store=$(du -s --block-size=1 site/store | cut -f1)
 used_data=$(du -s --block-size=1 copy.raw | cut -f1)
@@ -145,4 +155,7 @@ row "local diff (diff / two readers)" "$t_diff" "$t_floor"
 row "signatures (BLAKE3 / b3sum -j2)" "$t_sig" "$t_b3"
 row "${logged} MiB of logs (replicate / hrl apply)" "$t_repl" "$t_hrl"
 printf '%-38s %8.0fM %8.0fM %7.2fx\n' "disk use (store / sparse copy)" "$(echo "$used_store / 1048576" | bc -l)" "$(echo "$used_data / 1048576" | bc -l)" "$(echo "$used_store / $used_data" | bc -l)"
+# CPU (user + sys) per GiB of data, one run each.
+data_gib=$(echo "$used_data / 1073741824" | bc -l)
+printf '%-38s %8.2fs %8.2fs %7.2fx\n' "CPU per GiB of data (protect / cp)" "$(echo "$c_protect / $data_gib" | bc -l)" "$(echo "$c_cp / $data_gib" | bc -l)" "$(echo "$c_protect / $c_cp" | bc -l)"
 echo "($(nproc) cores)"
