@@ -911,6 +911,30 @@ async fn a_planned_failover_after_a_stuck_cycle_loses_no_write() {
     );
 }
 
+/// A flush of the replica's data file fails after a cycle's writes (the kernel may have
+/// dropped them, and reports that to one fsync only): the cycle fails saying so, and no
+/// later sync point passes while those pages are not written again; a resync (which
+/// trusts the digests, hashed from the page cache) then fails too rather than make a
+/// recovery point that may not hold them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_flush_is_never_taken_for_a_landed_cycle() {
+    let w = World::new();
+    let mut e = protected(&w, "a").await;
+    let points = e.item("vm").unwrap().status.points.len();
+    let l1 = w.log(&e, 1, w.chain(&e));
+    w.faults
+        .inner()
+        .fail_flush("lifeboat/items/vm/disk0")
+        .unwrap();
+    let r = e.replicate("vm", &[(0, l1)], false).await;
+    assert!(matches!(r, Err(Error::Critical { .. })), "{r:?}");
+    assert!(format!("{r:?}").contains("write them again"), "{r:?}");
+    let r = e.command(Command::Resync { item: "vm".into() }).await;
+    assert!(format!("{r:?}").contains("write them again"), "{r:?}");
+    assert_eq!(e.item("vm").unwrap().status.points.len(), points);
+    assert_ne!(e.protection("vm").unwrap(), ProtectionState::Protected);
+}
+
 /// A resync while a cycle is stuck: the stale cycle is covered by the resync and never
 /// applied on top of it (its write would undo a later one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -48,7 +48,10 @@ mod journal;
 /// them) at the next *sync point*: `snapshot`, `set_sequence_number`, `set_metadata`,
 /// `resize`, or [`LocalStore::sync`]. The [`PageWriter`](crate::PageWriter) ends every batch with a
 /// sequence-number update, so a crash loses at most the batch in flight, which is
-/// replayed.
+/// replayed. A failed flush of the data file (the kernel reports it to one fsync only,
+/// and may have dropped the pages) makes every sync point of the blob fail until the
+/// pages written since the last one are written or cleared again (held in memory: a
+/// restarted process does not know of it).
 ///
 /// It checks what Azure checks: 512-byte alignment, the 4 MiB body cap, the CRC-64,
 /// sequence-number conditions, leases, entity tags, snapshot isolation. Every operation
@@ -89,13 +92,24 @@ struct Inner {
 /// The write-behind of page writes: bytes written since the last flush began, whether
 /// one runs, how many began, and the data files whose flush failed (the failure is
 /// reported by their next sync point: the kernel reports a writeback error to one fsync
-/// only, and a background flush may be the one).
+/// only, and a background flush may be the one); then, per data file, the pages a failed
+/// flush may have lost, until they are written again.
 #[derive(Debug, Default)]
 struct Behind {
     dirty: AtomicU64,
     flushing: AtomicBool,
     started: AtomicU64,
     failed: Mutex<Vec<(PathBuf, String)>>,
+    lost: Mutex<HashMap<PathBuf, Lost>>,
+}
+
+/// Pages of a data file whose writes may not be on disk (a flush failed after they were
+/// written, and the kernel may have dropped them): every sync point of the blob fails
+/// until they are written (or cleared) again.
+#[derive(Debug)]
+struct Lost {
+    reason: String,
+    ranges: Vec<Range<u64>>,
 }
 
 impl Behind {
@@ -104,6 +118,40 @@ impl Behind {
         let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
         let k = failed.iter().position(|(p, _)| p == path)?;
         Some(failed.swap_remove(k).1)
+    }
+
+    fn lost(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Lost>> {
+        self.lost.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes `ranges` of `path` as lost by a failed flush.
+    fn lose(&self, path: &Path, ranges: Vec<Range<u64>>, reason: String) {
+        let mut lost = self.lost();
+        let e = lost.entry(path.to_owned()).or_insert(Lost {
+            reason: String::new(),
+            ranges: Vec::new(),
+        });
+        e.reason = reason;
+        e.ranges.extend(ranges);
+        e.ranges = merge_ranges(std::mem::take(&mut e.ranges));
+    }
+
+    /// `ranges` of `path` were written (or cleared) again: no longer lost.
+    fn rewritten(&self, path: &Path, ranges: &[Range<u64>]) {
+        let mut lost = self.lost();
+        let Some(e) = lost.get_mut(path) else {
+            return;
+        };
+        for r in ranges {
+            e.ranges = e
+                .ranges
+                .iter()
+                .flat_map(|l| subtract(l, std::slice::from_ref(r)))
+                .collect();
+        }
+        if e.ranges.is_empty() {
+            lost.remove(path);
+        }
     }
 }
 
@@ -290,6 +338,20 @@ impl LocalStore {
         Ok(self.inner.dir(blob)?.join("data"))
     }
 
+    /// Fault injection (feature `testing`): the next sync point of `blob` finds that a
+    /// flush of its data file failed, as a failed background flush is reported, so the
+    /// pages written since its last sync point count as lost until written again.
+    #[cfg(feature = "testing")]
+    pub fn fail_flush(&self, blob: &str) -> Result<(), StoreError> {
+        let data = self.data_path(blob)?;
+        let b = &self.inner.behind;
+        b.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((data, "injected flush failure".into()));
+        Ok(())
+    }
+
     /// Makes every write so far durable (a sync point).
     pub async fn sync(&self, blob: &str) -> Result<(), StoreError> {
         self.run(blob, |inner, blob| {
@@ -424,11 +486,16 @@ impl Inner {
             return Ok(());
         }
         let data = self.dir(blob)?.join("data");
-        match File::open(&data) {
-            Ok(f) => f.sync_data().map_err(io_err(&data)),
+        let Ok(f) = File::open(&data) else {
             // No such blob, or a document: the sync point says so under the lock.
-            Err(_) => Ok(()),
-        }
+            return Ok(());
+        };
+        f.sync_data().map_err(|e| {
+            // Reported to this fsync only: the sync point under the lock must hear of it.
+            let mut failed = self.behind.failed.lock().unwrap_or_else(|p| p.into_inner());
+            failed.push((data.clone(), e.to_string()));
+            io_err(&data)(e)
+        })
     }
 
     /// A sync point: replaces the state durably, with a new entity tag.
@@ -460,18 +527,47 @@ impl Inner {
         // Every page write and clear appends a journal line: none since the last state
         // means the data file holds nothing that state does not (a metadata or
         // sequence-number update between batches fsyncs only the state).
+        let mut failure = None;
         if self.fsync
             && st.kind == Kind::Page
             && (data_changed || st.journal.end > 0)
             && let Ok(f) = File::open(&data)
         {
-            f.sync_all().map_err(io_err(&data))?;
-            self.data_syncs.fetch_add(1, Ordering::Relaxed);
-            self.behind.dirty.store(0, Ordering::Relaxed);
+            match f.sync_all() {
+                Ok(()) => {
+                    self.data_syncs.fetch_add(1, Ordering::Relaxed);
+                    self.behind.dirty.store(0, Ordering::Relaxed);
+                }
+                Err(e) => failure = Some(e.to_string()),
+            }
         }
         if let Some(e) = self.behind.take_failure(&data) {
+            failure = Some(e);
+        }
+        if let Some(reason) = failure {
+            // What the journal lists since the last sync point may be gone from the
+            // disk though the page cache still shows it; a retry's fsync would succeed
+            // (the kernel reports the error once): those pages must be written again.
+            let jpath = dir.join("journal");
+            let jbytes = fs::read(&jpath).unwrap_or_default();
+            let end = (st.journal.end as usize).min(jbytes.len());
+            let changed = journal::changed(&jbytes[..end]);
+            if changed.is_empty() {
+                // A change made whole (made, resized, filled): retried whole by its caller.
+                return Err(io_err(&data)(io::Error::other(format!(
+                    "flushing page writes failed: {reason}"
+                ))));
+            }
+            self.behind.lose(&data, changed, reason);
+        }
+        if let Some(lost) = self.behind.lost().get(&data) {
+            let bytes: u64 = lost.ranges.iter().map(|r| r.end - r.start).sum();
             return Err(io_err(&data)(io::Error::other(format!(
-                "flushing page writes failed: {e}"
+                "flushing page writes failed ({}): {bytes} bytes in {} range(s) written since \
+                 the last sync point, the first at {}, may not be on disk; write them again",
+                lost.reason,
+                lost.ranges.len(),
+                lost.ranges.first().map_or(0, |r| r.start),
             ))));
         }
         st.generation += 1;
@@ -606,6 +702,7 @@ impl Inner {
         }
         // A crash before the state was written left files behind: start afresh.
         let _ = fs::remove_dir_all(&dir);
+        self.behind.lost().remove(&dir.join("data"));
         private_dir(&dir).map_err(io_err(&dir))?;
         let data = dir.join("data");
         let f = private_file(&data).map_err(io_err(&data))?;
@@ -754,6 +851,7 @@ impl Inner {
         }
         // Listed without an fsync of the data: the next sync point makes both durable.
         let total = writes.iter().map(|w| w.1.len() as u64).sum();
+        let ranges_written = ranges.clone();
         let recs: Vec<Record> = ranges
             .into_iter()
             .map(|range| Record::Write {
@@ -762,6 +860,7 @@ impl Inner {
             })
             .collect();
         self.append(blob, &mut st, recs, false)?;
+        self.behind.rewritten(&path, &ranges_written);
         self.write_behind(f, path, total);
         Ok(())
     }
@@ -809,7 +908,10 @@ impl Inner {
         let (f, path) = self.data(blob)?;
         zero_range(&f, offset, len, &path)?;
         let (range, etag) = (offset..offset + len, self.new_etag());
-        self.append(blob, &mut st, [Record::Clear { range, etag }], false)
+        self.append(blob, &mut st, [Record::Clear { range, etag }], false)?;
+        self.behind
+            .rewritten(&path, std::slice::from_ref(&(offset..offset + len)));
+        Ok(())
     }
 
     fn prepare_overwrite(
@@ -1087,6 +1189,7 @@ impl Inner {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&dir);
+        self.behind.lost().remove(&dir.join("data"));
         fs::remove_dir_all(&dir).map_err(io_err(&dir))
     }
 
@@ -1684,7 +1787,9 @@ mod tests {
     }
 
     /// Page writes past `WRITE_BEHIND` start one background flush (not one per write);
-    /// a flush that failed fails that blob's next sync point, once, and no other blob's.
+    /// a flush that failed fails that blob's sync points (no other blob's) until the pages
+    /// written since its last sync point are written again: a retried sync point's fsync
+    /// would succeed though the kernel may have dropped them.
     #[test]
     fn write_behind_flushes_in_the_background_and_reports_a_failed_flush() {
         let dir = tempfile::tempdir().unwrap();
@@ -1713,7 +1818,33 @@ mod tests {
         s.set_sequence_number("b", 1, none).unwrap();
         let e = s.set_sequence_number("a", 1, none).unwrap_err();
         assert!(e.to_string().contains("injected"), "{e}");
+        // Retried: still refused, naming what the journal lists since the last one
+        // (0..7 MiB and 15..16 MiB).
+        let e = s.set_sequence_number("a", 1, none).unwrap_err();
+        assert!(e.to_string().contains("8388608 bytes in 2 range(s)"), "{e}");
+        // Written again in part (one page cleared, the rest of the first MiB written):
+        // the rest is still missing.
+        s.clear_pages("a", 0, 512, none).unwrap();
+        s.write_pages("a", 512, &chunk[512..], crc64(&chunk[512..]), none)
+            .unwrap();
+        let e = s.set_sequence_number("a", 1, none).unwrap_err();
+        let (left, first) = (7u64 << 20, 1u64 << 20);
+        let want = format!(
+            "(injected): {left} bytes in 2 range(s) written since the last sync point, \
+             the first at {first}, may not be on disk; write them again"
+        );
+        assert!(e.to_string().ends_with(&want), "{e}");
+        assert_eq!(
+            s.load_page("a").unwrap().sequence_number,
+            0,
+            "the sequence number did not move"
+        );
+        for k in (1..7u64).chain([15]) {
+            s.write_pages("a", k << 20, &chunk, crc64(&chunk), none)
+                .unwrap();
+        }
         s.set_sequence_number("a", 1, none).unwrap();
+        assert_eq!(s.load_page("a").unwrap().sequence_number, 1);
     }
 
     /// A sync point fsyncs the data file only when it changed since the last one: a

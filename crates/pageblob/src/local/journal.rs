@@ -157,6 +157,19 @@ pub(super) fn replay_tail(st: &mut State, bytes: &[u8]) -> Position {
     }
 }
 
+/// The pages the records of `bytes` (a journal up to a state's position in it) wrote or
+/// cleared: the changes since the state's last sync point.
+pub(super) fn changed(bytes: &[u8]) -> Vec<Range<u64>> {
+    let mut out = Vec::new();
+    for (line, _) in lines(bytes) {
+        match record(&line) {
+            Some(Record::Write { range, .. } | Record::Clear { range, .. }) => out.push(range),
+            Some(Record::Preserve { .. }) | None => {}
+        }
+    }
+    crate::store::merge_ranges(out)
+}
+
 /// Applies one change to a state: the single rule shared by the writer (before appending
 /// it) and by replay.
 pub(super) fn apply(st: &mut State, rec: &Record) {
