@@ -423,12 +423,18 @@ impl Engine {
             Ok(r) => r,
             Err(e) => {
                 // Part of the batch may have landed: the touched blocks are hashed again
-                // as they are now (else the digests are rebuilt when next loaded).
+                // as they are now, or marked unknown if they cannot be read (the store
+                // says they may not be on disk: a resync then sends them again); else
+                // the digests are rebuilt when next loaded.
                 if let Ok(p) = self.store.properties(&blob).await
-                    && digests
+                    && (digests
                         .update(&*self.store, &blob, &touched, p.sequence_number)
                         .await
                         .is_ok()
+                        || digests
+                            .forget(&*self.store, &touched, p.sequence_number)
+                            .await
+                            .is_ok())
                     && digests
                         .save(&*self.store, &blob, Some(self.site.id()))
                         .await

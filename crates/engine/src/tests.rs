@@ -912,10 +912,10 @@ async fn a_planned_failover_after_a_stuck_cycle_loses_no_write() {
 }
 
 /// A flush of the replica's data file fails after a cycle's writes (the kernel may have
-/// dropped them, and reports that to one fsync only): the cycle fails saying so, and no
-/// later sync point passes while those pages are not written again; a resync (which
-/// trusts the digests, hashed from the page cache) then fails too rather than make a
-/// recovery point that may not hold them.
+/// dropped them, and reports that to one fsync only): the cycle fails saying so, no later
+/// sync point passes and no read shows those pages while they are not written again, and
+/// the touched blocks' digests are unknown; a resync sends them again, and the replica and
+/// its new recovery point equal the source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_flush_is_never_taken_for_a_landed_cycle() {
     let w = World::new();
@@ -929,10 +929,23 @@ async fn a_failed_flush_is_never_taken_for_a_landed_cycle() {
     let r = e.replicate("vm", &[(0, l1)], false).await;
     assert!(matches!(r, Err(Error::Critical { .. })), "{r:?}");
     assert!(format!("{r:?}").contains("write them again"), "{r:?}");
-    let r = e.command(Command::Resync { item: "vm".into() }).await;
-    assert!(format!("{r:?}").contains("write them again"), "{r:?}");
     assert_eq!(e.item("vm").unwrap().status.points.len(), points);
-    assert_ne!(e.protection("vm").unwrap(), ProtectionState::Protected);
+    let r = w
+        .store
+        .read("lifeboat/items/vm/disk0", None, 8192, 4096)
+        .await;
+    assert!(format!("{r:?}").contains("may not be on disk"), "{r:?}");
+    e.command(Command::Resync { item: "vm".into() })
+        .await
+        .unwrap();
+    assert_eq!(e.protection("vm").unwrap(), ProtectionState::Protected);
+    same(&w.replica_bytes().await, &w.source(), "replica");
+    let last = e.item("vm").unwrap().status.points.last().unwrap().id.0;
+    same(
+        &w.point_bytes(&e, last).await,
+        &w.source(),
+        "the last point",
+    );
 }
 
 /// A resync while a cycle is stuck: the stale cycle is covered by the resync and never

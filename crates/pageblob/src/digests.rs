@@ -12,6 +12,10 @@ use crate::StoreError;
 use crate::store::{Condition, LeaseId, MAX_PUT, Metadata, PAGE, PageStore, crc64, merge_ranges};
 use crate::writer::Change;
 
+/// The digest of a block whose bytes are unknown ([`ReplicaDigests::forget`]): 32 bytes
+/// of text, which no block hashes to.
+const UNKNOWN: Digest = Digest::Hash(*b"lifeboat: this block is unknown!");
+
 /// The blob beside `blob` that holds its digests.
 pub fn digests_blob(blob: &str) -> String {
     format!("{blob}.digests")
@@ -532,6 +536,27 @@ impl ReplicaDigests {
                 self.set(b, lifeboat_resync::digest_block(chunk))?;
             }
         }
+        Ok(())
+    }
+
+    /// Marks the blocks that `touched` ranges overlap as unknown, and records `seq`: for
+    /// blocks whose bytes cannot be read back as they are (a store that says they may not
+    /// be on disk). An unknown block's digest equals no block's (it is not a BLAKE3 output
+    /// anyone can aim at), so a resync sends it again.
+    pub async fn forget(
+        &mut self,
+        store: &dyn PageStore,
+        touched: &[Range<u64>],
+        seq: u64,
+    ) -> Result<(), StoreError> {
+        let blocks = touched_blocks(touched, self.block_size, self.len);
+        let mut pages: Vec<u64> = blocks.iter().map(|b| b / SLOTS_PER_PAGE).collect();
+        pages.dedup();
+        self.hold(store, &pages).await?;
+        for b in blocks {
+            self.set(b, UNKNOWN)?;
+        }
+        self.sequence_number = seq;
         Ok(())
     }
 

@@ -49,9 +49,9 @@ mod journal;
 /// `resize`, or [`LocalStore::sync`]. The [`PageWriter`](crate::PageWriter) ends every batch with a
 /// sequence-number update, so a crash loses at most the batch in flight, which is
 /// replayed. A failed flush of the data file (the kernel reports it to one fsync only,
-/// and may have dropped the pages) makes every sync point of the blob fail until the
-/// pages written since the last one are written or cleared again (held in memory: a
-/// restarted process does not know of it).
+/// and may have dropped the pages) makes every sync point of the blob, and every read of
+/// those pages, fail until the pages written since the last sync point are written or
+/// cleared again (held in memory: a restarted process does not know of it).
 ///
 /// It checks what Azure checks: 512-byte alignment, the 4 MiB body cap, the CRC-64,
 /// sequence-number conditions, leases, entity tags, snapshot isolation. Every operation
@@ -110,6 +110,20 @@ struct Behind {
 struct Lost {
     reason: String,
     ranges: Vec<Range<u64>>,
+}
+
+impl Lost {
+    /// The error of a sync point, or a read, that meets lost pages of `path`.
+    fn error(&self, path: &Path) -> StoreError {
+        let bytes: u64 = self.ranges.iter().map(|r| r.end - r.start).sum();
+        io_err(path)(io::Error::other(format!(
+            "flushing page writes failed ({}): {bytes} bytes in {} range(s) written since \
+             the last sync point, the first at {}, may not be on disk; write them again",
+            self.reason,
+            self.ranges.len(),
+            self.ranges.first().map_or(0, |r| r.start),
+        )))
+    }
 }
 
 impl Behind {
@@ -561,14 +575,7 @@ impl Inner {
             self.behind.lose(&data, changed, reason);
         }
         if let Some(lost) = self.behind.lost().get(&data) {
-            let bytes: u64 = lost.ranges.iter().map(|r| r.end - r.start).sum();
-            return Err(io_err(&data)(io::Error::other(format!(
-                "flushing page writes failed ({}): {bytes} bytes in {} range(s) written since \
-                 the last sync point, the first at {}, may not be on disk; write them again",
-                lost.reason,
-                lost.ranges.len(),
-                lost.ranges.first().map_or(0, |r| r.start),
-            ))));
+            return Err(lost.error(&data));
         }
         st.generation += 1;
         let bytes = serde_json::to_vec(&*st).map_err(|e| StoreError::Corrupt {
@@ -996,6 +1003,14 @@ impl Inner {
                 .map(|&(o, l)| intersect(&st.ranges, &(o..o + l)))
                 .collect();
             let (data, path) = self.data(blob)?;
+            // What the page cache shows of lost pages may not be what the disk holds.
+            if let Some(lost) = self.behind.lost().get(&path)
+                && reads
+                    .iter()
+                    .any(|&(o, l)| !meeting(&lost.ranges, &(o..o + l)).is_empty())
+            {
+                return Err(lost.error(&path));
+            }
             (data, path, allocated)
         };
         let mut file = &data;
@@ -1822,6 +1837,9 @@ mod tests {
         // (0..7 MiB and 15..16 MiB).
         let e = s.set_sequence_number("a", 1, none).unwrap_err();
         assert!(e.to_string().contains("8388608 bytes in 2 range(s)"), "{e}");
+        // Nor can they be read: the page cache may show what the disk does not hold.
+        assert!(s.read_current("a", &[(15 << 20, 512)]).is_err());
+        assert!(s.read_current("a", &[(8 << 20, 512)]).is_ok(), "not lost");
         // Written again in part (one page cleared, the rest of the first MiB written):
         // the rest is still missing.
         s.clear_pages("a", 0, 512, none).unwrap();
@@ -1845,6 +1863,7 @@ mod tests {
         }
         s.set_sequence_number("a", 1, none).unwrap();
         assert_eq!(s.load_page("a").unwrap().sequence_number, 1);
+        assert!(s.read_current("a", &[(15 << 20, 512)]).is_ok());
     }
 
     /// A sync point fsyncs the data file only when it changed since the last one: a
