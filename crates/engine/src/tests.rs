@@ -911,6 +911,17 @@ async fn a_planned_failover_after_a_stuck_cycle_loses_no_write() {
     );
 }
 
+/// Resyncs the item: it is Protected, and its replica and newest point equal the source.
+async fn resync_to_source(w: &World, e: &mut Engine) {
+    e.command(Command::Resync { item: "vm".into() })
+        .await
+        .unwrap();
+    assert_eq!(e.protection("vm").unwrap(), ProtectionState::Protected);
+    same(&w.replica_bytes().await, &w.source(), "replica");
+    let last = e.item("vm").unwrap().status.points.last().unwrap().id.0;
+    same(&w.point_bytes(e, last).await, &w.source(), "the last point");
+}
+
 /// A flush of the replica's data file fails after a cycle's writes (the kernel may have
 /// dropped them, and reports that to one fsync only): the cycle fails saying so, no later
 /// sync point passes and no read shows those pages while they are not written again, and
@@ -935,17 +946,7 @@ async fn a_failed_flush_is_never_taken_for_a_landed_cycle() {
         .read("lifeboat/items/vm/disk0", None, 8192, 4096)
         .await;
     assert!(format!("{r:?}").contains("may not be on disk"), "{r:?}");
-    e.command(Command::Resync { item: "vm".into() })
-        .await
-        .unwrap();
-    assert_eq!(e.protection("vm").unwrap(), ProtectionState::Protected);
-    same(&w.replica_bytes().await, &w.source(), "replica");
-    let last = e.item("vm").unwrap().status.points.last().unwrap().id.0;
-    same(
-        &w.point_bytes(&e, last).await,
-        &w.source(),
-        "the last point",
-    );
+    resync_to_source(&w, &mut e).await;
 }
 
 /// A resync while a cycle is stuck: the stale cycle is covered by the resync and never
@@ -960,17 +961,7 @@ async fn a_resync_never_reapplies_a_stale_cycle() {
     w.faults.fail_next(Request::Put, 0, Fault::Status(503));
     // The guest overwrites l1's block; no log reaches the site (say, the host lost it).
     w.host.write("vm/d0", 8192, &[0xEE; 4096]).unwrap();
-    e.command(Command::Resync { item: "vm".into() })
-        .await
-        .unwrap();
-    assert_eq!(e.protection("vm").unwrap(), ProtectionState::Protected);
-    same(&w.replica_bytes().await, &w.source(), "replica");
-    let last = e.item("vm").unwrap().status.points.last().unwrap().id.0;
-    same(
-        &w.point_bytes(&e, last).await,
-        &w.source(),
-        "the last point",
-    );
+    resync_to_source(&w, &mut e).await;
 }
 
 /// A catalogue write that landed but whose reply was lost is this site's own, not a
