@@ -51,7 +51,7 @@ mod journal;
 /// replayed. A failed flush of the data file (the kernel reports it to one fsync only,
 /// and may have dropped the pages) makes every sync point of the blob, and every read of
 /// those pages, fail until the pages written since the last sync point are written or
-/// cleared again (held in memory: a restarted process does not know of it).
+/// cleared again (listed in the journal, so a process opening the store later knows).
 ///
 /// It checks what Azure checks: 512-byte alignment, the 4 MiB body cap, the CRC-64,
 /// sequence-number conditions, leases, entity tags, snapshot isolation. Every operation
@@ -236,6 +236,10 @@ struct State {
     /// A document's bytes, base64.
     #[serde(default)]
     doc: Option<String>,
+    /// Pages a failed flush may have lost, as the journal lists them (never in a saved
+    /// state: no sync point passes while there are any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    lost: Vec<Range<u64>>,
     /// How much of the blob's journal this state includes.
     #[serde(skip)]
     journal: Position,
@@ -512,6 +516,30 @@ impl Inner {
         })
     }
 
+    /// The pages of data file `path` a failed flush may have lost (this process's record,
+    /// and `listed`, the state's from the journal), with the error that names them.
+    fn lost_error(
+        &self,
+        path: &Path,
+        listed: &[Range<u64>],
+    ) -> Option<(StoreError, Vec<Range<u64>>)> {
+        let mem = self.behind.lost();
+        let known = mem.get(path);
+        if listed.is_empty() && known.is_none() {
+            return None;
+        }
+        let mut ranges = listed.to_vec();
+        ranges.extend(known.iter().flat_map(|k| k.ranges.iter().cloned()));
+        let lost = Lost {
+            reason: known.map_or_else(
+                || "listed in the journal by an earlier process".to_owned(),
+                |k| k.reason.clone(),
+            ),
+            ranges: merge_ranges(ranges),
+        };
+        Some((lost.error(path), lost.ranges))
+    }
+
     /// A sync point: replaces the state durably, with a new entity tag.
     fn save(&self, blob: &str, st: &mut State) -> Result<(), StoreError> {
         st.etag = self.new_etag();
@@ -572,10 +600,17 @@ impl Inner {
                     "flushing page writes failed: {reason}"
                 ))));
             }
-            self.behind.lose(&data, changed, reason);
+            self.behind.lose(&data, changed.clone(), reason);
+            // Listed durably too, so that a process opening the store later does not
+            // trust those pages either (if this append fails, this process still knows).
+            // On the state as it stands, not `st` (changed by the caller, not saved).
+            if let Ok(mut now) = self.load(blob) {
+                let recs = changed.into_iter().map(|range| Record::Lost { range });
+                let _ = self.append(blob, &mut now, recs, true);
+            }
         }
-        if let Some(lost) = self.behind.lost().get(&data) {
-            return Err(lost.error(&data));
+        if let Some(e) = self.lost_error(&data, &st.lost) {
+            return Err(e.0);
         }
         st.generation += 1;
         let bytes = serde_json::to_vec(&*st).map_err(|e| StoreError::Corrupt {
@@ -1004,12 +1039,12 @@ impl Inner {
                 .collect();
             let (data, path) = self.data(blob)?;
             // What the page cache shows of lost pages may not be what the disk holds.
-            if let Some(lost) = self.behind.lost().get(&path)
+            if let Some(e) = self.lost_error(&path, &st.lost)
                 && reads
                     .iter()
-                    .any(|&(o, l)| !meeting(&lost.ranges, &(o..o + l)).is_empty())
+                    .any(|&(o, l)| !meeting(&e.1, &(o..o + l)).is_empty())
             {
-                return Err(lost.error(&path));
+                return Err(e.0);
             }
             (data, path, allocated)
         };
@@ -1857,13 +1892,24 @@ mod tests {
             0,
             "the sequence number did not move"
         );
+        // A process opening the store now (this one's memory gone) knows of it too: the
+        // journal lists the pages lost.
+        let later = LocalStore::open(dir.path()).unwrap();
+        let l = &later.inner;
+        let e = l.set_sequence_number("a", 1, none).unwrap_err();
+        assert!(e.to_string().contains("by an earlier process"), "{e}");
+        assert!(e.to_string().contains(&format!("{left} bytes")), "{e}");
+        assert!(l.read_current("a", &[(15 << 20, 512)]).is_err());
         for k in (1..7u64).chain([15]) {
-            s.write_pages("a", k << 20, &chunk, crc64(&chunk), none)
+            l.write_pages("a", k << 20, &chunk, crc64(&chunk), none)
                 .unwrap();
         }
-        s.set_sequence_number("a", 1, none).unwrap();
+        l.set_sequence_number("a", 1, none).unwrap();
+        assert_eq!(l.load_page("a").unwrap().sequence_number, 1);
+        assert!(l.read_current("a", &[(15 << 20, 512)]).is_ok());
+        // The first process reads the new state (its own memory of the loss stays until
+        // it writes those pages itself: stricter, never looser).
         assert_eq!(s.load_page("a").unwrap().sequence_number, 1);
-        assert!(s.read_current("a", &[(15 << 20, 512)]).is_ok());
     }
 
     /// A sync point fsyncs the data file only when it changed since the last one: a

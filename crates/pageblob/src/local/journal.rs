@@ -10,6 +10,7 @@
 //! W <start> <end> <etag> <crc>       pages written (allocated), the blob's new etag
 //! C <start> <end> <etag> <crc>       pages cleared, the blob's new etag
 //! P <start> <end> <snapshot> <crc>   pages whose old bytes the snapshot's file now holds
+//! L <start> <end> lost <crc>         pages a failed flush may have lost (until rewritten)
 //! ```
 //!
 //! `<crc>` is the CRC-64 of the line before it, in hex. Replay stops at the first line
@@ -31,6 +32,9 @@ pub(super) enum Record {
     Clear { range: Range<u64>, etag: String },
     /// The snapshot's file holds these pages' bytes as of the snapshot.
     Preserve { range: Range<u64>, snapshot: String },
+    /// A flush of the data file failed after these pages were written: they may not be
+    /// on disk until written (or cleared) again.
+    Lost { range: Range<u64> },
 }
 
 /// Where a state stands in its blob's journal (not serialised with the state).
@@ -54,6 +58,7 @@ pub(super) fn encode(rec: &Record) -> Vec<u8> {
         Record::Write { range, etag } => line('W', range.start, range.end, etag),
         Record::Clear { range, etag } => line('C', range.start, range.end, etag),
         Record::Preserve { range, snapshot } => line('P', range.start, range.end, snapshot),
+        Record::Lost { range } => line('L', range.start, range.end, "lost"),
     }
 }
 
@@ -113,6 +118,7 @@ fn record(&(kind, a, b, tag): &Line<'_>) -> Option<Record> {
             range,
             snapshot: tag,
         },
+        'L' => Record::Lost { range },
         _ => return None,
     })
 }
@@ -164,7 +170,7 @@ pub(super) fn changed(bytes: &[u8]) -> Vec<Range<u64>> {
     for (line, _) in lines(bytes) {
         match record(&line) {
             Some(Record::Write { range, .. } | Record::Clear { range, .. }) => out.push(range),
-            Some(Record::Preserve { .. }) | None => {}
+            Some(Record::Preserve { .. } | Record::Lost { .. }) | None => {}
         }
     }
     crate::store::merge_ranges(out)
@@ -176,12 +182,15 @@ pub(super) fn apply(st: &mut State, rec: &Record) {
     match rec {
         Record::Write { range, etag } => {
             add_range(&mut st.ranges, range.clone());
+            cut_range(&mut st.lost, range);
             st.etag.clone_from(etag);
         }
         Record::Clear { range, etag } => {
             cut_range(&mut st.ranges, range);
+            cut_range(&mut st.lost, range);
             st.etag.clone_from(etag);
         }
+        Record::Lost { range } => add_range(&mut st.lost, range.clone()),
         Record::Preserve { range, snapshot } => {
             // Only the newest snapshot preserves (older ones share its pages); a record
             // for another was made before that snapshot went: nothing left to note.
