@@ -295,11 +295,11 @@ impl PageWriter {
         let before = self.progress();
         // A store that takes groups pays nothing per put: touching changes go as they
         // are, not copied into one body.
-        let split = self.store.write_group_bytes() > 0;
-        let ops = plan(changes, edges, self.config.max_request, split)?;
+        let grouping = self.store.write_group_bytes();
+        let ops = plan(changes, edges, self.config.max_request, grouping > 0)?;
         self.announce(seq, &ops).await?;
         let mut tasks = JoinSet::new();
-        for op in group(ops, self.store.write_group_bytes()) {
+        for op in group(ops, grouping) {
             while tasks.len() >= self.config.in_flight {
                 join_one(&mut tasks, seq).await?;
             }
