@@ -94,6 +94,10 @@ toggle save
 STATE=new
 flip() { toggle "$STATE"; if [ "$STATE" = new ]; then STATE=old; else STATE=new; fi; }
 
+# CPU time the hypervisor gave to other guests (steal) during the timed runs: on a shared
+# host it comes and goes, and slows the tool using more CPU (lifeboat) more than its peer.
+stat0=$(head -n 1 /proc/stat)
+
 echo "== initial replication of ${SIZE_MIB} MiB" >&2
 t_cp=$(best "rm -f copy.raw" sh -c "cp --sparse=always disk.raw copy.raw && sync -f copy.raw")
 t_protect=$(best "rm -rf site" "$LB" --site site protect vm --disk disk.raw)
@@ -147,6 +151,9 @@ t_repl=$(best "rm -rf site && cp -a site.before site" "$LB" --site site replicat
 "$LB" --site site test-failover vm --out tf2 >/dev/null
 cmp disk.raw tf2/disk0.raw
 
+stat1=$(head -n 1 /proc/stat)
+steal=$(echo "$stat0 $stat1" | awk '{t = 0; for (i = 2; i <= 11; i++) t += $(i + 11) - $i; print 100 * ($20 - $9) / t}')
+
 printf '\n%-38s %10s %10s %8s\n' "operation (${SIZE_MIB} MiB)" "lifeboat" "peer" "ratio"
 row() { printf '%-38s %9.2fs %9.2fs %7.2fx\n' "$1" "$2" "$3" "$(echo "$2 / $3" | bc -l)"; }
 row "initial copy (protect / cp+sync)" "$t_protect" "$t_cp"
@@ -158,4 +165,4 @@ printf '%-38s %8.0fM %8.0fM %7.2fx\n' "disk use (store / sparse copy)" "$(echo "
 # CPU (user + sys) per GiB of data, one run each.
 data_gib=$(echo "$used_data / 1073741824" | bc -l)
 printf '%-38s %8.2fs %8.2fs %7.2fx\n' "CPU per GiB of data (protect / cp)" "$(echo "$c_protect / $data_gib" | bc -l)" "$(echo "$c_cp / $data_gib" | bc -l)" "$(echo "$c_protect / $c_cp" | bc -l)"
-echo "($(nproc) cores)"
+printf '(%d cores; CPU steal during the runs: %.0f %% of the machine'"'"'s time)\n' "$(nproc)" "$steal"
