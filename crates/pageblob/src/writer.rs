@@ -385,14 +385,11 @@ impl PageWriter {
         }
         let cond = Condition::sequence_number(seq).with_lease(self.lease);
         let (store, blob, ranges) = (&*self.store, self.blob.as_str(), &ranges[..]);
-        retry(&self.config.retry, |attempt| {
-            if attempt > 1 {
-                self.counters.retries.fetch_add(1, Ordering::Relaxed);
-            }
+        let what = || format!("prepare batch {seq}");
+        with_retries(&self.config.retry, &self.counters, seq, what, || {
             store.prepare_overwrite(blob, ranges, cond)
         })
         .await
-        .map_err(|e| store_error(format!("prepare batch {seq}"), e, seq))
     }
 }
 
@@ -489,14 +486,11 @@ async fn send(
                     (offset, data, crc)
                 })
                 .collect();
-            retry(policy, |attempt| {
-                if attempt > 1 {
-                    counters.retries.fetch_add(1, Ordering::Relaxed);
-                }
+            let what = || format!("{n} Put Pages from {first}");
+            with_retries(policy, counters, seq, what, || {
                 store.write_pages_many(blob, &writes, cond)
             })
-            .await
-            .map_err(|e| store_error(format!("{n} Put Pages from {first}"), e, seq))?;
+            .await?;
             counters.bytes.fetch_add(total, Ordering::Relaxed);
             counters.puts.fetch_add(n, Ordering::Relaxed);
         }
@@ -506,30 +500,46 @@ async fn send(
             }
             let crc = crc64(&data);
             let len = data.len() as u64;
-            retry(policy, |attempt| {
-                if attempt > 1 {
-                    counters.retries.fetch_add(1, Ordering::Relaxed);
-                }
+            let what = || format!("Put Page {offset}+{len}");
+            with_retries(policy, counters, seq, what, || {
                 store.write_pages(blob, offset, data.clone(), crc, cond)
             })
-            .await
-            .map_err(|e| store_error(format!("Put Page {offset}+{len}"), e, seq))?;
+            .await?;
             counters.bytes.fetch_add(len, Ordering::Relaxed);
             counters.puts.fetch_add(1, Ordering::Relaxed);
         }
         Op::Clear { offset, len } => {
-            retry(policy, |attempt| {
-                if attempt > 1 {
-                    counters.retries.fetch_add(1, Ordering::Relaxed);
-                }
+            let what = || format!("Clear Pages {offset}+{len}");
+            with_retries(policy, counters, seq, what, || {
                 store.clear_pages(blob, offset, len, cond)
             })
-            .await
-            .map_err(|e| store_error(format!("Clear Pages {offset}+{len}"), e, seq))?;
+            .await?;
             counters.clears.fetch_add(1, Ordering::Relaxed);
         }
     }
     Ok(())
+}
+
+/// One request, `request`, with the policy's retries, each retry counted; a final failure
+/// is named by `what` (a fence failure becomes [`WriteError::Fenced`] for batch `seq`).
+async fn with_retries<Fut>(
+    policy: &Policy,
+    counters: &Counters,
+    seq: u64,
+    what: impl FnOnce() -> String,
+    mut request: impl FnMut() -> Fut,
+) -> Result<(), WriteError>
+where
+    Fut: Future<Output = Result<(), StoreError>>,
+{
+    retry(policy, |attempt| {
+        if attempt > 1 {
+            counters.retries.fetch_add(1, Ordering::Relaxed);
+        }
+        request()
+    })
+    .await
+    .map_err(|e| store_error(what(), e, seq))
 }
 
 fn floor(x: u64) -> u64 {
