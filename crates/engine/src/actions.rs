@@ -339,7 +339,6 @@ impl Engine {
         let mut unique = [0u8; 16];
         unique.copy_from_slice(&id.as_bytes()[..16]);
         let footer = vhd::Footer::fixed(vhd::virtual_size(len), unique, 0).encode();
-        let seq = self.store.properties(blob).await?.sequence_number;
         self.store
             .write_pages(
                 blob,
@@ -355,13 +354,12 @@ impl Engine {
             Ok(()) | Err(StoreError::NotFound { .. }) => {}
             Err(e) => return Err(e.into()),
         }
+        // Hashed from what the blob holds, even at sequence number 0 (a first batch that
+        // landed in part leaves its pages there): only allocated pages are read, none of
+        // a new blob.
         if ReplicaDigests::load(&*self.store, blob).await?.is_none() {
             let bs = BlockSize::new(block_size)?;
-            let mut d = if seq == 0 {
-                ReplicaDigests::zeroed(len, bs, seq)
-            } else {
-                ReplicaDigests::rebuild(&*self.store, blob, len, bs).await?
-            };
+            let mut d = ReplicaDigests::rebuild(&*self.store, blob, len, bs).await?;
             d.save(&*self.store, blob, Some(self.site.id())).await?;
         }
         Ok(())
@@ -592,7 +590,10 @@ impl Engine {
                 piece,
             });
         }
-        self.write_batch(name, d, changes, None, None).await?;
+        let changes = self.without_known_zeros(name, d, changes).await?;
+        if !changes.is_empty() {
+            self.write_batch(name, d, changes, None, None).await?;
+        }
         self.buffers.give(buffer);
         self.observer.event(&Event::Progress {
             item: name.to_owned(),
@@ -602,6 +603,41 @@ impl Engine {
             total: disk.size,
         });
         Ok(())
+    }
+
+    /// `changes` without the zero runs the replica holds as zeros already (its digests
+    /// say so: every block of a new replica). An initial copy leaves them unsent, and a
+    /// piece of holes then makes no batch at all (a sync point each: a 16 GiB disk
+    /// holding 64 MiB took 2.7-3.2 s to protect, against 0.07 s for `cp`).
+    async fn without_known_zeros(
+        &self,
+        name: &str,
+        d: usize,
+        changes: Vec<Change>,
+    ) -> Result<Vec<Change>> {
+        let zeros: Vec<Range<u64>> = changes
+            .iter()
+            .filter(|c| matches!(c, Change::Zero { .. }))
+            .map(Change::range)
+            .collect();
+        if zeros.is_empty() {
+            return Ok(changes);
+        }
+        let doc = self.doc(name)?;
+        let (len, bs) = (doc.disks[d].size, BlockSize::new(doc.block_size)?);
+        let blob = replica_blob(name, d);
+        let seq = self.store.properties(&blob).await?.sequence_number;
+        let mut digests = self.take_digests(&blob, len, bs, seq).await?;
+        let known = digests.known_zero(&*self.store, &zeros).await;
+        self.digests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .put(blob, digests);
+        let mut known = known?.into_iter();
+        Ok(changes
+            .into_iter()
+            .filter(|c| !matches!(c, Change::Zero { .. }) || !known.next().unwrap_or(false))
+            .collect())
     }
 
     /// Reads a piece of a disk and splits off its zero runs, off the runtime's threads

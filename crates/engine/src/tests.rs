@@ -572,6 +572,98 @@ async fn protecting_a_sparse_disk_reads_only_its_data() {
     assert!(v.iter().all(Verified::clean), "{v:?}");
 }
 
+/// An initial copy sends only the zeros the replica does not hold: onto a new replica, a
+/// sparse disk's holes are not cleared and a piece of holes makes no batch; onto a replica
+/// holding stray pages (a first batch that landed in part leaves them at sequence number
+/// 0), those under the disk's holes are cleared. Either way the replica equals the disk.
+#[tokio::test]
+async fn an_initial_copy_sends_only_the_zeros_the_replica_lacks() {
+    use lifeboat_pageblob::{Condition, crc64, vhd};
+    const MIB: u64 = 1 << 20;
+    let (len, blob) = (48 * MIB, "lifeboat/items/vm/disk0");
+    let mut rng = lifeboat_source::SplitMix64::new(5);
+    // Data in the first and the last 16 MiB piece (with holes between), none in the middle.
+    let data: Vec<(u64, Vec<u8>)> = [(0, MIB), (4 * MIB, 4096), (40 * MIB, 2 * MIB)]
+        .into_iter()
+        .map(|(at, n)| (at, rng.bytes(n as usize)))
+        .collect();
+    let mut want = vec![0u8; len as usize];
+    for (at, bytes) in &data {
+        want[*at as usize..*at as usize + bytes.len()].copy_from_slice(bytes);
+    }
+    for stray in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let file = tempfile::tempfile_in(dir.path()).unwrap();
+        file.set_len(len).unwrap();
+        for (at, bytes) in &data {
+            std::os::unix::fs::FileExt::write_all_at(&file, bytes, *at).unwrap();
+        }
+        let faults = Arc::new(FaultyStore::new(
+            LocalStore::open(dir.path().join("store")).unwrap(),
+        ));
+        let store: Arc<dyn PageStore> = faults.clone();
+        // Stray pages under holes of the first piece and of the middle one.
+        let strays = [2 * MIB..3 * MIB, 20 * MIB..20 * MIB + 4096];
+        if stray {
+            let md = [("disklength".to_string(), len.to_string())].into();
+            store
+                .create(blob, vhd::blob_size(len), 0, &md)
+                .await
+                .unwrap();
+            for r in &strays {
+                let junk = bytes::Bytes::from(vec![0xA5; (r.end - r.start) as usize]);
+                let crc = crc64(&junk);
+                store
+                    .write_pages(blob, r.start, junk, crc, Condition::NONE)
+                    .await
+                    .unwrap();
+            }
+        }
+        let disk = Arc::new(SparseDisk {
+            file,
+            read: AtomicU64::new(0),
+        });
+        let mut e = Engine::builder(store.clone(), dir.path().join("site"))
+            .host(Arc::new(OneDiskHost(disk.clone())))
+            .open()
+            .await
+            .unwrap();
+        let p = ReplicationPolicy {
+            copy_chunk: 16 * MIB,
+            ..policy()
+        };
+        e.protect("vm", &[PathBuf::from("vm/d0.raw")], p, 64 << 10)
+            .await
+            .unwrap();
+        let replica = store.read(blob, None, 0, len).await.unwrap();
+        assert!(
+            replica[..] == want[..],
+            "the replica differs (stray {stray})"
+        );
+        let v = e.verify("vm", None, false).await.unwrap();
+        assert!(v.iter().all(Verified::clean), "{v:?}");
+        let clears: Vec<(u64, u64)> = faults
+            .seen()
+            .iter()
+            .filter(|s| s.kind == "clear")
+            .map(|s| (s.offset, s.offset + s.len))
+            .collect();
+        let seq = store.properties(blob).await.unwrap().sequence_number;
+        if stray {
+            for r in &strays {
+                assert!(
+                    clears.iter().any(|c| c.0 <= r.start && r.end <= c.1),
+                    "stray pages {r:?} not cleared: {clears:?}"
+                );
+            }
+            assert_eq!(seq, 3, "a batch per piece");
+        } else {
+            assert_eq!(clears, vec![], "zeros sent onto a new replica");
+            assert_eq!(seq, 2, "a batch per piece holding data, none for the holes");
+        }
+    }
+}
+
 /// Names that would escape a path or collide are refused before anything is recorded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item_names_are_checked() {

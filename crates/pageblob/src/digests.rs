@@ -539,6 +539,39 @@ impl ReplicaDigests {
         Ok(())
     }
 
+    /// For each of `ranges`, whether every block it overlaps is recorded as all zeros
+    /// (reading the slots not held): what the replica holds there already, so zeros need
+    /// not be sent (an initial copy onto a new replica: every block). A block recorded
+    /// unknown ([`forget`](Self::forget)) is not zero, nor is a range reaching past the
+    /// replica's end or empty.
+    pub async fn known_zero(
+        &mut self,
+        store: &dyn PageStore,
+        ranges: &[Range<u64>],
+    ) -> Result<Vec<bool>, StoreError> {
+        let mut pages: Vec<u64> = touched_blocks(ranges, self.block_size, self.len)
+            .iter()
+            .map(|b| b / SLOTS_PER_PAGE)
+            .collect();
+        pages.dedup();
+        self.hold(store, &pages).await?;
+        let zero_page = zero_page();
+        Ok(ranges
+            .iter()
+            .map(|r| {
+                r.start < r.end
+                    && r.end <= self.len
+                    && touched_blocks(std::slice::from_ref(r), self.block_size, self.len)
+                        .into_iter()
+                        .all(|b| {
+                            let page = self.pages.get(&(b / SLOTS_PER_PAGE)).unwrap_or(&zero_page);
+                            let at = ((b % SLOTS_PER_PAGE) * SLOT) as usize;
+                            decode(&page[at..at + SLOT as usize]) == Digest::Zero
+                        })
+            })
+            .collect())
+    }
+
     /// Marks the blocks that `touched` ranges overlap as unknown, and records `seq`: for
     /// blocks whose bytes cannot be read back as they are (a store that says they may not
     /// be on disk). An unknown block's digest equals no block's (it is not a BLAKE3 output

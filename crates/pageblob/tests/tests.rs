@@ -1244,6 +1244,57 @@ fn azure_identity_credentials_are_token_credentials() {
     }
 }
 
+/// `known_zero` says a range is zeros only where every block it touches is recorded as
+/// zeros, read from the stored slots as from those held: never for data, an unknown block,
+/// an empty range or one past the end.
+#[tokio::test]
+async fn replica_digests_know_which_ranges_hold_zeros() {
+    use lifeboat_pageblob::ReplicaDigests;
+    use lifeboat_resync::BlockSize;
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(LocalStore::open(dir.path()).unwrap());
+    let len = 64 * MIB;
+    let bs = BlockSize::DEFAULT; // 64 KiB
+    s.create("d", len, 0, &Default::default()).await.unwrap();
+    let w = PageWriter::new(s.clone(), "d", WriterConfig::default());
+    let at = 10 * MIB + 4096; // inside block 160
+    w.apply_batch(
+        0,
+        vec![Change::Data {
+            offset: at,
+            data: Bytes::from(random(4096, 9)),
+        }],
+        None,
+    )
+    .await
+    .unwrap();
+    let mut d = ReplicaDigests::rebuild(&*s, "d", len, bs).await.unwrap();
+    d.save(&*s, "d", None).await.unwrap();
+    let block = 64 << 10;
+    let ranges = [
+        0..MIB,                     // zeros
+        10 * MIB..10 * MIB + 512,   // the written block, not the written bytes
+        10 * MIB - 512..10 * MIB,   // the block before it
+        10 * MIB + block..11 * MIB, // after it
+        9 * MIB..11 * MIB,          // across it
+        5 * MIB..5 * MIB,           // empty
+        len - 4096..len + 4096,     // past the end
+        30 * MIB..30 * MIB + 1,     // to be forgotten
+    ];
+    let want = [true, false, true, true, false, false, false, true];
+    assert_eq!(d.known_zero(&*s, &ranges).await.unwrap(), want);
+    // Loaded again: the slots are read from the store.
+    let mut loaded = ReplicaDigests::load(&*s, "d").await.unwrap().unwrap();
+    assert_eq!(loaded.known_zero(&*s, &ranges).await.unwrap(), want);
+    loaded
+        .forget(&*s, std::slice::from_ref(&ranges[7]), 1)
+        .await
+        .unwrap();
+    let got = loaded.known_zero(&*s, &ranges).await.unwrap();
+    assert_eq!(got[..7], want[..7]);
+    assert!(!got[7], "an unknown block is not zero");
+}
+
 /// Saving digests after a small batch writes only the slot pages of the touched blocks
 /// (the cost follows the batch, not the disk), and what loads back is what was saved.
 #[tokio::test]
