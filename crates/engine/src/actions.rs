@@ -92,8 +92,30 @@ pub(crate) struct ReadAhead {
     key: (String, usize, u64, u64),
     /// The count of actions performed when it was started: it serves the next one only.
     after: u64,
-    /// The read (changes, and the buffer they slice).
-    piece: tokio::task::JoinHandle<Result<(Vec<Change>, Bytes)>>,
+    /// The read.
+    piece: tokio::task::JoinHandle<Result<Piece>>,
+}
+
+/// A copy piece read and hashed, ready to send.
+#[derive(Debug)]
+struct Piece {
+    /// Its bytes as changes (zero runs split off).
+    changes: Vec<Change>,
+    /// The buffer they slice, for [`data::Buffers::give`] once they are sent.
+    buffer: Bytes,
+    /// The digests of its blocks, hashed on the reading thread: a piece read ahead is
+    /// hashed while the last one waits for its sync point.
+    digests: BatchDigests,
+}
+
+/// A batch's digests hashed before it is sent, and the changes they were hashed from
+/// (the batch's, or more that leave the replica's bytes as they are).
+#[derive(Debug)]
+struct Hashed {
+    /// The digests.
+    digests: BatchDigests,
+    /// What they were hashed from (blocks covered in part are completed from these).
+    from: Vec<Change>,
 }
 
 /// What a transfer did, for [`Engine::settle`] to record.
@@ -374,6 +396,7 @@ impl Engine {
         changes: Vec<Change>,
         edges: Option<&dyn ReadAt>,
         expect: Option<u64>,
+        hashed: Option<Hashed>,
     ) -> Result<Option<BatchReport>> {
         let doc = self.doc(name)?;
         let (len, bs) = (doc.disks[d].size, BlockSize::new(doc.block_size)?);
@@ -409,10 +432,23 @@ impl Engine {
         let hashed = {
             let (changes, store, blob) = (changes.clone(), self.store.clone(), blob.clone());
             async move {
-                let whole = changes.clone();
-                let mut batch =
-                    blocking("hashing a batch", move || BatchDigests::of(&whole, bs, len)).await?;
-                let _ = batch.read_rest(&*store, &blob, &changes).await;
+                let Hashed {
+                    digests: mut batch,
+                    from,
+                } = match hashed {
+                    Some(h) => h,
+                    None => {
+                        let whole = changes.clone();
+                        let digests =
+                            blocking("hashing a batch", move || BatchDigests::of(&whole, bs, len))
+                                .await?;
+                        Hashed {
+                            digests,
+                            from: changes,
+                        }
+                    }
+                };
+                let _ = batch.read_rest(&*store, &blob, &from).await;
                 Ok::<_, Error>(batch)
             }
         };
@@ -570,12 +606,13 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner())
             .take()
             .filter(|r| r.key == key && r.after + 1 == self.performed);
-        let (changes, buffer) = match ahead {
+        let bs = self.doc(name)?.block_size;
+        let piece = match ahead {
             Some(r) => match r.piece.await {
                 Ok(piece) => piece?,
-                Err(_) => self.read_piece(&disk, offset, len).await?,
+                Err(_) => self.read_piece(&disk, bs, offset, len).await?,
             },
-            None => self.read_piece(&disk, offset, len).await?,
+            None => self.read_piece(&disk, bs, offset, len).await?,
         };
         // The next piece (as long as this one, up to the disk's end) is read while this
         // one is sent. Not beside other items' transfers: the count of actions then moves
@@ -583,16 +620,24 @@ impl Engine {
         let next = offset + len;
         if read_ahead && next < disk.size {
             let n = len.min(disk.size - next);
-            let piece = tokio::task::spawn_blocking(self.piece_reader(&disk, next, n));
+            let piece = tokio::task::spawn_blocking(self.piece_reader(&disk, bs, next, n));
             *self.read_ahead.lock().unwrap_or_else(|p| p.into_inner()) = Some(ReadAhead {
                 key: (name.to_owned(), d, next, n),
                 after: self.performed,
                 piece,
             });
         }
-        let changes = self.without_known_zeros(name, d, changes).await?;
+        let Piece {
+            changes: all,
+            buffer,
+            digests,
+        } = piece;
+        let changes = self.without_known_zeros(name, d, all.clone()).await?;
         if !changes.is_empty() {
-            self.write_batch(name, d, changes, None, None).await?;
+            // Hashed from all the piece's changes: the zeros left out are the replica's.
+            let hashed = Hashed { digests, from: all };
+            self.write_batch(name, d, changes, None, None, Some(hashed))
+                .await?;
         }
         self.buffers.give(buffer);
         self.observer.event(&Event::Progress {
@@ -608,9 +653,8 @@ impl Engine {
     /// `changes` without the zero runs the replica holds as zeros already (its digests
     /// say so: every block of a new replica). An initial copy leaves them unsent, and a
     /// piece of holes then makes no batch at all (each is a sync point of the replica).
-    /// A block the batch still writes in part has its digest completed from the replica's
-    /// zeros (`BatchDigests::read_rest`: reads merged per batch, where each zero run left
-    /// in would be a Clear Pages request).
+    /// A block the batch then writes in part keeps the digest hashed from the whole piece
+    /// (the zeros left out are the replica's), so it is neither read back nor cleared.
     async fn without_known_zeros(
         &self,
         name: &str,
@@ -642,27 +686,44 @@ impl Engine {
             .collect())
     }
 
-    /// Reads a piece of a disk and splits off its zero runs, off the runtime's threads
-    /// (other items' pieces go on meanwhile).
+    /// Reads a piece of a disk, splits off its zero runs and hashes its blocks (of
+    /// `block_size`), off the runtime's threads (other items' pieces go on meanwhile).
     async fn read_piece(
         &self,
         disk: &catalog::Disk,
+        block_size: u32,
         offset: u64,
         len: u64,
-    ) -> Result<(Vec<Change>, Bytes)> {
-        blocking("reading a disk", self.piece_reader(disk, offset, len)).await?
+    ) -> Result<Piece> {
+        blocking(
+            "reading a disk",
+            self.piece_reader(disk, block_size, offset, len),
+        )
+        .await?
     }
 
-    /// The read of a piece of `disk` into a reused buffer, to run on a blocking thread.
+    /// The read of a piece of `disk` into a reused buffer, and its hashing, to run on a
+    /// blocking thread.
     fn piece_reader(
         &self,
         disk: &catalog::Disk,
+        block_size: u32,
         offset: u64,
         len: u64,
-    ) -> impl FnOnce() -> Result<(Vec<Change>, Bytes)> + Send + 'static {
+    ) -> impl FnOnce() -> Result<Piece> + Send + 'static {
         let (host, path, size) = (self.host.clone(), disk.source.clone(), disk.size);
         let buffers = self.buffers.clone();
-        move || read_piece(&*host, &path, size, offset, len, buffers.take(len as usize))
+        move || {
+            let bs = BlockSize::new(block_size)?;
+            let buf = buffers.take(len as usize);
+            let (changes, buffer) = read_piece(&*host, &path, size, offset, len, buf)?;
+            let digests = BatchDigests::of(&changes, bs, size);
+            Ok(Piece {
+                changes,
+                buffer,
+                digests,
+            })
+        }
     }
 
     async fn close_logs(&mut self, name: &str, cycle: u64) -> Result<Outcome> {
@@ -795,7 +856,14 @@ impl Engine {
                     EdgePages::fetch(&*self.store, &blob, &data::edge_pages(&changes), size)
                         .await?;
                 if let Some(r) = self
-                    .write_batch(name, d, changes, Some(&edges), Some(expect + i as u64))
+                    .write_batch(
+                        name,
+                        d,
+                        changes,
+                        Some(&edges),
+                        Some(expect + i as u64),
+                        None,
+                    )
                     .await?
                 {
                     sent += r.bytes_sent;
@@ -908,7 +976,7 @@ impl Engine {
                         report.bytes_sent += n;
                         at += n;
                         if batch_bytes >= BATCH_BYTES {
-                            self.write_batch(name, d, std::mem::take(&mut batch), None, None)
+                            self.write_batch(name, d, std::mem::take(&mut batch), None, None, None)
                                 .await?;
                             batch_bytes = 0;
                         }
@@ -917,7 +985,7 @@ impl Engine {
             }
         }
         if !batch.is_empty() {
-            self.write_batch(name, d, batch, None, None).await?;
+            self.write_batch(name, d, batch, None, None, None).await?;
         }
         Ok(report)
     }

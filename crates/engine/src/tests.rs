@@ -635,6 +635,20 @@ async fn an_initial_copy_sends_only_the_zeros_the_replica_lacks() {
         e.protect("vm", &[PathBuf::from("vm/d0.raw")], p, 64 << 10)
             .await
             .unwrap();
+        // The digests of blocks holding data and zeros left out are hashed from the
+        // piece as read, not completed from the replica.
+        let replica_reads: Vec<_> = faults
+            .reads()
+            .into_iter()
+            .filter(|r| r.blob == blob)
+            .collect();
+        if !stray {
+            assert_eq!(
+                replica_reads,
+                vec![],
+                "the replica was read during the copy"
+            );
+        }
         let replica = store.read(blob, None, 0, len).await.unwrap();
         assert!(
             replica[..] == want[..],
