@@ -543,23 +543,8 @@ async fn protecting_a_sparse_disk_reads_only_its_data() {
         data < 8 * MIB,
         "the test needs a file system that reports holes ({data})"
     );
-    let disk = Arc::new(SparseDisk {
-        file,
-        read: AtomicU64::new(0),
-    });
     let store: Arc<dyn PageStore> = Arc::new(LocalStore::open(dir.path().join("store")).unwrap());
-    let mut e = Engine::builder(store.clone(), dir.path().join("site"))
-        .host(Arc::new(OneDiskHost(disk.clone())))
-        .open()
-        .await
-        .unwrap();
-    let p = ReplicationPolicy {
-        copy_chunk: 16 * MIB,
-        ..policy()
-    };
-    e.protect("vm", &[PathBuf::from("vm/d0.raw")], p, 64 << 10)
-        .await
-        .unwrap();
+    let (mut e, disk) = protect_sparse(&store, dir.path(), file).await;
     let read = disk.read.load(Ordering::Relaxed);
     assert_eq!(read, data, "bytes read from the disk");
     let replica = store
@@ -570,6 +555,32 @@ async fn protecting_a_sparse_disk_reads_only_its_data() {
     // The digests (hashed from what was sent, holes included) describe the replica.
     let v = e.verify("vm", None, false).await.unwrap();
     assert!(v.iter().all(Verified::clean), "{v:?}");
+}
+
+/// An engine in `dir` on `store` that protected `file` (as item `vm`, in 16 MiB pieces),
+/// and the disk, which counts the bytes read.
+async fn protect_sparse(
+    store: &Arc<dyn PageStore>,
+    dir: &Path,
+    file: std::fs::File,
+) -> (Engine, Arc<SparseDisk>) {
+    let disk = Arc::new(SparseDisk {
+        file,
+        read: AtomicU64::new(0),
+    });
+    let mut e = Engine::builder(store.clone(), dir.join("site"))
+        .host(Arc::new(OneDiskHost(disk.clone())))
+        .open()
+        .await
+        .unwrap();
+    let p = ReplicationPolicy {
+        copy_chunk: 16 << 20,
+        ..policy()
+    };
+    e.protect("vm", &[PathBuf::from("vm/d0.raw")], p, 64 << 10)
+        .await
+        .unwrap();
+    (e, disk)
 }
 
 /// An initial copy sends only the zeros the replica does not hold: onto a new replica, a
@@ -619,22 +630,7 @@ async fn an_initial_copy_sends_only_the_zeros_the_replica_lacks() {
                     .unwrap();
             }
         }
-        let disk = Arc::new(SparseDisk {
-            file,
-            read: AtomicU64::new(0),
-        });
-        let mut e = Engine::builder(store.clone(), dir.path().join("site"))
-            .host(Arc::new(OneDiskHost(disk.clone())))
-            .open()
-            .await
-            .unwrap();
-        let p = ReplicationPolicy {
-            copy_chunk: 16 * MIB,
-            ..policy()
-        };
-        e.protect("vm", &[PathBuf::from("vm/d0.raw")], p, 64 << 10)
-            .await
-            .unwrap();
+        let (mut e, _) = protect_sparse(&store, dir.path(), file).await;
         // The digests of blocks holding data and zeros left out are hashed from the
         // piece as read, not completed from the replica.
         let replica_reads: Vec<_> = faults
