@@ -104,10 +104,10 @@ pub struct ReplicationPolicy {
     pub initial_replication_at: Option<Duration>,
     /// Retries of recoverable failures.
     pub retry: lifeboat_retry::Policy,
-    /// Bytes per initial-replication copy action (64 MiB by default). Each piece is one
-    /// sync point of the replica where an engine applies it (fewer, larger pieces wait
-    /// for the disk less often) and, in the engine, held in memory, twice while the next
-    /// is read ahead.
+    /// Bytes per initial-replication copy action (64 MiB by default). Each piece the
+    /// replica does not already hold is a sync point of it where an engine applies it
+    /// (fewer, larger pieces wait for the disk less often) and, in the engine, held in
+    /// memory, twice while the next is read ahead.
     pub copy_chunk: u64,
     /// Health turns Warning when the newest recovery point's data is older than this (the
     /// recovery point objective).
