@@ -79,6 +79,9 @@ fn touched_blocks(ranges: &[Range<u64>], block_size: BlockSize, len: u64) -> Vec
 struct Backing {
     name: String,
     snapshot: Option<String>,
+    /// Saved into by this value: the blob exists with the digests' size (the next save
+    /// asks nothing of it first).
+    saved: bool,
 }
 
 /// The BLAKE3 block signature (as `lifeboat-resync` computes it) of the first `len` bytes
@@ -730,25 +733,27 @@ impl ReplicaDigests {
             self.backing = None;
         }
         let size = count * PAGE;
-        let existing = match store.properties(&name).await {
-            Ok(p) => {
-                if p.size != size {
-                    store.resize(&name, size, cond).await?;
+        // Once saved into, the blob is known to exist with this size.
+        let existing = self.backing.as_ref().is_some_and(|b| b.saved)
+            || match store.properties(&name).await {
+                Ok(p) => {
+                    if p.size != size {
+                        store.resize(&name, size, cond).await?;
+                    }
+                    true
                 }
-                true
-            }
-            Err(StoreError::NotFound { .. }) if self.backing.is_none() => {
-                match store.create(&name, size, 0, &Metadata::new()).await {
-                    Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
-                    Err(e) => return Err(e),
+                Err(StoreError::NotFound { .. }) if self.backing.is_none() => {
+                    match store.create(&name, size, 0, &Metadata::new()).await {
+                        Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                    if let Some(l) = lease {
+                        store.acquire_lease(&name, l).await?;
+                    }
+                    false
                 }
-                if let Some(l) = lease {
-                    store.acquire_lease(&name, l).await?;
-                }
-                false
-            }
-            Err(e) => return Err(e),
-        };
+                Err(e) => return Err(e),
+            };
         let pages: Vec<u64> = match (&self.backing, existing) {
             (Some(_), _) => self.dirty.iter().copied().collect(),
             // Everything, over whatever the blob held.
@@ -795,6 +800,7 @@ impl ReplicaDigests {
         self.backing = Some(Backing {
             name,
             snapshot: None,
+            saved: true,
         });
         Ok(())
     }
@@ -901,6 +907,7 @@ impl ReplicaDigests {
             backing: Some(Backing {
                 name,
                 snapshot: snapshot.map(str::to_owned),
+                saved: false,
             }),
             dirty: BTreeSet::new(),
         }))

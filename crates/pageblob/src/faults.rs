@@ -111,6 +111,8 @@ pub struct FaultyStore<S> {
     inner: S,
     plan: Mutex<BTreeMap<u64, Fault>>,
     by_kind: Mutex<BTreeMap<Request, (u32, Fault)>>,
+    /// Requests seen of each kind.
+    tally: Mutex<BTreeMap<Request, u64>>,
     count: Mutex<u64>,
     seen: Mutex<Vec<Seen>>,
     reads: Mutex<Vec<SeenRead>>,
@@ -129,6 +131,7 @@ impl<S> FaultyStore<S> {
             inner,
             plan: Mutex::new(BTreeMap::new()),
             by_kind: Mutex::new(BTreeMap::new()),
+            tally: Mutex::new(BTreeMap::new()),
             count: Mutex::new(0),
             seen: Mutex::new(Vec::new()),
             reads: Mutex::new(Vec::new()),
@@ -227,6 +230,11 @@ impl<S> FaultyStore<S> {
         }
     }
 
+    /// How many requests of kind `request` were seen so far (including failed ones).
+    pub fn requests(&self, request: Request) -> u64 {
+        lock(&self.tally).get(&request).copied().unwrap_or(0)
+    }
+
     /// The reads seen so far (including failed ones).
     pub fn reads(&self) -> Vec<SeenRead> {
         lock(&self.reads).clone()
@@ -250,7 +258,13 @@ impl<S> FaultyStore<S> {
         lock(&self.plan).remove(&*c)
     }
 
+    fn tally(&self, request: Request) {
+        *lock(&self.tally).entry(request).or_insert(0) += 1;
+    }
+
+    /// Counts a request of kind `request` and takes the fault planned for it, if any.
     fn planned(&self, request: Request) -> Option<Fault> {
+        self.tally(request);
         let mut m = lock(&self.by_kind);
         let (n, fault) = m.get_mut(&request)?;
         let fault = *fault;
@@ -351,9 +365,14 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         c: Condition,
     ) -> Result<(), StoreError> {
         self.arrive(blob, offset).await?;
-        let f = self
-            .next("put", offset, data.len() as u64)
-            .or_else(|| self.planned(Request::Put));
+        // Counted, and a planned fault of the kind left for a later one, if the Nth fails.
+        let f = match self.next("put", offset, data.len() as u64) {
+            Some(f) => {
+                self.tally(Request::Put);
+                Some(f)
+            }
+            None => self.planned(Request::Put),
+        };
         self.run(f, self.inner.write_pages(blob, offset, data, crc64, c))
             .await
     }
@@ -365,9 +384,13 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         len: u64,
         c: Condition,
     ) -> Result<(), StoreError> {
-        let f = self
-            .next("clear", offset, len)
-            .or_else(|| self.planned(Request::Clear));
+        let f = match self.next("clear", offset, len) {
+            Some(f) => {
+                self.tally(Request::Clear);
+                Some(f)
+            }
+            None => self.planned(Request::Clear),
+        };
         self.run(f, self.inner.clear_pages(blob, offset, len, c))
             .await
     }
