@@ -85,6 +85,29 @@ fn read_piece(
     Ok((out, all))
 }
 
+/// `changes` without the zero runs the replica holds as zeros already (`digests` say
+/// so: every block of a new replica). An initial copy leaves them unsent, and a piece of
+/// holes then makes no batch at all (each is a sync point of the replica). A block the
+/// batch then writes in part keeps the digest hashed from all the changes (the zeros left
+/// out are the replica's), so it is neither read back nor cleared.
+async fn without_known_zeros(
+    digests: &mut ReplicaDigests,
+    store: &dyn lifeboat_pageblob::PageStore,
+    changes: &[Change],
+) -> Result<Vec<Change>> {
+    let zeros: Vec<Range<u64>> = changes
+        .iter()
+        .filter(|c| matches!(c, Change::Zero { .. }))
+        .map(Change::range)
+        .collect();
+    let mut known = digests.known_zero(store, &zeros).await?.into_iter();
+    Ok(changes
+        .iter()
+        .filter(|c| !matches!(c, Change::Zero { .. }) || !known.next().unwrap_or(false))
+        .cloned()
+        .collect())
+}
+
 /// The next copy piece of a disk, being read while the current one is sent.
 #[derive(Debug)]
 pub(crate) struct ReadAhead {
@@ -108,14 +131,19 @@ struct Piece {
     digests: BatchDigests,
 }
 
-/// A batch's digests hashed before it is sent, and the changes they were hashed from
-/// (the batch's, or more that leave the replica's bytes as they are).
-#[derive(Debug)]
-struct Hashed {
-    /// The digests.
-    digests: BatchDigests,
-    /// What they were hashed from (blocks covered in part are completed from these).
-    from: Vec<Change>,
+/// What [`Engine::write_batch`] takes beside a batch's changes.
+#[derive(Default)]
+struct BatchOptions<'a> {
+    /// The pages around the changes that cover pages in part (a cycle's, fetched before).
+    edges: Option<&'a dyn ReadAt>,
+    /// The sequence number the replica must be at: the batch is skipped if the replica
+    /// is one past it (applied before), refused if elsewhere.
+    expect: Option<u64>,
+    /// The batch's digests hashed already (a copy piece's, on its reading thread), from
+    /// all the changes given.
+    hashed: Option<BatchDigests>,
+    /// Zero runs the replica holds as zeros already are not sent (an initial copy's).
+    skip_known_zeros: bool,
 }
 
 /// What a transfer did, for [`Engine::settle`] to record.
@@ -387,22 +415,21 @@ impl Engine {
         Ok(())
     }
 
-    /// Applies one batch to a disk's replica and brings its digests up to date. `expect`
-    /// fences the batch: `Ok(None)` when the blob is already past it (applied before).
+    /// Applies one batch to a disk's replica and brings its digests up to date.
+    /// `Ok(None)` when nothing was sent: the blob is past `how.expect` already (the batch
+    /// was applied before), or nothing was left once the known zeros were dropped.
     async fn write_batch(
         &self,
         name: &str,
         d: usize,
         changes: Vec<Change>,
-        edges: Option<&dyn ReadAt>,
-        expect: Option<u64>,
-        hashed: Option<Hashed>,
+        how: BatchOptions<'_>,
     ) -> Result<Option<BatchReport>> {
         let doc = self.doc(name)?;
         let (len, bs) = (doc.disks[d].size, BlockSize::new(doc.block_size)?);
         let blob = replica_blob(name, d);
         let seq = self.store.properties(&blob).await?.sequence_number;
-        if let Some(e) = expect {
+        if let Some(e) = how.expect {
             if seq == e + 1 {
                 return Ok(None);
             }
@@ -412,14 +439,30 @@ impl Engine {
                 )));
             }
         }
-        let touched: Vec<Range<u64>> = changes.iter().map(Change::range).collect();
-        if let Some(r) = touched.iter().find(|r| r.end > len) {
+        if let Some(r) = changes.iter().map(Change::range).find(|r| r.end > len) {
             return Err(Error::Invalid(format!(
                 "a change at {}..{} passes the disk's end ({len})",
                 r.start, r.end
             )));
         }
         let mut digests = self.take_digests(&blob, len, bs, seq).await?;
+        // What the digests are hashed from: every change given, the zeros left out too
+        // (they are the replica's bytes already).
+        let (changes, from) = match how.skip_known_zeros {
+            true => (
+                without_known_zeros(&mut digests, &*self.store, &changes).await?,
+                changes,
+            ),
+            false => (changes.clone(), changes),
+        };
+        if changes.is_empty() {
+            self.digests
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .put(blob, digests);
+            return Ok(None);
+        }
+        let touched: Vec<Range<u64>> = changes.iter().map(Change::range).collect();
         // Until the batch's digests are saved, the stored ones describe no sequence number.
         digests
             .begin_batch(&*self.store, &blob, Some(self.site.id()))
@@ -430,29 +473,22 @@ impl Engine {
         // it is sent; the blocks it covers in part are completed meanwhile from the bytes
         // it does not change (read back after it lands only if that read failed).
         let hashed = {
-            let (changes, store, blob) = (changes.clone(), self.store.clone(), blob.clone());
+            let (store, blob, hashed) = (self.store.clone(), blob.clone(), how.hashed);
             async move {
-                let Hashed {
-                    digests: mut batch,
-                    from,
-                } = match hashed {
-                    Some(h) => h,
+                let (mut batch, from) = match hashed {
+                    Some(digests) => (digests, from),
                     None => {
-                        let whole = changes.clone();
-                        let digests =
-                            blocking("hashing a batch", move || BatchDigests::of(&whole, bs, len))
-                                .await?;
-                        Hashed {
-                            digests,
-                            from: changes,
-                        }
+                        blocking("hashing a batch", move || {
+                            (BatchDigests::of(&from, bs, len), from)
+                        })
+                        .await?
                     }
                 };
                 let _ = batch.read_rest(&*store, &blob, &from).await;
                 Ok::<_, Error>(batch)
             }
         };
-        let (sent, hashed) = tokio::join!(writer.apply_batch(seq, changes, edges), hashed);
+        let (sent, hashed) = tokio::join!(writer.apply_batch(seq, changes, how.edges), hashed);
         let report = match sent {
             Ok(r) => r,
             Err(e) => {
@@ -628,17 +664,16 @@ impl Engine {
             });
         }
         let Piece {
-            changes: all,
+            changes,
             buffer,
             digests,
         } = piece;
-        let changes = self.without_known_zeros(name, d, all.clone()).await?;
-        if !changes.is_empty() {
-            // Hashed from all the piece's changes: the zeros left out are the replica's.
-            let hashed = Hashed { digests, from: all };
-            self.write_batch(name, d, changes, None, None, Some(hashed))
-                .await?;
-        }
+        let how = BatchOptions {
+            hashed: Some(digests),
+            skip_known_zeros: true,
+            ..BatchOptions::default()
+        };
+        self.write_batch(name, d, changes, how).await?;
         self.buffers.give(buffer);
         self.observer.event(&Event::Progress {
             item: name.to_owned(),
@@ -648,42 +683,6 @@ impl Engine {
             total: disk.size,
         });
         Ok(())
-    }
-
-    /// `changes` without the zero runs the replica holds as zeros already (its digests
-    /// say so: every block of a new replica). An initial copy leaves them unsent, and a
-    /// piece of holes then makes no batch at all (each is a sync point of the replica).
-    /// A block the batch then writes in part keeps the digest hashed from the whole piece
-    /// (the zeros left out are the replica's), so it is neither read back nor cleared.
-    async fn without_known_zeros(
-        &self,
-        name: &str,
-        d: usize,
-        changes: Vec<Change>,
-    ) -> Result<Vec<Change>> {
-        let zeros: Vec<Range<u64>> = changes
-            .iter()
-            .filter(|c| matches!(c, Change::Zero { .. }))
-            .map(Change::range)
-            .collect();
-        if zeros.is_empty() {
-            return Ok(changes);
-        }
-        let doc = self.doc(name)?;
-        let (len, bs) = (doc.disks[d].size, BlockSize::new(doc.block_size)?);
-        let blob = replica_blob(name, d);
-        let seq = self.store.properties(&blob).await?.sequence_number;
-        let mut digests = self.take_digests(&blob, len, bs, seq).await?;
-        let known = digests.known_zero(&*self.store, &zeros).await;
-        self.digests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .put(blob, digests);
-        let mut known = known?.into_iter();
-        Ok(changes
-            .into_iter()
-            .filter(|c| !matches!(c, Change::Zero { .. }) || !known.next().unwrap_or(false))
-            .collect())
     }
 
     /// Reads a piece of a disk, splits off its zero runs and hashes its blocks (of
@@ -860,9 +859,11 @@ impl Engine {
                         name,
                         d,
                         changes,
-                        Some(&edges),
-                        Some(expect + i as u64),
-                        None,
+                        BatchOptions {
+                            edges: Some(&edges),
+                            expect: Some(expect + i as u64),
+                            ..BatchOptions::default()
+                        },
                     )
                     .await?
                 {
@@ -976,8 +977,13 @@ impl Engine {
                         report.bytes_sent += n;
                         at += n;
                         if batch_bytes >= BATCH_BYTES {
-                            self.write_batch(name, d, std::mem::take(&mut batch), None, None, None)
-                                .await?;
+                            self.write_batch(
+                                name,
+                                d,
+                                std::mem::take(&mut batch),
+                                BatchOptions::default(),
+                            )
+                            .await?;
                             batch_bytes = 0;
                         }
                     }
@@ -985,7 +991,8 @@ impl Engine {
             }
         }
         if !batch.is_empty() {
-            self.write_batch(name, d, batch, None, None, None).await?;
+            self.write_batch(name, d, batch, BatchOptions::default())
+                .await?;
         }
         Ok(report)
     }
