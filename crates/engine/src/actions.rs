@@ -150,7 +150,10 @@ struct BatchOptions<'a> {
 #[derive(Debug)]
 pub(crate) enum Transferred {
     /// A piece of a disk was copied.
-    Copied,
+    Copied {
+        /// Whether anything was sent (not a piece the replica held already).
+        sent: bool,
+    },
     /// A disk was resynchronised.
     Resynced {
         /// Which.
@@ -592,9 +595,10 @@ impl Engine {
                 Ok(Transferred::Applied { cycle: *n })
             }
             ActionKind::CopyDiskRange { disk, offset, len } => {
-                self.copy_range(&a.item, *disk, *offset, *len, alone)
+                let sent = self
+                    .copy_range(&a.item, *disk, *offset, *len, alone)
                     .await?;
-                Ok(Transferred::Copied)
+                Ok(Transferred::Copied { sent })
             }
             ActionKind::ResyncDisk { disk } => Ok(Transferred::Resynced {
                 disk: *disk,
@@ -609,7 +613,7 @@ impl Engine {
     /// Records a transfer's result in its item's document.
     pub(crate) fn settle(&mut self, item: &str, done: Transferred) -> Result<Outcome> {
         match done {
-            Transferred::Copied => {}
+            Transferred::Copied { sent } => self.quiet += usize::from(!sent),
             Transferred::Resynced { disk, report } => {
                 let doc = self.doc_mut(item)?;
                 let n = doc.disks.len();
@@ -623,6 +627,7 @@ impl Engine {
         Ok(Outcome::Done)
     }
 
+    /// Copies a piece of disk `d` into its replica; whether anything was sent.
     async fn copy_range(
         &self,
         name: &str,
@@ -630,7 +635,7 @@ impl Engine {
         offset: u64,
         len: u64,
         read_ahead: bool,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let disk = self.doc(name)?.disks[d].clone();
         let key = (name.to_owned(), d, offset, len);
         // The piece read ahead while the last one was sent, if this action is the one
@@ -673,7 +678,7 @@ impl Engine {
             skip_known_zeros: true,
             ..BatchOptions::default()
         };
-        self.write_batch(name, d, changes, how).await?;
+        let sent = self.write_batch(name, d, changes, how).await?.is_some();
         self.buffers.give(buffer);
         self.observer.event(&Event::Progress {
             item: name.to_owned(),
@@ -682,7 +687,7 @@ impl Engine {
             done: offset + len,
             total: disk.size,
         });
-        Ok(())
+        Ok(sent)
     }
 
     /// Reads a piece of a disk, splits off its zero runs and hashes its blocks (of

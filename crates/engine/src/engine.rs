@@ -22,6 +22,10 @@ use crate::error::{Error, Result, blocking};
 use crate::host::{Clock, FileHost, Host, SystemClock};
 use crate::site::Site;
 
+/// Steps of copy pieces that sent nothing the catalogue may lag behind (see
+/// [`Engine::step`]): 64 GiB of holes in the default 64 MiB pieces.
+const UNSAVED_QUIET: u32 = 1024;
+
 /// Something the engine reports while it works.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -290,6 +294,8 @@ impl EngineBuilder {
             unacked: HashMap::new(),
             generation: 0,
             behind: false,
+            quiet: 0,
+            unsaved: 0,
             crash_after: self.crash_after,
             writer: self.writer,
             digests: Mutex::new(DigestCache::with_budget(self.digest_budget)),
@@ -330,6 +336,11 @@ pub struct Engine {
     /// The store's catalogue may be behind this engine's (a write failed): it is written
     /// before anything more is done.
     behind: bool,
+    /// Actions of the current step that changed nothing but the state machine's cursor
+    /// (copy pieces the replica held already: holes).
+    pub(crate) quiet: usize,
+    /// Steps of such actions alone since the catalogue was last saved.
+    unsaved: u32,
     crash_after: Option<u64>,
     pub(crate) writer: WriterConfig,
     /// Replica digests as last saved, by blob, within a memory budget.
@@ -468,6 +479,7 @@ impl Engine {
         self.behind = true;
         let wrote = self.write_catalogue().await?;
         self.behind = false;
+        self.unsaved = 0;
         if wrote {
             self.generation = self.site.bump_generation();
         }
@@ -645,7 +657,9 @@ impl Engine {
     }
 
     /// One step of a long-running driver (a service): the work the clock made due is
-    /// scheduled, then the next ready action is performed and saved. `false` when nothing
+    /// scheduled, then the next ready action is performed and saved (a copy piece that
+    /// sent nothing, holes the replica holds, is saved with the next step that does
+    /// something, or when nothing is ready: a crash redoes it). `false` when nothing
     /// was ready: wait for [`Engine::next_wakeup`] (or new work) before the next step. No
     /// step takes longer than one action (a copy is cut into `copy_chunk` pieces, a log
     /// apply into batches).
@@ -689,8 +703,12 @@ impl Engine {
     /// beside it.
     async fn perform_next(&mut self) -> Result<bool> {
         let Some(first) = self.poll(&[], false) else {
+            if self.unsaved > 0 {
+                self.persist().await?;
+            }
             return Ok(false);
         };
+        self.quiet = 0;
         let mut actions = vec![first];
         if self.transfers > 1 && is_transfer(doc_of(&self.items, &actions[0]), &actions[0]) {
             // Other items' ready transfers, in order (each item has one action out).
@@ -791,6 +809,14 @@ impl Engine {
                 self.persist().await?;
             }
             return Err(e);
+        }
+        // Copy pieces that sent nothing (holes the replica holds: a thin disk is mostly
+        // that) leave the catalogue behind, by at most UNSAVED_QUIET steps, until the
+        // next step that does something: redone after a crash, such a piece costs a look
+        // at the disk's holes and the replica's digests; its save cost two fsyncs.
+        if self.quiet == actions.len() && self.unsaved < UNSAVED_QUIET {
+            self.unsaved += 1;
+            return Ok(true);
         }
         self.persist().await?;
         self.empty_trash();

@@ -701,6 +701,40 @@ async fn a_copy_piece_asks_one_properties() {
     assert_eq!(heads[1] - heads[0], 3, "three more pieces: {heads:?}");
 }
 
+/// Copy pieces of holes the replica holds save no catalogue (a thin disk is mostly such
+/// pieces; each save is two fsyncs locally): copies of a disk with data in its first and
+/// last 16 MiB write as many documents in 8 MiB pieces (four of them holes) as in 16 MiB
+/// ones (one). Their progress is saved with the next piece that sends something.
+#[tokio::test]
+async fn pieces_of_holes_save_no_catalogue() {
+    const MIB: u64 = 1 << 20;
+    let len = 48 * MIB;
+    let mut saves = Vec::new();
+    for chunk in [16 * MIB, 8 * MIB] {
+        let dir = tempfile::tempdir().unwrap();
+        let file = tempfile::tempfile_in(dir.path()).unwrap();
+        file.set_len(len).unwrap();
+        for at in [MIB, 44 * MIB] {
+            std::os::unix::fs::FileExt::write_all_at(&file, &[0x5A; 4096], at).unwrap();
+        }
+        let faults = Arc::new(FaultyStore::new(
+            LocalStore::open(dir.path().join("store")).unwrap(),
+        ));
+        let store: Arc<dyn PageStore> = faults.clone();
+        let (e, disk) = protect_sparse(&store, dir.path(), file, chunk).await;
+        saves.push(faults.requests(Request::PutDoc));
+        assert_eq!(e.protection("vm").unwrap(), ProtectionState::Protected);
+        let replica = store
+            .read("lifeboat/items/vm/disk0", None, 0, len)
+            .await
+            .unwrap();
+        let mut want = vec![0u8; len as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&disk.file, &mut want, 0).unwrap();
+        assert!(replica[..] == want[..], "the replica differs ({chunk})");
+    }
+    assert_eq!(saves[0], saves[1], "documents written: {saves:?}");
+}
+
 /// Names that would escape a path or collide are refused before anything is recorded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item_names_are_checked() {

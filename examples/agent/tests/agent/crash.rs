@@ -175,6 +175,28 @@ fn protect_survives_a_crash_after_every_action() {
     );
 }
 
+/// A thin disk: three 64 MiB copy pieces, the middle one holes (the catalogue is saved
+/// after the next piece, not after it: a crash there redoes it).
+fn make_thin_vm(site: &Site) -> Vec<PathBuf> {
+    let d = site.path("thin.raw");
+    let f = fs::File::create(&d).unwrap();
+    f.set_len(192 * MIB).unwrap();
+    let mut rng = lifeboat_source::SplitMix64::new(3);
+    for at in [0, 150 * MIB] {
+        f.write_all_at(&rng.bytes(MIB as usize), at).unwrap();
+    }
+    vec![d]
+}
+
+#[test]
+fn protect_of_a_thin_disk_survives_a_crash_after_every_action() {
+    crash_at_every_action(
+        "protect-thin",
+        |site| protect_args(&make_thin_vm(site)),
+        |site| assert_replica_is_source(site, "vm", &[site.path("thin.raw")]),
+    );
+}
+
 fn replicate_setup(site: &Site) -> Vec<String> {
     protected_vm(site);
     let (l0, l1) = (site.path("l0.hrl"), site.path("l1.hrl"));
