@@ -40,26 +40,27 @@ fn open_disk(host: &dyn crate::host::Host, path: &Path, len: u64) -> Result<Arc<
     Ok(disk)
 }
 
-/// A piece of a disk: its bytes as changes, zero runs split off, read into `buf` (the
-/// piece's length; returned whole, for [`data::Buffers::give`] once the changes are sent).
-/// What the disk says holds no data (a sparse file's holes) is a zero run without being
-/// read.
+/// A piece of a disk: its bytes as changes, zero runs split off, read into `buf` from
+/// `start` on (a [`data::Buffers::take`]; returned whole, for [`data::Buffers::give`]
+/// once the changes are sent). What the disk says holds no data (a sparse file's holes)
+/// is a zero run without being read.
 fn read_piece(
     host: &dyn crate::host::Host,
     path: &Path,
     size: u64,
     offset: u64,
     len: u64,
-    mut buf: Vec<u8>,
+    (mut buf, start): (Vec<u8>, usize),
 ) -> Result<(Vec<Change>, Bytes)> {
     let src = open_disk(host, path, size)?;
     let end = offset + len;
     let what = || format!("reading disk {}", path.display());
     let named = src.data_ranges(offset, len).map_err(Error::io(what()))?;
     let ranges = data::page_aligned(&named, offset..end);
+    // Where disk byte `at` of the piece lies in the buffer.
+    let place = |at: u64| start + (at - offset) as usize;
     for r in &ranges {
-        let at = (r.start - offset) as usize..(r.end - offset) as usize;
-        src.read_exact_at(&mut buf[at], r.start)
+        src.read_exact_at(&mut buf[place(r.start)..place(r.end)], r.start)
             .map_err(Error::io(what()))?;
     }
     let all = Bytes::from(buf);
@@ -72,7 +73,7 @@ fn read_piece(
                 len: r.start - at,
             });
         }
-        let bytes = all.slice((r.start - offset) as usize..(r.end - offset) as usize);
+        let bytes = all.slice(place(r.start)..place(r.end));
         out.extend(data::split_zero_runs(r.start, bytes));
         at = r.end;
     }

@@ -70,6 +70,9 @@ pub(crate) fn page_aligned(ranges: &[Range<u64>], within: Range<u64>) -> Vec<Ran
     out
 }
 
+/// What a buffer's start is aligned to (see [`Buffers::take`]).
+const PAGE_BYTES: usize = 4096;
+
 /// Buffers of copy pieces, reused: a new one per piece cost a page fault per 4 KiB (the
 /// allocator gives large blocks back to the system when freed), an eighth of `protect`'s
 /// CPU time. Holds a few at most, none while a service waits.
@@ -80,13 +83,20 @@ impl Buffers {
     /// Buffers kept, at most: the piece being sent and the one read ahead, per transfer.
     const KEEP: usize = 4;
 
-    /// A buffer of `len` bytes (contents unspecified: a reused one holds an old piece).
-    pub(crate) fn take(&self, len: usize) -> Vec<u8> {
+    /// A buffer holding `len` bytes from a page-aligned start, and that start (contents
+    /// unspecified: a reused one holds an old piece). Aligned because the kernel copies
+    /// into and out of it (reads of the disk, writes into the store's page cache) at a
+    /// third of the speed when it is not aligned to 64 bytes as the page cache is: 0.65
+    /// against 0.21 s of system time per GiB read, measured with 64 MiB reads into a
+    /// buffer 16 bytes past a page (as the allocator gives) and on a page, AMD EPYC.
+    pub(crate) fn take(&self, len: usize) -> (Vec<u8>, usize) {
         let reused = self.lock().pop();
         let mut buf = reused.unwrap_or_default();
-        // Same-sized pieces (all but a disk's last) reuse it without touching a byte.
-        buf.resize(len, 0);
-        buf
+        // Same-sized pieces (all but a disk's last) reuse it without touching a byte;
+        // shrinking keeps its start, so the same bytes start on the page.
+        buf.resize(len + PAGE_BYTES, 0);
+        let start = (PAGE_BYTES - buf.as_ptr() as usize % PAGE_BYTES) % PAGE_BYTES;
+        (buf, start)
     }
 
     /// Takes `bytes` back if nothing else holds it (no copy: otherwise it is dropped).
@@ -111,10 +121,8 @@ impl Buffers {
 
 /// Reads `len` bytes at `offset` of a disk.
 pub(crate) fn read_at(disk: &dyn Disk, offset: u64, len: u64, what: &Path) -> Result<Bytes> {
-    let buf = disk
-        .read_vec_at(offset, len as usize)
-        .map_err(Error::io(format!("reading disk {}", what.display())))?;
-    Ok(Bytes::from(buf))
+    disk.read_bytes_at(offset, len as usize)
+        .map_err(Error::io(format!("reading disk {}", what.display())))
 }
 
 /// What the engine checks of an HRL log (read through the file: memory is bounded by the
@@ -266,7 +274,7 @@ impl LogChain {
         self.batches[i]
             .iter()
             .map(|p| {
-                let buf = ReadAt::read_vec_at(
+                let data = ReadAt::read_bytes_at(
                     self.readers[p.log].source(),
                     p.file_offset,
                     p.len as usize,
@@ -277,7 +285,7 @@ impl LogChain {
                 )))?;
                 Ok(Change::Data {
                     offset: p.disk_offset,
-                    data: Bytes::from(buf),
+                    data,
                 })
             })
             .collect()
