@@ -26,12 +26,42 @@ pub trait ReadAt: Sync {
     }
 
     /// `len` bytes from `offset` in a new buffer, as [`ReadAt::read_exact_at`] reads them.
-    /// A file reads straight into the new buffer's memory, without zeroing it first (on
-    /// Unix; zeroing was a tenth of the CPU time of copying a disk).
     fn read_vec_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        let mut buf = vec![0u8; len];
-        self.read_exact_at(&mut buf, offset)?;
+        let mut buf = Vec::new();
+        self.read_append_at(&mut buf, offset, len)?;
         Ok(buf)
+    }
+
+    /// Appends `len` bytes from `offset` to `buf`, as [`ReadAt::read_exact_at`] reads
+    /// them (on an error `buf` may hold part of them). A file reads straight into the
+    /// buffer's spare memory, without zeroing it first (on Unix; zeroing was a tenth of the
+    /// CPU time of copying a disk).
+    fn read_append_at(&self, buf: &mut Vec<u8>, offset: u64, len: usize) -> io::Result<()> {
+        let at = buf.len();
+        buf.resize(at + len, 0);
+        self.read_exact_at(&mut buf[at..], offset)
+    }
+
+    /// `len` bytes from `offset`, as [`ReadAt::read_vec_at`] reads them, placed in memory
+    /// at `offset`'s place within a 64-byte line: the kernel copies a file's bytes (a
+    /// read, and a later write into another file's page cache) at about a third of the
+    /// speed into or out of memory placed otherwise (measured on AMD EPYC: 0.65 against
+    /// 0.21 s of system time per GiB read in 64 MiB reads, 16 bytes off as the allocator
+    /// places large blocks, against 0 or 64).
+    ///
+    /// ```
+    /// use lifeboat_source::ReadAt;
+    /// let data: Vec<u8> = (0..=255).collect();
+    /// let got = data.read_bytes_at(3, 100).unwrap();
+    /// assert_eq!(got[..], data[3..103]);
+    /// assert_eq!(got.as_ptr() as usize % 64, 3);
+    /// ```
+    fn read_bytes_at(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+        let mut buf = Vec::with_capacity(len.saturating_add(LINE));
+        let pad = line_pad(buf.as_ptr(), offset);
+        buf.resize(pad, 0);
+        self.read_append_at(&mut buf, offset, len)?;
+        Ok(Bytes::from(buf).slice(pad..))
     }
 
     /// The parts of `offset..offset + len` that may hold data, in order and apart; the
@@ -41,6 +71,26 @@ pub trait ReadAt: Sync {
     fn data_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<Range<u64>>> {
         Ok(whole(offset, len))
     }
+}
+
+/// The bytes of a line of memory, as the kernel's copies see it (see [`line_pad`]).
+pub const LINE: usize = 64;
+
+/// How far past `at` a read of a source's byte `offset` should land so that it lies in
+/// memory as it lies in the source's pages, relative to a [`LINE`]: the kernel copies a
+/// file's bytes into memory placed otherwise (and out of it into another file's pages)
+/// at about a third of the speed (see [`ReadAt::read_bytes_at`]). Less than [`LINE`]:
+/// a buffer of `len + LINE` bytes holds `len` bytes placed so.
+///
+/// ```
+/// use lifeboat_source::{LINE, line_pad};
+/// let buf = vec![0u8; 4096 + LINE];
+/// let pad = line_pad(buf.as_ptr(), 4096 + 5);
+/// assert!(pad < LINE);
+/// assert_eq!((buf.as_ptr() as usize + pad) % LINE, 5);
+/// ```
+pub fn line_pad(at: *const u8, offset: u64) -> usize {
+    (offset as usize % LINE + LINE - at as usize % LINE) % LINE
 }
 
 /// `offset..offset + len` as the one range that may hold data (none when empty).
@@ -110,12 +160,12 @@ impl ReadAt for File {
     }
 
     #[cfg(unix)]
-    fn read_vec_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        let mut buf = Vec::new();
+    fn read_append_at(&self, buf: &mut Vec<u8>, offset: u64, len: usize) -> io::Result<()> {
+        let (start, end) = (buf.len(), buf.len().saturating_add(len));
         buf.reserve_exact(len);
-        while buf.len() < len {
-            let at = offset + buf.len() as u64;
-            match rustix::io::pread(self, rustix::buffer::spare_capacity(&mut buf), at) {
+        while buf.len() < end {
+            let at = offset + (buf.len() - start) as u64;
+            match rustix::io::pread(self, rustix::buffer::spare_capacity(buf), at) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(_) => {}
                 Err(rustix::io::Errno::INTR) => {}
@@ -123,8 +173,8 @@ impl ReadAt for File {
             }
         }
         // The allocation may hold more than asked for, and a read may fill it.
-        buf.truncate(len);
-        Ok(buf)
+        buf.truncate(end);
+        Ok(())
     }
 
     /// The file's data segments (`SEEK_DATA` / `SEEK_HOLE`) within the range; the whole
@@ -179,6 +229,14 @@ impl<T: ReadAt + ?Sized> ReadAt for &T {
         (**self).read_vec_at(offset, len)
     }
 
+    fn read_append_at(&self, buf: &mut Vec<u8>, offset: u64, len: usize) -> io::Result<()> {
+        (**self).read_append_at(buf, offset, len)
+    }
+
+    fn read_bytes_at(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+        (**self).read_bytes_at(offset, len)
+    }
+
     fn data_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<Range<u64>>> {
         (**self).data_ranges(offset, len)
     }
@@ -214,6 +272,22 @@ mod tests {
             assert_eq!(s.read_vec_at(3, 997).unwrap(), data[3..]);
             assert_eq!(s.read_vec_at(1000, 0).unwrap(), b"");
             let e = s.read_vec_at(500, 501).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+            // Appended after what the buffer holds, whatever its spare memory.
+            let mut buf = Vec::with_capacity(4096);
+            buf.extend_from_slice(b"head");
+            s.read_append_at(&mut buf, 10, 20).unwrap();
+            assert_eq!(buf[..4], *b"head");
+            assert_eq!(buf[4..], data[10..30]);
+            // Placed as they lie in a 64-byte line of the source.
+            for (offset, len) in [(0, 1000), (3, 997), (64 + 17, 100), (999, 1), (1000, 0)] {
+                let got = s.read_bytes_at(offset, len).unwrap();
+                assert_eq!(got[..], data[offset as usize..offset as usize + len]);
+                if len > 0 {
+                    assert_eq!(got.as_ptr() as usize % 64, offset as usize % 64);
+                }
+            }
+            let e = s.read_bytes_at(500, 501).unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
         }
         assert!(file.as_slice().is_none());
