@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::signature::Digest;
-use lifeboat_source::ReadAt;
+use lifeboat_source::{PlacedBuf, ReadAt};
 
 /// A block size: a power of two of at least 512 bytes (at most 1 GiB).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -202,30 +202,11 @@ impl BlockDigester {
     }
 }
 
-/// A reusable read buffer whose slices start on a page boundary. Measured here: the
-/// kernel copies a page-cache read into a page-aligned buffer about 4x faster than into
-/// the 16-byte-offset buffer a large `Vec` gets from malloc.
-#[derive(Debug, Default)]
-pub(crate) struct AlignedBuf(Vec<u8>);
-
-impl AlignedBuf {
-    const ALIGN: usize = 4096;
-
-    /// A page-aligned slice of `len` bytes (contents unspecified).
-    pub(crate) fn slice(&mut self, len: usize) -> &mut [u8] {
-        if self.0.len() < len + Self::ALIGN {
-            self.0 = vec![0; len + Self::ALIGN];
-        }
-        let off = self.0.as_ptr().align_offset(Self::ALIGN).min(Self::ALIGN);
-        &mut self.0[off..off + len]
-    }
-}
-
 /// Two read buffers for one worker.
 #[derive(Debug, Default)]
 pub(crate) struct Scratch {
-    pub(crate) a: AlignedBuf,
-    pub(crate) b: AlignedBuf,
+    pub(crate) a: PlacedBuf,
+    pub(crate) b: PlacedBuf,
 }
 
 /// Whether `source` says `len` bytes at `offset` hold no data (a sparse file's hole):
@@ -244,11 +225,11 @@ pub(crate) fn holds_no_data<S: ReadAt + ?Sized>(
 /// Reads `len` bytes of `source` at `offset` into `buf`.
 pub(crate) fn read_into<'b, S: ReadAt + ?Sized>(
     source: &S,
-    buf: &'b mut AlignedBuf,
+    buf: &'b mut PlacedBuf,
     offset: u64,
     len: u64,
 ) -> Result<&'b [u8], Error> {
-    let out = buf.slice(len as usize);
+    let out = buf.slice(offset, len as usize);
     source
         .read_exact_at(out, offset)
         .map_err(|e| Error::io(offset, e))?;

@@ -7,12 +7,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::block::{
-    AlignedBuf, BlockSize, Progress, Scratch, digest_block, holds_no_data, is_zero, read_into,
-    run_chunks,
+    BlockSize, Progress, Scratch, digest_block, holds_no_data, is_zero, read_into, run_chunks,
 };
 use crate::io::BlockWriter;
 use crate::signature::{Digest, Signature, SignatureReader};
-use lifeboat_source::ReadAt;
+use lifeboat_source::{PlacedBuf, ReadAt};
 
 /// One side of a comparison: bytes that can be read here, or the signature of bytes that
 /// live elsewhere.
@@ -477,7 +476,7 @@ fn diff_blocks(
 
 fn view_input<'b>(
     input: &'b Input<'_>,
-    buf: &'b mut AlignedBuf,
+    buf: &'b mut PlacedBuf,
     bs: BlockSize,
     len: u64,
     blocks: std::ops::Range<u64>,
@@ -502,7 +501,7 @@ enum View<'a> {
 
 fn view<'b>(
     side: &'b Side<'_>,
-    buf: &'b mut AlignedBuf,
+    buf: &'b mut PlacedBuf,
     bs: BlockSize,
     len: u64,
     blocks: std::ops::Range<u64>,
@@ -620,7 +619,7 @@ pub fn apply<S: ReadAt + ?Sized, W: BlockWriter + ?Sized>(
             .map_err(|e| Error::io(delta.source_len, e))?;
         stats.resized = true;
     }
-    let mut buf = AlignedBuf::default();
+    let mut buf = PlacedBuf::default();
     for e in &delta.extents {
         match e.kind {
             ExtentKind::Zero => {

@@ -6,8 +6,9 @@ Where Lifeboat's bytes come from, in one place the other crates share.
   engine's disks and blobs implement it. Implemented here for byte slices, `Vec<u8>`,
   [`bytes::Bytes`] and [`std::fs::File`]. [`ReadAt::data_ranges`] says what may hold data
   (a sparse file's data segments on Linux, a VHDX's allocated blocks): readers skip the
-  rest, which reads as zeros. [`ReadAt::read_bytes_at`] and [`line_pad`] place what is
-  read in memory as it lies in the source's pages (the kernel copies it 3x faster so).
+  rest, which reads as zeros. [`ReadAt::read_bytes_at`], [`PlacedBuf`] and [`line_pad`]
+  place what is read in memory as it lies in the source's pages (the kernel copies it 3x
+  faster so).
 - [`SplitMix64`]: a small seeded generator, the one used for retry jitter, for test and
   bench inputs, and for the demo's data: the same seed gives the same bytes everywhere.
 
@@ -37,7 +38,7 @@ assert_eq!(data.data_ranges(1000, 24)?, std::iter::once(1000..1024).collect::<Ve
 #![doc(test(attr(deny(warnings))))]
 
 pub use crate::{
-    read_at::{LINE, ReadAt, line_pad},
+    read_at::{LINE, PlacedBuf, ReadAt, line_pad},
     seeded::SplitMix64,
 };
 

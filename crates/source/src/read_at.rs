@@ -93,6 +93,33 @@ pub fn line_pad(at: *const u8, offset: u64) -> usize {
     (offset as usize % LINE + LINE - at as usize % LINE) % LINE
 }
 
+/// A reusable read buffer that places each read as [`line_pad`] says: one allocation, grown
+/// to the largest read asked of it.
+///
+/// ```
+/// use lifeboat_source::{LINE, PlacedBuf, ReadAt};
+/// let data: Vec<u8> = (0..=255).collect();
+/// let mut buf = PlacedBuf::default();
+/// let got = buf.slice(70, 10);
+/// data.read_exact_at(got, 70)?;
+/// assert_eq!(got.as_ptr() as usize % LINE, 70 % LINE);
+/// assert_eq!(got, &data[70..80]);
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Debug, Default)]
+pub struct PlacedBuf(Vec<u8>);
+
+impl PlacedBuf {
+    /// `len` bytes (contents unspecified) placed for a read of a source's byte `offset`.
+    pub fn slice(&mut self, offset: u64, len: usize) -> &mut [u8] {
+        if self.0.len() < len + LINE {
+            self.0 = vec![0; len + LINE];
+        }
+        let pad = line_pad(self.0.as_ptr(), offset);
+        &mut self.0[pad..pad + len]
+    }
+}
+
 /// `offset..offset + len` as the one range that may hold data (none when empty).
 fn whole(offset: u64, len: u64) -> Vec<Range<u64>> {
     let range = offset..offset.saturating_add(len);
