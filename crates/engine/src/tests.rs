@@ -675,6 +675,38 @@ async fn an_initial_copy_sends_only_the_zeros_the_replica_lacks() {
     }
 }
 
+/// A sparse disk protected into a `LocalStore` whose requests are counted.
+struct Counted {
+    engine: Engine,
+    disk: Arc<SparseDisk>,
+    faults: Arc<FaultyStore<LocalStore>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Counted {
+    /// A disk of `len` bytes holding 4 KiB at each of `data` (holes elsewhere), protected
+    /// in pieces of `chunk`.
+    async fn protect(len: u64, data: &[u64], chunk: u64) -> Counted {
+        let dir = tempfile::tempdir().unwrap();
+        let file = tempfile::tempfile_in(dir.path()).unwrap();
+        file.set_len(len).unwrap();
+        for &at in data {
+            std::os::unix::fs::FileExt::write_all_at(&file, &[0x5A; 4096], at).unwrap();
+        }
+        let faults = Arc::new(FaultyStore::new(
+            LocalStore::open(dir.path().join("store")).unwrap(),
+        ));
+        let store: Arc<dyn PageStore> = faults.clone();
+        let (engine, disk) = protect_sparse(&store, dir.path(), file, chunk).await;
+        Counted {
+            engine,
+            disk,
+            faults,
+            _dir: dir,
+        }
+    }
+}
+
 /// A copy piece asks one blob's properties (a HEAD on Azure): the replica's, though the
 /// piece holds zeros to check against its digests and the digests are saved after it
 /// (their blob's were asked at its first save). Counted as the difference between copies
@@ -683,20 +715,14 @@ async fn an_initial_copy_sends_only_the_zeros_the_replica_lacks() {
 async fn a_copy_piece_asks_one_properties() {
     const MIB: u64 = 1 << 20;
     let len = 48 * MIB;
+    let data: Vec<u64> = (0..len)
+        .step_by(8 * MIB as usize)
+        .map(|at| at + MIB)
+        .collect();
     let mut heads = Vec::new();
     for chunk in [16 * MIB, 8 * MIB] {
-        let dir = tempfile::tempdir().unwrap();
-        let file = tempfile::tempfile_in(dir.path()).unwrap();
-        file.set_len(len).unwrap();
-        for at in (0..len).step_by(8 * MIB as usize) {
-            std::os::unix::fs::FileExt::write_all_at(&file, &[0x5A; 4096], at + MIB).unwrap();
-        }
-        let faults = Arc::new(FaultyStore::new(
-            LocalStore::open(dir.path().join("store")).unwrap(),
-        ));
-        let store: Arc<dyn PageStore> = faults.clone();
-        protect_sparse(&store, dir.path(), file, chunk).await;
-        heads.push(faults.requests(Request::Properties));
+        let p = Counted::protect(len, &data, chunk).await;
+        heads.push(p.faults.requests(Request::Properties));
     }
     assert_eq!(heads[1] - heads[0], 3, "three more pieces: {heads:?}");
 }
@@ -711,25 +737,19 @@ async fn pieces_of_holes_save_no_catalogue() {
     let len = 48 * MIB;
     let mut saves = Vec::new();
     for chunk in [16 * MIB, 8 * MIB] {
-        let dir = tempfile::tempdir().unwrap();
-        let file = tempfile::tempfile_in(dir.path()).unwrap();
-        file.set_len(len).unwrap();
-        for at in [MIB, 44 * MIB] {
-            std::os::unix::fs::FileExt::write_all_at(&file, &[0x5A; 4096], at).unwrap();
-        }
-        let faults = Arc::new(FaultyStore::new(
-            LocalStore::open(dir.path().join("store")).unwrap(),
-        ));
-        let store: Arc<dyn PageStore> = faults.clone();
-        let (e, disk) = protect_sparse(&store, dir.path(), file, chunk).await;
-        saves.push(faults.requests(Request::PutDoc));
-        assert_eq!(e.protection("vm").unwrap(), ProtectionState::Protected);
-        let replica = store
+        let p = Counted::protect(len, &[MIB, 44 * MIB], chunk).await;
+        saves.push(p.faults.requests(Request::PutDoc));
+        assert_eq!(
+            p.engine.protection("vm").unwrap(),
+            ProtectionState::Protected
+        );
+        let replica = p
+            .faults
             .read("lifeboat/items/vm/disk0", None, 0, len)
             .await
             .unwrap();
         let mut want = vec![0u8; len as usize];
-        std::os::unix::fs::FileExt::read_exact_at(&disk.file, &mut want, 0).unwrap();
+        std::os::unix::fs::FileExt::read_exact_at(&p.disk.file, &mut want, 0).unwrap();
         assert!(replica[..] == want[..], "the replica differs ({chunk})");
     }
     assert_eq!(saves[0], saves[1], "documents written: {saves:?}");
