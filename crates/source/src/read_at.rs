@@ -190,6 +190,12 @@ impl ReadAt for File {
     fn read_append_at(&self, buf: &mut Vec<u8>, offset: u64, len: usize) -> io::Result<()> {
         let (start, end) = (buf.len(), buf.len().saturating_add(len));
         buf.reserve_exact(len);
+        if buf.capacity() - end > 4096 {
+            // A read fills all the spare memory it is given: not a large spare's worth
+            // for a small read (zeroing what is read costs less).
+            buf.resize(end, 0);
+            return self.read_exact_at(&mut buf[start..], offset);
+        }
         while buf.len() < end {
             let at = offset + (buf.len() - start) as u64;
             match rustix::io::pread(self, rustix::buffer::spare_capacity(buf), at) {
@@ -301,11 +307,13 @@ mod tests {
             let e = s.read_vec_at(500, 501).unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
             // Appended after what the buffer holds, whatever its spare memory.
-            let mut buf = Vec::with_capacity(4096);
-            buf.extend_from_slice(b"head");
-            s.read_append_at(&mut buf, 10, 20).unwrap();
-            assert_eq!(buf[..4], *b"head");
-            assert_eq!(buf[4..], data[10..30]);
+            for spare in [0, 100, 1 << 20] {
+                let mut buf = Vec::with_capacity(24 + spare);
+                buf.extend_from_slice(b"head");
+                s.read_append_at(&mut buf, 10, 20).unwrap();
+                assert_eq!(buf[..4], *b"head");
+                assert_eq!(buf[4..], data[10..30]);
+            }
             // Placed as they lie in a 64-byte line of the source.
             for (offset, len) in [(0, 1000), (3, 997), (64 + 17, 100), (999, 1), (1000, 0)] {
                 let got = s.read_bytes_at(offset, len).unwrap();
