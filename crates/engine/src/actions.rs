@@ -26,10 +26,21 @@ const BATCH_BYTES: u64 = 32 << 20;
 /// time in fsyncs; held in memory once per transfer).
 const LOG_BATCH_BYTES: u64 = 32 << 20;
 
-/// Opens a disk of `host`, checking it is `len` bytes.
+/// Opens a disk of `host` to be written (a failback's target), checking it is `len`
+/// bytes.
 fn open_disk(host: &dyn crate::host::Host, path: &Path, len: u64) -> Result<Arc<dyn Disk>> {
+    sized(host.open_disk(path), path, len)
+}
+
+/// Opens a disk of `host` to be read only (a protected disk), checking it is `len` bytes.
+fn open_source(host: &dyn crate::host::Host, path: &Path, len: u64) -> Result<Arc<dyn Disk>> {
+    sized(host.open_disk_read(path), path, len)
+}
+
+/// `disk`, opened from `path`, if it is `len` bytes.
+fn sized(disk: std::io::Result<Arc<dyn Disk>>, path: &Path, len: u64) -> Result<Arc<dyn Disk>> {
     let what = || format!("disk {}", path.display());
-    let disk = host.open_disk(path).map_err(Error::io(what()))?;
+    let disk = disk.map_err(Error::io(what()))?;
     let have = disk.size().map_err(Error::io(what()))?;
     if have != len {
         return Err(Error::Invalid(format!(
@@ -52,7 +63,7 @@ fn read_piece(
     len: u64,
     (mut buf, start): (Vec<u8>, usize),
 ) -> Result<(Vec<Change>, Bytes)> {
-    let src = open_disk(host, path, size)?;
+    let src = open_source(host, path, size)?;
     let end = offset + len;
     let what = || format!("reading disk {}", path.display());
     let named = src.data_ranges(offset, len).map_err(Error::io(what()))?;
@@ -188,9 +199,14 @@ impl Engine {
         Condition::lease(self.site.id())
     }
 
-    /// Opens a host disk, checking it is `len` bytes.
+    /// Opens a host disk to be written, checking it is `len` bytes.
     pub(crate) fn open_disk(&self, path: &Path, len: u64) -> Result<Arc<dyn Disk>> {
         open_disk(&*self.host, path, len)
+    }
+
+    /// Opens a protected disk to be read, checking it is `len` bytes.
+    pub(crate) fn open_source(&self, path: &Path, len: u64) -> Result<Arc<dyn Disk>> {
+        open_source(&*self.host, path, len)
     }
 
     pub(crate) async fn perform(&mut self, a: &Action) -> Result<Outcome> {
@@ -307,7 +323,7 @@ impl Engine {
         let doc = self.doc(name)?.clone();
         let mut own_guids = Vec::new();
         for (d, disk) in doc.disks.iter().enumerate() {
-            let h = self.open_disk(&disk.source, disk.size)?;
+            let h = self.open_source(&disk.source, disk.size)?;
             own_guids.push(h.write_guid().map_err(Error::io(format!(
                 "reading the DataWriteGuid of {}",
                 disk.source.display()
@@ -929,7 +945,7 @@ impl Engine {
             );
             let (host, path) = (self.host.clone(), disk.source.clone());
             blocking("comparing a disk", move || {
-                let src = open_disk(&*host, &path, size)?;
+                let src = open_source(&*host, &path, size)?;
                 let delta = lifeboat_resync::diff_with(
                     Side::Local(&*src),
                     Side::Signature(&signature),
@@ -949,7 +965,7 @@ impl Engine {
             })
             .await??
         };
-        let src = self.open_disk(&disk.source, disk.size)?;
+        let src = self.open_source(&disk.source, disk.size)?;
         // The batches below start from these digests (no second load).
         self.digests
             .lock()

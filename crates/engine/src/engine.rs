@@ -1180,7 +1180,7 @@ impl Engine {
             }
             let disk = self
                 .host
-                .open_disk(path)
+                .open_disk_read(path)
                 .map_err(Error::io(format!("disk {}", path.display())))?;
             let len = disk
                 .size()

@@ -72,8 +72,15 @@ impl Disk for File {
 /// Machine control defaults to nothing (a host that runs no machines); the engine records
 /// whether each machine runs either way.
 pub trait Host: Send + Sync + std::fmt::Debug {
-    /// Opens a disk for reading and writing.
+    /// Opens a disk for reading and writing (a failback's target).
     fn open_disk(&self, path: &Path) -> io::Result<Arc<dyn Disk>>;
+
+    /// Opens a disk to be read only (a protected disk copied, compared, verified), so a
+    /// disk the host may not write (a read-only file or mount, a snapshot) can be
+    /// protected. The default opens it as [`Host::open_disk`] does.
+    fn open_disk_read(&self, path: &Path) -> io::Result<Arc<dyn Disk>> {
+        self.open_disk(path)
+    }
 
     /// Creates a zeroed disk of `len` bytes at `path` (failback to an alternate disk that
     /// does not exist yet); an existing one is an error.
@@ -151,6 +158,21 @@ pub trait Host: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// `f`, opened from `path`, as a disk if it is a regular file or a block device.
+fn file_disk(f: File, path: &Path) -> io::Result<Arc<dyn Disk>> {
+    let t = f.metadata()?.file_type();
+    if !(t.is_file() || std::os::unix::fs::FileTypeExt::is_block_device(&t)) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} is neither a regular file nor a block device",
+                path.display()
+            ),
+        ));
+    }
+    Ok(Arc::new(f))
+}
+
 /// A host whose disks are files (raw images): the reference agent's, and any embedder's
 /// that replicates image files.
 #[derive(Clone, Copy, Debug, Default)]
@@ -159,18 +181,12 @@ pub struct FileHost;
 impl Host for FileHost {
     /// A regular file or a block device (nothing else is a disk).
     fn open_disk(&self, path: &Path) -> io::Result<Arc<dyn Disk>> {
-        let f = OpenOptions::new().read(true).write(true).open(path)?;
-        let t = f.metadata()?.file_type();
-        if !(t.is_file() || std::os::unix::fs::FileTypeExt::is_block_device(&t)) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "{} is neither a regular file nor a block device",
-                    path.display()
-                ),
-            ));
-        }
-        Ok(Arc::new(f))
+        file_disk(OpenOptions::new().read(true).write(true).open(path)?, path)
+    }
+
+    /// As [`FileHost::open_disk`], opened read-only: its writes fail.
+    fn open_disk_read(&self, path: &Path) -> io::Result<Arc<dyn Disk>> {
+        file_disk(File::open(path)?, path)
     }
 
     fn create_disk(&self, path: &Path, len: u64) -> io::Result<()> {

@@ -755,6 +755,55 @@ async fn pieces_of_holes_save_no_catalogue() {
     assert_eq!(saves[0], saves[1], "documents written: {saves:?}");
 }
 
+/// A `FileHost` that may not write its disks (a read-only mount, say): it opens them to
+/// be read only.
+#[derive(Debug)]
+struct ReadOnlyHost;
+
+impl crate::Host for ReadOnlyHost {
+    fn open_disk(&self, path: &Path) -> std::io::Result<Arc<dyn crate::Disk>> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("{} is read-only", path.display()),
+        ))
+    }
+
+    fn open_disk_read(&self, path: &Path) -> std::io::Result<Arc<dyn crate::Disk>> {
+        crate::Host::open_disk_read(&crate::FileHost, path)
+    }
+
+    fn create_disk(&self, _: &Path, _: u64) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::PermissionDenied.into())
+    }
+}
+
+/// A disk the host may only read is protected, resynchronised and verified against
+/// (nothing but a failback writes a protected disk); `FileHost` opens it read-only then.
+#[tokio::test]
+async fn a_disk_the_host_may_not_write_is_protected() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d0.raw");
+    std::fs::write(&path, lifeboat_source::SplitMix64::new(9).bytes(4 << 20)).unwrap();
+    let store: Arc<dyn PageStore> = Arc::new(LocalStore::open(dir.path().join("store")).unwrap());
+    let mut e = Engine::builder(store, dir.path().join("site"))
+        .host(Arc::new(ReadOnlyHost))
+        .open()
+        .await
+        .unwrap();
+    e.protect("vm", std::slice::from_ref(&path), policy(), 64 << 10)
+        .await
+        .unwrap();
+    e.command(Command::Resync { item: "vm".into() })
+        .await
+        .unwrap();
+    assert_eq!(e.protection("vm").unwrap(), ProtectionState::Protected);
+    let v = e.verify("vm", None, true).await.unwrap();
+    assert!(v.iter().all(Verified::clean), "{v:?}");
+    // FileHost's read-only handle refuses writes.
+    let disk = crate::Host::open_disk_read(&crate::FileHost, &path).unwrap();
+    assert!(disk.write_at(0, b"x").is_err(), "a write went through");
+}
+
 /// Names that would escape a path or collide are refused before anything is recorded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item_names_are_checked() {

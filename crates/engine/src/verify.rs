@@ -103,7 +103,7 @@ impl Engine {
                 }
             }
             if against_source && point.is_none() {
-                let src = self.open_disk(&disk.source, disk.size)?;
+                let src = self.open_source(&disk.source, disk.size)?;
                 let sig = Signature::compute(&*src, bs)?;
                 let replica = actual.signature(&*self.store).await?;
                 v.unlike_source = Some(

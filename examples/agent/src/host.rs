@@ -101,23 +101,15 @@ impl Host for AgentHost {
     }
 
     /// A raw image or block device; or a VHDX (told by its signature, not its name),
-    /// read through `lifeboat-vhdx` and never written.
+    /// read through `lifeboat-vhdx` (a fixed one written in place).
     fn open_disk(&self, path: &Path) -> io::Result<Arc<dyn Disk>> {
-        let f = std::fs::File::open(path)?;
-        if is_vhdx_file(&f)? {
-            let v = open_vhdx(path, f).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{}: {e}", path.display()),
-                )
-            })?;
-            return Ok(Arc::new(VhdxDisk {
-                path: path.to_path_buf(),
-                vhdx: std::sync::RwLock::new(v),
-                writer: std::sync::Mutex::new(None),
-            }));
-        }
-        FileHost.open_disk(path)
+        self.open(path, false)
+    }
+
+    /// As [`AgentHost::open_disk`]; a raw image opened read-only (a protected disk on a
+    /// read-only mount, or one the agent may not write, can be protected).
+    fn open_disk_read(&self, path: &Path) -> io::Result<Arc<dyn Disk>> {
+        self.open(path, true)
     }
 
     fn create_disk(&self, path: &Path, len: u64) -> io::Result<()> {
@@ -174,6 +166,31 @@ impl Host for AgentHost {
             )));
         }
         Ok(())
+    }
+}
+
+impl AgentHost {
+    /// A disk at `path` (see [`AgentHost::open_disk`]), a raw one opened for reading and
+    /// writing unless `read_only`.
+    fn open(&self, path: &Path, read_only: bool) -> io::Result<Arc<dyn Disk>> {
+        let f = std::fs::File::open(path)?;
+        if is_vhdx_file(&f)? {
+            let v = open_vhdx(path, f).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: {e}", path.display()),
+                )
+            })?;
+            return Ok(Arc::new(VhdxDisk {
+                path: path.to_path_buf(),
+                vhdx: std::sync::RwLock::new(v),
+                writer: std::sync::Mutex::new(None),
+            }));
+        }
+        match read_only {
+            true => FileHost.open_disk_read(path),
+            false => FileHost.open_disk(path),
+        }
     }
 }
 

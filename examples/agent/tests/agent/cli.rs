@@ -720,6 +720,41 @@ fn resync_of_a_rewritten_disk() {
     assert_same(&tf.join("disk0.raw"), &d);
 }
 
+/// An immutable disk image (`chattr +i`: not even root may open it for writing) is
+/// protected, resynchronised and verified: the agent opens a protected disk to read it.
+#[test]
+fn an_immutable_disk_is_protected() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Target::local(dir.path());
+    let d = dir.path().join("ro.raw");
+    make_disk(&d, 8 * MIB, 4);
+    let locked = Command::new("chattr").arg("+i").arg(&d).status();
+    if !locked.is_ok_and(|s| s.success()) {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "chattr +i failed (root on a file system with attributes is needed)"
+        );
+        eprintln!("skipped: chattr +i failed here");
+        return;
+    }
+    // Unlocked whatever happens, so the temporary directory can go.
+    struct Unlock<'a>(&'a Path);
+    impl Drop for Unlock<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("chattr").arg("-i").arg(self.0).status();
+        }
+    }
+    let _unlock = Unlock(&d);
+    assert!(fs::OpenOptions::new().write(true).open(&d).is_err());
+    t.ok(&["protect", "vm", "--disk", s(&d)]);
+    t.ok(&["resync", "vm"]);
+    let out = t.ok(&["verify", "vm", "--source"]);
+    assert!(out.contains("the replica equals the source"), "{out}");
+    let tf = dir.path().join("tf");
+    t.ok(&["test-failover", "vm", "--out", s(&tf)]);
+    assert_same(&tf.join("disk0.raw"), &d);
+}
+
 /// A SAS signature is a secret: it never appears in output or errors.
 #[test]
 fn a_sas_signature_never_appears_in_errors() {
