@@ -736,7 +736,7 @@ impl Engine {
         let buffers = self.buffers.clone();
         move || {
             let bs = BlockSize::new(block_size)?;
-            let buf = buffers.take(len as usize);
+            let buf = buffers.take(len as usize, offset);
             let (changes, buffer) = read_piece(&*host, &path, size, offset, len, buf)?;
             let digests = BatchDigests::of(&changes, bs, size);
             Ok(Piece {
