@@ -557,22 +557,39 @@ impl ReplicaDigests {
             .map(|b| b / SLOTS_PER_PAGE)
             .collect();
         pages.dedup();
+        // Pages read only for this are let go after (a copy of a thin disk asks about
+        // every block of it; what is held grows with what batches write, not with this).
+        let fetched: Vec<u64> = pages
+            .iter()
+            .copied()
+            .filter(|p| !self.pages.contains_key(p))
+            .collect();
         self.hold(store, &pages).await?;
-        let zero_page = zero_page();
-        Ok(ranges
+        let size = u64::from(self.block_size.get());
+        let known = ranges
             .iter()
             .map(|r| {
-                r.start < r.end
-                    && r.end <= self.len
-                    && touched_blocks(std::slice::from_ref(r), self.block_size, self.len)
-                        .into_iter()
-                        .all(|b| {
-                            let page = self.pages.get(&(b / SLOTS_PER_PAGE)).unwrap_or(&zero_page);
-                            let at = ((b % SLOTS_PER_PAGE) * SLOT) as usize;
-                            decode(&page[at..at + SLOT as usize]) == Digest::Zero
-                        })
+                if r.start >= r.end || r.end > self.len {
+                    return false;
+                }
+                // Slot page by slot page (one lookup each; a page not held is zeros): a
+                // zero slot is all zero bytes (`decode`).
+                let blocks = r.start / size..(r.end - 1) / size + 1;
+                let pages = blocks.start / SLOTS_PER_PAGE..(blocks.end - 1) / SLOTS_PER_PAGE + 1;
+                pages.into_iter().all(|p| {
+                    let Some(page) = self.pages.get(&p) else {
+                        return true;
+                    };
+                    let first = blocks.start.max(p * SLOTS_PER_PAGE) - p * SLOTS_PER_PAGE;
+                    let end = blocks.end.min((p + 1) * SLOTS_PER_PAGE) - p * SLOTS_PER_PAGE;
+                    lifeboat_resync::is_zero(&page[(first * SLOT) as usize..(end * SLOT) as usize])
+                })
             })
-            .collect())
+            .collect();
+        for p in fetched {
+            self.pages.remove(&p);
+        }
+        Ok(known)
     }
 
     /// Marks the blocks that `touched` ranges overlap as unknown, and records `seq`: for

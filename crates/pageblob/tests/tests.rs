@@ -1280,8 +1280,9 @@ async fn replica_digests_know_which_ranges_hold_zeros() {
         5 * MIB..5 * MIB,           // empty
         len - 4096..len + 4096,     // past the end
         30 * MIB..30 * MIB + 1,     // to be forgotten
+        28 * MIB..32 * MIB,         // slot pages around it
     ];
-    let want = [true, false, true, true, false, false, false, true];
+    let want = [true, false, true, true, false, false, false, true, true];
     assert_eq!(d.known_zero(&*s, &ranges).await.unwrap(), want);
     // Loaded again: the slots are read from the store.
     let mut loaded = ReplicaDigests::load(&*s, "d").await.unwrap().unwrap();
@@ -1293,6 +1294,27 @@ async fn replica_digests_know_which_ranges_hold_zeros() {
     let got = loaded.known_zero(&*s, &ranges).await.unwrap();
     assert_eq!(got[..7], want[..7]);
     assert!(!got[7], "an unknown block is not zero");
+    assert!(!got[8], "nor a range holding one");
+}
+
+/// Asking which ranges hold zeros keeps none of the slot pages it read: a copy of a thin
+/// disk asks it of every block, and the memory held follows what batches write.
+#[tokio::test]
+async fn known_zero_holds_no_pages_it_read() {
+    use lifeboat_pageblob::ReplicaDigests;
+    use lifeboat_resync::BlockSize;
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(LocalStore::open(dir.path()).unwrap());
+    let len = 256 * MIB;
+    s.create("d", len, 0, &Default::default()).await.unwrap();
+    let mut d = ReplicaDigests::rebuild(&*s, "d", len, BlockSize::DEFAULT)
+        .await
+        .unwrap();
+    d.save(&*s, "d", None).await.unwrap();
+    let held = d.memory();
+    let pieces: Vec<_> = (0..len / MIB).map(|i| i * MIB..(i + 1) * MIB).collect();
+    assert!(d.known_zero(&*s, &pieces).await.unwrap().iter().all(|&z| z));
+    assert_eq!(d.memory(), held, "slot pages read to answer were kept");
 }
 
 /// Saving digests after a small batch writes only the slot pages of the touched blocks
