@@ -87,9 +87,11 @@ impl Buffers {
     /// block ([`lifeboat_source::line_pad`]).
     pub(crate) fn take(&self, len: usize, offset: u64) -> (Vec<u8>, usize) {
         let reused = self.lock().pop();
-        let mut buf = reused.unwrap_or_default();
-        // Same-sized pieces (all but a disk's last) reuse it without touching a byte
+        // A new one is not written to (zeroed memory from the system): its pages are
+        // faulted in by the reads that fill them, so a piece's holes cost none.
+        // Same-sized pieces (all but a disk's last) reuse one without touching a byte
         // (shrinking keeps its start).
+        let mut buf = reused.unwrap_or_else(|| vec![0; len + LINE]);
         buf.resize(len + LINE, 0);
         let start = line_pad(buf.as_ptr(), offset);
         (buf, start)
