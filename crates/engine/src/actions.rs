@@ -697,6 +697,10 @@ impl Engine {
         };
         let sent = self.write_batch(name, d, changes, how).await?.is_some();
         self.buffers.give(buffer);
+        if next >= disk.size && d + 1 == self.doc(name)?.disks.len() {
+            // The item's copy is done: its buffers go while its logs are applied.
+            self.buffers.clear();
+        }
         self.observer.event(&Event::Progress {
             item: name.to_owned(),
             disk: d,
