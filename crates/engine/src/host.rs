@@ -158,35 +158,51 @@ pub trait Host: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// `f`, opened from `path`, as a disk if it is a regular file or a block device.
-fn file_disk(f: File, path: &Path) -> io::Result<Arc<dyn Disk>> {
-    let t = f.metadata()?.file_type();
-    if !(t.is_file() || std::os::unix::fs::FileTypeExt::is_block_device(&t)) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "{} is neither a regular file nor a block device",
-                path.display()
-            ),
-        ));
-    }
-    Ok(Arc::new(f))
-}
-
 /// A host whose disks are files (raw images): the reference agent's, and any embedder's
 /// that replicates image files.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FileHost;
 
+impl FileHost {
+    /// `f`, opened from `path`, as a disk if it is a regular file or a block device: for
+    /// a host that opened the file already (to look at its format, say), so it is not
+    /// opened twice.
+    ///
+    /// ```
+    /// # fn main() -> std::io::Result<()> {
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("disk.raw");
+    /// std::fs::write(&path, [7u8; 4096])?;
+    /// let disk = lifeboat_engine::FileHost::disk(std::fs::File::open(&path)?, &path)?;
+    /// assert_eq!(disk.size()?, 4096);
+    /// assert!(lifeboat_engine::FileHost::disk(std::fs::File::open(dir.path())?, dir.path()).is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn disk(f: File, path: &Path) -> io::Result<Arc<dyn Disk>> {
+        let t = f.metadata()?.file_type();
+        if !(t.is_file() || std::os::unix::fs::FileTypeExt::is_block_device(&t)) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is neither a regular file nor a block device",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(Arc::new(f))
+    }
+}
+
 impl Host for FileHost {
     /// A regular file or a block device (nothing else is a disk).
     fn open_disk(&self, path: &Path) -> io::Result<Arc<dyn Disk>> {
-        file_disk(OpenOptions::new().read(true).write(true).open(path)?, path)
+        FileHost::disk(OpenOptions::new().read(true).write(true).open(path)?, path)
     }
 
     /// As [`FileHost::open_disk`], opened read-only: its writes fail.
     fn open_disk_read(&self, path: &Path) -> io::Result<Arc<dyn Disk>> {
-        file_disk(File::open(path)?, path)
+        FileHost::disk(File::open(path)?, path)
     }
 
     fn create_disk(&self, path: &Path, len: u64) -> io::Result<()> {

@@ -188,7 +188,8 @@ impl AgentHost {
             }));
         }
         match read_only {
-            true => FileHost.open_disk_read(path),
+            // Opened once: a copy piece opens its disk (its own reads run beside others).
+            true => FileHost::disk(f, path),
             false => FileHost.open_disk(path),
         }
     }
