@@ -431,6 +431,12 @@ impl Engine {
             let bs = BlockSize::new(block_size)?;
             let mut d = ReplicaDigests::rebuild(&*self.store, blob, len, bs).await?;
             d.save(&*self.store, blob, Some(self.site.id())).await?;
+            // Kept for the first batch (in place of any kept before): they know the pages
+            // their blob holds, so a copy reads none of those it never wrote.
+            self.digests
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .put(blob.to_owned(), d);
         }
         Ok(())
     }

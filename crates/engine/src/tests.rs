@@ -755,6 +755,26 @@ async fn pieces_of_holes_save_no_catalogue() {
     assert_eq!(saves[0], saves[1], "documents written: {saves:?}");
 }
 
+/// The initial copy of a thin disk reads none of the replica's digests: their blob was
+/// made by the copy, which knows the pages it wrote (the rest are zeros). Each piece of
+/// holes read its slot pages before (a request per piece on Azure).
+#[tokio::test]
+async fn a_thin_copy_reads_no_digests() {
+    const MIB: u64 = 1 << 20;
+    let p = Counted::protect(48 * MIB, &[MIB, 44 * MIB], 8 * MIB).await;
+    assert_eq!(
+        p.engine.protection("vm").unwrap(),
+        ProtectionState::Protected
+    );
+    let digests: Vec<_> = p
+        .faults
+        .reads()
+        .into_iter()
+        .filter(|r| r.blob.ends_with(".digests"))
+        .collect();
+    assert!(digests.is_empty(), "digests read: {digests:?}");
+}
+
 /// Once an item's disks are copied, the copy buffers are let go (on another thread: a
 /// 64 MiB buffer took 8 ms to give back, on the way out of `protect`).
 #[tokio::test]

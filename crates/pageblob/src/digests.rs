@@ -82,6 +82,20 @@ struct Backing {
     /// Saved into by this value: the blob exists with the digests' size (the next save
     /// asks nothing of it first).
     saved: bool,
+    /// The pages the blob may hold other than zeros, when known (it was created by this
+    /// value: every page it wrote since, or was about to); the rest read as zeros without
+    /// a request. `None`: any page may.
+    written: Option<Vec<Range<u64>>>,
+}
+
+impl Backing {
+    /// Whether page `p` of the blob may hold anything but zeros.
+    fn may_hold(&self, p: u64) -> bool {
+        self.written.as_ref().is_none_or(|w| {
+            let k = w.partition_point(|r| r.end <= p);
+            w.get(k).is_some_and(|r| r.start <= p)
+        })
+    }
 }
 
 /// The BLAKE3 block signature (as `lifeboat-resync` computes it) of the first `len` bytes
@@ -381,16 +395,23 @@ impl ReplicaDigests {
 
     /// Reads the pages among `wanted` (ascending, no repeats) that are not held.
     async fn hold(&mut self, store: &dyn PageStore, wanted: &[u64]) -> Result<(), StoreError> {
-        let Some(backing) = self.backing.clone() else {
+        let Some(backing) = &self.backing else {
             return Ok(()); // absent pages are zero slots
         };
-        let missing: Vec<u64> = wanted
+        let (missing, zeros): (Vec<u64>, Vec<u64>) = wanted
             .iter()
             .copied()
             .filter(|p| !self.pages.contains_key(p))
-            .collect();
+            .partition(|&p| backing.may_hold(p));
+        // Pages the blob never held anything in: zeros, not read.
+        for p in zeros {
+            self.pages.insert(p, zero_page());
+        }
         for run in runs(&missing, MAX_PUT / PAGE) {
-            let bytes = self.fetch(store, &backing, run.clone()).await?;
+            let Some(backing) = &self.backing else {
+                break;
+            };
+            let bytes = self.fetch(store, backing, run.clone()).await?;
             for (p, chunk) in run.zip(bytes.chunks(PAGE as usize)) {
                 let mut page = zero_page();
                 page.copy_from_slice(chunk);
@@ -760,14 +781,16 @@ impl ReplicaDigests {
                     true
                 }
                 Err(StoreError::NotFound { .. }) if self.backing.is_none() => {
-                    match store.create(&name, size, 0, &Metadata::new()).await {
-                        Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
+                    // Made by another meanwhile: it may hold anything, as an existing one.
+                    let made = match store.create(&name, size, 0, &Metadata::new()).await {
+                        Ok(()) => true,
+                        Err(StoreError::AlreadyExists { .. }) => false,
                         Err(e) => return Err(e),
-                    }
+                    };
                     if let Some(l) = lease {
                         store.acquire_lease(&name, l).await?;
                     }
-                    false
+                    !made
                 }
                 Err(e) => return Err(e),
             };
@@ -784,6 +807,21 @@ impl ReplicaDigests {
                 .collect(),
         };
         let runs = runs(&pages, MAX_PUT / PAGE);
+        // The pages the blob may hold other than zeros, known for one this value made,
+        // counted before they are written (a save that fails part-way may have written
+        // any of them).
+        let written = match (&self.backing, existing) {
+            (_, false) => Some(Vec::new()),
+            (Some(b), true) => b.written.clone(),
+            (None, true) => None,
+        }
+        .map(|mut w| {
+            w.extend(runs.iter().cloned());
+            merge_ranges(w)
+        });
+        if let Some(b) = &mut self.backing {
+            b.written.clone_from(&written);
+        }
         // One copy-on-write of every page the runs change (a store with snapshots would
         // otherwise preserve them run by run, two fsyncs each).
         let ranges = merge_ranges(runs.iter().map(|r| r.start * PAGE..r.end * PAGE).collect());
@@ -818,6 +856,7 @@ impl ReplicaDigests {
             name,
             snapshot: None,
             saved: true,
+            written,
         });
         Ok(())
     }
@@ -925,6 +964,7 @@ impl ReplicaDigests {
                 name,
                 snapshot: snapshot.map(str::to_owned),
                 saved: false,
+                written: None,
             }),
             dirty: BTreeSet::new(),
         }))

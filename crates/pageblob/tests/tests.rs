@@ -1317,6 +1317,45 @@ async fn known_zero_holds_no_pages_it_read() {
     assert_eq!(d.memory(), held, "slot pages read to answer were kept");
 }
 
+/// Digests that made their blob read none of its pages they never wrote (zeros), and
+/// read back those they wrote in an earlier save and no longer hold.
+#[tokio::test]
+async fn digests_read_only_the_pages_their_blob_may_hold() {
+    use lifeboat_pageblob::{BatchDigests, ReplicaDigests, digests_blob};
+    use lifeboat_resync::BlockSize;
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(FaultyStore::new(LocalStore::open(dir.path()).unwrap()));
+    let (len, bs, block) = (64 * MIB, BlockSize::DEFAULT, 64 << 10);
+    s.create("d", len, 0, &Default::default()).await.unwrap();
+    let mut d = ReplicaDigests::rebuild(&*s, "d", len, bs).await.unwrap();
+    d.save(&*s, "d", None).await.unwrap();
+    // Two batches of one block each, in slot pages 0 and 37, saved one after the other:
+    // only the second's page stays held.
+    for (seq, b) in [(0, 0u64), (1, 600)] {
+        let changes = vec![Change::Data {
+            offset: b * block,
+            data: Bytes::from(random(block as usize, b)),
+        }];
+        let batch = BatchDigests::of(&changes, bs, len);
+        PageWriter::new(s.clone(), "d", WriterConfig::default())
+            .apply_batch(seq, changes, None)
+            .await
+            .unwrap();
+        d.update_with(&*s, "d", batch, seq + 1).await.unwrap();
+        d.save(&*s, "d", None).await.unwrap();
+    }
+    let name = digests_blob("d");
+    let reads = |s: &FaultyStore<LocalStore>| s.reads().iter().filter(|r| r.blob == name).count();
+    let before = reads(&s);
+    let at = |b: u64| b * block..(b + 1) * block;
+    let known = d
+        .known_zero(&*s, &[at(0), at(300), at(600), at(1023)])
+        .await
+        .unwrap();
+    assert_eq!(known, [false, true, false, true]);
+    assert_eq!(reads(&s) - before, 1, "only page 0 is read back");
+}
+
 /// Saving digests after a small batch writes only the slot pages of the touched blocks
 /// (the cost follows the batch, not the disk), and what loads back is what was saved.
 #[tokio::test]
