@@ -926,8 +926,11 @@ impl Sim {
                 }
             }
         }
+        // Not while a job runs: a cycle applied, its point being made (the engine may
+        // have stopped between the two: a catalogue save failed), is ahead of it.
         if state == ProtectionState::Protected
             && health == Health::Normal
+            && e.jobs().iter().all(|j| j.ended.is_some())
             && let Some(last) = points.last()
             && let Some(snap) = snaps.get(&last.id.0)
             && snap.len() == SIZES.len()
