@@ -678,6 +678,20 @@ impl ReplicaDigests {
         Ok(d)
     }
 
+    /// Blocks recorded unknown ([`forget`](Self::forget): a batch that failed part-way
+    /// and could not be read back): they describe nothing, and a resync sends them.
+    pub async fn unknown(&self, store: &dyn PageStore) -> Result<Vec<u64>, StoreError> {
+        Ok(self
+            .signature(store)
+            .await?
+            .digests()
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| **d == UNKNOWN)
+            .map(|(i, _)| i as u64)
+            .collect())
+    }
+
     /// Blocks whose stored digest does not match the blob's current bytes.
     pub async fn verify(&self, store: &dyn PageStore, blob: &str) -> Result<Vec<u64>, StoreError> {
         self.verify_at(store, blob, None).await

@@ -1294,6 +1294,8 @@ async fn replica_digests_know_which_ranges_hold_zeros() {
     let got = loaded.known_zero(&*s, &ranges).await.unwrap();
     assert_eq!(got[..7], want[..7]);
     assert!(!got[7], "an unknown block is not zero");
+    assert_eq!(loaded.unknown(&*s).await.unwrap(), [30 * MIB / block]);
+    assert!(d.unknown(&*s).await.unwrap().is_empty());
     assert!(!got[8], "nor a range holding one");
 }
 
