@@ -430,6 +430,9 @@ impl Sim {
         self.note(format!("protect (auto resync {})", policy.auto_resync));
         let disks: Vec<PathBuf> = self.sources();
         let r = self.e().protect(ITEM, &disks, policy, BLOCK).await;
+        // What is protected from now on: after a failback to other disks and protection
+        // disabled, the original disks again, which the history last saw long ago.
+        self.remember();
         self.expect_ok("protect", r.map(drop))
     }
 
