@@ -703,7 +703,7 @@ impl Engine {
         };
         let sent = self.write_batch(name, d, changes, how).await?.is_some();
         self.buffers.give(buffer);
-        if next >= disk.size && d + 1 == self.doc(name)?.disks.len() {
+        if next >= disk.size && self.doc(name).is_ok_and(|doc| d + 1 == doc.disks.len()) {
             // The item's copy is done: its buffers go while its logs are applied.
             self.buffers.clear();
         }

@@ -188,7 +188,7 @@ impl AgentHost {
             }));
         }
         match read_only {
-            // Opened once: a copy piece opens its disk (its own reads run beside others).
+            // The file opened above (a copy piece opens its disk once, not twice).
             true => FileHost::disk(f, path),
             false => FileHost.open_disk(path),
         }
