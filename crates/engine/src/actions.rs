@@ -659,7 +659,10 @@ impl Engine {
         len: u64,
         read_ahead: bool,
     ) -> Result<bool> {
-        let disk = self.doc(name)?.disks[d].clone();
+        let doc = self.doc(name)?;
+        let (disk, bs) = (doc.disks[d].clone(), doc.block_size);
+        // The last piece of the item's last disk: its copy is done with this one.
+        let last = offset + len >= disk.size && d + 1 == doc.disks.len();
         let key = (name.to_owned(), d, offset, len);
         // The piece read ahead while the last one was sent, if this action is the one
         // right after it (no other action of the item came between: a read after the
@@ -670,7 +673,6 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner())
             .take()
             .filter(|r| r.key == key && r.after + 1 == self.performed);
-        let bs = self.doc(name)?.block_size;
         let piece = match ahead {
             Some(r) => match r.piece.await {
                 Ok(piece) => piece?,
@@ -703,7 +705,7 @@ impl Engine {
         };
         let sent = self.write_batch(name, d, changes, how).await?.is_some();
         self.buffers.give(buffer);
-        if next >= disk.size && self.doc(name).is_ok_and(|doc| d + 1 == doc.disks.len()) {
+        if last {
             // The item's copy is done: its buffers go while its logs are applied.
             self.buffers.clear();
         }

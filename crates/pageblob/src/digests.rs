@@ -393,24 +393,28 @@ impl ReplicaDigests {
         Ok(bytes)
     }
 
-    /// Reads the pages among `wanted` (ascending, no repeats) that are not held.
-    async fn hold(&mut self, store: &dyn PageStore, wanted: &[u64]) -> Result<(), StoreError> {
+    /// Reads the pages among `wanted` (ascending, no repeats) that are not held; the
+    /// pages it added.
+    async fn hold(
+        &mut self,
+        store: &dyn PageStore,
+        wanted: &[u64],
+    ) -> Result<Vec<u64>, StoreError> {
         let Some(backing) = &self.backing else {
-            return Ok(()); // absent pages are zero slots
+            return Ok(Vec::new()); // absent pages are zero slots
         };
-        let (missing, zeros): (Vec<u64>, Vec<u64>) = wanted
+        let added: Vec<u64> = wanted
             .iter()
             .copied()
             .filter(|p| !self.pages.contains_key(p))
-            .partition(|&p| backing.may_hold(p));
+            .collect();
+        let (missing, zeros): (Vec<u64>, Vec<u64>) =
+            added.iter().partition(|&&p| backing.may_hold(p));
         // Pages the blob never held anything in: zeros, not read.
         for p in zeros {
             self.pages.insert(p, zero_page());
         }
         for run in runs(&missing, MAX_PUT / PAGE) {
-            let Some(backing) = &self.backing else {
-                break;
-            };
             let bytes = self.fetch(store, backing, run.clone()).await?;
             for (p, chunk) in run.zip(bytes.chunks(PAGE as usize)) {
                 let mut page = zero_page();
@@ -418,7 +422,7 @@ impl ReplicaDigests {
                 self.pages.insert(p, page);
             }
         }
-        Ok(())
+        Ok(added)
     }
 
     /// Sets one block's digest, marking its page for the next save.
@@ -580,12 +584,7 @@ impl ReplicaDigests {
         pages.dedup();
         // Pages read only for this are let go after (a copy of a thin disk asks about
         // every block of it; what is held grows with what batches write, not with this).
-        let fetched: Vec<u64> = pages
-            .iter()
-            .copied()
-            .filter(|p| !self.pages.contains_key(p))
-            .collect();
-        self.hold(store, &pages).await?;
+        let fetched = self.hold(store, &pages).await?;
         let size = u64::from(self.block_size.get());
         let known = ranges
             .iter()
