@@ -414,7 +414,7 @@ impl Engine {
                 blob,
                 size - 512,
                 Bytes::copy_from_slice(&footer),
-                lifeboat_pageblob::crc64(&footer),
+                self.store.content_crc64(&footer),
                 self.lease(),
             )
             .await?;

@@ -624,7 +624,7 @@ async fn an_initial_copy_sends_only_the_zeros_the_replica_lacks() {
                 .unwrap();
             for r in &strays {
                 let junk = bytes::Bytes::from(vec![0xA5; (r.end - r.start) as usize]);
-                let crc = crc64(&junk);
+                let crc = Some(crc64(&junk));
                 store
                     .write_pages(blob, r.start, junk, crc, Condition::NONE)
                     .await

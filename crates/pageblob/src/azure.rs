@@ -381,6 +381,11 @@ fn from_azure(e: azure_core::Error, what: &str) -> StoreError {
                 ) => StoreError::NotLeased { blob },
                 (412, "ConditionNotMet") => StoreError::Changed { blob },
                 (409, "BlobAlreadyExists") => StoreError::AlreadyExists { blob },
+                // Recoverable (sent again), unlike other 400s; the caller fills in the CRC.
+                (400, "Crc64Mismatch") => StoreError::ChecksumMismatch {
+                    sent: 0,
+                    actual: None,
+                },
                 // The caller fills in the numbers it knows.
                 (412, "SequenceNumberConditionNotMet") => StoreError::ConditionFailed {
                     expected: 0,
@@ -542,13 +547,13 @@ impl PageStore for AzureStore {
         blob: &str,
         offset: u64,
         data: Bytes,
-        crc64: u64,
+        crc64: Option<u64>,
         c: Condition,
     ) -> Result<(), StoreError> {
         let len = data.len() as u64;
         self.check_range(blob, offset, len, MAX_PUT).await?;
         let opts = PageBlobClientUploadPagesOptions {
-            transactional_content_crc64: Some(crc64.to_le_bytes().to_vec()),
+            transactional_content_crc64: crc64.map(|c| c.to_le_bytes().to_vec()),
             if_sequence_number_equal_to: c.sequence_number_eq.map(|s| s as i64),
             lease_id: lease_id(c),
             ..Default::default()
@@ -564,7 +569,13 @@ impl PageStore for AzureStore {
             .await
         {
             Ok(_) => Ok(()),
-            Err(e) => Err(self.condition_error(e, blob, c).await),
+            Err(e) => Err(match self.condition_error(e, blob, c).await {
+                StoreError::ChecksumMismatch { actual, .. } => StoreError::ChecksumMismatch {
+                    sent: crc64.unwrap_or_default(),
+                    actual,
+                },
+                e => e,
+            }),
         }
     }
 

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use lifeboat_resync::{BlockDigester, BlockSize, Digest, Signature};
 
 use crate::StoreError;
-use crate::store::{Condition, LeaseId, MAX_PUT, Metadata, PAGE, PageStore, crc64, merge_ranges};
+use crate::store::{Condition, LeaseId, MAX_PUT, Metadata, PAGE, PageStore, merge_ranges};
 use crate::writer::Change;
 
 /// The digest of a block whose bytes are unknown ([`ReplicaDigests::forget`]): 32 bytes
@@ -849,7 +849,7 @@ impl ReplicaDigests {
                     None => body.resize(body.len() + PAGE as usize, 0),
                 }
             }
-            let crc = crc64(&body);
+            let crc = store.content_crc64(&body);
             store
                 .write_pages(&name, run.start * PAGE, Bytes::from(body), crc, cond)
                 .await?;

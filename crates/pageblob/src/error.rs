@@ -77,13 +77,17 @@ pub enum StoreError {
         /// The blob.
         blob: String,
     },
-    /// The transactional CRC-64 does not match the body (400 Crc64Mismatch).
-    #[error("CRC-64 mismatch: sent {sent:#018x}, body has {actual:#018x}")]
+    /// The transactional CRC-64 does not match the body (400 Crc64Mismatch): the body
+    /// changed on the way.
+    #[error("CRC-64 mismatch: sent {sent:#018x}, {}", match actual {
+        Some(a) => format!("the body has {a:#018x}"),
+        None => "the body arrived changed".to_owned(),
+    })]
     ChecksumMismatch {
         /// The CRC sent.
         sent: u64,
-        /// The body's CRC.
-        actual: u64,
+        /// The CRC of the body that arrived, if the store says (Azure does not).
+        actual: Option<u64>,
     },
     /// The service answered with another HTTP status.
     #[error("HTTP {status}: {message}")]

@@ -26,6 +26,10 @@ pub enum Fault {
     /// The local disk is full (non-recoverable until someone makes room), without calling
     /// the store.
     DiskFull,
+    /// A page write's bytes changed on the way (one bit flipped), then handed to the store
+    /// with the checksum sent: a store that checks it refuses the write, one given none
+    /// takes the changed bytes. No effect on other requests (they carry no pages).
+    Corrupt,
 }
 
 /// A kind of request, to plan faults for.
@@ -298,7 +302,7 @@ impl<S> FaultyStore<S> {
             }
         }
         match fault {
-            None => op.await,
+            None | Some(Fault::Corrupt) => op.await,
             Some(Fault::ResetAfterApply) => {
                 op.await?;
                 Err(injected(Fault::ResetAfterApply))
@@ -331,6 +335,12 @@ fn injected(f: Fault) -> StoreError {
             path: "injected".into(),
             source: std::io::ErrorKind::StorageFull.into(),
         },
+        // Not answered so (the store answers a changed write); as a service refuses one.
+        Fault::Corrupt => StoreError::Http {
+            status: 400,
+            message: "injected fault: changed on the way".into(),
+            retry_after: None,
+        },
     }
 }
 
@@ -356,12 +366,16 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         *lock(&self.group)
     }
 
+    fn content_crc64(&self, data: &[u8]) -> Option<u64> {
+        self.inner.content_crc64(data)
+    }
+
     async fn write_pages(
         &self,
         blob: &str,
         offset: u64,
         data: Bytes,
-        crc64: u64,
+        crc64: Option<u64>,
         c: Condition,
     ) -> Result<(), StoreError> {
         self.arrive(blob, offset).await?;
@@ -372,6 +386,16 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
                 Some(f)
             }
             None => self.planned(Request::Put),
+        };
+        let data = match f {
+            Some(Fault::Corrupt) => {
+                let mut changed = data.to_vec();
+                if let Some(b) = changed.first_mut() {
+                    *b ^= 1;
+                }
+                Bytes::from(changed)
+            }
+            _ => data,
         };
         self.run(f, self.inner.write_pages(blob, offset, data, crc64, c))
             .await

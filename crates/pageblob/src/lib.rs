@@ -49,7 +49,7 @@ assert_eq!(store.properties("vm1/disk0").await?.sequence_number, 1);
 
 // Nobody else writes the leased blob.
 let page = Bytes::from(vec![0u8; 512]);
-let crc = lifeboat_pageblob::crc64(&page);
+let crc = Some(lifeboat_pageblob::crc64(&page));
 let theirs = store.write_pages("vm1/disk0", 0, page, crc, Condition::NONE).await;
 assert!(matches!(theirs, Err(StoreError::Leased { .. })));
 

@@ -852,26 +852,30 @@ impl Inner {
         blob: &str,
         offset: u64,
         data: &[u8],
-        crc: u64,
+        crc: Option<u64>,
         c: Condition,
     ) -> Result<(), StoreError> {
         self.write_many(blob, &[(offset, data, crc)], c)
     }
 
-    /// Page writes (offset, bytes, CRC-64) under one lock, one state load, one open of
+    /// Page writes (offset, bytes, CRC-64 if checked) under one lock, one state load, one open of
     /// the data file and one journal append: none is written unless all pass the checks.
     fn write_many(
         &self,
         blob: &str,
-        writes: &[(u64, &[u8], u64)],
+        writes: &[(u64, &[u8], Option<u64>)],
         c: Condition,
     ) -> Result<(), StoreError> {
         // Checked before the lock: writers to other blobs (or other requests of this
         // one) proceed meanwhile.
         for &(_, data, crc) in writes {
+            let Some(crc) = crc else { continue };
             let actual = crc64(data);
             if actual != crc {
-                return Err(StoreError::ChecksumMismatch { sent: crc, actual });
+                return Err(StoreError::ChecksumMismatch {
+                    sent: crc,
+                    actual: Some(actual),
+                });
             }
         }
         let _g = self.guard()?;
@@ -1594,13 +1598,18 @@ impl PageStore for LocalStore {
         blob: &str,
         offset: u64,
         data: Bytes,
-        crc64: u64,
+        crc64: Option<u64>,
         condition: Condition,
     ) -> Result<(), StoreError> {
         self.run(blob, move |i, b| {
             i.write_pages(b, offset, &data, crc64, condition)
         })
         .await
+    }
+
+    /// None: the bytes are handed over in this process (a CRC given is still checked).
+    fn content_crc64(&self, _data: &[u8]) -> Option<u64> {
+        None
     }
 
     fn write_group_bytes(&self) -> u64 {
@@ -1614,12 +1623,12 @@ impl PageStore for LocalStore {
     async fn write_pages_many(
         &self,
         blob: &str,
-        writes: &[(u64, Bytes, u64)],
+        writes: &[(u64, Bytes, Option<u64>)],
         condition: Condition,
     ) -> Result<(), StoreError> {
         let writes = writes.to_vec();
         self.run(blob, move |i, b| {
-            let borrowed: Vec<(u64, &[u8], u64)> =
+            let borrowed: Vec<(u64, &[u8], Option<u64>)> =
                 writes.iter().map(|(o, d, c)| (*o, &d[..], *c)).collect();
             i.write_many(b, &borrowed, condition)
         })
@@ -1860,11 +1869,11 @@ mod tests {
         s.create_locked("b", 1 << 20, 0, &Metadata::new()).unwrap();
         let chunk = vec![5u8; 1 << 20];
         for k in 0..WRITE_BEHIND / (1 << 20) - 1 {
-            s.write_pages("a", k << 20, &chunk, crc64(&chunk), none)
+            s.write_pages("a", k << 20, &chunk, Some(crc64(&chunk)), none)
                 .unwrap();
         }
         assert_eq!(started(), 0, "under the threshold");
-        s.write_pages("a", 15 << 20, &chunk, crc64(&chunk), none)
+        s.write_pages("a", 15 << 20, &chunk, Some(crc64(&chunk)), none)
             .unwrap();
         assert_eq!(started(), 1, "the threshold starts one flush");
         // A failure as the flush thread records it.
@@ -1887,7 +1896,7 @@ mod tests {
         // Written again in part (one page cleared, the rest of the first MiB written):
         // the rest is still missing.
         s.clear_pages("a", 0, 512, none).unwrap();
-        s.write_pages("a", 512, &chunk[512..], crc64(&chunk[512..]), none)
+        s.write_pages("a", 512, &chunk[512..], Some(crc64(&chunk[512..])), none)
             .unwrap();
         let e = s.set_sequence_number("a", 1, none).unwrap_err();
         let (left, first) = (7u64 << 20, 1u64 << 20);
@@ -1910,7 +1919,7 @@ mod tests {
         assert!(e.to_string().contains(&format!("{left} bytes")), "{e}");
         assert!(l.read_current("a", &[(15 << 20, 512)]).is_err());
         for k in (1..7u64).chain([15]) {
-            l.write_pages("a", k << 20, &chunk, crc64(&chunk), none)
+            l.write_pages("a", k << 20, &chunk, Some(crc64(&chunk)), none)
                 .unwrap();
         }
         l.set_sequence_number("a", 1, none).unwrap();
@@ -1938,7 +1947,8 @@ mod tests {
         s.set_sequence_number("b", 2, none).unwrap();
         assert_eq!(syncs(&store), 1, "nothing was written");
         let page = [7u8; 512];
-        s.write_pages("b", 4096, &page, crc64(&page), none).unwrap();
+        s.write_pages("b", 4096, &page, Some(crc64(&page)), none)
+            .unwrap();
         s.set_sequence_number("b", 2, none).unwrap();
         assert_eq!(syncs(&store), 2, "a written page is made durable");
         s.set_metadata("b", &Metadata::new(), none).unwrap();

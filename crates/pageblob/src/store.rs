@@ -203,7 +203,8 @@ impl Condition {
 /// whole-object documents (the catalogue) and leases (one writer per blob).
 ///
 /// Offsets and lengths of page operations must be multiples of [`PAGE`]; a write carries at
-/// most [`MAX_PUT`] bytes and its CRC-64/NVME ([`crc64`]). Every write to a leased blob must
+/// most [`MAX_PUT`] bytes and, where the store checks what arrives, its CRC-64/NVME
+/// ([`PageStore::content_crc64`]). Every write to a leased blob must
 /// carry its lease ([`Condition::lease`]); snapshots are not leased (Azure deletes a
 /// snapshot without a lease id), so a writer fences its snapshot deletions itself. Blob
 /// names are `/`-separated paths of letters, digits, `-`, `_` and `.`. Every backend must
@@ -224,16 +225,26 @@ pub trait PageStore: Send + Sync + std::fmt::Debug {
     /// The blob's size, sequence number, metadata, lease state and entity tag.
     async fn properties(&self, blob: &str) -> Result<Properties, StoreError>;
 
-    /// Writes `data` at `offset` if `condition` holds; `crc64` must be the CRC-64/NVME of
-    /// `data`.
+    /// Writes `data` at `offset` if `condition` holds. `crc64`, if given, must be the
+    /// CRC-64/NVME of `data` ([`crc64`]): the store refuses the write if what arrived does
+    /// not match it (Azure's optional `x-ms-content-crc64`). Writers pass what
+    /// [`content_crc64`](PageStore::content_crc64) says.
     async fn write_pages(
         &self,
         blob: &str,
         offset: u64,
         data: Bytes,
-        crc64: u64,
+        crc64: Option<u64>,
         condition: Condition,
     ) -> Result<(), StoreError>;
+
+    /// The checksum a write of `data` should carry: its [`crc64`] for a store the bytes
+    /// travel to (the default), `None` for one they never leave the process for (the
+    /// embedded store: computing and checking it there guards nothing, at a tenth of an
+    /// initial copy's CPU time).
+    fn content_crc64(&self, data: &[u8]) -> Option<u64> {
+        Some(crc64(data))
+    }
 
     /// How many bytes of page writes the store takes best in one
     /// [`write_pages_many`](PageStore::write_pages_many) call; 0 (the default): one write
@@ -242,7 +253,7 @@ pub trait PageStore: Send + Sync + std::fmt::Debug {
         0
     }
 
-    /// Writes several ranges of the blob (offset, bytes, CRC-64 of the bytes), each as
+    /// Writes several ranges of the blob (offset, bytes, checksum of the bytes), each as
     /// [`write_pages`](PageStore::write_pages) writes it, if `condition` holds: for a store
     /// that takes them cheaper together ([`write_group_bytes`](PageStore::write_group_bytes);
     /// the embedded store checks the state, opens its files and appends to its journal
@@ -251,7 +262,7 @@ pub trait PageStore: Send + Sync + std::fmt::Debug {
     async fn write_pages_many(
         &self,
         blob: &str,
-        writes: &[(u64, Bytes, u64)],
+        writes: &[(u64, Bytes, Option<u64>)],
         condition: Condition,
     ) -> Result<(), StoreError> {
         for (offset, data, crc) in writes {

@@ -13,9 +13,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::StoreError;
-use crate::store::{
-    Condition, LeaseId, MAX_PUT, PAGE, PageStore, crc64, merge_ranges, unless_panic,
-};
+use crate::store::{Condition, LeaseId, MAX_PUT, PAGE, PageStore, merge_ranges, unless_panic};
 
 /// One change to the replica: new bytes, or a range that now reads as zeros.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -479,10 +477,10 @@ async fn send(
             }
             let n = puts.len() as u64;
             let first = puts.first().map_or(0, |p| p.0);
-            let writes: Vec<(u64, Bytes, u64)> = puts
+            let writes: Vec<(u64, Bytes, Option<u64>)> = puts
                 .into_iter()
                 .map(|(offset, data)| {
-                    let crc = crc64(&data);
+                    let crc = store.content_crc64(&data);
                     (offset, data, crc)
                 })
                 .collect();
@@ -498,7 +496,7 @@ async fn send(
             if let Some(t) = throttle {
                 t.admit(data.len() as u64).await;
             }
-            let crc = crc64(&data);
+            let crc = store.content_crc64(&data);
             let len = data.len() as u64;
             let what = || format!("Put Page {offset}+{len}");
             with_retries(policy, counters, seq, what, || {

@@ -61,7 +61,7 @@ async fn local_store_state_survives_reopen_and_snapshots_copy_nothing() {
             "d",
             0,
             Bytes::from(data.clone()),
-            lifeboat_pageblob::crc64(&data),
+            Some(lifeboat_pageblob::crc64(&data)),
             Condition::NONE,
         )
         .await
@@ -76,7 +76,7 @@ async fn local_store_state_survives_reopen_and_snapshots_copy_nothing() {
             "d",
             0,
             Bytes::from(vec![9u8; 512]),
-            lifeboat_pageblob::crc64(&[9u8; 512]),
+            Some(lifeboat_pageblob::crc64(&[9u8; 512])),
             Condition::NONE,
         )
         .await
@@ -118,7 +118,7 @@ async fn a_torn_journal_after_page_writes_falls_back_to_its_whole_lines() {
         .unwrap();
     let data = random(MIB as usize, 2);
     let put = |s: &LocalStore, at: u64, bytes: Vec<u8>| {
-        let crc = lifeboat_pageblob::crc64(&bytes);
+        let crc = Some(lifeboat_pageblob::crc64(&bytes));
         let s = s.clone();
         async move {
             s.write_pages("d", at, Bytes::from(bytes), crc, Condition::NONE)
@@ -219,7 +219,7 @@ proptest::proptest! {
                 match op {
                     StoreOp::Write { page, pages, seed } => {
                         let data = random((pages * PAGE) as usize, seed);
-                        let crc = lifeboat_pageblob::crc64(&data);
+                        let crc = Some(lifeboat_pageblob::crc64(&data));
                         s.write_pages("d", page * PAGE, Bytes::from(data.clone()), crc, Condition::NONE)
                             .await
                             .unwrap();
@@ -284,7 +284,7 @@ async fn writer_aligns_coalesces_caps_and_applies_exactly() {
         "d",
         0,
         Bytes::from(base[..(4 * MIB) as usize].to_vec()),
-        lifeboat_pageblob::crc64(&base[..(4 * MIB) as usize]),
+        Some(lifeboat_pageblob::crc64(&base[..(4 * MIB) as usize])),
         Condition::NONE,
     )
     .await
@@ -772,6 +772,31 @@ fn unique(name: &str) -> String {
     format!("{name}-{}-{nanos}", std::process::id())
 }
 
+/// The writer sends the embedded store no checksum (its bytes never leave the process):
+/// bytes changed between the writer and the store (a fault no in-process write has) land
+/// changed, where a remote store refuses them (`azure_writer_retries_faults_and_fences_on_azurite`).
+#[tokio::test]
+async fn the_embedded_store_is_sent_no_checksum() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = Arc::new(FaultyStore::new(LocalStore::open(dir.path()).unwrap()));
+    f.create("d", 4 * MIB, 0, &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(f.content_crc64(b"any"), None);
+    f.fail_nth(1, Fault::Corrupt);
+    let data = random(MIB as usize, 8);
+    let w = PageWriter::new(f.clone(), "d", fast_retries());
+    let change = Change::Data {
+        offset: 0,
+        data: Bytes::from(data.clone()),
+    };
+    let report = w.apply_batch(0, vec![change], None).await.unwrap();
+    assert_eq!(report.retries, 0);
+    let landed = f.read("d", None, 0, MIB).await.unwrap();
+    assert_eq!(landed[0], data[0] ^ 1);
+    assert_eq!(landed[1..], data[1..]);
+}
+
 #[tokio::test]
 async fn azure_store_passes_the_conformance_suite_on_azurite() {
     let Some((port, answer)) = azurite() else {
@@ -798,6 +823,8 @@ async fn azure_writer_retries_faults_and_fences_on_azurite() {
     let data = random((9 * MIB + 4096) as usize, 6);
     f.fail_nth(1, Fault::Status(503));
     f.fail_nth(3, Fault::ResetAfterApply);
+    // Bytes changed on the way: refused by the checksum the write carries, then sent again.
+    f.fail_nth(4, Fault::Corrupt);
     let w = PageWriter::new(f.clone(), "d", fast_retries());
     let report = w
         .apply_batch(
@@ -810,7 +837,7 @@ async fn azure_writer_retries_faults_and_fences_on_azurite() {
         )
         .await
         .unwrap();
-    assert_eq!(report.retries, 2);
+    assert_eq!(report.retries, 3);
     assert_eq!(
         f.read("d", None, 512, data.len() as u64).await.unwrap()[..],
         data[..]
@@ -1058,7 +1085,7 @@ async fn replica_digests_follow_batches_persist_and_drive_a_resync() {
         "d",
         MIB,
         Bytes::from(vec![5u8; 512]),
-        lifeboat_pageblob::crc64(&[5u8; 512]),
+        Some(lifeboat_pageblob::crc64(&[5u8; 512])),
         Condition::NONE,
     )
     .await
@@ -1437,7 +1464,7 @@ async fn local_stores_sharing_a_root_see_each_others_writes() {
         .await
         .unwrap();
     let page = Bytes::from(vec![7u8; 512]);
-    let crc = lifeboat_pageblob::crc64(&page);
+    let crc = Some(lifeboat_pageblob::crc64(&page));
     let mut seq = 0;
     for i in 0..32u64 {
         let (me, other) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
@@ -1668,7 +1695,7 @@ async fn default_read_ranges_merges_nearby_ranges_into_few_requests() {
     let data = random(len as usize, 7);
     for at in (0..len).step_by(MAX_PUT as usize) {
         let chunk = Bytes::copy_from_slice(&data[at as usize..(at + MAX_PUT) as usize]);
-        let crc = lifeboat_pageblob::crc64(&chunk);
+        let crc = Some(lifeboat_pageblob::crc64(&chunk));
         s.write_pages("d", at, chunk, crc, Condition::NONE)
             .await
             .unwrap();

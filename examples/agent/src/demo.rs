@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
 use lifeboat_engine::{Engine, Failover, Location};
 use lifeboat_hrl::{LogWriter, WriterConfig};
-use lifeboat_pageblob::{Condition, MAX_PUT, PageStore, crc64};
+use lifeboat_pageblob::{Condition, MAX_PUT, PageStore};
 use lifeboat_replication::{Command, PointChoice, ProtectionState};
 use lifeboat_source::SplitMix64;
 
@@ -443,7 +443,13 @@ async fn demo(store: &Store, dir: &Path, target: &Target) -> Result<()> {
                     .write_all_at(&buf, at)?,
                 Location::Blob { name, .. } => {
                     e.store()
-                        .write_pages(name, at, Bytes::copy_from_slice(&buf), crc64(&buf), lease)
+                        .write_pages(
+                            name,
+                            at,
+                            Bytes::copy_from_slice(&buf),
+                            e.store().content_crc64(&buf),
+                            lease,
+                        )
                         .await?
                 }
             }

@@ -298,7 +298,7 @@ fn stale_primary(local: bool) {
     rt.block_on(async {
         let l = Condition::lease(stale);
         let page = Bytes::from(vec![0xEE; 512]);
-        let crc = crc64(&page);
+        let crc = Some(crc64(&page));
         let disk = "lifeboat/items/vm1/disk0";
         let doc = "lifeboat/items/vm1/catalog.json";
         let etag = store.get_doc(doc).await.unwrap().unwrap().etag;
