@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use lifeboat_hrl::{LogWriter, WriterConfig as WriterConfig2};
-use lifeboat_pageblob::{Fault, FaultyStore, LocalStore, PageStore, Request, WriterConfig};
+use lifeboat_pageblob::{
+    Fault, FaultyStore, LocalStore, PageStore, ReplicaDigests, Request, WriterConfig,
+};
 use lifeboat_replication::{
     Command, HealthCause, PointId, ProtectionState, ReplicationPolicy, ResyncReason,
 };
@@ -553,6 +555,43 @@ async fn protecting_a_sparse_disk_reads_only_its_data() {
         .unwrap();
     assert!(replica[..] == want[..], "the replica differs");
     // The digests (hashed from what was sent, holes included) describe the replica.
+    let v = e.verify("vm", None, false).await.unwrap();
+    assert!(v.iter().all(Verified::clean), "{v:?}");
+}
+
+/// Blocks whose digests were recorded unknown (a batch cut short, not read back) are
+/// reported as such by verify, not as damage, and the replica is not clean until a
+/// resync sends them.
+#[tokio::test]
+async fn verify_tells_unknown_blocks_from_damaged_ones() {
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let file = tempfile::tempfile_in(dir.path()).unwrap();
+    let len = 8 * MIB;
+    file.set_len(len).unwrap();
+    let bytes = lifeboat_source::SplitMix64::new(9).bytes(MIB as usize);
+    std::os::unix::fs::FileExt::write_all_at(&file, &bytes, MIB).unwrap();
+    let store: Arc<dyn PageStore> = Arc::new(LocalStore::open(dir.path().join("store")).unwrap());
+    let (mut e, _) = protect_sparse(&store, dir.path(), file, 4 * MIB).await;
+    let blob = "lifeboat/items/vm/disk0";
+    let bs = u64::from(e.item("vm").unwrap().item.block_size);
+    let mut digests = ReplicaDigests::load(&*store, blob).await.unwrap().unwrap();
+    let seq = digests.sequence_number();
+    // A block of data and one of zeros.
+    let forgotten = [MIB..MIB + 1, 6 * MIB..6 * MIB + 1];
+    digests.forget(&*store, &forgotten, seq).await.unwrap();
+    digests
+        .save(&*store, blob, Some(e.site().id()))
+        .await
+        .unwrap();
+    e.forget_digests(blob);
+    let v = e.verify("vm", None, false).await.unwrap();
+    assert_eq!(v[0].unknown, vec![MIB / bs, 6 * MIB / bs], "{v:?}");
+    assert_eq!(v[0].damaged, Vec::<u64>::new());
+    assert!(!v[0].clean());
+    e.command(Command::Resync { item: "vm".into() })
+        .await
+        .unwrap();
     let v = e.verify("vm", None, false).await.unwrap();
     assert!(v.iter().all(Verified::clean), "{v:?}");
 }

@@ -26,6 +26,10 @@ pub struct Verified {
     /// Blocks whose bytes differ from the digests recorded when they were written: damage
     /// (bit rot, a write that bypassed Lifeboat).
     pub damaged: Vec<u64>,
+    /// Blocks whose digests were recorded unknown (a batch cut short, whose pages could
+    /// not be read back as they landed): not checked; a resync, or a repair, sends them
+    /// from the source.
+    pub unknown: Vec<u64>,
     /// Blocks where the live replica differs from the source disk, when asked (writes not
     /// replicated yet show here too: compare a quiet or snapshotted source).
     pub unlike_source: Option<Vec<u64>>,
@@ -34,9 +38,11 @@ pub struct Verified {
 }
 
 impl Verified {
-    /// Whether nothing is wrong.
+    /// Whether nothing is wrong (nor unknown).
     pub fn clean(&self) -> bool {
-        self.damaged.is_empty() && self.unlike_source.as_ref().is_none_or(Vec::is_empty)
+        self.damaged.is_empty()
+            && self.unknown.is_empty()
+            && self.unlike_source.as_ref().is_none_or(Vec::is_empty)
     }
 }
 
@@ -97,7 +103,12 @@ impl Engine {
             )
             .await?;
             match &stored {
-                Some(stored) => v.damaged = stored.differing(&*self.store, &actual).await?,
+                Some(stored) => {
+                    // An unknown digest matches no bytes: not damage, but not checked.
+                    v.unknown = stored.unknown(&*self.store).await?;
+                    v.damaged = stored.differing(&*self.store, &actual).await?;
+                    v.damaged.retain(|b| v.unknown.binary_search(b).is_err());
+                }
                 None => {
                     v.note = Some("the stored digests are stale (a batch was cut short)".into())
                 }
@@ -123,8 +134,8 @@ impl Engine {
 
     /// Repairs the live replica of an item this site acts for: the digests of damaged
     /// blocks are made to describe what the blocks hold, then a resync compares the
-    /// source with them and sends exactly the blocks that differ (damaged ones, and
-    /// writes not yet replicated). Returns what verify found before the repair.
+    /// source with them and sends exactly the blocks that differ (damaged ones, writes
+    /// not yet replicated, and blocks recorded unknown). Returns what verify found before the repair.
     pub async fn repair(&mut self, item: &str) -> Result<Vec<Verified>> {
         self.require_owned(item)?;
         let found = self.verify(item, None, false).await?;

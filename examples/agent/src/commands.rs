@@ -690,7 +690,7 @@ async fn verify(
             None if v.damaged.is_empty() => say!(
                 "{item} disk {} ({what}): {} blocks match their digests",
                 v.disk,
-                v.blocks
+                v.blocks - v.unknown.len() as u64
             ),
             None => say!(
                 "{item} disk {} ({what}): {} damaged block(s) at offset(s) {}",
@@ -698,6 +698,15 @@ async fn verify(
                 v.damaged.len(),
                 offsets(&v.damaged)
             ),
+        }
+        if !v.unknown.is_empty() {
+            say!(
+                "{item} disk {} ({what}): {} block(s) not checked, at offset(s) {}: their \
+                 digests were recorded unknown (a batch cut short); a resync sends them",
+                v.disk,
+                v.unknown.len(),
+                offsets(&v.unknown)
+            );
         }
         if let Some(u) = &v.unlike_source {
             if u.is_empty() {
