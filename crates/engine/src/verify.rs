@@ -135,7 +135,8 @@ impl Engine {
     /// Repairs the live replica of an item this site acts for: the digests of damaged
     /// blocks are made to describe what the blocks hold, then a resync compares the
     /// source with them and sends exactly the blocks that differ (damaged ones, writes
-    /// not yet replicated, and blocks recorded unknown). Returns what verify found before the repair.
+    /// not yet replicated, and blocks recorded unknown). Returns what verify found before
+    /// the repair.
     pub async fn repair(&mut self, item: &str) -> Result<Vec<Verified>> {
         self.require_owned(item)?;
         let found = self.verify(item, None, false).await?;

@@ -858,8 +858,9 @@ impl Inner {
         self.write_many(blob, &[(offset, data, crc)], c)
     }
 
-    /// Page writes (offset, bytes, CRC-64 if checked) under one lock, one state load, one open of
-    /// the data file and one journal append: none is written unless all pass the checks.
+    /// Page writes (offset, bytes, CRC-64 if checked) under one lock, one state load, one
+    /// open of the data file and one journal append: none is written unless all pass the
+    /// checks.
     fn write_many(
         &self,
         blob: &str,

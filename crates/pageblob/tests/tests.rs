@@ -774,7 +774,8 @@ fn unique(name: &str) -> String {
 
 /// The writer sends the embedded store no checksum (its bytes never leave the process):
 /// bytes changed between the writer and the store (a fault no in-process write has) land
-/// changed, where a remote store refuses them (`azure_writer_retries_faults_and_fences_on_azurite`).
+/// changed, where a remote store refuses them (see
+/// `azure_writer_retries_faults_and_fences_on_azurite`).
 #[tokio::test]
 async fn the_embedded_store_is_sent_no_checksum() {
     let dir = tempfile::tempdir().unwrap();
