@@ -204,11 +204,12 @@ impl Condition {
 ///
 /// Offsets and lengths of page operations must be multiples of [`PAGE`]; a write carries at
 /// most [`MAX_PUT`] bytes and, where the store checks what arrives, its CRC-64/NVME
-/// ([`PageStore::content_crc64`]). Every write to a leased blob must carry its lease ([`Condition::lease`]); snapshots are not leased (Azure deletes a
-/// snapshot without a lease id), so a writer fences its snapshot deletions itself. Blob
-/// names are `/`-separated paths of letters, digits, `-`, `_` and `.`. Every backend must
-/// pass the `conformance` suite (feature `testing`), which checks exactly these rules. The trait
-/// is object-safe: `Arc<dyn PageStore>` works.
+/// ([`PageStore::content_crc64`]). Every write to a leased blob must carry its lease
+/// ([`Condition::lease`]); snapshots are not leased (Azure deletes a snapshot without a
+/// lease id), so a writer fences its snapshot deletions itself. Blob names are `/`-separated
+/// paths of letters, digits, `-`, `_` and `.`. Every backend must pass the `conformance`
+/// suite (feature `testing`), which checks exactly these rules. The trait is object-safe:
+/// `Arc<dyn PageStore>` works.
 #[async_trait]
 pub trait PageStore: Send + Sync + std::fmt::Debug {
     /// Creates a page blob of `size` bytes (zeros) with `metadata` and sequence number
