@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use lifeboat_hrl::{HRL_EPOCH_UNIX_SECS, LogWriter, WriterConfig as LogConfig};
 use lifeboat_pageblob::{
-    Fault, FaultyStore, LocalStore, PageStore, Request, WriterConfig, digests_blob,
+    Fault, FaultyStore, LocalStore, PageStore, ReplicaDigests, Request, WriterConfig, digests_blob,
 };
 use lifeboat_replication::{
     Command, CopyFrequency, Health, PointChoice, PointId, ProtectionState, ReplicationPolicy,
@@ -955,15 +955,20 @@ impl Sim {
         for d in 0..SIZES.len() {
             let blob = replica_blob(ITEM, d);
             let store = self.faults.inner();
-            if let Ok(Some(digests)) = lifeboat_pageblob::ReplicaDigests::load(store, &blob).await {
-                let unknown = digests.unknown(store).await.map_err(|e| e.to_string())?;
-                let bad: Vec<u64> = digests
-                    .verify(store, &blob)
+            if let Ok(Some(digests)) = ReplicaDigests::load(store, &blob).await {
+                let (len, bs, seq) = (
+                    digests.len(),
+                    digests.block_size(),
+                    digests.sequence_number(),
+                );
+                let actual = ReplicaDigests::scan_at(store, &blob, None, len, bs, seq)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let bad = digests
+                    .check(store, &actual)
                     .await
                     .map_err(|e| e.to_string())?
-                    .into_iter()
-                    .filter(|b| !unknown.contains(b))
-                    .collect();
+                    .damaged;
                 if !bad.is_empty() {
                     return Err(format!(
                         "replica disk {d}'s digests claim its sequence number {} but differ in blocks {bad:?}",

@@ -104,10 +104,8 @@ impl Engine {
             .await?;
             match &stored {
                 Some(stored) => {
-                    // An unknown digest matches no bytes: not damage, but not checked.
-                    v.unknown = stored.unknown(&*self.store).await?;
-                    v.damaged = stored.differing(&*self.store, &actual).await?;
-                    v.damaged.retain(|b| v.unknown.binary_search(b).is_err());
+                    let c = stored.check(&*self.store, &actual).await?;
+                    (v.damaged, v.unknown) = (c.damaged, c.unknown);
                 }
                 None => {
                     v.note = Some("the stored digests are stale (a batch was cut short)".into())

@@ -130,6 +130,15 @@ pub struct ReplicaDigests {
     dirty: BTreeSet<u64>,
 }
 
+/// What digests say of blocks whose bytes were hashed again ([`ReplicaDigests::check`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Checked {
+    /// Blocks whose digests differ from their bytes': damage.
+    pub damaged: Vec<u64>,
+    /// Blocks whose digests were recorded unknown: not checked (a resync sends them).
+    pub unknown: Vec<u64>,
+}
+
 /// A batch's block digests computed from the bytes it sends ([`BatchDigests::of`]), and
 /// the ranges that must be read back after it lands (blocks it covers only in part), unless
 /// [`BatchDigests::read_rest`] completed those blocks while the batch was sent.
@@ -714,6 +723,27 @@ impl ReplicaDigests {
         )
         .await?;
         self.differing(store, &fresh).await
+    }
+
+    /// These digests against `actual` (of the same geometry: the bytes hashed again, by
+    /// [`scan_at`](Self::scan_at)), reading each one's slots once: the blocks they differ
+    /// in, but for those recorded unknown here, which are listed apart (an unknown digest
+    /// matches no bytes).
+    pub async fn check(
+        &self,
+        store: &dyn PageStore,
+        actual: &ReplicaDigests,
+    ) -> Result<Checked, StoreError> {
+        let (a, b) = (self.signature(store).await?, actual.signature(store).await?);
+        let mut c = Checked::default();
+        for (i, (a, b)) in a.digests().iter().zip(b.digests()).enumerate() {
+            if *a == UNKNOWN {
+                c.unknown.push(i as u64);
+            } else if a != b {
+                c.damaged.push(i as u64);
+            }
+        }
+        Ok(c)
     }
 
     /// Blocks whose digests differ between these and `other` (of the same geometry),

@@ -77,7 +77,7 @@ ID `TokenCredential`, https only; tested against Azurite's OAuth mode with a tes
 
 pub use crate::{
     azure::{AZURITE_ACCOUNT, AZURITE_KEY, AzureStore, Credential, account_sas},
-    digests::{BatchDigests, ReplicaDigests, digests_blob},
+    digests::{BatchDigests, Checked, ReplicaDigests, digests_blob},
     error::{StoreError, Unreachable},
     local::LocalStore,
     store::{

@@ -1325,6 +1325,12 @@ async fn replica_digests_know_which_ranges_hold_zeros() {
     assert_eq!(loaded.unknown(&*s).await.unwrap(), [30 * MIB / block]);
     assert!(d.unknown(&*s).await.unwrap().is_empty());
     assert!(!got[8], "nor a range holding one");
+    // Checked against the blob's bytes: listed apart from damage (it matches none).
+    let actual = ReplicaDigests::scan_at(&*s, "d", None, len, bs, 1)
+        .await
+        .unwrap();
+    let c = loaded.check(&*s, &actual).await.unwrap();
+    assert_eq!((c.damaged, c.unknown), (vec![], vec![30 * MIB / block]));
 }
 
 /// Asking which ranges hold zeros keeps none of the slot pages it read: a copy of a thin
