@@ -315,6 +315,27 @@ impl ReadAt for MemoryDisk {
             .as_slice()
             .read_exact_at(buf, offset)
     }
+
+    /// The 4 KiB pages (of the disk's own grid) that hold a byte other than zero: a
+    /// memory disk is as thin as its contents.
+    fn data_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<std::ops::Range<u64>>> {
+        const PAGE: u64 = 4096;
+        let d = self.0.read().unwrap_or_else(|p| p.into_inner());
+        let end = offset.saturating_add(len).min(d.len() as u64);
+        let mut out: Vec<std::ops::Range<u64>> = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let next = ((at / PAGE + 1) * PAGE).min(end);
+            if !lifeboat_resync::is_zero(&d[at as usize..next as usize]) {
+                match out.last_mut() {
+                    Some(last) if last.end == at => last.end = next,
+                    _ => out.push(at..next),
+                }
+            }
+            at = next;
+        }
+        Ok(out)
+    }
 }
 
 impl Disk for MemoryDisk {

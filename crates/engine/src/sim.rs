@@ -242,9 +242,15 @@ impl Sim {
         });
         let mut rng = Rng::new(seed);
         for (d, &len) in SIZES.iter().enumerate() {
+            // Thin in places: each 64 KiB (a copy piece) holds data or none, so copies
+            // meet runs of holes to skip.
             let mut bytes = vec![0u8; len as usize];
-            for b in bytes.iter_mut().step_by(97) {
-                *b = rng.next_u64() as u8;
+            for piece in bytes.chunks_mut(64 << 10) {
+                if rng.chance(60) {
+                    for b in piece.iter_mut().step_by(97) {
+                        *b = rng.next_u64() as u8;
+                    }
+                }
             }
             host.disks.add_disk(format!("src/d{d}"), bytes);
         }

@@ -766,6 +766,34 @@ async fn a_copy_piece_asks_one_properties() {
     assert_eq!(heads[1] - heads[0], 3, "three more pieces: {heads:?}");
 }
 
+/// A run of holes is skipped in one action, asking the replica's properties once (each
+/// piece asked them: a request per 64 MiB of a thin disk on Azure): copies of a disk with
+/// data in its first and last MiB ask as many in 2 MiB pieces as in 8 MiB ones, and the
+/// replica equals the disk.
+#[tokio::test]
+async fn a_run_of_holes_asks_the_replica_once() {
+    const MIB: u64 = 1 << 20;
+    let len = 48 * MIB;
+    let mut heads = Vec::new();
+    for chunk in [8 * MIB, 2 * MIB] {
+        let p = Counted::protect(len, &[0, 47 * MIB], chunk).await;
+        heads.push(p.faults.requests(Request::Properties));
+        assert_eq!(
+            p.engine.protection("vm").unwrap(),
+            ProtectionState::Protected
+        );
+        let replica = p
+            .faults
+            .read("lifeboat/items/vm/disk0", None, 0, len)
+            .await
+            .unwrap();
+        let mut want = vec![0u8; len as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&p.disk.file, &mut want, 0).unwrap();
+        assert!(replica[..] == want[..], "the replica differs ({chunk})");
+    }
+    assert_eq!(heads[0], heads[1], "properties asked: {heads:?}");
+}
+
 /// Copy pieces of holes the replica holds save no catalogue (a thin disk is mostly such
 /// pieces; each save is two fsyncs locally): copies of a disk with data in its first and
 /// last 16 MiB write as many documents in 8 MiB pieces (four of them holes) as in 16 MiB

@@ -16,6 +16,7 @@ use crate::model::*;
 
 pub use self::health::ItemStatus;
 use self::item::Item;
+use self::outcomes::Done;
 
 mod admission;
 mod health;
@@ -135,8 +136,16 @@ impl Coordinator {
         let (_, step) = it.in_flight.take().ok_or(OpError::UnknownAction(id))?;
         match outcome {
             Outcome::Failed { class, message } => it.on_failed(now, step, class, message),
-            Outcome::Done => it.on_done(now, step, Vec::new()),
-            Outcome::Logs(logs) => it.on_done(now, step, logs),
+            Outcome::Done => it.on_done(now, step, Done::default()),
+            Outcome::Logs(logs) => it.on_done(now, step, Done { logs, through: 0 }),
+            Outcome::CopiedThrough(end) => it.on_done(
+                now,
+                step,
+                Done {
+                    logs: Vec::new(),
+                    through: end,
+                },
+            ),
         }
         self.pump(&name, now);
         self.pump_plans(now);

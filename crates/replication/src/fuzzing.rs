@@ -175,6 +175,11 @@ pub fn apply_op(
                             closed_at: (x % 3 == 0)
                                 .then(|| now.saturating_sub(Duration::from_secs(u64::from(x)))),
                         }]),
+                        // A driver that skipped a run of holes (anywhere: within the
+                        // range, past it, past the disk's end).
+                        ActionKind::CopyDiskRange { offset, .. } if x % 5 == 0 => {
+                            Outcome::CopiedThrough(offset + u64::from(x) * (MIB / 8))
+                        }
                         _ => Outcome::Done,
                     },
                 };

@@ -526,6 +526,13 @@ pub enum Outcome {
     Done,
     /// [`ActionKind::CloseLogs`] succeeded with these logs.
     Logs(Vec<LogReport>),
+    /// [`ActionKind::CopyDiskRange`] succeeded, and the disk's bytes after its range up
+    /// to this offset need no copy either (the driver found that the source holds no data
+    /// there and the replica holds zeros): the copy goes on from here. A thin disk's run
+    /// of holes then costs one action, not one per range. An offset within the range, or
+    /// reported for another action, counts as [`Outcome::Done`]; one past the disk's end
+    /// as its end.
+    CopiedThrough(u64),
     /// It failed.
     Failed {
         /// Recoverable or not.

@@ -315,7 +315,7 @@ impl Coordinator {
                 // A failed script fails the plan: the administrator decides what next.
                 self.fail_plan(now, &name, format!("hook failed: {message}"));
             }
-            Outcome::Done | Outcome::Logs(_) => {
+            Outcome::Done | Outcome::Logs(_) | Outcome::CopiedThrough(_) => {
                 run.phase = run.phase.next_action();
                 let job = run.job;
                 state.task_done(job);

@@ -27,6 +27,8 @@ struct World {
     quiesced: bool,
     /// Fail the next N actions of this kind with this class.
     fail: Option<Injection>,
+    /// Copies of (disk, offset) answered "copied through" this offset.
+    through: Vec<(usize, u64, u64)>,
 }
 
 impl Default for World {
@@ -38,6 +40,7 @@ impl Default for World {
             chained: true,
             quiesced: false,
             fail: None,
+            through: Vec::new(),
         }
     }
 }
@@ -154,6 +157,17 @@ impl Sim {
                     })
                     .collect(),
             ),
+            ActionKind::CopyDiskRange { disk, offset, .. } => {
+                match self
+                    .world
+                    .through
+                    .iter()
+                    .find(|t| (t.0, t.1) == (disk, offset))
+                {
+                    Some(&(_, _, end)) => Outcome::CopiedThrough(end),
+                    None => Outcome::Done,
+                }
+            }
             _ => Outcome::Done,
         }
     }
@@ -186,6 +200,40 @@ impl Sim {
     fn kinds(&self) -> Vec<&ActionKind> {
         self.done.iter().map(|a| &a.kind).collect()
     }
+}
+
+/// A copy answered "copied through" an offset goes on from there: a driver that finds a
+/// run of holes skips it in one action. An offset within the range counts as done, one
+/// past the disk's end as its end; only the copy's own disk moves.
+#[test]
+fn a_copy_goes_on_from_where_the_driver_copied_through() {
+    let mut s = Sim::new();
+    s.world.through = vec![
+        (0, 0, 9 * MIB),
+        (0, 9 * MIB, 9 * MIB + 1),
+        (1, 0, 100 * MIB),
+    ];
+    s.protect("vm", vec![14 * MIB, 5 * MIB]);
+    let copies: Vec<(usize, u64, u64)> = s
+        .kinds()
+        .into_iter()
+        .filter_map(|k| match k {
+            ActionKind::CopyDiskRange { disk, offset, len } => Some((*disk, *offset, *len)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        copies,
+        [
+            (0, 0, 4 * MIB),
+            (0, 9 * MIB, 4 * MIB),
+            (0, 13 * MIB, MIB),
+            (1, 0, 4 * MIB)
+        ]
+    );
+    let st = s.status();
+    assert_eq!(st.state, ProtectionState::Protected);
+    assert_eq!(st.initial_copy, [(14 * MIB, 14 * MIB), (5 * MIB, 5 * MIB)]);
 }
 
 #[test]

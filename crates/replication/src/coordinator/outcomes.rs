@@ -9,6 +9,15 @@ use crate::model::*;
 
 use super::item::{Item, Step};
 
+/// What a successful action reported besides success.
+#[derive(Debug, Default)]
+pub(crate) struct Done {
+    /// The logs a `CloseLogs` closed.
+    pub(crate) logs: Vec<LogReport>,
+    /// How far a `CopyDiskRange` copied, if past its range ([`Outcome::CopiedThrough`]).
+    pub(crate) through: u64,
+}
+
 impl Item {
     /// `step` failed: retried on the schedule (the item Warning), or, non-recoverable,
     /// the item Critical and the job suspended until repaired.
@@ -38,8 +47,9 @@ impl Item {
         }
     }
 
-    /// `step` succeeded (with the logs it closed, for `CloseLogs`): what follows.
-    pub(super) fn on_done(&mut self, now: Duration, step: Step, logs: Vec<LogReport>) {
+    /// `step` succeeded (with what it reported): what follows.
+    pub(super) fn on_done(&mut self, now: Duration, step: Step, done: Done) {
+        let Done { logs, through } = done;
         self.retrier.succeeded();
         self.retrying = None;
         let job_kind = self.job_mut(step.job).map(|j| (j.kind, j.state));
@@ -63,7 +73,10 @@ impl Item {
                 }
             }
             ActionKind::CopyDiskRange { disk, offset, len } => {
-                self.copied[disk] = self.copied[disk].max(offset + len);
+                // Past the range too if the driver found nothing to copy there (never
+                // past the disk).
+                let end = (offset + len).max(through.min(self.disks[disk]));
+                self.copied[disk] = self.copied[disk].max(end);
                 let (done, total): (u64, u64) = (self.copied.iter().sum(), self.disks.iter().sum());
                 if let Some(j) = self.job_mut(step.job) {
                     j.progress_permille = (done.saturating_mul(900) / total.max(1)) as u32;
