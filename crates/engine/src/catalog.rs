@@ -268,6 +268,12 @@ pub struct Cycle {
     /// Per disk: the blob sequence number before the cycle's first batch (recorded when
     /// the cycle starts being applied; empty until then).
     pub expect_seq: Vec<u64>,
+    /// Data bytes per batch the cycle is applied in, recorded with `expect_seq`: batch i
+    /// is fenced on `expect_seq + i`, so a resumed cycle must split its logs as it did
+    /// (another build may split them otherwise). A cycle begun before this was recorded
+    /// was split in 32 MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_bytes: Option<u64>,
 }
 
 /// Where a disk materialised from a recovery point lives.

@@ -13,6 +13,8 @@ use lifeboat_replication::{
     Command, HealthCause, PointId, ProtectionState, ReplicationPolicy, ResyncReason,
 };
 
+use crate::actions::{LOG_BATCH_BYTES, UNRECORDED_LOG_BATCH_BYTES};
+use crate::catalog::Cycle;
 use crate::{Clock, Engine, Error, Export, Failover, MemoryHost, Replicated, Verified};
 
 /// A clock the test moves.
@@ -1294,6 +1296,49 @@ async fn a_resync_never_reapplies_a_stale_cycle() {
     // The guest overwrites l1's block; no log reaches the site (say, the host lost it).
     w.host.write("vm/d0", 8192, &[0xEE; 4096]).unwrap();
     resync_to_source(&w, &mut e).await;
+}
+
+/// A cycle is split into batches as when it began, whatever this build would split it
+/// in: batch i is fenced on the replica's sequence number before the cycle plus i, so a
+/// build (or a constant) that split it otherwise on resuming would skip or repeat writes.
+/// Here a begun cycle of three 4 KiB writes records 64 MiB batches; recorded as 4 KiB
+/// instead, the resumed cycle sends three batches, and the replica equals the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cycle_resumes_in_the_batches_it_began_with() {
+    let w = World::new();
+    let mut e = protected(&w, "a").await;
+    let l1 = w.log(&e, 1, w.chain(&e));
+    let l2 = w.log(&e, 2, [1; 16]);
+    let l3 = w.log(&e, 3, [2; 16]);
+    w.faults.fail_next(Request::Put, 1000, Fault::Status(503));
+    let logs = [(0, l1), (0, l2), (0, l3)];
+    assert!(e.replicate("vm", &logs, false).await.is_err());
+    w.faults.fail_next(Request::Put, 0, Fault::Status(503));
+    let cycles = &mut e.doc_mut("vm").unwrap().cycles;
+    assert_eq!(cycles.len(), 1, "{cycles:?}");
+    let begun = cycles.values_mut().next().unwrap();
+    assert_eq!(begun.batch_bytes, Some(LOG_BATCH_BYTES));
+    begun.batch_bytes = Some(4096);
+    let expect = begun.expect_seq[0];
+    e.resume(true).await.unwrap();
+    let seq = w
+        .store
+        .properties("lifeboat/items/vm/disk0")
+        .await
+        .unwrap()
+        .sequence_number;
+    assert_eq!(seq - expect, 3, "batches sent");
+    same(&w.replica_bytes().await, &w.source(), "replica");
+}
+
+/// A cycle recorded before its batch size was is split in 32 MiB, as it was then.
+#[test]
+fn a_cycle_recorded_without_its_batch_size_was_split_in_32_mib() {
+    let c: Cycle = serde_json::from_str(r#"{"logs": [], "expect_seq": [7]}"#).unwrap();
+    assert_eq!(c.batch_bytes, None);
+    assert_eq!(UNRECORDED_LOG_BATCH_BYTES, 32 << 20);
+    let json = serde_json::to_string(&Cycle::default()).unwrap();
+    assert!(!json.contains("batch_bytes"), "{json}");
 }
 
 /// A catalogue write that landed but whose reply was lost is this site's own, not a
