@@ -74,6 +74,22 @@ fn touched_blocks(ranges: &[Range<u64>], block_size: BlockSize, len: u64) -> Vec
     blocks
 }
 
+/// The slot pages holding the digests of the blocks `ranges` overlap, in order, listed
+/// without listing the blocks (a range may span a million of them).
+fn touched_pages(ranges: &[Range<u64>], block_size: BlockSize, len: u64) -> Vec<u64> {
+    let size = u64::from(block_size.get());
+    let mut pages: Vec<u64> = ranges
+        .iter()
+        .filter(|r| r.start < r.end && r.start < len)
+        .flat_map(|r| {
+            r.start / size / SLOTS_PER_PAGE..=(r.end.min(len) - 1) / size / SLOTS_PER_PAGE
+        })
+        .collect();
+    pages.sort_unstable();
+    pages.dedup();
+    pages
+}
+
 /// Where the slots not held in memory are read from: the digests blob, or a snapshot of it.
 #[derive(Clone, Debug)]
 struct Backing {
@@ -586,11 +602,15 @@ impl ReplicaDigests {
         store: &dyn PageStore,
         ranges: &[Range<u64>],
     ) -> Result<Vec<bool>, StoreError> {
-        let mut pages: Vec<u64> = touched_blocks(ranges, self.block_size, self.len)
-            .iter()
-            .map(|b| b / SLOTS_PER_PAGE)
-            .collect();
-        pages.dedup();
+        // Pages the blob never held anything in are zero slots: not held for this (a
+        // thin disk's copy asks about runs of a million blocks).
+        let pages: Vec<u64> = match &self.backing {
+            Some(backing) => touched_pages(ranges, self.block_size, self.len)
+                .into_iter()
+                .filter(|&p| backing.may_hold(p))
+                .collect(),
+            None => Vec::new(),
+        };
         // Pages read only for this are let go after (a copy of a thin disk asks about
         // every block of it; what is held grows with what batches write, not with this).
         let fetched = self.hold(store, &pages).await?;
