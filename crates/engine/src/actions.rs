@@ -118,7 +118,7 @@ fn holes_until(
     let end = from.saturating_add(limit).min(size);
     let mut at = from;
     while at < end {
-        let n = step.min(size - at);
+        let n = step.max(1).min(size - at);
         let named = src
             .data_ranges(at, n)
             .map_err(Error::io(format!("reading disk {}", path.display())))?;
@@ -725,13 +725,16 @@ impl Engine {
             },
             None => self.read_piece(&disk, bs, offset, len).await?,
         };
-        // A piece of holes that begins a longer run: the run is skipped whole if the
-        // replica holds zeros there (each piece would ask the replica's properties: a
-        // request per 64 MiB of a thin disk on Azure).
-        let through = match piece.holes_until {
-            Some(end) if end > offset + len && self.holds_zeros(name, d, offset..end).await? => end,
-            _ => offset + len,
+        // A piece of holes that begins a longer run: the pieces of the run where the
+        // replica holds zeros are skipped, up to the first where it does not, for one
+        // read of the replica's properties (each piece asked them: a request per 64 MiB
+        // of a thin disk on Azure).
+        let zeros_until = match piece.holes_until {
+            Some(end) if end > offset + len => self.zeros_until(name, d, offset, len, end).await?,
+            _ => offset,
         };
+        let skipped = zeros_until > offset;
+        let through = zeros_until.max(offset + len);
         // The last piece of the item's last disk: its copy is done with this one.
         let last = through >= disk.size && d + 1 == disks;
         // The next piece (as long as this one, up to the disk's end) is read while this
@@ -753,7 +756,7 @@ impl Engine {
             digests,
             ..
         } = piece;
-        let sent = if through > offset + len {
+        let sent = if skipped {
             false
         } else {
             let how = BatchOptions {
@@ -778,20 +781,33 @@ impl Engine {
         Ok((sent, through))
     }
 
-    /// Whether the replica of disk `d` holds zeros over `range`, as its digests say (for
-    /// a new replica, without reading them: every block is zero).
-    async fn holds_zeros(&self, name: &str, d: usize, range: Range<u64>) -> Result<bool> {
+    /// Where the pieces of `piece` bytes from `offset` to `end` stop being zeros in the
+    /// replica of disk `d`, as its digests say (for a new replica, without reading them:
+    /// every block is zero): `offset` if the first is not.
+    async fn zeros_until(
+        &self,
+        name: &str,
+        d: usize,
+        offset: u64,
+        piece: u64,
+        end: u64,
+    ) -> Result<u64> {
         let doc = self.doc(name)?;
         let (len, bs) = (doc.disks[d].size, BlockSize::new(doc.block_size)?);
         let blob = replica_blob(name, d);
         let seq = self.store.properties(&blob).await?.sequence_number;
         let mut digests = self.take_digests(&blob, len, bs, seq).await?;
-        let known = digests.known_zero(&*self.store, &[range]).await;
+        let pieces: Vec<Range<u64>> = (offset..end)
+            .step_by(piece.max(1) as usize)
+            .map(|at| at..(at + piece).min(end))
+            .collect();
+        let known = digests.known_zero(&*self.store, &pieces).await;
         self.digests
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .put(blob, digests);
-        Ok(known?.first() == Some(&true))
+        let zeros = known?.iter().take_while(|&&z| z).count();
+        Ok(pieces[..zeros].last().map_or(offset, |r| r.end))
     }
 
     /// Reads a piece of a disk, splits off its zero runs and hashes its blocks (of
