@@ -79,6 +79,12 @@ impl World {
         self.log_naming(n, previous, guid)
     }
 
+    /// Logs 1, 2 and 3 of disk 0, chained after what the item has taken.
+    fn three_logs(&self, e: &Engine) -> [PathBuf; 3] {
+        let l1 = self.log(e, 1, self.chain(e));
+        [l1, self.log(e, 2, [1; 16]), self.log(e, 3, [2; 16])]
+    }
+
     /// [`World::log`] for a disk whose DataWriteGuid is `guid`.
     fn log_naming(&self, n: u8, previous: [u8; 16], guid: [u8; 16]) -> PathBuf {
         self.log_on("vm/d0", n, previous, guid)
@@ -124,6 +130,12 @@ impl World {
             .await
             .unwrap()
             .to_vec()
+    }
+
+    /// The replica's sequence number.
+    async fn replica_seq(&self) -> u64 {
+        let p = self.store.properties("lifeboat/items/vm/disk0").await;
+        p.unwrap().sequence_number
     }
 
     async fn replica_bytes(&self) -> Vec<u8> {
@@ -177,12 +189,7 @@ async fn a_live_engine_is_fenced_by_a_take_over() {
     ));
     assert!(b.take_over("vm").await.unwrap());
     assert!(b.item("vm").unwrap().owned);
-    let seq = w
-        .store
-        .properties("lifeboat/items/vm/disk0")
-        .await
-        .unwrap()
-        .sequence_number;
+    let seq = w.replica_seq().await;
 
     let r = a.command(Command::Resync { item: "vm".into() }).await;
     match r {
@@ -725,6 +732,29 @@ struct Counted {
 }
 
 impl Counted {
+    /// Requests of `kind` made by protecting the disk of [`Counted::protect`] in pieces of
+    /// each of `chunks`, each copy checked (protected, the replica equal to the disk).
+    async fn requests(len: u64, data: &[u64], chunks: [u64; 2], kind: Request) -> [u64; 2] {
+        let mut out = [0; 2];
+        for (n, chunk) in out.iter_mut().zip(chunks) {
+            let p = Counted::protect(len, data, chunk).await;
+            *n = p.faults.requests(kind);
+            assert_eq!(
+                p.engine.protection("vm").unwrap(),
+                ProtectionState::Protected
+            );
+            let replica = p
+                .faults
+                .read("lifeboat/items/vm/disk0", None, 0, len)
+                .await
+                .unwrap();
+            let mut want = vec![0u8; len as usize];
+            std::os::unix::fs::FileExt::read_exact_at(&p.disk.file, &mut want, 0).unwrap();
+            assert!(replica[..] == want[..], "the replica differs ({chunk})");
+        }
+        out
+    }
+
     /// A disk of `len` bytes holding 4 KiB at each of `data` (holes elsewhere), protected
     /// in pieces of `chunk`.
     async fn protect(len: u64, data: &[u64], chunk: u64) -> Counted {
@@ -775,24 +805,8 @@ async fn a_copy_piece_asks_one_properties() {
 #[tokio::test]
 async fn a_run_of_holes_asks_the_replica_once() {
     const MIB: u64 = 1 << 20;
-    let len = 48 * MIB;
-    let mut heads = Vec::new();
-    for chunk in [8 * MIB, 2 * MIB] {
-        let p = Counted::protect(len, &[0, 47 * MIB], chunk).await;
-        heads.push(p.faults.requests(Request::Properties));
-        assert_eq!(
-            p.engine.protection("vm").unwrap(),
-            ProtectionState::Protected
-        );
-        let replica = p
-            .faults
-            .read("lifeboat/items/vm/disk0", None, 0, len)
-            .await
-            .unwrap();
-        let mut want = vec![0u8; len as usize];
-        std::os::unix::fs::FileExt::read_exact_at(&p.disk.file, &mut want, 0).unwrap();
-        assert!(replica[..] == want[..], "the replica differs ({chunk})");
-    }
+    let pieces = [8 * MIB, 2 * MIB];
+    let heads = Counted::requests(48 * MIB, &[0, 47 * MIB], pieces, Request::Properties).await;
     assert_eq!(heads[0], heads[1], "properties asked: {heads:?}");
 }
 
@@ -803,24 +817,8 @@ async fn a_run_of_holes_asks_the_replica_once() {
 #[tokio::test]
 async fn pieces_of_holes_save_no_catalogue() {
     const MIB: u64 = 1 << 20;
-    let len = 48 * MIB;
-    let mut saves = Vec::new();
-    for chunk in [16 * MIB, 8 * MIB] {
-        let p = Counted::protect(len, &[MIB, 44 * MIB], chunk).await;
-        saves.push(p.faults.requests(Request::PutDoc));
-        assert_eq!(
-            p.engine.protection("vm").unwrap(),
-            ProtectionState::Protected
-        );
-        let replica = p
-            .faults
-            .read("lifeboat/items/vm/disk0", None, 0, len)
-            .await
-            .unwrap();
-        let mut want = vec![0u8; len as usize];
-        std::os::unix::fs::FileExt::read_exact_at(&p.disk.file, &mut want, 0).unwrap();
-        assert!(replica[..] == want[..], "the replica differs ({chunk})");
-    }
+    let pieces = [16 * MIB, 8 * MIB];
+    let saves = Counted::requests(48 * MIB, &[MIB, 44 * MIB], pieces, Request::PutDoc).await;
     assert_eq!(saves[0], saves[1], "documents written: {saves:?}");
 }
 
@@ -1039,9 +1037,7 @@ async fn a_staged_log_changed_in_place_fails_its_cycle() {
 async fn logs_are_taken_in_chain_order() {
     let w = World::new();
     let mut e = protected(&w, "a").await;
-    let l1 = w.log(&e, 1, w.chain(&e));
-    let l2 = w.log(&e, 2, [1; 16]);
-    let l3 = w.log(&e, 3, [2; 16]);
+    let [l1, l2, l3] = w.three_logs(&e);
     let r = e
         .replicate("vm", &[(0, l3), (0, l1.clone()), (0, l2)], false)
         .await
@@ -1307,9 +1303,7 @@ async fn a_resync_never_reapplies_a_stale_cycle() {
 async fn a_cycle_resumes_in_the_batches_it_began_with() {
     let w = World::new();
     let mut e = protected(&w, "a").await;
-    let l1 = w.log(&e, 1, w.chain(&e));
-    let l2 = w.log(&e, 2, [1; 16]);
-    let l3 = w.log(&e, 3, [2; 16]);
+    let [l1, l2, l3] = w.three_logs(&e);
     w.faults.fail_next(Request::Put, 1000, Fault::Status(503));
     let logs = [(0, l1), (0, l2), (0, l3)];
     assert!(e.replicate("vm", &logs, false).await.is_err());
@@ -1321,12 +1315,7 @@ async fn a_cycle_resumes_in_the_batches_it_began_with() {
     begun.batch_bytes = Some(4096);
     let expect = begun.expect_seq[0];
     e.resume(true).await.unwrap();
-    let seq = w
-        .store
-        .properties("lifeboat/items/vm/disk0")
-        .await
-        .unwrap()
-        .sequence_number;
+    let seq = w.replica_seq().await;
     assert_eq!(seq - expect, 3, "batches sent");
     same(&w.replica_bytes().await, &w.source(), "replica");
 }

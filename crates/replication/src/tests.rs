@@ -200,6 +200,17 @@ impl Sim {
     fn kinds(&self) -> Vec<&ActionKind> {
         self.done.iter().map(|a| &a.kind).collect()
     }
+
+    /// The copies performed: disk, offset, length.
+    fn copies(&self) -> Vec<(usize, u64, u64)> {
+        self.kinds()
+            .into_iter()
+            .filter_map(|k| match k {
+                ActionKind::CopyDiskRange { disk, offset, len } => Some((*disk, *offset, *len)),
+                _ => None,
+            })
+            .collect()
+    }
 }
 
 /// A copy answered "copied through" an offset goes on from there: a driver that finds a
@@ -214,16 +225,8 @@ fn a_copy_goes_on_from_where_the_driver_copied_through() {
         (1, 0, 100 * MIB),
     ];
     s.protect("vm", vec![14 * MIB, 5 * MIB]);
-    let copies: Vec<(usize, u64, u64)> = s
-        .kinds()
-        .into_iter()
-        .filter_map(|k| match k {
-            ActionKind::CopyDiskRange { disk, offset, len } => Some((*disk, *offset, *len)),
-            _ => None,
-        })
-        .collect();
     assert_eq!(
-        copies,
+        s.copies(),
         [
             (0, 0, 4 * MIB),
             (0, 9 * MIB, 4 * MIB),
@@ -240,16 +243,8 @@ fn a_copy_goes_on_from_where_the_driver_copied_through() {
 fn enable_copies_disks_one_at_a_time_then_protects() {
     let mut s = Sim::new();
     let job = s.protect("vm", vec![10 * MIB, 5 * MIB]);
-    let copies: Vec<(usize, u64, u64)> = s
-        .kinds()
-        .into_iter()
-        .filter_map(|k| match k {
-            ActionKind::CopyDiskRange { disk, offset, len } => Some((*disk, *offset, *len)),
-            _ => None,
-        })
-        .collect();
     assert_eq!(
-        copies,
+        s.copies(),
         [
             (0, 0, 4 * MIB),
             (0, 4 * MIB, 4 * MIB),
