@@ -55,9 +55,8 @@ fn sized(disk: std::io::Result<Arc<dyn Disk>>, path: &Path, len: u64) -> Result<
     Ok(disk)
 }
 
-/// Bytes of holes, at most, that a copy piece of holes finds after it to skip in the same
-/// action (a million blocks of 64 KiB: what [`ReplicaDigests::known_zero`] lists of them
-/// is 8 MiB).
+/// Blocks of holes, at most, that a copy piece of holes skips with it in one action and
+/// one fence read (64 GiB of 64 KiB blocks; their pieces are listed to ask the digests).
 const HOLE_RUN_BLOCKS: u64 = 1 << 20;
 
 /// A piece of a disk: its bytes as changes, zero runs split off, read into `buf` from
