@@ -471,10 +471,7 @@ impl Engine {
             d.save(&*self.store, blob, Some(self.site.id())).await?;
             // Kept for the first batch (in place of any kept before): they know the pages
             // their blob holds, so a copy reads none of those it never wrote.
-            self.digests
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .put(blob.to_owned(), d);
+            self.put_digests(blob.to_owned(), d);
         }
         Ok(())
     }
@@ -520,10 +517,7 @@ impl Engine {
             false => (changes.clone(), changes),
         };
         if changes.is_empty() {
-            self.digests
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .put(blob, digests);
+            self.put_digests(blob, digests);
             return Ok(None);
         }
         let touched: Vec<Range<u64>> = changes.iter().map(Change::range).collect();
@@ -574,10 +568,7 @@ impl Engine {
                         .await
                         .is_ok()
                 {
-                    self.digests
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .put(blob, digests);
+                    self.put_digests(blob, digests);
                 }
                 return Err(e.into());
             }
@@ -598,16 +589,21 @@ impl Engine {
         digests
             .save(&*self.store, &blob, Some(self.site.id()))
             .await?;
+        self.put_digests(blob, digests);
+        Ok(Some(report))
+    }
+
+    /// Puts digests taken with [`Engine::take_digests`] back in the cache.
+    fn put_digests(&self, blob: String, digests: ReplicaDigests) {
         self.digests
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .put(blob, digests);
-        Ok(Some(report))
     }
 
     /// The digests of `blob` as of sequence number `seq`: kept in memory between batches
     /// (loading them reads the whole digests blob), reloaded or rebuilt when they do not
-    /// describe `seq`. Taken out of the cache; `write_batch` puts them back.
+    /// describe `seq`. Taken out of the cache; [`Engine::put_digests`] puts them back.
     async fn take_digests(
         &self,
         blob: &str,
@@ -801,10 +797,7 @@ impl Engine {
             .map(|at| at..(at + piece).min(end))
             .collect();
         let known = digests.known_zero(&*self.store, &pieces).await;
-        self.digests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .put(blob, digests);
+        self.put_digests(blob, digests);
         let zeros = known?.iter().take_while(|&&z| z).count();
         Ok(pieces[..zeros].last().map_or(offset, |r| r.end))
     }
@@ -1080,10 +1073,7 @@ impl Engine {
         };
         let src = self.open_source(&disk.source, disk.size)?;
         // The batches below start from these digests (no second load).
-        self.digests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .put(blob, digests);
+        self.put_digests(blob, digests);
         let mut report = SyncReport {
             blocks_compared: delta.blocks_compared,
             ..SyncReport::default()
