@@ -9,6 +9,10 @@
 //! resync-bench tree   SOURCE TARGET             hash both, run the hash-tree exchange
 //! resync-bench signature FILE...                 the signatures of the files (what b3sum
 //!                                               of the same files is compared with)
+//! resync-bench copy-floor SOURCE TARGET          the least an initial copy does, on one
+//!                                               thread: SOURCE's data read in 1 MiB steps
+//!                                               into one buffer, each 64 KiB block's
+//!                                               digest, written to TARGET, one fdatasync
 //! ```
 //! Prints one line of `key=value` counters.
 
@@ -41,6 +45,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             let sig = Signature::compute(&File::open(f)?, BlockSize::DEFAULT)?;
             println!("{f} blocks={}", sig.digests().len());
         }
+        return Ok(());
+    }
+    if let [mode, src, tgt] = args.as_slice()
+        && mode == "copy-floor"
+    {
+        let blocks = copy_floor(&File::open(src)?, &File::create(tgt)?)?;
+        println!("blocks={blocks}");
         return Ok(());
     }
     let (mode, src, tgt) = match args.as_slice() {
@@ -112,4 +123,34 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         delta.source_len
     );
     Ok(())
+}
+
+/// Copies `source`'s data (what its holes leave) into `target` at the same offsets,
+/// digesting each block of `BlockSize::DEFAULT` as `lifeboat protect` does, through one
+/// reused buffer on one thread: the CPU floor of an initial copy by buffered I/O, which
+/// `benches/agent-compare.sh` sets beside `protect`. Returns the blocks digested.
+fn copy_floor(source: &File, target: &File) -> std::io::Result<u64> {
+    use lifeboat_source::ReadAt;
+    use std::os::unix::fs::FileExt;
+    const STEP: u64 = 1 << 20;
+    let size = source.size()?;
+    target.set_len(size)?;
+    let block = BlockSize::DEFAULT.get() as usize;
+    let mut buf = vec![0u8; STEP as usize];
+    let mut blocks = 0;
+    for r in source.data_ranges(0, size)? {
+        let mut at = r.start;
+        while at < r.end {
+            let n = STEP.min(r.end - at) as usize;
+            ReadAt::read_exact_at(source, &mut buf[..n], at)?;
+            for b in buf[..n].chunks(block) {
+                std::hint::black_box(lifeboat_resync::digest_block(b));
+                blocks += 1;
+            }
+            target.write_all_at(&buf[..n], at)?;
+            at += n as u64;
+        }
+    }
+    target.sync_data()?;
+    Ok(blocks)
 }
