@@ -635,7 +635,9 @@ async fn protect_sparse(
 /// An initial copy sends only the zeros the replica does not hold: onto a new replica, a
 /// sparse disk's holes are not cleared and a piece of holes makes no batch; onto a replica
 /// holding stray pages (a first batch that landed in part leaves them at sequence number
-/// 0), those under the disk's holes are cleared. Either way the replica equals the disk.
+/// 0), those under the disk's holes are cleared, in 4 MiB pieces also where they lie
+/// inside a run of pieces of holes (the run is skipped up to their piece, which is sent,
+/// and on after it). Either way the replica equals the disk.
 #[tokio::test]
 async fn an_initial_copy_sends_only_the_zeros_the_replica_lacks() {
     use lifeboat_pageblob::{Condition, crc64, vhd};
@@ -651,7 +653,9 @@ async fn an_initial_copy_sends_only_the_zeros_the_replica_lacks() {
     for (at, bytes) in &data {
         want[*at as usize..*at as usize + bytes.len()].copy_from_slice(bytes);
     }
-    for stray in [false, true] {
+    // Whether stray pages are there, the copy's pieces, and the batches it makes: one
+    // per piece holding data or strays (in 4 MiB pieces: 0, 4, 20 and 40 MiB).
+    for (stray, chunk, batches) in [(false, 16, 2), (true, 16, 3), (true, 4, 4)] {
         let dir = tempfile::tempdir().unwrap();
         let file = tempfile::tempfile_in(dir.path()).unwrap();
         file.set_len(len).unwrap();
@@ -679,7 +683,7 @@ async fn an_initial_copy_sends_only_the_zeros_the_replica_lacks() {
                     .unwrap();
             }
         }
-        let (mut e, _) = protect_sparse(&store, dir.path(), file, 16 * MIB).await;
+        let (mut e, _) = protect_sparse(&store, dir.path(), file, chunk * MIB).await;
         // The digests of blocks holding data and zeros left out are hashed from the
         // piece as read, not completed from the replica.
         let replica_reads: Vec<_> = faults
@@ -697,7 +701,7 @@ async fn an_initial_copy_sends_only_the_zeros_the_replica_lacks() {
         let replica = store.read(blob, None, 0, len).await.unwrap();
         assert!(
             replica[..] == want[..],
-            "the replica differs (stray {stray})"
+            "the replica differs (stray {stray}, {chunk} MiB pieces)"
         );
         let v = e.verify("vm", None, false).await.unwrap();
         assert!(v.iter().all(Verified::clean), "{v:?}");
@@ -715,11 +719,13 @@ async fn an_initial_copy_sends_only_the_zeros_the_replica_lacks() {
                     "stray pages {r:?} not cleared: {clears:?}"
                 );
             }
-            assert_eq!(seq, 3, "a batch per piece");
         } else {
             assert_eq!(clears, vec![], "zeros sent onto a new replica");
-            assert_eq!(seq, 2, "a batch per piece holding data, none for the holes");
         }
+        assert_eq!(
+            seq, batches,
+            "batches in {chunk} MiB pieces (stray {stray})"
+        );
     }
 }
 
