@@ -1,8 +1,9 @@
 //! The whole-engine deterministic simulation: seeded random runs of guest writes, log
 //! deliveries (lost, duplicated, reordered, unclean, over half a disk), operator commands
 //! (resync with pause, resume and cancel among them), process crashes, store faults (503,
-//! 500, timeouts, a reply lost after the request landed, disk full) and clock jumps, checked after every step against an
-//! oracle that keeps the source disks' history. Not a stable API: `cargo test` runs a few
+//! 500, timeouts, a reply lost after the request landed, disk full, page writes changed
+//! on the way and refused by their checksums) and clock jumps, checked after every step
+//! against an oracle that keeps the source disks' history. Not a stable API: `cargo test` runs a few
 //! hundred seeds, `scripts/soak N` many more (and prints a failing seed as a command that
 //! replays it).
 //!
@@ -233,6 +234,9 @@ impl Sim {
         let faults = Arc::new(FaultyStore::new(
             LocalStore::open_unsynced(dir.path().join("store")).map_err(|e| e.to_string())?,
         ));
+        // Page writes carry their checksums, as to Azure: a write changed on the way is
+        // refused, not taken.
+        faults.checksum_writes();
         let host = Arc::new(SimHost {
             disks: MemoryHost::default(),
             tracking: Mutex::new(Tracking {
@@ -482,11 +486,13 @@ impl Sim {
                 Request::Properties,
             ];
             let kind = kinds[self.rng.below(kinds.len() as u64) as usize];
-            let fault = match self.rng.below(5) {
+            let fault = match self.rng.below(6) {
                 0 => Fault::Status(503),
                 1 => Fault::Timeout,
                 2 => Fault::ResetAfterApply,
                 3 => Fault::DiskFull,
+                // Page writes changed on the way (other requests carry no pages).
+                4 => Fault::Corrupt,
                 _ => Fault::Status(500),
             };
             let n = 1 + self.rng.below(12) as u32;

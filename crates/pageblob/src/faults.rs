@@ -126,6 +126,9 @@ pub struct FaultyStore<S> {
     lives: Mutex<Option<u64>>,
     /// What it reports as its `write_group_bytes`.
     group: Mutex<u64>,
+    /// Whether it asks for page writes' checksums (its `content_crc64`) whatever `inner`
+    /// asks.
+    checksums: Mutex<bool>,
 }
 
 impl<S> FaultyStore<S> {
@@ -143,6 +146,7 @@ impl<S> FaultyStore<S> {
             meeting: Mutex::new(None),
             lives: Mutex::new(None),
             group: Mutex::new(0),
+            checksums: Mutex::new(false),
         }
     }
 
@@ -152,6 +156,15 @@ impl<S> FaultyStore<S> {
     /// faults injected).
     pub fn group_writes(&self, bytes: u64) {
         *lock(&self.group) = bytes;
+    }
+
+    /// Asks for every page write's CRC-64 (its [`PageStore::content_crc64`]), as a remote
+    /// store does, though `inner` is one the bytes never leave the process for (the
+    /// embedded store: it checks a CRC given). With it, a [`Fault::Corrupt`] write is
+    /// refused by `inner` as a service refuses one, and the caller's answer to that is
+    /// what a test sees.
+    pub fn checksum_writes(&self) {
+        *lock(&self.checksums) = true;
     }
 
     /// A process crash, as the store sees it: the next `n` requests (of any kind) are
@@ -367,7 +380,10 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
     }
 
     fn content_crc64(&self, data: &[u8]) -> Option<u64> {
-        self.inner.content_crc64(data)
+        match *lock(&self.checksums) {
+            true => Some(crate::crc64(data)),
+            false => self.inner.content_crc64(data),
+        }
     }
 
     async fn write_pages(

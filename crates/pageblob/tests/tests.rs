@@ -798,6 +798,33 @@ async fn the_embedded_store_is_sent_no_checksum() {
     assert_eq!(landed[1..], data[1..]);
 }
 
+/// Asked for checksums (`FaultyStore::checksum_writes`, as the engine's simulation
+/// asks), the writer sends the embedded store each write's CRC-64: a write changed on the
+/// way is refused and sent again, as to a remote store, and the bytes land whole.
+#[tokio::test]
+async fn a_checksummed_write_changed_on_the_way_is_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = Arc::new(FaultyStore::new(LocalStore::open(dir.path()).unwrap()));
+    f.checksum_writes();
+    f.create("d", 4 * MIB, 0, &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        f.content_crc64(b"any"),
+        Some(lifeboat_pageblob::crc64(b"any"))
+    );
+    f.fail_nth(1, Fault::Corrupt);
+    let data = random(MIB as usize, 8);
+    let w = PageWriter::new(f.clone(), "d", fast_retries());
+    let change = Change::Data {
+        offset: 0,
+        data: Bytes::from(data.clone()),
+    };
+    let report = w.apply_batch(0, vec![change], None).await.unwrap();
+    assert_eq!(report.retries, 1);
+    assert_eq!(f.read("d", None, 0, MIB).await.unwrap()[..], data[..]);
+}
+
 #[tokio::test]
 async fn azure_store_passes_the_conformance_suite_on_azurite() {
     let Some((port, answer)) = azurite() else {
