@@ -775,54 +775,37 @@ fn unique(name: &str) -> String {
 /// The writer sends the embedded store no checksum (its bytes never leave the process):
 /// bytes changed between the writer and the store (a fault no in-process write has) land
 /// changed, where a remote store refuses them (see
-/// `azure_writer_retries_faults_and_fences_on_azurite`).
+/// `azure_writer_retries_faults_and_fences_on_azurite`). Asked for checksums
+/// (`FaultyStore::checksum_writes`, as the engine's simulation asks), the writer sends
+/// each write's CRC-64: the changed write is refused and sent again, and lands whole.
 #[tokio::test]
-async fn the_embedded_store_is_sent_no_checksum() {
-    let dir = tempfile::tempdir().unwrap();
-    let f = Arc::new(FaultyStore::new(LocalStore::open(dir.path()).unwrap()));
-    f.create("d", 4 * MIB, 0, &Default::default())
-        .await
-        .unwrap();
-    assert_eq!(f.content_crc64(b"any"), None);
-    f.fail_nth(1, Fault::Corrupt);
-    let data = random(MIB as usize, 8);
-    let w = PageWriter::new(f.clone(), "d", fast_retries());
-    let change = Change::Data {
-        offset: 0,
-        data: Bytes::from(data.clone()),
-    };
-    let report = w.apply_batch(0, vec![change], None).await.unwrap();
-    assert_eq!(report.retries, 0);
-    let landed = f.read("d", None, 0, MIB).await.unwrap();
-    assert_eq!(landed[0], data[0] ^ 1);
-    assert_eq!(landed[1..], data[1..]);
-}
-
-/// Asked for checksums (`FaultyStore::checksum_writes`, as the engine's simulation
-/// asks), the writer sends the embedded store each write's CRC-64: a write changed on the
-/// way is refused and sent again, as to a remote store, and the bytes land whole.
-#[tokio::test]
-async fn a_checksummed_write_changed_on_the_way_is_sent_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let f = Arc::new(FaultyStore::new(LocalStore::open(dir.path()).unwrap()));
-    f.checksum_writes();
-    f.create("d", 4 * MIB, 0, &Default::default())
-        .await
-        .unwrap();
-    assert_eq!(
-        f.content_crc64(b"any"),
-        Some(lifeboat_pageblob::crc64(b"any"))
-    );
-    f.fail_nth(1, Fault::Corrupt);
-    let data = random(MIB as usize, 8);
-    let w = PageWriter::new(f.clone(), "d", fast_retries());
-    let change = Change::Data {
-        offset: 0,
-        data: Bytes::from(data.clone()),
-    };
-    let report = w.apply_batch(0, vec![change], None).await.unwrap();
-    assert_eq!(report.retries, 1);
-    assert_eq!(f.read("d", None, 0, MIB).await.unwrap()[..], data[..]);
+async fn a_write_changed_on_the_way_is_refused_only_when_checksummed() {
+    for checksummed in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Arc::new(FaultyStore::new(LocalStore::open(dir.path()).unwrap()));
+        if checksummed {
+            f.checksum_writes();
+        }
+        f.create("d", 4 * MIB, 0, &Default::default())
+            .await
+            .unwrap();
+        let crc = checksummed.then(|| lifeboat_pageblob::crc64(b"any"));
+        assert_eq!(f.content_crc64(b"any"), crc);
+        f.fail_nth(1, Fault::Corrupt);
+        let data = random(MIB as usize, 8);
+        let w = PageWriter::new(f.clone(), "d", fast_retries());
+        let change = Change::Data {
+            offset: 0,
+            data: Bytes::from(data.clone()),
+        };
+        let report = w.apply_batch(0, vec![change], None).await.unwrap();
+        assert_eq!(report.retries, u64::from(checksummed));
+        let mut want = data.clone();
+        if !checksummed {
+            want[0] ^= 1;
+        }
+        assert!(f.read("d", None, 0, MIB).await.unwrap()[..] == want[..]);
+    }
 }
 
 #[tokio::test]
