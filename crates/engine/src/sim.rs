@@ -3,9 +3,9 @@
 //! (resync with pause, resume and cancel among them), process crashes, store faults (503,
 //! 500, timeouts, a reply lost after the request landed, disk full, page writes changed
 //! on the way and refused by their checksums) and clock jumps, checked after every step
-//! against an oracle that keeps the source disks' history. Not a stable API: `cargo test` runs a few
-//! hundred seeds, `scripts/soak N` many more (and prints a failing seed as a command that
-//! replays it).
+//! against an oracle that keeps the source disks' history. Not a stable API: `cargo test`
+//! runs a few hundred seeds, `scripts/soak N` many more (and prints a failing seed as a
+//! command that replays it).
 //!
 //! What the oracle checks after every step:
 //! - every recovery point holds the source disks as they were at the moment it claims;

@@ -380,9 +380,10 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
     }
 
     fn content_crc64(&self, data: &[u8]) -> Option<u64> {
-        match *lock(&self.checksums) {
-            true => Some(crate::crc64(data)),
-            false => self.inner.content_crc64(data),
+        if *lock(&self.checksums) {
+            Some(crate::crc64(data))
+        } else {
+            self.inner.content_crc64(data)
         }
     }
 
