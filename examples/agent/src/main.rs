@@ -297,17 +297,14 @@ pub(crate) enum Cmd {
     },
     /// Fail over: planned (source shut down, final delta, zero loss) or unplanned.
     #[command(
-        after_help = "Examples:\n  lifeboat failover vm1 --planned --out recovered\n  lifeboat failover vm1 --unplanned --point latest-processed --out recovered"
+        after_help = "Examples:\n  lifeboat failover vm1 --planned --out recovered\n  lifeboat failover vm1 --unplanned --point latest-processed --out recovered",
+        group(clap::ArgGroup::new("kind").required(true).args(["planned", "unplanned"]))
     )]
     Failover {
         /// The item.
         item: String,
         /// Planned failover.
-        #[arg(
-            long,
-            conflicts_with = "unplanned",
-            required_unless_present = "unplanned"
-        )]
+        #[arg(long)]
         planned: bool,
         /// Unplanned failover.
         #[arg(long)]
@@ -612,19 +609,20 @@ pub(crate) enum PlanCmd {
     },
     /// Fail over every item of a plan, group by group.
     #[command(
-        after_help = "Examples:\n  lifeboat plan failover dr --test --out test\n  lifeboat plan failover dr --planned --out recovered"
+        after_help = "Examples:\n  lifeboat plan failover dr --test --out test\n  lifeboat plan failover dr --planned --out recovered",
+        group(clap::ArgGroup::new("kind").required(true).args(["test", "planned", "unplanned"]))
     )]
     Failover {
         /// The plan.
         plan: String,
         /// Test failover.
-        #[arg(long, group = "kind")]
+        #[arg(long)]
         test: bool,
         /// Planned failover.
-        #[arg(long, group = "kind")]
+        #[arg(long)]
         planned: bool,
         /// Unplanned failover.
-        #[arg(long, group = "kind")]
+        #[arg(long)]
         unplanned: bool,
         /// Output directory (one subdirectory per item).
         #[arg(long)]
@@ -869,7 +867,7 @@ fn main() -> std::process::ExitCode {
         Err(e) => match e.downcast_ref::<Exit>() {
             Some(Exit(code)) => std::process::ExitCode::from(*code),
             None => {
-                eprintln!("lifeboat: {e:#}");
+                eprintln!("lifeboat: {}", reason(&e));
                 match diff {
                     true => std::process::ExitCode::from(exit::DIFF_TROUBLE),
                     false => std::process::ExitCode::FAILURE,
@@ -877,6 +875,21 @@ fn main() -> std::process::ExitCode {
             }
         },
     }
+}
+
+/// An error and its causes on one line, each cause said once: the engine's errors name
+/// their cause in their own text and also give it as their `source` (as a library's
+/// caller printing only the error needs it), which `{:#}` would print twice.
+fn reason(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.ends_with(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line
 }
 
 async fn run(cli: Cli) -> Result<()> {

@@ -891,6 +891,26 @@ fn bad_input_is_refused_and_nothing_is_recorded() {
     t.ok(&["protect", "vm", "--disk", s(&d)]);
     let r = t.fails(&["protect", "other", "--disk", s(&d)]);
     assert!(r.contains("already protected") && r.contains("vm"), "{r}");
+    // A file that is not a log: why, said once (the engine's error names its cause and
+    // gives it as its source too).
+    let r = t.fails(&["replicate", "vm", "--log", &format!("0={}", s(&d))]);
+    assert!(r.contains("not an HRL file"), "{r}");
+    assert_eq!(r.matches("checksum mismatch").count(), 1, "{r}");
+    // A failover or a plan's without its kind: the kinds to choose from are named.
+    for (args, kinds) in [
+        (
+            &["failover", "vm", "--point", "1"][..],
+            "<--planned|--unplanned>",
+        ),
+        (
+            &["plan", "failover", "dr", "--out", "x"][..],
+            "<--test|--planned|--unplanned>",
+        ),
+    ] {
+        let out = t.exits(args, 2);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(kinds), "{args:?}: {err}");
+    }
     // The output directory holds the source disk itself: never overwritten without --force.
     let before = bytes(&d);
     let r = t.fails(&["test-failover", "vm", "--out", s(dir.path())]);
