@@ -554,8 +554,10 @@ fn parse_point(s: &str) -> Result<PointChoice> {
         "latest" => PointChoice::Latest,
         "latest-processed" => PointChoice::LatestProcessed,
         "latest-app-consistent" => PointChoice::LatestAppConsistent,
-        id => PointChoice::Id(PointId(id.parse().with_context(|| {
-            format!("--point: expected latest, latest-processed, latest-app-consistent or a point id, got {id}")
+        id => PointChoice::Id(PointId(id.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "--point: expected latest, latest-processed, latest-app-consistent or a point id (a number), got {id}"
+            )
         })?)),
     })
 }
@@ -585,10 +587,11 @@ pub(crate) async fn protect(
                 .with_context(|| format!("disk {}", d.display()))?,
         );
     }
-    let bs = u32::try_from(block_size)
-        .ok()
-        .filter(|b| lifeboat_resync::BlockSize::new(*b).is_ok())
-        .with_context(|| format!("--block-size {block_size} is not a valid block size"))?;
+    let bs = match u32::try_from(block_size).map(lifeboat_resync::BlockSize::new) {
+        Ok(Ok(bs)) => bs.get(),
+        Ok(Err(e)) => bail!("--block-size: {e}"),
+        Err(_) => bail!("--block-size: {block_size} bytes is over 1 GiB, the largest block size"),
+    };
     let fresh = e.protect(item, &paths, policy, bs).await?;
     let st = e.protection(item)?;
     if !fresh {

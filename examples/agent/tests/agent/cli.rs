@@ -896,6 +896,15 @@ fn bad_input_is_refused_and_nothing_is_recorded() {
     let r = t.fails(&["replicate", "vm", "--log", &format!("0={}", s(&d))]);
     assert!(r.contains("not an HRL file"), "{r}");
     assert_eq!(r.matches("checksum mismatch").count(), 1, "{r}");
+    for (size, why) in [("1000", "not a power of two"), ("8G", "over 1 GiB")] {
+        let r = t.fails(&["protect", "vm2", "--disk", s(&d), "--block-size", size]);
+        assert!(
+            r.starts_with("lifeboat: --block-size") && r.contains(why),
+            "{r}"
+        );
+    }
+    let r = t.fails(&["failover", "vm", "--unplanned", "--point", "bogus"]);
+    assert!(r.ends_with("or a point id (a number), got bogus"), "{r}");
     // A failover or a plan's without its kind: the kinds to choose from are named.
     for (args, kinds) in [
         (
