@@ -54,28 +54,23 @@ PY
 cat disk.raw > /dev/null
 
 now() { date +%s.%N; }
-best() { # best-of-N seconds of "$@", after running the reset command $1 and sync (not timed)
-  local reset=$1; shift; local b=""
+wall() { local t0 t1; t0=$(now); "$@" >/dev/null 2>&1; t1=$(now); echo "$t1 - $t0" | bc -l; }
+cpu_of() { /usr/bin/time -f "%U %S" -o cpu.time "$@" >/dev/null 2>&1; awk '{print $1 + $2}' cpu.time; }
+# The least of N measures ($1: wall or cpu_of, in seconds) of "$@", each after running the
+# reset command $2 and sync (not measured: the reset's own writes are not flushed inside
+# the measured run).
+least() {
+  local measure=$1 reset=$2; shift 2; local b=""
   for _ in $(seq $RUNS); do
     eval "$reset"
-    sync   # the reset's own writes are not flushed inside the timed run
-    local t0 t1; t0=$(now); "$@" >/dev/null 2>&1; t1=$(now)
-    local dt; dt=$(echo "$t1 - $t0" | bc -l)
-    if [ -z "$b" ] || (( $(echo "$dt < $b" | bc -l) )); then b=$dt; fi
+    sync
+    local v; v=$("$measure" "$@")
+    if [ -z "$b" ] || (( $(echo "$v < $b" | bc -l) )); then b=$v; fi
   done
   echo "$b"
 }
-
-cpu() { # least user + sys seconds of N runs of "$@", each after the reset command $1 and sync
-  local reset=$1; shift; local b=""
-  for _ in $(seq $RUNS); do
-    eval "$reset"; sync
-    /usr/bin/time -f "%U %S" -o cpu.time "$@" >/dev/null 2>&1
-    local c; c=$(awk '{print $1 + $2}' cpu.time)
-    if [ -z "$b" ] || (( $(echo "$c < $b" | bc -l) )); then b=$c; fi
-  done
-  echo "$b"
-}
+best() { least wall "$@"; }   # wall seconds
+cpu() { least cpu_of "$@"; }  # user + sys seconds
 
 # Rewrites the chosen blocks with fresh bytes (toggle 0) or their saved originals (1).
 toggle() {
