@@ -10,7 +10,7 @@ use lifeboat_pageblob::{
     StoreError, vhd,
 };
 use lifeboat_replication::{Action, ActionKind, LogReport, Outcome, PointId, Purpose};
-use lifeboat_resync::{BlockSize, DiffOptions, ExtentKind, Side};
+use lifeboat_resync::{BlockSize, DiffOptions, Digest, ExtentKind, Side};
 use lifeboat_source::ReadAt;
 
 use crate::catalog::{self, Cycle, Location, SyncReport, replica_blob};
@@ -55,30 +55,54 @@ fn sized(disk: std::io::Result<Arc<dyn Disk>>, path: &Path, len: u64) -> Result<
     Ok(disk)
 }
 
+/// Bytes of a piece read at a time: each stride's blocks are hashed right after its read,
+/// while the CPU's cache holds them.
+const READ_STRIDE: u64 = 1 << 20;
+
 /// Blocks of holes, at most, that a copy piece of holes skips with it in one action and
 /// one fence read (64 GiB of 64 KiB blocks; their pieces are listed to ask the digests).
 const HOLE_RUN_BLOCKS: u64 = 1 << 20;
 
-/// A piece of a disk: its bytes as changes, zero runs split off, read into `buf` from
-/// `start` on (a [`data::Buffers::take`]; returned whole, for [`data::Buffers::give`]
-/// once the changes are sent), and whether it is all holes. What the disk says holds no
-/// data (a sparse file's holes) is a zero run without being read.
-fn read_piece(
+/// A piece of a disk as read ([`read_piece`]).
+pub(crate) struct PieceRead {
+    /// Its bytes as changes, zero runs split off.
+    pub(crate) changes: Vec<Change>,
+    /// The buffer the changes slice (for [`data::Buffers::give`] once they are sent).
+    pub(crate) buffer: Bytes,
+    /// Whether the piece is all holes.
+    pub(crate) holes: bool,
+    /// The digests of its blocks hashed as they were read ([`data::hash_whole_blocks`],
+    /// for [`BatchDigests::of_hashed`]).
+    pub(crate) hashed: Vec<(u64, Digest)>,
+}
+
+/// Reads a piece of a disk into `buf` from `start` on (a [`data::Buffers::take`]),
+/// hashing its blocks of `block_size` as it goes. What the disk says holds no data (a
+/// sparse file's holes) is a zero run without being read.
+pub(crate) fn read_piece(
     src: &dyn Disk,
     path: &Path,
     offset: u64,
     len: u64,
     (mut buf, start): (Vec<u8>, usize),
-) -> Result<(Vec<Change>, Bytes, bool)> {
+    block_size: BlockSize,
+) -> Result<PieceRead> {
     let end = offset + len;
     let what = || format!("reading disk {}", path.display());
     let named = src.data_ranges(offset, len).map_err(Error::io(what()))?;
     let ranges = data::page_aligned(&named, offset..end);
     // Where disk byte `at` of the piece lies in the buffer.
     let place = |at: u64| start + (at - offset) as usize;
+    let mut hashed = Vec::new();
     for r in &ranges {
-        src.read_exact_at(&mut buf[place(r.start)..place(r.end)], r.start)
-            .map_err(Error::io(what()))?;
+        let mut at = r.start;
+        while at < r.end {
+            let to = (at / READ_STRIDE + 1) * READ_STRIDE;
+            let bytes = &mut buf[place(at)..place(to.min(r.end))];
+            src.read_exact_at(bytes, at).map_err(Error::io(what()))?;
+            data::hash_whole_blocks(bytes, at, block_size, &mut hashed);
+            at = to.min(r.end);
+        }
     }
     let all = Bytes::from(buf);
     let mut out = Vec::new();
@@ -100,7 +124,12 @@ fn read_piece(
             len: end - at,
         });
     }
-    Ok((out, all, named.is_empty()))
+    Ok(PieceRead {
+        changes: out,
+        buffer: all,
+        holes: named.is_empty(),
+        hashed,
+    })
 }
 
 /// Where the run of holes of `src` from `from` on ends, probed in steps of `step` bytes
@@ -833,8 +862,16 @@ impl Engine {
             let bs = BlockSize::new(block_size)?;
             let src = open_source(&*host, &path, size)?;
             let buf = buffers.take(len as usize, offset);
-            let (changes, buffer, holes) = read_piece(&*src, &path, offset, len, buf)?;
-            let digests = BatchDigests::of(&changes, bs, size);
+            let PieceRead {
+                changes,
+                buffer,
+                holes,
+                hashed,
+            } = read_piece(&*src, &path, offset, len, buf, bs)?;
+            let digests = BatchDigests::of_hashed(&changes, bs, size, |b| {
+                let i = hashed.binary_search_by_key(&b, |&(k, _)| k).ok()?;
+                Some(hashed[i].1)
+            });
             let limit = HOLE_RUN_BLOCKS * u64::from(bs.get());
             let holes_until = match holes {
                 true => Some(holes_until(&*src, &path, offset + len, len, limit, size)?),

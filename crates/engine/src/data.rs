@@ -12,6 +12,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use lifeboat_hrl::{ChangeMap, Piece, ReadOptions, Reader};
 use lifeboat_pageblob::{Change, MAX_PUT, PAGE, PageStore};
+use lifeboat_resync::{BlockSize, Digest};
 use lifeboat_source::{LINE, ReadAt, line_pad};
 
 use crate::error::{Error, Result};
@@ -50,6 +51,27 @@ pub(crate) fn split_zero_runs(offset: u64, data: Bytes) -> Vec<Change> {
         i = j;
     }
     out
+}
+
+/// Appends the digest of each block of `block_size` lying whole in `bytes` (disk bytes at
+/// `offset`) that holds no zero run of [`ZERO_GRAIN`] bytes (one run of data, likely
+/// covered whole by one change of [`split_zero_runs`]), in block order.
+pub(crate) fn hash_whole_blocks(
+    bytes: &[u8],
+    offset: u64,
+    block_size: BlockSize,
+    out: &mut Vec<(u64, Digest)>,
+) {
+    let bs = u64::from(block_size.get());
+    let mut b = offset.div_ceil(bs);
+    while (b + 1) * bs <= offset + bytes.len() as u64 {
+        let at = (b * bs - offset) as usize;
+        let block = &bytes[at..at + bs as usize];
+        if !block.chunks(ZERO_GRAIN).any(lifeboat_resync::is_zero) {
+            out.push((b, lifeboat_resync::digest_block(block)));
+        }
+        b += 1;
+    }
 }
 
 /// `ranges` (in order, apart) widened to whole 512-byte pages, merged where they then

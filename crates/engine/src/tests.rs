@@ -1671,3 +1671,56 @@ fn a_new_copy_buffer_is_not_touched() {
         "taking a {len}-byte buffer made {grew} bytes resident"
     );
 }
+
+/// A copy piece hashes each block as it reads it (while the CPU's cache holds it): the
+/// blocks of one run of data, across a read stride's end; not blocks holding a run of
+/// zeros, nor holes, nor a block the piece holds in part (those are digested from the
+/// changes, or completed from the replica).
+#[test]
+fn a_piece_is_hashed_as_it_is_read() {
+    use lifeboat_resync::{BlockSize, digest_block};
+    const BS: u64 = 64 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let file = tempfile::tempfile_in(dir.path()).unwrap();
+    let len = 24 * BS;
+    file.set_len(len).unwrap();
+    let mut rng = lifeboat_source::SplitMix64::new(11);
+    let mut want = vec![0u8; len as usize];
+    // Block 0 data; 1 data with 4 KiB of zeros; 2 a hole; 3 zeros written; 4..=20 data
+    // (a 1 MiB read stride ends at block 16), 21 and on holes.
+    for (at, n) in [(0, BS), (BS, BS), (3 * BS, BS), (4 * BS, 17 * BS)] {
+        let mut bytes = rng.bytes(n as usize);
+        if at == 3 * BS {
+            bytes.fill(0);
+        }
+        if at == BS {
+            bytes[8192..12288].fill(0);
+        }
+        want[at as usize..(at + n) as usize].copy_from_slice(&bytes);
+        std::os::unix::fs::FileExt::write_all_at(&file, &bytes, at).unwrap();
+    }
+    let disk = SparseDisk {
+        file,
+        read: AtomicU64::new(0),
+    };
+    let bs = BlockSize::new(BS as u32).unwrap();
+    // The piece begins inside block 0 and ends inside block 20.
+    let (offset, n) = (4096, 20 * BS + 4096);
+    let buf = crate::data::Buffers::default().take(n as usize, offset);
+    let crate::actions::PieceRead {
+        changes, hashed, ..
+    } = crate::actions::read_piece(&disk, Path::new("d"), offset, n, buf, bs).unwrap();
+    let blocks: Vec<u64> = hashed.iter().map(|&(b, _)| b).collect();
+    assert_eq!(blocks, (4..=19).collect::<Vec<_>>());
+    for (b, d) in hashed {
+        let at = (b * BS) as usize;
+        assert_eq!(d, digest_block(&want[at..at + BS as usize]), "block {b}");
+    }
+    // The changes hold the piece's bytes.
+    for c in changes {
+        if let lifeboat_pageblob::Change::Data { offset, data } = c {
+            let at = offset as usize;
+            assert!(data[..] == want[at..at + data.len()], "change at {offset}");
+        }
+    }
+}

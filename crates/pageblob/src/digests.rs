@@ -184,6 +184,23 @@ impl BatchDigests {
     /// be read back. Changes that overlap each other are all left to be read back (which
     /// of them lands last is the writer's business). Pure CPU: run it beside the batch.
     pub fn of(changes: &[Change], block_size: BlockSize, len: u64) -> Self {
+        Self::of_hashed(changes, block_size, len, |_| None)
+    }
+
+    /// [`BatchDigests::of`], taking the digest of a block a data change covers whole from
+    /// `hashed` where it has one (`None`: computed here). For a reader that hashes each
+    /// block right after reading it, while the CPU's cache still holds its bytes: hashing a
+    /// 64 MiB piece after reading it all reads it from memory again.
+    ///
+    /// `hashed(b)` must be [`digest_block`](lifeboat_resync::digest_block) of block `b`'s
+    /// bytes as `changes` hold them: the digests are recorded as the replica's, and a
+    /// later resync trusts them.
+    pub fn of_hashed(
+        changes: &[Change],
+        block_size: BlockSize,
+        len: u64,
+        hashed: impl Fn(u64) -> Option<Digest>,
+    ) -> Self {
         let mut ranges: Vec<Range<u64>> = changes.iter().map(Change::range).collect();
         ranges.sort_by_key(|r| r.start);
         if ranges.windows(2).any(|w| w[0].end > w[1].start) {
@@ -210,9 +227,11 @@ impl BatchDigests {
                 }
                 let d = match c {
                     Change::Zero { .. } => Digest::Zero,
-                    Change::Data { offset, data } => lifeboat_resync::digest_block(
-                        &data[(br.start - offset) as usize..(br.end - offset) as usize],
-                    ),
+                    Change::Data { offset, data } => hashed(b).unwrap_or_else(|| {
+                        lifeboat_resync::digest_block(
+                            &data[(br.start - offset) as usize..(br.end - offset) as usize],
+                        )
+                    }),
                 };
                 out.known.push((b, d));
                 b += 1;
@@ -1036,7 +1055,40 @@ impl ReplicaDigests {
 
 #[cfg(test)]
 mod tests {
-    use super::runs;
+    use super::{BatchDigests, runs};
+    use crate::Change;
+    use bytes::Bytes;
+    use lifeboat_resync::{BlockSize, Digest, digest_block};
+
+    /// A digest given for a block a data change covers whole is the one kept; the other
+    /// blocks are digested from the changes.
+    #[test]
+    fn given_digests_are_taken_for_whole_data_blocks() {
+        let bs = BlockSize::new(512).unwrap();
+        let data: Vec<u8> = (0..2048u32).map(|i| (i % 251 + 1) as u8).collect();
+        let changes = [
+            Change::Data {
+                offset: 512,
+                data: Bytes::from(data.clone()),
+            },
+            Change::Zero {
+                offset: 4096,
+                len: 512,
+            },
+        ];
+        let given = Digest::Hash([7; 32]);
+        let b = BatchDigests::of_hashed(&changes, bs, 8192, |b| (b == 2).then_some(given));
+        let want: Vec<(u64, Digest)> = (1..5)
+            .map(|b| match b {
+                2 => (b, given),
+                _ => (b, digest_block(&data[(b as usize - 1) * 512..][..512])),
+            })
+            .chain([(8, Digest::Zero)])
+            .collect();
+        assert_eq!(b.known, want);
+        let computed = (2, digest_block(&data[512..1024]));
+        assert_eq!(BatchDigests::of(&changes, bs, 8192).known[1], computed);
+    }
 
     #[test]
     fn runs_split_at_gaps_and_at_their_limit() {
