@@ -1132,6 +1132,51 @@ impl Engine {
         Ok(())
     }
 
+    /// Checks what a [`Engine::protect`] of `item` asks, against the host alone (before a
+    /// site or a store is set up, say, so a refused request leaves neither): the item's
+    /// name, the block size, and that each disk opens and is a non-zero multiple of 512
+    /// bytes, none named twice. The disks' sizes, in order. `protect` checks the same,
+    /// then what the catalogue holds.
+    ///
+    /// ```
+    /// use lifeboat_engine::{Engine, MemoryHost};
+    /// let host = MemoryHost::default();
+    /// host.add_disk("d0", vec![0; 4096]);
+    /// let sizes = Engine::check_protect(&host, "vm", &["d0".into()], 64 << 10).unwrap();
+    /// assert_eq!(sizes, [4096]);
+    /// assert!(Engine::check_protect(&host, "vm", &["d1".into()], 64 << 10).is_err());
+    /// assert!(Engine::check_protect(&host, "a/b", &["d0".into()], 64 << 10).is_err());
+    /// ```
+    pub fn check_protect(
+        host: &dyn Host,
+        item: &str,
+        disks: &[PathBuf],
+        block_size: u32,
+    ) -> Result<Vec<u64>> {
+        catalog::check_name("item", item)?;
+        BlockSize::new(block_size)
+            .map_err(|_| Error::Invalid(format!("block size {block_size} is not valid")))?;
+        let named: std::collections::BTreeSet<_> = disks.iter().collect();
+        if named.len() != disks.len() {
+            return Err(Error::Invalid(format!("{item} names one disk twice")));
+        }
+        disks
+            .iter()
+            .map(|path| {
+                let what = || format!("disk {}", path.display());
+                let disk = host.open_disk_read(path).map_err(Error::io(what()))?;
+                let len = disk.size().map_err(Error::io(what()))?;
+                if len == 0 || !len.is_multiple_of(512) {
+                    return Err(Error::Invalid(format!(
+                        "disk {} is {len} bytes: a disk is a non-zero multiple of 512 bytes",
+                        path.display()
+                    )));
+                }
+                Ok(len)
+            })
+            .collect()
+    }
+
     /// Protects a machine: records it in the catalogue (owned by this site), then runs
     /// initial replication of every disk. `disks` are the host's names for them. Returns
     /// `false` when the item was already protected by this site with these disks.
@@ -1163,9 +1208,6 @@ impl Engine {
             }
             return Ok(false);
         }
-        let bs = BlockSize::new(block_size)
-            .map_err(|_| Error::Invalid(format!("block size {block_size} is not valid")))?;
-        let mut docs = Vec::new();
         for path in disks {
             if let Some((other, _)) = self
                 .items
@@ -1178,34 +1220,17 @@ impl Engine {
                     path.display()
                 )));
             }
-            let disk = self
-                .host
-                .open_disk_read(path)
-                .map_err(Error::io(format!("disk {}", path.display())))?;
-            let len = disk
-                .size()
-                .map_err(Error::io(format!("disk {}", path.display())))?;
-            if len == 0 || !len.is_multiple_of(512) {
-                return Err(Error::Invalid(format!(
-                    "disk {} is {len} bytes: a disk is a non-zero multiple of 512 bytes",
-                    path.display()
-                )));
-            }
-            docs.push(Disk {
+        }
+        let sizes = Self::check_protect(&*self.host, item, disks, block_size)?;
+        let docs: Vec<Disk> = disks
+            .iter()
+            .zip(&sizes)
+            .map(|(path, &size)| Disk {
                 source: path.clone(),
-                size: len,
+                size,
                 tracking: Tracking::default(),
-            });
-        }
-        if docs.len()
-            != docs
-                .iter()
-                .map(|d| &d.source)
-                .collect::<std::collections::BTreeSet<_>>()
-                .len()
-        {
-            return Err(Error::Invalid(format!("{item} names one disk twice")));
-        }
+            })
+            .collect();
         let now = self.now();
         let sizes = docs.iter().map(|d| d.size).collect();
         let job = self.c.handle_command(
@@ -1224,7 +1249,7 @@ impl Engine {
             taken_over: None,
             clock: now,
             replication: self.c.item_record(item).expect("just added"),
-            block_size: bs.get(),
+            block_size,
             disks: docs,
             points: BTreeMap::new(),
             point_digests: BTreeMap::new(),

@@ -262,25 +262,10 @@ fn plan_items(e: &Engine, plan: &str) -> Option<Vec<String>> {
 async fn command(e: &mut Engine, store: &Store, cli: &Cli, resumed: &[JobId]) -> Result<()> {
     let azure = store.azure;
     match &cli.command {
-        Cmd::Protect {
-            item,
-            disks,
-            copy_frequency,
-            retention,
-            block_size,
-            auto_resync,
-            rpo_warning,
-            rpo_critical,
-        } => {
-            let mut policy = policy(*copy_frequency, *retention)?;
-            if rpo_critical.is_some_and(|c| c < *rpo_warning) {
-                bail!("--rpo-critical must not be shorter than --rpo-warning");
-            }
-            policy.auto_resync = *auto_resync;
-            policy.rpo_warning = *rpo_warning;
-            policy.rpo_critical = *rpo_critical;
-            protect(e, item, disks, policy, *block_size).await
-        }
+        Cmd::Protect { .. } => match Protect::of(&cli.command)? {
+            Some(p) => protect(e, &p.item, &p.disks, p.policy, p.block_size).await,
+            None => Ok(()),
+        },
         Cmd::Replicate {
             item,
             logs,
@@ -573,26 +558,90 @@ fn absolute(p: &Path) -> Result<PathBuf> {
 }
 
 /// Enable protection (or finish an interrupted one).
+/// What a `protect` command asks, checked as far as the agent can without a site.
+pub(crate) struct Protect {
+    item: String,
+    disks: Vec<PathBuf>,
+    policy: ReplicationPolicy,
+    block_size: u32,
+}
+
+impl Protect {
+    /// The request of `cmd`, if it is a `protect`.
+    pub(crate) fn of(cmd: &Cmd) -> Result<Option<Self>> {
+        let Cmd::Protect {
+            item,
+            disks,
+            copy_frequency,
+            retention,
+            block_size,
+            auto_resync,
+            rpo_warning,
+            rpo_critical,
+        } = cmd
+        else {
+            return Ok(None);
+        };
+        let mut policy = policy(*copy_frequency, *retention)?;
+        if rpo_critical.is_some_and(|c| c < *rpo_warning) {
+            bail!("--rpo-critical must not be shorter than --rpo-warning");
+        }
+        policy.auto_resync = *auto_resync;
+        policy.rpo_warning = *rpo_warning;
+        policy.rpo_critical = *rpo_critical;
+        let block_size = match u32::try_from(*block_size).map(lifeboat_resync::BlockSize::new) {
+            Ok(Ok(bs)) => bs.get(),
+            Ok(Err(e)) => bail!("--block-size: {e}"),
+            Err(_) => {
+                bail!("--block-size: {block_size} bytes is over 1 GiB, the largest block size")
+            }
+        };
+        Ok(Some(Protect {
+            item: item.clone(),
+            disks: disks.clone(),
+            policy,
+            block_size,
+        }))
+    }
+}
+
+/// Disks as the engine names them: canonical paths.
+fn canonical(disks: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    disks
+        .iter()
+        .map(|d| {
+            d.canonicalize()
+                .with_context(|| format!("disk {}", d.display()))
+        })
+        .collect()
+}
+
+/// Checks a `protect` on a site not set up yet before the site and its store are: one
+/// refused (a bad name, a missing disk, a bad policy) leaves neither behind.
+pub(crate) fn check_first_protect(cli: &Cli) -> Result<()> {
+    let site = &cli.target.site;
+    if site.join("site.json").exists() {
+        return Ok(());
+    }
+    if let Some(p) = Protect::of(&cli.command)? {
+        let host = AgentHost {
+            site: site.to_path_buf(),
+        };
+        Engine::check_protect(&host, &p.item, &canonical(&p.disks)?, p.block_size)?;
+    }
+    Ok(())
+}
+
 pub(crate) async fn protect(
     e: &mut Engine,
     item: &str,
     disks: &[PathBuf],
     policy: ReplicationPolicy,
-    block_size: u64,
+    block_size: u32,
 ) -> Result<()> {
-    let mut paths = Vec::new();
-    for d in disks {
-        paths.push(
-            d.canonicalize()
-                .with_context(|| format!("disk {}", d.display()))?,
-        );
-    }
-    let bs = match u32::try_from(block_size).map(lifeboat_resync::BlockSize::new) {
-        Ok(Ok(bs)) => bs.get(),
-        Ok(Err(e)) => bail!("--block-size: {e}"),
-        Err(_) => bail!("--block-size: {block_size} bytes is over 1 GiB, the largest block size"),
-    };
-    let fresh = e.protect(item, &paths, policy, bs).await?;
+    let fresh = e
+        .protect(item, &canonical(disks)?, policy, block_size)
+        .await?;
     let st = e.protection(item)?;
     if !fresh {
         say!(

@@ -941,6 +941,7 @@ async fn run(cli: Cli) -> Result<()> {
         } => return read::run(&cli).await,
         _ => {}
     }
+    commands::check_first_protect(&cli)?;
     let store = open_store(&cli.target, true).await?;
     if let Cmd::Run {
         once,

@@ -882,6 +882,17 @@ fn bad_input_is_refused_and_nothing_is_recorded() {
     assert!(r.contains(s(dir.path())), "{r}");
     let r = t.fails(&["protect", "vm", "--disk", s(&d), "--disk", s(&d)]);
     assert!(r.contains("twice"), "{r}");
+    let missing = dir.path().join("nope.raw");
+    let r = t.fails(&["protect", "vm", "--disk", s(&missing)]);
+    assert!(r.contains("nope.raw") && r.contains("No such file"), "{r}");
+    let r = t.fails(&["protect", "vm", "--disk", s(&d), "--rpo-critical", "1m"]);
+    assert!(r.contains("--rpo-critical"), "{r}");
+    // Refused before a site or a store is set up: none is left behind.
+    assert!(
+        !t.site.exists(),
+        "a refused protect set up {}",
+        t.site.display()
+    );
     assert_eq!(
         t.json(&["status"]),
         Value::Array(vec![]),
