@@ -1232,7 +1232,6 @@ impl Engine {
             })
             .collect();
         let now = self.now();
-        let sizes = docs.iter().map(|d| d.size).collect();
         let job = self.c.handle_command(
             now,
             Command::EnableProtection {

@@ -557,7 +557,6 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     Ok(abs.canonicalize().unwrap_or(abs))
 }
 
-/// Enable protection (or finish an interrupted one).
 /// What a `protect` command asks, checked as far as the agent can without a site.
 pub(crate) struct Protect {
     item: String,
@@ -632,6 +631,7 @@ pub(crate) fn check_first_protect(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
+/// Enable protection (or finish an interrupted one).
 pub(crate) async fn protect(
     e: &mut Engine,
     item: &str,
