@@ -5,12 +5,21 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use lifeboat_pageblob::{LeaseId, PageStore};
+use lifeboat_pageblob::{LeaseId, PageStore, StoreError};
 use lifeboat_replication::{Job, JobAction, PlanRecord};
 
 use crate::catalog::{self, Item, PlanDoc};
 use crate::engine::ItemView;
 use crate::error::{Error, Result};
+
+/// The blobs of `store` under `prefix`; none where its container does not exist yet
+/// (the first command that writes makes it: a protect refused before that leaves none).
+async fn listed(store: &dyn PageStore, prefix: &str) -> Result<Vec<String>> {
+    match store.list(prefix).await {
+        Err(StoreError::NotFound { .. }) => Ok(Vec::new()),
+        r => Ok(r?),
+    }
+}
 
 /// Where a [`Catalogue`] was read.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,7 +55,7 @@ impl Catalogue {
         }
         let site_dir = site.map(|(dir, _)| dir);
         let mut items = BTreeMap::new();
-        for name in store.list(&catalog::items_prefix()).await? {
+        for name in listed(store, &catalog::items_prefix()).await? {
             let Some(item) = name
                 .strip_prefix(&catalog::items_prefix())
                 .and_then(|r| r.strip_suffix("/catalog.json"))
@@ -58,7 +67,7 @@ impl Catalogue {
             }
         }
         let mut plans = BTreeMap::new();
-        for name in store.list(&catalog::plans_prefix()).await? {
+        for name in listed(store, &catalog::plans_prefix()).await? {
             if let Some((doc, _, _)) = catalog::read::<PlanDoc>(store, &name).await? {
                 plans.insert(doc.record.plan().name.clone(), doc.record);
             }
