@@ -37,6 +37,18 @@ pub(super) enum Record {
     Lost { range: Range<u64> },
 }
 
+impl Record {
+    /// The pages it names.
+    fn range(&self) -> &Range<u64> {
+        match self {
+            Record::Write { range, .. }
+            | Record::Clear { range, .. }
+            | Record::Preserve { range, .. }
+            | Record::Lost { range } => range,
+        }
+    }
+}
+
 /// Where a state stands in its blob's journal (not serialised with the state).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct Position {
@@ -123,12 +135,14 @@ fn record(&(kind, a, b, tag): &Line<'_>) -> Option<Record> {
     })
 }
 
-/// Applies the records that lead `lines` (up to the first line that is not one); returns
-/// the offset just past the last one applied, `start` if none.
+/// Applies the records that lead `lines` (up to the first line that is not one, or names
+/// pages past the blob's end: no store writes such a line, so it is damage, as a line
+/// whose checksum fails); returns the offset just past the last one applied, `start` if
+/// none.
 fn apply_lines(st: &mut State, lines: &[(Line<'_>, usize)], start: usize) -> usize {
     let mut end = start;
     for (line, after) in lines {
-        let Some(rec) = record(line) else {
+        let Some(rec) = record(line).filter(|r| r.range().end <= st.size) else {
             break;
         };
         apply(st, &rec);
@@ -248,8 +262,23 @@ mod tests {
         State {
             generation: 7,
             etag: "\"0x00000000000000AA\"".into(),
+            size: 1 << 20,
             ..State::default()
         }
+    }
+
+    #[test]
+    fn a_record_past_the_blobs_end_ends_replay() {
+        let mut file = header(&base());
+        file.extend(encode(&write(0, 512, "\"e1\"")));
+        let whole = file.len();
+        // A whole line with a good checksum that names pages the blob does not have.
+        file.extend(encode(&write(1 << 20, (1 << 20) + 512, "\"e2\"")));
+        file.extend(encode(&write(512, 1024, "\"e3\"")));
+        let mut st = base();
+        let pos = replay_all(&mut st, &file);
+        assert_eq!((pos.end, pos.dirty), (whole as u64, true));
+        assert_eq!(st.ranges, vec![0..512]);
     }
 
     fn write(a: u64, b: u64, tag: &str) -> Record {
