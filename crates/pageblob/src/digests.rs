@@ -169,11 +169,11 @@ pub struct BatchDigests {
 }
 
 /// A piece of a block [`BatchDigests::read_rest`] completes, in disk order.
-enum Piece<'a> {
+enum Piece {
     /// Bytes the batch leaves: the gap read at this index.
     Gap(usize),
     /// Bytes the batch writes.
-    Data(&'a [u8]),
+    Data(Bytes),
     /// Bytes the batch clears.
     Zeros(u64),
 }
@@ -267,7 +267,7 @@ impl BatchDigests {
     /// a remote store merges nearby ones into one request). The batch's writer rewrites the
     /// rest of a partial 512-byte page with the bytes it holds, so this may run while the
     /// batch is sent, as long as nobody else writes the blob (its lease holder is the only
-    /// writer).
+    /// writer); the blocks are hashed on a blocking thread, so the batch goes on meanwhile.
     /// Does nothing when the changes overlap each other (which lands last is the writer's
     /// business: those blocks are read back after). On an error nothing is changed and the
     /// blocks are read back after the batch as before.
@@ -307,9 +307,9 @@ impl BatchDigests {
                 }
                 if from < to {
                     pieces.push(match c {
-                        Change::Data { offset, data } => {
-                            Piece::Data(&data[(from - offset) as usize..(to - offset) as usize])
-                        }
+                        Change::Data { offset, data } => Piece::Data(
+                            data.slice((from - offset) as usize..(to - offset) as usize),
+                        ),
                         Change::Zero { .. } => Piece::Zeros(to - from),
                     });
                 }
@@ -333,21 +333,28 @@ impl BatchDigests {
                 reason: "the store answered reads with other lengths than asked".into(),
             });
         }
-        // Hashed piece by piece (nothing gathered into a block buffer).
-        let known: Vec<(u64, Digest)> = parts
-            .into_iter()
-            .map(|(b, pieces)| {
-                let mut d = BlockDigester::new();
-                for p in pieces {
-                    match p {
-                        Piece::Gap(i) => d.update(&read[i]),
-                        Piece::Data(bytes) => d.update(bytes),
-                        Piece::Zeros(n) => d.zeros(n),
+        // Hashed piece by piece (nothing gathered into a block buffer), off the runtime's
+        // threads: the caller's other futures (the batch being sent) go on meanwhile.
+        let hash = move || -> Vec<(u64, Digest)> {
+            parts
+                .into_iter()
+                .map(|(b, pieces)| {
+                    let mut d = BlockDigester::new();
+                    for p in pieces {
+                        match p {
+                            Piece::Gap(i) => d.update(&read[i]),
+                            Piece::Data(bytes) => d.update(&bytes),
+                            Piece::Zeros(n) => d.zeros(n),
+                        }
                     }
-                }
-                (b, d.finish())
-            })
-            .collect();
+                    (b, d.finish())
+                })
+                .collect()
+        };
+        let known = tokio::task::spawn_blocking(hash).await.map_err(|e| {
+            let e = crate::store::unless_panic(e);
+            StoreError::Client(format!("hashing a batch's blocks: {e}"))
+        })?;
         self.known.extend(known);
         self.rest.clear();
         Ok(())
