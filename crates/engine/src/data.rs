@@ -54,8 +54,10 @@ pub(crate) fn split_zero_runs(offset: u64, data: Bytes) -> Vec<Change> {
 }
 
 /// Appends the digest of each block of `block_size` lying whole in `bytes` (disk bytes at
-/// `offset`) that holds no zero run of [`ZERO_GRAIN`] bytes (one run of data, likely
-/// covered whole by one change of [`split_zero_runs`]), in block order.
+/// `offset`) that is not all zeros, in block order. The changes [`split_zero_runs`] makes
+/// of `bytes` cover each whole (one data change, or data and zero runs side by side);
+/// an all-zero block is left out: one zero run covers it whole where the runs' grains
+/// meet its ends, and its digest is known without hashing.
 pub(crate) fn hash_whole_blocks(
     bytes: &[u8],
     offset: u64,
@@ -67,7 +69,7 @@ pub(crate) fn hash_whole_blocks(
     while (b + 1) * bs <= offset + bytes.len() as u64 {
         let at = (b * bs - offset) as usize;
         let block = &bytes[at..at + bs as usize];
-        if !block.chunks(ZERO_GRAIN).any(lifeboat_resync::is_zero) {
+        if !block.chunks(ZERO_GRAIN).all(lifeboat_resync::is_zero) {
             out.push((b, lifeboat_resync::digest_block(block)));
         }
         b += 1;

@@ -74,6 +74,25 @@ fn touched_blocks(ranges: &[Range<u64>], block_size: BlockSize, len: u64) -> Vec
     blocks
 }
 
+/// `ranges` without the parts inside `cut` (in order, apart), in order.
+fn without(ranges: Vec<Range<u64>>, cut: &[Range<u64>]) -> Vec<Range<u64>> {
+    let mut out = Vec::with_capacity(ranges.len());
+    for r in merge_ranges(ranges) {
+        let mut at = r.start;
+        let first = cut.partition_point(|c| c.end <= r.start);
+        for c in cut[first..].iter().take_while(|c| c.start < r.end) {
+            if at < c.start {
+                out.push(at..c.start);
+            }
+            at = at.max(c.end);
+        }
+        if at < r.end {
+            out.push(at..r.end);
+        }
+    }
+    out
+}
+
 /// The slot pages holding the digests of the blocks `ranges` overlap, in order, listed
 /// without listing the blocks (a range may span a million of them).
 fn touched_pages(ranges: &[Range<u64>], block_size: BlockSize, len: u64) -> Vec<u64> {
@@ -187,14 +206,16 @@ impl BatchDigests {
         Self::of_hashed(changes, block_size, len, |_| None)
     }
 
-    /// [`BatchDigests::of`], taking the digest of a block a data change covers whole from
-    /// `hashed` where it has one (`None`: computed here). For a reader that hashes each
-    /// block right after reading it, while the CPU's cache still holds its bytes: hashing a
-    /// 64 MiB piece after reading it all reads it from memory again.
+    /// [`BatchDigests::of`], taking the digest of a block that a data change covers whole,
+    /// or that the changes cover whole together (data and zero runs side by side), from
+    /// `hashed` where it has one (`None`: computed here, or left to be read back). For a
+    /// reader that hashes each block right after reading it, while the CPU's cache still
+    /// holds its bytes: hashing a 64 MiB piece after reading it all reads it from memory
+    /// again.
     ///
     /// `hashed(b)` must be [`digest_block`](lifeboat_resync::digest_block) of block `b`'s
     /// bytes as `changes` hold them: the digests are recorded as the replica's, and a
-    /// later resync trusts them.
+    /// later resync trusts them. It is asked only of blocks the changes cover whole.
     pub fn of_hashed(
         changes: &[Change],
         block_size: BlockSize,
@@ -254,6 +275,27 @@ impl BatchDigests {
             if !covered.is_empty() && covered.end < r.end {
                 out.rest.push(covered.end..r.end);
             }
+        }
+        // Blocks no one change covers whole but the changes do together: given or left.
+        let spans = merge_ranges(ranges);
+        let given: Vec<(u64, Digest)> = touched_blocks(&out.rest, block_size, len)
+            .into_iter()
+            .filter(|&b| {
+                let br = block_size.range(b, len);
+                let i = spans.partition_point(|s| s.end <= br.start);
+                spans
+                    .get(i)
+                    .is_some_and(|s| s.start <= br.start && br.end <= s.end)
+            })
+            .filter_map(|b| Some((b, hashed(b)?)))
+            .collect();
+        if !given.is_empty() {
+            let cut: Vec<Range<u64>> = given
+                .iter()
+                .map(|&(b, _)| block_size.range(b, len))
+                .collect();
+            out.rest = without(std::mem::take(&mut out.rest), &cut);
+            out.known.extend(given);
         }
         out
     }
@@ -1062,7 +1104,7 @@ impl ReplicaDigests {
 
 #[cfg(test)]
 mod tests {
-    use super::{BatchDigests, runs};
+    use super::{BatchDigests, runs, touched_blocks, without};
     use crate::Change;
     use bytes::Bytes;
     use lifeboat_resync::{BlockSize, Digest, digest_block};
@@ -1095,6 +1137,61 @@ mod tests {
         assert_eq!(b.known, want);
         let computed = (2, digest_block(&data[512..1024]));
         assert_eq!(BatchDigests::of(&changes, bs, 8192).known[1], computed);
+    }
+
+    #[test]
+    fn given_digests_are_taken_for_blocks_the_changes_cover_whole_together() {
+        let bs = BlockSize::new(512).unwrap();
+        let data = |offset: u64, n: usize| Change::Data {
+            offset,
+            data: Bytes::from(vec![9u8; n]),
+        };
+        // Block 1 is data, zeros, data; block 2 the same but not given; block 4 has a gap
+        // (its last 100 bytes are the replica's); block 5 lies whole in one change.
+        let changes = [
+            data(512, 200),
+            Change::Zero {
+                offset: 712,
+                len: 100,
+            },
+            data(812, 212 + 300),
+            Change::Zero {
+                offset: 1324,
+                len: 212,
+            },
+            data(2048, 412),
+            data(2560, 512),
+        ];
+        let asked = std::cell::RefCell::new(Vec::new());
+        let given = Digest::Hash([7; 32]);
+        let b = BatchDigests::of_hashed(&changes, bs, 8192, |b| {
+            asked.borrow_mut().push(b);
+            (b != 2).then_some(given)
+        });
+        assert_eq!(*asked.borrow(), [5, 1, 2]);
+        let mut known = b.known.clone();
+        known.sort_by_key(|k| k.0);
+        assert_eq!(known, [(1, given), (5, given)]);
+        assert_eq!(b.rest, [1024..1536, 2048..2460]);
+        // Without given digests those blocks are read back (block 5 is hashed here).
+        let b = BatchDigests::of(&changes, bs, 8192);
+        assert_eq!(touched_blocks(&b.rest, bs, 8192), [1, 2, 4]);
+        assert_eq!(b.known, [(5, digest_block(&[9u8; 512]))]);
+    }
+
+    #[test]
+    fn without_cuts_ranges_apart() {
+        let (whole, middle) = (0..10, 5..25);
+        assert_eq!(without(vec![0..10, 20..30], &[]), [0..10, 20..30]);
+        assert_eq!(
+            without(vec![20..30, 0..10], std::slice::from_ref(&middle)),
+            [0..5, 25..30]
+        );
+        assert_eq!(
+            without(vec![0..12, 12..30], &[0..5, 10..12, 28..40]),
+            [5..10, 12..28]
+        );
+        assert!(without(vec![whole.clone()], std::slice::from_ref(&whole)).is_empty());
     }
 
     #[test]
