@@ -399,6 +399,45 @@ pub(crate) async fn read<T: DeserializeOwned>(
     Ok(Some((value, doc.etag, doc.data.to_vec())))
 }
 
+/// The item whose document is the blob `name` (`None`: another blob).
+pub(crate) fn item_of(name: &str) -> Option<&str> {
+    name.strip_prefix(ROOT)?
+        .strip_prefix("/items/")?
+        .strip_suffix("/catalog.json")
+}
+
+/// A document as read: its value, its ETag and its bytes.
+pub(crate) type Read<T> = (T, ETag, Vec<u8>);
+
+/// Every item's and plan's document in `store` (items by name, plans in the store's
+/// order); none where its container does not exist yet (the first command that writes
+/// makes it: a protect refused before that leaves none).
+pub(crate) async fn read_all(
+    store: &dyn PageStore,
+) -> Result<(BTreeMap<String, Read<Item>>, Vec<Read<PlanDoc>>)> {
+    let mut items = BTreeMap::new();
+    for name in listed(store, &items_prefix()).await? {
+        if let Some(item) = item_of(&name)
+            && let Some(doc) = read::<Item>(store, &name).await?
+        {
+            items.insert(item.to_owned(), doc);
+        }
+    }
+    let mut plans = Vec::new();
+    for name in listed(store, &plans_prefix()).await? {
+        plans.extend(read::<PlanDoc>(store, &name).await?);
+    }
+    Ok((items, plans))
+}
+
+/// The blobs of `store` under `prefix`; none where its container does not exist.
+async fn listed(store: &dyn PageStore, prefix: &str) -> Result<Vec<String>> {
+    match store.list(prefix).await {
+        Err(StoreError::NotFound { .. }) => Ok(Vec::new()),
+        r => Ok(r?),
+    }
+}
+
 /// Encodes a document.
 pub(crate) fn encode<T: Serialize>(name: &str, doc: &T) -> Result<Vec<u8>> {
     serde_json::to_vec(doc).map_err(|e| Error::Catalog {

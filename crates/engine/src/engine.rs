@@ -400,30 +400,19 @@ impl Engine {
 
     async fn load(&mut self) -> Result<()> {
         let store = self.store.clone();
-        for name in store.list(&catalog::items_prefix()).await? {
-            let Some(item) = name
-                .strip_prefix(&catalog::items_prefix())
-                .and_then(|r| r.strip_suffix("/catalog.json"))
-            else {
-                continue;
-            };
-            if let Some((doc, etag, saved)) = catalog::read::<Item>(&*store, &name).await? {
-                self.items
-                    .insert(item.to_owned(), Entry { doc, etag, saved });
-            }
+        let (items, plans) = catalog::read_all(&*store).await?;
+        for (item, (doc, etag, saved)) in items {
+            self.items.insert(item, Entry { doc, etag, saved });
         }
-        for name in store.list(&catalog::plans_prefix()).await? {
-            if let Some((doc, etag, saved)) = catalog::read::<PlanDoc>(&*store, &name).await? {
-                let plan = doc.record.plan().name.clone();
-                self.plans.insert(
-                    plan,
-                    PlanEntry {
-                        record: doc.record,
-                        etag,
-                        saved,
-                    },
-                );
-            }
+        for (doc, etag, saved) in plans {
+            self.plans.insert(
+                doc.record.plan().name.clone(),
+                PlanEntry {
+                    record: doc.record,
+                    etag,
+                    saved,
+                },
+            );
         }
         let mine: Vec<String> = self
             .items

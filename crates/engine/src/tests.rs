@@ -1731,3 +1731,12 @@ fn a_piece_is_hashed_as_it_is_read() {
         }
     }
 }
+
+#[test]
+fn an_items_document_names_its_item() {
+    use crate::catalog::{item_doc, item_of, plan_doc, replica_blob};
+    assert_eq!(item_of(&item_doc("vm-1.a")), Some("vm-1.a"));
+    assert_eq!(item_of(&replica_blob("vm", 0)), None);
+    assert_eq!(item_of(&plan_doc("vm")), None);
+    assert_eq!(item_of("other/items/vm/catalog.json"), None);
+}

@@ -5,21 +5,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use lifeboat_pageblob::{LeaseId, PageStore, StoreError};
+use lifeboat_pageblob::{LeaseId, PageStore};
 use lifeboat_replication::{Job, JobAction, PlanRecord};
 
-use crate::catalog::{self, Item, PlanDoc};
+use crate::catalog::{self, Item};
 use crate::engine::ItemView;
 use crate::error::{Error, Result};
-
-/// The blobs of `store` under `prefix`; none where its container does not exist yet
-/// (the first command that writes makes it: a protect refused before that leaves none).
-async fn listed(store: &dyn PageStore, prefix: &str) -> Result<Vec<String>> {
-    match store.list(prefix).await {
-        Err(StoreError::NotFound { .. }) => Ok(Vec::new()),
-        r => Ok(r?),
-    }
-}
 
 /// Where a [`Catalogue`] was read.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,24 +45,12 @@ impl Catalogue {
             crate::site::check_store(dir, store, desc).await?;
         }
         let site_dir = site.map(|(dir, _)| dir);
-        let mut items = BTreeMap::new();
-        for name in listed(store, &catalog::items_prefix()).await? {
-            let Some(item) = name
-                .strip_prefix(&catalog::items_prefix())
-                .and_then(|r| r.strip_suffix("/catalog.json"))
-            else {
-                continue;
-            };
-            if let Some((doc, _, _)) = catalog::read::<Item>(store, &name).await? {
-                items.insert(item.to_owned(), doc);
-            }
-        }
-        let mut plans = BTreeMap::new();
-        for name in listed(store, &catalog::plans_prefix()).await? {
-            if let Some((doc, _, _)) = catalog::read::<PlanDoc>(store, &name).await? {
-                plans.insert(doc.record.plan().name.clone(), doc.record);
-            }
-        }
+        let (items, plans) = catalog::read_all(store).await?;
+        let items = items.into_iter().map(|(n, (doc, ..))| (n, doc)).collect();
+        let plans = plans
+            .into_iter()
+            .map(|(doc, ..)| (doc.record.plan().name.clone(), doc.record))
+            .collect();
         Ok(Catalogue {
             items,
             plans,
@@ -94,10 +73,7 @@ impl Catalogue {
             let Some(name) = file.to_str().map(|n| n.replace('%', "/")) else {
                 continue;
             };
-            let Some(item) = name
-                .strip_prefix(&catalog::items_prefix())
-                .and_then(|r| r.strip_suffix("/catalog.json"))
-            else {
+            let Some(item) = catalog::item_of(&name) else {
                 continue;
             };
             let path = e.path();
