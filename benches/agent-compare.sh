@@ -56,22 +56,34 @@ cat disk.raw > /dev/null
 now() { date +%s.%N; }
 wall() { local t0 t1; t0=$(now); "$@" >/dev/null 2>&1; t1=$(now); echo "$t1 - $t0" | bc -l; }
 cpu_of() { /usr/bin/time -f "%U %S" -o cpu.time "$@" >/dev/null 2>&1; awk '{print $1 + $2}' cpu.time; }
-# The median of N measures ($1: wall or cpu_of, in seconds) of "$@", each after running
-# the reset command $2 and sync (not measured: the reset's own writes are not flushed
-# inside the measured run). The median, not the least: on this VM a run now and then is
-# far faster or slower than the rest (the host's page reporting), and the least of 3 made
+# Each figure is a median of $RUNS measures ($1: wall or cpu_of, in seconds) of a tool and
+# its peers, alternated: each round runs each command once (after its reset command and a
+# sync, neither measured: a reset's own writes are not flushed inside the measured run), so
+# every command meets the machine in the same minutes. On this VM the cost of the same
+# run moves by a third from one minute to the next (the host's page reporting): measured
+# in turns of five runs each, protect and `cp` met different minutes (run I's 1.57x, with
+# 1.2x in alternating runs right after). The median, not the least: the least of 3 made
 # one tool's lucky run the ratio (an `hrl apply` at 0.68 s against a median of 0.85 s).
-median() {
-  local measure=$1 reset=$2; shift 2; local vs=()
-  for _ in $(seq $RUNS); do
-    eval "$reset"
-    sync
-    vs+=("$("$measure" "$@")")
+#   alternate MEASURE RESET1 CMD1 [RESET2 CMD2 ...]   (strings, eval'd) -> "M1 M2 ..."
+alternate() {
+  local measure=$1; shift
+  local n=$(($# / 2)) i r
+  local -a all=()
+  for r in $(seq "$RUNS"); do
+    for i in $(seq 0 $((n - 1))); do
+      local reset=${@:$((2 * i + 1)):1} cmd=${@:$((2 * i + 2)):1}
+      eval "$reset"
+      sync
+      all[$((i * RUNS + r))]=$(eval "$measure $cmd")
+    done
   done
-  printf '%s\n' "${vs[@]}" | sort -g | sed -n "$(( (RUNS + 1) / 2 ))p"
+  local out=()
+  for i in $(seq 0 $((n - 1))); do
+    out+=("$(for r in $(seq "$RUNS"); do echo "${all[$((i * RUNS + r))]}"; done |
+      sort -g | sed -n "$(((RUNS + 1) / 2))p")")
+  done
+  echo "${out[*]}"
 }
-med() { median wall "$@"; }   # wall seconds
-cpu() { median cpu_of "$@"; }  # user + sys seconds
 
 # Rewrites the chosen blocks with fresh bytes (toggle 0) or their saved originals (1).
 toggle() {
@@ -102,23 +114,23 @@ flip() { toggle "$STATE"; if [ "$STATE" = new ]; then STATE=old; else STATE=new;
 stat0=$(head -n 1 /proc/stat)
 
 echo "== initial replication of ${SIZE_MIB} MiB" >&2
-t_cp=$(med "rm -f copy.raw" sh -c "cp --sparse=always disk.raw copy.raw && sync -f copy.raw")
-t_protect=$(med "rm -rf site" "$LB" --site site protect vm --disk disk.raw)
-c_cp=$(cpu "rm -f copy.raw" sh -c "cp --sparse=always disk.raw copy.raw && sync -f copy.raw")
-c_protect=$(cpu "rm -rf site" "$LB" --site site protect vm --disk disk.raw)
-c_floor=$(cpu "rm -f floor.raw" "$RB" copy-floor disk.raw floor.raw)
+PROTECT='"$LB" --site site protect vm --disk disk.raw'
+CP='sh -c "cp --sparse=always disk.raw copy.raw && sync -f copy.raw"'
+read -r t_protect t_cp < <(alternate wall "rm -rf site" "$PROTECT" "rm -f copy.raw" "$CP")
+read -r c_protect c_cp c_floor < <(alternate cpu_of "rm -rf site" "$PROTECT" \
+  "rm -f copy.raw" "$CP" "rm -f floor.raw" '"$RB" copy-floor disk.raw floor.raw')
 cmp disk.raw floor.raw && rm floor.raw
 # Disk use: the store after protect, against the data (what the sparse copy allocates).
 used_store=$(du -s --block-size=1 site/store | cut -f1)
 used_data=$(du -s --block-size=1 copy.raw | cut -f1)
 
 echo "== resync after 1 % of blocks changed" >&2
+# Both start from the disk as protected; each flip before a round gives both 1 % to send.
 cp disk.raw peer.raw
-t_rsync=$(med "flip" rsync --inplace --no-whole-file --ignore-times disk.raw peer.raw)
+read -r t_resync t_rsync < <(alternate wall "flip" '"$LB" --site site resync vm' \
+  ":" "rsync --inplace --no-whole-file --ignore-times disk.raw peer.raw")
 cmp disk.raw peer.raw
-toggle old; STATE=new   # the disk as protected: every resync run below has 1 % to send
-t_resync=$(med "flip" "$LB" --site site resync vm)
-"$LB" --site site resync vm | tail -n 1 >&2
+"$LB" --site site resync vm | tail -n 1 >&2   # nothing left to send
 "$LB" --site site test-failover vm --out tf >/dev/null
 cmp disk.raw tf/disk0.raw
 "$LB" --site site test-failover-cleanup vm >/dev/null
@@ -133,10 +145,11 @@ with open("other.raw", "r+b") as f:
         f.seek(b * 65536); f.write(os.urandom(65536))
 PY
 cat other.raw > /dev/null
-t_floor=$(med : sh -c "cat disk.raw > /dev/null & cat other.raw > /dev/null; wait")
-t_diff=$(med : "$LB" diff disk.raw other.raw)
-t_b3=$(med : b3sum --num-threads 2 disk.raw other.raw)
-t_sig=$(med : "$RB" signature disk.raw other.raw)
+read -r t_diff t_floor t_sig t_b3 < <(alternate wall \
+  : '"$LB" diff disk.raw other.raw' \
+  : 'sh -c "cat disk.raw > /dev/null & cat other.raw > /dev/null; wait"' \
+  : '"$RB" signature disk.raw other.raw' \
+  : "b3sum --num-threads 2 disk.raw other.raw")
 
 echo "== applying logged writes" >&2
 # The replica as it stands (the disk as protected), then a quarter of the disk written in
@@ -150,9 +163,12 @@ for i in 1 2 3 4; do
 done
 logged=$(( writes * 4 * 64 / 1024 ))
 rm -rf site.before && cp -a site site.before
-t_hrl=$(med "cp --sparse=always base.raw applied.raw" "$LB" hrl apply --disk applied.raw l1.hrl l2.hrl l3.hrl l4.hrl)
+read -r t_repl t_hrl < <(alternate wall \
+  "rm -rf site && cp -a site.before site" \
+  '"$LB" --site site replicate vm --log 0=l1.hrl --log 0=l2.hrl --log 0=l3.hrl --log 0=l4.hrl' \
+  "cp --sparse=always base.raw applied.raw" \
+  '"$LB" hrl apply --disk applied.raw l1.hrl l2.hrl l3.hrl l4.hrl')
 cmp disk.raw applied.raw
-t_repl=$(med "rm -rf site && cp -a site.before site" "$LB" --site site replicate vm --log 0=l1.hrl --log 0=l2.hrl --log 0=l3.hrl --log 0=l4.hrl)
 "$LB" --site site test-failover vm --out tf2 >/dev/null
 cmp disk.raw tf2/disk0.raw
 
@@ -167,7 +183,7 @@ row "local diff (diff / two readers)" "$t_diff" "$t_floor"
 row "signatures (BLAKE3 / b3sum -j2)" "$t_sig" "$t_b3"
 row "${logged} MiB of logs (replicate / hrl apply)" "$t_repl" "$t_hrl"
 printf '%-38s %8.0fM %8.0fM %7.2fx\n' "disk use (store / sparse copy)" "$(echo "$used_store / 1048576" | bc -l)" "$(echo "$used_data / 1048576" | bc -l)" "$(echo "$used_store / $used_data" | bc -l)"
-# CPU (user + sys) per GiB of data, the least of the runs each.
+# CPU (user + sys) per GiB of data, the median of the runs each.
 data_gib=$(echo "$used_data / 1073741824" | bc -l)
 cpu_row() { printf '%-38s %8.2fs %8.2fs %7.2fx\n' "$1" "$(echo "$2 / $data_gib" | bc -l)" "$(echo "$3 / $data_gib" | bc -l)" "$(echo "$2 / $3" | bc -l)"; }
 cpu_row "CPU per GiB of data (protect / cp)" "$c_protect" "$c_cp"
