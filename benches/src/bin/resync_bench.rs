@@ -9,10 +9,13 @@
 //! resync-bench tree   SOURCE TARGET             hash both, run the hash-tree exchange
 //! resync-bench signature FILE...                 the signatures of the files (what b3sum
 //!                                               of the same files is compared with)
-//! resync-bench copy-floor SOURCE TARGET          the least an initial copy does, on one
+//! resync-bench copy-floor SOURCE TARGET [MIB]    the least an initial copy does, on one
 //!                                               thread: SOURCE's data read in 1 MiB steps
 //!                                               into one buffer, each 64 KiB block's
-//!                                               digest, written to TARGET, one fdatasync
+//!                                               digest, written to TARGET, one fdatasync;
+//!                                               with MIB, the same in pieces of MIB MiB
+//!                                               (each read whole into one of two buffers,
+//!                                               then written, as protect's pieces are)
 //! ```
 //! Prints one line of `key=value` counters.
 
@@ -47,10 +50,19 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
         return Ok(());
     }
-    if let [mode, src, tgt] = args.as_slice()
+    if let [mode, src, tgt, piece @ ..] = args.as_slice()
         && mode == "copy-floor"
+        && piece.len() <= 1
     {
-        let blocks = copy_floor(&File::open(src)?, &File::create(tgt)?)?;
+        let piece = match piece.first() {
+            Some(mib) => mib
+                .parse::<u64>()
+                .ok()
+                .filter(|&m| (1..=1024).contains(&m))
+                .ok_or("copy-floor: MIB is a whole number of MiB from 1 to 1024")?,
+            None => 1,
+        };
+        let blocks = copy_floor(&File::open(src)?, &File::create(tgt)?, piece << 20)?;
         println!("blocks={blocks}");
         return Ok(());
     }
@@ -126,34 +138,56 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// Copies `source`'s data (what its holes leave) into `target` at the same offsets,
-/// digesting each block of `BlockSize::DEFAULT` as `lifeboat protect` does, through one
-/// reused buffer on one thread: the CPU floor of an initial copy by buffered I/O, which
-/// `benches/agent-compare.sh` sets beside `protect`. Returns the blocks digested.
-fn copy_floor(source: &File, target: &File) -> std::io::Result<u64> {
+/// digesting each block of `BlockSize::DEFAULT` as `lifeboat protect` does, on one thread:
+/// each `piece` bytes of the disk are read in 1 MiB steps into one of two buffers (each
+/// step's blocks digested right after its read), then written. With 1 MiB pieces (one
+/// buffer's worth, held in the CPU's caches) it is the CPU floor of an initial copy by
+/// buffered I/O, which `benches/agent-compare.sh` sets beside `protect`; with protect's
+/// 64 MiB pieces, what holding a piece costs beside it. Returns the blocks digested.
+fn copy_floor(source: &File, target: &File, piece: u64) -> std::io::Result<u64> {
     use lifeboat_source::ReadAt;
     use std::os::unix::fs::FileExt;
     const STEP: u64 = 1 << 20;
     let size = source.size()?;
     target.set_len(size)?;
     let block = BlockSize::DEFAULT.get() as usize;
+    let data = source.data_ranges(0, size)?;
     // Placed as the bytes lie in the page cache (as protect's buffers are): 16 bytes off,
     // where the allocator places a large block, the kernel's copies in and out run at a
     // third of the speed, and the floor was no floor.
-    let mut buf = lifeboat_source::PlacedBuf::default();
+    let mut bufs = [
+        lifeboat_source::PlacedBuf::default(),
+        lifeboat_source::PlacedBuf::default(),
+    ];
     let mut blocks = 0;
-    for r in source.data_ranges(0, size)? {
-        let mut at = r.start;
-        while at < r.end {
-            let n = STEP.min(r.end - at) as usize;
-            let buf = buf.slice(at, n);
-            ReadAt::read_exact_at(source, buf, at)?;
-            for b in buf.chunks(block) {
-                std::hint::black_box(lifeboat_resync::digest_block(b));
-                blocks += 1;
+    let mut start = 0;
+    while start < size {
+        let end = start.saturating_add(piece).min(size);
+        let buf = bufs[(start / piece % 2) as usize].slice(start, (end - start) as usize);
+        let first = data.partition_point(|r| r.end <= start);
+        let inside: Vec<(u64, u64)> = data[first..]
+            .iter()
+            .take_while(|r| r.start < end)
+            .map(|r| (r.start.max(start), r.end.min(end)))
+            .collect();
+        let place = |at: u64| (at - start) as usize;
+        for &(from, to) in &inside {
+            let mut at = from;
+            while at < to {
+                let n = STEP.min(to - at);
+                let step = &mut buf[place(at)..place(at + n)];
+                ReadAt::read_exact_at(source, step, at)?;
+                for b in step.chunks(block) {
+                    std::hint::black_box(lifeboat_resync::digest_block(b));
+                    blocks += 1;
+                }
+                at += n;
             }
-            target.write_all_at(buf, at)?;
-            at += n as u64;
         }
+        for &(from, to) in &inside {
+            target.write_all_at(&buf[place(from)..place(to)], from)?;
+        }
+        start = end;
     }
     target.sync_data()?;
     Ok(blocks)
