@@ -1179,6 +1179,81 @@ mod tests {
         assert_eq!(b.known, [(5, digest_block(&[9u8; 512]))]);
     }
 
+    /// Random changes side by side and apart over a replica of random bytes, digests given
+    /// for random blocks as the changes' bytes hash with their gaps filled by other bytes
+    /// (right only for a block the changes cover whole): every digest known is the block's
+    /// as it lands, and the rest names every other touched block.
+    #[test]
+    fn batch_digests_describe_the_blocks_as_they_land() {
+        use proptest::prelude::*;
+        const BS: u64 = 512;
+        let segment = (1..3 * BS, 0..4u8, any::<u8>());
+        let case = (
+            prop_oneof![Just(8 * BS), Just(8 * BS - 256)],
+            proptest::collection::vec(segment, 1..12),
+            any::<u64>(),
+            any::<u64>(),
+        );
+        proptest!(|((len, segments, seed, given_mask) in case)| {
+            let bs = BlockSize::new(BS as u32).unwrap();
+            let mut rng = lifeboat_source::SplitMix64::new(seed);
+            let old = rng.bytes(len as usize);
+            // The replica as it lands, and as the changes alone say it (gaps 0xEE).
+            let (mut landed, mut said) = (old.clone(), vec![0xEE; len as usize]);
+            let mut changes = Vec::new();
+            let mut at = 0;
+            for (n, kind, byte) in segments {
+                let r = at as usize..(at + n).min(len) as usize;
+                if r.is_empty() {
+                    break;
+                }
+                match kind {
+                    // Data: some zero bytes among others, or a gap (the replica's bytes).
+                    0 | 1 => {
+                        let mut data = rng.bytes(r.len());
+                        data.iter_mut().step_by(3).for_each(|b| *b &= byte);
+                        landed[r.clone()].copy_from_slice(&data);
+                        said[r.clone()].copy_from_slice(&data);
+                        changes.push(Change::Data {
+                            offset: r.start as u64,
+                            data: Bytes::from(data),
+                        });
+                    }
+                    2 => {
+                        landed[r.clone()].fill(0);
+                        said[r.clone()].fill(0);
+                        changes.push(Change::Zero {
+                            offset: r.start as u64,
+                            len: r.len() as u64,
+                        });
+                    }
+                    _ => {}
+                }
+                at = r.end as u64;
+            }
+            let block = |bytes: &[u8], b: u64| {
+                let r = bs.range(b, len);
+                digest_block(&bytes[r.start as usize..r.end as usize])
+            };
+            let batch = BatchDigests::of_hashed(&changes, bs, len, |b| {
+                (given_mask >> b & 1 == 1).then(|| block(&said, b))
+            });
+            let ranges: Vec<_> = changes.iter().map(Change::range).collect();
+            let touched = touched_blocks(&ranges, bs, len);
+            let rest = touched_blocks(&batch.rest, bs, len);
+            let mut known: Vec<u64> = batch.known.iter().map(|k| k.0).collect();
+            for &(b, d) in &batch.known {
+                prop_assert_eq!(d, block(&landed, b), "block {}", b);
+            }
+            known.sort_unstable();
+            prop_assert!(known.windows(2).all(|w| w[0] < w[1]), "a block known twice");
+            prop_assert!(rest.iter().all(|b| known.binary_search(b).is_err()));
+            let mut all: Vec<u64> = known.into_iter().chain(rest).collect();
+            all.sort_unstable();
+            prop_assert_eq!(all, touched);
+        });
+    }
+
     #[test]
     fn without_cuts_ranges_apart() {
         let (whole, middle) = (0..10, 5..25);
