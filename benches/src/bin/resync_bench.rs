@@ -50,17 +50,18 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
         return Ok(());
     }
-    if let [mode, src, tgt, piece @ ..] = args.as_slice()
-        && mode == "copy-floor"
-        && piece.len() <= 1
-    {
-        let piece = match piece.first() {
-            Some(mib) => mib
+    if args.first().is_some_and(|m| m == "copy-floor") {
+        let [_, src, tgt, piece @ ..] = args.as_slice() else {
+            return Err("usage: resync-bench copy-floor SOURCE TARGET [MIB]".into());
+        };
+        let piece = match piece {
+            [] => 1,
+            [mib] => mib
                 .parse::<u64>()
                 .ok()
                 .filter(|&m| (1..=1024).contains(&m))
                 .ok_or("copy-floor: MIB is a whole number of MiB from 1 to 1024")?,
-            None => 1,
+            _ => return Err("usage: resync-bench copy-floor SOURCE TARGET [MIB]".into()),
         };
         let blocks = copy_floor(&File::open(src)?, &File::create(tgt)?, piece << 20)?;
         println!("blocks={blocks}");
