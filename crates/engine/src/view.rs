@@ -59,6 +59,17 @@ impl Catalogue {
         })
     }
 
+    /// A catalogue of nothing, as read from a store that was never written (no site has
+    /// protected anything into it); it names no site.
+    pub fn empty() -> Catalogue {
+        Catalogue {
+            items: BTreeMap::new(),
+            plans: BTreeMap::new(),
+            site: None,
+            source: Source::Store,
+        }
+    }
+
     /// The documents the site in `site_dir` last wrote or read, from its cache.
     pub fn cached(site_dir: &Path) -> Result<Catalogue> {
         let dir = site_dir.join("cache");

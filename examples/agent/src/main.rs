@@ -972,6 +972,16 @@ pub(crate) struct Store {
     pub(crate) writer: lifeboat_pageblob::WriterConfig,
 }
 
+/// The embedded store's directory a target names (`None`: an Azure container).
+pub(crate) fn local_store_dir(target: &Target) -> Option<PathBuf> {
+    target.azure.is_none().then(|| {
+        target
+            .store
+            .clone()
+            .unwrap_or_else(|| target.site.join("store"))
+    })
+}
+
 /// Opens the store a target names (creating the container on Azure when `create`; without
 /// it, nothing is sent until the first request).
 pub(crate) async fn open_store(target: &Target, create: bool) -> Result<Store> {
@@ -981,10 +991,7 @@ pub(crate) async fn open_store(target: &Target, create: bool) -> Result<Store> {
     };
     match &target.azure {
         None => {
-            let dir = target
-                .store
-                .clone()
-                .unwrap_or_else(|| target.site.join("store"));
+            let dir = local_store_dir(target).unwrap_or_default();
             let store = LocalStore::open(&dir)
                 .with_context(|| format!("opening the store {}", dir.display()))?;
             let desc = dir.canonicalize().unwrap_or(dir).display().to_string();

@@ -19,11 +19,28 @@ const READ_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Runs a read command.
 pub(crate) async fn run(cli: &Cli) -> Result<()> {
-    let store = crate::open_store(&cli.target, false).await?;
-    let c = catalogue(&cli.target, &store).await?;
     let site = &cli.target.site;
+    // No site set up here and no embedded store: nothing to read, and a read makes no
+    // directories (opening the store would make its own, and the site's).
+    let unmade = crate::local_store_dir(&cli.target)
+        .filter(|dir| !dir.exists() && !site.join("site.json").exists());
+    let (c, place) = match unmade {
+        Some(dir) => (
+            Catalogue::empty(),
+            Place {
+                desc: dir.display().to_string(),
+                azure: false,
+            },
+        ),
+        None => {
+            let store = crate::open_store(&cli.target, false).await?;
+            let c = catalogue(&cli.target, &store).await?;
+            let (desc, azure) = (store.desc, store.azure);
+            (c, Place { desc, azure })
+        }
+    };
     match &cli.command {
-        Cmd::Status { item } => status(&c, site, &store, item.as_deref(), cli.json),
+        Cmd::Status { item } => status(&c, site, &place, item.as_deref(), cli.json),
         Cmd::Jobs { item } => jobs(&c, item.as_deref(), cli.json),
         Cmd::Points { item } => points(&c, item, cli.json),
         Cmd::Plan {
@@ -161,8 +178,16 @@ fn policy_view(p: &ReplicationPolicy) -> PolicyView {
     }
 }
 
+/// The store, as messages name it.
+struct Place {
+    /// A path, or the container URL without its query.
+    desc: String,
+    /// Azure or the embedded store.
+    azure: bool,
+}
+
 /// Where a replica blob is, for people and for `az`.
-fn replica_location(store: &Store, blob: &str) -> String {
+fn replica_location(store: &Place, blob: &str) -> String {
     if store.azure {
         format!("{}/{blob}", store.desc)
     } else {
@@ -170,7 +195,7 @@ fn replica_location(store: &Store, blob: &str) -> String {
     }
 }
 
-fn status(c: &Catalogue, site: &Path, store: &Store, item: Option<&str>, json: bool) -> Result<()> {
+fn status(c: &Catalogue, site: &Path, store: &Place, item: Option<&str>, json: bool) -> Result<()> {
     let now = now();
     let views: Vec<_> = match item {
         Some(i) => vec![c.item(i, now)?],

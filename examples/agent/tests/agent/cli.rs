@@ -898,6 +898,12 @@ fn bad_input_is_refused_and_nothing_is_recorded() {
         Value::Array(vec![]),
         "nothing recorded"
     );
+    // The read commands read nothing there, and make nothing either.
+    t.ok(&["jobs"]);
+    t.ok(&["plan", "list"]);
+    let r = t.fails(&["points", "vm"]);
+    assert!(r.contains("no protected item vm"), "{r}");
+    assert!(!t.site.exists(), "a read command made {}", t.site.display());
 
     t.ok(&["protect", "vm", "--disk", s(&d)]);
     let r = t.fails(&["protect", "other", "--disk", s(&d)]);
