@@ -107,8 +107,9 @@ pub enum Error {
         /// Why.
         reason: String,
     },
-    /// The site directory belongs to another store.
-    #[error("site {site} uses the store {expected}, not {found}")]
+    /// The site directory belongs to another store (or its store, where it was, no longer
+    /// is the one it was set up with).
+    #[error("{}", wrong_store(site, expected, found))]
     WrongStore {
         /// The site directory.
         site: PathBuf,
@@ -167,5 +168,20 @@ impl Classify for Error {
             Error::Store(e) | Error::Write(WriteError::Store { source: e, .. }) => e.retry_after(),
             _ => None,
         }
+    }
+}
+
+/// [`Error::WrongStore`]'s message: another store named, or the same place holding
+/// another store now.
+fn wrong_store(site: &std::path::Path, expected: &str, found: &str) -> String {
+    let site = site.display();
+    if expected == found {
+        format!(
+            "site {site} was set up with the store {expected}, and the store there is another \
+             now (lifeboat/store.json is missing or not its own): it was emptied, replaced \
+             or lost"
+        )
+    } else {
+        format!("site {site} uses the store {expected}, not {found}")
     }
 }

@@ -453,7 +453,7 @@ fn two_sites_share_an_azurite_container() {
 }
 
 /// A site set up with one store refuses another; the site directory alone cannot pass
-/// for the store.
+/// for the store; a store emptied or lost where it was is said to be so.
 #[test]
 fn a_site_refuses_another_store() {
     let root = tempfile::tempdir().unwrap();
@@ -475,6 +475,9 @@ fn a_site_refuses_another_store() {
         ..t.clone()
     };
     assert!(default.fails(&["status"]).contains("store1"));
+    fs::remove_dir_all(root.path().join("store1")).unwrap();
+    let r = t.fails(&["status"]);
+    assert!(r.contains("emptied, replaced or lost"), "{r}");
 }
 
 fn copy_dir(from: &Path, to: &Path) {
