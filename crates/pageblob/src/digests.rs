@@ -9,7 +9,9 @@ use bytes::Bytes;
 use lifeboat_resync::{BlockDigester, BlockSize, Digest, Signature};
 
 use crate::StoreError;
-use crate::store::{Condition, LeaseId, MAX_PUT, Metadata, PAGE, PageStore, merge_ranges};
+use crate::store::{
+    Condition, LeaseId, MAX_PUT, Metadata, PAGE, PageStore, merge_ranges, subtract,
+};
 use crate::writer::Change;
 
 /// The digest of a block whose bytes are unknown ([`ReplicaDigests::forget`]): 32 bytes
@@ -72,25 +74,6 @@ fn touched_blocks(ranges: &[Range<u64>], block_size: BlockSize, len: u64) -> Vec
     blocks.sort_unstable();
     blocks.dedup();
     blocks
-}
-
-/// `ranges` without the parts inside `cut` (in order, apart), in order.
-fn without(ranges: Vec<Range<u64>>, cut: &[Range<u64>]) -> Vec<Range<u64>> {
-    let mut out = Vec::with_capacity(ranges.len());
-    for r in merge_ranges(ranges) {
-        let mut at = r.start;
-        let first = cut.partition_point(|c| c.end <= r.start);
-        for c in cut[first..].iter().take_while(|c| c.start < r.end) {
-            if at < c.start {
-                out.push(at..c.start);
-            }
-            at = at.max(c.end);
-        }
-        if at < r.end {
-            out.push(at..r.end);
-        }
-    }
-    out
 }
 
 /// The slot pages holding the digests of the blocks `ranges` overlap, in order, listed
@@ -294,7 +277,10 @@ impl BatchDigests {
                 .iter()
                 .map(|&(b, _)| block_size.range(b, len))
                 .collect();
-            out.rest = without(std::mem::take(&mut out.rest), &cut);
+            out.rest = merge_ranges(std::mem::take(&mut out.rest))
+                .iter()
+                .flat_map(|r| subtract(r, &cut))
+                .collect();
             out.known.extend(given);
         }
         out
@@ -1104,7 +1090,7 @@ impl ReplicaDigests {
 
 #[cfg(test)]
 mod tests {
-    use super::{BatchDigests, runs, touched_blocks, without};
+    use super::{BatchDigests, runs, touched_blocks};
     use crate::Change;
     use bytes::Bytes;
     use lifeboat_resync::{BlockSize, Digest, digest_block};
@@ -1252,21 +1238,6 @@ mod tests {
             all.sort_unstable();
             prop_assert_eq!(all, touched);
         });
-    }
-
-    #[test]
-    fn without_cuts_ranges_apart() {
-        let (whole, middle) = (0..10, 5..25);
-        assert_eq!(without(vec![0..10, 20..30], &[]), [0..10, 20..30]);
-        assert_eq!(
-            without(vec![20..30, 0..10], std::slice::from_ref(&middle)),
-            [0..5, 25..30]
-        );
-        assert_eq!(
-            without(vec![0..12, 12..30], &[0..5, 10..12, 28..40]),
-            [5..10, 12..28]
-        );
-        assert!(without(vec![whole.clone()], std::slice::from_ref(&whole)).is_empty());
     }
 
     #[test]

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::StoreError;
 use crate::store::{
     Condition, Doc, ETag, Expect, LeaseId, LeaseState, MAX_PUT, Metadata, PageStore, Properties,
-    check_blob_name, check_pages, check_size, crc64, merge_ranges, unless_panic,
+    check_blob_name, check_pages, check_size, crc64, meeting, merge_ranges, subtract, unless_panic,
 };
 
 mod journal;
@@ -1527,30 +1527,6 @@ fn write_zeros(f: &File, offset: u64, len: u64, path: &Path) -> Result<(), Store
         at += n as u64;
     }
     Ok(())
-}
-
-/// The ranges of `ranges` (merged and sorted) that meet `want`: found by binary search
-/// (a blob's lists hold thousands of ranges; a batch asks about hundreds).
-fn meeting<'a>(ranges: &'a [Range<u64>], want: &Range<u64>) -> &'a [Range<u64>] {
-    let from = ranges.partition_point(|r| r.end <= want.start);
-    let rest = &ranges[from..];
-    &rest[..rest.partition_point(|r| r.start < want.end)]
-}
-
-/// `range` minus every range of `have` (which is merged and sorted).
-fn subtract(range: &Range<u64>, have: &[Range<u64>]) -> Vec<Range<u64>> {
-    let mut out = Vec::new();
-    let mut at = range.start;
-    for h in meeting(have, range) {
-        if h.start > at {
-            out.push(at..h.start);
-        }
-        at = at.max(h.end);
-    }
-    if at < range.end {
-        out.push(at..range.end);
-    }
-    out
 }
 
 /// The parts of `ranges` inside `want`.

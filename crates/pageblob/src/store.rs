@@ -496,6 +496,30 @@ pub fn merge_ranges(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
     out
 }
 
+/// The ranges of `ranges` (merged and sorted) that meet `want`: found by binary search
+/// (a blob's lists hold thousands of ranges; a batch asks about hundreds).
+pub(crate) fn meeting<'a>(ranges: &'a [Range<u64>], want: &Range<u64>) -> &'a [Range<u64>] {
+    let from = ranges.partition_point(|r| r.end <= want.start);
+    let rest = &ranges[from..];
+    &rest[..rest.partition_point(|r| r.start < want.end)]
+}
+
+/// `range` minus every range of `have` (which is merged and sorted).
+pub(crate) fn subtract(range: &Range<u64>, have: &[Range<u64>]) -> Vec<Range<u64>> {
+    let mut out = Vec::new();
+    let mut at = range.start;
+    for h in meeting(have, range) {
+        if h.start > at {
+            out.push(at..h.start);
+        }
+        at = at.max(h.end);
+    }
+    if at < range.end {
+        out.push(at..range.end);
+    }
+    out
+}
+
 /// Checks a blob name: `/`-separated segments of letters, digits, `-`, `_` and `.`, none
 /// empty, `.` or `..`; at most 1024 bytes (Azure's limit).
 pub fn check_blob_name(name: &str) -> Result<(), StoreError> {
@@ -526,5 +550,34 @@ pub(crate) fn unless_panic(e: tokio::task::JoinError) -> tokio::task::JoinError 
     match e.try_into_panic() {
         Ok(panic) => std::panic::resume_unwind(panic),
         Err(e) => e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{merge_ranges, subtract};
+    use std::ops::Range;
+
+    /// `ranges` merged, each minus `cut` (as a batch's rest loses the blocks given).
+    fn cut(ranges: Vec<Range<u64>>, cut: &[Range<u64>]) -> Vec<Range<u64>> {
+        merge_ranges(ranges)
+            .iter()
+            .flat_map(|r| subtract(r, cut))
+            .collect()
+    }
+
+    #[test]
+    fn subtract_cuts_ranges_apart() {
+        let (whole, middle) = (0..10, 5..25);
+        assert_eq!(cut(vec![0..10, 20..30], &[]), [0..10, 20..30]);
+        assert_eq!(
+            cut(vec![20..30, 0..10], std::slice::from_ref(&middle)),
+            [0..5, 25..30]
+        );
+        assert_eq!(
+            cut(vec![0..12, 12..30], &[0..5, 10..12, 28..40]),
+            [5..10, 12..28]
+        );
+        assert!(cut(vec![whole.clone()], std::slice::from_ref(&whole)).is_empty());
     }
 }
