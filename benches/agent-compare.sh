@@ -10,8 +10,8 @@
 #                         a raw copy of the replica
 #   CPU of the initial copy: user + sys seconds per GiB of data, protect vs cp + sync, and
 #                         vs the floor of any copy that digests what it writes: the disk's
-#                         data read, BLAKE3-digested per block and written back through one
-#                         buffer on one thread, then one fdatasync (`resync-bench copy-floor`),
+#                         data read, BLAKE3-digested per block and written back 1 MiB at a
+#                         time on one thread, then one fdatasync (`resync-bench copy-floor`),
 #                         and vs the same in protect's 64 MiB pieces (each read whole into
 #                         one of two buffers, then written: what holding a piece costs)
 # The disk (default 1 GiB) is half random data, half zero regions. For the resync, 1 % of

@@ -11,7 +11,7 @@
 //!                                               of the same files is compared with)
 //! resync-bench copy-floor SOURCE TARGET [MIB]    the least an initial copy does, on one
 //!                                               thread: SOURCE's data read in 1 MiB steps
-//!                                               into one buffer, each 64 KiB block's
+//!                                               (two buffers in turn), each 64 KiB block's
 //!                                               digest, written to TARGET, one fdatasync;
 //!                                               with MIB, the same in pieces of MIB MiB
 //!                                               (each read whole into one of two buffers,
@@ -141,8 +141,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// Copies `source`'s data (what its holes leave) into `target` at the same offsets,
 /// digesting each block of `BlockSize::DEFAULT` as `lifeboat protect` does, on one thread:
 /// each `piece` bytes of the disk are read in 1 MiB steps into one of two buffers (each
-/// step's blocks digested right after its read), then written. With 1 MiB pieces (one
-/// buffer's worth, held in the CPU's caches) it is the CPU floor of an initial copy by
+/// step's blocks digested right after its read), then written. With 1 MiB pieces (each
+/// buffer a step's worth, held in the CPU's caches) it is the CPU floor of an initial copy by
 /// buffered I/O, which `benches/agent-compare.sh` sets beside `protect`; with protect's
 /// 64 MiB pieces, what holding a piece costs beside it. Returns the blocks digested.
 fn copy_floor(source: &File, target: &File, piece: u64) -> std::io::Result<u64> {
