@@ -98,6 +98,12 @@ impl Site {
         })
     }
 
+    /// Whether `dir` holds a site set up (an engine opened there recorded it): a caller
+    /// can then tell a new site from an existing one without opening either.
+    pub fn is_set_up(dir: &Path) -> bool {
+        dir.join("site.json").exists()
+    }
+
     /// The site's directory.
     pub fn dir(&self) -> &Path {
         &self.dir

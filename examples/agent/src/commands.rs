@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use lifeboat_engine::{Engine, Event, Export, Failover, Location, Observer, Replicated, Task};
+use lifeboat_engine::{
+    Engine, Event, Export, Failover, Location, Observer, Replicated, Site, Task,
+};
 use lifeboat_replication::{
     Command, CopyFrequency, JobAction, JobId, JobKind, JobState, PlanAction, PlanActionKind,
     PlanFailover, PlanGroup, PlanScope, PointChoice, PointId, ProtectionState, RecoveryPlan,
@@ -172,7 +174,7 @@ pub(crate) async fn run(store: Store, cli: &Cli) -> Result<()> {
             site.display()
         );
     }
-    let fresh = !site.join("site.json").exists();
+    let fresh = !Site::is_set_up(site);
     let mut e = open(&store, site, cli.json || cli.quiet).await?;
     if fresh && !cli.quiet {
         eprintln!(
@@ -619,7 +621,7 @@ fn canonical(disks: &[PathBuf]) -> Result<Vec<PathBuf>> {
 /// refused (a bad name, a missing disk, a bad policy) leaves neither behind.
 pub(crate) fn check_first_protect(cli: &Cli) -> Result<()> {
     let site = &cli.target.site;
-    if site.join("site.json").exists() {
+    if Site::is_set_up(site) {
         return Ok(());
     }
     if let Some(p) = Protect::of(&cli.command)? {

@@ -23,7 +23,7 @@ pub(crate) async fn run(cli: &Cli) -> Result<()> {
     // No site set up here and no embedded store: nothing to read, and a read makes no
     // directories (opening the store would make its own, and the site's).
     let unmade = crate::local_store_dir(&cli.target)
-        .filter(|dir| !dir.exists() && !site.join("site.json").exists());
+        .filter(|dir| !dir.exists() && !lifeboat_engine::Site::is_set_up(site));
     let (c, place) = match unmade {
         Some(dir) => (
             Catalogue::empty(),
