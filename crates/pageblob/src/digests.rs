@@ -286,6 +286,45 @@ impl BatchDigests {
         out
     }
 
+    /// The digests known from the batch's bytes: block and digest, in no set order.
+    pub fn known(&self) -> &[(u64, Digest)] {
+        &self.known
+    }
+
+    /// The ranges whose blocks are left to be read back after the batch lands.
+    pub fn rest(&self) -> &[Range<u64>] {
+        &self.rest
+    }
+
+    /// Adds the digests of another part of the same batch, for a batch sent in parts
+    /// ([`PageWriter::send`](crate::PageWriter::send)), each part's digests made with
+    /// [`BatchDigests::of_hashed`] from its own changes: a block that both parts touch
+    /// (each covering it in part, or overlapping) is read back after the batch lands.
+    pub fn join(&mut self, other: BatchDigests) {
+        self.geometry = self.geometry.or(other.geometry);
+        self.overlapping |= other.overlapping;
+        self.rest.extend(other.rest);
+        self.known.extend(other.known);
+        self.known.sort_by_key(|&(b, _)| b);
+        let mut twice = Vec::new();
+        self.known.dedup_by(|next, kept| {
+            let same = next.0 == kept.0;
+            if same {
+                twice.push(next.0);
+            }
+            same
+        });
+        if twice.is_empty() {
+            return;
+        }
+        // Read back: a block known twice is one both parts wrote whole.
+        self.known.retain(|(b, _)| !twice.contains(b));
+        if let Some((block_size, len)) = self.geometry {
+            self.rest
+                .extend(twice.iter().map(|&b| block_size.range(b, len)));
+        }
+    }
+
     /// Completes the digests of the blocks the batch covers only in part, from the
     /// batch's bytes (`changes`, the same as given to [`BatchDigests::of`]) and the rest of
     /// each such block read from `blob`: then nothing is read back after the batch lands.

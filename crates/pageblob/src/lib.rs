@@ -84,7 +84,10 @@ pub use crate::{
         Condition, Doc, ETag, Expect, LeaseId, LeaseState, MAX_PUT, Metadata, PAGE, PageStore,
         Properties, READ_MERGE_GAP, READS_IN_FLIGHT, check_blob_name, crc64, merge_ranges,
     },
-    writer::{BatchReport, Change, PageWriter, Throttle, WriteError, WriterConfig, WriterProgress},
+    writer::{
+        BatchReport, Change, OpenBatch, PageWriter, Throttle, WriteError, WriterConfig,
+        WriterProgress,
+    },
 };
 
 mod azure;

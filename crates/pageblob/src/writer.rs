@@ -289,42 +289,41 @@ impl PageWriter {
         changes: Vec<Change>,
         edges: Option<&dyn ReadAt>,
     ) -> Result<BatchReport, WriteError> {
-        let start = Instant::now();
-        let before = self.progress();
-        // A store that takes groups pays nothing per put: touching changes go as they
-        // are, not copied into one body.
-        let grouping = self.store.write_group_bytes();
-        let ops = plan(changes, edges, self.config.max_request, grouping > 0)?;
-        self.announce(seq, &ops).await?;
-        let mut tasks = JoinSet::new();
-        for op in group(ops, grouping) {
-            while tasks.len() >= self.config.in_flight {
-                join_one(&mut tasks, seq).await?;
-            }
-            let (store, blob, policy, lease) = (
-                self.store.clone(),
-                self.blob.clone(),
-                self.config.retry.clone(),
-                self.lease,
-            );
-            let (counters, throttle) = (self.counters.clone(), self.config.throttle.clone());
-            let cond = Condition::sequence_number(seq).with_lease(lease);
-            tasks.spawn(async move {
-                send(
-                    &*store,
-                    &blob,
-                    &policy,
-                    &counters,
-                    throttle.as_ref(),
-                    op,
-                    cond,
-                )
-                .await
-            });
-        }
-        while !tasks.is_empty() {
-            join_one(&mut tasks, seq).await?;
-        }
+        let batch = self.open(seq);
+        let ops = plan(changes, edges, self.config.max_request, self.grouping())?;
+        self.announce(seq, &op_ranges(&ops)).await?;
+        self.send_ops(seq, ops).await?;
+        self.finish(batch).await
+    }
+
+    /// Begins batch `seq` (the blob's current sequence number) whose changes come in
+    /// parts ([`PageWriter::send`]), for a sender that holds only a part at a time (an
+    /// initial copy reading a disk in a few small buffers). `ranges` (merged, in order)
+    /// must cover every page the parts will write or clear: they are announced to the
+    /// store now ([`PageStore::prepare_overwrite`]). Nothing is sent yet.
+    pub async fn begin(&self, seq: u64, ranges: &[Range<u64>]) -> Result<OpenBatch, WriteError> {
+        let batch = self.open(seq);
+        self.announce(seq, ranges).await?;
+        Ok(batch)
+    }
+
+    /// Sends a part of an open batch, as [`PageWriter::apply_batch`] sends its changes
+    /// (the parts must not overlap each other: which lands last is not said). The blob
+    /// stays at the batch's sequence number until [`PageWriter::finish`].
+    pub async fn send(
+        &self,
+        batch: &OpenBatch,
+        changes: Vec<Change>,
+        edges: Option<&dyn ReadAt>,
+    ) -> Result<(), WriteError> {
+        let ops = plan(changes, edges, self.config.max_request, self.grouping())?;
+        self.send_ops(batch.seq, ops).await
+    }
+
+    /// Ends an open batch: advances the blob to its sequence number + 1. What the batch
+    /// sent, over all its parts.
+    pub async fn finish(&self, batch: OpenBatch) -> Result<BatchReport, WriteError> {
+        let seq = batch.seq;
         let (store, blob) = (&*self.store, self.blob.as_str());
         let counters = &self.counters;
         let cond = Condition::sequence_number(seq).with_lease(self.lease);
@@ -353,42 +352,111 @@ impl PageWriter {
                 ));
             }
         }
-        let after = self.progress();
+        let (after, before) = (self.progress(), batch.before);
         Ok(BatchReport {
             bytes_sent: after.bytes_sent - before.bytes_sent,
             put_requests: after.put_requests - before.put_requests,
             clear_requests: after.clear_requests - before.clear_requests,
             retries: after.retries - before.retries,
-            elapsed: start.elapsed(),
+            elapsed: batch.start.elapsed(),
         })
     }
 }
 
+/// A batch begun with [`PageWriter::begin`], its parts being sent (a clone to each
+/// part's sender: [`PageWriter::send`] may run for several parts at once).
+#[derive(Clone, Debug)]
+#[must_use = "a batch not finished leaves the blob at its sequence number"]
+pub struct OpenBatch {
+    seq: u64,
+    start: Instant,
+    before: WriterProgress,
+}
+
+impl OpenBatch {
+    /// The batch's sequence number (the blob's while it is open).
+    pub fn sequence_number(&self) -> u64 {
+        self.seq
+    }
+}
+
 impl PageWriter {
+    /// Totals as a batch begins.
+    fn open(&self, seq: u64) -> OpenBatch {
+        OpenBatch {
+            seq,
+            start: Instant::now(),
+            before: self.progress(),
+        }
+    }
+
+    /// Whether the store takes touching puts in one request ([`PageStore::write_group_bytes`]).
+    fn grouping(&self) -> bool {
+        self.store.write_group_bytes() > 0
+    }
+
     /// Tells the store which pages the batch will change
     /// ([`PageStore::prepare_overwrite`]), so copy-on-write happens once per batch.
-    async fn announce(&self, seq: u64, ops: &[Op]) -> Result<(), WriteError> {
-        let ranges = merge_ranges(
-            ops.iter()
-                .flat_map(|op| match op {
-                    Op::Put { offset, data } => vec![(*offset, data.len())],
-                    Op::Puts(puts) => puts.iter().map(|(o, d)| (*o, d.len())).collect(),
-                    Op::Clear { offset, len } => vec![(*offset, *len as usize)],
-                })
-                .map(|(offset, len)| offset..offset + len as u64)
-                .collect(),
-        );
+    async fn announce(&self, seq: u64, ranges: &[Range<u64>]) -> Result<(), WriteError> {
         if ranges.is_empty() {
             return Ok(());
         }
         let cond = Condition::sequence_number(seq).with_lease(self.lease);
-        let (store, blob, ranges) = (&*self.store, self.blob.as_str(), &ranges[..]);
+        let (store, blob) = (&*self.store, self.blob.as_str());
         let what = || format!("prepare batch {seq}");
         with_retries(&self.config.retry, &self.counters, seq, what, || {
             store.prepare_overwrite(blob, ranges, cond)
         })
         .await
     }
+
+    /// Sends the requests of batch `seq`, at most `in_flight` at once.
+    async fn send_ops(&self, seq: u64, ops: Vec<Op>) -> Result<(), WriteError> {
+        let mut tasks = JoinSet::new();
+        for op in group(ops, self.store.write_group_bytes()) {
+            while tasks.len() >= self.config.in_flight {
+                join_one(&mut tasks, seq).await?;
+            }
+            let (store, blob, policy, lease) = (
+                self.store.clone(),
+                self.blob.clone(),
+                self.config.retry.clone(),
+                self.lease,
+            );
+            let (counters, throttle) = (self.counters.clone(), self.config.throttle.clone());
+            let cond = Condition::sequence_number(seq).with_lease(lease);
+            tasks.spawn(async move {
+                send(
+                    &*store,
+                    &blob,
+                    &policy,
+                    &counters,
+                    throttle.as_ref(),
+                    op,
+                    cond,
+                )
+                .await
+            });
+        }
+        while !tasks.is_empty() {
+            join_one(&mut tasks, seq).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The pages `ops` change, merged.
+fn op_ranges(ops: &[Op]) -> Vec<Range<u64>> {
+    merge_ranges(
+        ops.iter()
+            .flat_map(|op| match op {
+                Op::Put { offset, data } => vec![(*offset, data.len())],
+                Op::Puts(puts) => puts.iter().map(|(o, d)| (*o, d.len())).collect(),
+                Op::Clear { offset, len } => vec![(*offset, *len as usize)],
+            })
+            .map(|(offset, len)| offset..offset + len as u64)
+            .collect(),
+    )
 }
 
 async fn join_one(tasks: &mut JoinSet<Result<(), WriteError>>, seq: u64) -> Result<(), WriteError> {
