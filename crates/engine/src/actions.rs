@@ -5,15 +5,17 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use lifeboat_pageblob::{
     BatchDigests, BatchReport, Change, Condition, MAX_PUT, Metadata, PageWriter, ReplicaDigests,
     StoreError, vhd,
 };
 use lifeboat_replication::{Action, ActionKind, LogReport, Outcome, PointId, Purpose};
-use lifeboat_resync::{BlockSize, DiffOptions, Digest, ExtentKind, Side};
+use lifeboat_resync::{BlockSize, DiffOptions, ExtentKind, Side};
 use lifeboat_source::ReadAt;
 
 use crate::catalog::{self, Cycle, Location, SyncReport, replica_blob};
+use crate::copy::{PieceReader, PieceSpec, Read, Segment};
 use crate::data::{self, BlobSource, DiskWriter, EdgePages, LogChain, TakeSource};
 use crate::engine::{Engine, Event, Task};
 use crate::error::{Error, Result, blocking, joined};
@@ -37,7 +39,11 @@ fn open_disk(host: &dyn crate::host::Host, path: &Path, len: u64) -> Result<Arc<
 }
 
 /// Opens a disk of `host` to be read only (a protected disk), checking it is `len` bytes.
-fn open_source(host: &dyn crate::host::Host, path: &Path, len: u64) -> Result<Arc<dyn Disk>> {
+pub(crate) fn open_source(
+    host: &dyn crate::host::Host,
+    path: &Path,
+    len: u64,
+) -> Result<Arc<dyn Disk>> {
     sized(host.open_disk_read(path), path, len)
 }
 
@@ -53,109 +59,6 @@ fn sized(disk: std::io::Result<Arc<dyn Disk>>, path: &Path, len: u64) -> Result<
         )));
     }
     Ok(disk)
-}
-
-/// Bytes of a piece read at a time: each stride's blocks are hashed right after its read,
-/// while the CPU's cache holds them.
-const READ_STRIDE: u64 = 1 << 20;
-
-/// Blocks of holes, at most, that a copy piece of holes skips with it in one action and
-/// one fence read (64 GiB of 64 KiB blocks; their pieces are listed to ask the digests).
-const HOLE_RUN_BLOCKS: u64 = 1 << 20;
-
-/// A piece of a disk as read ([`read_piece`]).
-pub(crate) struct PieceRead {
-    /// Its bytes as changes, zero runs split off.
-    pub(crate) changes: Vec<Change>,
-    /// The buffer the changes slice (for [`data::Buffers::give`] once they are sent).
-    pub(crate) buffer: Bytes,
-    /// Whether the piece is all holes.
-    pub(crate) holes: bool,
-    /// The digests of its blocks hashed as they were read ([`data::hash_whole_blocks`],
-    /// for [`BatchDigests::of_hashed`]).
-    pub(crate) hashed: Vec<(u64, Digest)>,
-}
-
-/// Reads a piece of a disk into `buf` from `start` on (a [`data::Buffers::take`]),
-/// hashing its blocks of `block_size` as it goes. What the disk says holds no data (a
-/// sparse file's holes) is a zero run without being read.
-pub(crate) fn read_piece(
-    src: &dyn Disk,
-    path: &Path,
-    offset: u64,
-    len: u64,
-    (mut buf, start): (Vec<u8>, usize),
-    block_size: BlockSize,
-) -> Result<PieceRead> {
-    let end = offset + len;
-    let what = || format!("reading disk {}", path.display());
-    let named = src.data_ranges(offset, len).map_err(Error::io(what()))?;
-    let ranges = data::page_aligned(&named, offset..end);
-    // Where disk byte `at` of the piece lies in the buffer.
-    let place = |at: u64| start + (at - offset) as usize;
-    let mut hashed = Vec::new();
-    for r in &ranges {
-        let mut at = r.start;
-        while at < r.end {
-            let to = (at / READ_STRIDE + 1) * READ_STRIDE;
-            let bytes = &mut buf[place(at)..place(to.min(r.end))];
-            src.read_exact_at(bytes, at).map_err(Error::io(what()))?;
-            data::hash_whole_blocks(bytes, at, block_size, &mut hashed);
-            at = to.min(r.end);
-        }
-    }
-    let all = Bytes::from(buf);
-    let mut out = Vec::new();
-    let mut at = offset;
-    for r in ranges {
-        if at < r.start {
-            out.push(Change::Zero {
-                offset: at,
-                len: r.start - at,
-            });
-        }
-        let bytes = all.slice(place(r.start)..place(r.end));
-        out.extend(data::split_zero_runs(r.start, bytes));
-        at = r.end;
-    }
-    if at < end {
-        out.push(Change::Zero {
-            offset: at,
-            len: end - at,
-        });
-    }
-    Ok(PieceRead {
-        changes: out,
-        buffer: all,
-        holes: named.is_empty(),
-        hashed,
-    })
-}
-
-/// Where the run of holes of `src` from `from` on ends, probed in steps of `step` bytes
-/// (whole steps of holes only, so the pieces after the run keep their places), up to
-/// `limit` bytes and the disk's `size`.
-fn holes_until(
-    src: &dyn Disk,
-    path: &Path,
-    from: u64,
-    step: u64,
-    limit: u64,
-    size: u64,
-) -> Result<u64> {
-    let end = from.saturating_add(limit).min(size);
-    let mut at = from;
-    while at < end {
-        let n = step.max(1).min(size - at);
-        let named = src
-            .data_ranges(at, n)
-            .map_err(Error::io(format!("reading disk {}", path.display())))?;
-        if !named.is_empty() || at + n > end {
-            break;
-        }
-        at += n;
-    }
-    Ok(at)
 }
 
 /// `changes` without the zero runs the replica holds as zeros already (`digests` say
@@ -189,22 +92,7 @@ pub(crate) struct ReadAhead {
     /// The count of actions performed when it was started: it serves the next one only.
     after: u64,
     /// The read.
-    piece: tokio::task::JoinHandle<Result<Piece>>,
-}
-
-/// A copy piece read and hashed, ready to send.
-#[derive(Debug)]
-struct Piece {
-    /// Its bytes as changes (zero runs split off).
-    changes: Vec<Change>,
-    /// The buffer they slice, for [`data::Buffers::give`] once they are sent.
-    buffer: Bytes,
-    /// The digests of its blocks, hashed on the reading thread: a piece read ahead is
-    /// hashed while the last one waits for its sync point.
-    digests: BatchDigests,
-    /// For a piece of holes only: where the run of holes it begins ends (its own end, or
-    /// further: the copy may skip the whole run in this action).
-    holes_until: Option<u64>,
+    reader: PieceReader,
 }
 
 /// What [`Engine::write_batch`] takes beside a batch's changes.
@@ -579,26 +467,7 @@ impl Engine {
         let report = match sent {
             Ok(r) => r,
             Err(e) => {
-                // Part of the batch may have landed: the touched blocks are hashed again
-                // as they are now, or marked unknown if they cannot be read (the store
-                // says they may not be on disk: a resync then sends them again); else
-                // the digests are rebuilt when next loaded.
-                if let Ok(p) = self.store.properties(&blob).await
-                    && (digests
-                        .update(&*self.store, &blob, &touched, p.sequence_number)
-                        .await
-                        .is_ok()
-                        || digests
-                            .forget(&*self.store, &touched, p.sequence_number)
-                            .await
-                            .is_ok())
-                    && digests
-                        .save(&*self.store, &blob, Some(self.site.id()))
-                        .await
-                        .is_ok()
-                {
-                    self.put_digests(blob, digests);
-                }
+                self.recover_digests(blob, digests, &touched).await;
                 return Err(e.into());
             }
         };
@@ -620,6 +489,34 @@ impl Engine {
             .await?;
         self.put_digests(blob, digests);
         Ok(Some(report))
+    }
+
+    /// After a batch that failed part way, having touched `touched`: part of it may have
+    /// landed, so the touched blocks are hashed again as they are now, or marked unknown
+    /// if they cannot be read (the store says they may not be on disk: a resync then
+    /// sends them again); else the digests are rebuilt when next loaded.
+    async fn recover_digests(
+        &self,
+        blob: String,
+        mut digests: ReplicaDigests,
+        touched: &[Range<u64>],
+    ) {
+        if let Ok(p) = self.store.properties(&blob).await
+            && (digests
+                .update(&*self.store, &blob, touched, p.sequence_number)
+                .await
+                .is_ok()
+                || digests
+                    .forget(&*self.store, touched, p.sequence_number)
+                    .await
+                    .is_ok())
+            && digests
+                .save(&*self.store, &blob, Some(self.site.id()))
+                .await
+                .is_ok()
+        {
+            self.put_digests(blob, digests);
+        }
     }
 
     /// Puts digests taken with [`Engine::take_digests`] back in the cache.
@@ -742,18 +639,23 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner())
             .take()
             .filter(|r| r.key == key && r.after + 1 == self.performed);
-        let piece = match ahead {
-            Some(r) => match r.piece.await {
-                Ok(piece) => piece?,
-                Err(_) => self.read_piece(&disk, bs, offset, len).await?,
-            },
-            None => self.read_piece(&disk, bs, offset, len).await?,
+        let mut reader = match ahead {
+            Some(r) => r.reader,
+            None => self.piece_reader(&disk, bs, offset, len),
+        };
+        let layout = match reader.next().await? {
+            Read::Layout(layout) => layout,
+            other => {
+                return Err(Error::Invalid(format!(
+                    "a copy piece's reader began with {other:?}, not the piece's layout"
+                )));
+            }
         };
         // A piece of holes that begins a longer run: the pieces of the run where the
         // replica holds zeros are skipped, up to the first where it does not, for one
         // read of the replica's properties (each piece asked them: a request per 64 MiB
         // of a thin disk on Azure).
-        let zeros_until = match piece.holes_until {
+        let zeros_until = match layout.holes_until {
             Some(end) if end > offset + len => self.zeros_until(name, d, offset, len, end).await?,
             _ => offset,
         };
@@ -762,35 +664,32 @@ impl Engine {
         // The last piece of the item's last disk: its copy is done with this one.
         let last = through >= disk.size && d + 1 == disks;
         // The next piece (as long as this one, up to the disk's end) is read while this
-        // one is sent. Not beside other items' transfers: the count of actions then moves
-        // by more than one before the next piece, which would drop the read unused.
+        // one is sent: its first segments, while this one's last are sent and synced.
+        // Not beside other items' transfers: the count of actions then moves by more
+        // than one before the next piece, which would drop the read unused.
         let next = through;
         if read_ahead && next < disk.size {
             let n = len.min(disk.size - next);
-            let piece = tokio::task::spawn_blocking(self.piece_reader(&disk, bs, next, n));
             *self.read_ahead.lock().unwrap_or_else(|p| p.into_inner()) = Some(ReadAhead {
                 key: (name.to_owned(), d, next, n),
                 after: self.performed,
-                piece,
+                reader: self.piece_reader(&disk, bs, next, n),
             });
         }
-        let Piece {
-            changes,
-            buffer,
-            digests,
-            ..
-        } = piece;
         let sent = if skipped {
             false
-        } else {
+        } else if layout.data.is_empty() {
             let how = BatchOptions {
-                hashed: Some(digests),
                 skip_known_zeros: true,
                 ..BatchOptions::default()
             };
-            self.write_batch(name, d, changes, how).await?.is_some()
+            let holes = vec![Change::Zero { offset, len }];
+            self.write_batch(name, d, holes, how).await?.is_some()
+        } else {
+            self.send_piece(name, d, offset..offset + len, &layout.data, &mut reader)
+                .await?
         };
-        self.buffers.give(buffer);
+        drop(reader);
         if last {
             // The item's copy is done: its buffers go while its logs are applied.
             self.buffers.clear();
@@ -803,6 +702,161 @@ impl Engine {
             total: disk.size,
         });
         Ok((sent, through))
+    }
+
+    /// Sends a copy piece of disk `d` holding `data` (the rest holes) as one batch, each
+    /// segment as `reader` hands it on, up to the writer's requests in flight at once:
+    /// the piece is read and sent at the same time, through buffers the CPU's caches hold
+    /// (`crate::copy`). Zeros the replica holds already are left out. Whether anything
+    /// was sent (nothing: no batch).
+    async fn send_piece(
+        &self,
+        name: &str,
+        d: usize,
+        piece: Range<u64>,
+        data: &[Range<u64>],
+        reader: &mut PieceReader,
+    ) -> Result<bool> {
+        let doc = self.doc(name)?;
+        let (len, bs) = (doc.disks[d].size, BlockSize::new(doc.block_size)?);
+        if piece.end > len {
+            return Err(Error::Invalid(format!(
+                "a copy piece at {}..{} passes the disk's end ({len})",
+                piece.start, piece.end
+            )));
+        }
+        let blob = replica_blob(name, d);
+        let seq = self.store.properties(&blob).await?.sequence_number;
+        let mut digests = self.take_digests(&blob, len, bs, seq).await?;
+        let mut touched = Vec::new();
+        let sent = self
+            .stream_batch(&blob, seq, piece, data, reader, &mut digests, &mut touched)
+            .await;
+        match sent {
+            Ok(sent) => {
+                self.put_digests(blob, digests);
+                Ok(sent)
+            }
+            Err(e) if touched.is_empty() => {
+                self.put_digests(blob, digests);
+                Err(e)
+            }
+            Err(e) => {
+                self.recover_digests(blob, digests, &touched).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// [`Engine::send_piece`]'s batch: `touched` says what it may have written, for the
+    /// digests' repair if it fails part way.
+    #[allow(clippy::too_many_arguments)]
+    async fn stream_batch(
+        &self,
+        blob: &str,
+        seq: u64,
+        piece: Range<u64>,
+        data: &[Range<u64>],
+        reader: &mut PieceReader,
+        digests: &mut ReplicaDigests,
+        touched: &mut Vec<Range<u64>>,
+    ) -> Result<bool> {
+        let store = &*self.store;
+        // Announced at the first part: the data, and the holes the replica may not hold
+        // as zeros (a resumed copy's).
+        let mut holes = Vec::new();
+        let mut at = piece.start;
+        for r in data.iter().chain(std::iter::once(&(piece.end..piece.end))) {
+            if at < r.start {
+                holes.push(at..r.start);
+            }
+            at = r.end;
+        }
+        let known = digests.known_zero(store, &holes).await?;
+        let mut announce: Vec<Range<u64>> = data.to_vec();
+        announce.extend(
+            holes
+                .into_iter()
+                .zip(known)
+                .filter(|(_, z)| !z)
+                .map(|(h, _)| h),
+        );
+        let announce = lifeboat_pageblob::merge_ranges(announce);
+        let writer = PageWriter::new(self.store.clone(), blob, self.writer.clone())
+            .leased(Some(self.site.id()));
+        let mut batch = BatchDigests::default();
+        let mut open = None;
+        let mut sending = futures::stream::FuturesUnordered::new();
+        let limit = self.writer.in_flight.max(1);
+        loop {
+            // Parts sent meanwhile give their buffers back.
+            while sending.len() >= limit {
+                self.sent_part(sending.next().await)?;
+            }
+            let read = tokio::select! {
+                biased;
+                done = sending.next(), if !sending.is_empty() => {
+                    self.sent_part(done)?;
+                    continue;
+                }
+                read = reader.next() => read?,
+            };
+            let segment = match read {
+                Read::Segment(segment) => segment,
+                Read::End => break,
+                Read::Layout(_) => {
+                    return Err(Error::Invalid(
+                        "a copy piece's reader gave its layout twice".into(),
+                    ));
+                }
+            };
+            let Segment {
+                changes: all,
+                buffer,
+                digests: hashed,
+            } = segment;
+            let changes = without_known_zeros(digests, store, &all).await?;
+            drop(all);
+            batch.join(hashed);
+            if changes.is_empty() {
+                self.buffers.give(buffer);
+                continue;
+            }
+            if open.is_none() {
+                // Until the batch's digests are saved, the stored ones describe no
+                // sequence number.
+                digests
+                    .begin_batch(store, blob, Some(self.site.id()))
+                    .await?;
+                open = Some(writer.begin(seq, &announce).await?);
+            }
+            touched.extend(changes.iter().map(Change::range));
+            let (writer, open) = (&writer, open.clone());
+            sending.push(async move {
+                let open = open.ok_or_else(|| Error::Invalid("no batch open".into()))?;
+                writer.send(&open, changes, None).await?;
+                Ok::<_, Error>(buffer)
+            });
+        }
+        while let Some(done) = sending.next().await {
+            self.sent_part(Some(done))?;
+        }
+        drop(sending);
+        let Some(open) = open else {
+            return Ok(false);
+        };
+        writer.finish(open).await?;
+        digests.update_with(store, blob, batch, seq + 1).await?;
+        digests.save(store, blob, Some(self.site.id())).await?;
+        Ok(true)
+    }
+
+    /// A part of a copy piece sent: its buffer taken back.
+    fn sent_part(&self, done: Option<Result<Bytes>>) -> Result<()> {
+        if let Some(buffer) = done.transpose()? {
+            self.buffers.give(buffer);
+        }
+        Ok(())
     }
 
     /// Where the pieces of `piece` bytes from `offset` to `end` stop being zeros in the
@@ -831,59 +885,24 @@ impl Engine {
         Ok(pieces[..zeros].last().map_or(offset, |r| r.end))
     }
 
-    /// Reads a piece of a disk, splits off its zero runs and hashes its blocks (of
-    /// `block_size`), off the runtime's threads (other items' pieces go on meanwhile).
-    async fn read_piece(
-        &self,
-        disk: &catalog::Disk,
-        block_size: u32,
-        offset: u64,
-        len: u64,
-    ) -> Result<Piece> {
-        blocking(
-            "reading a disk",
-            self.piece_reader(disk, block_size, offset, len),
-        )
-        .await?
-    }
-
-    /// The read of a piece of `disk` into a reused buffer, and its hashing, to run on a
-    /// blocking thread.
+    /// The reader of a piece of `disk`, started.
     fn piece_reader(
         &self,
         disk: &catalog::Disk,
         block_size: u32,
         offset: u64,
         len: u64,
-    ) -> impl FnOnce() -> Result<Piece> + Send + 'static {
-        let (host, path, size) = (self.host.clone(), disk.source.clone(), disk.size);
-        let buffers = self.buffers.clone();
-        move || {
-            let bs = BlockSize::new(block_size)?;
-            let src = open_source(&*host, &path, size)?;
-            let buf = buffers.take(len as usize, offset);
-            let PieceRead {
-                changes,
-                buffer,
-                holes,
-                hashed,
-            } = read_piece(&*src, &path, offset, len, buf, bs)?;
-            let digests = BatchDigests::of_hashed(&changes, bs, size, |b| {
-                let i = hashed.binary_search_by_key(&b, |&(k, _)| k).ok()?;
-                Some(hashed[i].1)
-            });
-            let limit = HOLE_RUN_BLOCKS * u64::from(bs.get());
-            let holes_until = match holes {
-                true => Some(holes_until(&*src, &path, offset + len, len, limit, size)?),
-                false => None,
-            };
-            Ok(Piece {
-                changes,
-                buffer,
-                digests,
-                holes_until,
-            })
-        }
+    ) -> PieceReader {
+        let spec = PieceSpec {
+            host: self.host.clone(),
+            path: disk.source.clone(),
+            size: disk.size,
+            offset,
+            len,
+            block_size,
+            segment: self.segment,
+        };
+        PieceReader::start(spec, self.buffers.clone())
     }
 
     async fn close_logs(&mut self, name: &str, cycle: u64) -> Result<Outcome> {

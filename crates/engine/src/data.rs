@@ -94,15 +94,16 @@ pub(crate) fn page_aligned(ranges: &[Range<u64>], within: Range<u64>) -> Vec<Ran
     out
 }
 
-/// Buffers of copy pieces, reused: a new one per piece cost a page fault per 4 KiB (the
-/// allocator gives large blocks back to the system when freed), an eighth of `protect`'s
-/// CPU time. Holds a few at most, none while a service waits.
+/// Buffers of copy segments ([`crate::copy`]), reused: a new one per piece cost a page
+/// fault per 4 KiB (the allocator gives large blocks back to the system when freed), an
+/// eighth of `protect`'s CPU time. Holds a few at most, none while a service waits.
 #[derive(Debug, Default)]
 pub(crate) struct Buffers(std::sync::Mutex<Vec<Vec<u8>>>);
 
 impl Buffers {
-    /// Buffers kept, at most: the piece being sent and the one read ahead, per transfer.
-    const KEEP: usize = 4;
+    /// Buffers kept, at most: a transfer's segments being sent (up to the writer's requests
+    /// in flight) and read ahead, of a few transfers.
+    const KEEP: usize = 16;
 
     /// A buffer for `len` bytes of a disk from `offset`, and where they start in it
     /// (contents unspecified: a reused one holds an old piece): placed as the bytes lie
@@ -121,8 +122,12 @@ impl Buffers {
         (buf, start)
     }
 
-    /// Takes `bytes` back if nothing else holds it (no copy: otherwise it is dropped).
+    /// Takes `bytes` back if nothing else holds it (no copy: otherwise it is dropped),
+    /// unless it is empty (a segment of holes reads into no buffer).
     pub(crate) fn give(&self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
         if let Ok(m) = bytes.try_into_mut() {
             let mut pool = self.lock();
             if pool.len() < Self::KEEP {
@@ -131,8 +136,8 @@ impl Buffers {
         }
     }
 
-    /// Drops every buffer kept, on another thread: giving a piece's pages back to the
-    /// system takes milliseconds (17 ms for two 64 MiB buffers, at the end of `protect`).
+    /// Drops every buffer kept, on another thread: giving their pages back to the system
+    /// takes milliseconds (17 ms for 128 MiB, at the end of `protect`).
     pub(crate) fn clear(&self) {
         let kept = std::mem::take(&mut *self.lock());
         if !kept.is_empty() {

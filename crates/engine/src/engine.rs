@@ -246,9 +246,10 @@ impl EngineBuilder {
     }
 
     /// How many items' transfers (copy pieces, resyncs, cycles' log applies) may run at
-    /// once (default 1: one action at a time). Each copy piece in flight holds its bytes
-    /// in memory (the policy's `copy_chunk`), each resync its disk's digests while it
-    /// compares; all share the writer's bandwidth limit.
+    /// once (default 1: one action at a time). Each copy piece in flight holds a few 4 MiB
+    /// segments of its bytes in memory (those being sent, up to the writer's requests in
+    /// flight, and two read ahead), each resync its disk's digests while it compares; all
+    /// share the writer's bandwidth limit.
     pub fn transfers(mut self, n: usize) -> Self {
         self.transfers = n.max(1);
         self
@@ -302,6 +303,7 @@ impl EngineBuilder {
             transfers: self.transfers,
             read_ahead: Mutex::new(None),
             buffers: Arc::new(crate::data::Buffers::default()),
+            segment: crate::copy::SEGMENT,
         };
         e.generation = e.site.generation();
         e.load().await?;
@@ -351,6 +353,9 @@ pub struct Engine {
     pub(crate) read_ahead: Mutex<Option<crate::actions::ReadAhead>>,
     /// Copy pieces' buffers, reused from one piece to the next.
     pub(crate) buffers: Arc<crate::data::Buffers>,
+    /// Bytes of a copy piece read and sent at a time ([`crate::copy::SEGMENT`]; the
+    /// simulation's are smaller, so its small pieces are sent in several).
+    pub(crate) segment: u64,
 }
 
 impl std::fmt::Debug for Engine {

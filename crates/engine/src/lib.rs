@@ -105,6 +105,7 @@ pub use crate::{
 
 mod actions;
 pub mod catalog;
+mod copy;
 mod data;
 mod digest_cache;
 mod engine;

@@ -282,7 +282,7 @@ impl Sim {
             retry: WriterConfig::default().retry.scaled(1, 100_000),
             ..WriterConfig::default()
         };
-        let e = Engine::builder(self.store.clone(), self.dir.path().join("site"))
+        let mut e = Engine::builder(self.store.clone(), self.dir.path().join("site"))
             .host(self.host.clone())
             .clock(self.clock.clone())
             .observer(self.events.clone())
@@ -290,6 +290,8 @@ impl Sim {
             .open()
             .await
             .map_err(|e| format!("open: {e}"))?;
+        // Copy pieces of 64 KiB sent in parts, as a real disk's 64 MiB ones are.
+        e.segment = 16 << 10;
         self.engine = Some(e);
         Ok(())
     }

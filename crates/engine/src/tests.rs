@@ -734,6 +734,126 @@ async fn an_initial_copy_sends_only_the_zeros_the_replica_lacks() {
     }
 }
 
+/// A copy piece is sent in segments (read, hashed and sent while the next is read): a
+/// process that dies after any of the store's requests, some of a piece's segments
+/// landed, leaves a replica the next process finishes copying, equal to the disk and its
+/// digests describing it. The disk's data lies across segments' ends, beside holes in
+/// blocks it holds in part, and holds zero runs.
+#[tokio::test]
+async fn a_copy_that_dies_inside_a_piece_is_finished_by_the_next_process() {
+    // Pieces of 4 MiB sent in segments of 1 MiB (a real disk's: 64 and 4 MiB).
+    const MIB: u64 = 1 << 20;
+    const KIB: u64 = 1 << 10;
+    let len = 6 * MIB;
+    let mut rng = lifeboat_source::SplitMix64::new(17);
+    let runs = [
+        (0, 1536 * KIB),
+        (1280 * KIB + 4096, 8192),
+        (1792 * KIB + 8192, 768 * KIB),
+        (4 * MIB - 4096, 4096),
+        (5 * MIB, 256 * KIB),
+    ];
+    let mut want = vec![0u8; len as usize];
+    for (at, n) in runs {
+        let mut bytes = rng.bytes(n as usize);
+        if n > 512 * KIB {
+            bytes[256 * KIB as usize..288 * KIB as usize].fill(0);
+        }
+        want[at as usize..(at + n) as usize].copy_from_slice(&bytes);
+    }
+    // Every request a whole copy makes, the first time with no death.
+    let mut total = None;
+    let mut n = 0;
+    while total.is_none_or(|t| n <= t) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = tempfile::tempfile_in(dir.path()).unwrap();
+        file.set_len(len).unwrap();
+        for (at, n) in runs {
+            let (at, end) = (at as usize, (at + n) as usize);
+            std::os::unix::fs::FileExt::write_all_at(&file, &want[at..end], at as u64).unwrap();
+        }
+        let disk: Arc<dyn crate::Disk> = Arc::new(SparseDisk {
+            file,
+            read: AtomicU64::new(0),
+        });
+        let faults = Arc::new(FaultyStore::new(
+            LocalStore::open(dir.path().join("store")).unwrap(),
+        ));
+        let store: Arc<dyn PageStore> = faults.clone();
+        let open = || async {
+            let mut writer = WriterConfig::default();
+            writer.retry = writer.retry.scaled(1, 1000);
+            let mut e = Engine::builder(store.clone(), dir.path().join("site"))
+                .host(Arc::new(OneDiskHost(disk.clone())))
+                .writer(writer)
+                .open()
+                .await?;
+            e.segment = MIB;
+            Ok::<_, Error>(e)
+        };
+        let p = ReplicationPolicy {
+            copy_chunk: 4 * MIB,
+            ..policy()
+        };
+        let protect = |mut e: Engine| {
+            let p = p.clone();
+            async move {
+                let disks = [PathBuf::from("vm/d0.raw")];
+                e.protect("vm", &disks, p, 64 << 10).await.map(|_| e)
+            }
+        };
+        if total.is_some() {
+            faults.kill_after(n);
+            // The process dies: what it held in memory goes with it.
+            if let Ok(e) = open().await {
+                let _ = protect(e).await;
+            }
+            faults.revive();
+        }
+        let mut e = open().await.unwrap();
+        if e.item("vm").is_ok() {
+            e.drive().await.unwrap();
+        } else {
+            e = protect(e).await.unwrap();
+        }
+        assert_eq!(
+            e.protection("vm").unwrap(),
+            ProtectionState::Protected,
+            "dead after {n} requests"
+        );
+        let replica = store
+            .read("lifeboat/items/vm/disk0", None, 0, len)
+            .await
+            .unwrap();
+        assert!(
+            replica[..] == want[..],
+            "the replica differs (dead after {n})"
+        );
+        let v = e.verify("vm", None, false).await.unwrap();
+        assert!(v.iter().all(Verified::clean), "dead after {n}: {v:?}");
+        if total.is_none() {
+            let kinds = [
+                Request::Create,
+                Request::Properties,
+                Request::Put,
+                Request::Clear,
+                Request::Read,
+                Request::Ranges,
+                Request::Snapshot,
+                Request::SetSequenceNumber,
+                Request::Metadata,
+                Request::Lease,
+                Request::GetDoc,
+                Request::PutDoc,
+                Request::List,
+            ];
+            total = Some(kinds.iter().map(|&k| faults.requests(k)).sum::<u64>());
+        } else {
+            n += 1;
+        }
+    }
+}
+
 /// A sparse disk protected into a `LocalStore` whose requests are counted.
 struct Counted {
     engine: Engine,
@@ -1621,8 +1741,8 @@ async fn an_item_protected_beside_a_waiting_engine_is_picked_up_by_it() {
     same(&w.replica_bytes().await, &w.source(), "replica");
 }
 
-/// A copy piece's buffer is taken back once nothing holds a slice of it (then the next
-/// piece reads into the same memory), never while something does; the piece's bytes lie
+/// A copy segment's buffer is taken back once nothing holds a slice of it (then a later
+/// segment reads into the same memory), never while something does; the segment's bytes lie
 /// in it as in the page cache, relative to a line (the kernel's copies into and out of it
 /// run at a third of the speed 16 bytes off, as the allocator places a large block).
 #[test]
@@ -1677,23 +1797,32 @@ fn a_new_copy_buffer_is_not_touched() {
     );
 }
 
-/// A copy piece hashes each block as it reads it (while the CPU's cache holds it): the
-/// blocks of one run of data, across a read stride's end; not blocks holding a run of
-/// zeros, nor holes, nor a block the piece holds in part (those are digested from the
-/// changes, or completed from the replica).
+/// A copy segment hashes each block as it reads it (while the CPU's cache holds it): the
+/// blocks of one run of data, across a read stride's end, a block holding a run of zeros
+/// and one holding data in part, the rest holes (its holes zeroed in a reused buffer
+/// first); a block the segment holds in part is left to be read back.
 #[test]
-fn a_piece_is_hashed_as_it_is_read() {
-    use lifeboat_resync::{BlockSize, digest_block};
+fn a_segment_is_hashed_as_it_is_read() {
+    use lifeboat_resync::{BlockSize, Digest, digest_block};
     const BS: u64 = 64 << 10;
     let dir = tempfile::tempdir().unwrap();
     let file = tempfile::tempfile_in(dir.path()).unwrap();
-    let len = 24 * BS;
+    let len = 26 * BS;
     file.set_len(len).unwrap();
     let mut rng = lifeboat_source::SplitMix64::new(11);
     let mut want = vec![0u8; len as usize];
     // Block 0 data; 1 data with 4 KiB of zeros; 2 a hole; 3 zeros written; 4..=20 data
-    // (a 1 MiB read stride ends at block 16), 21 and on holes.
-    for (at, n) in [(0, BS), (BS, BS), (3 * BS, BS), (4 * BS, 17 * BS)] {
+    // (a 1 MiB read stride ends at block 16), 21 a hole; 22 8 KiB of data, then a hole;
+    // 23 a hole; 24 a hole, 4 KiB of data, a hole; 25 a hole.
+    let runs = [
+        (0, BS),
+        (BS, BS),
+        (3 * BS, BS),
+        (4 * BS, 17 * BS),
+        (22 * BS, 8192),
+        (24 * BS + 8192, 4096),
+    ];
+    for (at, n) in runs {
         let mut bytes = rng.bytes(n as usize);
         if at == 3 * BS {
             bytes.fill(0);
@@ -1709,27 +1838,58 @@ fn a_piece_is_hashed_as_it_is_read() {
         read: AtomicU64::new(0),
     };
     let bs = BlockSize::new(BS as u32).unwrap();
-    // The piece begins inside block 0 and ends inside block 20.
-    let (offset, n) = (4096, 20 * BS + 4096);
-    let buf = crate::data::Buffers::default().take(n as usize, offset);
-    let crate::actions::PieceRead {
-        changes, hashed, ..
-    } = crate::actions::read_piece(&disk, Path::new("d"), offset, n, buf, bs).unwrap();
-    let blocks: Vec<u64> = hashed.iter().map(|&(b, _)| b).collect();
-    // Block 1 too (its changes, data and a zero run, cover it whole together); not 3.
-    let want_blocks: Vec<u64> = [1].into_iter().chain(4..=19).collect();
-    assert_eq!(blocks, want_blocks);
-    for (b, d) in hashed {
-        let at = (b * BS) as usize;
-        assert_eq!(d, digest_block(&want[at..at + BS as usize]), "block {b}");
+    let block = |b: u64| &want[(b * BS) as usize..((b + 1) * BS) as usize];
+    // Buffers that held other bytes: the holes of a block hashed are zeroed.
+    let pool = crate::data::Buffers::default();
+    for _ in 0..2 {
+        pool.give(bytes::Bytes::from(vec![0xA5; (21 * BS) as usize + 64]));
     }
-    // The changes hold the piece's bytes.
-    for c in changes {
+    let read = |window: std::ops::Range<u64>| {
+        let named =
+            lifeboat_source::ReadAt::data_ranges(&disk, window.start, window.end - window.start)
+                .unwrap();
+        let data = crate::data::page_aligned(&named, window.clone());
+        crate::copy::read_window(&disk, Path::new("d"), window, &data, &pool, bs, len).unwrap()
+    };
+    // A window that begins inside block 0 and ends inside block 20.
+    let first = read(4096..20 * BS + 4096);
+    let mut known = first.digests.known().to_vec();
+    known.sort_by_key(|&(b, _)| b);
+    let blocks: Vec<u64> = known.iter().map(|&(b, _)| b).collect();
+    assert_eq!(blocks, (1..=19).collect::<Vec<u64>>());
+    for &(b, d) in &known {
+        assert_eq!(d, digest_block(block(b)), "block {b}");
+    }
+    assert_eq!(
+        first.digests.rest(),
+        &[4096..BS, 20 * BS..20 * BS + 4096][..]
+    );
+    // The changes hold the window's bytes.
+    for c in &first.changes {
         if let lifeboat_pageblob::Change::Data { offset, data } = c {
-            let at = offset as usize;
+            let at = *offset as usize;
             assert!(data[..] == want[at..at + data.len()], "change at {offset}");
         }
     }
+    // Blocks holding data in part, among holes: hashed with their holes as zeros.
+    let second = read(21 * BS..26 * BS);
+    let mut known = second.digests.known().to_vec();
+    known.sort_by_key(|&(b, _)| b);
+    assert_eq!(
+        known,
+        vec![
+            (21, Digest::Zero),
+            (22, digest_block(block(22))),
+            (23, Digest::Zero),
+            (24, digest_block(block(24))),
+            (25, Digest::Zero),
+        ]
+    );
+    assert!(
+        second.digests.rest().is_empty(),
+        "{:?}",
+        second.digests.rest()
+    );
 }
 
 #[test]

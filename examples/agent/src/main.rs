@@ -151,8 +151,8 @@ pub(crate) enum Cmd {
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
         /// How many items copy a piece of a disk (initial replication), resynchronise a disk
-        /// or apply a cycle's logs at once; each copy piece in flight is held in memory (the
-        /// policy's copy chunk, 64 MiB by default).
+        /// or apply a cycle's logs at once; each copy in flight holds a few 4 MiB segments of
+        /// its piece in memory.
         #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
         transfers: u16,
     },
