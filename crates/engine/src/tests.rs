@@ -738,7 +738,8 @@ async fn an_initial_copy_sends_only_the_zeros_the_replica_lacks() {
 /// process that dies after any of the store's requests, some of a piece's segments
 /// landed, leaves a replica the next process finishes copying, equal to the disk and its
 /// digests describing it. The disk's data lies across segments' ends, beside holes in
-/// blocks it holds in part, and holds zero runs.
+/// blocks it holds in part, and holds zero runs. Blocks larger than a segment (2 MiB)
+/// too, without deaths.
 #[tokio::test]
 async fn a_copy_that_dies_inside_a_piece_is_finished_by_the_next_process() {
     // Pieces of 4 MiB sent in segments of 1 MiB (a real disk's: 64 and 4 MiB).
@@ -762,94 +763,97 @@ async fn a_copy_that_dies_inside_a_piece_is_finished_by_the_next_process() {
         want[at as usize..(at + n) as usize].copy_from_slice(&bytes);
     }
     // Every request a whole copy makes, the first time with no death.
-    let mut total = None;
-    let mut n = 0;
-    while total.is_none_or(|t| n <= t) {
-        let dir = tempfile::tempdir().unwrap();
-        let file = tempfile::tempfile_in(dir.path()).unwrap();
-        file.set_len(len).unwrap();
-        for (at, n) in runs {
-            let (at, end) = (at as usize, (at + n) as usize);
-            std::os::unix::fs::FileExt::write_all_at(&file, &want[at..end], at as u64).unwrap();
-        }
-        let disk: Arc<dyn crate::Disk> = Arc::new(SparseDisk {
-            file,
-            read: AtomicU64::new(0),
-        });
-        let faults = Arc::new(FaultyStore::new(
-            LocalStore::open(dir.path().join("store")).unwrap(),
-        ));
-        let store: Arc<dyn PageStore> = faults.clone();
-        let open = || async {
-            let mut writer = WriterConfig::default();
-            writer.retry = writer.retry.scaled(1, 1000);
-            let mut e = Engine::builder(store.clone(), dir.path().join("site"))
-                .host(Arc::new(OneDiskHost(disk.clone())))
-                .writer(writer)
-                .open()
-                .await?;
-            e.segment = MIB;
-            Ok::<_, Error>(e)
-        };
-        let p = ReplicationPolicy {
-            copy_chunk: 4 * MIB,
-            ..policy()
-        };
-        let protect = |mut e: Engine| {
-            let p = p.clone();
-            async move {
-                let disks = [PathBuf::from("vm/d0.raw")];
-                e.protect("vm", &disks, p, 64 << 10).await.map(|_| e)
+    for block in [64 << 10, 2 << 20] {
+        let deaths = block == 64 << 10;
+        let mut total = None;
+        let mut n = 0;
+        while total.is_none_or(|t| deaths && n <= t) {
+            let dir = tempfile::tempdir().unwrap();
+            let file = tempfile::tempfile_in(dir.path()).unwrap();
+            file.set_len(len).unwrap();
+            for (at, n) in runs {
+                let (at, end) = (at as usize, (at + n) as usize);
+                std::os::unix::fs::FileExt::write_all_at(&file, &want[at..end], at as u64).unwrap();
             }
-        };
-        if total.is_some() {
-            faults.kill_after(n);
-            // The process dies: what it held in memory goes with it.
-            if let Ok(e) = open().await {
-                let _ = protect(e).await;
+            let disk: Arc<dyn crate::Disk> = Arc::new(SparseDisk {
+                file,
+                read: AtomicU64::new(0),
+            });
+            let faults = Arc::new(FaultyStore::new(
+                LocalStore::open(dir.path().join("store")).unwrap(),
+            ));
+            let store: Arc<dyn PageStore> = faults.clone();
+            let open = || async {
+                let mut writer = WriterConfig::default();
+                writer.retry = writer.retry.scaled(1, 1000);
+                let mut e = Engine::builder(store.clone(), dir.path().join("site"))
+                    .host(Arc::new(OneDiskHost(disk.clone())))
+                    .writer(writer)
+                    .open()
+                    .await?;
+                e.segment = MIB;
+                Ok::<_, Error>(e)
+            };
+            let p = ReplicationPolicy {
+                copy_chunk: 4 * MIB,
+                ..policy()
+            };
+            let protect = |mut e: Engine| {
+                let p = p.clone();
+                async move {
+                    let disks = [PathBuf::from("vm/d0.raw")];
+                    e.protect("vm", &disks, p, block).await.map(|_| e)
+                }
+            };
+            if total.is_some() {
+                faults.kill_after(n);
+                // The process dies: what it held in memory goes with it.
+                if let Ok(e) = open().await {
+                    let _ = protect(e).await;
+                }
+                faults.revive();
             }
-            faults.revive();
-        }
-        let mut e = open().await.unwrap();
-        if e.item("vm").is_ok() {
-            e.drive().await.unwrap();
-        } else {
-            e = protect(e).await.unwrap();
-        }
-        assert_eq!(
-            e.protection("vm").unwrap(),
-            ProtectionState::Protected,
-            "dead after {n} requests"
-        );
-        let replica = store
-            .read("lifeboat/items/vm/disk0", None, 0, len)
-            .await
-            .unwrap();
-        assert!(
-            replica[..] == want[..],
-            "the replica differs (dead after {n})"
-        );
-        let v = e.verify("vm", None, false).await.unwrap();
-        assert!(v.iter().all(Verified::clean), "dead after {n}: {v:?}");
-        if total.is_none() {
-            let kinds = [
-                Request::Create,
-                Request::Properties,
-                Request::Put,
-                Request::Clear,
-                Request::Read,
-                Request::Ranges,
-                Request::Snapshot,
-                Request::SetSequenceNumber,
-                Request::Metadata,
-                Request::Lease,
-                Request::GetDoc,
-                Request::PutDoc,
-                Request::List,
-            ];
-            total = Some(kinds.iter().map(|&k| faults.requests(k)).sum::<u64>());
-        } else {
-            n += 1;
+            let mut e = open().await.unwrap();
+            if e.item("vm").is_ok() {
+                e.drive().await.unwrap();
+            } else {
+                e = protect(e).await.unwrap();
+            }
+            assert_eq!(
+                e.protection("vm").unwrap(),
+                ProtectionState::Protected,
+                "dead after {n} requests"
+            );
+            let replica = store
+                .read("lifeboat/items/vm/disk0", None, 0, len)
+                .await
+                .unwrap();
+            assert!(
+                replica[..] == want[..],
+                "the replica differs (dead after {n})"
+            );
+            let v = e.verify("vm", None, false).await.unwrap();
+            assert!(v.iter().all(Verified::clean), "dead after {n}: {v:?}");
+            if total.is_none() {
+                let kinds = [
+                    Request::Create,
+                    Request::Properties,
+                    Request::Put,
+                    Request::Clear,
+                    Request::Read,
+                    Request::Ranges,
+                    Request::Snapshot,
+                    Request::SetSequenceNumber,
+                    Request::Metadata,
+                    Request::Lease,
+                    Request::GetDoc,
+                    Request::PutDoc,
+                    Request::List,
+                ];
+                total = Some(kinds.iter().map(|&k| faults.requests(k)).sum::<u64>());
+            } else {
+                n += 1;
+            }
         }
     }
 }
