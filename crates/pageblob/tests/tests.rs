@@ -1024,7 +1024,7 @@ fn joined_batch_digests_read_back_a_block_two_parts_write() {
         known,
         vec![(0, digest_block(&[1; 4096])), (2, digest_block(&[2; 4096]))]
     );
-    assert_eq!(joined.rest(), &[4096..8192][..]);
+    assert_eq!(joined.rest(), std::slice::from_ref(&(4096..8192)));
 }
 
 /// Saving digests over a snapshot of them (every recovery point takes one) announces
