@@ -116,8 +116,9 @@ impl PieceReader {
     }
 }
 
-/// Reads a piece: its layout, then each segment holding data, then the end; stops,
-/// without an error, when nobody takes what it hands on.
+/// Reads a piece: its layout, then (unless it is all holes) each segment, a segment of
+/// holes as one zero run, then the end; stops, without an error, when nobody takes what
+/// it hands on.
 fn read_piece(spec: &PieceSpec, buffers: &Buffers, tx: &mpsc::Sender<Result<Read>>) -> Result<()> {
     let bs = BlockSize::new(spec.block_size)?;
     let (path, offset, len) = (&spec.path, spec.offset, spec.len);

@@ -390,7 +390,9 @@ impl PageWriter {
         }
     }
 
-    /// Whether the store takes touching puts in one request ([`PageStore::write_group_bytes`]).
+    /// Whether the store takes touching puts in one request
+    /// ([`PageStore::write_group_bytes`]): such a store pays nothing per put, so touching
+    /// changes are planned as they are, not copied into one body.
     fn grouping(&self) -> bool {
         self.store.write_group_bytes() > 0
     }
