@@ -787,6 +787,8 @@ impl Engine {
         let mut batch = BatchDigests::default();
         let mut open = None;
         let mut sending = futures::stream::FuturesUnordered::new();
+        // Segments being sent, at most: a copy holds these and the two read ahead. A
+        // segment is one or a few requests (one Put Page's most, in data and zero runs).
         let limit = self.writer.in_flight.max(1);
         loop {
             // Parts sent meanwhile give their buffers back.

@@ -309,7 +309,8 @@ impl PageWriter {
 
     /// Sends a part of an open batch, as [`PageWriter::apply_batch`] sends its changes
     /// (the parts must not overlap each other: which lands last is not said). The blob
-    /// stays at the batch's sequence number until [`PageWriter::finish`].
+    /// stays at the batch's sequence number until [`PageWriter::finish`]. Each part has
+    /// up to `in_flight` requests out at once: parts sent at once add up.
     pub async fn send(
         &self,
         batch: &OpenBatch,
