@@ -85,7 +85,12 @@ if [ "${AZURITE:-0}" = 1 ]; then
     "$AZURITE_BIN" --blobHost 127.0.0.1 --blobPort "$AZ_PORT" --inMemoryPersistence \
         --skipApiVersionCheck --disableTelemetry > azurite.log 2>&1 &
     AZ=$!
-    sleep 2
+    # Until it takes connections (2 s was not always enough: a service started before
+    # it exits at once, and the run fails).
+    for _ in $(seq 300); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$AZ_PORT") 2>/dev/null && break
+        sleep 0.1
+    done
 fi
 
 echo "== $N items of $SIZE_MIB MiB, store: $([ "${AZURITE:-0}" = 1 ] && echo Azurite || echo embedded)" >&2
