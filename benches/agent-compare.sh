@@ -12,8 +12,8 @@
 #                         vs the floor of any copy that digests what it writes: the disk's
 #                         data read, BLAKE3-digested per block and written back 1 MiB at a
 #                         time on one thread, then one fdatasync (`resync-bench copy-floor`),
-#                         and vs the same in protect's 64 MiB pieces (each read whole into
-#                         one of two buffers, then written: what holding a piece costs)
+#                         and vs the same in protect's 4 MiB segments (each read whole
+#                         into one of two buffers, then written)
 # The disk (default 1 GiB) is half random data, half zero regions. For the resync, 1 % of
 # the 64 KiB blocks are rewritten, then rewritten back, alternately: every timed run of
 # either tool has 1 % to send. Results are checked (the replica's test-failover export and
@@ -121,7 +121,7 @@ CP='sh -c "cp --sparse=always disk.raw copy.raw && sync -f copy.raw"'
 read -r t_protect t_cp < <(alternate wall "rm -rf site" "$PROTECT" "rm -f copy.raw" "$CP")
 read -r c_protect c_cp c_floor c_pieces < <(alternate cpu_of "rm -rf site" "$PROTECT" \
   "rm -f copy.raw" "$CP" "rm -f floor.raw" '"$RB" copy-floor disk.raw floor.raw' \
-  "rm -f pieces.raw" '"$RB" copy-floor disk.raw pieces.raw 64')
+  "rm -f pieces.raw" '"$RB" copy-floor disk.raw pieces.raw 4')
 cmp disk.raw floor.raw && rm floor.raw
 cmp disk.raw pieces.raw && rm pieces.raw
 # Disk use: the store after protect, against the data (what the sparse copy allocates).
@@ -192,5 +192,5 @@ data_gib=$(echo "$used_data / 1073741824" | bc -l)
 cpu_row() { printf '%-38s %8.2fs %8.2fs %7.2fx\n' "$1" "$(echo "$2 / $data_gib" | bc -l)" "$(echo "$3 / $data_gib" | bc -l)" "$(echo "$2 / $3" | bc -l)"; }
 cpu_row "CPU per GiB of data (protect / cp)" "$c_protect" "$c_cp"
 cpu_row "CPU per GiB (protect / copy floor)" "$c_protect" "$c_floor"
-cpu_row "CPU per GiB (protect / 64 MiB pieces)" "$c_protect" "$c_pieces"
+cpu_row "CPU per GiB (protect / 4 MiB pieces)" "$c_protect" "$c_pieces"
 printf '(%d cores; CPU steal during the runs: %.0f %% of the machine'"'"'s time)\n' "$(nproc)" "$steal"
