@@ -269,7 +269,8 @@ fn hash_mixed_blocks(
         if br.start < window.start || br.end > window.end {
             continue;
         }
-        let inside = data.iter().filter(|r| r.start < br.end && br.start < r.end);
+        let first = data.partition_point(|r| r.end <= br.start);
+        let inside = data[first..].iter().take_while(|r| r.start < br.end);
         let covered: u64 = inside
             .clone()
             .map(|r| r.end.min(br.end) - r.start.max(br.start))
