@@ -146,13 +146,7 @@ fn read_piece(spec: &PieceSpec, buffers: &Buffers, tx: &mpsc::Sender<Result<Read
     let mut at = offset;
     while at < end {
         let to = ((at / step + 1) * step).min(end);
-        let inside: Vec<Range<u64>> = data
-            .iter()
-            .filter_map(|r| {
-                let (s, e) = (r.start.max(at), r.end.min(to));
-                (s < e).then_some(s..e)
-            })
-            .collect();
+        let inside = data::page_aligned(&data, at..to);
         let segment = read_window(&*src, path, at..to, &inside, buffers, bs, spec.size)?;
         if tx.blocking_send(Ok(Read::Segment(segment))).is_err() {
             return Ok(());
