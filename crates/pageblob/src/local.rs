@@ -173,6 +173,13 @@ impl Behind {
 /// Bytes of page writes after which the data file is flushed in the background.
 const WRITE_BEHIND: u64 = 8 << 20;
 
+/// Bytes of a page write handed to the kernel at a time: a 4 MiB write into the page
+/// cache took 30-40 % more CPU time than the same bytes in 256 KiB or 512 KiB writes, and
+/// more wall time (`protect` of the bench disk, 1 GiB with 546 MiB of data, alternating
+/// runs: median CPU 1.05 s against 0.75 s; 1 MiB writes 0.91 s; ADR 0008). Without the
+/// write-behind flush beside them, 4 MiB writes still cost 0.84 s against 0.67 s.
+const WRITE_CHUNK: usize = 256 << 10;
+
 /// A parsed state and the stamp of the `state.json` it was parsed from.
 #[derive(Debug)]
 struct Cached {
@@ -899,7 +906,10 @@ impl Inner {
         self.preserve(blob, &mut st, &ranges)?;
         let (f, path) = self.data(blob)?;
         for &(offset, data, _) in writes {
-            f.write_all_at(data, offset).map_err(io_err(&path))?;
+            for (i, chunk) in data.chunks(WRITE_CHUNK).enumerate() {
+                f.write_all_at(chunk, offset + (i * WRITE_CHUNK) as u64)
+                    .map_err(io_err(&path))?;
+            }
         }
         // Listed without an fsync of the data: the next sync point makes both durable.
         let total = writes.iter().map(|w| w.1.len() as u64).sum();
