@@ -10,8 +10,9 @@
 #                         a raw copy of the replica
 #   CPU of the initial copy: user + sys seconds per GiB of data, protect vs cp + sync, and
 #                         vs the floor of any copy that digests what it writes: the disk's
-#                         data read, BLAKE3-digested per block and written back 1 MiB at a
-#                         time on one thread, then one fdatasync (`resync-bench copy-floor`),
+#                         data read 1 MiB at a time, BLAKE3-digested per block and written
+#                         back 256 KiB at a time (as the embedded store writes) on one
+#                         thread, then one fdatasync (`resync-bench copy-floor`),
 #                         and vs the same in protect's 4 MiB segments (each read whole
 #                         into one of two buffers, then written)
 # The disk (default 1 GiB) is half random data, half zero regions. For the resync, 1 % of

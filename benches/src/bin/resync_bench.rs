@@ -12,7 +12,8 @@
 //! resync-bench copy-floor SOURCE TARGET [MIB]    the least an initial copy does, on one
 //!                                               thread: SOURCE's data read in 1 MiB steps
 //!                                               (two buffers in turn), each 64 KiB block's
-//!                                               digest, written to TARGET, one fdatasync;
+//!                                               digest, written to TARGET 256 KiB at
+//!                                               a time, one fdatasync;
 //!                                               with MIB, the same in pieces of MIB MiB
 //!                                               (each read whole into one of two buffers,
 //!                                               then written, as protect's pieces are)
@@ -141,14 +142,17 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// Copies `source`'s data (what its holes leave) into `target` at the same offsets,
 /// digesting each block of `BlockSize::DEFAULT` as `lifeboat protect` does, on one thread:
 /// each `piece` bytes of the disk are read in 1 MiB steps into one of two buffers (each
-/// step's blocks digested right after its read), then written. With 1 MiB pieces (each
+/// step's blocks digested right after its read), then written 256 KiB at a time (as the
+/// embedded store writes: larger writes cost more CPU, ADR 0008). With 1 MiB pieces (each
 /// buffer a step's worth, held in the CPU's caches) it is the CPU floor of an initial copy by
 /// buffered I/O, which `benches/agent-compare.sh` sets beside `protect`; with protect's
-/// 64 MiB pieces, what holding a piece costs beside it. Returns the blocks digested.
+/// 4 MiB segments, what a buffer the caches do not hold costs beside it. Returns the
+/// blocks digested.
 fn copy_floor(source: &File, target: &File, piece: u64) -> std::io::Result<u64> {
     use lifeboat_source::ReadAt;
     use std::os::unix::fs::FileExt;
     const STEP: u64 = 1 << 20;
+    const WRITE: u64 = 256 << 10;
     let size = source.size()?;
     target.set_len(size)?;
     let block = BlockSize::DEFAULT.get() as usize;
@@ -186,7 +190,12 @@ fn copy_floor(source: &File, target: &File, piece: u64) -> std::io::Result<u64> 
             }
         }
         for &(from, to) in &inside {
-            target.write_all_at(&buf[place(from)..place(to)], from)?;
+            let mut at = from;
+            while at < to {
+                let n = WRITE.min(to - at);
+                target.write_all_at(&buf[place(at)..place(at + n)], at)?;
+                at += n;
+            }
         }
         start = end;
     }
