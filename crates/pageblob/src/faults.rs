@@ -129,6 +129,28 @@ pub struct FaultyStore<S> {
     /// Whether it asks for page writes' checksums (its `content_crc64`) whatever `inner`
     /// asks.
     checksums: Mutex<bool>,
+    /// How long each page request waits before it goes to `inner`.
+    pace: Mutex<Duration>,
+    /// Page requests under way now, and the most under way at once so far.
+    out: Mutex<(usize, usize)>,
+}
+
+/// A page request under way, counted in [`FaultyStore::most_at_once`] until dropped.
+struct Out<'a>(&'a Mutex<(usize, usize)>);
+
+impl<'a> Out<'a> {
+    fn start(m: &'a Mutex<(usize, usize)>) -> Self {
+        let mut o = lock(m);
+        o.0 += 1;
+        o.1 = o.1.max(o.0);
+        Out(m)
+    }
+}
+
+impl Drop for Out<'_> {
+    fn drop(&mut self) {
+        lock(self.0).0 -= 1;
+    }
 }
 
 impl<S> FaultyStore<S> {
@@ -147,7 +169,31 @@ impl<S> FaultyStore<S> {
             lives: Mutex::new(None),
             group: Mutex::new(0),
             checksums: Mutex::new(false),
+            pace: Mutex::new(Duration::ZERO),
+            out: Mutex::new((0, 0)),
         }
+    }
+
+    /// Makes each page request (write or clear) wait `d` before it goes to the store, so
+    /// requests a caller has out at once are under way at once here
+    /// ([`FaultyStore::most_at_once`]).
+    pub fn pace(&self, d: Duration) {
+        *lock(&self.pace) = d;
+    }
+
+    /// The most page requests (writes and clears) that were under way at once so far.
+    pub fn most_at_once(&self) -> usize {
+        lock(&self.out).1
+    }
+
+    /// Counts a page request under way and waits the planned pace.
+    async fn start(&self) -> Out<'_> {
+        let out = Out::start(&self.out);
+        let pace = *lock(&self.pace);
+        if !pace.is_zero() {
+            tokio::time::sleep(pace).await;
+        }
+        out
     }
 
     /// Reports `bytes` as its [`PageStore::write_group_bytes`], so a writer sends it
@@ -396,6 +442,7 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         c: Condition,
     ) -> Result<(), StoreError> {
         self.arrive(blob, offset).await?;
+        let _out = self.start().await;
         // Counted, and a planned fault of the kind left for a later one, if the Nth fails.
         let f = match self.next("put", offset, data.len() as u64) {
             Some(f) => {
@@ -425,6 +472,7 @@ impl<S: PageStore> PageStore for FaultyStore<S> {
         len: u64,
         c: Condition,
     ) -> Result<(), StoreError> {
+        let _out = self.start().await;
         let f = match self.next("clear", offset, len) {
             Some(f) => {
                 self.tally(Request::Clear);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use lifeboat_retry::{Budget, Policy, RetryError, retry};
 use lifeboat_source::ReadAt;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -230,6 +230,9 @@ pub struct PageWriter {
     config: WriterConfig,
     lease: Option<LeaseId>,
     counters: Arc<Counters>,
+    /// A permit per request out (`in_flight` of them): shared by the parts of a batch
+    /// sent at once.
+    requests: Arc<Semaphore>,
 }
 
 enum Op {
@@ -257,6 +260,7 @@ impl PageWriter {
         PageWriter {
             store,
             blob: blob.into(),
+            requests: Arc::new(Semaphore::new(config.in_flight)),
             config,
             lease: None,
             counters: Arc::default(),
@@ -309,8 +313,8 @@ impl PageWriter {
 
     /// Sends a part of an open batch, as [`PageWriter::apply_batch`] sends its changes
     /// (the parts must not overlap each other: which lands last is not said). The blob
-    /// stays at the batch's sequence number until [`PageWriter::finish`]. Each part has
-    /// up to `in_flight` requests out at once: parts sent at once add up.
+    /// stays at the batch's sequence number until [`PageWriter::finish`]. Parts sent at
+    /// once share the writer's `in_flight` requests out.
     pub async fn send(
         &self,
         batch: &OpenBatch,
@@ -413,13 +417,17 @@ impl PageWriter {
         .await
     }
 
-    /// Sends the requests of batch `seq`, at most `in_flight` at once.
+    /// Sends the requests of batch `seq`, at most `in_flight` at once (with those of
+    /// other parts sent meanwhile).
     async fn send_ops(&self, seq: u64, ops: Vec<Op>) -> Result<(), WriteError> {
         let mut tasks = JoinSet::new();
         for op in group(ops, self.store.write_group_bytes()) {
             while tasks.len() >= self.config.in_flight {
                 join_one(&mut tasks, seq).await?;
             }
+            // Held by the request's task until it ends (or is aborted with the part).
+            // Never closed, so never `None`.
+            let permit = self.requests.clone().acquire_owned().await.ok();
             let (store, blob, policy, lease) = (
                 self.store.clone(),
                 self.blob.clone(),
@@ -429,6 +437,7 @@ impl PageWriter {
             let (counters, throttle) = (self.counters.clone(), self.config.throttle.clone());
             let cond = Condition::sequence_number(seq).with_lease(lease);
             tasks.spawn(async move {
+                let _permit = permit;
                 send(
                     &*store,
                     &blob,

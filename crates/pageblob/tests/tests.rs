@@ -888,6 +888,55 @@ async fn azure_writer_retries_faults_and_fences_on_azurite() {
     ));
 }
 
+/// The parts of a batch sent at once share the writer's requests in flight: three parts of
+/// four puts and a clear each, sent together by a writer allowing 2, have at most 2
+/// requests under way at the store (each waits 20 ms there, so those out together are seen
+/// together), and every page lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_sent_at_once_share_the_requests_in_flight() {
+    let (_d, local) = store();
+    let s = Arc::new(FaultyStore::new(LocalStore::clone(&local)));
+    s.create("d", 3 * MIB, 0, &Default::default())
+        .await
+        .unwrap();
+    s.pace(std::time::Duration::from_millis(20));
+    let config = WriterConfig {
+        in_flight: 2,
+        max_request: 64 << 10,
+        ..WriterConfig::default()
+    };
+    let w = PageWriter::new(s.clone(), "d", config);
+    let part = |i: u64| {
+        let at = i * MIB;
+        vec![
+            Change::Data {
+                offset: at,
+                data: Bytes::from(random(256 << 10, i)),
+            },
+            Change::Zero {
+                offset: at + (512 << 10),
+                len: 64 << 10,
+            },
+        ]
+    };
+    let open = w.begin(0, &[0..3 * MIB]).await.unwrap();
+    let (a, b, c) = tokio::join!(
+        w.send(&open, part(0), None),
+        w.send(&open, part(1), None),
+        w.send(&open, part(2), None)
+    );
+    a.unwrap();
+    b.unwrap();
+    c.unwrap();
+    let report = w.finish(open).await.unwrap();
+    assert_eq!((report.put_requests, report.clear_requests), (12, 3));
+    assert_eq!(s.most_at_once(), 2, "requests under way at once");
+    for i in 0..3 {
+        let got = s.read("d", None, i * MIB, 256 << 10).await.unwrap();
+        assert_eq!(&got[..], &random(256 << 10, i)[..], "part {i}");
+    }
+}
+
 /// The digests a batch computes from the bytes it sends equal those of the replica as it
 /// lands: random batches of aligned, unaligned, adjacent and zero changes (a batch never
 /// overlaps itself: the writer refuses that), in a disk whose last block is short. Blocks
