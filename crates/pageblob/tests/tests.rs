@@ -919,7 +919,10 @@ async fn parts_sent_at_once_share_the_requests_in_flight() {
             },
         ]
     };
-    let open = w.begin(0, &[0..3 * MIB]).await.unwrap();
+    let open = w
+        .begin(0, std::slice::from_ref(&(0..3 * MIB)))
+        .await
+        .unwrap();
     let (a, b, c) = tokio::join!(
         w.send(&open, part(0), None),
         w.send(&open, part(1), None),
