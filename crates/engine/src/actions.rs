@@ -772,6 +772,9 @@ impl Engine {
             }
             at = r.end;
         }
+        // The piece's slot pages, read once (a resumed copy's): its holes and each
+        // segment's zero runs are asked about against them.
+        digests.hold_range(store, piece.clone()).await?;
         let known = digests.known_zero(store, &holes).await?;
         let mut announce: Vec<Range<u64>> = data.to_vec();
         announce.extend(

@@ -734,6 +734,83 @@ async fn an_initial_copy_sends_only_the_zeros_the_replica_lacks() {
     }
 }
 
+/// A copy resumed by the next process, whose replica digests come from their blob (any
+/// slot page may hold something), reads the digests a piece at a time: its 1 MiB segments
+/// each hold a zero run the copy asks the digests about, against the slot pages held for
+/// the piece (each segment read its page on its own before: a request each on Azure). No
+/// page is read twice, and the replica equals the disk.
+#[tokio::test]
+async fn a_resumed_copy_reads_its_slot_pages_a_piece_at_a_time() {
+    const MIB: u64 = 1 << 20;
+    let len = 16 * MIB;
+    let mut want = lifeboat_source::SplitMix64::new(23).bytes(len as usize);
+    for seg in 0..len / MIB {
+        let at = (seg * MIB + 256 * 1024) as usize;
+        want[at..at + 128 * 1024].fill(0);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = tempfile::tempfile_in(dir.path()).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &want, 0).unwrap();
+    let disk: Arc<dyn crate::Disk> = Arc::new(SparseDisk {
+        file,
+        read: AtomicU64::new(0),
+    });
+    let faults = Arc::new(FaultyStore::new(
+        LocalStore::open(dir.path().join("store")).unwrap(),
+    ));
+    let store: Arc<dyn PageStore> = faults.clone();
+    let open = || async {
+        let mut writer = WriterConfig::default();
+        writer.retry = writer.retry.scaled(1, 1000);
+        let mut e = Engine::builder(store.clone(), dir.path().join("site"))
+            .host(Arc::new(OneDiskHost(disk.clone())))
+            .writer(writer)
+            .open()
+            .await?;
+        e.segment = MIB;
+        Ok::<_, Error>(e)
+    };
+    let p = ReplicationPolicy {
+        copy_chunk: 4 * MIB,
+        ..policy()
+    };
+    // The first process dies in the copy's second piece.
+    let mut first = open().await.unwrap();
+    let before = faults.requests(Request::Put);
+    faults.kill_after(40);
+    let _ = first
+        .protect("vm", &[PathBuf::from("vm/d0.raw")], p, 64 << 10)
+        .await;
+    // The process dies: what it held in memory goes with it.
+    drop(first);
+    faults.revive();
+    assert!(faults.requests(Request::Put) > before + 4, "died too early");
+    let seen = faults.reads().len();
+    let mut e = open().await.unwrap();
+    e.drive().await.unwrap();
+    assert_eq!(e.protection("vm").unwrap(), ProtectionState::Protected);
+    let replica = store
+        .read("lifeboat/items/vm/disk0", None, 0, len)
+        .await
+        .unwrap();
+    assert!(replica[..] == want[..], "the replica differs");
+    let mut reads: Vec<(u64, u64)> = faults.reads()[seen..]
+        .iter()
+        .filter(|r| r.blob.ends_with(".digests"))
+        .map(|r| (r.offset, r.offset + r.len))
+        .collect();
+    assert!(!reads.is_empty(), "the digests were not read: not resumed");
+    reads.sort_unstable();
+    for w in reads.windows(2) {
+        assert!(w[0].1 <= w[1].0, "slot pages read twice: {reads:?}");
+    }
+    // A piece's four slot pages (64 blocks of 64 KiB, 32 bytes each) in one read.
+    assert!(
+        reads.iter().all(|(start, end)| end - start == 2048),
+        "digests read a segment at a time: {reads:?}"
+    );
+}
+
 /// A copy piece is sent in segments (read, hashed and sent while the next is read): a
 /// process that dies after any of the store's requests, some of a piece's segments
 /// landed, leaves a replica the next process finishes copying, equal to the disk and its

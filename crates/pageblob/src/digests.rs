@@ -685,6 +685,27 @@ impl ReplicaDigests {
         Ok(())
     }
 
+    /// Holds the slot pages of the blocks `range` overlaps, reading those the digests blob
+    /// may hold (in as few requests as their runs allow), until the next
+    /// [`save`](Self::save) (which keeps the pages it wrote): for a caller asking
+    /// [`known_zero`](Self::known_zero) about a range a part at a time (an initial copy
+    /// resumed over a replica's digests, a segment at a time), so each page is read once,
+    /// not once per part. A new replica's digests read nothing.
+    pub async fn hold_range(
+        &mut self,
+        store: &dyn PageStore,
+        range: Range<u64>,
+    ) -> Result<(), StoreError> {
+        let Some(backing) = &self.backing else {
+            return Ok(());
+        };
+        let pages: Vec<u64> = touched_pages(&[range], self.block_size, self.len)
+            .into_iter()
+            .filter(|&p| backing.may_hold(p))
+            .collect();
+        self.hold(store, &pages).await.map(drop)
+    }
+
     /// For each of `ranges`, whether every block it overlaps is recorded as all zeros
     /// (reading the slots not held): what the replica holds there already, so zeros need
     /// not be sent (an initial copy onto a new replica: every block). A block recorded

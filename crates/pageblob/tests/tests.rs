@@ -1462,6 +1462,44 @@ async fn known_zero_holds_no_pages_it_read() {
     assert_eq!(d.memory(), held, "slot pages read to answer were kept");
 }
 
+/// A range held first (`hold_range`) is asked about a part at a time reading each slot
+/// page once: digests loaded from their blob (which may hold any page) asked about a
+/// 4 MiB piece's four 1 MiB segments read the piece's slot pages in one request, and then
+/// none; without it each segment's page is read again (four requests); held pages go at
+/// the next save, which keeps only what it wrote.
+#[tokio::test]
+async fn a_range_held_is_asked_about_reading_each_slot_page_once() {
+    use lifeboat_pageblob::{ReplicaDigests, digests_blob};
+    use lifeboat_resync::BlockSize;
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(FaultyStore::new(LocalStore::open(dir.path()).unwrap()));
+    let len = 64 * MIB;
+    s.create("d", len, 0, &Default::default()).await.unwrap();
+    let mut d = ReplicaDigests::rebuild(&*s, "d", len, BlockSize::DEFAULT)
+        .await
+        .unwrap();
+    d.save(&*s, "d", None).await.unwrap();
+    let name = digests_blob("d");
+    let reads = || s.reads().iter().filter(|r| r.blob == name).count();
+    let segments: Vec<_> = (8..12).map(|i| i * MIB..(i + 1) * MIB).collect();
+    for hold in [true, false] {
+        let mut loaded = ReplicaDigests::load(&*s, "d").await.unwrap().unwrap();
+        let (before, held) = (reads(), loaded.memory());
+        if hold {
+            loaded.hold_range(&*s, 8 * MIB..12 * MIB).await.unwrap();
+            assert_eq!(reads() - before, 1, "the piece's pages in one request");
+        }
+        for seg in &segments {
+            let known = loaded.known_zero(&*s, std::slice::from_ref(seg)).await;
+            assert_eq!(known.unwrap(), [true]);
+        }
+        let want = if hold { 1 } else { 4 };
+        assert_eq!(reads() - before, want, "digests reads (held first: {hold})");
+        loaded.save(&*s, "d", None).await.unwrap();
+        assert_eq!(loaded.memory(), held, "pages held after the save");
+    }
+}
+
 /// Digests that made their blob read none of its pages they never wrote (zeros), and
 /// read back those they wrote in an earlier save and no longer hold.
 #[tokio::test]
