@@ -734,6 +734,25 @@ async fn an_initial_copy_sends_only_the_zeros_the_replica_lacks() {
     }
 }
 
+/// An engine on `store` (its site in `site`) whose host has the one disk `disk`, sending
+/// copy pieces in `segment`-byte segments, its writer retrying a thousand times faster.
+async fn one_disk_engine(
+    store: &Arc<dyn PageStore>,
+    site: PathBuf,
+    disk: &Arc<dyn crate::Disk>,
+    segment: u64,
+) -> Result<Engine, Error> {
+    let mut writer = WriterConfig::default();
+    writer.retry = writer.retry.scaled(1, 1000);
+    let mut e = Engine::builder(store.clone(), site)
+        .host(Arc::new(OneDiskHost(disk.clone())))
+        .writer(writer)
+        .open()
+        .await?;
+    e.segment = segment;
+    Ok(e)
+}
+
 /// A copy resumed by the next process, whose replica digests come from their blob (any
 /// slot page may hold something), reads the digests a piece at a time: its 1 MiB segments
 /// each hold a zero run the copy asks the digests about, against the slot pages held for
@@ -759,17 +778,7 @@ async fn a_resumed_copy_reads_its_slot_pages_a_piece_at_a_time() {
         LocalStore::open(dir.path().join("store")).unwrap(),
     ));
     let store: Arc<dyn PageStore> = faults.clone();
-    let open = || async {
-        let mut writer = WriterConfig::default();
-        writer.retry = writer.retry.scaled(1, 1000);
-        let mut e = Engine::builder(store.clone(), dir.path().join("site"))
-            .host(Arc::new(OneDiskHost(disk.clone())))
-            .writer(writer)
-            .open()
-            .await?;
-        e.segment = MIB;
-        Ok::<_, Error>(e)
-    };
+    let open = || one_disk_engine(&store, dir.path().join("site"), &disk, MIB);
     let p = ReplicationPolicy {
         copy_chunk: 4 * MIB,
         ..policy()
@@ -860,17 +869,7 @@ async fn a_copy_that_dies_inside_a_piece_is_finished_by_the_next_process() {
                 LocalStore::open(dir.path().join("store")).unwrap(),
             ));
             let store: Arc<dyn PageStore> = faults.clone();
-            let open = || async {
-                let mut writer = WriterConfig::default();
-                writer.retry = writer.retry.scaled(1, 1000);
-                let mut e = Engine::builder(store.clone(), dir.path().join("site"))
-                    .host(Arc::new(OneDiskHost(disk.clone())))
-                    .writer(writer)
-                    .open()
-                    .await?;
-                e.segment = MIB;
-                Ok::<_, Error>(e)
-            };
+            let open = || one_disk_engine(&store, dir.path().join("site"), &disk, MIB);
             let p = ReplicationPolicy {
                 copy_chunk: 4 * MIB,
                 ..policy()
