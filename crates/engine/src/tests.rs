@@ -783,7 +783,7 @@ async fn a_resumed_copy_reads_its_slot_pages_a_piece_at_a_time() {
         copy_chunk: 4 * MIB,
         ..policy()
     };
-    // The first process dies in the copy's second piece.
+    // The first process dies part way through the copy, after 40 requests.
     let mut first = open().await.unwrap();
     let before = faults.requests(Request::Put);
     faults.kill_after(40);

@@ -107,8 +107,9 @@ pub struct ReplicationPolicy {
     /// Bytes per initial-replication copy action (256 MiB by default). Each piece the
     /// replica does not already hold is a sync point of it where an engine applies it
     /// (fewer, larger pieces wait for the disk less often; a crash loses at most the
-    /// piece in hand, and progress is reported a piece at a time). The engine reads and sends a piece a few MiB at a time, so its
-    /// size does not set the memory a copy holds.
+    /// piece in hand, and progress is reported a piece at a time). The engine reads and
+    /// sends a piece a few MiB at a time, so its size does not set the memory a copy
+    /// holds.
     pub copy_chunk: u64,
     /// Health turns Warning when the newest recovery point's data is older than this (the
     /// recovery point objective).
