@@ -734,6 +734,28 @@ async fn an_initial_copy_sends_only_the_zeros_the_replica_lacks() {
     }
 }
 
+/// `file` as a sparse disk, and an embedded store in `dir`/store behind a `FaultyStore`
+/// (as itself, to plan faults, and as the engine's store).
+#[allow(clippy::type_complexity)]
+fn disk_and_faulty_store(
+    file: std::fs::File,
+    dir: &Path,
+) -> (
+    Arc<dyn crate::Disk>,
+    Arc<FaultyStore<LocalStore>>,
+    Arc<dyn PageStore>,
+) {
+    let disk: Arc<dyn crate::Disk> = Arc::new(SparseDisk {
+        file,
+        read: AtomicU64::new(0),
+    });
+    let faults = Arc::new(FaultyStore::new(
+        LocalStore::open(dir.join("store")).unwrap(),
+    ));
+    let store: Arc<dyn PageStore> = faults.clone();
+    (disk, faults, store)
+}
+
 /// An engine on `store` (its site in `site`) whose host has the one disk `disk`, sending
 /// copy pieces in `segment`-byte segments, its writer retrying a thousand times faster.
 async fn one_disk_engine(
@@ -770,14 +792,7 @@ async fn a_resumed_copy_reads_its_slot_pages_a_piece_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
     let file = tempfile::tempfile_in(dir.path()).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&file, &want, 0).unwrap();
-    let disk: Arc<dyn crate::Disk> = Arc::new(SparseDisk {
-        file,
-        read: AtomicU64::new(0),
-    });
-    let faults = Arc::new(FaultyStore::new(
-        LocalStore::open(dir.path().join("store")).unwrap(),
-    ));
-    let store: Arc<dyn PageStore> = faults.clone();
+    let (disk, faults, store) = disk_and_faulty_store(file, dir.path());
     let open = || one_disk_engine(&store, dir.path().join("site"), &disk, MIB);
     let p = ReplicationPolicy {
         copy_chunk: 4 * MIB,
@@ -861,14 +876,7 @@ async fn a_copy_that_dies_inside_a_piece_is_finished_by_the_next_process() {
                 let (at, end) = (at as usize, (at + n) as usize);
                 std::os::unix::fs::FileExt::write_all_at(&file, &want[at..end], at as u64).unwrap();
             }
-            let disk: Arc<dyn crate::Disk> = Arc::new(SparseDisk {
-                file,
-                read: AtomicU64::new(0),
-            });
-            let faults = Arc::new(FaultyStore::new(
-                LocalStore::open(dir.path().join("store")).unwrap(),
-            ));
-            let store: Arc<dyn PageStore> = faults.clone();
+            let (disk, faults, store) = disk_and_faulty_store(file, dir.path());
             let open = || one_disk_engine(&store, dir.path().join("site"), &disk, MIB);
             let p = ReplicationPolicy {
                 copy_chunk: 4 * MIB,
