@@ -729,8 +729,27 @@ impl Engine {
         let seq = self.store.properties(&blob).await?.sequence_number;
         let mut digests = self.take_digests(&blob, len, bs, seq).await?;
         let mut touched = Vec::new();
+        // Progress inside the piece, as its segments land: a piece may be hundreds of MiB.
+        let progress = |done| {
+            self.observer.event(&Event::Progress {
+                item: name.to_owned(),
+                disk: d,
+                task: Task::InitialCopy,
+                done,
+                total: len,
+            })
+        };
         let sent = self
-            .stream_batch(&blob, seq, piece, data, reader, &mut digests, &mut touched)
+            .stream_batch(
+                &blob,
+                seq,
+                piece,
+                data,
+                reader,
+                &mut digests,
+                &mut touched,
+                &progress,
+            )
             .await;
         match sent {
             Ok(sent) => {
@@ -749,7 +768,9 @@ impl Engine {
     }
 
     /// [`Engine::send_piece`]'s batch: `touched` says what it may have written, for the
-    /// digests' repair if it fails part way.
+    /// digests' repair if it fails part way; `progress` is told the piece's start plus the
+    /// bytes of its segments done so far (sent, or found to be zeros the replica holds),
+    /// as each is done.
     #[allow(clippy::too_many_arguments)]
     async fn stream_batch(
         &self,
@@ -760,6 +781,7 @@ impl Engine {
         reader: &mut PieceReader,
         digests: &mut ReplicaDigests,
         touched: &mut Vec<Range<u64>>,
+        progress: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<bool> {
         let store = &*self.store;
         // Announced at the first part: the data, and the holes the replica may not hold
@@ -793,15 +815,18 @@ impl Engine {
         // Segments being sent, at most: a copy holds these and the two read ahead. A
         // segment is one or a few requests (one Put Page's most, in data and zero runs).
         let limit = self.writer.in_flight.max(1);
+        let mut landed = piece.start;
         loop {
             // Parts sent meanwhile give their buffers back.
             while sending.len() >= limit {
-                self.sent_part(sending.next().await)?;
+                landed += self.sent_part(sending.next().await)?;
+                progress(landed);
             }
             let read = tokio::select! {
                 biased;
                 done = sending.next(), if !sending.is_empty() => {
-                    self.sent_part(done)?;
+                    landed += self.sent_part(done)?;
+                    progress(landed);
                     continue;
                 }
                 read = reader.next() => read?,
@@ -816,15 +841,19 @@ impl Engine {
                 }
             };
             let Segment {
+                window,
                 changes: all,
                 buffer,
                 digests: hashed,
             } = segment;
+            let span = window.end - window.start;
             let changes = without_known_zeros(digests, store, &all).await?;
             drop(all);
             batch.join(hashed);
             if changes.is_empty() {
                 self.buffers.give(buffer);
+                landed += span;
+                progress(landed);
                 continue;
             }
             if open.is_none() {
@@ -840,11 +869,12 @@ impl Engine {
             sending.push(async move {
                 let open = open.ok_or_else(|| Error::Invalid("no batch open".into()))?;
                 writer.send(&open, changes, None).await?;
-                Ok::<_, Error>(buffer)
+                Ok::<_, Error>((buffer, span))
             });
         }
         while let Some(done) = sending.next().await {
-            self.sent_part(Some(done))?;
+            landed += self.sent_part(Some(done))?;
+            progress(landed);
         }
         drop(sending);
         let Some(open) = open else {
@@ -856,12 +886,14 @@ impl Engine {
         Ok(true)
     }
 
-    /// A part of a copy piece sent: its buffer taken back.
-    fn sent_part(&self, done: Option<Result<Bytes>>) -> Result<()> {
-        if let Some(buffer) = done.transpose()? {
-            self.buffers.give(buffer);
-        }
-        Ok(())
+    /// A part of a copy piece sent: its buffer taken back, and the bytes of the disk it
+    /// covered.
+    fn sent_part(&self, done: Option<Result<(Bytes, u64)>>) -> Result<u64> {
+        let Some((buffer, span)) = done.transpose()? else {
+            return Ok(0);
+        };
+        self.buffers.give(buffer);
+        Ok(span)
     }
 
     /// Where the pieces of `piece` bytes from `offset` to `end` stop being zeros in the

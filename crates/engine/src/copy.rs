@@ -57,6 +57,8 @@ pub(crate) struct Layout {
 /// A segment of a copy piece, read and hashed.
 #[derive(Debug)]
 pub(crate) struct Segment {
+    /// The bytes of the disk it covers.
+    pub(crate) window: Range<u64>,
     /// Its bytes as changes: holes and zero runs as zero runs, the rest as data.
     pub(crate) changes: Vec<Change>,
     /// The buffer the data changes slice, for [`Buffers::give`] once they are sent.
@@ -177,6 +179,7 @@ pub(crate) fn read_window(
         }];
         let digests = BatchDigests::of(&changes, block_size, size);
         return Ok(Segment {
+            window,
             changes,
             buffer: Bytes::new(),
             digests,
@@ -232,6 +235,7 @@ pub(crate) fn read_window(
         Some(hashed[i].1)
     });
     Ok(Segment {
+        window,
         changes,
         buffer: all,
         digests,

@@ -835,6 +835,60 @@ async fn a_resumed_copy_reads_its_slot_pages_a_piece_at_a_time() {
     );
 }
 
+/// Progress moves inside a copy piece, a segment at a time: a disk copied in one piece
+/// (16 MiB, 1 MiB segments) reports more than its end, each figure past the last.
+#[tokio::test]
+async fn a_copy_piece_reports_progress_as_its_segments_land() {
+    #[derive(Default)]
+    struct Seen(std::sync::Mutex<Vec<(u64, u64)>>);
+    impl crate::Observer for Seen {
+        fn event(&self, e: &crate::Event) {
+            if let crate::Event::Progress {
+                task: crate::Task::InitialCopy,
+                done,
+                total,
+                ..
+            } = e
+            {
+                self.0.lock().unwrap().push((*done, *total));
+            }
+        }
+    }
+    const MIB: u64 = 1 << 20;
+    let len = 16 * MIB;
+    let mut want = lifeboat_source::SplitMix64::new(29).bytes(len as usize);
+    // A segment of zeros the replica holds already: it counts as done too.
+    want[(5 * MIB) as usize..(6 * MIB) as usize].fill(0);
+    let dir = tempfile::tempdir().unwrap();
+    let file = tempfile::tempfile_in(dir.path()).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &want, 0).unwrap();
+    let (disk, _faults, store) = disk_and_faulty_store(file, dir.path());
+    let seen = Arc::new(Seen::default());
+    let mut e = Engine::builder(store.clone(), dir.path().join("site"))
+        .host(Arc::new(OneDiskHost(disk.clone())))
+        .observer(seen.clone())
+        .open()
+        .await
+        .unwrap();
+    e.segment = MIB;
+    let p = ReplicationPolicy {
+        copy_chunk: len,
+        ..policy()
+    };
+    e.protect("vm", &[PathBuf::from("vm/d0.raw")], p, 64 << 10)
+        .await
+        .unwrap();
+    e.drive().await.unwrap();
+    assert_eq!(e.protection("vm").unwrap(), ProtectionState::Protected);
+    let seen = seen.0.lock().unwrap().clone();
+    assert!(seen.iter().all(|&(_, total)| total == len), "{seen:?}");
+    let done: Vec<u64> = seen.iter().map(|&(d, _)| d).collect();
+    assert!(done.windows(2).all(|w| w[0] <= w[1]), "{done:?}");
+    assert_eq!(done.last(), Some(&len), "{done:?}");
+    let inside = done.iter().filter(|&&d| d > 0 && d < len).count();
+    assert!(inside >= 15, "progress inside the piece: {done:?}");
+}
+
 /// A copy piece is sent in segments (read, hashed and sent while the next is read): a
 /// process that dies after any of the store's requests, some of a piece's segments
 /// landed, leaves a replica the next process finishes copying, equal to the disk and its
