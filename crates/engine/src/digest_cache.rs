@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use lifeboat_pageblob::ReplicaDigests;
 
 /// What the engine keeps by default. A disk's digests hold the slot pages of its last
-/// batch (32 bytes per 64 KiB block: 32 KiB for a 64 MiB copy piece), so this is room for
-/// a few thousand disks; beyond it the least recently used go (their slots stay in the
+/// batch (32 bytes per 64 KiB block: 128 KiB for a 256 MiB copy piece), so this is room
+/// for hundreds of disks; beyond it the least recently used go (their slots stay in the
 /// store).
 pub(crate) const DEFAULT_BUDGET: usize = 64 << 20;
 

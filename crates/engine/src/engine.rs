@@ -23,7 +23,7 @@ use crate::host::{Clock, FileHost, Host, SystemClock};
 use crate::site::Site;
 
 /// Steps of copy pieces that sent nothing the catalogue may lag behind (see
-/// [`Engine::step`]): 64 GiB of holes in the default 64 MiB pieces.
+/// [`Engine::step`]): 256 GiB of holes in the default 256 MiB pieces.
 const UNSAVED_QUIET: u32 = 1024;
 
 /// Something the engine reports while it works.

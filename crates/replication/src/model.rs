@@ -104,12 +104,11 @@ pub struct ReplicationPolicy {
     pub initial_replication_at: Option<Duration>,
     /// Retries of recoverable failures.
     pub retry: lifeboat_retry::Policy,
-    /// Bytes per initial-replication copy action (64 MiB by default). Each piece the
+    /// Bytes per initial-replication copy action (256 MiB by default). Each piece the
     /// replica does not already hold is a sync point of it where an engine applies it
     /// (fewer, larger pieces wait for the disk less often; a crash loses at most the
-    /// piece in hand, and progress is reported a piece at a time). The engine reads and
-    /// sends a piece a few MiB at a time, so its size does not set the memory a copy
-    /// holds.
+    /// piece in hand). The engine reads and sends a piece a few MiB at a time, so its
+    /// size does not set the memory a copy holds, and reports progress as those land.
     pub copy_chunk: u64,
     /// Health turns Warning when the newest recovery point's data is older than this (the
     /// recovery point objective).
@@ -136,7 +135,7 @@ impl Default for ReplicationPolicy {
             resync_window: None,
             initial_replication_at: None,
             retry: lifeboat_retry::Policy::default(),
-            copy_chunk: 64 << 20,
+            copy_chunk: 256 << 20,
             rpo_warning: Duration::from_secs(3600),
             rpo_critical: None,
             missed_cycles_warning_percent: default_missed_percent(),

@@ -175,14 +175,14 @@ fn protect_survives_a_crash_after_every_action() {
     );
 }
 
-/// A thin disk: three 64 MiB copy pieces, the middle one holes (the catalogue is saved
-/// after the next piece, not after it: a crash there redoes it).
+/// A thin disk: three copy pieces of the default 256 MiB, the middle one holes (the
+/// catalogue is saved after the next piece, not after it: a crash there redoes it).
 fn make_thin_vm(site: &Site) -> Vec<PathBuf> {
     let d = site.path("thin.raw");
     let f = fs::File::create(&d).unwrap();
-    f.set_len(192 * MIB).unwrap();
+    f.set_len(768 * MIB).unwrap();
     let mut rng = lifeboat_source::SplitMix64::new(3);
-    for at in [0, 150 * MIB] {
+    for at in [0, 600 * MIB] {
         f.write_all_at(&rng.bytes(MIB as usize), at).unwrap();
     }
     vec![d]
