@@ -67,13 +67,18 @@ cpu_of() { /usr/bin/time -f "%U %S" -o cpu.time "$@" >/dev/null 2>&1; awk '{prin
 # in turns of five runs each, protect and `cp` met different minutes (run I's 1.57x, with
 # 1.2x in alternating runs right after). The median, not the least: the least of 3 made
 # one tool's lucky run the ratio (an `hrl apply` at 0.68 s against a median of 0.85 s).
+# Each round starts one command further on, so each meets each place in the round: the run
+# right after the copy floor cost this VM more (protect, 6 rounds in a fixed order: median
+# 0.74 s of CPU right after the floor, 0.49 and 0.53 s in the two places after that).
+# ROTATE=0 keeps the order (where a reset prepares the next command's work).
 #   alternate MEASURE RESET1 CMD1 [RESET2 CMD2 ...]   (strings, eval'd) -> "M1 M2 ..."
 alternate() {
   local measure=$1; shift
-  local n=$(($# / 2)) i r
+  local n=$(($# / 2)) i j r
   local -a all=()
   for r in $(seq "$RUNS"); do
-    for i in $(seq 0 $((n - 1))); do
+    for j in $(seq 0 $((n - 1))); do
+      i=$(((j + r * ${ROTATE:-1}) % n))
       local reset=${@:$((2 * i + 1)):1} cmd=${@:$((2 * i + 2)):1}
       eval "$reset"
       sync
@@ -132,7 +137,7 @@ used_data=$(du -s --block-size=1 copy.raw | cut -f1)
 echo "== resync after 1 % of blocks changed" >&2
 # Both start from the disk as protected; each flip before a round gives both 1 % to send.
 cp disk.raw peer.raw
-read -r t_resync t_rsync < <(alternate wall "flip" '"$LB" --site site resync vm' \
+read -r t_resync t_rsync < <(ROTATE=0 alternate wall "flip" '"$LB" --site site resync vm' \
   ":" "rsync --inplace --no-whole-file --ignore-times disk.raw peer.raw")
 cmp disk.raw peer.raw
 "$LB" --site site resync vm | tail -n 1 >&2   # nothing left to send
