@@ -290,7 +290,7 @@ impl Sim {
             .open()
             .await
             .map_err(|e| format!("open: {e}"))?;
-        // Copy pieces of 64 KiB sent in parts, as a real disk's 64 MiB ones are.
+        // Copy pieces of 64 KiB sent in parts, as a real disk's 256 MiB ones are.
         e.segment = 16 << 10;
         self.engine = Some(e);
         Ok(())
