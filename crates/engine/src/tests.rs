@@ -836,7 +836,8 @@ async fn a_resumed_copy_reads_its_slot_pages_a_piece_at_a_time() {
 }
 
 /// Progress moves inside a copy piece, a segment at a time: a disk copied in one piece
-/// (16 MiB, 1 MiB segments) reports more than its end, each figure past the last.
+/// (16 MiB, 1 MiB segments) reports figures inside it, not only its end, none below the
+/// one before.
 #[tokio::test]
 async fn a_copy_piece_reports_progress_as_its_segments_land() {
     #[derive(Default)]
