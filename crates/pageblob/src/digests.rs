@@ -65,31 +65,26 @@ fn runs(sorted: &[u64], max: u64) -> Vec<Range<u64>> {
 /// The blocks (of `block_size`, in a replica of `len` bytes) that `ranges` overlap, in
 /// order, each once.
 fn touched_blocks(ranges: &[Range<u64>], block_size: BlockSize, len: u64) -> Vec<u64> {
-    let size = u64::from(block_size.get());
-    let mut blocks: Vec<u64> = ranges
-        .iter()
-        .filter(|r| r.start < r.end && r.start < len)
-        .flat_map(|r| r.start / size..=(r.end.min(len) - 1) / size)
-        .collect();
-    blocks.sort_unstable();
-    blocks.dedup();
-    blocks
+    touched_units(ranges, u64::from(block_size.get()), len)
 }
 
 /// The slot pages holding the digests of the blocks `ranges` overlap, in order, listed
 /// without listing the blocks (a range may span a million of them).
 fn touched_pages(ranges: &[Range<u64>], block_size: BlockSize, len: u64) -> Vec<u64> {
-    let size = u64::from(block_size.get());
-    let mut pages: Vec<u64> = ranges
+    touched_units(ranges, u64::from(block_size.get()) * SLOTS_PER_PAGE, len)
+}
+
+/// The units of `unit` bytes (blocks, or the bytes of the blocks a slot page describes)
+/// of a replica of `len` bytes that `ranges` overlap, in order, each once.
+fn touched_units(ranges: &[Range<u64>], unit: u64, len: u64) -> Vec<u64> {
+    let mut units: Vec<u64> = ranges
         .iter()
         .filter(|r| r.start < r.end && r.start < len)
-        .flat_map(|r| {
-            r.start / size / SLOTS_PER_PAGE..=(r.end.min(len) - 1) / size / SLOTS_PER_PAGE
-        })
+        .flat_map(|r| r.start / unit..=(r.end.min(len) - 1) / unit)
         .collect();
-    pages.sort_unstable();
-    pages.dedup();
-    pages
+    units.sort_unstable();
+    units.dedup();
+    units
 }
 
 /// Where the slots not held in memory are read from: the digests blob, or a snapshot of it.
