@@ -815,18 +815,27 @@ impl Engine {
         // Segments being sent, at most: a copy holds these and the two read ahead. A
         // segment is one or a few requests (one Put Page's most, in data and zero runs).
         let limit = self.writer.in_flight.max(1);
+        // A segment done (sent, or nothing of it to send): its buffer taken back, and
+        // progress moved on by the bytes of the disk it covered.
         let mut landed = piece.start;
+        let mut land = |(buffer, span): (Bytes, u64)| {
+            self.buffers.give(buffer);
+            landed += span;
+            progress(landed);
+        };
         loop {
             // Parts sent meanwhile give their buffers back.
             while sending.len() >= limit {
-                landed += self.sent_part(sending.next().await)?;
-                progress(landed);
+                if let Some(done) = sending.next().await {
+                    land(done?);
+                }
             }
             let read = tokio::select! {
                 biased;
                 done = sending.next(), if !sending.is_empty() => {
-                    landed += self.sent_part(done)?;
-                    progress(landed);
+                    if let Some(done) = done {
+                        land(done?);
+                    }
                     continue;
                 }
                 read = reader.next() => read?,
@@ -851,9 +860,7 @@ impl Engine {
             drop(all);
             batch.join(hashed);
             if changes.is_empty() {
-                self.buffers.give(buffer);
-                landed += span;
-                progress(landed);
+                land((buffer, span));
                 continue;
             }
             if open.is_none() {
@@ -873,8 +880,7 @@ impl Engine {
             });
         }
         while let Some(done) = sending.next().await {
-            landed += self.sent_part(Some(done))?;
-            progress(landed);
+            land(done?);
         }
         drop(sending);
         let Some(open) = open else {
@@ -884,16 +890,6 @@ impl Engine {
         digests.update_with(store, blob, batch, seq + 1).await?;
         digests.save(store, blob, Some(self.site.id())).await?;
         Ok(true)
-    }
-
-    /// A part of a copy piece sent: its buffer taken back, and the bytes of the disk it
-    /// covered.
-    fn sent_part(&self, done: Option<Result<(Bytes, u64)>>) -> Result<u64> {
-        let Some((buffer, span)) = done.transpose()? else {
-            return Ok(0);
-        };
-        self.buffers.give(buffer);
-        Ok(span)
     }
 
     /// Where the pieces of `piece` bytes from `offset` to `end` stop being zeros in the
